@@ -1,0 +1,200 @@
+"""The natural SVDQuant file: one safetensors file per model.
+
+Tensors, per quantized layer `P` (N outputs, K inputs, rank r, G = K / 64):
+  W4A4  (kind "w4a4"):  P.qweight uint8 [N, K/2] (signed INT4 pairs, low nibble = even column),
+                        P.wscales [G, N], P.smooth [K], P.lora_down [K, r], P.lora_up [N, r],
+                        P.bias [N] (optional), P.shift [K] (optional, unsigned groups where > 0)
+  W4A16 (kind "w4a16"): P.qweight uint8 [N, K/2] (unsigned INT4 pairs), P.wscales [G, N],
+                        P.wzeros [G, N], P.bias [N] (optional)
+Every other tensor is an unquantized tensor of the model, stored as is.
+
+Metadata (all strings, as safetensors requires):
+  format          "svdquant"
+  format_version  FORMAT_VERSION
+  quantization    JSON {"method": "svdquant", "group_size": 64, "rank": r, "act_shift": 0.171875}
+  layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift" (w4a4)}}
+  model_type      e.g. "flux"
+  model_config    JSON, the model's configuration (opaque here; the model builder reads it)
+
+`load_model` validates all of it and raises FormatError naming the file and the tensor.
+`save_model` writes to a temporary file and renames it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import numerics
+
+FORMAT_NAME = "svdquant"
+FORMAT_VERSION = 1
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class FormatError(ValueError):
+    """A model file that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{Path(path).name}: {problem}")
+
+
+@dataclass
+class QuantizedModel:
+    """What a model file holds: all tensors, the per-layer descriptions and the configuration."""
+
+    tensors: dict[str, torch.Tensor]
+    layers: dict[str, dict]
+    model_type: str
+    model_config: dict
+    quantization: dict = field(default_factory=lambda: {
+        "method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT})
+
+    def layer_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors of one quantized layer, keyed by field name."""
+        return {name: self.tensors[f"{prefix}.{name}"] for name in _fields(self.layers[prefix])
+                if f"{prefix}.{name}" in self.tensors}
+
+
+def _fields(desc: dict) -> tuple[str, ...]:
+    if desc["kind"] == "w4a4":
+        return ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift")
+    return ("qweight", "wscales", "wzeros", "bias")
+
+
+def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Field -> (shape, dtype class) for one layer description; dtype class 'u8' or 'float'."""
+    kind, k, n = desc.get("kind"), int(desc["in"]), int(desc["out"])
+    if k % numerics.GROUP_SIZE or k % 2:
+        raise ValueError(f"input width {k} is not a multiple of {numerics.GROUP_SIZE}")
+    g = k // numerics.GROUP_SIZE
+    if kind == "w4a4":
+        r = int(desc["rank"])
+        out = {"qweight": ((n, k // 2), "u8"), "wscales": ((g, n), "float"), "smooth": ((k,), "float"),
+               "lora_down": ((k, r), "float"), "lora_up": ((n, r), "float")}
+        if desc.get("shift"):
+            out["shift"] = ((k,), "float")
+    elif kind == "w4a16":
+        out = {"qweight": ((n, k // 2), "u8"), "wscales": ((g, n), "float"), "wzeros": ((g, n), "float")}
+    else:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    if desc.get("bias"):
+        out["bias"] = ((n,), "float")
+    return out
+
+
+def describe_w4a4(tensors: dict[str, torch.Tensor]) -> dict:
+    n, half_k = tensors["qweight"].shape
+    return {"kind": "w4a4", "in": half_k * 2, "out": n, "rank": tensors["lora_down"].shape[1],
+            "bias": "bias" in tensors, "shift": "shift" in tensors}
+
+
+def describe_w4a16(tensors: dict[str, torch.Tensor]) -> dict:
+    n, half_k = tensors["qweight"].shape
+    return {"kind": "w4a16", "in": half_k * 2, "out": n, "bias": "bias" in tensors}
+
+
+def _validate(path, model: QuantizedModel) -> None:
+    tensors = model.tensors
+    claimed: set[str] = set()
+    for prefix, desc in model.layers.items():
+        try:
+            expected = expected_layer_tensors(desc)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise FormatError(path, f"layer {prefix}: bad description {desc!r} ({exc})") from None
+        for name, (shape, dtype_class) in expected.items():
+            key = f"{prefix}.{name}"
+            if key not in tensors:
+                raise FormatError(path, f"missing tensor {key}")
+            t = tensors[key]
+            if dtype_class == "u8" and t.dtype != torch.uint8:
+                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected torch.uint8")
+            if dtype_class == "float" and t.dtype not in FLOAT_DTYPES:
+                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected bfloat16 or float16")
+            if tuple(t.shape) != shape:
+                raise FormatError(path, f"tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+            claimed.add(key)
+        for name in _fields(desc):
+            key = f"{prefix}.{name}"
+            if key in tensors and key not in claimed:
+                raise FormatError(path, f"tensor {key} is not described by layer {prefix}'s metadata")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(path, f"tensor {key} contains NaN or Inf")
+
+
+def save_model(path, model: QuantizedModel) -> None:
+    """Validate and write `model` to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    _validate(path, model)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "quantization": json.dumps(model.quantization),
+        "layers": json.dumps(model.layers),
+        "model_type": model.model_type,
+        "model_config": json.dumps(model.model_config),
+    }
+    tmp = path.with_name(path.name + ".partial")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.tensors.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_header(path) -> dict[str, str]:
+    """The file's metadata; FormatError if it is not a readable safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise FormatError(path, f"not a readable safetensors file ({exc})") from None
+
+
+def load_tensors(path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; FormatError for a truncated or corrupt file."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:
+        raise FormatError(path, f"cannot read tensors, the file may be truncated or corrupt ({exc})") from None
+
+
+def is_natural_file(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") == FORMAT_NAME
+
+
+def load_model(path, device: str | torch.device = "cpu") -> QuantizedModel:
+    """Read and validate a natural SVDQuant file."""
+    metadata = read_header(path)
+    if not is_natural_file(metadata):
+        raise FormatError(path, f"not an SVDQuant natural file (format={metadata.get('format')!r})")
+    version = metadata.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise FormatError(path, f"unsupported format version {version!r} (this engine reads {FORMAT_VERSION})")
+    try:
+        layers = json.loads(metadata["layers"])
+        quantization = json.loads(metadata["quantization"])
+        model_config = json.loads(metadata.get("model_config", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"bad metadata ({exc})") from None
+    if quantization.get("group_size") != numerics.GROUP_SIZE:
+        raise FormatError(path, f"unsupported group size {quantization.get('group_size')!r}")
+    model = QuantizedModel(load_tensors(path, device), layers, metadata.get("model_type", ""), model_config,
+                           quantization)
+    _validate(path, model)
+    return model

@@ -1,0 +1,215 @@
+"""The numerical definition of SVDQuant W4A4 / W4A16, in PyTorch.
+
+Every CUDA kernel is tested against the functions here: bit for bit where integers
+are involved (INT4 codes, per-group integer sums), to float tolerance elsewhere.
+
+Conventions (natural layout, independent of any kernel tiling):
+  * a linear layer computes y = x @ W^T, x [M, K], W [N, K];
+  * groups are 64 consecutive input channels (K must be a multiple of 64);
+  * weight codes are signed INT4 in [-8, 7], one scale per (output channel, group),
+    stored as wscales [K/64, N];
+  * activation codes are INT4 per (token, group): signed in [-8, 7] with
+    scale = absmax / 7, or unsigned in [0, 15] with scale = absmax / 15 for groups
+    whose input is shifted to be non-negative (post-GELU, shift 0.171875);
+  * packed codes hold two INT4 per byte along K, row-major [rows, K/2]: the low
+    nibble is the even column, the high nibble the odd one (two's complement for
+    signed codes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZE = 64
+# Post-GELU inputs are shifted by this constant so that they are non-negative and
+# can be quantized unsigned; tanh-GELU's minimum is about -0.17.
+GELU_SHIFT = 0.171875
+
+SIGNED_MAX = 7
+UNSIGNED_MAX = 15
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _check_groups(k: int, group_size: int) -> int:
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"input width {k} is not a multiple of the group size {group_size}")
+    return k // group_size
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties to even (what CUDA's rintf / cvt.rni do)."""
+    return torch.round(x)  # torch.round rounds half to even
+
+
+def quantize_groups(
+    x: torch.Tensor,
+    unsigned: torch.Tensor | bool = False,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    group_size: int = GROUP_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 quantization of the last dimension in groups.
+
+    x: float tensor [..., K] (any float dtype; computed in float32).
+    unsigned: bool or bool tensor [K / group_size] choosing the unsigned mode per group.
+    Returns (codes int8 [..., K], scales [..., K / group_size] in scale_dtype).
+
+    Definition (what kernels reproduce):
+      amax  = max |v| over the group (float32), unsigned groups clamp v at 0 first;
+      scale = round_to_scale_dtype(amax / qmax)            (qmax 7 or 15, IEEE division);
+      code  = clamp(rint(v / float(scale)), lo, hi)         (lo, hi = -8, 7 or 0, 15);
+      a group whose scale is 0 (all zero, or underflow) gets code 0.
+    """
+    k = x.shape[-1]
+    groups = _check_groups(k, group_size)
+    v = x.float().reshape(*x.shape[:-1], groups, group_size)
+    unsigned_groups = torch.as_tensor(unsigned, dtype=torch.bool, device=x.device).expand(groups)
+    u = unsigned_groups.unsqueeze(-1)
+    v = torch.where(u, v.clamp_min(0.0), v)
+    qmax = torch.where(unsigned_groups, float(UNSIGNED_MAX), float(SIGNED_MAX))
+    lo = torch.where(unsigned_groups, 0.0, -8.0).unsqueeze(-1)
+    hi = torch.where(unsigned_groups, float(UNSIGNED_MAX), float(SIGNED_MAX)).unsqueeze(-1)
+    amax = v.abs().amax(dim=-1)
+    scale = (amax / qmax).to(scale_dtype)
+    scale_f = scale.float().unsqueeze(-1)
+    safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
+    codes = round_half_even(v / safe)
+    codes = torch.minimum(torch.maximum(codes, lo), hi)
+    codes = torch.where(scale_f > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.int8).reshape(x.shape), scale
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """codes [..., K] times their group's scale [..., K / group_size], in float32."""
+    k = codes.shape[-1]
+    groups = _check_groups(k, group_size)
+    v = codes.float().reshape(*codes.shape[:-1], groups, group_size) * scales.float().unsqueeze(-1)
+    return v.reshape(codes.shape)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack INT4 codes (signed [-8, 7] or unsigned [0, 15]) two per byte along the last dim.
+
+    Returns uint8 [..., K / 2]: byte j = (code[2j] & 0xF) | (code[2j + 1] << 4).
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of columns ({codes.shape[-1]})")
+    c = codes.to(torch.int16)
+    if c.numel() and (int(c.min()) < -8 or int(c.max()) > 15):
+        raise ValueError("INT4 codes must lie in [-8, 15]")
+    nib = (c & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [..., K / 2] -> int8 [..., K]."""
+    p = packed.to(torch.uint8)
+    lo = (p & 0xF).to(torch.int8)
+    hi = (p >> 4).to(torch.int8)
+    codes = torch.stack((lo, hi), dim=-1).reshape(*p.shape[:-1], p.shape[-1] * 2)
+    if signed:
+        codes = torch.where(codes >= 8, codes - 16, codes)
+    return codes
+
+
+def unsigned_groups_from_shift(shift: torch.Tensor | None, k: int, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """Per-group unsigned flags [K / group_size] from a layer's input shift [K] (None: all signed).
+
+    A group is unsigned exactly where its shift is positive; a group must be all shifted or
+    all unshifted.
+    """
+    groups = _check_groups(k, group_size)
+    if shift is None:
+        return torch.zeros(groups, dtype=torch.bool)
+    positive = (shift.float() > 0).reshape(groups, group_size).cpu()
+    if not bool((positive.all(dim=1) | ~positive.any(dim=1)).all()):
+        raise ValueError("an input shift must cover whole groups of 64 channels")
+    return positive.all(dim=1)
+
+
+def quantize_activations(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    unsigned_groups: torch.Tensor | None = None,
+    group_size: int = GROUP_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel 1's quantization: v = (x + shift) / smooth in float32, then quantize_groups.
+
+    x [M, K] (bf16/fp16); smooth [K]; shift [K] or None.
+    Returns codes int8 [M, K] and scales [M, K / group_size] in x's dtype.
+    """
+    v = x.float()
+    if shift is not None:
+        v = v + shift.float()
+    v = v / smooth.float()
+    if unsigned_groups is None:
+        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
+    return quantize_groups(v, unsigned_groups.to(x.device), scale_dtype=x.dtype, group_size=group_size)
+
+
+def w4a4_gemm_reference(
+    act_codes: torch.Tensor,
+    act_scales: torch.Tensor,
+    weight_codes: torch.Tensor,
+    wscales: torch.Tensor,
+    group_size: int = GROUP_SIZE,
+    rows_per_chunk: int = 512,
+) -> torch.Tensor:
+    """y[m, n] = sum_g ascale[m, g] * wscale[g, n] * (sum_{k in g} qa[m, k] * qw[n, k]), float32.
+
+    Each group's sum of code products is an exact integer (|sum| <= 64 * 15 * 8); it is
+    computed with float32 products and sums, which are exact for such integers, then
+    scaled by ascale * wscale (float32) and accumulated over groups in float32.
+    act_codes [M, K] int8, act_scales [M, G], weight_codes [N, K] int8, wscales [G, N].
+    """
+    m, k = act_codes.shape
+    n = weight_codes.shape[0]
+    groups = _check_groups(k, group_size)
+    w = weight_codes.float().reshape(n, groups, group_size).permute(1, 2, 0)  # [G, 64, N]
+    ws = wscales.float()  # [G, N]
+    out = torch.empty(m, n, dtype=torch.float32, device=act_codes.device)
+    for start in range(0, m, rows_per_chunk):
+        a = act_codes[start:start + rows_per_chunk].float()
+        rows = a.shape[0]
+        a = a.reshape(rows, groups, group_size).transpose(0, 1)  # [G, rows, 64]
+        sums = torch.bmm(a, w)  # [G, rows, N], exact integers
+        scale = act_scales[start:start + rows].float().t().unsqueeze(-1) * ws.unsqueeze(1)
+        out[start:start + rows] = (sums * scale).sum(dim=0)
+    return out
+
+
+def lowrank_reference(x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
+    """(x @ lora_down) @ lora_up^T in float32: x [M, K], lora_down [K, r], lora_up [N, r]."""
+    return (x.float() @ lora_down.float()) @ lora_up.float().t()
+
+
+def dequantize_w4a16(
+    codes_u4: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor, group_size: int = GROUP_SIZE
+) -> torch.Tensor:
+    """W4A16 weight: W[n, k] = code[n, k] * wscales[g, n] + wzeros[g, n], g = k // 64, float32.
+
+    codes_u4 uint8/int8 [N, K] in [0, 15]; wscales, wzeros [K / group_size, N].
+    """
+    return dequantize_groups(codes_u4, wscales.t()) + wzeros.float().t().repeat_interleave(group_size, dim=1)
+
+
+def quantize_w4a16(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, group_size: int = GROUP_SIZE):
+    """Asymmetric 4-bit weight quantization (min/max per (row, group)), for weight-only layers.
+
+    Returns (codes uint8 [N, K] in [0, 15], wscales [G, N], wzeros [G, N]) with
+    W ~ code * scale + zero; zero = min rounded so that W's min and max are both reachable.
+    """
+    n, k = weight.shape
+    groups = _check_groups(k, group_size)
+    w = weight.float().reshape(n, groups, group_size)
+    wmin = w.amin(dim=-1).clamp_max(0.0)
+    wmax = w.amax(dim=-1).clamp_min(0.0)
+    scale = ((wmax - wmin) / UNSIGNED_MAX).to(scale_dtype)
+    scale_f = scale.float()
+    safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
+    # an integer zero point keeps 0.0 exactly representable (padding, pruned weights)
+    zero_point = round_half_even(-wmin / safe).clamp(0, UNSIGNED_MAX)
+    zeros = (-zero_point * scale_f).to(scale_dtype)
+    codes = round_half_even(w / safe.unsqueeze(-1) + zero_point.unsqueeze(-1)).clamp(0, UNSIGNED_MAX)
+    codes = torch.where(scale_f.unsqueeze(-1) > 0, codes, zero_point.unsqueeze(-1))
+    return codes.to(torch.uint8).reshape(n, k), scale.t().contiguous(), zeros.t().contiguous()

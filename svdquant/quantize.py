@@ -1,0 +1,179 @@
+"""The SVDQuant algorithm for one linear layer: smoothing search, SVD low-rank, INT4 residual.
+
+    W_s = W * s                       (s: per input channel, searched exponent alpha)
+    W_s = L_up @ L_down^T + R         (rank-r truncated SVD, kept 16-bit)
+    R  -> INT4 codes, one scale per (output channel, 64 inputs), with a per-group scale search
+    y  = Q((x + h) / s) . Q(R)^T + (x @ (L_down / s)) @ L_up^T + bias'
+
+The low-rank branch reads the unsmoothed, unshifted input, so lora_down is stored divided by s.
+For shifted inputs (h != 0, post-GELU layers) the quantized path sees x + h; bias' removes the
+extra term (R_q / s) @ h exactly for the quantized residual R_q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import numerics
+
+GROUP_SIZE = numerics.GROUP_SIZE
+DEFAULT_ALPHAS = tuple(a / 10 for a in range(0, 11))
+# Per-group weight clipping ratios searched for the residual's INT4 scales.
+DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+MAX_CALIBRATION_TOKENS = 1024
+SEARCH_POWER_ITERS = 2
+FINAL_POWER_ITERS = 8
+
+
+@dataclass
+class W4A4Tensors:
+    """The natural-layout tensors of one SVDQuant W4A4 layer (what `format` stores)."""
+
+    qweight: torch.Tensor      # uint8 [N, K/2]
+    wscales: torch.Tensor      # [K/64, N]
+    smooth: torch.Tensor       # [K]
+    lora_down: torch.Tensor    # [K, r]
+    lora_up: torch.Tensor      # [N, r]
+    bias: torch.Tensor | None  # [N]
+    shift: torch.Tensor | None  # [K]
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
+                         clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE):
+    """Signed INT4 weight quantization per (row, group) with a per-group clipping search.
+
+    For each candidate ratio c the scale is c * absmax / 7 (rounded to scale_dtype) and codes
+    are rint(w / scale) clamped to [-8, 7]; each group keeps the candidate with the least
+    squared error. Returns (codes int8 [N, K], wscales [K / group_size, N]).
+    """
+    n, k = weight.shape
+    groups = k // group_size
+    w = weight.float().reshape(n, groups, group_size)
+    amax = w.abs().amax(dim=-1)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = torch.zeros_like(amax)
+    for ratio in clip_ratios:
+        scale = (amax * ratio / numerics.SIGNED_MAX).to(scale_dtype).float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+        deq = numerics.round_half_even(w / safe).clamp(-8, numerics.SIGNED_MAX) * scale.unsqueeze(-1)
+        err = (deq - w).square().sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    safe = torch.where(best_scale > 0, best_scale, torch.ones_like(best_scale)).unsqueeze(-1)
+    codes = numerics.round_half_even(w / safe).clamp(-8, numerics.SIGNED_MAX)
+    codes = torch.where(best_scale.unsqueeze(-1) > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.int8).reshape(n, k), best_scale.t().to(scale_dtype).contiguous()
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s[k] = act_absmax^alpha / weight_absmax^(1 - alpha), normalised to geometric mean 1."""
+    a = act_absmax.float().clamp_min(1e-5)
+    w = weight_absmax.float().clamp_min(1e-5)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    return s / s.log().mean().exp()
+
+
+def _low_rank(weight: torch.Tensor, rank: int, power_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (up [N, r], down [K, r]) of weight [N, K] by randomized truncated SVD.
+
+    A seeded Gaussian range finder with `power_iters` subspace iterations (Halko et al.), then
+    an exact SVD of the small projected matrix: a full SVD of a 3072 x 12288 weight costs
+    seconds per candidate, this costs milliseconds and converges to the same top-r subspace.
+    """
+    n, k = weight.shape
+    if rank == 0:
+        return weight.new_zeros(n, 0), weight.new_zeros(k, 0)
+    width = min(rank + 16, n, k)
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    q = torch.linalg.qr(weight @ torch.randn(k, width, device=weight.device, generator=gen)).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(weight.t() @ q).Q
+        q = torch.linalg.qr(weight @ q).Q
+    u, sv, vh = torch.linalg.svd(q.t() @ weight, full_matrices=False)
+    return (q @ u[:, :rank]) * sv[:rank], vh[:rank].t()
+
+
+def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype):
+    """Split w * s into a rank-r branch and an INT4 residual; low-rank factors rounded to dtype."""
+    w_s = w * s
+    up, down_s = _low_rank(w_s, rank, power_iters)
+    codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype)
+    lora_down = (down_s / s.unsqueeze(1)).to(dtype).float()
+    return codes, wscales, lora_down, up.to(dtype).float()
+
+
+def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype):
+    """Fake-quantized forward in float32 (dequantized operands): what the layer will compute."""
+    v = x.float() if shift is None else x.float() + shift
+    codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
+    act = numerics.dequantize_groups(codes, scales)
+    w = numerics.dequantize_groups(weight_codes, wscales.t())
+    return act @ w.t() + (x.float() @ lora_down) @ lora_up.t()
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    calibration: torch.Tensor,
+    rank: int = 32,
+    shift: torch.Tensor | None = None,
+    smooth: bool = True,
+    alphas=DEFAULT_ALPHAS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> W4A4Tensors:
+    """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
+
+    calibration: inputs the layer sees, [tokens, K] (at most MAX_CALIBRATION_TOKENS are used,
+    evenly spaced). shift: [K] input shift for unsigned groups (post-GELU inputs), or None.
+    smooth=False keeps s = 1; rank=0 drops the low-rank branch. Returns the natural tensors in
+    `dtype`. Everything runs on weight's device, in float32.
+    """
+    n, k = weight.shape
+    if k % GROUP_SIZE:
+        raise ValueError(f"input width {k} is not a multiple of {GROUP_SIZE}")
+    if not 0 <= rank <= min(n, k):
+        raise ValueError(f"rank {rank} out of range for a {n}x{k} layer")
+    device = weight.device
+    w = weight.float()
+    x = calibration.reshape(-1, k).to(device=device, dtype=torch.float32)
+    if x.shape[0] > MAX_CALIBRATION_TOKENS:
+        x = x[torch.linspace(0, x.shape[0] - 1, MAX_CALIBRATION_TOKENS, device=device).long()]
+    h = None if shift is None else shift.to(device=device, dtype=torch.float32)
+    unsigned = numerics.unsigned_groups_from_shift(h, k).to(device)
+    reference = x @ w.t()
+
+    x_in = x if h is None else x + h
+    act_absmax = x_in.abs().amax(dim=0)
+    weight_absmax = w.abs().amax(dim=0)
+    candidates = alphas if smooth else (None,)
+    best_err, best_s = None, None
+    for alpha in candidates:
+        s = torch.ones(k, device=device) if alpha is None else smoothing_factors(act_absmax, weight_absmax, alpha)
+        s = s.to(dtype).float()  # the stored smooth is what the engine divides by
+        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype)
+        err = (_simulate(x, *parts, s, h, unsigned, dtype) - reference).square().sum()
+        if best_err is None or err < best_err:
+            best_err, best_s = err, s
+    s = best_s
+    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype)
+
+    b = torch.zeros(n, device=device) if bias is None else bias.float()
+    if h is not None:
+        residual_q = numerics.dequantize_groups(codes, wscales.t())
+        b = b - (residual_q / s) @ h
+    has_bias = bias is not None or h is not None
+    return W4A4Tensors(
+        qweight=numerics.pack_int4(codes),
+        wscales=wscales,
+        smooth=s.to(dtype),
+        lora_down=lora_down.to(dtype),
+        lora_up=lora_up.to(dtype),
+        bias=b.to(dtype) if has_bias else None,
+        shift=None if h is None else h.to(dtype),
+    )

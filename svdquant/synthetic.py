@@ -1,0 +1,51 @@
+"""Synthetic data with the statistics that make 4-bit quantization hard: activation outlier
+channels (a few input channels 20-100x larger than the rest) and heavy-tailed weights.
+
+Used by the tests, the fidelity benchmark and the demo; nothing here is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics, quantize
+
+
+def outlier_layer(n: int = 3072, k: int = 3072, tokens: int = 256, outliers: int = 8, seed: int = 0):
+    """A FLUX-shaped linear layer and inputs: returns (x [tokens, K], weight [N, K], bias [N]).
+
+    x is Gaussian with `outliers` channels scaled by 20..100; the weight is Student-t (3 degrees
+    of freedom, heavy tails) scaled to the magnitude of a trained transformer's weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen)
+    channels = torch.randperm(k, generator=gen)[:outliers]
+    x[:, channels] *= torch.linspace(20.0, 100.0, outliers)
+    chi2 = torch.randn(n, k, 3, generator=gen).square().sum(-1)  # Student-t(3) = N / sqrt(chi2 / 3)
+    weight = 0.02 * torch.randn(n, k, generator=gen) / (chi2 / 3).sqrt()
+    bias = 0.1 * torch.randn(n, generator=gen)
+    return x, weight, bias
+
+
+def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, rank: int = 32) -> dict[str, float]:
+    """Relative output error ||y - y_ref|| / ||y_ref|| (float64 reference) of four 4-bit schemes.
+
+    naive_w4a4: INT4 weights and activations, no smoothing, no low-rank;
+    smooth_w4a4: with the smoothing search; svdquant_r{rank}: smoothing + rank-r branch;
+    w4a16: 4-bit weights only (asymmetric, group 64), 16-bit activations.
+    """
+    from .linear import SVDQLinear  # linear imports kernels; keep this module light to import
+
+    ref = x.double() @ weight.double().t() + bias.double()
+
+    def rel(y: torch.Tensor) -> float:
+        return float((y.double() - ref).norm() / ref.norm())
+
+    out = {}
+    for name, kwargs in (("naive_w4a4", dict(rank=0, smooth=False)), ("smooth_w4a4", dict(rank=0)),
+                         (f"svdquant_r{rank}", dict(rank=rank))):
+        tensors = quantize.quantize_linear(weight, bias, x, **kwargs)
+        out[name] = rel(SVDQLinear.from_tensors(tensors.as_dict())(x.float()))
+    codes, wscales, wzeros = numerics.quantize_w4a16(weight)
+    out["w4a16"] = rel(x.double() @ numerics.dequantize_w4a16(codes, wscales, wzeros).double().t() + bias.double())
+    return out
