@@ -1,14 +1,13 @@
 """ComfyUI entry point of the SVDQuant node pack: registers the nodes, nothing else.
 
-Outside ComfyUI (no `comfy` package to import) the pack imports cleanly and registers nothing,
-so the engine in `svdquant/` can be used and tested on its own.
+The nodes use ComfyUI's V3 schema (comfy_api.latest), so ComfyUI calls `comfy_entrypoint`. This
+module must not define NODE_CLASS_MAPPINGS: ComfyUI loads a module that has them the old way and
+silently ignores the entry point. The nodes are imported inside the entry point, so importing the
+pack outside ComfyUI (the engine on its own, its tests) imports nothing of ComfyUI.
 """
 
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ModuleNotFoundError as exc:
-    if exc.name not in ("comfy", "folder_paths") and not (exc.name or "").startswith("comfy."):
-        raise
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+async def comfy_entrypoint():
+    from .nodes import SVDQuantExtension
+
+    return SVDQuantExtension()

@@ -1,6 +1,13 @@
-"""ComfyUI nodes of the pack (the only code that imports comfy.* and folder_paths)."""
+"""ComfyUI nodes of the pack, V3 schema: the only code that imports comfy.* and folder_paths.
 
-import folder_paths  # noqa: F401  (fails outside ComfyUI; the pack's __init__ handles that)
+Every node of the pack is listed here; the pack's root __init__ hands this extension to ComfyUI.
+"""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import SVDQuantFluxLoader
+
+
+class SVDQuantExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [SVDQuantFluxLoader]

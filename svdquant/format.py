@@ -3,10 +3,17 @@
 Tensors, per quantized layer `P` (N outputs, K inputs, rank r, G = K / 64):
   W4A4  (kind "w4a4"):  P.qweight uint8 [N, K/2] (signed INT4 pairs, low nibble = even column),
                         P.wscales [G, N], P.smooth [K], P.lora_down [K, r], P.lora_up [N, r],
-                        P.bias [N] (optional), P.shift [K] (optional, unsigned groups where > 0)
+                        P.bias [N] (optional), P.shift [K] (optional, unsigned groups where > 0),
+                        P.smooth_orig [K] (optional, see below)
   W4A16 (kind "w4a16"): P.qweight uint8 [N, K/2] (unsigned INT4 pairs), P.wscales [G, N],
                         P.wzeros [G, N], P.bias [N] (optional)
 Every other tensor is an unquantized tensor of the model, stored as is.
+
+smooth_orig is the smoothing factor the quantizer chose where it differs from `smooth`: models
+imported from the reference engine have some factors folded into the layer that produces the
+input (its `smooth` is then all ones), so that layer's runtime input is the original model's
+input divided by smooth_orig. The forward never reads it; whatever acts on such a layer in the
+original model's terms (a LoRA) needs it. Absent means equal to `smooth`.
 
 Metadata (all strings, as safetensors requires):
   format          "svdquant"
@@ -66,7 +73,7 @@ class QuantizedModel:
 
 def _fields(desc: dict) -> tuple[str, ...]:
     if desc["kind"] == "w4a4":
-        return ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift")
+        return ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift", "smooth_orig")
     return ("qweight", "wscales", "wzeros", "bias")
 
 
@@ -82,6 +89,8 @@ def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]
                "lora_down": ((k, r), "float"), "lora_up": ((n, r), "float")}
         if desc.get("shift"):
             out["shift"] = ((k,), "float")
+        if desc.get("smooth_orig"):
+            out["smooth_orig"] = ((k,), "float")
     elif kind == "w4a16":
         out = {"qweight": ((n, k // 2), "u8"), "wscales": ((g, n), "float"), "wzeros": ((g, n), "float")}
     else:
@@ -94,7 +103,7 @@ def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]
 def describe_w4a4(tensors: dict[str, torch.Tensor]) -> dict:
     n, half_k = tensors["qweight"].shape
     return {"kind": "w4a4", "in": half_k * 2, "out": n, "rank": tensors["lora_down"].shape[1],
-            "bias": "bias" in tensors, "shift": "shift" in tensors}
+            "bias": "bias" in tensors, "shift": "shift" in tensors, "smooth_orig": "smooth_orig" in tensors}
 
 
 def describe_w4a16(tensors: dict[str, torch.Tensor]) -> dict:
@@ -102,7 +111,8 @@ def describe_w4a16(tensors: dict[str, torch.Tensor]) -> dict:
     return {"kind": "w4a16", "in": half_k * 2, "out": n, "bias": "bias" in tensors}
 
 
-def _validate(path, model: QuantizedModel) -> None:
+def validate(path, model: QuantizedModel) -> None:
+    """Every quantized layer's tensors match its description, and no tensor holds NaN or Inf."""
     tensors = model.tensors
     claimed: set[str] = set()
     for prefix, desc in model.layers.items():
@@ -134,7 +144,7 @@ def _validate(path, model: QuantizedModel) -> None:
 def save_model(path, model: QuantizedModel) -> None:
     """Validate and write `model` to `path` atomically (temporary file, then rename)."""
     path = Path(path)
-    _validate(path, model)
+    validate(path, model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -196,5 +206,5 @@ def load_model(path, device: str | torch.device = "cpu") -> QuantizedModel:
         raise FormatError(path, f"unsupported group size {quantization.get('group_size')!r}")
     model = QuantizedModel(load_tensors(path, device), layers, metadata.get("model_type", ""), model_config,
                            quantization)
-    _validate(path, model)
+    validate(path, model)
     return model

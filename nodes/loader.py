@@ -1,0 +1,82 @@
+"""SVDQuant FLUX Loader: an SVDQuant FLUX file -> a ComfyUI MODEL built by ComfyUI's own FLUX code."""
+
+import torch
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+from comfy_api.latest import io
+
+from ..svdquant import flux
+from ..svdquant.format import FormatError
+from .ops import SVDQuantOps
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def device_options() -> list[str]:
+    """'default' (ComfyUI's main device), 'cpu', and each CUDA device where there are several."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["default", "cpu"] + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])
+
+
+def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default") -> comfy.model_patcher.ModelPatcher:
+    """Build ComfyUI's FLUX model with the file's layers as custom operations, in a ModelPatcher.
+
+    The configuration comes from the file (ComfyUI's own detection assumes full-size FLUX). The
+    state dict is loaded strictly, so a file that does not fit ComfyUI's FLUX is an error naming
+    the file, not a model with random layers.
+    """
+    model, cfg = flux.load_flux(path)
+    model_config = comfy.model_detection.model_config_from_unet_config({"image_model": "flux", **cfg.to_dict()},
+                                                                      model.tensors)
+    if model_config is None:
+        raise FormatError(path, f"ComfyUI has no model class for this FLUX configuration {cfg.to_dict()}")
+    if device == "cpu":
+        load_device = offload_device = torch.device("cpu")
+    else:
+        load_device = comfy.model_management.get_torch_device() if device == "default" else torch.device(device)
+        offload_device = comfy.model_management.unet_offload_device()
+    model_config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(
+        dtype, load_device, model_config.supported_inference_dtypes))
+    model_config.custom_operations = SVDQuantOps
+    base_model = model_config.get_model(model.tensors, "")
+    try:
+        base_model.diffusion_model.load_state_dict(model.tensors, strict=True)
+    except RuntimeError as exc:
+        raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
+
+
+class SVDQuantFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = [name for name in folder_paths.get_filename_list("diffusion_models")
+                 if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+        return io.Schema(
+            node_id="SVDQuantFluxLoader",
+            display_name="SVDQuant FLUX Loader",
+            category="SVDQuant",
+            description="Loads a 4-bit SVDQuant FLUX.1 transformer (schnell or dev, told apart from the file) "
+                        "for ComfyUI's samplers. Text encoders and VAE load with the usual loaders.",
+            inputs=[
+                io.Combo.Input("model_name", options=files,
+                               tooltip="An SVDQuant FLUX.1 file in models/diffusion_models: made by this pack, or "
+                                       "a reference-engine single-file INT4 model (svdq-int4_r32-flux.1-*.safetensors)."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bfloat16",
+                               tooltip="16-bit type of activations and of the unquantized layers. bfloat16 suits "
+                                       "FLUX; float16 is for GPUs without bfloat16 (before Ampere)."),
+                io.Combo.Input("device", options=device_options(), default="default",
+                               tooltip="Where the model runs: ComfyUI's main device (default), the CPU (slow, "
+                                       "PyTorch reference path), or a particular GPU. ComfyUI still offloads it "
+                                       "to system memory when it needs room."),
+            ],
+            outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str, device: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        return io.NodeOutput(load_svdquant_flux(path, DTYPES[dtype], device))

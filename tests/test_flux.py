@@ -1,0 +1,175 @@
+"""FLUX model level: layer map, configuration from files, the quantizer, loading quantized files."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from svdquant import flux, flux_model, flux_quantize, numerics, synthetic
+from svdquant import format as fmt
+from svdquant.format import FormatError
+from svdquant.linear import SVDQLinear, W4A16Linear, LoadedLinear
+from tiny_flux import bf16_model, quantized_model
+
+
+def test_layer_map_of_flux1_dev():
+    """The FLUX.1 linear shapes (K -> N) and which are 4-bit, at full size (../shared/REFERENCE.md)."""
+    layers = flux.linear_layers(flux.FluxConfig())
+    kinds = [spec.kind for spec in layers.values()]
+    assert kinds.count(flux.W4A4) == 19 * 8 + 38 * 2
+    assert kinds.count(flux.W4A16) == 19 * 2 + 38
+    shape = {name: (spec.in_features, spec.out_features) for name, spec in layers.items()}
+    assert shape["double_blocks.0.img_attn.qkv"] == (3072, 9216)
+    assert shape["double_blocks.18.txt_mlp.0"] == (3072, 12288)
+    assert shape["single_blocks.37.linear1"] == (3072, 21504)
+    assert shape["single_blocks.0.linear2"] == (15360, 3072)
+    assert shape["double_blocks.0.img_mod.lin"] == (3072, 18432)
+    assert shape["single_blocks.0.modulation.lin"] == (3072, 9216)
+    dense = {name for name, spec in layers.items() if spec.kind == flux.DENSE}
+    assert dense == {"img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                     "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
+                     "final_layer.adaLN_modulation.1", "final_layer.linear"}
+    gelu = {name: spec.gelu_columns for name, spec in layers.items() if spec.gelu_columns}
+    assert gelu["single_blocks.5.linear2"] == (3072, 15360) and gelu["double_blocks.3.img_mlp.2"] == (0, 12288)
+    assert len(gelu) == 19 * 2 + 38
+
+
+@pytest.mark.parametrize("guidance_embed", [False, True])
+def test_config_and_variant_from_tensor_shapes(guidance_embed):
+    cfg, tensors = bf16_model(guidance_embed)
+    assert flux.config_from_tensors(tensors, {}) == cfg
+    assert cfg.variant == ("dev" if guidance_embed else "schnell")
+    model = quantized_model(guidance_embed)
+    assert flux.config_from_tensors(model.tensors, model.layers) == cfg
+
+
+def test_quantized_file_describes_the_flux_layers(tmp_path):
+    model = quantized_model(False)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    specs = flux.linear_layers(cfg)
+    assert {name: desc["kind"] for name, desc in model.layers.items()} == \
+        {name: spec.kind for name, spec in specs.items() if spec.kind != flux.DENSE}
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    shift = model.tensors["single_blocks.1.linear2.shift"].float()
+    assert (shift[:h] == 0).all() and (shift[h:] == numerics.GELU_SHIFT).all() and shift.shape == (h + m,)
+    assert (model.tensors["double_blocks.0.txt_mlp.2.shift"].float() == numerics.GELU_SHIFT).all()
+    assert [name for name, desc in model.layers.items() if desc.get("shift")] == \
+        [name for name, spec in specs.items() if spec.gelu_columns]
+    assert model.layers["single_blocks.0.linear1"]["rank"] == 32
+
+    path = tmp_path / "tiny.safetensors"
+    fmt.save_model(path, model)
+    loaded, loaded_cfg = flux.load_flux(path)
+    assert loaded_cfg == cfg and loaded.layers == model.layers
+    assert loaded.tensors.keys() == model.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], t) for k, t in model.tensors.items())
+
+
+def test_loaded_layers_compute_what_the_engine_layers_compute():
+    """LoadedLinear (which shares its load and forward with the ComfyUI custom operation) takes each
+    layer's kind from the state dict and computes exactly what SVDQLinear / W4A16Linear / nn.Linear do."""
+    model = quantized_model(True)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    loaded = flux_model.from_tensors(cfg, model.tensors)
+    gen = torch.Generator().manual_seed(0)
+    for name, spec in flux.linear_layers(cfg).items():
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, LoadedLinear) and layer.kind == spec.kind, name
+        x = torch.randn(2, 5, spec.in_features, generator=gen).bfloat16()
+        if spec.kind == flux.W4A4:
+            engine = SVDQLinear.from_tensors(model.layer_tensors(name))
+        elif spec.kind == flux.W4A16:
+            engine = W4A16Linear.from_tensors(model.layer_tensors(name))
+        else:
+            engine = torch.nn.Linear(spec.in_features, spec.out_features, dtype=torch.bfloat16)
+            engine.load_state_dict({"weight": model.tensors[f"{name}.weight"], "bias": model.tensors[f"{name}.bias"]})
+        assert torch.equal(layer(x), engine(x)), name
+
+
+def test_loaded_linear_checks_and_converts_what_it_loads():
+    tensors = quantized_model(False).layer_tensors("double_blocks.0.img_attn.qkv")
+    layer = LoadedLinear(256, 768, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="before its state dict was loaded"):
+        layer(torch.zeros(1, 256))
+    layer.load_state_dict(tensors)
+    assert layer.kind == flux.W4A4 and layer.weight is None and layer.qweight.dtype == torch.uint8
+    assert layer.lora_down.dtype == torch.float16 and layer.smooth.dtype == torch.float16
+    assert set(layer.state_dict()) == set(tensors)
+    with pytest.raises(RuntimeError, match="lora_up: shape"):
+        LoadedLinear(256, 768).load_state_dict({**tensors, "lora_up": tensors["lora_up"][:, :16]})
+    with pytest.raises(RuntimeError, match="Missing key.*bias"):  # the architecture has a bias
+        LoadedLinear(256, 768).load_state_dict({k: v for k, v in tensors.items() if k != "bias"})
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        LoadedLinear(100, 768).load_state_dict(tensors)
+    # the same module loaded again with a dense state dict becomes dense, quantized tensors gone
+    layer.load_state_dict({"weight": torch.ones(768, 256), "bias": torch.zeros(768)})
+    assert layer.kind == flux.DENSE and layer.weight.dtype == torch.float16
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_svdquant_beats_plain_w4a4_on_the_tiny_model():
+    """Model-level fidelity after 4 sampling steps: the planted outliers hurt plain W4A4; SVDQuant's
+    smoothing and low-rank branch recover most of it."""
+    cfg, tensors = bf16_model(False)
+    dense = flux_model.Flux(cfg, flux_model.dense_linear())
+    dense.load_state_dict(tensors)
+    noise, context, pooled = synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
+    with torch.no_grad():
+        ref = flux_model.sample_euler(dense, noise, context, pooled, steps=4).double()
+        errors = {}
+        for name, model in (("svdquant", quantized_model(False)), ("plain", quantized_model(False, 0, False))):
+            out = flux_model.sample_euler(flux_model.from_tensors(cfg, model.tensors), noise, context, pooled, 4)
+            errors[name] = float((out.double() - ref).norm() / ref.norm())
+    assert errors["svdquant"] < 0.06
+    assert errors["svdquant"] < errors["plain"] / 2
+
+
+def test_calibration_records_what_each_layer_sees():
+    cfg, tensors = bf16_model(False)
+    model = flux_model.Flux(cfg, flux_model.dense_linear())
+    model.load_state_dict(tensors)
+    calls = flux_quantize.calibration_inputs(cfg, count=3)
+    seen = flux_quantize.collect_calibration(model, ["single_blocks.0.linear2", "double_blocks.1.img_attn.qkv"],
+                                             calls, max_tokens=100)
+    # 3 calls of 16 text + 64 image tokens: 34 evenly spaced tokens per call, 100 kept
+    assert seen["single_blocks.0.linear2"].shape == (100, cfg.hidden_size + cfg.mlp_hidden)
+    assert seen["double_blocks.1.img_attn.qkv"].shape == (100, cfg.hidden_size)
+    assert seen["single_blocks.0.linear2"][:, cfg.hidden_size:].min() >= -0.2  # GELU outputs
+
+
+def _natural_file(tmp_path, name, **changes):
+    model = quantized_model(False)
+    path = tmp_path / name
+    fmt.save_model(path, fmt.QuantizedModel(**{**vars(model), **changes}))
+    return path
+
+
+def test_files_that_are_not_usable_flux_models_are_named_errors(tmp_path):
+    model = quantized_model(False)
+    cfg, bf16 = bf16_model(False)
+    save_file(bf16, str(tmp_path / "bf16.safetensors"))
+    save_file({"weight": torch.zeros(4, 4)}, str(tmp_path / "other.safetensors"))
+    good = _natural_file(tmp_path, "good.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-1000])
+    tensors = load_file(str(good))
+    metadata = fmt.read_header(good)
+    save_file(tensors, str(tmp_path / "version.safetensors"), metadata={**metadata, "format_version": "99"})
+    four_heads = dict(model.model_config, num_heads=4)
+    wider = dict(model.model_config, hidden_size=512, num_heads=4, axes_dim=[16, 56, 56])
+    cases = {
+        "bf16.safetensors": "not an SVDQuant FLUX model",
+        "other.safetensors": "not an SVDQuant FLUX model",
+        "truncated.safetensors": "not a readable safetensors file",
+        "version.safetensors": "unsupported format version '99'",
+        _natural_file(tmp_path, "sd3.safetensors", model_type="sd3").name: "SVDQuant sd3 model, not a FLUX model",
+        _natural_file(tmp_path, "heads.safetensors", model_config=four_heads).name: "do not add up to the head dim 64",
+        _natural_file(tmp_path, "wider.safetensors", model_config=wider).name: "is 1536x256, the model needs 3072x512",
+        _natural_file(tmp_path, "missing.safetensors", tensors={k: v for k, v in model.tensors.items()
+                                                                if k != "txt_in.weight"}).name:
+            "missing tensor txt_in.weight",
+        _natural_file(tmp_path, "extra.safetensors", tensors={**model.tensors, "lora_unet_x": torch.zeros(1)}).name:
+            "not part of this FLUX model: lora_unet_x",
+    }
+    for name, problem in cases.items():
+        with pytest.raises(FormatError, match=problem) as err:
+            flux.load_flux(tmp_path / name)
+        assert str(err.value).startswith(f"{name}: ")
