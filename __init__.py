@@ -4,11 +4,16 @@ Outside ComfyUI (no `comfy` package to import) the pack imports cleanly and regi
 so the engine in `svdquant/` can be used and tested on its own.
 """
 
-try:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-except ModuleNotFoundError as exc:
-    if exc.name not in ("comfy", "folder_paths") and not (exc.name or "").startswith("comfy."):
-        raise
+if not __package__:
+    # Imported as a plain module, not as ComfyUI's custom-node package: pytest does this with the
+    # checkout's root when the checkout's directory is no Python identifier (comfyui-svdquant).
     NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+else:
+    try:
+        from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("comfy", "folder_paths") and not (exc.name or "").startswith("comfy."):
+            raise
+        NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
