@@ -74,6 +74,9 @@ class SVDQLinear(_QuantizedLinearBase):
     Buffers (natural layout): qweight uint8 [N, K/2] (signed INT4 pairs), wscales [K/64, N],
     smooth [K], lora_down [K, r], lora_up [N, r], bias [N] (optional), shift [K] (optional:
     groups with a positive shift are quantized unsigned).
+
+    LoRAs (`svdquant.lora`) are concatenated onto lora_down / lora_up after the model's own
+    `base_rank` columns, which are never modified, so removing them is a slice of those columns.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
@@ -108,6 +111,8 @@ class SVDQLinear(_QuantizedLinearBase):
     def _after_load(self) -> None:
         # per-group signed/unsigned mode follows the shift; computed once, on the CPU
         self.unsigned_groups = numerics.unsigned_groups_from_shift(self.shift, self.in_features)
+        # freshly loaded tensors carry no LoRA: all of their rank is the model's own branch
+        self.base_rank = self.rank
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":
@@ -127,6 +132,10 @@ class W4A16Linear(_QuantizedLinearBase):
     """y = x @ W^T + bias with W[n, k] = code[n, k] * wscales[g, n] + wzeros[g, n] (g = k // 64).
 
     Buffers: qweight uint8 [N, K/2] (unsigned INT4 pairs), wscales and wzeros [K/64, N], bias [N].
+
+    LoRAs (`svdquant.lora`) run as a 16-bit low-rank side branch, y += (x @ lora_down) @ lora_up^T,
+    rather than being merged into W: merging would need a 16-bit copy of W or a lossy
+    requantization that could not be undone exactly. The branch is not part of the state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
@@ -137,11 +146,17 @@ class W4A16Linear(_QuantizedLinearBase):
         self.register_buffer("wscales", _empty((g, n), dtype, device))
         self.register_buffer("wzeros", _empty((g, n), dtype, device))
         self.register_buffer("bias", _empty((n,), dtype, device) if bias else None)
+        self.register_buffer("lora_down", None, persistent=False)  # [K, r] while LoRAs are set
+        self.register_buffer("lora_up", None, persistent=False)  # [N, r]
 
     def _expected_shapes(self, state):
         k, n, g = self.in_features, self.out_features, self.in_features // GROUP_SIZE
         has_bias = "bias" in state or self.bias is not None
         return {"qweight": (n, k // 2), "wscales": (g, n), "wzeros": (g, n), "bias": (n,) if has_bias else None}
+
+    def _after_load(self) -> None:
+        # freshly loaded tensors carry no LoRA
+        self.lora_down = self.lora_up = None
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "W4A16Linear":
@@ -153,5 +168,8 @@ class W4A16Linear(_QuantizedLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = kernels.w4a16_linear(x.reshape(-1, self.in_features), self)
+        x2d = x.reshape(-1, self.in_features)
+        y = kernels.w4a16_linear(x2d, self)
+        if self.lora_down is not None:
+            y = (y.float() + numerics.lowrank_reference(x2d, self.lora_down, self.lora_up)).to(y.dtype)
         return y.reshape(*lead, self.out_features)
