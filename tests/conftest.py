@@ -11,8 +11,14 @@ sys.path.insert(0, str(REPO))
 FIXTURES = Path(os.environ.get("SVDQUANT_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
-def fixture_path(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference fixture {name} not found in {FIXTURES}")
-    return path
+@pytest.fixture(scope="session")
+def reference_fixture():
+    """Path of a file in the reference fixtures; skips the test where the fixtures are absent."""
+
+    def path_of(name: str) -> Path:
+        path = FIXTURES / name
+        if not path.is_file():
+            pytest.skip(f"reference fixture {name} not found in {FIXTURES}")
+        return path
+
+    return path_of

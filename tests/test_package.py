@@ -4,7 +4,9 @@ import importlib.util
 import subprocess
 import sys
 
-from conftest import REPO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_pack_imports_outside_comfyui():

@@ -4,14 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fixture_path
 from svdquant import numerics
 from svdquant import reference_format as rf
 
 
 @pytest.fixture(scope="module")
-def packing():
-    return load_file(str(fixture_path("reference_packing_N256_K256_r32.safetensors")))
+def packing(reference_fixture):
+    return load_file(str(reference_fixture("reference_packing_N256_K256_r32.safetensors")))
 
 
 def test_w4a4_layer_unpacks_to_natural(packing):
@@ -53,9 +52,9 @@ DOUBLE_BLOCK_LAYERS = {
 
 
 @pytest.mark.parametrize("ref_name, natural_name", DOUBLE_BLOCK_LAYERS.items())
-def test_model_layers_unpack_to_known_parameters(ref_name, natural_name):
-    packed_file = load_file(str(fixture_path("reference_flux_tiny.safetensors")))
-    natural_file = load_file(str(fixture_path("reference_flux_tiny.natural.safetensors")))
+def test_model_layers_unpack_to_known_parameters(reference_fixture, ref_name, natural_name):
+    packed_file = load_file(str(reference_fixture("reference_flux_tiny.safetensors")))
+    natural_file = load_file(str(reference_fixture("reference_flux_tiny.natural.safetensors")))
     prefix, nat = f"transformer_blocks.0.{ref_name}", f"double_blocks.0.{natural_name}"
     layer = rf.unpack_w4a4_layer({k[len(prefix) + 1:]: v for k, v in packed_file.items() if k.startswith(prefix + ".")})
     assert torch.equal(numerics.unpack_int4(layer["qweight"], signed=True), natural_file[f"{nat}.codes"])
