@@ -49,6 +49,8 @@ log = logging.getLogger("svdquant")
 # What the low-rank kernels take: ranks in multiples of 16, at most 1024 in all.
 RANK_MULTIPLE = 16
 MAX_RANK = 1024
+# The layers a LoRA can apply to.
+LORA_LAYERS = (SVDQLinear, W4A16Linear, nn.Linear)
 
 
 class LoraError(file_format.FormatError):
@@ -359,9 +361,13 @@ def _lowrank_columns(loras: Sequence[tuple[LoraDelta, float]], like: torch.Tenso
 def _set_svdq(layer: SVDQLinear, loras: Sequence[tuple[LoraDelta, float]], name: str) -> None:
     own_down = layer.lora_down[:, :layer.base_rank]
     own_up = layer.lora_up[:, :layer.base_rank]
+    if not loras:
+        # copies only where LoRA columns follow the model's own; otherwise these are the buffers
+        layer.lora_down, layer.lora_up = own_down.contiguous(), own_up.contiguous()
+        return
     downs, ups = _lowrank_columns(loras, own_down)
     rank = layer.base_rank + sum(d.shape[1] for d in downs)
-    padding = -rank % RANK_MULTIPLE if loras else 0
+    padding = -rank % RANK_MULTIPLE
     if rank + padding > MAX_RANK:
         raise LoraError(_sources(loras), f"{name}: the model's rank {layer.base_rank} plus these LoRAs is "
                                          f"{rank + padding} (padded to {RANK_MULTIPLE}), over the kernels' {MAX_RANK}")
@@ -406,16 +412,16 @@ def set_module_loras(module: nn.Module, loras: Sequence[tuple[LoraDelta, float]]
     tensors and this list, never on earlier calls. Strength-0 entries are left out. `name`
     labels errors.
     """
+    if not isinstance(module, LORA_LAYERS):
+        raise TypeError(f"{name}: LoRAs apply to SVDQLinear, W4A16Linear and nn.Linear, not {type(module).__name__}")
     loras = [(delta, strength) for delta, strength in loras if strength != 0]
     _check_shapes(module, loras, name)
     if isinstance(module, SVDQLinear):
         _set_svdq(module, loras, name)
     elif isinstance(module, W4A16Linear):
         _set_w4a16(module, loras)
-    elif isinstance(module, nn.Linear):
-        _set_dense(module, loras)
     else:
-        raise TypeError(f"{name}: LoRAs apply to SVDQLinear, W4A16Linear and nn.Linear, not {type(module).__name__}")
+        _set_dense(module, loras)
 
 
 def set_model_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], prefix: str = "") -> None:
@@ -428,8 +434,7 @@ def set_model_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], prefi
     modules = {name[len(prefix):]: module for name, module in model.named_modules() if name.startswith(prefix)}
     per_module: dict[str, list[tuple[LoraDelta, float]]] = {}
     for lora, strength in loras:
-        missing = [target for target in lora.deltas if not isinstance(
-            modules.get(target), (SVDQLinear, W4A16Linear, nn.Linear))]
+        missing = [target for target in lora.deltas if not isinstance(modules.get(target), LORA_LAYERS)]
         if len(missing) == len(lora.deltas):
             raise LoraError(lora.source, "none of its layers is a linear layer of this model")
         if missing:
@@ -439,5 +444,5 @@ def set_model_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], prefi
             if target not in missing:
                 per_module.setdefault(target, []).append((delta, strength))
     for name, module in modules.items():
-        if isinstance(module, (SVDQLinear, W4A16Linear, nn.Linear)):
+        if isinstance(module, LORA_LAYERS):
             set_module_loras(module, per_module.get(name, []), prefix + name)

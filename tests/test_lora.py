@@ -406,7 +406,9 @@ def test_strength_zero_leaves_the_layer_as_it_was():
     down = layer.lora_down
     a, b = dyadic_lora_pair(H, H, 16, seed=6)
     set_module_loras(layer, [(LoraDelta.from_pair(a, b, None, "x.safetensors", "proj"), 0.0)])
-    assert torch.equal(layer.lora_down, down) and layer.rank == RANK
+    assert layer.lora_down.data_ptr() == down.data_ptr() and layer.rank == RANK  # not even copied
+    with pytest.raises(TypeError, match="conv: LoRAs apply to"):
+        set_module_loras(nn.Conv2d(4, 4, 1), [], name="conv")
 
 
 def test_combined_rank_over_the_kernel_limit_is_an_error_naming_the_files():
