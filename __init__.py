@@ -3,7 +3,8 @@
 The nodes use ComfyUI's V3 schema (comfy_api.latest), so ComfyUI calls `comfy_entrypoint`. This
 module must not define NODE_CLASS_MAPPINGS: ComfyUI loads a module that has them the old way and
 silently ignores the entry point. The nodes are imported inside the entry point, so importing the
-pack outside ComfyUI (the engine on its own, its tests) imports nothing of ComfyUI.
+pack outside ComfyUI (the engine on its own, its tests, pytest collecting the repository root)
+imports nothing of ComfyUI.
 """
 
 

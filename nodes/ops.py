@@ -1,10 +1,11 @@
 """ComfyUI custom operations for SVDQuant models (`model_options["custom_operations"]`).
 
 ComfyUI builds its own FLUX model with these operations, then loads the state dict into it. A
-Linear here allocates nothing when built: the file decides what each layer holds. Dense layers
-then behave exactly as ComfyUI's own `manual_cast` layers (casting, LoRA weight patches,
-low-VRAM offload); quantized layers keep their 4-bit tensors as buffers (so ComfyUI's memory
-management counts their real size and moves them with the model) and run the engine's kernels.
+Linear here allocates nothing when built; when its tensors arrive it becomes, in place, what the
+file stores for it (`svdquant.linear.become_stored_kind`): ComfyUI's own `manual_cast.Linear`
+for 16-bit layers (so casting, LoRA weight patches and low-VRAM offload work as for any model),
+or an engine SVDQLinear / W4A16Linear whose 4-bit tensors are buffers, so ComfyUI's memory
+management counts their real size and moves them with the model.
 """
 
 import torch
@@ -15,12 +16,19 @@ from ..svdquant import linear
 
 
 class SVDQuantOps(comfy.ops.manual_cast):
+    # comfy_cast_weights and the weight/bias function lists are what ComfyUI's model patcher
+    # looks for on a layer it may leave in offload memory in low-VRAM mode
+    class SVDQLinear(linear.SVDQLinear, comfy.ops.CastWeightBiasOp):
+        pass
+
+    class W4A16Linear(linear.W4A16Linear, comfy.ops.CastWeightBiasOp):
+        pass
+
     class Linear(comfy.ops.manual_cast.Linear):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
             torch.nn.Module.__init__(self)  # torch.nn.Linear.__init__ would allocate a dense weight
             self.in_features, self.out_features = in_features, out_features
-            self.has_bias, self.dtype = bias, dtype
-            self.kind = None
+            self.has_bias, self.device, self.dtype = bias, device, dtype
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
@@ -29,12 +37,10 @@ class SVDQuantOps(comfy.ops.manual_cast):
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
-            linear.load_any_kind(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
-
-        def extra_repr(self):
-            return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+            classes = {linear.DENSE: comfy.ops.manual_cast.Linear, linear.W4A4: SVDQuantOps.SVDQLinear,
+                       linear.W4A16: SVDQuantOps.W4A16Linear}
+            linear.become_stored_kind(self, classes, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
         def forward(self, x):
-            if self.kind == linear.DENSE:
-                return super().forward(x)
-            return linear.quantized_forward(self, x)
+            raise RuntimeError("an SVDQuant layer was used before its state dict was loaded")

@@ -184,7 +184,7 @@ def dense_linear(dtype: torch.dtype = torch.bfloat16, device=None) -> LinearFact
 
 
 def loaded_linear(dtype: torch.dtype | None = None) -> LinearFactory:
-    """A factory of layers that take their kind (dense, W4A4, W4A16) from the state dict."""
+    """A factory of layers that become at load what the state dict stores (dense, W4A4, W4A16)."""
     def make(in_features: int, out_features: int, bias: bool) -> nn.Module:
         return LoadedLinear(in_features, out_features, bias=bias, dtype=dtype)
     return make
@@ -250,7 +250,7 @@ def from_tensors(cfg: FluxConfig, tensors: dict[str, torch.Tensor], dtype: torch
     float tensors converted to dtype when given."""
     model = Flux(cfg, loaded_linear(dtype))
     model.load_state_dict(tensors, strict=True)
-    return model
+    return model.requires_grad_(False)
 
 
 def sample_euler(model: nn.Module, noise: torch.Tensor, context: torch.Tensor, y: torch.Tensor,

@@ -6,10 +6,12 @@ just works. Modules are built before their tensors are known (ComfyUI builds the
 then loads the state dict), so the rank and whether an input shift exists are taken from the
 state dict at load time; shapes are checked against in/out features.
 
-LoadedLinear goes one step further and takes its kind (dense, W4A4 or W4A16) from the state dict:
-which layers of a model are quantized is a property of the file, and model code (ours and
-ComfyUI's) builds every linear layer the same way. The load and forward functions below are
-shared with the ComfyUI custom operation in nodes/ops.py.
+LoadedLinear goes one step further: model code (ours and ComfyUI's) builds every linear layer the
+same way, without its name, while which layers are quantized is a property of the file. So a
+LoadedLinear allocates nothing and, when its state dict arrives, becomes in place the layer the
+stored tensors call for: an SVDQLinear, a W4A16Linear or a dense linear. Code that looks at the
+loaded model (ComfyUI's memory management, LoRA application) sees those classes. The ComfyUI
+custom operation (nodes/ops.py) does the same with ComfyUI's layer classes.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from . import kernels, numerics
 
 GROUP_SIZE = numerics.GROUP_SIZE
 DENSE, W4A4, W4A16 = "dense", "w4a4", "w4a16"
-# every field name a linear layer of any kind can have in a state dict
-LAYER_FIELDS = ("weight", "bias", "qweight", "wscales", "wzeros", "smooth", "smooth_orig",
-                "lora_down", "lora_up", "shift")
+# every tensor a quantized layer can hold (its state dict fields and the LoRA side branch)
+QUANTIZED_FIELDS = ("qweight", "wscales", "wzeros", "smooth", "smooth_orig", "lora_down", "lora_up", "shift",
+                    "bias")
 
 
 def _empty(shape, dtype, device):
@@ -41,16 +43,14 @@ def stored_kind(state: dict, prefix: str = "") -> str:
 
 def expected_shapes(kind: str, in_features: int, out_features: int, state: dict, bias: bool | None,
                     rank: int = 0) -> dict[str, tuple[int, ...] | None]:
-    """Field -> required shape for a layer of `kind` (None: the field must be absent).
+    """Field -> required shape for a quantized layer of `kind` (None: the field must be absent).
 
     state: the layer's entries present in the state dict (field -> tensor), which decide the
     optional fields (rank, shift, smooth_orig). bias: whether the layer must have a bias
     (True), must not (False), or may have one (None).
     """
     k, n, g = in_features, out_features, in_features // GROUP_SIZE
-    if kind == DENSE:
-        shapes = {"weight": (n, k)}
-    elif kind == W4A4:
+    if kind == W4A4:
         if "lora_down" in state and state["lora_down"].dim() == 2:
             rank = state["lora_down"].shape[1]
         shapes = {"qweight": (n, k // 2), "wscales": (g, n), "smooth": (k,), "lora_down": (k, rank),
@@ -59,80 +59,18 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
     elif kind == W4A16:
         shapes = {"qweight": (n, k // 2), "wscales": (g, n), "wzeros": (g, n)}
     else:
-        raise ValueError(f"unknown layer kind {kind!r}")
+        raise ValueError(f"unknown quantized layer kind {kind!r}")
     if bias is None:
         bias = "bias" in state
     shapes["bias"] = (n,) if bias else None
     return shapes
 
 
-def _remove_tensor(module: nn.Module, name: str) -> None:
-    module._parameters.pop(name, None)
-    module._buffers.pop(name, None)
-    module.__dict__.pop(name, None)
-
-
-def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor | None, parameter: bool) -> None:
-    """Put `tensor` on the module as a parameter or a buffer, replacing whatever held the name."""
-    _remove_tensor(module, name)
-    if parameter:
-        module._parameters[name] = None if tensor is None else nn.Parameter(tensor, requires_grad=False)
-    else:
-        module._buffers[name] = tensor
-
-
-def load_layer(module: nn.Module, kind: str, shapes: dict, state_dict: dict, prefix: str, strict: bool,
-               missing_keys: list, unexpected_keys: list, error_msgs: list, dtype: torch.dtype | None = None) -> None:
-    """A linear layer's `_load_from_state_dict`: check each field against `shapes`, then store it.
-
-    Dense weights become parameters (so weight patching and casting code finds them), quantized
-    tensors buffers. Float tensors are converted to `dtype` when given; everything keeps the
-    device the module's existing tensor has (or the state dict's when the module has none yet).
-    Nothing is stored unless every field is present with its shape.
-    """
-    accepted = {}
-    for name, shape in shapes.items():
-        key = prefix + name
-        tensor = state_dict.get(key)
-        if tensor is None:
-            if shape is not None:
-                missing_keys.append(key)
-        elif shape is None:
-            unexpected_keys.append(key)
-        elif tuple(tensor.shape) != tuple(shape):
-            error_msgs.append(f"{key}: shape {tuple(tensor.shape)} does not match {tuple(shape)} for a "
-                              f"{module.out_features}x{module.in_features} {kind} layer")
-        else:
-            accepted[name] = tensor
-    if strict:
-        for key in state_dict:
-            if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in shapes:
-                unexpected_keys.append(key)
-    if len(accepted) < sum(shape is not None for shape in shapes.values()):
-        return
-    for name in LAYER_FIELDS:  # a module that held another kind before drops that kind's tensors
-        if name in ("weight", "bias") and name not in shapes:
-            _set_tensor(module, name, None, parameter=True)  # None, as in a torch Linear without it
-        elif name not in shapes:
-            _remove_tensor(module, name)
-    for name, shape in shapes.items():
-        tensor = accepted.get(name)
-        if tensor is not None:
-            current = getattr(module, name, None)
-            device = current.device if isinstance(current, torch.Tensor) else tensor.device
-            target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-            tensor = tensor.detach().to(device=device, dtype=target)
-        _set_tensor(module, name, tensor, parameter=kind == DENSE)
-    module.kind = kind
-    module.unsigned_groups = (numerics.unsigned_groups_from_shift(module.shift, module.in_features)
-                              if kind == W4A4 else None)
-
-
 def on_device(layer, device: torch.device) -> SimpleNamespace:
     """The layer's tensors copied to `device`, for one call."""
     view = SimpleNamespace(kind=layer.kind, in_features=layer.in_features, out_features=layer.out_features,
-                           unsigned_groups=layer.unsigned_groups)
-    for name in LAYER_FIELDS:
+                           unsigned_groups=getattr(layer, "unsigned_groups", None))
+    for name in QUANTIZED_FIELDS:
         tensor = getattr(layer, name, None)
         setattr(view, name, None if tensor is None else tensor.to(device, non_blocking=True))
     return view
@@ -148,12 +86,20 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
         layer = on_device(layer, x.device)
     lead = x.shape[:-1]
     flat = x.reshape(-1, layer.in_features)
-    y = kernels.svdq_linear(flat, layer) if layer.kind == W4A4 else kernels.w4a16_linear(flat, layer)
+    if layer.kind == W4A4:
+        y = kernels.svdq_linear(flat, layer)
+    else:
+        y = kernels.w4a16_linear(flat, layer)
+        if layer.lora_down is not None:  # LoRAs on a W4A16 layer: a 16-bit low-rank side branch
+            y = (y.float() + numerics.lowrank_reference(flat, layer.lora_down, layer.lora_up)).to(y.dtype)
     return y.reshape(*lead, layer.out_features)
 
 
 class _QuantizedLinearBase(nn.Module):
-    """Shared shape bookkeeping for layers of a fixed kind, whose buffers are resized at load."""
+    """Shared shape bookkeeping: buffers whose shape is checked and may be resized at load.
+
+    Float tensors are converted at load to the dtype the layer was built with.
+    """
 
     kind: str
 
@@ -166,13 +112,43 @@ class _QuantizedLinearBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        present = {name: state_dict[prefix + name] for name in LAYER_FIELDS if prefix + name in state_dict}
-        has_bias = True if self.bias is not None else None
-        shapes = expected_shapes(self.kind, self.in_features, self.out_features, present, has_bias,
-                                 rank=getattr(self, "rank", 0))
+        present = {name: state_dict[prefix + name] for name in QUANTIZED_FIELDS if prefix + name in state_dict}
+        shapes = expected_shapes(self.kind, self.in_features, self.out_features, present,
+                                 True if self.bias is not None else None, rank=self.lora_down.shape[1]
+                                 if self.kind == W4A4 else 0)
         if getattr(self, "shift", None) is not None:  # built with a shift: the state dict must have one
             shapes["shift"] = (self.in_features,)
-        load_layer(self, self.kind, shapes, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
+        accepted = {}
+        for name, shape in shapes.items():
+            key, tensor = prefix + name, present.get(name)
+            if tensor is None:
+                if shape is not None:
+                    missing_keys.append(key)
+            elif shape is None:
+                unexpected_keys.append(key)
+            elif tuple(tensor.shape) != tuple(shape):
+                error_msgs.append(f"{key}: shape {tuple(tensor.shape)} does not match {tuple(shape)} for a "
+                                  f"{self.out_features}x{self.in_features} {self.kind} layer")
+            else:
+                accepted[name] = tensor
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in shapes:
+                    unexpected_keys.append(key)
+        if len(accepted) < sum(shape is not None for shape in shapes.values()):
+            return
+        dtype, device = self.wscales.dtype, self.qweight.device
+        for name in shapes:
+            tensor = accepted.get(name)
+            if tensor is not None:
+                tensor = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            self._buffers.pop(name, None)
+            self.__dict__.pop(name, None)
+            self._buffers[name] = tensor
+        self._after_load()
+
+    def _after_load(self) -> None:
+        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_forward(self, x)
@@ -188,6 +164,9 @@ class SVDQLinear(_QuantizedLinearBase):
     smooth [K], lora_down [K, r], lora_up [N, r], bias [N] (optional), shift [K] (optional:
     groups with a positive shift are quantized unsigned), smooth_orig [K] (optional, unused by
     the forward; see `format`).
+
+    LoRAs (`svdquant.lora`) are concatenated onto lora_down / lora_up after the model's own
+    `base_rank` columns, which are never modified, so removing them is a slice of those columns.
     """
 
     kind = W4A4
@@ -203,11 +182,18 @@ class SVDQLinear(_QuantizedLinearBase):
         self.register_buffer("lora_up", torch.zeros((n, rank), dtype=dtype, device=device))
         self.register_buffer("bias", _empty((n,), dtype, device) if bias else None)
         self.register_buffer("shift", torch.zeros(k, dtype=dtype, device=device) if shift else None)
-        self.unsigned_groups = numerics.unsigned_groups_from_shift(self.shift, k)
+        self.register_buffer("smooth_orig", None)
+        self._after_load()
 
     @property
     def rank(self) -> int:
         return self.lora_down.shape[1]
+
+    def _after_load(self) -> None:
+        # per-group signed/unsigned mode follows the shift; computed once, on the CPU
+        self.unsigned_groups = numerics.unsigned_groups_from_shift(self.shift, self.in_features)
+        # freshly loaded tensors carry no LoRA: all of their rank is the model's own branch
+        self.base_rank = self.rank
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":
@@ -222,6 +208,10 @@ class W4A16Linear(_QuantizedLinearBase):
     """y = x @ W^T + bias with W[n, k] = code[n, k] * wscales[g, n] + wzeros[g, n] (g = k // 64).
 
     Buffers: qweight uint8 [N, K/2] (unsigned INT4 pairs), wscales and wzeros [K/64, N], bias [N].
+
+    LoRAs (`svdquant.lora`) run as a 16-bit low-rank side branch, y += (x @ lora_down) @ lora_up^T,
+    rather than being merged into W: merging would need a 16-bit copy of W or a lossy
+    requantization that could not be undone exactly. The branch is not part of the state dict.
     """
 
     kind = W4A16
@@ -234,6 +224,12 @@ class W4A16Linear(_QuantizedLinearBase):
         self.register_buffer("wscales", _empty((g, n), dtype, device))
         self.register_buffer("wzeros", _empty((g, n), dtype, device))
         self.register_buffer("bias", _empty((n,), dtype, device) if bias else None)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        # freshly loaded tensors carry no LoRA
+        self.register_buffer("lora_down", None, persistent=False)  # [K, r] while LoRAs are set
+        self.register_buffer("lora_up", None, persistent=False)  # [N, r]
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "W4A16Linear":
@@ -244,50 +240,57 @@ class W4A16Linear(_QuantizedLinearBase):
         return layer
 
 
-def load_any_kind(module: nn.Module, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-    """`_load_from_state_dict` of a layer whose kind is what the state dict stores (LoadedLinear
-    and the ComfyUI custom operation). The module has in_features, out_features, has_bias (what
-    the model architecture says) and dtype (None keeps the file's float dtypes)."""
+def become_stored_kind(module: nn.Module, classes: dict[str, type], state_dict: dict, prefix: str,
+                       local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """`_load_from_state_dict` of a placeholder linear layer: turn `module` in place into a fresh
+    `classes[kind]` (kind: what the state dict stores at prefix), then load it as that class.
+
+    The module has in_features, out_features, has_bias and device (how the model built it) and
+    dtype (None: the file's). classes maps DENSE, W4A4, W4A16 to constructors taking
+    (in_features, out_features, bias=, device=, dtype=) (and rank=, shift= for W4A4). In place
+    because the parent modules hold this object; the fresh layer's own constructor sets it up.
+    """
     kind = stored_kind(state_dict, prefix)
-    if kind != DENSE and module.in_features % GROUP_SIZE:
-        error_msgs.append(f"{prefix[:-1]}: a quantized layer needs an input width that is a multiple of "
-                          f"{GROUP_SIZE}, not {module.in_features}")
-        return
-    present = {name: state_dict[prefix + name] for name in LAYER_FIELDS if prefix + name in state_dict}
-    # a quantized layer may carry a bias the original lacked (the shift correction of post-GELU inputs)
-    bias = module.has_bias if kind == DENSE or module.has_bias else None
-    shapes = expected_shapes(kind, module.in_features, module.out_features, present, bias)
-    load_layer(module, kind, shapes, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs,
-               dtype=module.dtype)
+    kwargs = {}
+    if kind == DENSE:
+        bias, stored_dtype = module.has_bias, state_dict.get(prefix + "weight", torch.empty(0)).dtype
+    else:
+        if module.in_features % GROUP_SIZE:
+            error_msgs.append(f"{prefix[:-1]}: a quantized layer needs an input width that is a multiple of "
+                              f"{GROUP_SIZE}, not {module.in_features}")
+            return
+        # a quantized layer may carry a bias the original lacked (the shift correction of GELU inputs)
+        bias = module.has_bias or prefix + "bias" in state_dict
+        stored_dtype = state_dict[prefix + "wscales"].dtype
+        if kind == W4A4:
+            lora_down = state_dict.get(prefix + "lora_down")
+            kwargs = {"rank": lora_down.shape[1] if lora_down is not None and lora_down.dim() == 2 else 0,
+                      "shift": prefix + "shift" in state_dict}
+    fresh = classes[kind](module.in_features, module.out_features, bias=bias, device=module.device,
+                          dtype=module.dtype or stored_dtype, **kwargs)
+    module.__class__ = type(fresh)
+    module.__dict__ = fresh.__dict__
+    module._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                 error_msgs)
 
 
 class LoadedLinear(nn.Module):
-    """A linear layer that is dense, W4A4 or W4A16, as its state dict says.
+    """A linear layer that becomes, when its state dict is loaded, what the state dict stores:
+    an SVDQLinear, a W4A16Linear or an nn.Linear. Float tensors are converted to `dtype` when one
+    is given. Nothing is allocated before that; a forward before that is an error."""
 
-    Nothing is allocated before the state dict is loaded; a forward before that is an error.
-    Float tensors are converted to `dtype` at load when one is given.
-    """
+    classes = {DENSE: nn.Linear, W4A4: SVDQLinear, W4A16: W4A16Linear}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.has_bias, self.dtype = bias, dtype
-        self.kind = None
-        self.register_parameter("weight", None)
-        self.register_parameter("bias", None)
+        self.has_bias, self.device, self.dtype = bias, device, dtype
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        load_any_kind(self, state_dict, prefix, strict, missing_keys, unexpected_keys, error_msgs)
+        become_stored_kind(self, self.classes, state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind is None:
-            raise RuntimeError(f"{type(self).__name__} used before its state dict was loaded")
-        if self.kind == DENSE:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-        return quantized_forward(self, x)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+        raise RuntimeError(f"a {type(self).__name__} was used before its state dict was loaded")

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from svdquant import flux, flux_model, flux_quantize, numerics, synthetic
 from svdquant import format as fmt
 from svdquant.format import FormatError
-from svdquant.linear import SVDQLinear, W4A16Linear, LoadedLinear
+from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
 from tiny_flux import bf16_model, quantized_model
 
 
@@ -64,46 +64,47 @@ def test_quantized_file_describes_the_flux_layers(tmp_path):
     assert all(torch.equal(loaded.tensors[k], t) for k, t in model.tensors.items())
 
 
-def test_loaded_layers_compute_what_the_engine_layers_compute():
-    """LoadedLinear (which shares its load and forward with the ComfyUI custom operation) takes each
-    layer's kind from the state dict and computes exactly what SVDQLinear / W4A16Linear / nn.Linear do."""
+def test_loaded_layers_become_what_the_file_stores():
+    """LoadedLinear (whose load the ComfyUI custom operation shares) becomes at load an SVDQLinear,
+    W4A16Linear or nn.Linear, built as the explicit constructors build them from the same tensors."""
     model = quantized_model(True)
     cfg = flux.FluxConfig.from_dict(model.model_config)
     loaded = flux_model.from_tensors(cfg, model.tensors)
+    classes = {flux.W4A4: SVDQLinear, flux.W4A16: W4A16Linear, flux.DENSE: torch.nn.Linear}
     gen = torch.Generator().manual_seed(0)
     for name, spec in flux.linear_layers(cfg).items():
         layer = loaded.get_submodule(name)
-        assert isinstance(layer, LoadedLinear) and layer.kind == spec.kind, name
+        assert type(layer) is classes[spec.kind], name
         x = torch.randn(2, 5, spec.in_features, generator=gen).bfloat16()
-        if spec.kind == flux.W4A4:
-            engine = SVDQLinear.from_tensors(model.layer_tensors(name))
-        elif spec.kind == flux.W4A16:
-            engine = W4A16Linear.from_tensors(model.layer_tensors(name))
-        else:
+        if spec.kind == flux.DENSE:
             engine = torch.nn.Linear(spec.in_features, spec.out_features, dtype=torch.bfloat16)
             engine.load_state_dict({"weight": model.tensors[f"{name}.weight"], "bias": model.tensors[f"{name}.bias"]})
+        else:
+            engine = classes[spec.kind].from_tensors(model.layer_tensors(name))
+        assert set(layer.state_dict()) == set(engine.state_dict()), name
         assert torch.equal(layer(x), engine(x)), name
+    assert set(loaded.state_dict()) == set(model.tensors)
 
 
 def test_loaded_linear_checks_and_converts_what_it_loads():
     tensors = quantized_model(False).layer_tensors("double_blocks.0.img_attn.qkv")
     layer = LoadedLinear(256, 768, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="before its state dict was loaded"):
+    with pytest.raises(RuntimeError, match="used before its state dict was loaded"):
         layer(torch.zeros(1, 256))
     layer.load_state_dict(tensors)
-    assert layer.kind == flux.W4A4 and layer.weight is None and layer.qweight.dtype == torch.uint8
-    assert layer.lora_down.dtype == torch.float16 and layer.smooth.dtype == torch.float16
-    assert set(layer.state_dict()) == set(tensors)
+    assert type(layer) is SVDQLinear and layer.rank == layer.base_rank == 32 and layer.shift is None
+    assert layer.qweight.dtype == torch.uint8 and layer.lora_down.dtype == layer.smooth.dtype == torch.float16
+    dense = LoadedLinear(256, 768)
+    dense.load_state_dict({"weight": torch.ones(768, 256), "bias": torch.zeros(768)})
+    assert type(dense) is torch.nn.Linear and dense.weight.dtype == torch.float32
     with pytest.raises(RuntimeError, match="lora_up: shape"):
         LoadedLinear(256, 768).load_state_dict({**tensors, "lora_up": tensors["lora_up"][:, :16]})
     with pytest.raises(RuntimeError, match="Missing key.*bias"):  # the architecture has a bias
         LoadedLinear(256, 768).load_state_dict({k: v for k, v in tensors.items() if k != "bias"})
     with pytest.raises(RuntimeError, match="multiple of 64"):
         LoadedLinear(100, 768).load_state_dict(tensors)
-    # the same module loaded again with a dense state dict becomes dense, quantized tensors gone
-    layer.load_state_dict({"weight": torch.ones(768, 256), "bias": torch.zeros(768)})
-    assert layer.kind == flux.DENSE and layer.weight.dtype == torch.float16
-    assert set(layer.state_dict()) == {"weight", "bias"}
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        LoadedLinear(256, 768).load_state_dict({"weight": torch.ones(768, 128), "bias": torch.zeros(768)})
 
 
 def test_svdquant_beats_plain_w4a4_on_the_tiny_model():

@@ -1,0 +1,134 @@
+"""The natural file: round trip, atomic writes, and bad files rejected with named errors."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from svdquant import format as fmt
+from svdquant import quantize
+from svdquant.linear import SVDQLinear
+
+
+def _model():
+    torch.manual_seed(0)
+    w = torch.randn(128, 128) * 0.05
+    x = torch.randn(32, 128)
+    plain = quantize.quantize_linear(w, torch.randn(128), x, rank=16, alphas=(0.5,)).as_dict()
+    shifted = quantize.quantize_linear(w, None, x.clamp_min(-0.17), rank=16, alphas=(0.5,),
+                                       shift=torch.full((128,), 0.171875)).as_dict()
+    from svdquant import numerics
+    codes, ws, wz = numerics.quantize_w4a16(torch.randn(256, 128) * 0.05)
+    mod = {"qweight": numerics.pack_int4(codes), "wscales": ws, "wzeros": wz, "bias": torch.zeros(256).bfloat16()}
+    tensors = {f"a.{k}": v for k, v in plain.items()}
+    tensors.update({f"b.{k}": v for k, v in shifted.items()})
+    tensors.update({f"mod.{k}": v for k, v in mod.items()})
+    tensors["img_in.weight"] = torch.randn(128, 64).bfloat16()
+    layers = {"a": fmt.describe_w4a4(plain), "b": fmt.describe_w4a4(shifted), "mod": fmt.describe_w4a16(mod)}
+    return fmt.QuantizedModel(tensors, layers, "flux", {"hidden_size": 128})
+
+
+def test_round_trip(tmp_path):
+    model = _model()
+    path = tmp_path / "m.safetensors"
+    fmt.save_model(path, model)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    back = fmt.load_model(path)
+    assert back.layers == model.layers and back.model_type == "flux" and back.model_config == {"hidden_size": 128}
+    assert back.tensors.keys() == model.tensors.keys()
+    for key, t in model.tensors.items():
+        assert back.tensors[key].dtype == t.dtype and torch.equal(back.tensors[key], t), key
+    assert back.layers["b"]["shift"] and not back.layers["a"]["shift"]
+    layer = SVDQLinear.from_tensors(back.layer_tensors("b"))
+    assert layer.unsigned_groups.all()
+
+
+def _rewrite(path, tensors, metadata):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def _saved(tmp_path):
+    path = tmp_path / "good.safetensors"
+    fmt.save_model(path, _model())
+    header = fmt.read_header(path)
+    return path, fmt.load_tensors(path), header
+
+
+def test_truncated_file(tmp_path):
+    path, _, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(fmt.FormatError, match="truncated.safetensors"):
+        fmt.load_model(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(fmt.FormatError, match="junk.safetensors: not a readable safetensors file"):
+        fmt.load_model(junk)
+    with pytest.raises(fmt.FormatError, match="no such file"):
+        fmt.load_model(tmp_path / "missing.safetensors")
+
+
+def test_corrupt_header_length(tmp_path):
+    path, _, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 4)
+    bad = tmp_path / "header.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(fmt.FormatError, match="header.safetensors"):
+        fmt.load_model(bad)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_dtype", "tensor a.qweight has dtype torch.int8, expected torch.uint8"),
+    ("float_as_int", "tensor a.wscales has dtype torch.int32"),
+    ("missing", "missing tensor a.lora_up"),
+    ("wrong_shape", r"tensor a.lora_down has shape \(128, 8\), expected \(128, 16\)"),
+    ("nan", "tensor b.bias contains NaN or Inf"),
+    ("undescribed", "tensor a.shift is not described"),
+])
+def test_bad_tensors_are_named(tmp_path, case, message):
+    path, tensors, header = _saved(tmp_path)
+    if case == "wrong_dtype":
+        tensors["a.qweight"] = tensors["a.qweight"].to(torch.int8)
+    elif case == "float_as_int":
+        tensors["a.wscales"] = tensors["a.wscales"].to(torch.int32)
+    elif case == "missing":
+        del tensors["a.lora_up"]
+    elif case == "wrong_shape":
+        tensors["a.lora_down"] = tensors["a.lora_down"][:, :8]
+    elif case == "nan":
+        tensors["b.bias"] = tensors["b.bias"].clone()
+        tensors["b.bias"][3] = float("nan")
+    elif case == "undescribed":
+        tensors["a.shift"] = torch.zeros(128, dtype=torch.bfloat16)
+    bad = tmp_path / f"{case}.safetensors"
+    _rewrite(bad, tensors, header)
+    with pytest.raises(fmt.FormatError, match=f"{case}.safetensors: {message}"):
+        fmt.load_model(bad)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"format_version": "2"}, "unsupported format version '2'"),
+    ({"format": "something-else"}, "not an SVDQuant natural file"),
+    ({"layers": "{not json"}, "bad metadata"),
+    ({"quantization": json.dumps({"method": "svdquant", "group_size": 128})}, "unsupported group size 128"),
+    ({"layers": json.dumps({"a": {"kind": "w3a3", "in": 128, "out": 128}})}, "layer a: bad description"),
+])
+def test_bad_metadata(tmp_path, edit, message):
+    path, tensors, header = _saved(tmp_path)
+    bad = tmp_path / "meta.safetensors"
+    _rewrite(bad, tensors, {**header, **edit})
+    with pytest.raises(fmt.FormatError, match=f"meta.safetensors: {message}"):
+        fmt.load_model(bad)
+
+
+def test_invalid_model_is_not_written(tmp_path):
+    model = _model()
+    del model.tensors["a.smooth"]
+    path = tmp_path / "out.safetensors"
+    with pytest.raises(fmt.FormatError, match="missing tensor a.smooth"):
+        fmt.save_model(path, model)
+    assert not list(tmp_path.iterdir())
