@@ -1,0 +1,30 @@
+"""The command line: the demo (README's main job) and info."""
+
+import re
+
+from svdquant import cli
+from tiny_flux import fixture_path
+
+
+def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys):
+    assert cli.main(["demo", "--variant", "dev", "--steps", "2", "--size", "16", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny FLUX.1-dev architecture" in out
+    rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"^(SVDQuant r32|plain W4A4) +([\d.]+) +([\d.]+) +[\d.]+s$",
+                                                                 out, flags=re.MULTILINE)}
+    assert rows["SVDQuant r32"][0] < rows["plain W4A4"][0] / 2  # per-layer error
+    assert rows["SVDQuant r32"][1] < rows["plain W4A4"][1]      # sampled latent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-flux.1-dev-svdq-r32.safetensors",
+                                                          "tiny-flux.1-dev-w4a4.safetensors"]
+
+
+def test_info_tells_the_flux_variant_of_a_reference_file(capsys):
+    assert cli.main(["info", str(fixture_path("reference_flux_tiny.safetensors"))]) == 0
+    assert "FLUX.1 dev architecture, width 256, 1 double + 1 single blocks" in capsys.readouterr().out
+
+
+def test_info_names_a_bad_file(tmp_path, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert cli.main(["info", str(bad)]) == 2
+    assert "broken.safetensors: not a readable safetensors file" in capsys.readouterr().err
