@@ -1,0 +1,272 @@
+"""The pack inside a real ComfyUI: set COMFYUI_PATH to a ComfyUI checkout (skipped otherwise).
+
+ComfyUI runs in its own Python: COMFYUI_PYTHON, else COMFYUI_PATH/.venv/bin/python, else this one.
+A server is started headless on 127.0.0.1 with --cpu and a temporary base directory holding this
+pack, a test-only node pack (tests/comfyui/test_nodes) and tiny models, so the checkout itself is
+not touched.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from svdquant import flux, flux_model, synthetic
+from svdquant import format as fmt
+from tiny_flux import FIXTURES, REPO, quantized_model
+
+COMFYUI = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set")
+HERE = Path(__file__).resolve().parent / "comfyui"
+UI_ONLY_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes, absent from /object_info
+
+
+def comfy_python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI) / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def run_comfy_side(*args):
+    done = subprocess.run([comfy_python(), str(HERE / "comfy_side.py"), *map(str, args)], cwd=COMFYUI,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path):
+    """The file loaded through the loader node's code into ComfyUI's own FLUX (our layers as
+    custom operations) gives bit for bit the engine's output, also after a low-VRAM partial load;
+    ComfyUI counts the model at its stored size."""
+    path = tmp_path / "tiny-dev.safetensors"
+    model = quantized_model(True)
+    fmt.save_model(path, model)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    noise, context, pooled = synthetic.flux_inputs(cfg, seed=5, height=24, width=20)
+    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
+              "guidance": torch.tensor([3.5]).bfloat16()}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+
+    run_comfy_side("load", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
+    outputs = load_file(str(tmp_path / "out.safetensors"))
+    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+
+    engine = flux_model.from_tensors(cfg, flux.load_flux(path)[0].tensors)
+    expected = engine(inputs["x"], inputs["timestep"], inputs["context"], inputs["y"], inputs["guidance"])
+    assert torch.equal(outputs["full"], expected)
+    assert torch.equal(outputs["lowvram"], expected)
+    assert facts["model_class"] == "Flux" and facts["model_type"] == "FLUX"
+    assert {name for name in facts["lowvram_layers"] if name in model.layers}  # some 4-bit layers were left out
+    stored = sum(t.numel() * t.element_size() for t in model.tensors.values())
+    assert facts["model_size"] == stored + facts["sampling_buffers"]
+    kinds = {flux.W4A4: "SVDQLinear", flux.W4A16: "W4A16Linear", flux.DENSE: "Linear"}
+    assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.linear_layers(cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# A running ComfyUI server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, base: Path):
+        self.url, self.base = url, base
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as response:
+            return json.loads(response.read())
+
+    def post_prompt(self, prompt: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        """Queue a prompt that ComfyUI accepts and wait for its history entry."""
+        status, reply = self.post_prompt(prompt)
+        assert status == 200 and not reply.get("node_errors"), reply
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{reply['prompt_id']}")
+            if reply["prompt_id"] in history and history[reply["prompt_id"]]["status"].get("completed") is not None:
+                return history[reply["prompt_id"]]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {reply['prompt_id']} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-svdquant").symlink_to(REPO, target_is_directory=True)
+    (base / "custom_nodes" / "svdquant_test_nodes").symlink_to(HERE / "test_nodes", target_is_directory=True)
+    models = base / "models"
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        (models / folder).mkdir(parents=True)
+    for variant, guidance in (("schnell", False), ("dev", True)):
+        fmt.save_model(models / "diffusion_models" / f"tiny-{variant}.safetensors", quantized_model(guidance))
+        # under the names the example workflows use, so their file choices validate too
+        shutil.copy(models / "diffusion_models" / f"tiny-{variant}.safetensors",
+                    models / "diffusion_models" / f"svdq-int4_r32-flux.1-{variant}.safetensors")
+    if (FIXTURES / "reference_flux_tiny.safetensors").is_file():
+        shutil.copy(FIXTURES / "reference_flux_tiny.safetensors", models / "diffusion_models")
+    good = (models / "diffusion_models" / "tiny-schnell.safetensors").read_bytes()
+    (models / "diffusion_models" / "truncated.safetensors").write_bytes(good[:len(good) // 2])
+    save_file({"weight": torch.zeros(4, 4)}, str(models / "diffusion_models" / "not-flux.safetensors"))
+    (models / "diffusion_models" / "pickled.ckpt").write_bytes(b"never read")
+    for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
+        (models / "text_encoders" / name).write_bytes(b"")
+    (models / "vae" / "ae.safetensors").write_bytes(b"")
+    run_comfy_side("taesd", models / "vae" / "taesd16.safetensors")
+
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    process = subprocess.Popen(
+        [comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--use-pytorch-cross-attention", "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+        cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert process.poll() is None, (base / "comfyui.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/object_info/KSampler", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline, "ComfyUI did not start in 180 s"
+                time.sleep(1)
+        yield Server(url, base)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def test_loader_node_in_object_info(server):
+    info = server.get("/object_info/SVDQuantFluxLoader")["SVDQuantFluxLoader"]
+    assert info["display_name"] == "SVDQuant FLUX Loader" and info["category"] == "SVDQuant"
+    assert info["output"] == ["MODEL"]
+    required = info["input"]["required"]
+    assert list(required) == ["model_name", "dtype", "device"]
+    files = required["model_name"][1]["options"]
+    assert {"tiny-schnell.safetensors", "tiny-dev.safetensors", "not-flux.safetensors"} <= set(files)
+    assert "pickled.ckpt" not in files  # only safetensors are offered
+    assert required["dtype"][1]["options"] == ["bfloat16", "float16"]
+    assert required["device"][1]["options"][:2] == ["default", "cpu"]
+    assert all(spec[1].get("tooltip") for spec in required.values())
+    assert "SVDQuantTestConditioning" in server.get("/object_info")
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI (graph) workflow as an API prompt, checking it against /object_info on the way: every
+    node type exists, every widget value is valid, every link joins matching types."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY_NODES:
+            continue
+        assert node["type"] in object_info, f"node type {node['type']} is unknown to ComfyUI"
+        info = object_info[node["type"]]
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+        linked = {slot["name"]: slot["link"] for slot in node.get("inputs", []) if slot.get("link") is not None}
+        inputs, values = {}, list(node.get("widgets_values", []))
+        for name in order:
+            kind, options = specs[name][0], specs[name][1] if len(specs[name]) > 1 else {}
+            if name in linked:
+                link = links[linked[name]]
+                assert link[5] == kind, f"{node['type']}.{name}: a {link[5]} link into a {kind} input"
+                inputs[name] = [str(link[1]), link[2]]
+                continue
+            if kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO") and not isinstance(kind, list):
+                assert name not in info["input"].get("required", {}), f"{node['type']}.{name} is not connected"
+                continue
+            value = values.pop(0)
+            choices = kind if isinstance(kind, list) else options.get("options")
+            if choices is not None:
+                assert value in choices, f"{node['type']}.{name}: {value!r} is not one of {choices}"
+            if kind in ("INT", "FLOAT"):
+                assert options.get("min", value) <= value <= options.get("max", value), f"{node['type']}.{name}"
+            inputs[name] = value
+            if options.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert not values, f"{node['type']}: widget values left over: {values}"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json"])
+def test_workflows_validate_in_comfyui_and_are_templates(server, name):
+    workflow = json.loads((REPO / "workflows" / name).read_text())
+    prompt = ui_to_api(workflow, server.get("/object_info"))
+    # ComfyUI's own validation accepts it (it then runs until the empty placeholder text encoders)
+    status, reply = server.post_prompt(prompt)
+    assert status == 200 and not reply["node_errors"], reply
+    templates = server.get("/workflow_templates")
+    assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-schnell"]
+    assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
+
+
+def sampling_prompt(model_name: str, guidance: float | None, prefix: str) -> dict:
+    prompt = {
+        "1": {"class_type": "SVDQuantFluxLoader", "inputs": {"model_name": model_name, "dtype": "bfloat16",
+                                                              "device": "default"}},
+        "2": {"class_type": "SVDQuantTestConditioning", "inputs": {"seed": 1, "tokens": 8}},
+        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": 1, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd16.safetensors"}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
+    }
+    if guidance is not None:
+        prompt["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
+        prompt["5"]["inputs"]["positive"] = ["9", 0]
+    return prompt
+
+
+@pytest.mark.parametrize("model_name, guidance", [("tiny-schnell.safetensors", None),
+                                                  ("tiny-dev.safetensors", 3.5),
+                                                  ("reference_flux_tiny.safetensors", 3.5)])
+def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance):
+    if not (server.base / "models" / "diffusion_models" / model_name).exists():
+        pytest.skip(f"{model_name} not available")
+    prefix = f"svdquant_{Path(model_name).stem}"
+    entry = server.run(sampling_prompt(model_name, guidance, prefix))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["8"]["images"]
+    assert len(images) == 1 and images[0]["filename"].startswith(prefix)
+    saved = server.base / "output" / images[0]["subfolder"] / images[0]["filename"]
+    assert saved.stat().st_size > 0
+
+
+@pytest.mark.parametrize("model_name, problem", [("truncated.safetensors", "not a readable safetensors file"),
+                                                 ("not-flux.safetensors", "not an SVDQuant FLUX model")])
+def test_bad_files_are_comfyui_errors_naming_the_file(server, model_name, problem):
+    entry = server.run(sampling_prompt(model_name, None, "never"))
+    assert entry["status"]["status_str"] == "error"
+    error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+    assert error["node_type"] == "SVDQuantFluxLoader"
+    assert error["exception_message"].startswith(f"{model_name}: ") and problem in error["exception_message"]
+    assert server.get("/object_info/SVDQuantFluxLoader")  # ComfyUI is still up

@@ -1,0 +1,51 @@
+"""The example workflows (ComfyUI UI format) without ComfyUI: well-formed graphs with the defaults
+each FLUX.1 variant needs. tests/test_comfyui.py checks them against a running ComfyUI."""
+
+import json
+
+import pytest
+
+from tiny_flux import REPO
+
+
+def load(name):
+    return json.loads((REPO / "workflows" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json"])
+def test_graph_is_well_formed(name):
+    workflow = load(name)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] == max(nodes)
+    assert workflow["last_link_id"] == max(link[0] for link in workflow["links"])
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        output = nodes[source]["outputs"][source_slot]
+        assert output["type"] == kind and link_id in output["links"]
+        target_input = nodes[target]["inputs"][target_slot]
+        assert target_input["type"] == kind and target_input["link"] == link_id
+    linked = {link[0] for link in workflow["links"]}
+    assert all(slot["link"] in linked for node in nodes.values() for slot in node["inputs"])
+
+
+def by_type(workflow):
+    return {node["type"]: node for node in workflow["nodes"]}
+
+
+def test_schnell_defaults():
+    nodes = by_type(load("flux.1-schnell.json"))
+    assert nodes["SVDQuantFluxLoader"]["widgets_values"] == ["svdq-int4_r32-flux.1-schnell.safetensors",
+                                                             "bfloat16", "default"]
+    seed, control, steps, cfg, sampler, scheduler, denoise = nodes["KSampler"]["widgets_values"]
+    assert (steps, cfg, sampler, scheduler, denoise) == (4, 1.0, "euler", "simple", 1.0)
+    assert "FluxGuidance" not in nodes  # schnell has no guidance embedder
+
+
+def test_dev_defaults():
+    nodes = by_type(load("flux.1-dev.json"))
+    assert nodes["SVDQuantFluxLoader"]["widgets_values"][0] == "svdq-int4_r32-flux.1-dev.safetensors"
+    steps, cfg = nodes["KSampler"]["widgets_values"][2:4]
+    assert 20 <= steps <= 28 and cfg == 1.0
+    assert nodes["FluxGuidance"]["widgets_values"] == [3.5]
+    workflow = load("flux.1-dev.json")
+    into_sampler = {link[4]: link[1] for link in workflow["links"] if link[3] == nodes["KSampler"]["id"]}
+    assert into_sampler[1] == nodes["FluxGuidance"]["id"]  # the positive conditioning carries the guidance
