@@ -3,7 +3,6 @@
 import re
 
 from svdquant import cli
-from tiny_flux import fixture_path
 
 
 def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys):
@@ -18,8 +17,8 @@ def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys):
                                                           "tiny-flux.1-dev-w4a4.safetensors"]
 
 
-def test_info_tells_the_flux_variant_of_a_reference_file(capsys):
-    assert cli.main(["info", str(fixture_path("reference_flux_tiny.safetensors"))]) == 0
+def test_info_tells_the_flux_variant_of_a_reference_file(capsys, reference_fixture):
+    assert cli.main(["info", str(reference_fixture("reference_flux_tiny.safetensors"))]) == 0
     assert "FLUX.1 dev architecture, width 256, 1 double + 1 single blocks" in capsys.readouterr().out
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from svdquant import flux, flux_model, synthetic
 from svdquant import format as fmt
-from tiny_flux import FIXTURES, REPO, quantized_model
+from tiny_flux import REPO, quantized_model
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set")
@@ -126,8 +126,6 @@ def server(tmp_path_factory):
         # under the names the example workflows use, so their file choices validate too
         shutil.copy(models / "diffusion_models" / f"tiny-{variant}.safetensors",
                     models / "diffusion_models" / f"svdq-int4_r32-flux.1-{variant}.safetensors")
-    if (FIXTURES / "reference_flux_tiny.safetensors").is_file():
-        shutil.copy(FIXTURES / "reference_flux_tiny.safetensors", models / "diffusion_models")
     good = (models / "diffusion_models" / "tiny-schnell.safetensors").read_bytes()
     (models / "diffusion_models" / "truncated.safetensors").write_bytes(good[:len(good) // 2])
     save_file({"weight": torch.zeros(4, 4)}, str(models / "diffusion_models" / "not-flux.safetensors"))
@@ -249,9 +247,9 @@ def sampling_prompt(model_name: str, guidance: float | None, prefix: str) -> dic
 @pytest.mark.parametrize("model_name, guidance", [("tiny-schnell.safetensors", None),
                                                   ("tiny-dev.safetensors", 3.5),
                                                   ("reference_flux_tiny.safetensors", 3.5)])
-def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance):
-    if not (server.base / "models" / "diffusion_models" / model_name).exists():
-        pytest.skip(f"{model_name} not available")
+def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance, reference_fixture):
+    if model_name == "reference_flux_tiny.safetensors":  # the reference engine's format, imported on load
+        shutil.copy(reference_fixture(model_name), server.base / "models" / "diffusion_models")
     prefix = f"svdquant_{Path(model_name).stem}"
     entry = server.run(sampling_prompt(model_name, guidance, prefix))
     assert entry["status"]["status_str"] == "success", entry["status"]

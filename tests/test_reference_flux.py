@@ -10,19 +10,18 @@ from torch import nn
 
 from svdquant import flux, flux_model, numerics
 from svdquant.format import FormatError
-from tiny_flux import fixture_path
 
 PACKED, NATURAL = "reference_flux_tiny.safetensors", "reference_flux_tiny.natural.safetensors"
 
 
 @pytest.fixture(scope="module")
-def imported():
-    return flux.load_flux(fixture_path(PACKED))
+def imported(reference_fixture):
+    return flux.load_flux(reference_fixture(PACKED))
 
 
 @pytest.fixture(scope="module")
-def natural():
-    path = fixture_path(NATURAL)
+def natural(reference_fixture):
+    path = reference_fixture(NATURAL)
     with safe_open(str(path), framework="pt") as f:
         layers = json.loads(f.metadata()["layers"])
     return load_file(str(path)), layers
@@ -172,9 +171,9 @@ def _write(path, tensors, metadata):
     return path
 
 
-def test_reference_files_that_cannot_be_imported_are_named_errors(tmp_path):
-    packed = load_file(str(fixture_path(PACKED)))
-    with safe_open(str(fixture_path(PACKED)), framework="pt") as f:
+def test_reference_files_that_cannot_be_imported_are_named_errors(tmp_path, reference_fixture):
+    packed = load_file(str(reference_fixture(PACKED)))
+    with safe_open(str(reference_fixture(PACKED)), framework="pt") as f:
         metadata = f.metadata()
 
     fp4 = dict(metadata, quantization_config=json.dumps({"method": "svdquant", "weight": {"dtype": "fp4_e2m1_all"}}))

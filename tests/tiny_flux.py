@@ -1,25 +1,13 @@
-"""Shared test material: tiny FLUX models (made once per test session) and the reference fixtures."""
+"""Shared test material: tiny FLUX models, made once per test session."""
 
 import functools
-import os
 from pathlib import Path
-
-import pytest
 
 from svdquant import flux_quantize, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/fixtures beside the checkout, or SVDQUANT_FIXTURES
-FIXTURES = Path(os.environ.get("SVDQUANT_FIXTURES", REPO.parent / "shared" / "fixtures"))
 # a coarser smoothing search than the default 11 exponents keeps the suite fast on 2 cores
 TEST_ALPHAS = (0.25, 0.5, 0.75)
-
-
-def fixture_path(name: str) -> Path:
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference fixture {name} not found in {FIXTURES}")
-    return path
 
 
 @functools.lru_cache(maxsize=None)
