@@ -8,12 +8,23 @@
 #include <string>
 #include <vector>
 
+#ifdef SVDQ_WITH_SM90A
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "sm90/launchers.h"
+#endif
+
 namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
   info["archs"] = std::string(SVDQ_BUILD_ARCHS);
   std::vector<std::string> kernels;
+#ifdef SVDQ_WITH_SM90A
+  kernels.push_back("act_quant_sm90");
+  kernels.push_back("w4a4_gemm_sm90");
+#endif
   info["kernels"] = kernels;
   info["torch_cuda"] =
 #ifdef WITH_CUDA
@@ -24,9 +35,112 @@ pybind11::dict build_info() {
   return info;
 }
 
+#ifdef SVDQ_WITH_SM90A
+namespace sm90 = svdq::sm90;
+
+sm90::DType half_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, name,
+              " must be bfloat16 or float16, got ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16 ? sm90::DType::kBF16 : sm90::DType::kF16;
+}
+
+void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, at::ScalarType dtype,
+                  std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", not ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32 [K/64, round_up(M, 4)], lora_act [M, rank]).
+std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& inv_smooth,
+                                       const c10::optional<at::Tensor>& shift, const at::Tensor& lora_down) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
+  const auto dtype = half_dtype(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(lora_down.dim() == 2, "lora_down must be 2-D");
+  const int64_t rank = lora_down.size(1);
+  check_tensor(x, x, "x", x.scalar_type(), {M, K});
+  check_tensor(smooth, x, "smooth", at::kFloat, {K});
+  check_tensor(inv_smooth, x, "inv_smooth", at::kFloat, {K});
+  if (shift) check_tensor(*shift, x, "shift", at::kFloat, {K});
+  check_tensor(lora_down, x, "lora_down", x.scalar_type(), {K, rank});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m_al = (M + 3) / 4 * 4;
+  auto codes = at::empty({M, K}, x.options().dtype(at::kByte));
+  auto ascales = at::empty({K / 64, m_al}, x.options().dtype(at::kFloat));
+  auto lora_act = at::empty({M, rank}, x.options());
+  if (M == 0) return {codes, ascales, lora_act};
+  sm90::ActQuantArgs a{};
+  a.dtype = dtype;
+  a.x = x.data_ptr();
+  a.smooth = smooth.data_ptr<float>();
+  a.inv_smooth = inv_smooth.data_ptr<float>();
+  a.shift = shift ? shift->data_ptr<float>() : nullptr;
+  a.lora_down = lora_down.data_ptr();
+  a.codes = codes.data_ptr<uint8_t>();
+  a.ascales = ascales.data_ptr<float>();
+  a.lora_act = lora_act.data_ptr();
+  a.M = static_cast<int>(M), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank), a.m_al = static_cast<int>(m_al);
+  const char* err = sm90::act_quant(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return {codes, ascales, lora_act};
+}
+
+// Kernel 2: y [M, N] = W4A4 product of kernel 1's outputs with the natural-layout weights + low rank + bias.
+at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, const at::Tensor& lora_act,
+                          const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
+  TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
+  TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && ascales.dim() == 2, "qweight, lora_up and ascales are 2-D");
+  const auto dtype = half_dtype(wscales, "wscales");
+  const auto st = wscales.scalar_type();
+  const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
+  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
+  const int64_t m_al = (M + 3) / 4 * 4;
+  check_tensor(codes, codes, "codes", at::kByte, {M, K});
+  check_tensor(ascales, codes, "ascales", at::kFloat, {K / 64, m_al});
+  check_tensor(lora_act, codes, "lora_act", st, {M, rank});
+  check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
+  check_tensor(wscales, codes, "wscales", st, {K / 64, N});
+  check_tensor(lora_up, codes, "lora_up", st, {N, rank});
+  if (bias) check_tensor(*bias, codes, "bias", st, {N});
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor y = out ? *out : at::empty({M, N}, codes.options().dtype(st));
+  check_tensor(y, codes, "out", st, {M, N});
+  if (M == 0) return y;
+  sm90::W4A4GemmArgs a{};
+  a.dtype = dtype;
+  a.codes = codes.data_ptr<uint8_t>();
+  a.ascales = ascales.data_ptr<float>();
+  a.lora_act = lora_act.data_ptr();
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.wscales = wscales.data_ptr();
+  a.lora_up = lora_up.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
+  a.m_al = static_cast<int>(m_al);
+  const char* err = sm90::w4a4_gemm(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return y;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "svdquant compiled kernels";
   m.def("build_info", &build_info, "architectures and kernels compiled into this build");
+#ifdef SVDQ_WITH_SM90A
+  m.def("act_quant_sm90", &act_quant_sm90, "kernel 1: activation quantize + low-rank down (sm_90a)",
+        pybind11::arg("x"), pybind11::arg("smooth"), pybind11::arg("inv_smooth"), pybind11::arg("shift"),
+        pybind11::arg("lora_down"));
+  m.def("w4a4_gemm_sm90", &w4a4_gemm_sm90, "kernel 2: W4A4 GEMM + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
+        pybind11::arg("ascales"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wscales"),
+        pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none());
+#endif
 }

@@ -7,6 +7,7 @@ A fallback is announced with one log line per reason, never an error.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -61,18 +62,88 @@ def svdq_linear_reference(
     return y.to(x.dtype)
 
 
-def _fallback_reason(x: torch.Tensor) -> str:
-    """Why the compiled kernels cannot run on x ('' when they can)."""
+# ---- Hopper (sm_90a) W4A4 path -------------------------------------------------------------------
+# Kernel 1 (csrc/sm90/act_quant.cu) quantizes x and computes x @ lora_down in one pass; kernel 2
+# (csrc/sm90/w4a4_gemm.cu) runs the W4A4 GEMM on FP8 tensor cores and adds the low-rank up
+# projection and the bias in its epilogue. Kernel 2 reads the layer's qweight [N, K/2], wscales,
+# lora_up and bias in their natural layout, so nothing is repacked at load time and the weights
+# stay one 4-bit copy on the GPU. The only derived tensors are fp32 copies of smooth, its
+# reciprocal and the shift (3 x 4 bytes per input channel), cached on the layer.
+_SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90")
+
+
+def sm90_kernels_built() -> bool:
+    """Whether the extension holds the sm_90a W4A4 kernels."""
+    return _C is not None and all(hasattr(_C, name) for name in _SM90_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _fallback_reason(x: torch.Tensor, layer) -> str:
+    """Why the compiled kernels cannot run this call ('' when they can)."""
     if x.device.type != "cuda":
         return f"no CUDA kernels for {x.device.type} tensors"
     if _C is None:
         return f"the extension is not built ({_IMPORT_ERROR}); run install.py"
-    return "the extension has no W4A4 kernel for this GPU"
+    if not sm90_kernels_built():
+        return "the extension was built without the sm_90a W4A4 kernels"
+    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if (major, minor) != (9, 0):
+        return f"no W4A4 kernel for sm_{major}{minor} GPUs yet"
+    if x.dtype not in numerics.SUPPORTED_DTYPES or x.dtype != layer.wscales.dtype:
+        return f"input dtype {x.dtype} with {layer.wscales.dtype} weights (the kernels need one of bf16/fp16 for both)"
+    if layer.out_features % 8:
+        return f"out_features {layer.out_features} is not a multiple of 8"
+    if layer.qweight.device != x.device:
+        return f"weights on {layer.qweight.device}, input on {x.device}"
+    return ""
+
+
+def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """fp32 smooth, 1/smooth (correctly rounded) and shift for kernel 1, cached on the layer."""
+    shift = layer.shift
+    key = (layer.smooth.data_ptr(), layer.smooth._version,
+           None if shift is None else (shift.data_ptr(), shift._version))
+    cached = getattr(layer, "_sm90_inputs", None)
+    if cached is None or cached[0] != key:
+        smooth = layer.smooth.float().contiguous()
+        cached = (key, smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous())
+        layer._sm90_inputs = cached
+    return cached[1:]
+
+
+def act_codes_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
+    """Kernel 1's codes (e4m3 bytes, k permuted inside each 64-group) -> int8 codes in natural order.
+
+    Stored byte p of a group holds natural column perm(p), with
+    perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 2 j + h (act_quant.cu explains why).
+    """
+    m, k = codes.shape
+    p = torch.arange(64, device=codes.device)
+    perm = 16 * ((p // 4) % 4) + 8 * (p // 32) + 2 * (p % 4) + (p // 16) % 2
+    values = codes.view(torch.float8_e4m3fn).float().to(torch.int8).reshape(m, k // 64, 64)
+    natural = torch.empty_like(values)
+    natural[..., perm] = values
+    return natural.reshape(m, k)
+
+
+def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
+    smooth, inv_smooth, shift = _sm90_layer_inputs(layer)
+    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), smooth, inv_smooth, shift, layer.lora_down.contiguous())
+    return _C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
+                             layer.lora_up.contiguous(), layer.bias, out)
 
 
 def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """SVDQuant W4A4 linear on x [M, K] with an `SVDQLinear`'s tensors."""
-    _announce_fallback(_fallback_reason(x))
+    reason = _fallback_reason(x, layer)
+    if not reason:
+        return svdq_linear_sm90(x, layer)
+    _announce_fallback(reason)
     return svdq_linear_reference(
         x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
         layer.bias, layer.shift, layer.unsigned_groups,

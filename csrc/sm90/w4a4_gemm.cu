@@ -1,0 +1,313 @@
+// Kernel 2: SVDQuant W4A4 GEMM fused with the low-rank up projection and bias (sm_90a).
+//
+//   y[m, n] = sum_g ascale[g, m] * wscale[g, n] * sum_{k in g} code[m, k] * w[n, k]
+//             + sum_r lora_act[m, r] * lora_up[n, r] + bias[n]
+//
+// Design (a) of REFERENCE.md: FP8 e4m3 wgmma on the INT4 codes, one fp32 partial per 64-group
+// (each group's first wgmma starts with accumulate off), promoted into the fp32 output with
+// ascale * wscale (one multiply and one FMA per accumulator per group).
+//
+// The kernel computes the transposed product: a CTA owns 128 output channels x 128 tokens, and
+// each of its two consumer warpgroups owns 64 channels (wgmma M = channels, N = tokens).
+//  * A (weights) comes from registers: each thread reads its 2 rows x 8 packed bytes of the
+//    natural qweight tile (TMA-loaded as [128][32] bytes per group, no repacking anywhere) and
+//    expands the nibbles to e4m3 on chip. The byte for code c is that of c * 2^-9: e4m3 values
+//    0x00..0x0F are exactly n * 2^-9 (subnormals, then the first binade), so c >= 0 is its own
+//    nibble and c < 0 is 0x80 | -c; the 2^9 goes into the weight scale. The k order inside a group
+//    is permuted so that these bytes land in fragment registers unmoved (act_quant.cu documents
+//    the permutation; kernel 1 writes the activation codes in the same order).
+//  * B (activation codes, e4m3 bytes [tokens][64] per group) is TMA-loaded with the 64-byte swizzle.
+//  * The 64-channel rows of a warpgroup are exactly one output quantization group of the next
+//    layer: the epilogue has the fp32 tile in registers with known (channel, token) coordinates,
+//    so an activation (GELU) and per-(token, 64-channel) amax/quantize for the next layer can be
+//    applied to `out` before the store without changing the main loop.
+//
+// Warp specialization: warpgroup 2 is the producer (one thread issues TMA into an 8-stage ring
+// of full/empty mbarriers); warpgroups 0 and 1 consume. While one consumer warpgroup promotes its
+// partials, the other one's wgmma keeps the tensor cores busy.
+// Pipeline stages: K/64 main stages (codes, weights, ascales, wscales of one group), then
+// ceil(rank/32) low-rank stages (lora_act and lora_up chunks of 32 ranks), whose bf16/fp16 wgmma
+// accumulate straight into the output registers.
+// Rows past M and channels past N are zero-filled by TMA and never stored.
+#include <cudaTypedefs.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace svdq::sm90 {
+namespace {
+
+constexpr int kTileN = 128;  // channels per CTA
+constexpr int kTileT = 128;  // tokens per CTA
+constexpr int kStages = 8;
+constexpr int kLoraChunk = 32;  // ranks per low-rank stage: one 64-byte swizzled row
+constexpr int kThreads = 384;
+// Stage layout (bytes). Main stage: codes [kTileT][64] (swizzled), packed weights [kTileN][32],
+// ascales [kTileT] fp32, wscales [kTileN] 16-bit. Low-rank stage: lora_act [kTileT][32] and
+// lora_up [kTileN][32] (16-bit, swizzled) in the codes and weights slots.
+constexpr int kOffAct = 0;
+constexpr int kOffW = kOffAct + kTileT * 64;
+constexpr int kOffAs = kOffW + kTileN * kLoraChunk * 2;
+constexpr int kOffWs = kOffAs + kTileT * 4;
+constexpr int kStageBytes = (kOffWs + kTileN * 2 + 1023) / 1024 * 1024;
+constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileT * 4 + kTileN * 2;
+constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
+// Output staging tile [kTileT tokens][kTileN channels] 16-bit, rows padded by 16 bytes so that the
+// transposing stmatrix stores hit distinct bank groups.
+constexpr int kEpiStride = kTileN * 2 + 16;
+constexpr int kEpiBytes = kTileT * kEpiStride;
+constexpr int kBarOffset = kStages * kStageBytes + kEpiBytes;
+constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
+  return d;
+}
+
+// Eight INT4 codes (two's complement nibbles of a packed word) -> e4m3 bytes of code * 2^-9.
+// `even` gets the low nibbles (even natural columns), `odd` the high ones, in byte order.
+__device__ __forceinline__ void int4_to_e4m3(uint32_t w, uint32_t& even, uint32_t& odd) {
+  const uint32_t ne = w & 0x0F0F0F0Fu, no = (w >> 4) & 0x0F0F0F0Fu;
+  // prmt selector 0xBA98 replicates each byte's top bit: 0xFF where the nibble's sign bit is set
+  const uint32_t se = prmt(w << 4, 0xBA98u), so = prmt(w, 0xBA98u);
+  even = (ne & ~se) | ((0x90909090u - ne) & se);  // per byte: 0x90 - n = 0x80 | (16 - n), no borrow
+  odd = (no & ~so) | ((0x90909090u - no) & so);
+}
+
+template <typename T>
+__device__ __forceinline__ void wgmma_lowrank(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b);
+  else
+    wgmma_m64n128k16_f16_ss(d, desc_a, desc_b);
+}
+
+__device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    w4a4_gemm_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
+                     const __grid_constant__ CUtensorMap tm_as, const __grid_constant__ CUtensorMap tm_ws,
+                     const __grid_constant__ CUtensorMap tm_lact, const __grid_constant__ CUtensorMap tm_lup,
+                     const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int rank) {
+  extern __shared__ uint8_t smem_raw[];
+  // offset (not an integer round trip) so that the compiler keeps shared-memory loads
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
+  uint64_t* empty = full + kStages;
+  const int groups = K / 64;
+  const int iters = groups + (rank + kLoraChunk - 1) / kLoraChunk;
+  const int ch0 = blockIdx.x * kTileN, tok0 = blockIdx.y * kTileT;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 2) {  // producer
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 256) {
+      tma_prefetch_desc(&tm_act);
+      tma_prefetch_desc(&tm_w);
+      int s = 0;
+      uint32_t ph = 0;
+      for (int it = 0; it < iters; ++it) {
+        mbar_wait(&empty[s], ph ^ 1);
+        uint8_t* st = smem + s * kStageBytes;
+        if (it < groups) {
+          mbar_expect_tx(&full[s], kMainTx);
+          tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
+          tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
+          tma_load_2d(st + kOffAs, &tm_as, &full[s], tok0, it);
+          tma_load_2d(st + kOffWs, &tm_ws, &full[s], ch0, it);
+        } else {
+          const int r = kLoraChunk * (it - groups);
+          mbar_expect_tx(&full[s], kLoraTx);
+          tma_load_2d(st + kOffAct, &tm_lact, &full[s], r, tok0);
+          tma_load_2d(st + kOffW, &tm_lup, &full[s], r, ch0);
+        }
+        if (++s == kStages) s = 0, ph ^= 1;
+      }
+    }
+    return;
+  }
+
+  setmaxnreg_inc<232>();
+  const int wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, q = lane % 4;
+  // accumulator element i of this thread: channel row + 8 * ((i / 2) % 2), token 8 * (i / 4) + 2 * q + i % 2
+  const int row = 64 * wg + 16 * wi + lane / 4;
+  float out[64], acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) out[i] = 0.f;
+
+  int s = 0;
+  uint32_t ph = 0;
+  for (int it = 0; it < groups; ++it) {
+    mbar_wait(&full[s], ph);
+    const uint8_t* st = smem + s * kStageBytes;
+    // bytes 8q..8q+7 of the two rows: natural columns 16q..16q+15 of the group
+    const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
+    const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
+    uint32_t a0[4], a1[4];  // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
+    int4_to_e4m3(w0.x, a0[0], a0[2]);
+    int4_to_e4m3(w1.x, a0[1], a0[3]);
+    int4_to_e4m3(w0.y, a1[0], a1[2]);
+    int4_to_e4m3(w1.y, a1[1], a1[3]);
+    const uint64_t desc = desc_k_sw64(st + kOffAct);
+    wgmma_fence();
+    wgmma_m64n128k32_e4m3_rs(acc, a0, desc, 0);
+    wgmma_m64n128k32_e4m3_rs(acc, a1, desc + 2, 1);  // +32 bytes along K
+    wgmma_commit();
+    const T* ws = reinterpret_cast<const T*>(st + kOffWs);
+    const float ws0 = Half<T>::to_float(ws[row]) * 512.f, ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
+    const float2* as = reinterpret_cast<const float2*>(st + kOffAs);
+    wgmma_wait<0>();
+    fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 sa = as[4 * j + q];  // tokens 8j + 2q, 8j + 2q + 1
+      out[4 * j + 0] = fmaf(acc[4 * j + 0], sa.x * ws0, out[4 * j + 0]);
+      out[4 * j + 1] = fmaf(acc[4 * j + 1], sa.y * ws0, out[4 * j + 1]);
+      out[4 * j + 2] = fmaf(acc[4 * j + 2], sa.x * ws1, out[4 * j + 2]);
+      out[4 * j + 3] = fmaf(acc[4 * j + 3], sa.y * ws1, out[4 * j + 3]);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+    if (++s == kStages) s = 0, ph ^= 1;
+  }
+
+  for (int it = groups; it < iters; ++it) {  // low-rank up: out += lora_act . lora_up^T
+    mbar_wait(&full[s], ph);
+    const uint8_t* st = smem + s * kStageBytes;
+    const uint64_t da = desc_k_sw64(st + kOffW + wg * 64 * kLoraChunk * 2), db = desc_k_sw64(st + kOffAct);
+    wgmma_fence();
+    wgmma_lowrank<T>(out, da, db);
+    wgmma_lowrank<T>(out, da + 2, db + 2);  // ranks 16..31 of the chunk: +32 bytes
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(out);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&empty[s]);
+    if (++s == kStages) s = 0, ph ^= 1;
+  }
+
+  // Epilogue: + bias, round to T, transpose through shared memory, 16-byte row stores.
+  float b0 = 0.f, b1 = 0.f;
+  if (bias) {
+    if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
+    if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
+  }
+  uint8_t* epi = smem + kStages * kStageBytes;
+  const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
+#pragma unroll
+  for (int j = 0; j < 16; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
+    const uint32_t r[4] = {Half<T>::pack2(out[4 * j + 0] + b0, out[4 * j + 1] + b0),
+                           Half<T>::pack2(out[4 * j + 2] + b1, out[4 * j + 3] + b1),
+                           Half<T>::pack2(out[4 * j + 4] + b0, out[4 * j + 5] + b0),
+                           Half<T>::pack2(out[4 * j + 6] + b1, out[4 * j + 7] + b1)};
+    const int tok = 8 * (j + (mi >> 1)) + lane % 8;
+    const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
+    stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
+  }
+  consumers_sync();
+  for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
+    const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
+    const int tok = tok0 + t, ch = ch0 + 8 * c8;
+    if (tok < M && ch < N)
+      *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
+          *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] tensor whose tiles are [box_rows, box_cols]; out-of-bounds reads give 0.
+bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t cols, uint64_t rows,
+              uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return tensor_map_encoder()(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
+  if (a.M <= 0 || a.N <= 0 || a.N % 8 || a.K <= 0 || a.K % 64)
+    return "w4a4_gemm: needs M > 0, N a multiple of 8 and K a multiple of 64";
+  if (a.rank < 0 || a.rank % 16) return "w4a4_gemm: rank must be a multiple of 16";
+  if (a.m_al < a.M || a.m_al % 4) return "w4a4_gemm: m_al must be M rounded up to a multiple of 4";
+  for (const void* p : {static_cast<const void*>(a.codes), static_cast<const void*>(a.ascales), a.lora_act,
+                        static_cast<const void*>(a.qweight), a.wscales, a.lora_up, static_cast<const void*>(a.y)})
+    if (p && !aligned16(p)) return "w4a4_gemm: every tensor must start on a 16-byte boundary";
+  if (!tensor_map_encoder()) return "w4a4_gemm: cuTensorMapEncodeTiled is not available from the driver";
+
+  const CUtensorMapDataType half =
+      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const uint64_t groups = a.K / 64;
+  CUtensorMap tm_act{}, tm_w{}, tm_as{}, tm_ws{}, tm_lact{}, tm_lup{};
+  bool ok = make_map(&tm_act, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
+                     CU_TENSOR_MAP_SWIZZLE_64B) &&
+            make_map(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
+                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
+            make_map(&tm_as, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.ascales, a.m_al, groups, a.m_al * 4ull, kTileT, 1,
+                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
+            make_map(&tm_ws, half, a.wscales, a.N, groups, a.N * 2ull, kTileN, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (ok && a.rank)
+    ok = make_map(&tm_lact, half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
+                  CU_TENSOR_MAP_SWIZZLE_64B) &&
+         make_map(&tm_lup, half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
+                  CU_TENSOR_MAP_SWIZZLE_64B);
+  if (!ok) return "w4a4_gemm: cuTensorMapEncodeTiled rejected a tensor";
+
+  const dim3 grid((a.N + kTileN - 1) / kTileN, (a.M + kTileT - 1) / kTileT);
+  cudaError_t err;
+  if (a.dtype == DType::kBF16) {
+    err = cudaFuncSetAttribute(w4a4_gemm_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kSmemBytes);
+    if (err == cudaSuccess)
+      w4a4_gemm_kernel<__nv_bfloat16><<<grid, kThreads, kSmemBytes, stream>>>(
+          tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __nv_bfloat16*>(a.bias),
+          static_cast<__nv_bfloat16*>(a.y), a.M, a.N, a.K, a.rank);
+  } else {
+    err = cudaFuncSetAttribute(w4a4_gemm_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err == cudaSuccess)
+      w4a4_gemm_kernel<__half><<<grid, kThreads, kSmemBytes, stream>>>(
+          tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __half*>(a.bias), static_cast<__half*>(a.y),
+          a.M, a.N, a.K, a.rank);
+  }
+  if (err == cudaSuccess) err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace svdq::sm90

@@ -1,0 +1,172 @@
+"""Tests of the Hopper (sm_90a) W4A4 kernels against the numerical definition in `numerics`.
+
+Skipped unless an sm_90 GPU is present and the extension was built with its sm_90a kernels
+(`SVDQUANT_CUDA_ARCHS=9.0a python setup.py build_ext --inplace`).
+
+Kernel 1's codes and scales must equal `numerics.quantize_activations` exactly: it performs the
+same IEEE divisions (reciprocal + Markstein correction, exact for normal quotients) and rounds
+half to even like torch.round, so there is no tie case where the two may differ.
+Kernel 2 is compared with a float64 evaluation of the same codes, scales and low-rank inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from svdquant import kernels, numerics
+from svdquant.linear import SVDQLinear
+
+
+def _sm90_ready() -> bool:
+    return (torch.cuda.is_available() and kernels.sm90_kernels_built()
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+pytestmark = pytest.mark.skipif(not _sm90_ready(),
+                                reason="needs an sm_90 GPU and the extension built with its sm_90a kernels")
+
+DEV = "cuda"
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator, unsigned: torch.Tensor) -> torch.Tensor:
+    """Random activations with planted outliers: a few hot channels (x30) and single spikes (x100).
+
+    Groups flagged unsigned get post-GELU-like values (>= -GELU_SHIFT, as the shifted layers see).
+    """
+    x = torch.randn(m, k, generator=gen, device=DEV)
+    hot = torch.randint(0, k, (max(1, k // 64),), generator=gen, device=DEV)
+    x[:, hot] *= 30.0
+    spikes = torch.randint(0, m * k, (max(1, m * k // 5000),), generator=gen, device=DEV)
+    x.view(-1)[spikes] *= 100.0
+    cols = unsigned.to(DEV).repeat_interleave(numerics.GROUP_SIZE)
+    x[:, cols] = torch.nn.functional.gelu(x[:, cols], approximate="tanh")
+    return x.to(dtype)
+
+
+def _layer(n: int, k: int, rank: int, dtype: torch.dtype, gen: torch.Generator, unsigned: bool,
+           bias: bool = True) -> SVDQLinear:
+    groups = k // numerics.GROUP_SIZE
+    tensors = {
+        "qweight": torch.randint(0, 256, (n, k // 2), generator=gen, device=DEV, dtype=torch.uint8),
+        "wscales": (torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 1e-3).to(dtype),
+        "smooth": (torch.rand(k, generator=gen, device=DEV) * 4 + 0.05).to(dtype),
+        "lora_down": (torch.randn(k, rank, generator=gen, device=DEV) * 0.05).to(dtype),
+        "lora_up": (torch.randn(n, rank, generator=gen, device=DEV) * 0.05).to(dtype),
+    }
+    if bias:
+        tensors["bias"] = torch.randn(n, generator=gen, device=DEV).to(dtype)
+    if unsigned:  # every other group shifted (unsigned), the rest signed
+        flags = torch.arange(groups, device=DEV) % 2 == 1
+        tensors["shift"] = (flags.repeat_interleave(numerics.GROUP_SIZE) * numerics.GELU_SHIFT).to(dtype)
+    return SVDQLinear.from_tensors(tensors)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def _kernel1(x: torch.Tensor, layer: SVDQLinear):
+    smooth, inv_smooth, shift = kernels._sm90_layer_inputs(layer)
+    return kernels._C.act_quant_sm90(x, smooth, inv_smooth, shift, layer.lora_down)
+
+
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rank", [32, 160])
+def test_act_quant_matches_reference(m, dtype, unsigned, rank):
+    gen = _gen(m * 7 + rank + unsigned)
+    k = 320  # five groups: the last 128-column chunk is half empty
+    layer = _layer(64, k, rank, dtype, gen, unsigned)
+    x = _activations(m, k, dtype, gen, layer.unsigned_groups)
+    codes, ascales, lora_act = _kernel1(x, layer)
+    torch.cuda.synchronize()
+
+    ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+    got_codes = kernels.act_codes_sm90_to_natural(codes)
+    mismatch = (got_codes != ref_codes).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} codes differ, first at {mismatch[:5].tolist()}"
+    assert torch.equal(ascales[:, :m].t(), ref_scales.float())
+    assert bool((ascales[:, m:] == 0).all()), "padding rows of the scales must be zero"
+
+    ref_lora = (x.double() @ layer.lora_down.double()).to(dtype)
+    assert _rel(lora_act, ref_lora) <= 1e-3
+
+
+def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, layer: SVDQLinear):
+    """float64 evaluation of kernel 2 on kernel 1's outputs."""
+    m, k = codes.shape
+    n, groups = layer.out_features, k // numerics.GROUP_SIZE
+    a = kernels.act_codes_sm90_to_natural(codes).double().reshape(m, groups, 64)
+    w = numerics.unpack_int4(layer.qweight, signed=True).double().reshape(n, groups, 64)
+    y = torch.zeros(m, n, dtype=torch.float64, device=DEV)
+    for g in range(groups):
+        y += (a[:, g] @ w[:, g].t()) * ascales[g, :m].double()[:, None] * layer.wscales[g].double()[None, :]
+    y += lora_act.double() @ layer.lora_up.double().t()
+    if layer.bias is not None:
+        y += layer.bias.double()
+    return y
+
+
+def _run_gemm(x: torch.Tensor, layer: SVDQLinear):
+    codes, ascales, lora_act = _kernel1(x, layer)
+    out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
+    y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
+                                  layer.bias, out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
+    ref = _gemm_reference(codes, ascales, lora_act, layer)
+    return y, ref
+
+
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
+@pytest.mark.parametrize("rank", [32, 160])
+def test_gemm_matches_float64(m, rank):
+    gen = _gen(1000 + m + rank)
+    layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False)
+    x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", [
+    (136, 64, 0, torch.bfloat16, False, True),      # one group, a partial channel tile, no low rank
+    (8, 192, 16, torch.float16, True, False),       # 8 channels, three groups, unsigned groups, fp16
+    (3072, 3072, 32, torch.bfloat16, True, True),   # a FLUX shape
+    (520, 1024, 48, torch.float16, False, True),
+])
+def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias):
+    gen = _gen(n + k + rank)
+    layer = _layer(n, k, rank, dtype, gen, unsigned, bias)
+    x = _activations(300, k, dtype, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_svdq_linear_cuda_matches_reference_path(dtype, unsigned):
+    gen = _gen(7 + unsigned)
+    layer = _layer(256, 512, 32, dtype, gen, unsigned)
+    x = _activations(2 * 77, 512, dtype, gen, layer.unsigned_groups).reshape(2, 77, 512)
+    assert kernels._fallback_reason(x.reshape(-1, 512), layer) == ""
+    y = layer(x)
+    ref = kernels.svdq_linear_reference(
+        x.reshape(-1, 512), layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+        layer.bias, layer.shift, layer.unsigned_groups).reshape(2, 77, 256)
+    assert y.shape == ref.shape and y.dtype == dtype
+    # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
+    assert _rel(y, ref) <= 5e-3, _rel(y, ref)
+
+
+def test_fp32_input_falls_back():
+    layer = _layer(64, 128, 16, torch.bfloat16, _gen(3), unsigned=False)
+    x = torch.randn(5, 128, device=DEV)
+    assert "dtype" in kernels._fallback_reason(x, layer)
+    assert layer(x).shape == (5, 64)
