@@ -129,6 +129,9 @@ def server(tmp_path_factory):
     good = (models / "diffusion_models" / "tiny-schnell.safetensors").read_bytes()
     (models / "diffusion_models" / "truncated.safetensors").write_bytes(good[:len(good) // 2])
     save_file({"weight": torch.zeros(4, 4)}, str(models / "diffusion_models" / "not-flux.safetensors"))
+    tiny = models / "diffusion_models" / "tiny-schnell.safetensors"
+    save_file(load_file(str(tiny)), str(models / "diffusion_models" / "version-99.safetensors"),
+              metadata={**fmt.read_header(tiny), "format_version": "99"})
     (models / "diffusion_models" / "pickled.ckpt").write_bytes(b"never read")
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
         (models / "text_encoders" / name).write_bytes(b"")
@@ -224,9 +227,9 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
 
 
-def sampling_prompt(model_name: str, guidance: float | None, prefix: str) -> dict:
+def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype: str = "bfloat16") -> dict:
     prompt = {
-        "1": {"class_type": "SVDQuantFluxLoader", "inputs": {"model_name": model_name, "dtype": "bfloat16",
+        "1": {"class_type": "SVDQuantFluxLoader", "inputs": {"model_name": model_name, "dtype": dtype,
                                                               "device": "default"}},
         "2": {"class_type": "SVDQuantTestConditioning", "inputs": {"seed": 1, "tokens": 8}},
         "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
@@ -244,14 +247,15 @@ def sampling_prompt(model_name: str, guidance: float | None, prefix: str) -> dic
     return prompt
 
 
-@pytest.mark.parametrize("model_name, guidance", [("tiny-schnell.safetensors", None),
-                                                  ("tiny-dev.safetensors", 3.5),
-                                                  ("reference_flux_tiny.safetensors", 3.5)])
-def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance, reference_fixture):
+@pytest.mark.parametrize("model_name, guidance, dtype", [("tiny-schnell.safetensors", None, "bfloat16"),
+                                                         ("tiny-schnell.safetensors", None, "float16"),
+                                                         ("tiny-dev.safetensors", 3.5, "bfloat16"),
+                                                         ("reference_flux_tiny.safetensors", 3.5, "bfloat16")])
+def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance, dtype, reference_fixture):
     if model_name == "reference_flux_tiny.safetensors":  # the reference engine's format, imported on load
         shutil.copy(reference_fixture(model_name), server.base / "models" / "diffusion_models")
-    prefix = f"svdquant_{Path(model_name).stem}"
-    entry = server.run(sampling_prompt(model_name, guidance, prefix))
+    prefix = f"svdquant_{Path(model_name).stem}_{dtype}"
+    entry = server.run(sampling_prompt(model_name, guidance, prefix, dtype))
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = entry["outputs"]["8"]["images"]
     assert len(images) == 1 and images[0]["filename"].startswith(prefix)
@@ -260,7 +264,8 @@ def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name,
 
 
 @pytest.mark.parametrize("model_name, problem", [("truncated.safetensors", "not a readable safetensors file"),
-                                                 ("not-flux.safetensors", "not an SVDQuant FLUX model")])
+                                                 ("not-flux.safetensors", "not an SVDQuant FLUX model"),
+                                                 ("version-99.safetensors", "unsupported format version '99'")])
 def test_bad_files_are_comfyui_errors_naming_the_file(server, model_name, problem):
     entry = server.run(sampling_prompt(model_name, None, "never"))
     assert entry["status"]["status_str"] == "error"
