@@ -63,8 +63,9 @@ class SVDQuantFluxLoader(io.ComfyNode):
                         "for ComfyUI's samplers. Text encoders and VAE load with the usual loaders.",
             inputs=[
                 io.Combo.Input("model_name", options=files,
-                               tooltip="An SVDQuant FLUX.1 file in models/diffusion_models: made by this pack, or "
-                                       "a reference-engine single-file INT4 model (svdq-int4_r32-flux.1-*.safetensors)."),
+                               tooltip="An SVDQuant FLUX.1 file in models/diffusion_models: made by this pack, "
+                                       "or a reference-engine single-file INT4 model "
+                                       "(svdq-int4_r32-flux.1-*.safetensors)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bfloat16",
                                tooltip="16-bit type of activations and of the unquantized layers. bfloat16 suits "
                                        "FLUX; float16 is for GPUs without bfloat16 (before Ampere)."),

@@ -61,15 +61,17 @@ def cmd_demo(args) -> int:
     layer_inputs = flux_quantize.collect_calibration(dense, w4a4, held_out)
     dense.to(device)
 
-    schemes = {f"SVDQuant r{args.rank}": dict(rank=args.rank), "plain W4A4": dict(rank=0, smooth=False)}
+    # scheme -> (quantizer options, file name tag)
+    schemes = {f"SVDQuant r{args.rank}": (dict(rank=args.rank), f"svdq-r{args.rank}"),
+               "plain W4A4": (dict(rank=0, smooth=False), "w4a4")}
     files = {}
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep or scratch)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for scheme, options in schemes.items():
+        for scheme, (options, tag) in schemes.items():
             start = time.perf_counter()
             model = flux_quantize.quantize_flux(tensors, cfg, calibration, **options)
-            path = out_dir / f"tiny-flux.1-{cfg.variant}-{'svdq-r%d' % args.rank if options['rank'] else 'w4a4'}.safetensors"
+            path = out_dir / f"tiny-flux.1-{cfg.variant}-{tag}.safetensors"
             fmt.save_model(path, model)
             size = path.stat().st_size / 2**20
             print(f"{scheme}: quantized {len(model.layers)} layers in {time.perf_counter() - start:.1f} s -> "

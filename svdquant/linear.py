@@ -113,9 +113,9 @@ class _QuantizedLinearBase(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         present = {name: state_dict[prefix + name] for name in QUANTIZED_FIELDS if prefix + name in state_dict}
+        own_rank = self.lora_down.shape[1] if self.kind == W4A4 else 0
         shapes = expected_shapes(self.kind, self.in_features, self.out_features, present,
-                                 True if self.bias is not None else None, rank=self.lora_down.shape[1]
-                                 if self.kind == W4A4 else 0)
+                                 True if self.bias is not None else None, rank=own_rank)
         if getattr(self, "shift", None) is not None:  # built with a shift: the state dict must have one
             shapes["shift"] = (self.in_features,)
         accepted = {}
@@ -142,8 +142,6 @@ class _QuantizedLinearBase(nn.Module):
             tensor = accepted.get(name)
             if tensor is not None:
                 tensor = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-            self._buffers.pop(name, None)
-            self.__dict__.pop(name, None)
             self._buffers[name] = tensor
         self._after_load()
 

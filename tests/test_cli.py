@@ -9,8 +9,8 @@ def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys):
     assert cli.main(["demo", "--variant", "dev", "--steps", "2", "--size", "16", "--keep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "tiny FLUX.1-dev architecture" in out
-    rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(r"^(SVDQuant r32|plain W4A4) +([\d.]+) +([\d.]+) +[\d.]+s$",
-                                                                 out, flags=re.MULTILINE)}
+    row = r"^(SVDQuant r32|plain W4A4) +([\d.]+) +([\d.]+) +[\d.]+s$"
+    rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(row, out, flags=re.MULTILINE)}
     assert rows["SVDQuant r32"][0] < rows["plain W4A4"][0] / 2  # per-layer error
     assert rows["SVDQuant r32"][1] < rows["plain W4A4"][1]      # sampled latent
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-flux.1-dev-svdq-r32.safetensors",

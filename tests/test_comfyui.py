@@ -44,12 +44,15 @@ def run_comfy_side(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path):
+@pytest.mark.parametrize("variant, config_class, model_type",
+                         [("dev", "Flux", "FLUX"), ("schnell", "FluxSchnell", "FLOW")])
+def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path, variant, config_class,
+                                                                        model_type):
     """The file loaded through the loader node's code into ComfyUI's own FLUX (our layers as
     custom operations) gives bit for bit the engine's output, also after a low-VRAM partial load;
-    ComfyUI counts the model at its stored size."""
-    path = tmp_path / "tiny-dev.safetensors"
-    model = quantized_model(True)
+    ComfyUI takes it for the right FLUX.1 variant and counts the model at its stored size."""
+    path = tmp_path / f"tiny-{variant}.safetensors"
+    model = quantized_model(variant == "dev")
     fmt.save_model(path, model)
     cfg = flux.FluxConfig.from_dict(model.model_config)
     noise, context, pooled = synthetic.flux_inputs(cfg, seed=5, height=24, width=20)
@@ -65,7 +68,7 @@ def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path
     expected = engine(inputs["x"], inputs["timestep"], inputs["context"], inputs["y"], inputs["guidance"])
     assert torch.equal(outputs["full"], expected)
     assert torch.equal(outputs["lowvram"], expected)
-    assert facts["model_class"] == "Flux" and facts["model_type"] == "FLUX"
+    assert (facts["model_class"], facts["config_class"], facts["model_type"]) == ("Flux", config_class, model_type)
     assert {name for name in facts["lowvram_layers"] if name in model.layers}  # some 4-bit layers were left out
     stored = sum(t.numel() * t.element_size() for t in model.tensors.values())
     assert facts["model_size"] == stored + facts["sampling_buffers"]

@@ -62,6 +62,7 @@ def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     patcher.unpatch_model(torch.device("cpu"))
     layers = {name: type(m).__name__ for name, m in diffusion_model.named_modules() if hasattr(m, "in_features")}
     facts = {"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
+             "config_class": type(patcher.model.model_config).__name__,
              "model_size": size, "sampling_buffers": sum(b.numel() * b.element_size()
                                                          for b in patcher.model.model_sampling.buffers()),
              "layers": layers, "lowvram_layers": lowvram}
