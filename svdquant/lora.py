@@ -17,15 +17,22 @@ fused layer whose up matrix is zero outside that part's rows; parts with distinc
 sit side by side (block diagonal), parts with one shared down matrix share its columns. So every
 delta is still low rank and joins the low-rank branch exactly.
 
-Applying (`set_module_loras`, `set_model_loras`) *replaces* a module's list of (delta, strength),
-rebuilding from the model's own tensors each time, so strengths never accumulate over runs and
-an empty list restores the original tensors bit for bit:
+Applying (`set_module_loras`, `set_layer_loras`, `set_model_loras`) *replaces* a module's list of
+(delta, strength), rebuilding from the model's own tensors each time, so strengths never accumulate
+over runs and an empty list restores the original tensors bit for bit:
 
   SVDQLinear   lora_down = [model's own | down_1 * s_1 | ... | zeros], lora_up = [own | up_1 | ... | zeros]
                (the rank padded to a multiple of 16 for the kernels, at most MAX_RANK);
   W4A16Linear  a 16-bit low-rank side branch with the same concatenation (weights stay 4-bit);
-  nn.Linear    dense, as ComfyUI patches weights: a float32 copy of the original weight plus
-               strength * up @ down^T for each LoRA, rounded once to the weight's dtype.
+  nn.Linear    dense, as ComfyUI patches weights: a float32 (float64 for float64) copy of the original
+               weight plus strength * up @ down^T for each LoRA, rounded once to the weight's dtype.
+
+Models imported from the reference engine have a smoothing factor s0 folded between two layers:
+the attention output projection (a double block's img/txt_attn.proj, a single block's linear2
+attention columns) reads x_orig / s0 and keeps s0 as `smooth_orig`, and the V rows of the qkv layer
+feeding it (rows 2H..3H of img/txt_attn.qkv and of linear1) produce V_orig / s0. A LoRA trained on
+the original model is made exact there: its down rows are multiplied by s0 on the reading layer, its
+up rows divided by s0 on the V rows (`input_fold`, `output_divisors`).
 
 Only safetensors files are read: never pickle.
 """
@@ -36,7 +43,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -351,21 +358,77 @@ def _check_shapes(module: nn.Module, loras: Sequence[tuple[LoraDelta, float]], n
                                           f"the model's is {module.out_features}x{module.in_features}")
 
 
-def _lowrank_columns(loras: Sequence[tuple[LoraDelta, float]], like: torch.Tensor):
-    """The LoRAs' columns for a low-rank branch in `like`'s dtype and device: down * strength, up."""
-    downs = [(delta.down.to(like.device) * strength).to(like.dtype) for delta, strength in loras]
-    ups = [delta.up.to(device=like.device, dtype=like.dtype) for delta, _ in loras]
+def input_fold(layer: nn.Module) -> torch.Tensor | None:
+    """[K] factor by which the layer's runtime input is smaller than the original model's
+    (x_runtime = x_orig / fold), None where they are the same (no `smooth_orig`: our own files).
+
+    smooth_orig is the factor the quantizer chose and `smooth` what the layer still divides by; the
+    difference was folded into the producing layer. Computed in the layer's float type, at least
+    float32 (a float64 model stays exact).
+    """
+    smooth_orig = getattr(layer, "smooth_orig", None)
+    if smooth_orig is None:
+        return None
+    dtype = torch.promote_types(smooth_orig.dtype, torch.float32)
+    return smooth_orig.to(dtype) / layer.smooth.to(dtype)
+
+
+# producer -> the layer reading its V rows (rows [2H, 3H), H = the producer's input width, the
+# hidden size), by in-block name; the reading layer's first H input columns are the attention output.
+_V_ROWS_READ_BY = {"img_attn.qkv": "img_attn.proj", "txt_attn.qkv": "txt_attn.proj", "linear1": "linear2"}
+
+
+def output_divisors(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Layer name -> [N] divisor of its LoRA up rows, for the quantized qkv / linear1 layers whose
+    V rows feed a layer with a folded smoothing factor (reference imports): 1 outside the V rows,
+    s0 on them. `layers` maps names (any common prefix) to modules."""
+    divisors = {}
+    for name, layer in layers.items():
+        if not isinstance(layer, SVDQLinear):
+            continue
+        for producer, reader in _V_ROWS_READ_BY.items():
+            if name != producer and not name.endswith("." + producer):
+                continue
+            reading = layers.get(name[:len(name) - len(producer)] + reader)
+            fold = None if reading is None else input_fold(reading)
+            if fold is not None:
+                hidden = layer.in_features
+                divisor = fold.new_ones(layer.out_features)
+                divisor[2 * hidden:3 * hidden] = fold[:hidden]
+                divisors[name] = divisor
+    return divisors
+
+
+def _lowrank_columns(loras: Sequence[tuple[LoraDelta, float]], like: torch.Tensor,
+                     input_scale: torch.Tensor | None = None, output_divisor: torch.Tensor | None = None):
+    """The LoRAs' columns for a low-rank branch in `like`'s dtype and device: down * strength, up.
+
+    input_scale [K] multiplies the down rows, output_divisor [N] divides the up rows (the smoothing
+    folds of reference imports). Computed in like's float type, at least float32, rounded once.
+    """
+    compute = torch.promote_types(like.dtype, torch.float32)
+    downs, ups = [], []
+    for delta, strength in loras:
+        down = delta.down.to(like.device, compute) * strength
+        up = delta.up.to(like.device, compute)
+        if input_scale is not None:
+            down = down * input_scale.to(like.device, compute)[:, None]
+        if output_divisor is not None:
+            up = up / output_divisor.to(like.device, compute)[:, None]
+        downs.append(down.to(like.dtype))
+        ups.append(up.to(like.dtype))
     return downs, ups
 
 
-def _set_svdq(layer: SVDQLinear, loras: Sequence[tuple[LoraDelta, float]], name: str) -> None:
+def _set_svdq(layer: SVDQLinear, loras: Sequence[tuple[LoraDelta, float]], name: str,
+              output_divisor: torch.Tensor | None) -> None:
     own_down = layer.lora_down[:, :layer.base_rank]
     own_up = layer.lora_up[:, :layer.base_rank]
     if not loras:
         # copies only where LoRA columns follow the model's own; otherwise these are the buffers
         layer.lora_down, layer.lora_up = own_down.contiguous(), own_up.contiguous()
         return
-    downs, ups = _lowrank_columns(loras, own_down)
+    downs, ups = _lowrank_columns(loras, own_down, input_fold(layer), output_divisor)
     rank = layer.base_rank + sum(d.shape[1] for d in downs)
     padding = -rank % RANK_MULTIPLE
     if rank + padding > MAX_RANK:
@@ -399,25 +462,30 @@ def _set_dense(layer: nn.Linear, loras: Sequence[tuple[LoraDelta, float]]) -> No
         layer.weight.data = original
         del layer._buffers["weight_without_lora"]
         return
-    weight = original.to(torch.float32, copy=True)
+    # float32 for 16-bit weights, as ComfyUI; a float64 weight stays float64
+    weight = original.to(torch.promote_types(original.dtype, torch.float32), copy=True)
     for delta, strength in loras:
-        weight += strength * (delta.up.to(weight.device) @ delta.down.to(weight.device).t())
+        weight += strength * (delta.up.to(weight) @ delta.down.to(weight).t())
     layer.weight.data = weight.to(original.dtype)
 
 
-def set_module_loras(module: nn.Module, loras: Sequence[tuple[LoraDelta, float]], name: str = "") -> None:
+def set_module_loras(module: nn.Module, loras: Sequence[tuple[LoraDelta, float]], name: str = "",
+                     output_divisor: torch.Tensor | None = None) -> None:
     """Make `loras` [(delta, strength), ...] the module's whole LoRA list (empty: none).
 
     SVDQLinear, W4A16Linear and nn.Linear; the result depends only on the module's original
     tensors and this list, never on earlier calls. Strength-0 entries are left out. `name`
-    labels errors.
+    labels errors. An SVDQLinear's own folded input factor (`input_fold`) is applied here;
+    output_divisor (`output_divisors`, SVDQLinear only) is the fold of the layer reading its output.
     """
     if not isinstance(module, LORA_LAYERS):
         raise TypeError(f"{name}: LoRAs apply to SVDQLinear, W4A16Linear and nn.Linear, not {type(module).__name__}")
+    if output_divisor is not None and not isinstance(module, SVDQLinear):
+        raise TypeError(f"{name}: an output divisor applies to SVDQLinear layers, not {type(module).__name__}")
     loras = [(delta, strength) for delta, strength in loras if strength != 0]
     _check_shapes(module, loras, name)
     if isinstance(module, SVDQLinear):
-        _set_svdq(module, loras, name)
+        _set_svdq(module, loras, name, output_divisor)
     elif isinstance(module, W4A16Linear):
         _set_w4a16(module, loras)
     else:
@@ -443,6 +511,18 @@ def set_model_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]], prefi
         for target, delta in lora.deltas.items():
             if target not in missing:
                 per_module.setdefault(target, []).append((delta, strength))
-    for name, module in modules.items():
+    set_layer_loras(modules, per_module, prefix)
+
+
+def set_layer_loras(layers: Mapping[str, nn.Module], per_layer: Mapping[str, Sequence[tuple[LoraDelta, float]]],
+                    prefix: str = "") -> None:
+    """Make per_layer[name] the LoRA list of every LoRA-capable module in `layers` (name -> module;
+    absent from per_layer: none), with the smoothing folds of reference imports accounted for.
+
+    The folds pair layers, so `layers` holds each qkv / linear1 together with the layer reading
+    it. `prefix` + name labels errors.
+    """
+    divisors = output_divisors(layers)
+    for name, module in layers.items():
         if isinstance(module, LORA_LAYERS):
-            set_module_loras(module, per_module.get(name, []), prefix + name)
+            set_module_loras(module, per_layer.get(name, []), prefix + name, output_divisor=divisors.get(name))

@@ -409,6 +409,8 @@ def test_strength_zero_leaves_the_layer_as_it_was():
     assert layer.lora_down.data_ptr() == down.data_ptr() and layer.rank == RANK  # not even copied
     with pytest.raises(TypeError, match="conv: LoRAs apply to"):
         set_module_loras(nn.Conv2d(4, 4, 1), [], name="conv")
+    with pytest.raises(TypeError, match="mod: an output divisor applies to SVDQLinear"):
+        set_module_loras(dyadic_w4a16_layer(H, H), [], name="mod", output_divisor=torch.ones(H))
 
 
 def test_combined_rank_over_the_kernel_limit_is_an_error_naming_the_files():
@@ -542,3 +544,96 @@ def test_layers_missing_from_the_model_are_warned_once_and_a_lora_for_none_is_an
     only_guidance = {name: d for name, d in lora.deltas.items() if name.startswith("guidance_in")}
     with pytest.raises(LoraError, match="dev.safetensors: none of its layers"):
         set_model_loras(model, [(type(lora)(lora.source, only_guidance), 1.0)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference imports: a smoothing factor folded between two layers
+
+def dense_reading(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [N, K], bias [N]) in float64 of what the layer computes without activation
+    quantization: W4A4 R / smooth + lora_up @ lora_down^T, bias + R @ (shift / smooth); W4A16 the
+    dequantized weight (+ its LoRA side branch); dense layers their weight."""
+    if isinstance(layer, SVDQLinear):
+        codes = numerics.unpack_int4(layer.qweight, signed=True).double()
+        residual = codes * layer.wscales.double().t().repeat_interleave(64, dim=1) / layer.smooth.double()
+        shift = layer.shift.double() if layer.shift is not None else torch.zeros(layer.in_features, dtype=torch.float64)
+        return (residual + layer.lora_up.double() @ layer.lora_down.double().t(),
+                layer.bias.double() + residual @ shift)
+    if isinstance(layer, W4A16Linear):
+        codes = numerics.unpack_int4(layer.qweight, signed=False)
+        weight = numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).double()
+        if layer.lora_down is not None:
+            weight = weight + layer.lora_up.double() @ layer.lora_down.double().t()
+        return weight, layer.bias.double()
+    return layer.weight.double(), layer.bias.double()
+
+
+def dense_flux(cfg, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], norm_scales) -> nn.Module:
+    from svdquant import flux_model
+
+    model = flux_model.Flux(cfg, flux_model.dense_linear(torch.float64))
+    state = {name: scale.double() for name, scale in norm_scales.items()}
+    for name, (weight, bias) in weights.items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = weight, bias
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def test_loras_on_a_reference_import_act_on_the_original_model(reference_fixture, monkeypatch):
+    """The reference model folds s0 out of img/txt_attn.proj and linear2's attention columns into
+    the V rows feeding them. The quantized model plus a LoRA must compute the original (unfolded)
+    model plus that LoRA: checked on the dense readings of both, as whole FLUX forwards in float64."""
+    from svdquant import flux, flux_model, lora as lora_module
+
+    model, cfg = flux.load_flux(reference_fixture("reference_flux_tiny.safetensors"))
+    norm_scales = {name: model.tensors[name] for name in flux.norm_scales(cfg)}
+    layers = list(flux.linear_layers(cfg))
+    assert set(layers) == set(TINY_FLUX)
+    plain = flux_model.from_tensors(cfg, model.tensors, dtype=torch.float64)
+    divisors = lora_module.output_divisors(dict(plain.named_modules()))
+    assert sorted(divisors) == ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv",
+                                "single_blocks.0.linear1"]
+
+    # the original model: the runtime input of a folded layer is x_orig / fold, its V rows V_orig / s0
+    original = {name: dense_reading(plain.get_submodule(name)) for name in layers}
+    for name in layers:
+        fold = lora_module.input_fold(plain.get_submodule(name))
+        if fold is not None:
+            weight, bias = original[name]
+            original[name] = (weight / fold, bias)
+    for name, divisor in divisors.items():
+        weight, bias = original[name]
+        original[name] = (weight * divisor[:, None], bias * divisor)
+    canon = canonical_lora(seed=13, rank=8)
+    strength = 0.8
+    for name, (a, b, alpha) in canon.items():
+        weight, bias = original[name]
+        original[name] = (weight + strength * (alpha / a.shape[0]) * (b.double() @ a.double()), bias)
+
+    lora = convert_lora(kohya(canon), "style.safetensors")
+    inputs = [t.double() for t in synthetic_inputs(cfg)]
+    with torch.no_grad():
+        expected = dense_flux(cfg, original, norm_scales)(*inputs)
+        outputs = {}
+        for folds_applied in (True, False):
+            if not folds_applied:  # control: the same LoRA ignoring the folds
+                monkeypatch.setattr(lora_module, "output_divisors", lambda layers: {})
+                monkeypatch.setattr(lora_module, "input_fold", lambda layer: None)
+            quantized = flux_model.from_tensors(cfg, model.tensors, dtype=torch.float64)
+            set_model_loras(quantized, [(lora, strength)])
+            readings = {name: dense_reading(quantized.get_submodule(name)) for name in layers}
+            outputs[folds_applied] = dense_flux(cfg, readings, norm_scales)(*inputs)
+
+    def error(out):
+        return float((out - expected).norm() / expected.norm())
+
+    assert error(outputs[True]) < 1e-12  # float64 rounding only (about 5e-16 measured)
+    assert error(outputs[False]) > 1e-2  # ignoring the folds: about 3%
+
+
+def synthetic_inputs(cfg):
+    from svdquant import synthetic
+
+    noise, context, pooled = synthetic.flux_inputs(cfg, seed=14, height=16, width=16, text_tokens=12,
+                                                   dtype=torch.float32)
+    return noise, torch.tensor([0.6]), context, pooled, torch.tensor([3.5])
