@@ -6,8 +6,9 @@ Every node of the pack is listed here; the pack's root __init__ hands this exten
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import SVDQuantFluxLoader
+from .lora import SVDQuantLoraStack
 
 
 class SVDQuantExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SVDQuantFluxLoader]
+        return [SVDQuantFluxLoader, SVDQuantLoraStack]

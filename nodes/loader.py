@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..svdquant import flux
 from ..svdquant.format import FormatError
+from .lora import apply_loras_on_load
 from .ops import SVDQuantOps
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,7 +48,9 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default") -
         base_model.diffusion_model.load_state_dict(model.tensors, strict=True)
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
-    return comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
+    apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
+    return patcher
 
 
 class SVDQuantFluxLoader(io.ComfyNode):

@@ -5,7 +5,8 @@ Linear here allocates nothing when built; when its tensors arrive it becomes, in
 file stores for it (`svdquant.linear.become_stored_kind`): ComfyUI's own `manual_cast.Linear`
 for 16-bit layers (so casting, LoRA weight patches and low-VRAM offload work as for any model),
 or an engine SVDQLinear / W4A16Linear whose 4-bit tensors are buffers, so ComfyUI's memory
-management counts their real size and moves them with the model.
+management counts their real size and moves them with the model. Those get an empty `weight`
+buffer for ComfyUI's LoRA keys (see `add_lora_key` and nodes/lora.py).
 """
 
 import torch
@@ -15,14 +16,30 @@ import comfy.ops
 from ..svdquant import linear
 
 
+def add_lora_key(layer: torch.nn.Module) -> None:
+    """Give a quantized layer the `weight` key ComfyUI's LoRA loading needs, as an empty buffer.
+
+    ComfyUI maps LoRA names to `<layer>.weight` entries of the model's state dict
+    (comfy.lora.model_lora_keys_unet builds the Kohya and BFL names from them) and drops patches for
+    keys not in it (ModelPatcher.add_patches). A quantized layer has no dense weight, so it carries
+    an empty persistent buffer of that name. ComfyUI's weight patching only writes parameters, so it
+    never touches this buffer; nodes/lora.py applies the patches to the low-rank branch.
+    """
+    layer.register_buffer("weight", torch.empty(0, dtype=layer.wscales.dtype, device=layer.qweight.device))
+
+
 class SVDQuantOps(comfy.ops.manual_cast):
     # comfy_cast_weights and the weight/bias function lists are what ComfyUI's model patcher
     # looks for on a layer it may leave in offload memory in low-VRAM mode
     class SVDQLinear(linear.SVDQLinear, comfy.ops.CastWeightBiasOp):
-        pass
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            add_lora_key(self)
 
     class W4A16Linear(linear.W4A16Linear, comfy.ops.CastWeightBiasOp):
-        pass
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            add_lora_key(self)
 
     class Linear(comfy.ops.manual_cast.Linear):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):

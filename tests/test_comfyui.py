@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import flux, flux_model, synthetic
+from svdquant import flux, flux_model, lora, synthetic
 from svdquant import format as fmt
 from tiny_flux import REPO, quantized_model
 
@@ -74,6 +74,149 @@ def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path
     assert facts["model_size"] == stored + facts["sampling_buffers"]
     kinds = {flux.W4A4: "SVDQLinear", flux.W4A16: "W4A16Linear", flux.DENSE: "Linear"}
     assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.linear_layers(cfg).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRAs at the tiny model's widths, written in several formats
+
+def _pair(gen, k: int, n: int, rank: int):
+    """(A [r, K], B [N, r]) in bf16, small enough to leave the model working, large enough to show."""
+    return (0.1 * torch.randn(rank, k, generator=gen)).bfloat16(), (0.1 * torch.randn(n, rank, generator=gen)).bfloat16()
+
+
+def kohya_lora(cfg, seed: int = 1, rank: int = 8) -> dict[str, torch.Tensor]:
+    """Kohya keys with alpha, on every 4-bit layer (W4A4 and W4A16) of the model."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, spec in flux.linear_layers(cfg).items():
+        if spec.kind != flux.DENSE:
+            key = "lora_unet_" + name.replace(".", "_")
+            out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = _pair(gen, spec.in_features,
+                                                                               spec.out_features, rank)
+            out[f"{key}.alpha"] = torch.tensor(rank / 2)
+    return out
+
+
+def peft_lora(cfg, seed: int = 2, rank: int = 4) -> dict[str, torch.Tensor]:
+    """diffusers/PEFT keys: separate q/k/v and proj_mlp parts of the fused layers, some 4-bit layers
+    and the 16-bit embedder and final layer (norm_out.linear with diffusers' [scale; shift] order)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    modules = {"x_embedder": (cfg.in_channels * 4, h), "proj_out": (h, cfg.out_channels * 4),
+               "norm_out.linear": (h, 2 * h)}
+    for i in range(cfg.depth):
+        modules.update({f"transformer_blocks.{i}.attn.{part}": (h, h) for part in
+                        ("to_q", "to_k", "to_v", "add_v_proj", "to_out.0")})
+        modules[f"transformer_blocks.{i}.ff.net.2"] = (m, h)
+        modules[f"transformer_blocks.{i}.norm1.linear"] = (h, 6 * h)
+    for i in range(cfg.depth_single_blocks):
+        modules.update({f"single_transformer_blocks.{i}.attn.{part}": (h, h) for part in ("to_q", "to_v")})
+        modules[f"single_transformer_blocks.{i}.proj_mlp"] = (h, m)
+        modules[f"single_transformer_blocks.{i}.proj_out"] = (h + m, h)
+        modules[f"single_transformer_blocks.{i}.norm.linear"] = (h, 3 * h)
+    out = {}
+    for module, (k, n) in modules.items():
+        out[f"transformer.{module}.lora_A.weight"], out[f"transformer.{module}.lora_B.weight"] = _pair(gen, k, n, rank)
+    return out
+
+
+def xlabs_lora(cfg, seed: int = 3, rank: int = 16) -> dict[str, torch.Tensor]:
+    """XLabs attention processors (ComfyUI's own loaders do not read these)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = cfg.hidden_size
+    modules = {}
+    for i in range(cfg.depth):
+        modules.update({f"double_blocks.{i}.processor.qkv_lora{s}": (h, 3 * h) for s in (1, 2)})
+        modules.update({f"double_blocks.{i}.processor.proj_lora{s}": (h, h) for s in (1, 2)})
+    for i in range(cfg.depth_single_blocks):
+        modules[f"single_blocks.{i}.processor.qkv_lora"] = (h, 3 * h)
+        modules[f"single_blocks.{i}.processor.proj_lora"] = (h + cfg.mlp_hidden, h)
+    out = {}
+    for module, (k, n) in modules.items():
+        out[f"{module}.down.weight"], out[f"{module}.up.weight"] = _pair(gen, k, n, rank)
+    return out
+
+
+def lokr_lora(cfg) -> dict[str, torch.Tensor]:
+    h = cfg.hidden_size
+    return {"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(2, 2).bfloat16(),
+            "lora_unet_double_blocks_0_img_attn_proj.lokr_w2": torch.full((h // 2, h // 2), 0.01).bfloat16()}
+
+
+def sdxl_lora() -> dict[str, torch.Tensor]:
+    """A LoRA for another architecture: no key names a FLUX layer."""
+    return {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}
+
+
+def write_loras(folder: Path, cfg) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tensors in {"kohya": kohya_lora(cfg), "peft": peft_lora(cfg), "xlabs": xlabs_lora(cfg),
+                          "lokr": lokr_lora(cfg), "sdxl_style": sdxl_lora()}.items():
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+
+
+def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_path):
+    """LoRAs added by ComfyUI's LoraLoaderModelOnly code and by the LoRA Stack node, loaded by
+    ComfyUI's model management, compute what the engine computes with the same LoRAs (bit for bit
+    where the LoRAs are one pair per layer), with strengths that replace rather than add, exact
+    restores, low-VRAM and partial loads, and a named error for an adapter that cannot apply."""
+    path = tmp_path / "tiny-dev.safetensors"
+    model = quantized_model(True)
+    fmt.save_model(path, model)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    noise, context, pooled = synthetic.flux_inputs(cfg, seed=6, height=24, width=20)
+    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
+              "guidance": torch.tensor([3.5]).bfloat16()}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    write_loras(tmp_path / "loras", cfg)
+
+    run_comfy_side("lora", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "loras", tmp_path / "out.safetensors")
+    out = load_file(str(tmp_path / "out.safetensors"))
+    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+
+    tensors = flux.load_flux(path)[0].tensors
+    loras = {name: lora.load_lora(tmp_path / "loras" / f"{name}.safetensors") for name in ("kohya", "peft", "xlabs")}
+
+    def engine(*stack):
+        model = flux_model.from_tensors(cfg, tensors)
+        lora.set_model_loras(model, [(loras[name], strength) for name, strength in stack])
+        with torch.no_grad():
+            return model(inputs["x"], inputs["timestep"], inputs["context"], inputs["y"], inputs["guidance"])
+
+    base = engine()
+    quantized = {name for name, spec in flux.linear_layers(cfg).items() if spec.kind != flux.DENSE}
+    assert facts["weight_keys"] == sorted(f"diffusion_model.{name}.weight" for name in quantized)
+    assert torch.equal(out["base"], base)
+    # Kohya, one pair per layer: exactly the engine's concatenation, on every 4-bit layer
+    assert torch.equal(out["kohya_1"], engine(("kohya", 1.0)))
+    assert set(facts["lora_ranks_kohya_1"]) == {f"diffusion_model.{name}" for name in quantized}
+    assert set(facts["lora_ranks_kohya_1"].values()) == {16, 8}  # W4A4: 8 padded to 16; W4A16: 8
+    # strengths replace: 0.5 after 1.0 is a fresh 0.5
+    kohya_half = engine(("kohya", 0.5))
+    assert torch.equal(out["kohya_05_after_1"], kohya_half) and torch.equal(out["kohya_05_fresh"], kohya_half)
+    # the model itself again: bit for bit
+    assert torch.equal(out["base_again"], base) and torch.equal(out["base_after_error"], base)
+    for fact in ("restored_by_base", "restored_by_unload", "restored_by_detach", "restored_after_error",
+                 "img_in_patched", "img_in_restored"):
+        assert facts[fact] is True, fact
+    # diffusers/PEFT with separate q/k/v (ComfyUI's row offsets) and 16-bit layers (ComfyUI's own
+    # dense patches): the same LoRA up to float32 summation order
+    stacked = engine(("kohya", 0.5), ("peft", -0.75))
+    effect = float((stacked - kohya_half).abs().max())
+    assert effect > 0.1
+    assert float((out["kohya_05_peft"] - stacked).abs().max()) < 0.02 * effect
+    # the LoRA Stack node on top of the stock loader: XLabs keys, composed in order
+    with_stack = engine(("kohya", 0.5), ("xlabs", 0.8))
+    assert torch.equal(out["kohya_05_stack_xlabs"], with_stack)
+    assert not torch.equal(with_stack, kohya_half)
+    # ComfyUI's low-VRAM path: 4-bit layers left in offload memory still carry their LoRAs
+    assert facts["lowvram"]["model_lowvram"] is True and facts["lowvram"]["offloaded_quantized"]
+    assert set(facts["lowvram"]["lora_ranks"]) == {f"diffusion_model.{name}" for name in quantized}
+    assert torch.equal(out["lowvram"], with_stack) and torch.equal(out["after_partial_unload"], with_stack)
+    # LoKr cannot join the low-rank branch: an error naming the layer
+    assert facts["lokr_error"].startswith("UnsupportedPatchError: diffusion_model.double_blocks.0.img_attn.proj: "
+                                          "a lokr patch cannot be applied")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +279,9 @@ def server(tmp_path_factory):
     save_file(load_file(str(tiny)), str(models / "diffusion_models" / "version-99.safetensors"),
               metadata={**fmt.read_header(tiny), "format_version": "99"})
     (models / "diffusion_models" / "pickled.ckpt").write_bytes(b"never read")
+    write_loras(models / "loras", flux.FluxConfig.from_dict(quantized_model(True).model_config))
+    # the example LoRA workflow's file name, so its choice validates too
+    shutil.copy(models / "loras" / "kohya.safetensors", models / "loras" / "your_flux_lora.safetensors")
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
         (models / "text_encoders" / name).write_bytes(b"")
     (models / "vae" / "ae.safetensors").write_bytes(b"")
@@ -218,7 +364,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json"])
+@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json", "flux.1-dev-lora.json"])
 def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     workflow = json.loads((REPO / "workflows" / name).read_text())
     prompt = ui_to_api(workflow, server.get("/object_info"))
@@ -226,7 +372,7 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     status, reply = server.post_prompt(prompt)
     assert status == 200 and not reply["node_errors"], reply
     templates = server.get("/workflow_templates")
-    assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-schnell"]
+    assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-dev-lora", "flux.1-schnell"]
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
 
 
@@ -276,3 +422,71 @@ def test_bad_files_are_comfyui_errors_naming_the_file(server, model_name, proble
     assert error["node_type"] == "SVDQuantFluxLoader"
     assert error["exception_message"].startswith(f"{model_name}: ") and problem in error["exception_message"]
     assert server.get("/object_info/SVDQuantFluxLoader")  # ComfyUI is still up
+
+
+def test_lora_stack_node_in_object_info(server):
+    info = server.get("/object_info/SVDQuantLoraStack")["SVDQuantLoraStack"]
+    assert info["display_name"] == "SVDQuant LoRA Stack" and info["category"] == "SVDQuant"
+    assert info["output"] == ["MODEL"]
+    required = info["input"]["required"]
+    assert list(required) == ["model"] + [f"{kind}_{slot}" for slot in range(1, 5) for kind in ("lora", "strength")]
+    files = required["lora_1"][1]["options"]
+    assert files[0] == "None" and {"kohya.safetensors", "xlabs.safetensors", "sdxl_style.safetensors"} <= set(files)
+    assert required["strength_1"][1]["default"] == 1.0
+    assert all(spec[1].get("tooltip") for spec in required.values())
+
+
+def with_loras(prompt: dict, *nodes: tuple[str, dict]) -> dict:
+    """The sampling prompt with LoRA nodes [(class_type, widget inputs)] chained between the model
+    loader and the sampler, in order."""
+    source = ["1", 0]
+    for i, (class_type, inputs) in enumerate(nodes):
+        node_id = str(20 + i)
+        prompt[node_id] = {"class_type": class_type, "inputs": {"model": source, **inputs}}
+        source = [node_id, 0]
+    prompt["5"]["inputs"]["model"] = source
+    return prompt
+
+
+def stack_inputs(*entries: tuple[str, float]) -> dict:
+    inputs = {}
+    for slot in range(1, 5):
+        name, strength = entries[slot - 1] if slot <= len(entries) else ("None", 1.0)
+        inputs[f"lora_{slot}"], inputs[f"strength_{slot}"] = name, strength
+    return inputs
+
+
+def test_a_prompt_with_the_stock_lora_loader_and_the_lora_stack_samples_an_image(server):
+    prompt = with_loras(sampling_prompt("tiny-dev.safetensors", 3.5, "svdquant_lora"),
+                        ("LoraLoaderModelOnly", {"lora_name": "kohya.safetensors", "strength_model": 0.8}),
+                        ("SVDQuantLoraStack", stack_inputs(("xlabs.safetensors", 0.5), ("peft.safetensors", -0.5))))
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["8"]["images"][0]["filename"].startswith("svdquant_lora")
+
+
+def test_a_lora_matching_nothing_is_an_error_in_the_stack_and_a_warning_in_the_stock_loader(server):
+    entry = server.run(with_loras(sampling_prompt("tiny-schnell.safetensors", None, "never"),
+                                  ("SVDQuantLoraStack", stack_inputs(("sdxl_style.safetensors", 1.0)))))
+    assert entry["status"]["status_str"] == "error"
+    error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+    assert error["node_type"] == "SVDQuantLoraStack"
+    assert error["exception_message"].startswith("sdxl_style.safetensors: no key names a FLUX layer")
+
+    entry = server.run(with_loras(sampling_prompt("tiny-schnell.safetensors", None, "svdquant_sdxl_lora"),
+                                  ("LoraLoaderModelOnly", {"lora_name": "sdxl_style.safetensors",
+                                                           "strength_model": 1.0})))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    log = (server.base / "comfyui.log").read_text()
+    assert "lora key not loaded: lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in log  # ComfyUI's warning
+
+
+def test_an_adapter_that_cannot_join_the_low_rank_branch_is_an_error_naming_the_layer(server):
+    entry = server.run(with_loras(sampling_prompt("tiny-schnell.safetensors", None, "never"),
+                                  ("LoraLoaderModelOnly", {"lora_name": "lokr.safetensors", "strength_model": 1.0})))
+    assert entry["status"]["status_str"] == "error"
+    error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+    assert error["exception_type"].endswith("UnsupportedPatchError")
+    assert "diffusion_model.double_blocks.0.img_attn.proj: a lokr patch cannot be applied" in error["exception_message"]
+    entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, "svdquant_after_lokr"))
+    assert entry["status"]["status_str"] == "success", entry["status"]  # ComfyUI keeps working

@@ -12,7 +12,10 @@ def load(name):
     return json.loads((REPO / "workflows" / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json"])
+WORKFLOWS = ["flux.1-schnell.json", "flux.1-dev.json", "flux.1-dev-lora.json"]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_graph_is_well_formed(name):
     workflow = load(name)
     nodes = {node["id"]: node for node in workflow["nodes"]}
@@ -40,12 +43,22 @@ def test_schnell_defaults():
     assert "FluxGuidance" not in nodes  # schnell has no guidance embedder
 
 
-def test_dev_defaults():
-    nodes = by_type(load("flux.1-dev.json"))
+@pytest.mark.parametrize("name", ["flux.1-dev.json", "flux.1-dev-lora.json"])
+def test_dev_defaults(name):
+    nodes = by_type(load(name))
     assert nodes["SVDQuantFluxLoader"]["widgets_values"][0] == "svdq-int4_r32-flux.1-dev.safetensors"
     steps, cfg = nodes["KSampler"]["widgets_values"][2:4]
     assert 20 <= steps <= 28 and cfg == 1.0
     assert nodes["FluxGuidance"]["widgets_values"] == [3.5]
-    workflow = load("flux.1-dev.json")
+    workflow = load(name)
     into_sampler = {link[4]: link[1] for link in workflow["links"] if link[3] == nodes["KSampler"]["id"]}
     assert into_sampler[1] == nodes["FluxGuidance"]["id"]  # the positive conditioning carries the guidance
+
+
+def test_lora_workflow_puts_comfyuis_lora_loader_between_our_loader_and_the_sampler():
+    workflow = load("flux.1-dev-lora.json")
+    nodes = by_type(workflow)
+    model_links = {(link[1], link[3]) for link in workflow["links"] if link[5] == "MODEL"}
+    loader, lora, sampler = (nodes[t]["id"] for t in ("SVDQuantFluxLoader", "LoraLoaderModelOnly", "KSampler"))
+    assert model_links == {(loader, lora), (lora, sampler)}
+    assert nodes["LoraLoaderModelOnly"]["widgets_values"][1] == 1.0

@@ -5,6 +5,12 @@ the ComfyUI checkout as working directory). Commands:
   load PACK MODEL INPUTS OUT     load MODEL through the pack's loader node code, run ComfyUI's FLUX
                                  on INPUTS (and again after a low-VRAM partial load), write the
                                  outputs and what ComfyUI reports about the model to OUT
+  lora PACK MODEL INPUTS LORAS OUT
+                                 the same model with LoRAs from the folder LORAS added the way
+                                 ComfyUI's LoraLoaderModelOnly adds them and by the pack's LoRA Stack,
+                                 loaded by ComfyUI's model management (full and low-VRAM loads,
+                                 partial unloads, detaches); write the outputs of each step and
+                                 facts about the layers to OUT
 """
 
 import json
@@ -36,12 +42,23 @@ def taesd(out: str) -> None:
     save_file(tensors, out)
 
 
-def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
+def import_pack(pack: str) -> None:
+    """The pack as ComfyUI imports a custom node folder, under the name svdquant_pack."""
     spec = importlib.util.spec_from_file_location("svdquant_pack", os.path.join(pack, "__init__.py"),
                                                   submodule_search_locations=[pack])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+
+
+def forward(diffusion_model, inputs):
+    with torch.no_grad():
+        return diffusion_model(inputs["x"], inputs["timestep"], inputs["context"], y=inputs["y"],
+                               guidance=inputs.get("guidance"))
+
+
+def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
+    import_pack(pack)
     from svdquant_pack.nodes.loader import load_svdquant_flux
 
     patcher = load_svdquant_flux(model_file, torch.bfloat16)
@@ -49,9 +66,7 @@ def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     diffusion_model = patcher.model.diffusion_model
 
     def run():
-        with torch.no_grad():
-            return diffusion_model(inputs["x"], inputs["timestep"], inputs["context"], y=inputs["y"],
-                                   guidance=inputs.get("guidance"))
+        return forward(diffusion_model, inputs)
 
     outputs = {"full": run()}
     size = patcher.model_size()
@@ -69,5 +84,98 @@ def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
+def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) -> None:
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    import_pack(pack)
+    from svdquant_pack.nodes.loader import load_svdquant_flux
+    from svdquant_pack.nodes.lora import SVDQuantLoraStack, quantized_layers
+
+    folder_paths.add_model_folder_path("loras", lora_dir, is_default=True)
+    base = load_svdquant_flux(model_file, torch.bfloat16)
+    inputs = load_file(inputs_file)
+    layers = quantized_layers(base.model)
+    cpu = torch.device("cpu")
+
+    def lora_loader_model_only(model, name, strength):  # what LoraLoaderModelOnly does with the file
+        lora_sd = comfy.utils.load_torch_file(os.path.join(lora_dir, name), safe_load=True)
+        return comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)[0]
+
+    def lora_stack(model, *entries):
+        slots = {}
+        for slot in range(1, 5):
+            name, strength = entries[slot - 1] if slot <= len(entries) else ("None", 1.0)
+            slots[f"lora_{slot}"], slots[f"strength_{slot}"] = name, strength
+        return SVDQuantLoraStack.execute(model=model, **slots).result[0]
+
+    def run(patcher):  # as a sampler does: model management loads the patcher, then the model runs
+        comfy.model_management.load_models_gpu([patcher])
+        return forward(patcher.model.diffusion_model, inputs)
+
+    def low_rank_state():
+        return {name: (layer.lora_down.clone() if layer.lora_down is not None else None,
+                       layer.lora_up.clone() if layer.lora_up is not None else None) for name, layer in layers.items()}
+
+    def same_state(a, b):
+        return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                   for name in a for x, y in zip(a[name], b[name]))
+
+    def lora_ranks():
+        return {name: layer.lora_down.shape[1] - getattr(layer, "base_rank", 0)
+                for name, layer in layers.items() if layer.lora_down is not None}
+
+    outputs, facts = {}, {}
+    img_in = base.model.diffusion_model.img_in
+    img_in_weight = img_in.weight.detach().clone()
+    outputs["base"] = run(base)
+    original = low_rank_state()
+    facts["weight_keys"] = sorted(k for k in base.model.state_dict() if k.endswith(".weight") and
+                                  k[:-len(".weight")] in layers)
+
+    outputs["kohya_1"] = run(lora_loader_model_only(base, "kohya.safetensors", 1.0))
+    facts["lora_ranks_kohya_1"] = lora_ranks()
+    outputs["kohya_05_after_1"] = run(lora_loader_model_only(base, "kohya.safetensors", 0.5))
+    stacked = lora_loader_model_only(lora_loader_model_only(base, "kohya.safetensors", 0.5), "peft.safetensors", -0.75)
+    outputs["kohya_05_peft"] = run(stacked)
+    facts["img_in_patched"] = not torch.equal(img_in.weight, img_in_weight)
+    outputs["base_again"] = run(base)
+    facts["restored_by_base"] = same_state(low_rank_state(), original)
+    facts["img_in_restored"] = torch.equal(img_in.weight, img_in_weight)
+
+    comfy.model_management.unload_all_models()
+    outputs["kohya_05_fresh"] = run(lora_loader_model_only(base, "kohya.safetensors", 0.5))
+
+    with_stack = lora_stack(lora_loader_model_only(base, "kohya.safetensors", 0.5), ("xlabs.safetensors", 0.8),
+                            ("None", 1.0), ("peft.safetensors", 0.0))
+    outputs["kohya_05_stack_xlabs"] = run(with_stack)
+    comfy.model_management.unload_all_models()
+    facts["restored_by_unload"] = same_state(low_rank_state(), original)
+
+    # ComfyUI's low-VRAM load (what load_models_gpu does with little free memory): a third of the
+    # model loaded, the rest left in offload memory with LowVramPatch functions on the weights
+    size = with_stack.model_size()
+    comfy.model_management.LoadedModel(with_stack).model_load(lowvram_model_memory=size // 3)
+    offloaded = [name for name, m in layers.items() if hasattr(m, "prev_comfy_cast_weights")]
+    facts["lowvram"] = {"model_lowvram": with_stack.model.model_lowvram, "offloaded_quantized": offloaded,
+                        "lora_ranks": lora_ranks()}
+    outputs["lowvram"] = forward(with_stack.model.diffusion_model, inputs)
+    with_stack.partially_unload(cpu, memory_to_free=size // 6)
+    outputs["after_partial_unload"] = forward(with_stack.model.diffusion_model, inputs)
+    with_stack.detach()
+    facts["restored_by_detach"] = same_state(low_rank_state(), original)
+
+    try:
+        run(lora_loader_model_only(base, "lokr.safetensors", 1.0))
+        facts["lokr_error"] = None
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        facts["lokr_error"] = f"{type(exc).__name__}: {exc}"
+    facts["restored_after_error"] = same_state(low_rank_state(), original)
+    outputs["base_after_error"] = run(base)
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
+
+
 if __name__ == "__main__":
-    {"taesd": taesd, "load": load}[sys.argv[1]](*sys.argv[2:])
+    {"taesd": taesd, "load": load, "lora": lora}[sys.argv[1]](*sys.argv[2:])
