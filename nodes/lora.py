@@ -57,12 +57,17 @@ def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if isinstance(module, (linear.SVDQLinear, linear.W4A16Linear))}
 
 
+# ComfyUI's adapter names (comfy.weight_adapter) as their authors spell them
+ADAPTER_NAMES = {"loha": "LoHa", "lokr": "LoKr", "glora": "GLoRA", "oft": "OFT", "boft": "BOFT"}
+
+
 def _describe(patch) -> str:
     if isinstance(patch, list):
         return "a merged model's weights"
     if isinstance(patch, tuple):
         return f"a '{patch[0] if len(patch) == 2 else 'diff'}' weight patch"
-    return f"a {getattr(patch, 'name', type(patch).__name__)} patch"
+    name = getattr(patch, "name", type(patch).__name__)
+    return f"a {ADAPTER_NAMES.get(name, name)} patch"
 
 
 def deltas_from_patches(layer_name: str, layer: torch.nn.Module, patches) -> list[tuple[LoraDelta, float]]:
@@ -140,8 +145,8 @@ class SVDQuantLoraStack(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         files = [NO_LORA] + [name for name in folder_paths.get_filename_list("loras")
                              if name.lower().endswith(".safetensors")]
-        inputs = [io.Model.Input("model", tooltip="The FLUX model the LoRAs are added to: SVDQuant or 16-bit, "
-                                                  "with or without LoRAs from other loaders.")]
+        inputs = [io.Model.Input("model", tooltip="The FLUX model the LoRAs are added to, with or without "
+                                                  "LoRAs from other loaders.")]
         for slot in range(1, STACK_SLOTS + 1):
             inputs += [
                 io.Combo.Input(f"lora_{slot}", options=files, default=NO_LORA,

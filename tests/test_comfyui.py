@@ -81,7 +81,8 @@ def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path
 
 def _pair(gen, k: int, n: int, rank: int):
     """(A [r, K], B [N, r]) in bf16, small enough to leave the model working, large enough to show."""
-    return (0.1 * torch.randn(rank, k, generator=gen)).bfloat16(), (0.1 * torch.randn(n, rank, generator=gen)).bfloat16()
+    a, b = torch.randn(rank, k, generator=gen), torch.randn(n, rank, generator=gen)
+    return (0.1 * a).bfloat16(), (0.1 * b).bfloat16()
 
 
 def kohya_lora(cfg, seed: int = 1, rank: int = 8) -> dict[str, torch.Tensor]:
@@ -137,10 +138,15 @@ def xlabs_lora(cfg, seed: int = 3, rank: int = 16) -> dict[str, torch.Tensor]:
     return out
 
 
-def lokr_lora(cfg) -> dict[str, torch.Tensor]:
-    h = cfg.hidden_size
-    return {"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.ones(2, 2).bfloat16(),
-            "lora_unet_double_blocks_0_img_attn_proj.lokr_w2": torch.full((h // 2, h // 2), 0.01).bfloat16()}
+def unusable_on_4bit_layers(cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapters ComfyUI reads that cannot join a low-rank branch, on img_attn.proj: LoKr, a LoRA with
+    DoRA magnitudes, a bias difference."""
+    h, key = cfg.hidden_size, "lora_unet_double_blocks_0_img_attn_proj"
+    pair = dict(zip((f"{key}.lora_down.weight", f"{key}.lora_up.weight"), _pair(torch.Generator().manual_seed(4), h, h, 4)))
+    return {"lokr": {f"{key}.lokr_w1": torch.ones(2, 2).bfloat16(),
+                     f"{key}.lokr_w2": torch.full((h // 2, h // 2), 0.01).bfloat16()},
+            "dora": {**pair, f"{key}.dora_scale": torch.ones(h, 1).bfloat16()},
+            "bias": {**pair, f"{key}.diff_b": torch.full((h,), 0.01).bfloat16()}}
 
 
 def sdxl_lora() -> dict[str, torch.Tensor]:
@@ -152,26 +158,31 @@ def sdxl_lora() -> dict[str, torch.Tensor]:
 def write_loras(folder: Path, cfg) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, tensors in {"kohya": kohya_lora(cfg), "peft": peft_lora(cfg), "xlabs": xlabs_lora(cfg),
-                          "lokr": lokr_lora(cfg), "sdxl_style": sdxl_lora()}.items():
+                          "sdxl_style": sdxl_lora(), **unusable_on_4bit_layers(cfg)}.items():
         save_file(tensors, str(folder / f"{name}.safetensors"))
 
 
-def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_path):
+@pytest.mark.parametrize("source", ["ours", "reference"])
+def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_path, source, reference_fixture):
     """LoRAs added by ComfyUI's LoraLoaderModelOnly code and by the LoRA Stack node, loaded by
     ComfyUI's model management, compute what the engine computes with the same LoRAs (bit for bit
     where the LoRAs are one pair per layer), with strengths that replace rather than add, exact
-    restores, low-VRAM and partial loads, and a named error for an adapter that cannot apply."""
-    path = tmp_path / "tiny-dev.safetensors"
-    model = quantized_model(True)
-    fmt.save_model(path, model)
-    cfg = flux.FluxConfig.from_dict(model.model_config)
+    restores, low-VRAM and partial loads, and a named error for an adapter that cannot apply.
+    Also on a reference-format model, whose folded smoothing the LoRAs must account for."""
+    if source == "ours":
+        path = tmp_path / "tiny-dev.safetensors"
+        fmt.save_model(path, quantized_model(True))
+    else:
+        path = reference_fixture("reference_flux_tiny.safetensors")
+    cfg = flux.load_flux(path)[1]
     noise, context, pooled = synthetic.flux_inputs(cfg, seed=6, height=24, width=20)
     inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
               "guidance": torch.tensor([3.5]).bfloat16()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
     write_loras(tmp_path / "loras", cfg)
 
-    run_comfy_side("lora", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "loras", tmp_path / "out.safetensors")
+    run_comfy_side("lora", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "loras",
+                   tmp_path / "out.safetensors")
     out = load_file(str(tmp_path / "out.safetensors"))
     facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
 
@@ -214,9 +225,11 @@ def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_pat
     assert facts["lowvram"]["model_lowvram"] is True and facts["lowvram"]["offloaded_quantized"]
     assert set(facts["lowvram"]["lora_ranks"]) == {f"diffusion_model.{name}" for name in quantized}
     assert torch.equal(out["lowvram"], with_stack) and torch.equal(out["after_partial_unload"], with_stack)
-    # LoKr cannot join the low-rank branch: an error naming the layer
-    assert facts["lokr_error"].startswith("UnsupportedPatchError: diffusion_model.double_blocks.0.img_attn.proj: "
-                                          "a lokr patch cannot be applied")
+    # what cannot join the low-rank branch: an error naming the layer (and the model restored)
+    layer = "UnsupportedPatchError: diffusion_model.double_blocks.0.img_attn.proj"
+    assert facts["errors"]["lokr"].startswith(f"{layer}: a LoKr patch cannot be applied")
+    assert facts["errors"]["dora"].startswith(f"{layer}: a DoRA patch cannot be applied")
+    assert facts["errors"]["bias"].startswith(f"{layer}: a patch of its bias cannot be applied")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +500,6 @@ def test_an_adapter_that_cannot_join_the_low_rank_branch_is_an_error_naming_the_
     assert entry["status"]["status_str"] == "error"
     error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
     assert error["exception_type"].endswith("UnsupportedPatchError")
-    assert "diffusion_model.double_blocks.0.img_attn.proj: a lokr patch cannot be applied" in error["exception_message"]
+    assert "diffusion_model.double_blocks.0.img_attn.proj: a LoKr patch cannot be applied" in error["exception_message"]
     entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, "svdquant_after_lokr"))
     assert entry["status"]["status_str"] == "success", entry["status"]  # ComfyUI keeps working

@@ -167,11 +167,13 @@ def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) 
     with_stack.detach()
     facts["restored_by_detach"] = same_state(low_rank_state(), original)
 
-    try:
-        run(lora_loader_model_only(base, "lokr.safetensors", 1.0))
-        facts["lokr_error"] = None
-    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
-        facts["lokr_error"] = f"{type(exc).__name__}: {exc}"
+    facts["errors"] = {}
+    for name in ("lokr", "dora", "bias"):
+        try:
+            run(lora_loader_model_only(base, f"{name}.safetensors", 1.0))
+            facts["errors"][name] = None
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            facts["errors"][name] = f"{type(exc).__name__}: {exc}"
     facts["restored_after_error"] = same_state(low_rank_state(), original)
     outputs["base_after_error"] = run(base)
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
