@@ -187,10 +187,12 @@ __device__ __forceinline__ void quantize_octet(const ActQuantArgs& a, const uint
   const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
   float c[8];
   if (scale >= 0x1p-100f) {
-    // |v / scale| <= 15.x; a quotient too small to be normal rounds to code 0 either way
+    // A normal scale is amax / qmax rounded to 8 (bf16) or 11 (fp16) significant bits, so
+    // |v / scale| <= qmax * (1 + 2^-9) and rint already lies in [lo, hi] (unsigned v >= 0): the
+    // reference's clamp is a no-op here. A quotient too small to be normal rounds to code 0 either way.
     const float inv_scale = __frcp_rn(scale);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) c[e] = fminf(fmaxf(rintf(div_fast(v[e], scale, inv_scale)), qlo), qhi);
+    for (int e = 0; e < 8; ++e) c[e] = rintf(div_fast(v[e], scale, inv_scale));
   } else if (scale > 0.f) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = fminf(fmaxf(rintf(div_exact(v[e], scale)), qlo), qhi);

@@ -175,10 +175,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_m64n64k32_e4m3_rs(acc, f[1], desc + 2, 1);  // +32 bytes along K
     wgmma_commit();
   };
+  float ws0, ws1;  // this thread's two weight scales of the group being promoted, times 2^9
+  auto load_wscales = [&](int g) {
+    const T* ws = reinterpret_cast<const T*>(stage_ptr(g % kStages) + kOffWs);
+    ws0 = Half<T>::to_float(ws[row]) * 512.f;
+    ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
+  };
   auto promote_half = [&](int g, const float (&acc)[32], int half) {
     const uint8_t* st = stage_ptr(g % kStages);
-    const T* ws = reinterpret_cast<const T*>(st + kOffWs);
-    const float ws0 = Half<T>::to_float(ws[row]) * 512.f, ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
     const float2* as = reinterpret_cast<const float2*>(st + kOffAs) + 32 * half;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -205,6 +209,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto step = [&](int g, float (&lo)[32], float (&hi)[32], const uint32_t (&frag_next)[2][4],
                   uint32_t (&frag_after)[2][4], auto kind) {
     constexpr int kKind = decltype(kind)::value;
+    load_wscales(g);
     wgmma_wait<kKind == 2 ? 1 : 2>();
     fence_regs(lo);
     promote_half(g, lo, 0);
