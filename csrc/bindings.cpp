@@ -73,6 +73,11 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   auto ascales = at::empty({K / 64, m_al}, x.options().dtype(at::kFloat));
   auto lora_act = at::empty({M, rank}, x.options());
   if (M == 0) return {codes, ascales, lora_act};
+  const sm90::ActQuantPlan plan = sm90::act_quant_plan(static_cast<int>(M), static_cast<int>(K), static_cast<int>(rank));
+  // workspace for the low-rank partials of the K ranges (freed by the caching allocator after the call)
+  at::Tensor partials, counters;
+  if (plan.partial_floats) partials = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));
+  if (plan.counters) counters = at::zeros({plan.counters}, x.options().dtype(at::kInt));
   sm90::ActQuantArgs a{};
   a.dtype = dtype;
   a.x = x.data_ptr();
@@ -84,6 +89,9 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   a.ascales = ascales.data_ptr<float>();
   a.lora_act = lora_act.data_ptr();
   a.M = static_cast<int>(M), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank), a.m_al = static_cast<int>(m_al);
+  a.ksplits = plan.ksplits;
+  a.partials = plan.partial_floats ? partials.data_ptr<float>() : nullptr;
+  a.counters = plan.counters ? counters.data_ptr<int>() : nullptr;
   const char* err = sm90::act_quant(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return {codes, ascales, lora_act};

@@ -79,9 +79,11 @@ def _kernel1(x: torch.Tensor, layer: SVDQLinear):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("rank", [32, 160])
-def test_act_quant_matches_reference(m, dtype, unsigned, rank):
-    gen = _gen(m * 7 + rank + unsigned)
-    k = 320  # five groups: the last 128-column chunk is half empty
+@pytest.mark.parametrize("k", [320, 128])
+def test_act_quant_matches_reference(m, dtype, unsigned, rank, k):
+    # K = 320: five groups, the last 128-column chunk half empty, K split over several CTAs whose
+    # low-rank partials are summed by the last one; K = 128: one chunk, no split
+    gen = _gen(m * 7 + rank + unsigned + k)
     layer = _layer(64, k, rank, dtype, gen, unsigned)
     x = _activations(m, k, dtype, gen, layer.unsigned_groups)
     codes, ascales, lora_act = _kernel1(x, layer)

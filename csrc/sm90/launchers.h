@@ -23,7 +23,18 @@ struct ActQuantArgs {
   float* ascales;             // out [K/64, m_al]: the group scales (rounded to dtype) as fp32
   void* lora_act;             // out [M, rank] in dtype: x @ lora_down accumulated in fp32
   int M, K, rank, m_al;       // m_al = round_up(M, 4); ascales rows M..m_al-1 are written as 0
+  int ksplits;                // from act_quant_plan: CTAs along K per 32-token block
+  float* partials;            // [ksplits, plan.m_pad, rank] fp32 workspace (ksplits > 1 and rank > 0)
+  int* counters;              // [plan.counters] zero-filled; left zero-filled
 };
+// How kernel 1 splits K across CTAs for this size on the current device, and the workspace it needs.
+struct ActQuantPlan {
+  int ksplits;
+  int m_pad;                  // tokens rounded up to the 32-token blocks
+  long long partial_floats;   // size of `partials` (0: not needed)
+  int counters;               // size of `counters` (0: not needed)
+};
+ActQuantPlan act_quant_plan(int M, int K, int rank);
 const char* act_quant(const ActQuantArgs& args, cudaStream_t stream);
 
 // Kernel 2 (w4a4_gemm.cu): y = sum_g ascale * wscale * (codes . qweight) + lora_act @ lora_up^T + bias.

@@ -150,49 +150,120 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, q = lane % 4;
   // accumulator element i of this thread: channel row + 8 * ((i / 2) % 2), token 8 * (i / 4) + 2 * q + i % 2
   const int row = 64 * wg + 16 * wi + lane / 4;
-  float out[64], acc[64];
+  float out[64];  // the 64 x 128 output tile of this warpgroup
 #pragma unroll
   for (int i = 0; i < 64; ++i) out[i] = 0.f;
 
-  int s = 0;
-  uint32_t ph = 0;
-  for (int it = 0; it < groups; ++it) {
-    mbar_wait(&full[s], ph);
-    const uint8_t* st = smem + s * kStageBytes;
+  auto stage_ptr = [&](int st) { return smem + st * kStageBytes; };
+  auto load_weights = [&](int g, uint32_t (&f)[2][4]) {
+    const uint8_t* st = stage_ptr(g % kStages);
     // bytes 8q..8q+7 of the two rows: natural columns 16q..16q+15 of the group
     const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
     const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
-    uint32_t a0[4], a1[4];  // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
-    int4_to_e4m3(w0.x, a0[0], a0[2]);
-    int4_to_e4m3(w1.x, a0[1], a0[3]);
-    int4_to_e4m3(w0.y, a1[0], a1[2]);
-    int4_to_e4m3(w1.y, a1[1], a1[3]);
-    const uint64_t desc = desc_k_sw64(st + kOffAct);
+    // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
+    int4_to_e4m3(w0.x, f[0][0], f[0][2]);
+    int4_to_e4m3(w1.x, f[0][1], f[0][3]);
+    int4_to_e4m3(w0.y, f[1][0], f[1][2]);
+    int4_to_e4m3(w1.y, f[1][1], f[1][3]);
+  };
+  auto wait_full = [&](int g) { mbar_wait(&full[g % kStages], (g / kStages) & 1); };
+  // One half-step: group g's product for 64 tokens (half 0: tokens 0..63, half 1: 64..127).
+  auto issue_half = [&](int g, const uint32_t (&f)[2][4], float (&acc)[32], int half) {
+    const uint64_t desc = desc_k_sw64(stage_ptr(g % kStages) + kOffAct + half * 64 * 64);
     wgmma_fence();
-    wgmma_m64n128k32_e4m3_rs(acc, a0, desc, 0);
-    wgmma_m64n128k32_e4m3_rs(acc, a1, desc + 2, 1);  // +32 bytes along K
+    wgmma_m64n64k32_e4m3_rs(acc, f[0], desc, 0);
+    wgmma_m64n64k32_e4m3_rs(acc, f[1], desc + 2, 1);  // +32 bytes along K
     wgmma_commit();
-    const T* ws = reinterpret_cast<const T*>(st + kOffWs);
-    const float ws0 = Half<T>::to_float(ws[row]) * 512.f, ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
-    const float2* as = reinterpret_cast<const float2*>(st + kOffAs);
-    wgmma_wait<0>();
-    fence_regs(acc);
+  };
+  float ws0, ws1;  // this thread's two weight scales of the group being promoted, times 2^9
+  auto load_wscales = [&](int g) {
+    const T* ws = reinterpret_cast<const T*>(stage_ptr(g % kStages) + kOffWs);
+    ws0 = Half<T>::to_float(ws[row]) * 512.f;
+    ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
+  };
+  auto promote_half = [&](int g, const float (&acc)[32], int half) {
+    const uint8_t* st = stage_ptr(g % kStages);
+    const float2* as = reinterpret_cast<const float2*>(st + kOffAs) + 32 * half;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 sa = as[4 * j + q];  // tokens 8j + 2q, 8j + 2q + 1
-      out[4 * j + 0] = fmaf(acc[4 * j + 0], sa.x * ws0, out[4 * j + 0]);
-      out[4 * j + 1] = fmaf(acc[4 * j + 1], sa.y * ws0, out[4 * j + 1]);
-      out[4 * j + 2] = fmaf(acc[4 * j + 2], sa.x * ws1, out[4 * j + 2]);
-      out[4 * j + 3] = fmaf(acc[4 * j + 3], sa.y * ws1, out[4 * j + 3]);
+    for (int j = 0; j < 8; ++j) {
+      const float2 sa = as[4 * j + q];  // tokens 64 half + 8j + 2q, +1
+      float* o = out + 32 * half + 4 * j;
+      o[0] = fmaf(acc[4 * j + 0], sa.x * ws0, o[0]);
+      o[1] = fmaf(acc[4 * j + 1], sa.y * ws0, o[1]);
+      o[2] = fmaf(acc[4 * j + 2], sa.x * ws1, o[2]);
+      o[3] = fmaf(acc[4 * j + 3], sa.y * ws1, o[3]);
     }
+  };
+
+  // Half-steps 2g (tokens 0..63) and 2g+1 (64..127) of group g are issued in order, each its own
+  // wgmma commit group, into three rotating accumulators: half-step i uses acc[i % 3], group g's
+  // weight fragments frag[g % 3]. While half-step i is promoted, i+1 and i+2 are in flight, so
+  // each warpgroup keeps the tensor cores fed by itself; promoting i frees acc[i % 3] for i+3.
+  // The kind of a step (how many wgmmas remain to issue) is a compile-time constant so that ptxas
+  // sees the same wgmma groups in flight on every path (otherwise it serializes all wgmmas).
+  float acc0[32], acc1[32], acc2[32];
+  uint32_t frag0[2][4], frag1[2][4], frag2[2][4];
+  using Full = std::integral_constant<int, 0>;     // issue half-steps 2g+3 and 2g+4
+  using PreLast = std::integral_constant<int, 1>;  // g = groups - 2: issue 2g+3 only
+  using Last = std::integral_constant<int, 2>;     // g = groups - 1: nothing left to issue
+  auto step = [&](int g, float (&lo)[32], float (&hi)[32], const uint32_t (&frag_next)[2][4],
+                  uint32_t (&frag_after)[2][4], auto kind) {
+    constexpr int kKind = decltype(kind)::value;
+    load_wscales(g);
+    wgmma_wait<kKind == 2 ? 1 : 2>();
+    fence_regs(lo);
+    promote_half(g, lo, 0);
+    if constexpr (kKind != 2) issue_half(g + 1, frag_next, lo, 1);
+    wgmma_wait<kKind == 2 ? 0 : 2>();
+    fence_regs(hi);
+    promote_half(g, hi, 1);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
-    if (++s == kStages) s = 0, ph ^= 1;
+    if (lane == 0) mbar_arrive(&empty[g % kStages]);
+    if constexpr (kKind == 0) {
+      wait_full(g + 2);
+      load_weights(g + 2, frag_after);
+      issue_half(g + 2, frag_after, hi, 0);
+    }
+  };
+  // group g mod 3 == 0: halves in acc0, acc1, frag0; 1: acc2, acc0, frag1; 2: acc1, acc2, frag2
+  wait_full(0);
+  load_weights(0, frag0);
+  issue_half(0, frag0, acc0, 0);
+  issue_half(0, frag0, acc1, 1);
+  if (groups == 1) {
+    step(0, acc0, acc1, frag1, frag2, Last{});
+  } else {
+    wait_full(1);
+    load_weights(1, frag1);
+    issue_half(1, frag1, acc2, 0);
+    int g = 0;
+    for (; g + 3 <= groups - 2; g += 3) {
+      step(g, acc0, acc1, frag1, frag2, Full{});
+      step(g + 1, acc2, acc0, frag2, frag0, Full{});
+      step(g + 2, acc1, acc2, frag0, frag1, Full{});
+    }
+    switch (groups - 2 - g) {
+      case 0:
+        step(g, acc0, acc1, frag1, frag2, PreLast{});
+        step(g + 1, acc2, acc0, frag2, frag0, Last{});
+        break;
+      case 1:
+        step(g, acc0, acc1, frag1, frag2, Full{});
+        step(g + 1, acc2, acc0, frag2, frag0, PreLast{});
+        step(g + 2, acc1, acc2, frag0, frag1, Last{});
+        break;
+      default:
+        step(g, acc0, acc1, frag1, frag2, Full{});
+        step(g + 1, acc2, acc0, frag2, frag0, Full{});
+        step(g + 2, acc1, acc2, frag0, frag1, PreLast{});
+        step(g + 3, acc0, acc1, frag1, frag2, Last{});
+        break;
+    }
   }
 
   for (int it = groups; it < iters; ++it) {  // low-rank up: out += lora_act . lora_up^T
-    mbar_wait(&full[s], ph);
-    const uint8_t* st = smem + s * kStageBytes;
+    wait_full(it);
+    const uint8_t* st = stage_ptr(it % kStages);
     const uint64_t da = desc_k_sw64(st + kOffW + wg * 64 * kLoraChunk * 2), db = desc_k_sw64(st + kOffAct);
     wgmma_fence();
     wgmma_lowrank<T>(out, da, db);
@@ -201,8 +272,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_regs(out);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
-    if (++s == kStages) s = 0, ph ^= 1;
+    if (lane == 0) mbar_arrive(&empty[it % kStages]);
   }
 
   // Epilogue: + bias, round to T, transpose through shared memory, 16-byte row stores.
