@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from . import format as fmt
 from . import kernels, numerics
 
 GROUP_SIZE = numerics.GROUP_SIZE
@@ -47,22 +48,16 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
 
     state: the layer's entries present in the state dict (field -> tensor), which decide the
     optional fields (rank, shift, smooth_orig). bias: whether the layer must have a bias
-    (True), must not (False), or may have one (None).
+    (True), must not (False), or may have one (None). The shapes are the file format's.
     """
-    k, n, g = in_features, out_features, in_features // GROUP_SIZE
-    if kind == W4A4:
-        if "lora_down" in state and state["lora_down"].dim() == 2:
-            rank = state["lora_down"].shape[1]
-        shapes = {"qweight": (n, k // 2), "wscales": (g, n), "smooth": (k,), "lora_down": (k, rank),
-                  "lora_up": (n, rank)}
-        shapes.update({name: (k,) if name in state else None for name in ("shift", "smooth_orig")})
-    elif kind == W4A16:
-        shapes = {"qweight": (n, k // 2), "wscales": (g, n), "wzeros": (g, n)}
-    else:
-        raise ValueError(f"unknown quantized layer kind {kind!r}")
-    if bias is None:
-        bias = "bias" in state
-    shapes["bias"] = (n,) if bias else None
+    if kind == W4A4 and "lora_down" in state and state["lora_down"].dim() == 2:
+        rank = state["lora_down"].shape[1]
+    desc = {"kind": kind, "in": in_features, "out": out_features, "rank": rank,
+            "bias": "bias" in state if bias is None else bias,
+            "shift": "shift" in state, "smooth_orig": "smooth_orig" in state}
+    shapes = {name: shape for name, (shape, _) in fmt.expected_layer_tensors(desc).items()}
+    for name in ("bias", "shift", "smooth_orig") if kind == W4A4 else ("bias",):
+        shapes.setdefault(name, None)
     return shapes
 
 
