@@ -6,10 +6,16 @@ Rows: the FLUX.1 linear shapes of shared/REFERENCE.md at M = 4608 (1024x1024 ima
 tokens), and M = 256 and 1024 for small images. Columns (median time per call):
   bf16      cuBLAS `a @ b.t()` in bf16
   fp8       torch._scaled_mm e4m3 with rowwise scales (fp8f: with fast accumulation)
-  k2        our kernel 2 alone (W4A4 GEMM + rank-32 low-rank up + bias), inputs from kernel 1
-  k1        our kernel 1 alone (quantize + rank-32 low-rank down)
-  k1+k2     both (what a layer costs), rank 32; r0: the same with rank 0
-  lr        low-rank share: k1+k2 at rank 32 over rank 0, minus 1
+  exact path (any weight scales, design (a)), rank 32:
+    k2      kernel 2 alone (W4A4 GEMM + low-rank up + bias), inputs from kernel 1
+    k1      kernel 1 alone (quantize + low-rank down)
+    k1+k2   both (what a layer costs); lr: low-rank share, k1+k2 at rank 32 over rank 0, minus 1
+  fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
+    k2f     fast kernel 2 alone, fp32 promotion every 256 of K (k2f128: every 128)
+    k1p     kernel 1 in pow2 mode alone
+    k1+k2f  both; lrf: low-rank share
+A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
+an accuracy row gives the fast kernel 2's relative error against float64 for both promotion intervals.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
@@ -29,13 +35,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from svdquant import kernels  # noqa: E402
+from svdquant import kernels, numerics  # noqa: E402
 from svdquant.linear import SVDQLinear  # noqa: E402
 
 # (N, K) of the FLUX.1 linears: proj, qkv, mlp up, mlp down, single-block qkv+mlp, single-block proj
 FLUX_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
 TOKENS = [4608, 256, 1024]
 RANK = 32
+LORA_RANKS = [32, 32 + 64, 32 + 64 + 128]
 
 
 def time_calls(calls, target_ms: float = 30.0, replays: int = 10) -> float:
@@ -69,22 +76,36 @@ def time_calls(calls, target_ms: float = 30.0, replays: int = 10) -> float:
     return statistics.median(times)
 
 
-def random_layer(n: int, k: int, rank: int, gen: torch.Generator) -> SVDQLinear:
+def random_layer(n: int, k: int, rank: int, gen: torch.Generator, pow2: bool = False) -> SVDQLinear:
+    """Random SVDQuant layer; pow2: power-of-two weight scales (the fast path's format)."""
     dev = "cuda"
-    return SVDQLinear.from_tensors({
+    if pow2:
+        base = (torch.rand(n, generator=gen, device=dev) * 0.02 + 1e-3).bfloat16().float()
+        exps = torch.randint(0, numerics.POW2_MAX_EXP + 1, (k // 64, n), generator=gen, device=dev)
+        wscales = (base * torch.exp2(-exps.float())).bfloat16()
+    else:
+        wscales = (torch.rand(k // 64, n, generator=gen, device=dev) * 0.02 + 1e-3).bfloat16()
+    layer = SVDQLinear.from_tensors({
         "qweight": torch.randint(0, 256, (n, k // 2), generator=gen, device=dev, dtype=torch.uint8),
-        "wscales": (torch.rand(k // 64, n, generator=gen, device=dev) * 0.02 + 1e-3).bfloat16(),
+        "wscales": wscales,
         "smooth": (torch.rand(k, generator=gen, device=dev) + 0.5).bfloat16(),
         "lora_down": (torch.randn(k, rank, generator=gen, device=dev) * 0.05).bfloat16(),
         "lora_up": (torch.randn(n, rank, generator=gen, device=dev) * 0.05).bfloat16(),
         "bias": torch.randn(n, generator=gen, device=dev).bfloat16(),
     })
+    layer.pow2_activations = pow2
+    assert layer.pow2_weights == pow2
+    return layer
+
+
+def input_sets(m: int, n: int, k: int, l2_bytes: int) -> int:
+    set_bytes = (m * k + n * k) * 2  # the largest variant's operands (bf16)
+    return max(2, min(16, math.ceil(3 * l2_bytes / set_bytes)))
 
 
 def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n * 7 + k)
-    set_bytes = (m * k + n * k) * 2  # the largest variant's operands (bf16)
-    sets = max(2, min(16, math.ceil(3 * l2_bytes / set_bytes)))
+    sets = input_sets(m, n, k, l2_bytes)
     flops = 2.0 * m * n * k
     row = {"M": m, "N": n, "K": k, "input_sets": sets}
 
@@ -102,32 +123,78 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
                                for i in range(sets)])
     del a8, b8, b
 
-    layers = [random_layer(n, k, RANK, gen) for _ in range(sets)]
-    layers0 = [random_layer(n, k, 0, gen) for _ in range(sets)]
     c_ext = kernels._C
-    stage1 = [c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), layers[i].lora_down)
-              for i in range(sets)]
+    for tag, pow2 in (("", False), ("f", True)):
+        layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
+        layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
 
-    def k2(i):
-        codes, ascales, lora_act = stage1[i]
-        lay = layers[i]
-        return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
+        def k1(i):
+            return c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), pow2)
 
-    def k1(i):
-        return c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), layers[i].lora_down)
+        stage1 = [k1(i) for i in range(sets)]
 
-    row["k2_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
-    row["k1_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
-    row["k1k2_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i]) for i in range(sets)])
-    row["k1k2_r0_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers0[i]) for i in range(sets)])
+        def k2(i, promote_k=kernels.PROMOTE_K):
+            codes, ascales, lora_act = stage1[i]
+            lay = layers[i]
+            if pow2:
+                wexp, wbase = kernels._sm90_pow2_weights(lay)
+                return c_ext.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up,
+                                                 lay.bias, None, promote_k)
+            return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
 
-    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2"):
+        k1_key = "k1p" if pow2 else "k1"
+        row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
+        if pow2:
+            row["k2f128_ms"] = time_calls([lambda i=i: k2(i, 128) for i in range(sets)])
+        row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
+        row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+                                           for i in range(sets)])
+        row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers0[i])
+                                              for i in range(sets)])
+        row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
+        del layers, layers0, stage1
+
+    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2f", "k2f128", "k1k2f"):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
-    row["k1k2_speedup_vs_bf16"] = row["bf16_ms"] / row["k1k2_ms"]
-    row["k2_speedup_vs_bf16"] = row["bf16_ms"] / row["k2_ms"]
-    row["lowrank_share"] = row["k1k2_ms"] / row["k1k2_r0_ms"] - 1.0
-    del a, layers, layers0, stage1
+    for key in ("k2", "k1k2", "k2f", "k1k2f"):
+        row[key + "_speedup_vs_bf16"] = row["bf16_ms"] / row[key + "_ms"]
+    del a
     torch.cuda.empty_cache()
+    return row
+
+
+def bench_lora(m: int, n: int, k: int, l2_bytes: int) -> dict:
+    """Fast k1+k2 at rank 32 (the model's own branch) and with LoRAs concatenated onto it."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    sets = input_sets(m, n, k, l2_bytes)
+    a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
+    row = {"M": m, "N": n, "K": k, "input_sets": sets}
+    for rank in LORA_RANKS:
+        layers = [random_layer(n, k, rank, gen, pow2=True) for _ in range(sets)]
+        row[f"k1k2f_r{rank}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+                                               for i in range(sets)])
+        del layers
+    torch.cuda.empty_cache()
+    return row
+
+
+def fast_path_error(m: int, n: int, k: int) -> dict:
+    """Relative error of the fast kernel 2 against float64 on the same operands, per promotion interval."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+    layer = random_layer(n, k, 0, gen, pow2=True)
+    codes, atok, lora_act = kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), True)
+    wexp, wbase = kernels._sm90_pow2_weights(layer)
+    a = kernels.act_operands_sm90_to_natural(codes).double()
+    w = numerics.unpack_int4(layer.qweight, signed=True).double() * torch.exp2(
+        -wexp[:, :n].double()).t().repeat_interleave(64, dim=1)
+    ref = atok[0, :m].double()[:, None] * (a @ w.t()) * wbase.double()[None, :] + layer.bias.double()
+    row = {"M": m, "N": n, "K": k}
+    for promote_k in (128, 256):
+        y = kernels._C.w4a4_gemm_pow2_sm90(codes, atok, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
+                                           layer.bias, None, promote_k)
+        row[f"rel_err_promote{promote_k}"] = float((y.double() - ref).norm() / ref.norm())
+    row["rel_err_bf16_output"] = float((ref.bfloat16().double() - ref).norm() / ref.norm())  # rounding alone
     return row
 
 
@@ -151,21 +218,26 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
-    header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'TFLOPS':>6} | {'fp8 us':>7} {'x':>5} | {'fp8f us':>7} "
-              f"{'x':>5} | {'k2 us':>7} {'TOPS':>5} {'x':>5} | {'k1 us':>6} | {'k1+k2 us':>8} {'TOPS':>5} {'x':>5} | "
-              f"{'r0 us':>7} {'lr %':>5}")
+    header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
+              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} {'k1p us':>6} "
+              f"{'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
     print(header, flush=True)
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
             r = bench_shape(m, n, k, l2_bytes)
             rows.append(r)
-            print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['bf16_tops']:>6.0f} | "
-                  f"{r['fp8_ms'] * 1e3:>7.1f} {r['bf16_ms'] / r['fp8_ms']:>5.2f} | "
-                  f"{r['fp8_fast_ms'] * 1e3:>7.1f} {r['bf16_ms'] / r['fp8_fast_ms']:>5.2f} | "
-                  f"{r['k2_ms'] * 1e3:>7.1f} {r['k2_tops']:>5.0f} {r['k2_speedup_vs_bf16']:>5.2f} | "
-                  f"{r['k1_ms'] * 1e3:>6.1f} | {r['k1k2_ms'] * 1e3:>8.1f} {r['k1k2_tops']:>5.0f} "
-                  f"{r['k1k2_speedup_vs_bf16']:>5.2f} | {r['k1k2_r0_ms'] * 1e3:>7.1f} {r['lowrank_share'] * 100:>5.1f}",
-                  flush=True)
+            print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} | {r['bf16_ms'] / r['fp8_ms']:>5.2f} "
+                  f"{r['bf16_ms'] / r['fp8_fast_ms']:>6.2f} | {r['k2_ms'] * 1e3:>7.1f} {r['k1_ms'] * 1e3:>6.1f} "
+                  f"{r['k1k2_ms'] * 1e3:>7.1f} {r['k1k2_speedup_vs_bf16']:>5.2f} {r['lowrank_share'] * 100:>5.1f} | "
+                  f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} {r['k2f128_ms'] * 1e3:>7.1f} "
+                  f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
+                  f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f}", flush=True)
+    lora = bench_lora(4608, 3072, 3072, l2_bytes)
+    print("LoRA, fast k1+k2 at M=4608 N=K=3072: " +
+          ", ".join(f"rank {rank}: {lora[f'k1k2f_r{rank}_ms'] * 1e3:.1f} us" for rank in LORA_RANKS), flush=True)
+    accuracy = fast_path_error(4608, 3072, 3072)
+    print("fast kernel 2 vs float64 at M=4608 N=K=3072: " +
+          ", ".join(f"{key} {value:.2e}" for key, value in accuracy.items() if key.startswith("rel_err")), flush=True)
     result = {
         "device": props.name,
         "sm_count": props.multi_processor_count,
@@ -176,6 +248,8 @@ def main() -> None:
         "rank": RANK,
         "method": "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
         "rows": rows,
+        "lora": lora,
+        "fast_path_accuracy": accuracy,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -24,6 +24,7 @@ pybind11::dict build_info() {
 #ifdef SVDQ_WITH_SM90A
   kernels.push_back("act_quant_sm90");
   kernels.push_back("w4a4_gemm_sm90");
+  kernels.push_back("w4a4_gemm_pow2_sm90");
 #endif
   info["kernels"] = kernels;
   info["torch_cuda"] =
@@ -53,45 +54,41 @@ void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32 [K/64, round_up(M, 4)], lora_act [M, rank]).
+// Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
+// [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
+// lora_down [K, rank] repacked by kernels.lora_down_sm90: [rank, K].
 std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& inv_smooth,
-                                       const c10::optional<at::Tensor>& shift, const at::Tensor& lora_down) {
+                                       const c10::optional<at::Tensor>& shift, const at::Tensor& lora_down_p,
+                                       bool pow2) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
   const auto dtype = half_dtype(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
-  TORCH_CHECK(lora_down.dim() == 2, "lora_down must be 2-D");
-  const int64_t rank = lora_down.size(1);
+  TORCH_CHECK(lora_down_p.dim() == 2, "lora_down_p must be 2-D");
+  const int64_t rank = lora_down_p.size(0);
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
   check_tensor(smooth, x, "smooth", at::kFloat, {K});
   check_tensor(inv_smooth, x, "inv_smooth", at::kFloat, {K});
   if (shift) check_tensor(*shift, x, "shift", at::kFloat, {K});
-  check_tensor(lora_down, x, "lora_down", x.scalar_type(), {K, rank});
+  check_tensor(lora_down_p, x, "lora_down_p", x.scalar_type(), {rank, K});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m_al = (M + 3) / 4 * 4;
   auto codes = at::empty({M, K}, x.options().dtype(at::kByte));
-  auto ascales = at::empty({K / 64, m_al}, x.options().dtype(at::kFloat));
+  auto ascales = at::empty({pow2 ? 1 : K / 64, m_al}, x.options().dtype(at::kFloat));
   auto lora_act = at::empty({M, rank}, x.options());
   if (M == 0) return {codes, ascales, lora_act};
-  const sm90::ActQuantPlan plan = sm90::act_quant_plan(static_cast<int>(M), static_cast<int>(K), static_cast<int>(rank));
-  // workspace for the low-rank partials of the K ranges (freed by the caching allocator after the call)
-  at::Tensor partials, counters;
-  if (plan.partial_floats) partials = at::empty({plan.partial_floats}, x.options().dtype(at::kFloat));
-  if (plan.counters) counters = at::zeros({plan.counters}, x.options().dtype(at::kInt));
   sm90::ActQuantArgs a{};
   a.dtype = dtype;
+  a.pow2 = pow2;
   a.x = x.data_ptr();
   a.smooth = smooth.data_ptr<float>();
   a.inv_smooth = inv_smooth.data_ptr<float>();
   a.shift = shift ? shift->data_ptr<float>() : nullptr;
-  a.lora_down = lora_down.data_ptr();
+  a.lora_down = lora_down_p.data_ptr();
   a.codes = codes.data_ptr<uint8_t>();
   a.ascales = ascales.data_ptr<float>();
   a.lora_act = lora_act.data_ptr();
   a.M = static_cast<int>(M), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank), a.m_al = static_cast<int>(m_al);
-  a.ksplits = plan.ksplits;
-  a.partials = plan.partial_floats ? partials.data_ptr<float>() : nullptr;
-  a.counters = plan.counters ? counters.data_ptr<int>() : nullptr;
   const char* err = sm90::act_quant(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return {codes, ascales, lora_act};
@@ -110,7 +107,9 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
   TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
   const int64_t m_al = (M + 3) / 4 * 4;
   check_tensor(codes, codes, "codes", at::kByte, {M, K});
-  check_tensor(ascales, codes, "ascales", at::kFloat, {K / 64, m_al});
+  const int64_t ascale_rows = ascales.size(0);
+  TORCH_CHECK(ascale_rows == K / 64 || ascale_rows == 1, "ascales must have K/64 rows (per group) or 1 (per token)");
+  check_tensor(ascales, codes, "ascales", at::kFloat, {ascale_rows, m_al});
   check_tensor(lora_act, codes, "lora_act", st, {M, rank});
   check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
   check_tensor(wscales, codes, "wscales", st, {K / 64, N});
@@ -132,7 +131,52 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
   a.y = y.data_ptr();
   a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
   a.m_al = static_cast<int>(m_al);
+  a.ascale_rows = static_cast<int>(ascale_rows);
   const char* err = sm90::w4a4_gemm(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return y;
+}
+
+// Fast kernel 2 (power-of-two weight scales, pow2-mode kernel 1 outputs): y [M, N].
+at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, const at::Tensor& lora_act,
+                               const at::Tensor& qweight, const at::Tensor& wexp, const at::Tensor& wbase,
+                               const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& out, int64_t promote_k) {
+  TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
+  TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && wexp.dim() == 2, "qweight, lora_up and wexp are 2-D");
+  const auto dtype = half_dtype(lora_act, "lora_act");
+  const auto st = lora_act.scalar_type();
+  const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
+  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
+  const int64_t m_al = (M + 3) / 4 * 4, n_al = (N + 15) / 16 * 16;
+  check_tensor(codes, codes, "codes", at::kByte, {M, K});
+  check_tensor(atok, codes, "atok", at::kFloat, {1, m_al});
+  check_tensor(lora_act, codes, "lora_act", st, {M, rank});
+  check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
+  check_tensor(wexp, codes, "wexp", at::kByte, {K / 64, n_al});
+  check_tensor(wbase, codes, "wbase", at::kFloat, {N});
+  check_tensor(lora_up, codes, "lora_up", st, {N, rank});
+  if (bias) check_tensor(*bias, codes, "bias", st, {N});
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor y = out ? *out : at::empty({M, N}, codes.options().dtype(st));
+  check_tensor(y, codes, "out", st, {M, N});
+  if (M == 0) return y;
+  sm90::W4A4Pow2GemmArgs a{};
+  a.dtype = dtype;
+  a.codes = codes.data_ptr<uint8_t>();
+  a.atok = atok.data_ptr<float>();
+  a.lora_act = lora_act.data_ptr();
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.wexp = wexp.data_ptr<uint8_t>();
+  a.wbase = wbase.data_ptr<float>();
+  a.lora_up = lora_up.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
+  a.m_al = static_cast<int>(m_al), a.n_al = static_cast<int>(n_al);
+  a.promote_k = static_cast<int>(promote_k);
+  const char* err = sm90::w4a4_gemm_pow2(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return y;
 }
@@ -146,9 +190,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef SVDQ_WITH_SM90A
   m.def("act_quant_sm90", &act_quant_sm90, "kernel 1: activation quantize + low-rank down (sm_90a)",
         pybind11::arg("x"), pybind11::arg("smooth"), pybind11::arg("inv_smooth"), pybind11::arg("shift"),
-        pybind11::arg("lora_down"));
+        pybind11::arg("lora_down_p"), pybind11::arg("pow2") = false);
   m.def("w4a4_gemm_sm90", &w4a4_gemm_sm90, "kernel 2: W4A4 GEMM + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("ascales"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wscales"),
         pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none());
+  m.def("w4a4_gemm_pow2_sm90", &w4a4_gemm_pow2_sm90,
+        "fast kernel 2: W4A4 GEMM for power-of-two scales + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
+        pybind11::arg("atok"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wexp"),
+        pybind11::arg("wbase"), pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("promote_k") = 256);
 #endif
 }

@@ -40,6 +40,23 @@ def extension_info() -> dict:
     return {"built": True, **_C.build_info()}
 
 
+# Power-of-two restricted activation scales (REFERENCE.md design (d), numerics.quantize_activations_pow2)
+# for layers that do not set their own `pow2_activations`: False (default) = for none, so every model
+# computes the reference engine's function; True = for every layer; None = exactly for the layers
+# whose weights have power-of-two group scales (our Hopper format, where it enables the fast GEMM;
+# detection alone cannot tell our format from a model whose scales happen to be powers of two).
+# The reference path follows the same choice, so every device computes the same function.
+pow2_activations: bool | None = False
+
+
+def uses_pow2_activations(layer) -> bool:
+    """Whether `layer`'s input is quantized with power-of-two restricted scales."""
+    choice = getattr(layer, "pow2_activations", None)
+    if choice is None:
+        choice = pow2_activations
+    return bool(getattr(layer, "pow2_weights", False)) if choice is None else bool(choice)
+
+
 def svdq_linear_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -50,9 +67,16 @@ def svdq_linear_reference(
     bias: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     unsigned_groups: torch.Tensor | None = None,
+    pow2_activations: bool = False,
 ) -> torch.Tensor:
-    """y = Q((x + shift) / smooth) . Q(R)^T + (x @ lora_down) @ lora_up^T + bias, x [M, K]."""
-    act_codes, act_scales = numerics.quantize_activations(x, smooth, shift, unsigned_groups)
+    """y = Q((x + shift) / smooth) . Q(R)^T + (x @ lora_down) @ lora_up^T + bias, x [M, K].
+
+    pow2_activations: Q of the input is numerics.quantize_activations_pow2."""
+    if pow2_activations:
+        act_codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift, unsigned_groups)
+        act_scales = numerics.pow2_scales(atok, exps)
+    else:
+        act_codes, act_scales = numerics.quantize_activations(x, smooth, shift, unsigned_groups)
     weight_codes = numerics.unpack_int4(qweight, signed=True)
     y = numerics.w4a4_gemm_reference(act_codes, act_scales, weight_codes, wscales)
     if lora_down.shape[1]:
@@ -64,12 +88,19 @@ def svdq_linear_reference(
 
 # ---- Hopper (sm_90a) W4A4 path -------------------------------------------------------------------
 # Kernel 1 (csrc/sm90/act_quant.cu) quantizes x and computes x @ lora_down in one pass; kernel 2
-# (csrc/sm90/w4a4_gemm.cu) runs the W4A4 GEMM on FP8 tensor cores and adds the low-rank up
-# projection and the bias in its epilogue. Kernel 2 reads the layer's qweight [N, K/2], wscales,
-# lora_up and bias in their natural layout, so nothing is repacked at load time and the weights
-# stay one 4-bit copy on the GPU. The only derived tensors are fp32 copies of smooth, its
-# reciprocal and the shift (3 x 4 bytes per input channel), cached on the layer.
-_SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90")
+# runs the W4A4 GEMM on FP8 tensor cores and adds the low-rank up projection and the bias in its
+# epilogue: csrc/sm90/w4a4_gemm.cu (exact path, any weight scales, one rescaling per 64-group) or,
+# for layers with power-of-two weight scales and activations, csrc/sm90/w4a4_gemm_pow2.cu (the
+# scales' powers of two are folded into the FP8 operands; per-row and per-token factors applied
+# once in the epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in
+# their natural layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, cached on
+# the layer: fp32 copies of smooth, its reciprocal and the shift (3 x 4 bytes per input channel),
+# lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank)), and
+# for the fast path the weight scales' exponents (1 byte per group scale) and row bases.
+_SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90", "w4a4_gemm_pow2_sm90")
+# The fast path adds the FP8 tensor cores' partial sums (whose accumulation keeps fewer bits than
+# fp32) into an fp32 accumulator every PROMOTE_K input channels (128 or 256).
+PROMOTE_K = 256
 
 
 def sm90_kernels_built() -> bool:
@@ -102,38 +133,76 @@ def _fallback_reason(x: torch.Tensor, layer) -> str:
     return ""
 
 
-def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """fp32 smooth, 1/smooth (correctly rounded) and shift for kernel 1, cached on the layer."""
-    shift = layer.shift
-    key = (layer.smooth.data_ptr(), layer.smooth._version,
+def lora_down_sm90(lora_down: torch.Tensor) -> torch.Tensor:
+    """lora_down [K, r] in kernel 1's layout [r, K]: each 64-group's columns reordered so that an
+    mma lane's B fragments of the group are 32 contiguous bytes (act_quant.cu):
+    out[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]."""
+    k, r = lora_down.shape
+    # [n, g, s, h, q, e] -> [n, g, q, s, h, e]
+    grouped = lora_down.t().reshape(r, k // 64, 4, 2, 4, 2)
+    return grouped.permute(0, 1, 4, 2, 3, 5).reshape(r, k).contiguous()
+
+
+def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
+    fp32 shift, and lora_down in its layout (lora_down_sm90)."""
+    shift, down = layer.shift, layer.lora_down
+    key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
            None if shift is None else (shift.data_ptr(), shift._version))
     cached = getattr(layer, "_sm90_inputs", None)
     if cached is None or cached[0] != key:
         smooth = layer.smooth.float().contiguous()
-        cached = (key, smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous())
+        cached = (key, smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
+                  lora_down_sm90(down))
         layer._sm90_inputs = cached
     return cached[1:]
 
 
-def act_codes_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
-    """Kernel 1's codes (e4m3 bytes, k permuted inside each 64-group) -> int8 codes in natural order.
+def _sm90_pow2_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast path's weight-scale exponents (uint8 [K/64, round_up(N, 16)], rows padded for TMA)
+    and row bases (fp32 [N]), cached on the layer."""
+    key = (layer.wscales.data_ptr(), layer.wscales._version)
+    cached = getattr(layer, "_sm90_pow2", None)
+    if cached is None or cached[0] != key:
+        wbase, exps = numerics.pow2_weight_exponents(layer.wscales)
+        groups, n = exps.shape
+        padded = torch.zeros(groups, (n + 15) // 16 * 16, dtype=torch.uint8, device=exps.device)
+        padded[:, :n] = exps
+        cached = (key, padded, wbase.contiguous())
+        layer._sm90_pow2 = cached
+    return cached[1:]
+
+
+def act_operands_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
+    """Kernel 1's codes (e4m3 bytes, k permuted inside each 64-group) -> their values in natural
+    order, float32 [M, K] (the INT4 codes; code * 2^-e in pow2 mode).
 
     Stored byte p of a group holds natural column perm(p), with
-    perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 2 j + h (act_quant.cu explains why).
+    perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 4 h + j (act_quant.cu explains why).
     """
     m, k = codes.shape
     p = torch.arange(64, device=codes.device)
-    perm = 16 * ((p // 4) % 4) + 8 * (p // 32) + 2 * (p % 4) + (p // 16) % 2
-    values = codes.view(torch.float8_e4m3fn).float().to(torch.int8).reshape(m, k // 64, 64)
+    perm = 16 * ((p // 4) % 4) + 8 * (p // 32) + 4 * ((p // 16) % 2) + p % 4
+    values = codes.view(torch.float8_e4m3fn).float().reshape(m, k // 64, 64)
     natural = torch.empty_like(values)
     natural[..., perm] = values
     return natural.reshape(m, k)
 
 
+def act_codes_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
+    """Kernel 1's exact-mode codes -> int8 INT4 codes in natural order."""
+    return act_operands_sm90_to_natural(codes).to(torch.int8)
+
+
 def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
-    smooth, inv_smooth, shift = _sm90_layer_inputs(layer)
-    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), smooth, inv_smooth, shift, layer.lora_down.contiguous())
+    pow2 = uses_pow2_activations(layer)
+    # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
+    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), *_sm90_layer_inputs(layer), pow2)
+    if pow2 and layer.pow2_weights:
+        wexp, wbase = _sm90_pow2_weights(layer)
+        return _C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,
+                                      layer.lora_up.contiguous(), layer.bias, out, PROMOTE_K)
     return _C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
                              layer.lora_up.contiguous(), layer.bias, out)
 
@@ -146,7 +215,7 @@ def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     _announce_fallback(reason)
     return svdq_linear_reference(
         x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-        layer.bias, layer.shift, layer.unsigned_groups,
+        layer.bias, layer.shift, layer.unsigned_groups, uses_pow2_activations(layer),
     )
 
 

@@ -64,7 +64,9 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
 def on_device(layer, device: torch.device) -> SimpleNamespace:
     """The layer's tensors copied to `device`, for one call."""
     view = SimpleNamespace(kind=layer.kind, in_features=layer.in_features, out_features=layer.out_features,
-                           unsigned_groups=getattr(layer, "unsigned_groups", None))
+                           unsigned_groups=getattr(layer, "unsigned_groups", None),
+                           pow2_weights=getattr(layer, "pow2_weights", False),
+                           pow2_activations=getattr(layer, "pow2_activations", None))
     for name in QUANTIZED_FIELDS:
         tensor = getattr(layer, name, None)
         setattr(view, name, None if tensor is None else tensor.to(device, non_blocking=True))
@@ -160,9 +162,16 @@ class SVDQLinear(_QuantizedLinearBase):
 
     LoRAs (`svdquant.lora`) are concatenated onto lora_down / lora_up after the model's own
     `base_rank` columns, which are never modified, so removing them is a slice of those columns.
+
+    pow2_weights (set at load): every group scale is a power-of-two fraction of its row's largest
+    (numerics.pow2_weight_exponents), the format `quantize_linear(..., hopper_pow2=True)` makes.
+    pow2_activations: quantize the input with power-of-two restricted scales
+    (numerics.quantize_activations_pow2); None follows `kernels.pow2_activations` (off by default).
+    On Hopper a layer with both runs the fast GEMM with no per-group rescaling.
     """
 
     kind = W4A4
+    pow2_activations: bool | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  shift: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
@@ -187,6 +196,8 @@ class SVDQLinear(_QuantizedLinearBase):
         self.unsigned_groups = numerics.unsigned_groups_from_shift(self.shift, self.in_features)
         # freshly loaded tensors carry no LoRA: all of their rank is the model's own branch
         self.base_rank = self.rank
+        self.pow2_weights = (self.wscales.device.type != "meta"
+                             and numerics.pow2_weight_exponents(self.wscales) is not None)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":

@@ -14,6 +14,13 @@ Conventions (natural layout, independent of any kernel tiling):
   * packed codes hold two INT4 per byte along K, row-major [rows, K/2]: the low
     nibble is the even column, the high nibble the odd one (two's complement for
     signed codes).
+
+Power-of-two restricted scales (the Hopper fast path, REFERENCE.md designs (c) and (d)): a
+group scale that is a per-row base times 2^-j (j in [0, POW2_MAX_EXP]) lets the tensor cores
+take code * 2^-j as an exact FP8 e4m3 operand, so no per-group rescaling is needed in the GEMM.
+  * activations (`quantize_activations_pow2`): each token's scales are atok * 2^-e[g];
+  * weights (`pow2_weight_exponents`): a layer qualifies when every wscales[g, n] equals
+    wbase[n] * 2^-f[g, n], wbase[n] the row's largest scale; the file format is unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ GELU_SHIFT = 0.171875
 
 SIGNED_MAX = 7
 UNSIGNED_MAX = 15
+# Largest power-of-two step between a group scale and its row's base: code * 2^-9 is still exact
+# in e4m3 (|code| <= 15: 2^-9 .. 7 * 2^-9 are its subnormals, 8..15 * 2^-9 its first binade).
+POW2_MAX_EXP = 9
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -76,6 +86,85 @@ def quantize_groups(
     codes = torch.minimum(torch.maximum(codes, lo), hi)
     codes = torch.where(scale_f > 0, codes, torch.zeros_like(codes))
     return codes.to(torch.int8).reshape(x.shape), scale
+
+
+def _shifted_smoothed(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    v = x.float()
+    if shift is not None:
+        v = v + shift.float()
+    return v / smooth.float()
+
+
+def pow2_exponents(top: torch.Tensor, need: torch.Tensor, max_exp: int = POW2_MAX_EXP) -> torch.Tensor:
+    """The largest j in [0, max_exp] with top * 2^-j >= need (0 where none is), as int64.
+
+    top broadcasts against need; both float32. Multiplying by 2^-j is exact in float32 for the
+    16-bit scales used here, so the comparison is exact.
+    """
+    j = torch.zeros(torch.broadcast_shapes(top.shape, need.shape), dtype=torch.int64, device=need.device)
+    for i in range(1, max_exp + 1):
+        j = torch.where(top * 2.0 ** -i >= need, i, j)
+    return j
+
+
+def quantize_groups_pow2(
+    v: torch.Tensor,
+    unsigned: torch.Tensor | bool = False,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    group_size: int = GROUP_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group quantization of the last dimension with each row's scales restricted to top * 2^-e.
+
+    v: float tensor [..., K] (computed in float32). Returns (codes int8 [..., K],
+    top [...] in scale_dtype, exps uint8 [..., K / group_size]).
+
+    Definition (what kernel 1's pow2 mode reproduces):
+      need[g] = amax[g] / qmax[g]  (float32, as in quantize_groups, before rounding);
+      top     = round_to_scale_dtype(max_g need[g]);
+      e[g]    = the largest e in [0, 9] with top * 2^-e >= need[g] (0 where none: the group
+                whose need top rounded below);
+      scale   = top * 2^-e (float32, exact); code = clamp(rint(v / scale), lo, hi), 0 where scale == 0.
+    """
+    k = v.shape[-1]
+    groups = _check_groups(k, group_size)
+    v = v.float().reshape(*v.shape[:-1], groups, group_size)
+    unsigned_groups = torch.as_tensor(unsigned, dtype=torch.bool, device=v.device).expand(groups)
+    v = torch.where(unsigned_groups.unsqueeze(-1), v.clamp_min(0.0), v)
+    qmax = torch.where(unsigned_groups, float(UNSIGNED_MAX), float(SIGNED_MAX))
+    lo = torch.where(unsigned_groups, 0.0, -8.0).unsqueeze(-1)
+    hi = torch.where(unsigned_groups, float(UNSIGNED_MAX), float(SIGNED_MAX)).unsqueeze(-1)
+    need = v.abs().amax(dim=-1) / qmax
+    top = need.amax(dim=-1).to(scale_dtype)
+    top_f = top.float().unsqueeze(-1)
+    exps = pow2_exponents(top_f, need)
+    scale = (top_f * torch.exp2(-exps.float())).unsqueeze(-1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.minimum(torch.maximum(round_half_even(v / safe), lo), hi)
+    codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
+    return codes.to(torch.int8).reshape(*v.shape[:-2], k), top, exps.to(torch.uint8)
+
+
+def pow2_scales(top: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    """The group scales top[..., None] * 2^-exps of the pow2 quantizers, float32 (exact)."""
+    return top.float().unsqueeze(-1) * torch.exp2(-exps.float())
+
+
+def pow2_weight_exponents(wscales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(wbase float32 [N], exps uint8 [G, N]) when every group scale of wscales [G, N] equals
+    wbase[n] * 2^-exps[g, n] exactly, wbase[n] being row n's largest scale and exps in
+    [0, POW2_MAX_EXP]; None otherwise (the layer then takes the exact path). A row whose scales
+    are all zero has base 0 and exponents 0."""
+    s = wscales.float()
+    if s.numel() == 0 or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        return None
+    base = s.amax(dim=0)
+    ratio = torch.where(s > 0, base / torch.where(s > 0, s, torch.ones_like(s)), torch.ones_like(s))
+    exps = torch.log2(ratio).round().clamp(0, POW2_MAX_EXP)
+    zero_row = base == 0
+    exact = (base * torch.exp2(-exps) == s) | zero_row
+    if not bool(exact.all()):
+        return None
+    return base, torch.where(zero_row, 0.0, exps).to(torch.uint8)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
@@ -138,13 +227,28 @@ def quantize_activations(
     x [M, K] (bf16/fp16); smooth [K]; shift [K] or None.
     Returns codes int8 [M, K] and scales [M, K / group_size] in x's dtype.
     """
-    v = x.float()
-    if shift is not None:
-        v = v + shift.float()
-    v = v / smooth.float()
     if unsigned_groups is None:
         unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
-    return quantize_groups(v, unsigned_groups.to(x.device), scale_dtype=x.dtype, group_size=group_size)
+    return quantize_groups(_shifted_smoothed(x, smooth, shift), unsigned_groups.to(x.device), scale_dtype=x.dtype,
+                           group_size=group_size)
+
+
+def quantize_activations_pow2(
+    x: torch.Tensor,
+    smooth: torch.Tensor,
+    shift: torch.Tensor | None = None,
+    unsigned_groups: torch.Tensor | None = None,
+    group_size: int = GROUP_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel 1's restricted (pow2) mode: v = (x + shift) / smooth, then quantize_groups_pow2.
+
+    Returns codes int8 [M, K], atok [M] in x's dtype (each token's largest group scale) and
+    exps uint8 [M, K / group_size]; the group scales are pow2_scales(atok, exps).
+    """
+    if unsigned_groups is None:
+        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
+    return quantize_groups_pow2(_shifted_smoothed(x, smooth, shift), unsigned_groups.to(x.device),
+                                scale_dtype=x.dtype, group_size=group_size)
 
 
 def w4a4_gemm_reference(

@@ -22,6 +22,10 @@ GROUP_SIZE = numerics.GROUP_SIZE
 DEFAULT_ALPHAS = tuple(a / 10 for a in range(0, 11))
 # Per-group weight clipping ratios searched for the residual's INT4 scales.
 DEFAULT_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+# Power-of-two scales (Hopper format): the row base is searched at these log2 offsets above the
+# largest group's scale, so that the other groups' needed scales land just under a power-of-two
+# fraction of it.
+POW2_BASE_OFFSETS = (0.0, 0.25, 0.5, 0.75)
 MAX_CALIBRATION_TOKENS = 1024
 SEARCH_POWER_ITERS = 2
 FINAL_POWER_ITERS = 8
@@ -43,17 +47,66 @@ class W4A4Tensors:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
+def _codes_and_error(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT4 codes of w [N, G, 64] at scales [N, G] (0 where the scale is 0) and each group's squared error."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    codes = numerics.round_half_even(w / safe).clamp(-8, numerics.SIGNED_MAX)
+    codes = torch.where(scale.unsqueeze(-1) > 0, codes, torch.zeros_like(codes))
+    return codes, (codes * scale.unsqueeze(-1) - w).square().sum(dim=-1)
+
+
+def _quantize_weight_int4_pow2(w: torch.Tensor, scale_dtype: torch.dtype):
+    """quantize_weight_int4 with pow2_scales=True on w [N, G, 64]: (codes [N, G, 64], scales [N, G])."""
+    need = w.abs().amax(dim=-1) / numerics.SIGNED_MAX
+    top = need.amax(dim=1)
+    best_err = torch.full_like(top, float("inf"))
+    best_codes, best_scale = torch.zeros_like(w), torch.zeros_like(need)
+    for offset in POW2_BASE_OFFSETS:
+        base = (top * 2.0 ** offset).to(scale_dtype).float()
+        # the largest exponent whose scale the storage dtype holds exactly (fp16 has few
+        # subnormal bits); base * 2^-j is exact for j up to it
+        max_exp = torch.zeros_like(base, dtype=torch.int64)
+        for j in range(1, numerics.POW2_MAX_EXP + 1):
+            step = base * 2.0 ** -j
+            max_exp = torch.where((max_exp == j - 1) & (step.to(scale_dtype).float() == step), j, max_exp)
+        base_g, max_g = base.unsqueeze(1), max_exp.unsqueeze(1)
+        # the smallest power-of-two fraction covering each group's absmax, and the next one down
+        # (clipping the largest weights by up to half) as the clipping candidate
+        exps = torch.minimum(numerics.pow2_exponents(base_g, need), max_g)
+        codes, err = _codes_and_error(w, base_g * torch.exp2(-exps.float()))
+        clip_scale = base_g * torch.exp2(-torch.minimum(exps + 1, max_g).float())
+        clip_codes, clip_err = _codes_and_error(w, clip_scale)
+        better = clip_err < err
+        codes = torch.where(better.unsqueeze(-1), clip_codes, codes)
+        scale = torch.where(better, clip_scale, base_g * torch.exp2(-exps.float()))
+        row_err = torch.minimum(err, clip_err).sum(dim=1)
+        keep = row_err < best_err
+        best_err = torch.where(keep, row_err, best_err)
+        best_codes = torch.where(keep[:, None, None], codes, best_codes)
+        best_scale = torch.where(keep[:, None], scale, best_scale)
+    return best_codes, best_scale
+
+
 def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
-                         clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE):
+                         clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE, pow2_scales: bool = False):
     """Signed INT4 weight quantization per (row, group) with a per-group clipping search.
 
     For each candidate ratio c the scale is c * absmax / 7 (rounded to scale_dtype) and codes
     are rint(w / scale) clamped to [-8, 7]; each group keeps the candidate with the least
     squared error. Returns (codes int8 [N, K], wscales [K / group_size, N]).
+
+    pow2_scales=True makes the Hopper fast-path format (numerics.pow2_weight_exponents): every
+    scale of row n is base[n] * 2^-j, j in [0, 9]. The base is searched at POW2_BASE_OFFSETS
+    above the row's largest needed scale absmax / 7 (least row error wins); each group takes the
+    smallest power-of-two fraction of the base that covers its absmax (j capped at 9), or the next
+    one down when that clips to a smaller error (clip_ratios is not used).
     """
     n, k = weight.shape
     groups = k // group_size
     w = weight.float().reshape(n, groups, group_size)
+    if pow2_scales:
+        codes, scale = _quantize_weight_int4_pow2(w, scale_dtype)
+        return codes.to(torch.int8).reshape(n, k), scale.t().to(scale_dtype).contiguous()
     amax = w.abs().amax(dim=-1)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = torch.zeros_like(amax)
@@ -99,19 +152,27 @@ def _low_rank(weight: torch.Tensor, rank: int, power_iters: int) -> tuple[torch.
     return (q @ u[:, :rank]) * sv[:rank], vh[:rank].t()
 
 
-def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype):
+def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype,
+               pow2: bool = False):
     """Split w * s into a rank-r branch and an INT4 residual; low-rank factors rounded to dtype."""
     w_s = w * s
     up, down_s = _low_rank(w_s, rank, power_iters)
-    codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype)
+    codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
     lora_down = (down_s / s.unsqueeze(1)).to(dtype).float()
     return codes, wscales, lora_down, up.to(dtype).float()
 
 
-def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype):
-    """Fake-quantized forward in float32 (dequantized operands): what the layer will compute."""
+def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False):
+    """Fake-quantized forward in float32 (dequantized operands): what the layer will compute.
+
+    pow2: with the restricted activation scales a layer with power-of-two weight scales runs with
+    by default (kernels.pow2_activations)."""
     v = x.float() if shift is None else x.float() + shift
-    codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
+    if pow2:
+        codes, top, exps = numerics.quantize_groups_pow2(v / smooth, unsigned, scale_dtype=dtype)
+        scales = numerics.pow2_scales(top, exps)
+    else:
+        codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
     act = numerics.dequantize_groups(codes, scales)
     w = numerics.dequantize_groups(weight_codes, wscales.t())
     return act @ w.t() + (x.float() @ lora_down) @ lora_up.t()
@@ -126,13 +187,16 @@ def quantize_linear(
     smooth: bool = True,
     alphas=DEFAULT_ALPHAS,
     dtype: torch.dtype = torch.bfloat16,
+    hopper_pow2: bool = False,
 ) -> W4A4Tensors:
     """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
 
     calibration: inputs the layer sees, [tokens, K] (at most MAX_CALIBRATION_TOKENS are used,
     evenly spaced). shift: [K] input shift for unsigned groups (post-GELU inputs), or None.
-    smooth=False keeps s = 1; rank=0 drops the low-rank branch. Returns the natural tensors in
-    `dtype`. Everything runs on weight's device, in float32.
+    smooth=False keeps s = 1; rank=0 drops the low-rank branch. hopper_pow2: power-of-two weight
+    group scales (quantize_weight_int4's pow2_scales), the format of the Hopper fast path; the
+    smoothing search then simulates the restricted activation scales the layer runs with. Returns
+    the natural tensors in `dtype`. Everything runs on weight's device, in float32.
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
@@ -156,12 +220,12 @@ def quantize_linear(
     for alpha in candidates:
         s = torch.ones(k, device=device) if alpha is None else smoothing_factors(act_absmax, weight_absmax, alpha)
         s = s.to(dtype).float()  # the stored smooth is what the engine divides by
-        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype)
-        err = (_simulate(x, *parts, s, h, unsigned, dtype) - reference).square().sum()
+        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype, hopper_pow2)
+        err = (_simulate(x, *parts, s, h, unsigned, dtype, hopper_pow2) - reference).square().sum()
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
-    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype)
+    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2)
 
     b = torch.zeros(n, device=device) if bias is None else bias.float()
     if h is not None:

@@ -3,10 +3,12 @@
 Skipped unless an sm_90 GPU is present and the extension was built with its sm_90a kernels
 (`SVDQUANT_CUDA_ARCHS=9.0a python setup.py build_ext --inplace`).
 
-Kernel 1's codes and scales must equal `numerics.quantize_activations` exactly: it performs the
-same IEEE divisions (reciprocal + Markstein correction, exact for normal quotients) and rounds
-half to even like torch.round, so there is no tie case where the two may differ.
-Kernel 2 is compared with a float64 evaluation of the same codes, scales and low-rank inputs.
+Kernel 1's codes and scales must equal `numerics.quantize_activations` (pow2 mode:
+`numerics.quantize_activations_pow2`, whose codes times 2^-e are the stored e4m3 operands) exactly:
+it performs the same IEEE divisions (reciprocal + Markstein correction, exact for normal quotients)
+and rounds half to even like torch.round, so there is no tie case where the two may differ.
+Kernel 2 (exact and fast variants) is compared with a float64 evaluation of the same codes,
+scales and low-rank inputs.
 """
 
 from __future__ import annotations
@@ -48,12 +50,26 @@ def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator, unsig
     return x.to(dtype)
 
 
+def _wscales(groups: int, n: int, dtype: torch.dtype, gen: torch.Generator, pow2: bool) -> torch.Tensor:
+    if not pow2:
+        return (torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 1e-3).to(dtype)
+    # power-of-two fractions 2^-f, f in [0, 9], of a per-channel base (f = 0 somewhere in each row)
+    # fp16 needs base * 2^-9 >= 2^-14 to hold the scales exactly (its subnormals have too few bits)
+    low = 4e-3 if dtype == torch.bfloat16 else 4e-2
+    base = (torch.rand(n, generator=gen, device=DEV) * 0.04 + low).to(dtype).float()
+    exps = torch.randint(0, numerics.POW2_MAX_EXP + 1, (groups, n), generator=gen, device=DEV)
+    exps[torch.randint(0, groups, (n,), generator=gen, device=DEV), torch.arange(n, device=DEV)] = 0
+    scales = (base * torch.exp2(-exps.float())).to(dtype)
+    assert torch.equal(scales.float(), base * torch.exp2(-exps.float()))
+    return scales
+
+
 def _layer(n: int, k: int, rank: int, dtype: torch.dtype, gen: torch.Generator, unsigned: bool,
-           bias: bool = True) -> SVDQLinear:
+           bias: bool = True, pow2_weights: bool = False) -> SVDQLinear:
     groups = k // numerics.GROUP_SIZE
     tensors = {
         "qweight": torch.randint(0, 256, (n, k // 2), generator=gen, device=DEV, dtype=torch.uint8),
-        "wscales": (torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 1e-3).to(dtype),
+        "wscales": _wscales(groups, n, dtype, gen, pow2_weights),
         "smooth": (torch.rand(k, generator=gen, device=DEV) * 4 + 0.05).to(dtype),
         "lora_down": (torch.randn(k, rank, generator=gen, device=DEV) * 0.05).to(dtype),
         "lora_up": (torch.randn(n, rank, generator=gen, device=DEV) * 0.05).to(dtype),
@@ -63,37 +79,45 @@ def _layer(n: int, k: int, rank: int, dtype: torch.dtype, gen: torch.Generator, 
     if unsigned:  # every other group shifted (unsigned), the rest signed
         flags = torch.arange(groups, device=DEV) % 2 == 1
         tensors["shift"] = (flags.repeat_interleave(numerics.GROUP_SIZE) * numerics.GELU_SHIFT).to(dtype)
-    return SVDQLinear.from_tensors(tensors)
+    layer = SVDQLinear.from_tensors(tensors)
+    assert layer.pow2_weights == (pow2_weights or groups == 1)  # one scale per row is its own base
+    return layer
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
-def _kernel1(x: torch.Tensor, layer: SVDQLinear):
-    smooth, inv_smooth, shift = kernels._sm90_layer_inputs(layer)
-    return kernels._C.act_quant_sm90(x, smooth, inv_smooth, shift, layer.lora_down)
+def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False):
+    return kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), pow2)
 
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("rank", [32, 160])
-@pytest.mark.parametrize("k", [320, 128])
-def test_act_quant_matches_reference(m, dtype, unsigned, rank, k):
-    # K = 320: five groups, the last 128-column chunk half empty, K split over several CTAs whose
-    # low-rank partials are summed by the last one; K = 128: one chunk, no split
-    gen = _gen(m * 7 + rank + unsigned + k)
+@pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
+    # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
+    # whose last CTA has fewer groups; ranks above 32 run in blocks of 64 (160: the last block half
+    # full, 320: five blocks), each a sweep over the resident x slice
+    gen = _gen(m * 7 + rank + unsigned + k + 11 * pow2)
     layer = _layer(64, k, rank, dtype, gen, unsigned)
     x = _activations(m, k, dtype, gen, layer.unsigned_groups)
-    codes, ascales, lora_act = _kernel1(x, layer)
+    codes, ascales, lora_act = _kernel1(x, layer, pow2)
     torch.cuda.synchronize()
 
-    ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
-    got_codes = kernels.act_codes_sm90_to_natural(codes)
-    mismatch = (got_codes != ref_codes).nonzero()
+    got = kernels.act_operands_sm90_to_natural(codes)
+    if pow2:
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+        ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(numerics.GROUP_SIZE, dim=1)
+        assert torch.equal(ascales[0, :m], ref_atok.float())
+    else:
+        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+        ref = ref_codes.float()
+        assert torch.equal(ascales[:, :m].t(), ref_scales.float())
+    mismatch = (got != ref).nonzero()
     assert mismatch.numel() == 0, f"{mismatch.shape[0]} codes differ, first at {mismatch[:5].tolist()}"
-    assert torch.equal(ascales[:, :m].t(), ref_scales.float())
     assert bool((ascales[:, m:] == 0).all()), "padding rows of the scales must be zero"
 
     ref_lora = (x.double() @ layer.lora_down.double()).to(dtype)
@@ -101,25 +125,32 @@ def test_act_quant_matches_reference(m, dtype, unsigned, rank, k):
 
 
 def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, layer: SVDQLinear):
-    """float64 evaluation of kernel 2 on kernel 1's outputs."""
+    """float64 evaluation of kernel 2 on kernel 1's outputs (group or token scales)."""
     m, k = codes.shape
     n, groups = layer.out_features, k // numerics.GROUP_SIZE
-    a = kernels.act_codes_sm90_to_natural(codes).double().reshape(m, groups, 64)
+    a = kernels.act_operands_sm90_to_natural(codes).double().reshape(m, groups, 64)
     w = numerics.unpack_int4(layer.qweight, signed=True).double().reshape(n, groups, 64)
     y = torch.zeros(m, n, dtype=torch.float64, device=DEV)
     for g in range(groups):
-        y += (a[:, g] @ w[:, g].t()) * ascales[g, :m].double()[:, None] * layer.wscales[g].double()[None, :]
+        asc = ascales[g if ascales.shape[0] > 1 else 0, :m].double()
+        y += (a[:, g] @ w[:, g].t()) * asc[:, None] * layer.wscales[g].double()[None, :]
     y += lora_act.double() @ layer.lora_up.double().t()
     if layer.bias is not None:
         y += layer.bias.double()
     return y
 
 
-def _run_gemm(x: torch.Tensor, layer: SVDQLinear):
-    codes, ascales, lora_act = _kernel1(x, layer)
+def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, promote_k: int = 256):
+    """Kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
+    codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
-    y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
-                                  layer.bias, out)
+    if fast:
+        wexp, wbase = kernels._sm90_pow2_weights(layer)
+        y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
+                                           layer.bias, out, promote_k)
+    else:
+        y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
+                                      layer.bias, out)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
@@ -129,11 +160,25 @@ def _run_gemm(x: torch.Tensor, layer: SVDQLinear):
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
 @pytest.mark.parametrize("rank", [32, 160])
-def test_gemm_matches_float64(m, rank):
-    gen = _gen(1000 + m + rank)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gemm_matches_float64(m, rank, pow2):
+    # pow2: the exact kernel 2 on kernel 1's pow2 outputs (per-token scales, 2^-e in the codes)
+    gen = _gen(1000 + m + rank + pow2)
     layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False)
     x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer)
+    y, ref = _run_gemm(x, layer, pow2)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
+@pytest.mark.parametrize("rank", [32, 160, 224])
+@pytest.mark.parametrize("promote_k", [128, 256])
+def test_fast_gemm_matches_float64(m, rank, promote_k):
+    # K = 576: 9 groups, so both promotion intervals end with a shorter one; rank 224 = 32 + 64 + 128
+    gen = _gen(2000 + m + rank + promote_k)
+    layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False, pow2_weights=True)
+    x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer, fast=True, promote_k=promote_k)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 
@@ -143,25 +188,30 @@ def test_gemm_matches_float64(m, rank):
     (3072, 3072, 32, torch.bfloat16, True, True),   # a FLUX shape
     (520, 1024, 48, torch.float16, False, True),
 ])
-def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias):
+@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast"])
+def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, path):
     gen = _gen(n + k + rank)
-    layer = _layer(n, k, rank, dtype, gen, unsigned, bias)
+    layer = _layer(n, k, rank, dtype, gen, unsigned, bias, pow2_weights=path == "fast")
     x = _activations(300, k, dtype, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer)
+    y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=path == "fast")
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-def test_svdq_linear_cuda_matches_reference_path(dtype, unsigned):
+@pytest.mark.parametrize("pow2_weights,pow2_activations", [(False, False), (False, True), (True, False),
+                                                           (True, True)])
+def test_svdq_linear_cuda_matches_reference_path(dtype, unsigned, pow2_weights, pow2_activations):
+    # (True, True): our Hopper format with restricted activations, the fast kernel 2
     gen = _gen(7 + unsigned)
-    layer = _layer(256, 512, 32, dtype, gen, unsigned)
+    layer = _layer(256, 512, 32, dtype, gen, unsigned, pow2_weights=pow2_weights)
+    layer.pow2_activations = pow2_activations
     x = _activations(2 * 77, 512, dtype, gen, layer.unsigned_groups).reshape(2, 77, 512)
     assert kernels._fallback_reason(x.reshape(-1, 512), layer) == ""
     y = layer(x)
     ref = kernels.svdq_linear_reference(
         x.reshape(-1, 512), layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-        layer.bias, layer.shift, layer.unsigned_groups).reshape(2, 77, 256)
+        layer.bias, layer.shift, layer.unsigned_groups, kernels.uses_pow2_activations(layer)).reshape(2, 77, 256)
     assert y.shape == ref.shape and y.dtype == dtype
     # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
     assert _rel(y, ref) <= 5e-3, _rel(y, ref)

@@ -157,3 +157,76 @@ def test_w4a16_linear_matches_float64_reference():
     y = layer(x)
     ref = x.double() @ dense.t() + bias.bfloat16().double()
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pow2_activation_quantizer_rules(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 640, generator=gen) * torch.logspace(-4, 1, 640)
+    x[2] = 0.0                 # an all-zero token
+    x[3, 128:192] = 0.0        # an all-zero group
+    unsigned = torch.arange(10) % 3 == 1
+    x[:, 64:128] = x[:, 64:128].abs()
+    codes, top, exps = numerics.quantize_groups_pow2(x, unsigned, scale_dtype=dtype)
+    assert codes.dtype == torch.int8 and top.dtype == dtype and exps.dtype == torch.uint8
+    assert top.shape == (6,) and exps.shape == (6, 10)
+    v = torch.where(unsigned.repeat_interleave(64), x.clamp_min(0), x).reshape(6, 10, 64)
+    qmax = torch.where(unsigned, 15.0, 7.0)
+    need = v.abs().amax(-1) / qmax
+    assert torch.equal(top, need.amax(-1).to(dtype))
+    scales = numerics.pow2_scales(top, exps)
+    # the largest e in [0, 9] whose scale still covers the group, or 0 when none does
+    assert int(exps.max()) <= numerics.POW2_MAX_EXP
+    covered = scales >= need
+    assert bool((covered | (exps == 0)).all())
+    finer = top.float()[:, None] * torch.exp2(-(exps.float() + 1))
+    assert bool(((finer < need) | (exps == numerics.POW2_MAX_EXP)).all())
+    assert int(exps[3, 2]) == numerics.POW2_MAX_EXP and not codes[3, 128:192].any()
+    assert top[2] == 0 and not codes[2].any()
+    # codes agree with the plain quantizer's rule at these scales; the operand code * 2^-e is exact in e4m3
+    lo = torch.where(unsigned, 0.0, -8.0).repeat_interleave(64)
+    hi = torch.where(unsigned, 15.0, 7.0).repeat_interleave(64)
+    assert bool((codes >= lo).all() and (codes <= hi).all())
+    operand = codes.float() * torch.exp2(-exps.float()).repeat_interleave(64, dim=1)
+    assert torch.equal(operand.to(torch.float8_e4m3fn).float(), operand)
+    deq = numerics.dequantize_groups(codes, scales)
+    step = scales.repeat_interleave(64, dim=1)
+    vv = v.reshape(6, 640)
+    assert bool(((deq - vv).abs() <= 0.5 * step * (1 + 2**-7) + 1e-30).all())
+
+
+def test_pow2_exponents_cover_every_code_exactly_in_e4m3():
+    codes = torch.arange(-8, 16, dtype=torch.float32)
+    for e in range(numerics.POW2_MAX_EXP + 1):
+        value = codes * 2.0 ** -e
+        assert torch.equal(value.to(torch.float8_e4m3fn).float(), value)
+
+
+def test_pow2_activations_of_layer_input():
+    x = (torch.randn(5, 256) * 3).bfloat16()
+    smooth = (torch.rand(256) + 0.5).bfloat16()
+    shift = torch.zeros(256)
+    shift[128:] = numerics.GELU_SHIFT
+    codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift.bfloat16())
+    v = (x.float() + shift.bfloat16().float()) / smooth.float()
+    ref = numerics.quantize_groups_pow2(v, torch.tensor([False, False, True, True]), scale_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip((codes, atok, exps), ref))
+
+
+def test_pow2_weight_exponents_detection():
+    base = torch.tensor([0.5, 0.0, 3.0, 1.0])
+    exps = torch.tensor([[0, 0, 2, 9], [3, 0, 0, 0], [9, 0, 1, 4]])
+    wscales = (base * torch.exp2(-exps.float())).bfloat16()
+    wscales[:, 1] = 0.0  # an all-zero row
+    got = numerics.pow2_weight_exponents(wscales)
+    assert got is not None
+    assert torch.equal(got[0], base) and torch.equal(got[1], exps.to(torch.uint8))
+    not_pow2 = wscales.clone()
+    not_pow2[1, 0] = 0.3
+    assert numerics.pow2_weight_exponents(not_pow2) is None
+    too_far = wscales.clone()
+    too_far[2, 3] = 2.0 ** -10  # 2^-10 of the row's base 1
+    assert numerics.pow2_weight_exponents(too_far) is None
+    zero_group = wscales.clone()
+    zero_group[0, 0] = 0.0
+    assert numerics.pow2_weight_exponents(zero_group) is None

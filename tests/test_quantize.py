@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdquant import numerics, quantize, synthetic
+from svdquant import kernels, numerics, quantize, synthetic
 from svdquant.linear import SVDQLinear
 
 
@@ -71,3 +71,53 @@ def test_fidelity_ordering_on_flux_shaped_outlier_layer():
     errors = synthetic.layer_fidelity(x, w, b, rank=32)
     assert errors["svdquant_r32"] < 0.8 * errors["smooth_w4a4"]
     assert errors["smooth_w4a4"] < 0.6 * errors["naive_w4a4"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pow2_weight_quantizer(dtype):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 1024, generator=gen) * torch.logspace(-3, 0, 16).repeat_interleave(64) * 0.05
+    w[3, :64] = 0.0
+    codes, wscales = quantize.quantize_weight_int4(w, scale_dtype=dtype, pow2_scales=True)
+    assert codes.dtype == torch.int8 and wscales.shape == (16, 96) and wscales.dtype == dtype
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    found = numerics.pow2_weight_exponents(wscales)
+    assert found is not None and int(found[1].max()) <= numerics.POW2_MAX_EXP
+    assert not codes[3, :64].any()
+    plain_codes, plain_scales = quantize.quantize_weight_int4(w, scale_dtype=dtype)
+
+    def err(c, s):
+        return float((numerics.dequantize_groups(c, s.t()) - w).norm() / w.norm())
+
+    # the restriction costs accuracy, but stays within a bounded factor of the free scales
+    assert err(plain_codes, plain_scales) <= err(codes, wscales) < 1.5 * err(plain_codes, plain_scales)
+
+
+def test_hopper_pow2_layer_runs_with_pow2_activations(monkeypatch):
+    x, w, b = synthetic.outlier_layer(128, 256, tokens=32, seed=4)
+    t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
+    layer = SVDQLinear.from_tensors(t.as_dict())
+    assert layer.pow2_weights and not kernels.uses_pow2_activations(layer)  # opt-in
+    monkeypatch.setattr(kernels, "pow2_activations", None)  # auto: on for power-of-two weights
+    assert kernels.uses_pow2_activations(layer)
+    y = layer(x.bfloat16())
+    ref = kernels.svdq_linear_reference(x.bfloat16(), layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
+                                        layer.lora_up, layer.bias, pow2_activations=True)
+    assert torch.equal(y, ref)
+    layer.pow2_activations = False
+    assert not kernels.uses_pow2_activations(layer)
+    assert not torch.equal(layer(x.bfloat16()), y)
+    plain = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
+    assert not plain.pow2_weights and not kernels.uses_pow2_activations(plain)
+
+
+def test_pow2_activation_switch(monkeypatch):
+    x, w, b = synthetic.outlier_layer(64, 128, tokens=8, seed=6)
+    layer = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
+    monkeypatch.setattr(kernels, "pow2_activations", True)
+    assert kernels.uses_pow2_activations(layer)
+    layer.pow2_activations = False  # the layer's own choice wins
+    assert not kernels.uses_pow2_activations(layer)
+    monkeypatch.setattr(kernels, "pow2_activations", False)
+    layer.pow2_activations = None
+    assert not kernels.uses_pow2_activations(layer)

@@ -1,36 +1,54 @@
 // Kernel 1: SVDQuant activation quantization fused with the low-rank down projection (sm_90a).
 //
-// One read of x [M, K] (16-bit) feeds both outputs:
-//   codes   [M, K]      INT4 codes as e4m3 bytes, in the order kernel 2 consumes (below);
-//   ascales [K/64, m_al] per-(token, 64-group) scales, rounded to x's dtype, stored as fp32;
+// One read of x [M, K] (16-bit) from device memory feeds every output:
+//   codes    [M, K]      e4m3 bytes of the INT4 codes (pow2 mode: of code * 2^-e, exact in e4m3),
+//                        k permuted inside each 64-group in the order kernel 2 consumes (below);
+//   ascales  exact mode: [K/64, m_al] per-(token, group) scales rounded to x's dtype, as fp32;
+//            pow2 mode:  [1, m_al] per-token scales atok rounded to x's dtype, as fp32;
+//            rows M..m_al-1 are written as 0;
 //   lora_act [M, rank]   x @ lora_down, fp32 accumulation (tensor-core mma), stored in x's dtype.
 //
-// Numerics are those of numerics.quantize_activations, bit for bit:
+// Numerics are those of numerics.quantize_activations (exact mode) and
+// numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   v = (x + shift) / smooth (fp32, IEEE division); unsigned groups (shift > 0) clamp v at 0;
-//   scale = dtype(amax / qmax), qmax = 7 or 15; code = clamp(rint(v / scale)), 0 where scale == 0.
-// Both divisions use a correctly rounded reciprocal and one Markstein correction step
+//   need = amax / qmax (qmax = 7 or 15, IEEE division);
+//   exact: scale = dtype(need);  pow2: atok = dtype(max over the token's groups of need),
+//          scale = atok * 2^-e with e the largest in [0, 9] such that scale >= need (0 if none);
+//   code = rint(v / scale), clamped to [-8, 7] or [0, 15]; 0 where scale == 0.
+// Divisions use a correctly rounded reciprocal and one Markstein correction step
 // (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
 // is a normal number: checked exhaustively on the host for bf16 numerators against every bf16
 // divisor and on 2e8 random fp32 pairs. Quotients outside [2^-100, 2^100] take __fdiv_rn.
 // Rounding ties therefore break exactly as in the reference (rint = round half to even).
 //
 // Layout of `codes` (kernel 2 reads it with TMA and feeds it to wgmma as the B operand):
-//   codes[m, 64 g + p] = e4m3(code[m, 64 g + perm(p)]),   perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 2 j + h
+//   codes[m, 64 g + p] = e4m3(code[m, 64 g + perm(p)]),   perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 4 h + j
 //   (s, h in {0, 1}; q, j in [0, 4)). Over the two k32 steps of a group, lane q of a wgmma A
 //   fragment row holds k positions {32 s + 16 h + 4 q + j}; the permutation maps them onto the 16
-//   consecutive natural columns 16q..16q+15, i.e. bytes 8q..8q+7 of the natural packed weight row,
-//   with the even nibbles of a packed word on h = 0 and the odd ones on h = 1. Kernel 2 therefore
-//   reads qweight in its natural layout and splits nibbles straight into fragment registers.
-//   Integer codes are exact in e4m3 (-8..15).
+//   consecutive natural columns 16q..16q+15, i.e. bytes 8q..8q+7 of the natural packed weight row:
+//   the word of step s holds columns 16q + 8s .. +7, its low half (columns 0..3 of the word) going
+//   to h = 0 and its high half to h = 1. Kernel 2 therefore reads qweight in its natural layout and
+//   turns each packed word into two fragment registers with a table lookup.
 //
-// Work split: a CTA owns 32 tokens, a slice of up to 128 ranks (grid.y; only slice 0 writes codes
-// and scales) and a range of K (grid.z, sized by act_quant_plan so that ~3 CTAs run per SM even at
-// small M), streamed in chunks of 128 columns through a 3-stage cp.async pipeline. Quantization:
-// 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16 on the x tile and the
-// lora_down tile, each warp one 16-token half and every 4th 8-rank column block. With several K
-// ranges, each CTA stores its fp32 low-rank partial and the last CTA of a (token block, rank slice)
-// to finish (atomic counter) sums the partials in K order, so the result is deterministic.
-#include <cuda_fp8.h>
+// Work split: a cluster of cs CTAs owns 32 tokens; CTA c of it owns groups [c * gpc, (c+1) * gpc)
+// of K (make_plan picks cs and gpc). Its x slice, 32 tokens x gpc groups, is TMA-loaded once
+// (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory. As each
+// group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
+// the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
+// through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
+// (no second read of x from memory).
+// Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
+// the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
+// blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
+// from L2 (no shared-memory staging, no block-wide barrier per group), one group ahead, from
+// lora_down repacked at load time (kernels.lora_down_sm90) so that a lane's fragments of a group
+// are 32 contiguous bytes:
+//   lora_p[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]
+//   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
+//   and b1 = (h 1) registers of the four k16 steps s of group g in order.
+// The cluster's fp32 partials are summed in CTA order through distributed shared memory, so the
+// result is deterministic.
+#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -40,22 +58,26 @@
 namespace svdq::sm90 {
 namespace {
 
-constexpr int kTokens = 32;
-constexpr int kChunk = 128;
-constexpr int kStages = 2;  // one chunk in flight per CTA, 4 CTAs per SM
-constexpr int kThreads = 256;
-constexpr int kRankSlice = 128;
-constexpr int kCtasPerSm = 4;  // 256 threads x 64 registers; 4 x 41 KB of shared memory at rank 32
-// x tile rows are padded by 16 bytes so that ldmatrix rows fall in distinct bank groups.
-constexpr int kXStride = kChunk * 2 + 16;
-constexpr int kXTileBytes = kTokens * kXStride;
+namespace cg = cooperative_groups;
 
-// Stage: x tile [32][kXStride], then smooth, 1/smooth and shift of the chunk's columns (fp32),
-// then the lora_down tile [128][lora_stride].
-constexpr int kParamBytes = 3 * kChunk * 4;
-__host__ __device__ int lora_stride(int ranks) { return ranks * 2 + 16; }  // bytes per row of the lora_down tile
-__host__ __device__ int stage_bytes(int ranks) {
-  return kXTileBytes + kParamBytes + (ranks ? kChunk * lora_stride(ranks) : 0);
+constexpr int kTokens = 32;
+constexpr int kThreads = 256;
+constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 tokens][64 x 16-bit], swizzled
+constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
+constexpr int kTargetGroupsPerCta = 12;    // 48 KB of x per CTA: two or more CTAs per SM
+
+// Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
+struct SmemLayout {
+  int part, need, tmax, bars, total;
+};
+__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block) {
+  SmemLayout s;
+  s.part = gpc * kXBoxBytes;                    // x slice at 0
+  s.need = s.part + kTokens * rank_block * 4;   // fp32 low-rank partial [32][rank_block]
+  s.tmax = s.need + gpc * kTokens * 4;          // pow2: need [gpc][32]
+  s.bars = s.tmax + kTokens * 4;                // pow2: largest need per token
+  s.total = s.bars + gpc * 8;
+  return s;
 }
 
 // m16n8k16 tensor-core product with fp32 accumulation, A row-major and B column-major fragments.
@@ -81,28 +103,15 @@ __device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  // src-size 0 fills the 16 bytes with zeros (rows past M, columns past K)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
 }
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_u32(p)));
-}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of 128-byte rows written by TMA with
+// CU_TENSOR_MAP_SWIZZLE_128B (the tile starts on a 1024-byte boundary).
+__device__ __forceinline__ int swz128(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
 // n / d rounded to nearest even, given inv = 1/d rounded to nearest: exact when the quotient is a
 // normal number (see the file comment); callers check that.
@@ -128,26 +137,27 @@ __device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
 }
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
-  const float4 a = *reinterpret_cast<const float4*>(p);
-  const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// Quantizes one (token, group) octet: 8 consecutive columns starting at k (a multiple of 8).
-// params: this octet's smooth, then 1/smooth and shift at +kChunk and +2 kChunk floats (shared memory).
+// v = (x + shift) / smooth of one (token, group) octet: the 8 natural columns col .. col+7 (col a
+// multiple of 8), read from its 16-byte chunk of the swizzled x box. Unsigned groups clamp v at 0.
+// Returns max |v| over the octet; `uns` tells whether the group is unsigned.
 template <typename T>
-__device__ __forceinline__ void quantize_octet(const ActQuantArgs& a, const uint8_t* xrow, const float* params,
-                                               int tok, int k, int t8) {
+__device__ __forceinline__ float octet_values(const ActQuantArgs& a, const uint8_t* xbox, int tl, int t8, int col,
+                                              float (&v)[8], bool& uns) {
   using H = Half<T>;
-  const uint4 raw = *reinterpret_cast<const uint4*>(xrow);
+  const uint4 raw = *reinterpret_cast<const uint4*>(xbox + swz128(tl, t8));
   const T* xv = reinterpret_cast<const T*>(&raw);
-  float sm[8], inv[8], n[8], v[8];
-  load8(sm, params);
-  load8(inv, params + kChunk);
-  bool uns = false;
+  float sm[8], inv[8], n[8];
+  load8(sm, a.smooth + col);
+  load8(inv, a.inv_smooth + col);
+  uns = false;
   if (a.shift) {
     float sh[8];
-    load8(sh, params + 2 * kChunk);
+    load8(sh, a.shift + col);
     uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(H::to_float(xv[e]), sh[e]);
@@ -170,190 +180,224 @@ __device__ __forceinline__ void quantize_octet(const ActQuantArgs& a, const uint
       hi = fmaxf(hi, fabsf(v[e]));
     }
   }
-  float amax = hi;
-  if (uns) {  // warp-uniform: a warp quantizes one group of 4 tokens
-    amax = 0.f;
+  if (uns) {  // warp-uniform: a warp covers one group of 4 tokens
+    hi = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = fmaxf(v[e], 0.f);
-      amax = fmaxf(amax, v[e]);
+      hi = fmaxf(hi, v[e]);
     }
   }
-  // the 8 lanes of a (token, group) are consecutive lanes of one warp
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-  const float scale = H::round(uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f));
-  const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
-  float c[8];
-  if (scale >= 0x1p-100f) {
-    // A normal scale is amax / qmax rounded to 8 (bf16) or 11 (fp16) significant bits, so
-    // |v / scale| <= qmax * (1 + 2^-9) and rint already lies in [lo, hi] (unsigned v >= 0): the
-    // reference's clamp is a no-op here. A quotient too small to be normal rounds to code 0 either way.
+  return hi;
+}
+
+// The largest of the 8 lanes' values of a (token, group): they are consecutive lanes of one warp.
+__device__ __forceinline__ float octet_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+}
+
+// rint(v / scale) for an octet, as the reference computes it (clamp, 0 for a zero scale).
+// `rounded` is the value rounded to the 16-bit dtype that scale derives from (scale itself, or
+// pow2 mode's atok with scale = atok * 2^-e).
+template <typename T>
+__device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, float rounded, bool uns,
+                                            float (&c)[8]) {
+  if (rounded >= Half<T>::kMinNormal && scale >= 0x1p-100f && scale <= 0x1p100f) {
+    // A scale >= need * (1 - 2^-9) (need = amax / qmax; only rounding to a normal dtype value makes
+    // it smaller, by at most 2^-9 relative) gives |v / scale| <= qmax * (1 + 2^-8), so rint lies in
+    // [lo, hi] already (unsigned v >= 0): the reference's clamp is a no-op here. A quotient too
+    // small to be normal rounds to code 0 either way.
     const float inv_scale = __frcp_rn(scale);
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = rintf(div_fast(v[e], scale, inv_scale));
   } else if (scale > 0.f) {
+    const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = fminf(fmaxf(rintf(div_exact(v[e], scale)), qlo), qhi);
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = 0.f;
   }
-  if (tok < a.M) {
-    // natural columns 8 t8 + e of the group go to p = 32 s + 16 h + 4 q + j with
-    // q = t8 / 2, s = t8 % 2, e = 2 j + h: one word of even columns, one of odd columns
-    uint8_t* dst = a.codes + static_cast<size_t>(tok) * a.K + (k & ~63) + 32 * (t8 & 1) + 4 * (t8 >> 1);
-    *reinterpret_cast<uint32_t*>(dst) = e4m3x4(c[0], c[2], c[4], c[6]);
-    *reinterpret_cast<uint32_t*>(dst + 16) = e4m3x4(c[1], c[3], c[5], c[7]);
-  }
-  if (t8 == 0 && tok < a.m_al) a.ascales[static_cast<size_t>(k / 64) * a.m_al + tok] = tok < a.M ? scale : 0.f;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) act_quant_kernel(const ActQuantArgs a) {
+// Stores an octet's 8 e4m3 values (natural columns 8 t8 .. 8 t8 + 7 of group g): columns 0..3 go
+// to p = 32 s + 4 q + j, columns 4..7 to p + 16, with q = t8 / 2, s = t8 % 2 (see perm above).
+__device__ __forceinline__ void store_octet(const ActQuantArgs& a, int tok, int g, int t8, const float (&c)[8]) {
+  uint8_t* dst = a.codes + static_cast<size_t>(tok) * a.K + 64 * g + 32 * (t8 & 1) + 4 * (t8 >> 1);
+  *reinterpret_cast<uint32_t*>(dst) = e4m3x4(c[0], c[1], c[2], c[3]);
+  *reinterpret_cast<uint32_t*>(dst + 16) = e4m3x4(c[4], c[5], c[6], c[7]);
+}
+
+__device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
+
+template <typename T, bool kPow2, int kTiles>
+__global__ void __launch_bounds__(kThreads, 2)
+    act_quant_kernel(const __grid_constant__ CUtensorMap tm_x, const ActQuantArgs a, int gpc) {
   using H = Half<T>;
-  extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ bool last_split;
+  constexpr int kRankBlock = 32 * kTiles;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int crank = static_cast<int>(cluster.block_rank()), cs = static_cast<int>(cluster.num_blocks());
+  extern __shared__ uint8_t smem_raw[];
+  // offset (not an integer round trip) so that the compiler keeps shared-memory loads
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  const int g0 = crank * gpc, ng = min(gpc, a.K / 64 - g0);  // this CTA's groups (the plan makes ng >= 1)
+  const int tok0 = blockIdx.y * kTokens;
+  const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
+  const SmemLayout lay = smem_layout(gpc, rank_block);
+  float* part = reinterpret_cast<float*>(smem + lay.part);
+  float* need_s = reinterpret_cast<float*>(smem + lay.need);
+  float* tmax_s = reinterpret_cast<float*>(smem + lay.tmax);
+  uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + lay.bars);
+  const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int tok0 = blockIdx.x * kTokens;
-  const int r0 = blockIdx.y * kRankSlice;
-  const int ranks = a.rank ? min(kRankSlice, a.rank - r0) : 0;  // this CTA's rank slice
-  const int lstride = lora_stride(ranks);
-  const int sbytes = stage_bytes(ranks);
-  const int per_split = ((a.K + kChunk - 1) / kChunk + a.ksplits - 1) / a.ksplits;
-  const int c0 = blockIdx.z * per_split;                                   // this CTA's chunks:
-  const int nchunks = min(per_split, (a.K + kChunk - 1) / kChunk - c0);    // c0 .. c0 + nchunks - 1
-  const T* x = static_cast<const T*>(a.x);
-  const T* down = static_cast<const T*>(a.lora_down);
 
-  // Chunk-invariant load assignments (16-byte cp.async pieces), so the loop only adds offsets.
-  const int xr = tid / 16, xc = tid % 16;  // x rows xr and xr + 16, piece xc
-  const bool xok0 = tok0 + xr < a.M, xok1 = tok0 + xr + 16 < a.M;
-  const T* xsrc0 = x + static_cast<size_t>(xok0 ? tok0 + xr : 0) * a.K + 8 * xc;
-  const T* xsrc1 = x + static_cast<size_t>(xok1 ? tok0 + xr + 16 : 0) * a.K + 8 * xc;
-  const float* psrc = tid < 32 ? a.smooth : tid < 64 ? a.inv_smooth : a.shift;  // 32 pieces each
-  const bool pload = tid < (a.shift ? 96 : 64);
-  const int per_row = ranks / 8;                                    // lora_down pieces per row
-  const int rows_per_pass = per_row ? kThreads / per_row : kChunk;  // rows loaded per pass
-  const int lr = per_row ? tid / per_row : 0, lc = per_row ? tid % per_row : 0;
-  const bool lload = per_row && lr < rows_per_pass;
-  const T* lsrc = down + r0 + 8 * lc;
-
-  auto load_chunk = [&](int c) {  // c counts from this CTA's first chunk
-    uint8_t* xs = smem + (c % kStages) * sbytes;
-    const int k0 = (c0 + c) * kChunk;
-    const bool kok = k0 + 8 * xc < a.K;
-    cp_async16(xs + xr * kXStride + xc * 16, xsrc0 + k0, xok0 && kok);
-    cp_async16(xs + (xr + 16) * kXStride + xc * 16, xsrc1 + k0, xok1 && kok);
-    if (pload) {
-      const bool ok = k0 + 4 * (tid % 32) < a.K;
-      cp_async16(xs + kXTileBytes + (tid / 32) * kChunk * 4 + (tid % 32) * 16, ok ? psrc + k0 + 4 * (tid % 32) : psrc,
-                 ok);
-    }
-    if (lload) {
-      uint8_t* ls = xs + kXTileBytes + kParamBytes + lc * 16;
-      for (int row = lr; row < kChunk; row += rows_per_pass) {
-        const bool ok = k0 + row < a.K;
-        cp_async16(ls + row * lstride, ok ? lsrc + static_cast<size_t>(k0 + row) * a.rank : down, ok);
-      }
-    }
-  };
-
-#pragma unroll
-  for (int c = 0; c < kStages - 1; ++c) {
-    if (c < nchunks) load_chunk(c);
-    cp_async_commit();
+  if (tid == 0) {
+    for (int g = 0; g < ng; ++g) mbar_init(&xbar[g], 1);
+    mbar_init_fence();
   }
-
-  const int mt = warp & 1, nbase = warp >> 1, n8 = ranks / 8;  // low-rank: 16-token half, 8-rank blocks
-  const int tl = tid / 8, t8 = tid % 8;                         // quantization: token row, column octet
-  float acc[4][4] = {};
-  for (int c = 0; c < nchunks; ++c) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // chunk c landed for every thread, and chunk c-1's stage is free for reuse
-    if (c + kStages - 1 < nchunks) load_chunk(c + kStages - 1);
-    cp_async_commit();
-
-    const uint8_t* xs = smem + (c % kStages) * sbytes;
-    const int k0 = (c0 + c) * kChunk;
-    if (blockIdx.y == 0) {
-#pragma unroll
-      for (int gi = 0; gi < kChunk / 64; ++gi) {
-        if (k0 + 64 * gi < a.K)  // K is a multiple of 64: uniform over the warp
-          quantize_octet<T>(a, xs + tl * kXStride + (64 * gi + 8 * t8) * 2,
-                            reinterpret_cast<const float*>(xs + kXTileBytes) + 64 * gi + 8 * t8, tok0 + tl,
-                            k0 + 64 * gi + 8 * t8, t8);
-      }
-    }
-    // Low-rank: the tile guard is warp-uniform and outside the k loop (a guard around each
-    // ldmatrix/mma costs a reconvergence block per instruction); the x fragments are reloaded
-    // per rank tile, which only happens for ranks above 32.
-    const uint8_t* ls = xs + kXTileBytes + kParamBytes;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int nt = nbase + 4 * i;
-      if (nt >= n8) break;
-#pragma unroll
-      for (int ks = 0; ks < kChunk / 16; ++ks) {
-        uint32_t af[4], bf[2];
-        ldmatrix_x4(af, xs + (16 * mt + (lane & 15)) * kXStride + (16 * ks + 8 * (lane >> 4)) * 2);
-        ldmatrix_x2_trans(bf, ls + (16 * ks + (lane & 15)) * lstride + nt * 16);
-        mma_m16n8k16<T>(acc[i], af, bf);
-      }
-    }
-  }
-  if (!n8) return;
-
-  T* out = static_cast<T*>(a.lora_act);
-  const int g = lane / 4, q = lane % 4;
-  if (a.ksplits == 1) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int nt = nbase + 4 * i;
-      if (nt >= n8) continue;
-      const int col = r0 + 8 * nt + 2 * q;
-      const int ta = tok0 + 16 * mt + g, tb = ta + 8;
-      if (ta < a.M) *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(ta) * a.rank + col) = H::pack2(acc[i][0], acc[i][1]);
-      if (tb < a.M) *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(tb) * a.rank + col) = H::pack2(acc[i][2], acc[i][3]);
-    }
-    return;
-  }
-  // Several K ranges: store this CTA's fp32 partial, then the last CTA to arrive sums them in K order.
-  const int m_pad = gridDim.x * kTokens;
-  float* part = a.partials + static_cast<size_t>(blockIdx.z) * m_pad * a.rank;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int nt = nbase + 4 * i;
-    if (nt >= n8) continue;
-    const int col = r0 + 8 * nt + 2 * q;
-    const int ta = tok0 + 16 * mt + g;
-    *reinterpret_cast<float2*>(part + static_cast<size_t>(ta) * a.rank + col) = make_float2(acc[i][0], acc[i][1]);
-    *reinterpret_cast<float2*>(part + static_cast<size_t>(ta + 8) * a.rank + col) = make_float2(acc[i][2], acc[i][3]);
-  }
-  __threadfence();
   __syncthreads();
-  int* counter = a.counters + blockIdx.x * gridDim.y + blockIdx.y;
-  if (tid == 0) last_split = atomicAdd(counter, 1) == a.ksplits - 1;
-  __syncthreads();
-  if (!last_split) return;
-  __threadfence();
-  for (int i = tid; i < kTokens * ranks / 2; i += kThreads) {
-    const int t = i / (ranks / 2), col = r0 + 2 * (i % (ranks / 2));
-    if (tok0 + t >= a.M) continue;
-    float2 sum = make_float2(0.f, 0.f);
-    for (int z = 0; z < a.ksplits; ++z) {
-      const float2 p = __ldcg(reinterpret_cast<const float2*>(a.partials + (static_cast<size_t>(z) * m_pad + tok0 + t) * a.rank + col));
-      sum.x += p.x, sum.y += p.y;
+  if (tid == 0) {
+    for (int g = 0; g < ng; ++g) {
+      mbar_expect_tx(&xbar[g], kXBoxBytes);
+      tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * (g0 + g), tok0);
     }
-    *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(tok0 + t) * a.rank + col) = H::pack2(sum.x, sum.y);
   }
-  if (tid == 0) *counter = 0;  // leave the counters zeroed
+
+  const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
+  const int mt = warp & 1, nbase = warp >> 1;             // low-rank: 16-token half, first 8-rank tile
+  const int q = lane % 4, g8 = lane / 4;
+  const T* lora_p = static_cast<const T*>(a.lora_down);
+  float tmax = 0.f;  // pow2: this token's largest need over the CTA's groups
+  for (int blk = 0; blk < blocks; ++blk) {
+    float acc[kTiles][4];
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    const int n8 = a.rank ? min(kRankBlock, a.rank - blk * kRankBlock) / 8 : 0;  // 8-rank tiles of the block
+    // this lane's B fragments of one group: words 2s, 2s + 1 = b0, b1 of k16 step s
+    uint32_t bcur[kTiles][8], bnext[kTiles][8];
+    auto load_b = [&](int g, uint32_t (&b)[kTiles][8]) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        const int nt = nbase + 4 * i;
+        if (nt < n8) {
+          const uint4* src = reinterpret_cast<const uint4*>(
+              lora_p + static_cast<size_t>(blk * kRankBlock + 8 * nt + g8) * a.K + 64 * (g0 + g) + 16 * q);
+          *reinterpret_cast<uint4*>(&b[i][0]) = __ldg(src);
+          *reinterpret_cast<uint4*>(&b[i][4]) = __ldg(src + 1);
+        }
+      }
+    };
+    if (n8) load_b(0, bnext);
+    for (int g = 0; g < ng; ++g) {
+      if (n8) {
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+          for (int w = 0; w < 8; ++w) bcur[i][w] = bnext[i][w];
+        if (g + 1 < ng) load_b(g + 1, bnext);
+      }
+      const uint8_t* xbox = smem + g * kXBoxBytes;
+      if (blk == 0) {  // pass 1, as the group lands
+        mbar_wait(&xbar[g], 0);
+        float v[8];
+        bool uns;
+        const float amax = octet_max(octet_values<T>(a, xbox, tl, t8, 64 * (g0 + g) + 8 * t8, v, uns));
+        const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
+        if constexpr (kPow2) {
+          if (t8 == 0) need_s[g * kTokens + tl] = need;
+          tmax = fmaxf(tmax, need);
+        } else {
+          const float scale = H::round(need);
+          float c[8];
+          octet_codes<T>(v, scale, scale, uns, c);
+          if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
+          if (t8 == 0 && tok < a.m_al) a.ascales[static_cast<size_t>(g0 + g) * a.m_al + tok] = tok < a.M ? scale : 0.f;
+        }
+      }
+      if (n8) {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          uint32_t af[4];
+          const int row = 16 * mt + (lane & 15);
+          ldmatrix_x4(af, xbox + swz128(row, 2 * ks + (lane >> 4)));
+#pragma unroll
+          for (int i = 0; i < kTiles; ++i) {
+            if (nbase + 4 * i < n8) {  // warp-uniform
+              const uint32_t bf[2] = {bcur[i][2 * ks], bcur[i][2 * ks + 1]};
+              mma_m16n8k16<T>(acc[i], af, bf);
+            }
+          }
+        }
+      }
+    }
+
+    // End of a sweep: publish this CTA's low-rank partial (and in pow2 mode its per-token largest
+    // need) to the cluster, then read the others' through distributed shared memory.
+    if (a.rank) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        const int nt = nbase + 4 * i;
+        if (nt < n8) {
+          float* p = part + (16 * mt + g8) * rank_block + 8 * nt + 2 * q;
+          *reinterpret_cast<float2*>(p) = make_float2(acc[i][0], acc[i][1]);
+          *reinterpret_cast<float2*>(p + 8 * rank_block) = make_float2(acc[i][2], acc[i][3]);
+        }
+      }
+    }
+    if (kPow2 && blk == 0 && t8 == 0) tmax_s[tl] = tmax;
+    if (!a.rank && !kPow2) break;  // nothing to exchange
+    cluster.sync();
+    if constexpr (kPow2) {
+      if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
+        float m = t8 < cs ? *cluster.map_shared_rank(tmax_s + tl, t8) : 0.f;
+        const float atok = H::round(octet_max(m));
+        if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
+        for (int g = 0; g < ng; ++g) {
+          const float need = need_s[g * kTokens + tl];
+          // e = the largest in [0, 9] with atok * 2^-e >= need: lane t8 tests e = t8 + 1, and the
+          // tests are monotone in e, so e is their count (plus the e = 9 test)
+          const bool ok = atok * exp2i(-(t8 + 1)) >= need;
+          const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
+          const int e = __popc(votes) + (atok * exp2i(-9) >= need ? 1 : 0);
+          float v[8], c[8];
+          bool uns;
+          octet_values<T>(a, smem + g * kXBoxBytes, tl, t8, 64 * (g0 + g) + 8 * t8, v, uns);
+          octet_codes<T>(v, atok * exp2i(-e), atok, uns, c);
+          const float step = exp2i(-e);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) c[k] *= step;  // the FP8 operand code * 2^-e, exact in e4m3
+          if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
+        }
+      }
+    }
+    if (a.rank) {  // this CTA's share of the block's outputs, summed over the cluster in CTA order
+      const int half_width = n8 * 4, pairs = kTokens * half_width;
+      const int per_cta = (pairs + cs - 1) / cs, p1 = min(pairs, (crank + 1) * per_cta);
+      T* out = static_cast<T*>(a.lora_act);
+      for (int p = crank * per_cta + tid; p < p1; p += kThreads) {
+        const int t = p / half_width, col = 2 * (p % half_width);
+        if (tok0 + t >= a.M) continue;
+        float2 sum = make_float2(0.f, 0.f);
+        for (int j = 0; j < cs; ++j) {
+          const float2 v = *cluster.map_shared_rank(reinterpret_cast<float2*>(part + t * rank_block + col), j);
+          sum.x += v.x, sum.y += v.y;
+        }
+        *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(tok0 + t) * a.rank + blk * kRankBlock + col) =
+            H::pack2(sum.x, sum.y);
+      }
+    }
+    cluster.sync();  // no CTA reuses `part` or exits while another still reads its shared memory
+  }
 }
 
-}  // namespace
+// Cluster size, groups per CTA, rank tiles per warp and shared memory of a launch.
+struct Plan {
+  int cs, gpc, tiles, smem;
+};
 
-ActQuantPlan act_quant_plan(int M, int K, int rank) {
+Plan make_plan(int M, int K, int rank, int max_cs) {
   static int sms = [] {
     int device = 0, count = 132;
     if (cudaGetDevice(&device) != cudaSuccess ||
@@ -361,41 +405,72 @@ ActQuantPlan act_quant_plan(int M, int K, int rank) {
       count = 132;
     return count;
   }();
-  ActQuantPlan plan{};
-  const int m_al = (M + 3) / 4 * 4;
-  const int blocks = (m_al + kTokens - 1) / kTokens;
-  const int slices = rank ? (rank + kRankSlice - 1) / kRankSlice : 1;
-  const int chunks = (K + kChunk - 1) / kChunk;
-  // as many K ranges as fit in one wave of kCtasPerSm CTAs per SM (a second, partial wave would
-  // nearly double the time), each with at least one chunk
-  int splits = std::min(chunks, std::max(1, kCtasPerSm * sms / (blocks * slices)));
-  splits = (chunks + (chunks + splits - 1) / splits - 1) / ((chunks + splits - 1) / splits);  // no empty CTAs
-  plan.ksplits = splits;
-  plan.m_pad = blocks * kTokens;
-  plan.partial_floats = splits > 1 && rank ? static_cast<long long>(splits) * plan.m_pad * rank : 0;
-  plan.counters = splits > 1 && rank ? blocks * slices : 0;
-  return plan;
+  Plan p{};
+  const int groups = K / 64, blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
+  int cs = std::min(max_cs, std::max(1, (groups + kTargetGroupsPerCta - 1) / kTargetGroupsPerCta));
+  if (blocks * cs < 2 * sms) cs = std::min(max_cs, groups);  // small M: spread K over more CTAs
+  p.gpc = (groups + cs - 1) / cs;
+  p.cs = (groups + p.gpc - 1) / p.gpc;  // every CTA gets at least one group
+  p.tiles = rank <= 32 ? 1 : 2;  // 4 would spill its double-buffered B fragments
+  p.smem = smem_layout(p.gpc, rank ? std::min(32 * p.tiles, rank) : 0).total + 1024;  // + slack to align the base
+  return p;
 }
+
+template <typename T, bool kPow2>
+auto pick_kernel(int tiles) {
+  return tiles == 1 ? act_quant_kernel<T, kPow2, 1> : act_quant_kernel<T, kPow2, 2>;
+}
+
+}  // namespace
 
 const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (a.M <= 0 || a.K <= 0 || a.K % 64) return "act_quant: K must be a positive multiple of 64 and M positive";
   if (a.rank < 0 || a.rank % 16 || a.rank > 1024) return "act_quant: rank must be a multiple of 16 in [0, 1024]";
   if (a.m_al < a.M || a.m_al % 4) return "act_quant: m_al must be M rounded up to a multiple of 4";
-  if (a.ksplits < 1 || (a.ksplits > 1 && a.rank && (!a.partials || !a.counters)))
-    return "act_quant: ksplits and the workspace must come from act_quant_plan";
   for (const void* p : {a.x, static_cast<const void*>(a.smooth), static_cast<const void*>(a.inv_smooth),
                         static_cast<const void*>(a.shift), a.lora_down, static_cast<const void*>(a.codes),
-                        static_cast<const void*>(a.ascales), static_cast<const void*>(a.lora_act),
-                        static_cast<const void*>(a.partials)})
+                        static_cast<const void*>(a.ascales), static_cast<const void*>(a.lora_act)})
     if (reinterpret_cast<uintptr_t>(p) & 15) return "act_quant: every tensor must start on a 16-byte boundary";
-  const int smem = kStages * stage_bytes(std::min(a.rank, kRankSlice));
-  const dim3 grid((a.m_al + kTokens - 1) / kTokens, a.rank ? (a.rank + kRankSlice - 1) / kRankSlice : 1, a.ksplits);
-  auto kernel = a.dtype == DType::kBF16 ? act_quant_kernel<__nv_bfloat16> : act_quant_kernel<__half>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) {
-    kernel<<<grid, kThreads, smem, stream>>>(a);
-    err = cudaGetLastError();
+  if (!tensor_map_encoder()) return "act_quant: cuTensorMapEncodeTiled is not available from the driver";
+
+  const CUtensorMapDataType half =
+      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap tm_x{};
+  if (!make_map(&tm_x, half, a.x, a.K, a.M, a.K * 2ull, 64, kTokens, CU_TENSOR_MAP_SWIZZLE_128B))
+    return "act_quant: cuTensorMapEncodeTiled rejected x";
+
+  const int tiles = make_plan(a.M, a.K, a.rank, kMaxClusterCtas).tiles;
+  decltype(&act_quant_kernel<__nv_bfloat16, false, 1>) kernel;
+  if (a.dtype == DType::kBF16)
+    kernel = a.pow2 ? pick_kernel<__nv_bfloat16, true>(tiles) : pick_kernel<__nv_bfloat16, false>(tiles);
+  else
+    kernel = a.pow2 ? pick_kernel<__half, true>(tiles) : pick_kernel<__half, false>(tiles);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
+  for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
+    const Plan plan = make_plan(a.M, a.K, a.rank, max_cs);
+    if (plan.smem > 227 * 1024) return "act_quant: this shape needs more shared memory than a CTA has";
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
+    config.gridDim = dim3(plan.cs, (a.m_al + kTokens - 1) / kTokens);
+    config.dynamicSmemBytes = plan.smem;
+    cluster.val.clusterDim.x = plan.cs;
+    int clusters = 0;
+    if (err == cudaSuccess && plan.cs > 8) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+    if (err == cudaSuccess && (plan.cs <= 8 || clusters > 0)) {
+      err = cudaLaunchKernelEx(&config, kernel, tm_x, a, plan.gpc);
+      break;
+    }
   }
+  if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

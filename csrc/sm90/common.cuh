@@ -5,8 +5,10 @@
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,6 +25,7 @@ struct Half;
 
 template <>
 struct Half<__nv_bfloat16> {
+  static constexpr float kMinNormal = 0x1p-126f;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   // the float nearest to v in bf16, as a float (round to nearest even, like torch's .to(bfloat16))
   static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
@@ -34,6 +37,7 @@ struct Half<__nv_bfloat16> {
 
 template <>
 struct Half<__half> {
+  static constexpr float kMinNormal = 0x1p-14f;
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -87,6 +91,40 @@ __device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
+// ---- INT4 weight codes -> e4m3 (on chip) ----------------------------------------------------------
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Byte tables for prmt: the e4m3 bytes of c * 2^-f for the 16 INT4 codes c of one weight row.
+// x, y: codes 0..7 (entry j = c); z, w: codes -8..-1 (entry j = c + 8, sign bit set). Every such
+// value is exact in e4m3 for f in [0, 9] (see numerics.POW2_MAX_EXP).
+__device__ __forceinline__ uint4 int4_lut(int f) {
+  uint32_t t[4] = {0, 0, 0, 0};
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t pos = __nv_cvt_float_to_fp8(ldexpf(float(j), -f), __NV_SATFINITE, __NV_E4M3);
+    const uint32_t neg = __nv_cvt_float_to_fp8(ldexpf(float(j - 8), -f), __NV_SATFINITE, __NV_E4M3);
+    t[j / 4] |= pos << (8 * (j % 4));
+    t[2 + j / 4] |= neg << (8 * (j % 4));
+  }
+  return make_uint4(t[0], t[1], t[2], t[3]);
+}
+// int4_lut(9), the exact path's table (code * 2^-9: e4m3 bytes 0..8 are exactly n * 2^-9)
+__device__ __forceinline__ uint4 int4_lut_2m9() { return make_uint4(0x03020100u, 0x07060504u, 0x85868788u, 0x81828384u); }
+
+// Eight INT4 codes (two's complement nibbles of a packed word, nibble i = column i) -> table bytes:
+// lo = columns 0..3, hi = columns 4..7, in byte order. prmt looks up four 3-bit indices at once;
+// a nibble's sign picks the negative table through a byte mask that a sign-replicating prmt
+// builds from the byte holding each nibble's top bit (w << 4 for even nibbles, w for odd ones).
+__device__ __forceinline__ void int4_to_e4m3(uint32_t w, const uint4& lut, uint32_t& lo, uint32_t& hi) {
+  const uint32_t idx = w & 0x77777777u, idx_hi = idx >> 16, w4 = w << 4;
+  const uint32_t neg_lo = prmt(w4, w, 0xD9C8u), neg_hi = prmt(w4, w, 0xFBEAu);
+  lo = (prmt(lut.x, lut.y, idx) & ~neg_lo) | (prmt(lut.z, lut.w, idx) & neg_lo);
+  hi = (prmt(lut.x, lut.y, idx_hi) & ~neg_hi) | (prmt(lut.z, lut.w, idx_hi) & neg_hi);
+}
+
 // ---- register budget per warpgroup (needs __launch_bounds__(threads, 1)) ------------------------
 template <int kRegs>
 __device__ __forceinline__ void setmaxnreg_inc() {
@@ -132,6 +170,17 @@ __device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float (&d)[32], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
 
+// D[64 x 128] (+)= A[64 x 32] * B[128 x 32]^T, e4m3 x e4m3 -> f32; A in registers, B in shared memory
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                       uint32_t scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
 // D[64 x 128] += A[64 x 16] * B[128 x 16]^T, bf16 x bf16 -> f32; both K-major in shared memory
 __device__ __forceinline__ void wgmma_m64n128k16_bf16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
@@ -152,5 +201,33 @@ __device__ __forceinline__ void wgmma_m64n128k16_f16_ss(float (&d)[64], uint64_t
       : "l"(desc_a), "l"(desc_b));
 }
 
+
+// ---- host: TMA descriptors ---------------------------------------------------------------------
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// A row-major [rows, cols] tensor whose tiles are [box_rows, box_cols]; out-of-bounds reads give 0.
+inline bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t cols, uint64_t rows,
+                     uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {row_bytes};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return tensor_map_encoder()(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace svdq::sm90

@@ -11,11 +11,14 @@
 // each of its two consumer warpgroups owns 64 channels (wgmma M = channels, N = tokens).
 //  * A (weights) comes from registers: each thread reads its 2 rows x 8 packed bytes of the
 //    natural qweight tile (TMA-loaded as [128][32] bytes per group, no repacking anywhere) and
-//    expands the nibbles to e4m3 on chip. The byte for code c is that of c * 2^-9: e4m3 values
-//    0x00..0x0F are exactly n * 2^-9 (subnormals, then the first binade), so c >= 0 is its own
-//    nibble and c < 0 is 0x80 | -c; the 2^9 goes into the weight scale. The k order inside a group
-//    is permuted so that these bytes land in fragment registers unmoved (act_quant.cu documents
-//    the permutation; kernel 1 writes the activation codes in the same order).
+//    expands the nibbles to e4m3 on chip with a prmt table lookup (common.cuh int4_to_e4m3). The
+//    byte for code c is that of c * 2^-9 (e4m3 bytes 0x00..0x08 are exactly n * 2^-9); the 2^9 goes
+//    into the weight scale. The k order inside a group is permuted so that each packed word's
+//    columns 0..3 and 4..7 land in fragment registers unmoved (act_quant.cu documents the
+//    permutation; kernel 1 writes the activation codes in the same order).
+//  * Activation scales: per (token, group) [K/64, m_al], or per token [1, m_al] when kernel 1 ran
+//    in pow2 mode (its codes then carry the 2^-e of each group, exactly: within a group they share
+//    it, so the group's FP8 sum stays an exact integer times a power of two).
 //  * B (activation codes, e4m3 bytes [tokens][64] per group) is TMA-loaded with the 64-byte swizzle.
 //  * The 64-channel rows of a warpgroup are exactly one output quantization group of the next
 //    layer: the epilogue has the fp32 tile in registers with known (channel, token) coordinates,
@@ -29,8 +32,6 @@
 // ceil(rank/32) low-rank stages (lora_act and lora_up chunks of 32 ranks), whose bf16/fp16 wgmma
 // accumulate straight into the output registers.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
-#include <cudaTypedefs.h>
-
 #include <type_traits>
 
 #include "common.cuh"
@@ -61,22 +62,6 @@ constexpr int kEpiBytes = kTileT * kEpiStride;
 constexpr int kBarOffset = kStages * kStageBytes + kEpiBytes;
 constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
-  return d;
-}
-
-// Eight INT4 codes (two's complement nibbles of a packed word) -> e4m3 bytes of code * 2^-9.
-// `even` gets the low nibbles (even natural columns), `odd` the high ones, in byte order.
-__device__ __forceinline__ void int4_to_e4m3(uint32_t w, uint32_t& even, uint32_t& odd) {
-  const uint32_t ne = w & 0x0F0F0F0Fu, no = (w >> 4) & 0x0F0F0F0Fu;
-  // prmt selector 0xBA98 replicates each byte's top bit: 0xFF where the nibble's sign bit is set
-  const uint32_t se = prmt(w << 4, 0xBA98u), so = prmt(w, 0xBA98u);
-  even = (ne & ~se) | ((0x90909090u - ne) & se);  // per byte: 0x90 - n = 0x80 | (16 - n), no borrow
-  odd = (no & ~so) | ((0x90909090u - no) & so);
-}
-
 template <typename T>
 __device__ __forceinline__ void wgmma_lowrank(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
@@ -98,7 +83,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                      const __grid_constant__ CUtensorMap tm_as, const __grid_constant__ CUtensorMap tm_ws,
                      const __grid_constant__ CUtensorMap tm_lact, const __grid_constant__ CUtensorMap tm_lup,
-                     const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int rank) {
+                     const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int rank,
+                     bool ascale_per_token) {
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -132,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_expect_tx(&full[s], kMainTx);
           tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
           tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
-          tma_load_2d(st + kOffAs, &tm_as, &full[s], tok0, it);
+          tma_load_2d(st + kOffAs, &tm_as, &full[s], tok0, ascale_per_token ? 0 : it);
           tma_load_2d(st + kOffWs, &tm_ws, &full[s], ch0, it);
         } else {
           const int r = kLoraChunk * (it - groups);
@@ -155,16 +141,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 64; ++i) out[i] = 0.f;
 
   auto stage_ptr = [&](int st) { return smem + st * kStageBytes; };
+  const uint4 lut = int4_lut_2m9();
   auto load_weights = [&](int g, uint32_t (&f)[2][4]) {
     const uint8_t* st = stage_ptr(g % kStages);
     // bytes 8q..8q+7 of the two rows: natural columns 16q..16q+15 of the group
     const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
     const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
     // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
-    int4_to_e4m3(w0.x, f[0][0], f[0][2]);
-    int4_to_e4m3(w1.x, f[0][1], f[0][3]);
-    int4_to_e4m3(w0.y, f[1][0], f[1][2]);
-    int4_to_e4m3(w1.y, f[1][1], f[1][3]);
+    int4_to_e4m3(w0.x, lut, f[0][0], f[0][2]);
+    int4_to_e4m3(w1.x, lut, f[0][1], f[0][3]);
+    int4_to_e4m3(w0.y, lut, f[1][0], f[1][2]);
+    int4_to_e4m3(w1.y, lut, f[1][1], f[1][3]);
   };
   auto wait_full = [&](int g) { mbar_wait(&full[g % kStages], (g / kStages) & 1); };
   // One half-step: group g's product for 64 tokens (half 0: tokens 0..63, half 1: 64..127).
@@ -303,33 +290,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// A row-major [rows, cols] tensor whose tiles are [box_rows, box_cols]; out-of-bounds reads give 0.
-bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t cols, uint64_t rows,
-              uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
-  const cuuint64_t dims[2] = {cols, rows};
-  const cuuint64_t strides[1] = {row_bytes};
-  const cuuint32_t box[2] = {box_cols, box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return tensor_map_encoder()(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 }  // namespace
 
 const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
@@ -337,6 +297,8 @@ const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
     return "w4a4_gemm: needs M > 0, N a multiple of 8 and K a multiple of 64";
   if (a.rank < 0 || a.rank % 16) return "w4a4_gemm: rank must be a multiple of 16";
   if (a.m_al < a.M || a.m_al % 4) return "w4a4_gemm: m_al must be M rounded up to a multiple of 4";
+  if (a.ascale_rows != 1 && a.ascale_rows != a.K / 64)
+    return "w4a4_gemm: ascales must have K/64 rows (per group) or one (per token)";
   for (const void* p : {static_cast<const void*>(a.codes), static_cast<const void*>(a.ascales), a.lora_act,
                         static_cast<const void*>(a.qweight), a.wscales, a.lora_up, static_cast<const void*>(a.y)})
     if (p && !aligned16(p)) return "w4a4_gemm: every tensor must start on a 16-byte boundary";
@@ -350,8 +312,8 @@ const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
                      CU_TENSOR_MAP_SWIZZLE_64B) &&
             make_map(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
                      CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&tm_as, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.ascales, a.m_al, groups, a.m_al * 4ull, kTileT, 1,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
+            make_map(&tm_as, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.ascales, a.m_al, a.ascale_rows, a.m_al * 4ull, kTileT,
+                     1, CU_TENSOR_MAP_SWIZZLE_NONE) &&
             make_map(&tm_ws, half, a.wscales, a.N, groups, a.N * 2ull, kTileN, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
   if (ok && a.rank)
     ok = make_map(&tm_lact, half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
@@ -368,13 +330,13 @@ const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
     if (err == cudaSuccess)
       w4a4_gemm_kernel<__nv_bfloat16><<<grid, kThreads, kSmemBytes, stream>>>(
           tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __nv_bfloat16*>(a.bias),
-          static_cast<__nv_bfloat16*>(a.y), a.M, a.N, a.K, a.rank);
+          static_cast<__nv_bfloat16*>(a.y), a.M, a.N, a.K, a.rank, a.ascale_rows == 1);
   } else {
     err = cudaFuncSetAttribute(w4a4_gemm_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err == cudaSuccess)
       w4a4_gemm_kernel<__half><<<grid, kThreads, kSmemBytes, stream>>>(
           tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __half*>(a.bias), static_cast<__half*>(a.y),
-          a.M, a.N, a.K, a.rank);
+          a.M, a.N, a.K, a.rank, a.ascale_rows == 1);
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
