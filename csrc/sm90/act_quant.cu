@@ -232,8 +232,9 @@ __device__ __forceinline__ void store_octet(const ActQuantArgs& a, int tok, int 
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 
+// 4 CTAs per SM (64 registers: a few bytes spill) with one rank tile per warp, 3 with two
 template <typename T, bool kPow2, int kTiles>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
     act_quant_kernel(const __grid_constant__ CUtensorMap tm_x, const ActQuantArgs a, int gpc) {
   using H = Half<T>;
   constexpr int kRankBlock = 32 * kTiles;
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     const int n8 = a.rank ? min(kRankBlock, a.rank - blk * kRankBlock) / 8 : 0;  // 8-rank tiles of the block
     // this lane's B fragments of one group: words 2s, 2s + 1 = b0, b1 of k16 step s
-    uint32_t bcur[kTiles][8], bnext[kTiles][8];
+    uint32_t bfrag[kTiles][8];
     auto load_b = [&](int g, uint32_t (&b)[kTiles][8]) {
 #pragma unroll
       for (int i = 0; i < kTiles; ++i) {
@@ -289,15 +290,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
     };
-    if (n8) load_b(0, bnext);
     for (int g = 0; g < ng; ++g) {
-      if (n8) {
-#pragma unroll
-        for (int i = 0; i < kTiles; ++i)
-#pragma unroll
-          for (int w = 0; w < 8; ++w) bcur[i][w] = bnext[i][w];
-        if (g + 1 < ng) load_b(g + 1, bnext);
-      }
+      if (n8) load_b(g, bfrag);  // in flight during pass 1
       const uint8_t* xbox = smem + g * kXBoxBytes;
       if (blk == 0) {  // pass 1, as the group lands
         mbar_wait(&xbar[g], 0);
@@ -325,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int i = 0; i < kTiles; ++i) {
             if (nbase + 4 * i < n8) {  // warp-uniform
-              const uint32_t bf[2] = {bcur[i][2 * ks], bcur[i][2 * ks + 1]};
+              const uint32_t bf[2] = {bfrag[i][2 * ks], bfrag[i][2 * ks + 1]};
               mma_m16n8k16<T>(acc[i], af, bf);
             }
           }
@@ -351,7 +345,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     cluster.sync();
     if constexpr (kPow2) {
       if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
-        float m = t8 < cs ? *cluster.map_shared_rank(tmax_s + tl, t8) : 0.f;
+        float m = 0.f;
+        for (int j = t8; j < cs; j += 8) m = fmaxf(m, *cluster.map_shared_rank(tmax_s + tl, j));
         const float atok = H::round(octet_max(m));
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {

@@ -151,17 +151,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[g % kStages]);
   };
-  auto load_weights = [&](int g, uint32_t (&f)[2][4]) {
+  // A group's packed weights of this thread's two rows and their rows' tables, read from shared
+  // memory ahead of the wgmma wait so that only the ALU part of the expansion follows it.
+  struct Packed {
+    uint2 w0, w1;  // bytes 8q..8q+7 of rows `row` and `row + 8`: natural columns 16q..16q+15
+    uint4 t0, t1;
+  };
+  auto fetch = [&](int g) {
     const uint8_t* st = stage_ptr(g % kStages);
-    // bytes 8q..8q+7 of the two rows: natural columns 16q..16q+15 of the group
-    const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
-    const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
-    const uint4 t0 = lut[st[kOffExp + row]], t1 = lut[st[kOffExp + row + 8]];
-    // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
-    int4_to_e4m3(w0.x, t0, f[0][0], f[0][2]);
-    int4_to_e4m3(w1.x, t1, f[0][1], f[0][3]);
-    int4_to_e4m3(w0.y, t0, f[1][0], f[1][2]);
-    int4_to_e4m3(w1.y, t1, f[1][1], f[1][3]);
+    Packed p;
+    p.w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
+    p.w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
+    p.t0 = lut[st[kOffExp + row]];
+    p.t1 = lut[st[kOffExp + row + 8]];
+    return p;
+  };
+  // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
+  auto expand = [&](const Packed& p, uint32_t (&f)[2][4]) {
+    int4_to_e4m3(p.w0.x, p.t0, f[0][0], f[0][2]);
+    int4_to_e4m3(p.w1.x, p.t1, f[0][1], f[0][3]);
+    int4_to_e4m3(p.w0.y, p.t0, f[1][0], f[1][2]);
+    int4_to_e4m3(p.w1.y, p.t1, f[1][1], f[1][3]);
   };
   auto issue = [&](int g, const uint32_t (&f)[2][4], uint32_t accumulate) {
     const uint64_t desc = desc_k_sw64(stage_ptr(g % kStages) + kOffAct);
@@ -183,12 +193,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kN; ++i) {
       const int g = g0 + i;
       issue(g, frag[i % 2], i == 0 ? 0u : 1u);
+      const bool more = g + 1 < groups;
+      Packed next;
+      if (more) {
+        wait_full(g + 1);
+        next = fetch(g + 1);
+      }
       wgmma_wait<1>();
       if (i > 0) release(g - 1);
-      if (g + 1 < groups) {
-        wait_full(g + 1);
-        load_weights(g + 1, frag[(i + 1) % 2]);
-      }
+      if (more) expand(next, frag[(i + 1) % 2]);
     }
     wgmma_wait<0>();
     fence_regs(acc);
@@ -197,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 64; ++i) sum[i] += acc[i];
   };
   wait_full(0);
-  load_weights(0, frag[0]);
+  expand(fetch(0), frag[0]);
   int g0 = 0;
   for (; g0 + kPromoteGroups <= groups; g0 += kPromoteGroups) interval(g0, std::integral_constant<int, kPromoteGroups>{});
   switch (groups - g0) {  // the last, shorter interval
