@@ -3,7 +3,9 @@
     python bench/fidelity.py [--out bench/results/fidelity_synthetic.json]
 
 Prints relative output errors (float64 reference) for naive W4A4, smooth-only W4A4,
-SVDQuant r32 and W4A16 weight-only, and writes them as JSON with the machine, date and commit.
+SVDQuant r32 (exact scales, and with the Hopper fast path's power-of-two restrictions: _pow2a
+activation scales, design (d); _pow2w weight scales, design (c); _pow2wa both) and W4A16
+weight-only, and writes them as JSON with the machine, date and commit.
 """
 
 import argparse
@@ -27,11 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     shape = dict(n=3072, k=3072, tokens=256, outliers=8, seed=0)
     start = time.perf_counter()
-    errors = synthetic.layer_fidelity(*synthetic.outlier_layer(**shape), rank=32)
+    errors = synthetic.layer_fidelity(*synthetic.outlier_layer(**shape), rank=32, pow2=True)
     seconds = time.perf_counter() - start
-    print(f"{'scheme':<14} {'rel. error':>10}")
+    print(f"{'scheme':<20} {'rel. error':>10}")
     for name, err in errors.items():
-        print(f"{name:<14} {err:>10.4f}")
+        print(f"{name:<20} {err:>10.4f}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     result = {

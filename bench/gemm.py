@@ -11,7 +11,8 @@ tokens), and M = 256 and 1024 for small images. Columns (median time per call):
     k1      kernel 1 alone (quantize + low-rank down)
     k1+k2   both (what a layer costs); lr: low-rank share, k1+k2 at rank 32 over rank 0, minus 1
   fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
-    k2f     fast kernel 2 alone, fp32 promotion every 256 of K (k2f128: every 128)
+    k2f     fast kernel 2 alone, fp32 promotion every 256 of K, token tile chosen by M
+            (k2f128: promotion every 128; JSON also k2f_t128 / k2f_t192: each token tile)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
@@ -134,19 +135,21 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
 
         stage1 = [k1(i) for i in range(sets)]
 
-        def k2(i, promote_k=kernels.PROMOTE_K):
+        def k2(i, promote_k=kernels.PROMOTE_K, tile_t=0):
             codes, ascales, lora_act = stage1[i]
             lay = layers[i]
             if pow2:
                 wexp, wbase = kernels._sm90_pow2_weights(lay)
                 return c_ext.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up,
-                                                 lay.bias, None, promote_k)
+                                                 lay.bias, None, promote_k, tile_t)
             return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
 
         k1_key = "k1p" if pow2 else "k1"
         row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
         if pow2:
             row["k2f128_ms"] = time_calls([lambda i=i: k2(i, 128) for i in range(sets)])
+            for tile_t in (128, 192):
+                row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t=tile_t) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
                                            for i in range(sets)])
@@ -221,8 +224,8 @@ def main() -> None:
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
-              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} {'k1p us':>6} "
-              f"{'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
+              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} {'t128':>6} {'t192':>6} "
+              f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
     print(header, flush=True)
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
@@ -232,6 +235,7 @@ def main() -> None:
                   f"{r['bf16_ms'] / r['fp8_fast_ms']:>6.2f} | {r['k2_ms'] * 1e3:>7.1f} {r['k1_ms'] * 1e3:>6.1f} "
                   f"{r['k1k2_ms'] * 1e3:>7.1f} {r['k1k2_speedup_vs_bf16']:>5.2f} {r['lowrank_share'] * 100:>5.1f} | "
                   f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} {r['k2f128_ms'] * 1e3:>7.1f} "
+                  f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t192_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
                   f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f}", flush=True)
     lora = bench_lora(4608, 3072, 3072, l2_bytes)

@@ -27,12 +27,17 @@ def outlier_layer(n: int = 3072, k: int = 3072, tokens: int = 256, outliers: int
     return x, weight, bias
 
 
-def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, rank: int = 32) -> dict[str, float]:
-    """Relative output error ||y - y_ref|| / ||y_ref|| (float64 reference) of four 4-bit schemes.
+def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, rank: int = 32,
+                   pow2: bool = False) -> dict[str, float]:
+    """Relative output error ||y - y_ref|| / ||y_ref|| (float64 reference) of 4-bit schemes.
 
     naive_w4a4: INT4 weights and activations, no smoothing, no low-rank;
     smooth_w4a4: with the smoothing search; svdquant_r{rank}: smoothing + rank-r branch;
     w4a16: 4-bit weights only (asymmetric, group 64), 16-bit activations.
+    pow2 adds the Hopper fast-path restrictions of svdquant_r{rank}: _pow2a, activation scales
+    restricted to powers of two per token (design (d), same weights); _pow2w, weight scales
+    restricted per row (design (c), quantize_linear(hopper_pow2=True)), exact activations; _pow2wa,
+    both (what the fast kernels compute).
     """
     from .linear import SVDQLinear  # linear imports kernels; keep this module light to import
 
@@ -41,11 +46,21 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
     def rel(y: torch.Tensor) -> float:
         return float((y.double() - ref).norm() / ref.norm())
 
+    def run(tensors: quantize.W4A4Tensors, pow2_activations: bool = False) -> float:
+        layer = SVDQLinear.from_tensors(tensors.as_dict())
+        layer.pow2_activations = pow2_activations
+        return rel(layer(x.float()))
+
     out = {}
     for name, kwargs in (("naive_w4a4", dict(rank=0, smooth=False)), ("smooth_w4a4", dict(rank=0)),
                          (f"svdquant_r{rank}", dict(rank=rank))):
         tensors = quantize.quantize_linear(weight, bias, x, **kwargs)
-        out[name] = rel(SVDQLinear.from_tensors(tensors.as_dict())(x.float()))
+        out[name] = run(tensors)
+    if pow2:
+        out[f"svdquant_r{rank}_pow2a"] = run(tensors, pow2_activations=True)
+        tensors = quantize.quantize_linear(weight, bias, x, rank=rank, hopper_pow2=True)
+        out[f"svdquant_r{rank}_pow2w"] = run(tensors)
+        out[f"svdquant_r{rank}_pow2wa"] = run(tensors, pow2_activations=True)
     codes, wscales, wzeros = numerics.quantize_w4a16(weight)
     out["w4a16"] = rel(x.double() @ numerics.dequantize_w4a16(codes, wscales, wzeros).double().t() + bias.double())
     return out

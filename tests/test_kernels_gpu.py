@@ -140,14 +140,15 @@ def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
     return y
 
 
-def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, promote_k: int = 256):
+def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, promote_k: int = 256,
+              tile_t: int = 0):
     """Kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
     codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
         wexp, wbase = kernels._sm90_pow2_weights(layer)
         y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, out, promote_k)
+                                           layer.bias, out, promote_k, tile_t)
     else:
         y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
                                       layer.bias, out)
@@ -173,12 +174,24 @@ def test_gemm_matches_float64(m, rank, pow2):
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
 @pytest.mark.parametrize("rank", [32, 160, 224])
 @pytest.mark.parametrize("promote_k", [128, 256])
-def test_fast_gemm_matches_float64(m, rank, promote_k):
+@pytest.mark.parametrize("tile_t", [128, 192])
+def test_fast_gemm_matches_float64(m, rank, promote_k, tile_t):
     # K = 576: 9 groups, so both promotion intervals end with a shorter one; rank 224 = 32 + 64 + 128
     gen = _gen(2000 + m + rank + promote_k)
     layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False, pow2_weights=True)
     x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer, fast=True, promote_k=promote_k)
+    y, ref = _run_gemm(x, layer, fast=True, promote_k=promote_k, tile_t=tile_t)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("m", [4097, 4608])
+@pytest.mark.parametrize("tile_t", [128, 192])
+def test_fast_gemm_persistent_tiles(m, tile_t):
+    # 24 channel tiles x 22..36 token tiles: more tiles than SMs, so each CTA runs several in a row
+    gen = _gen(3000 + m + tile_t)
+    layer = _layer(3072, 256, 32, torch.bfloat16, gen, unsigned=True, pow2_weights=True)
+    x = _activations(m, 256, torch.bfloat16, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer, fast=True, tile_t=tile_t)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 
@@ -188,12 +201,13 @@ def test_fast_gemm_matches_float64(m, rank, promote_k):
     (3072, 3072, 32, torch.bfloat16, True, True),   # a FLUX shape
     (520, 1024, 48, torch.float16, False, True),
 ])
-@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast"])
+@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast", "fast192"])
 def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, path):
     gen = _gen(n + k + rank)
-    layer = _layer(n, k, rank, dtype, gen, unsigned, bias, pow2_weights=path == "fast")
+    fast = path.startswith("fast")
+    layer = _layer(n, k, rank, dtype, gen, unsigned, bias, pow2_weights=fast)
     x = _activations(300, k, dtype, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=path == "fast")
+    y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=fast, tile_t=192 if path == "fast192" else 128)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 

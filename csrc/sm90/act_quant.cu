@@ -32,11 +32,15 @@
 //
 // Work split: a cluster of cs CTAs owns 32 tokens; CTA c of it owns groups [c * gpc, (c+1) * gpc)
 // of K (make_plan picks cs and gpc). Its x slice, 32 tokens x gpc groups, is TMA-loaded once
-// (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory. As each
+// (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory, with the
+// group's smooth, 1/smooth and shift (bulk copies on the same mbarrier). As each
 // group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
 // the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
 // through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
-// (no second read of x from memory).
+// (no second read of x from memory). Exchanges push: each CTA stores its per-token maxima and its
+// low-rank partials straight into the shared memory of the CTA that owns them (an inbox per rank
+// block, two alternating), so one cluster barrier per rank block suffices and every read after it
+// is local.
 // Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
 // the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
 // blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
@@ -46,8 +50,7 @@
 //   lora_p[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]
 //   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
 //   and b1 = (h 1) registers of the four k16 steps s of group g in order.
-// The cluster's fp32 partials are summed in CTA order through distributed shared memory, so the
-// result is deterministic.
+// Each CTA sums the partials of its share of the outputs in CTA order, so the result is deterministic.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -63,22 +66,35 @@ namespace cg = cooperative_groups;
 constexpr int kTokens = 32;
 constexpr int kThreads = 256;
 constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 tokens][64 x 16-bit], swizzled
+constexpr int kParamBytes = 3 * 64 * 4;     // one group's smooth, 1/smooth, shift (fp32)
 constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
-constexpr int kTargetGroupsPerCta = 12;    // 48 KB of x per CTA: two or more CTAs per SM
+constexpr int kTargetGroupsPerCta = 10;    // 40 KB of x per CTA: four CTAs per SM
+constexpr int kMaxGroupsPerCta = 64;       // pass 1's exact-division choices fit a 64-bit mask
+
+// Low-rank outputs of a rank block: [32 tokens][rank_block] as float2 pairs, CTA c of the cluster
+// owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
+__host__ __device__ inline int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
 
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
 struct SmemLayout {
-  int part, need, tmax, bars, total;
+  int params, inbox, inbox_pairs, need, tmax, bars, total;
 };
-__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block) {
+__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs) {
   SmemLayout s;
-  s.part = gpc * kXBoxBytes;                    // x slice at 0
-  s.need = s.part + kTokens * rank_block * 4;   // fp32 low-rank partial [32][rank_block]
-  s.tmax = s.need + gpc * kTokens * 4;          // pow2: need [gpc][32]
-  s.bars = s.tmax + kTokens * 4;                // pow2: largest need per token
+  s.params = gpc * kXBoxBytes;                                   // x slice at 0
+  s.inbox = s.params + gpc * kParamBytes;                        // fp32 [gpc][3][64]
+  s.inbox_pairs = cs * pair_share(rank_block, cs);               // float2 per inbox
+  s.need = s.inbox + (blocks > 1 ? 2 : 1) * s.inbox_pairs * 8;   // low-rank inboxes
+  s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
+  s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
   s.total = s.bars + gpc * 8;
   return s;
 }
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 // m16n8k16 tensor-core product with fp32 accumulation, A row-major and B column-major fragments.
 template <typename T>
@@ -137,27 +153,30 @@ __device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
 }
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// v = (x + shift) / smooth of one (token, group) octet: the 8 natural columns col .. col+7 (col a
-// multiple of 8), read from its 16-byte chunk of the swizzled x box. Unsigned groups clamp v at 0.
-// Returns max |v| over the octet; `uns` tells whether the group is unsigned.
-template <typename T>
-__device__ __forceinline__ float octet_values(const ActQuantArgs& a, const uint8_t* xbox, int tl, int t8, int col,
-                                              float (&v)[8], bool& uns) {
+// v = (x + shift) / smooth of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the
+// group, read from its 16-byte chunk of the swizzled x box; params: the group's smooth, 1/smooth
+// and shift in shared memory. Unsigned groups clamp v at 0; `uns` tells whether the group is.
+// kFirst (pass 1): finds whether any quotient is outside the range where the fast division is exact
+// and then divides exactly (`exact`, an output), and returns max |v|. Otherwise (pass 2, same
+// octet) `exact` is pass 1's answer and the return value is unused.
+template <typename T, bool kFirst>
+__device__ __forceinline__ float octet_values(const uint8_t* xbox, const float* params, bool has_shift, int tl,
+                                              int t8, float (&v)[8], bool& uns, bool& exact) {
   using H = Half<T>;
   const uint4 raw = *reinterpret_cast<const uint4*>(xbox + swz128(tl, t8));
   const T* xv = reinterpret_cast<const T*>(&raw);
   float sm[8], inv[8], n[8];
-  load8(sm, a.smooth + col);
-  load8(inv, a.inv_smooth + col);
+  load8(sm, params + 8 * t8);
+  load8(inv, params + 64 + 8 * t8);
   uns = false;
-  if (a.shift) {
+  if (has_shift) {
     float sh[8];
-    load8(sh, a.shift + col);
+    load8(sh, params + 128 + 8 * t8);
     uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(H::to_float(xv[e]), sh[e]);
@@ -165,20 +184,27 @@ __device__ __forceinline__ float octet_values(const ActQuantArgs& a, const uint8
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = H::to_float(xv[e]);
   }
-  float lo = INFINITY, hi = 0.f;
+  float hi = 0.f;
+  if (kFirst) {
+    float lo = INFINITY;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    v[e] = div_fast(n[e], sm[e], inv[e]);
-    lo = fminf(lo, fabsf(v[e]));
-    hi = fmaxf(hi, fabsf(v[e]));
+    for (int e = 0; e < 8; ++e) {
+      v[e] = div_fast(n[e], sm[e], inv[e]);
+      lo = fminf(lo, fabsf(v[e]));
+      hi = fmaxf(hi, fabsf(v[e]));
+    }
+    exact = !(lo >= 0x1p-100f && hi <= 0x1p100f);  // a zero, tiny or huge quotient
   }
-  if (!(lo >= 0x1p-100f && hi <= 0x1p100f)) {  // a zero, tiny or huge quotient: divide exactly
+  if (exact) {
     hi = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_exact(n[e], sm[e]);
       hi = fmaxf(hi, fabsf(v[e]));
     }
+  } else if (!kFirst) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = div_fast(n[e], sm[e], inv[e]);
   }
   if (uns) {  // warp-uniform: a warp covers one group of 4 tokens
     hi = 0.f;
@@ -246,13 +272,18 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int g0 = crank * gpc, ng = min(gpc, a.K / 64 - g0);  // this CTA's groups (the plan makes ng >= 1)
   const int tok0 = blockIdx.y * kTokens;
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
-  const SmemLayout lay = smem_layout(gpc, rank_block);
-  float* part = reinterpret_cast<float*>(smem + lay.part);
+  const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs);
+  const float* params = reinterpret_cast<const float*>(smem + lay.params);
+  float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
   float* tmax_s = reinterpret_cast<float*>(smem + lay.tmax);
   uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + lay.bars);
-  const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const bool exchange = a.rank || kPow2;  // anything to exchange within the cluster
+  // Stores into another CTA's shared memory need that CTA to have started: its arrival here is
+  // waited for just before this CTA's first such store.
+  if (exchange) cluster_arrive_relaxed();
 
   if (tid == 0) {
     for (int g = 0; g < ng; ++g) mbar_init(&xbar[g], 1);
@@ -260,9 +291,15 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   }
   __syncthreads();
   if (tid == 0) {
+    const int nparams = a.shift ? 3 : 2;
     for (int g = 0; g < ng; ++g) {
-      mbar_expect_tx(&xbar[g], kXBoxBytes);
+      mbar_expect_tx(&xbar[g], kXBoxBytes + nparams * 256);
       tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * (g0 + g), tok0);
+      uint8_t* dst = smem + lay.params + g * kParamBytes;
+      const int col = 64 * (g0 + g);
+      bulk_load(dst, a.smooth + col, 256, &xbar[g]);
+      bulk_load(dst + 256, a.inv_smooth + col, 256, &xbar[g]);
+      if (a.shift) bulk_load(dst + 512, a.shift + col, 256, &xbar[g]);
     }
   }
 
@@ -270,7 +307,9 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int mt = warp & 1, nbase = warp >> 1;             // low-rank: 16-token half, first 8-rank tile
   const int q = lane % 4, g8 = lane / 4;
   const T* lora_p = static_cast<const T*>(a.lora_down);
-  float tmax = 0.f;  // pow2: this token's largest need over the CTA's groups
+  const bool has_shift = a.shift != nullptr;
+  float tmax = 0.f;            // pow2: this token's largest need over the CTA's groups
+  uint64_t exact_groups = 0;   // pow2: bit g = pass 1 divided group g's octet exactly
   for (int blk = 0; blk < blocks; ++blk) {
     float acc[kTiles][4];
 #pragma unroll
@@ -296,8 +335,10 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       if (blk == 0) {  // pass 1, as the group lands
         mbar_wait(&xbar[g], 0);
         float v[8];
-        bool uns;
-        const float amax = octet_max(octet_values<T>(a, xbox, tl, t8, 64 * (g0 + g) + 8 * t8, v, uns));
+        bool uns, exact;
+        const float amax =
+            octet_max(octet_values<T, true>(xbox, params + g * 192, has_shift, tl, t8, v, uns, exact));
+        exact_groups |= static_cast<uint64_t>(exact) << g;
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -327,26 +368,31 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       }
     }
 
-    // End of a sweep: publish this CTA's low-rank partial (and in pow2 mode its per-token largest
-    // need) to the cluster, then read the others' through distributed shared memory.
-    if (a.rank) {
+    // End of a sweep: push this CTA's per-token largest need (pow2, first sweep) to every CTA and
+    // its low-rank partials to their owners, then one cluster barrier; every read after it is local.
+    if (!exchange) break;
+    if (blk == 0) cluster_wait();  // every CTA of the cluster has started
+    const int half_width = n8 * 4, share = pair_share(n8 * 8, cs);
+    float2* box = inbox + (blk & 1) * lay.inbox_pairs;
 #pragma unroll
-      for (int i = 0; i < kTiles; ++i) {
-        const int nt = nbase + 4 * i;
-        if (nt < n8) {
-          float* p = part + (16 * mt + g8) * rank_block + 8 * nt + 2 * q;
-          *reinterpret_cast<float2*>(p) = make_float2(acc[i][0], acc[i][1]);
-          *reinterpret_cast<float2*>(p + 8 * rank_block) = make_float2(acc[i][2], acc[i][3]);
+    for (int i = 0; i < kTiles; ++i) {
+      const int nt = nbase + 4 * i;
+      if (nt < n8) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int p = (16 * mt + g8 + 8 * h) * half_width + 4 * nt + q, owner = p / share;
+          *cluster.map_shared_rank(box + crank * share + p - owner * share, owner) =
+              make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
         }
       }
     }
-    if (kPow2 && blk == 0 && t8 == 0) tmax_s[tl] = tmax;
-    if (!a.rank && !kPow2) break;  // nothing to exchange
+    if (kPow2 && blk == 0)
+      for (int j = t8; j < cs; j += 8) *cluster.map_shared_rank(tmax_s + crank * kTokens + tl, j) = tmax;
     cluster.sync();
     if constexpr (kPow2) {
       if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
         float m = 0.f;
-        for (int j = t8; j < cs; j += 8) m = fmaxf(m, *cluster.map_shared_rank(tmax_s + tl, j));
+        for (int j = t8; j < cs; j += 8) m = fmaxf(m, tmax_s[j * kTokens + tl]);
         const float atok = H::round(octet_max(m));
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
@@ -357,8 +403,8 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
           const int e = __popc(votes) + (atok * exp2i(-9) >= need ? 1 : 0);
           float v[8], c[8];
-          bool uns;
-          octet_values<T>(a, smem + g * kXBoxBytes, tl, t8, 64 * (g0 + g) + 8 * t8, v, uns);
+          bool uns, exact = (exact_groups >> g) & 1;
+          octet_values<T, false>(smem + g * kXBoxBytes, params + g * 192, has_shift, tl, t8, v, uns, exact);
           octet_codes<T>(v, atok * exp2i(-e), atok, uns, c);
           const float step = exp2i(-e);
 #pragma unroll
@@ -368,22 +414,20 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       }
     }
     if (a.rank) {  // this CTA's share of the block's outputs, summed over the cluster in CTA order
-      const int half_width = n8 * 4, pairs = kTokens * half_width;
-      const int per_cta = (pairs + cs - 1) / cs, p1 = min(pairs, (crank + 1) * per_cta);
       T* out = static_cast<T*>(a.lora_act);
-      for (int p = crank * per_cta + tid; p < p1; p += kThreads) {
-        const int t = p / half_width, col = 2 * (p % half_width);
+      const int p0 = crank * share, count = min(share, kTokens * half_width - p0);
+      for (int i = tid; i < count; i += kThreads) {
+        const int p = p0 + i, t = p / half_width, col = 2 * (p % half_width);
         if (tok0 + t >= a.M) continue;
         float2 sum = make_float2(0.f, 0.f);
         for (int j = 0; j < cs; ++j) {
-          const float2 v = *cluster.map_shared_rank(reinterpret_cast<float2*>(part + t * rank_block + col), j);
+          const float2 v = box[j * share + i];
           sum.x += v.x, sum.y += v.y;
         }
         *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(tok0 + t) * a.rank + blk * kRankBlock + col) =
             H::pack2(sum.x, sum.y);
       }
     }
-    cluster.sync();  // no CTA reuses `part` or exits while another still reads its shared memory
   }
 }
 
@@ -401,13 +445,15 @@ Plan make_plan(int M, int K, int rank, int max_cs) {
     return count;
   }();
   Plan p{};
-  const int groups = K / 64, blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
+  const int groups = K / 64, token_blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
   int cs = std::min(max_cs, std::max(1, (groups + kTargetGroupsPerCta - 1) / kTargetGroupsPerCta));
-  if (blocks * cs < 2 * sms) cs = std::min(max_cs, groups);  // small M: spread K over more CTAs
+  if (token_blocks * cs < 2 * sms) cs = std::min(max_cs, groups);  // small M: spread K over more CTAs
   p.gpc = (groups + cs - 1) / cs;
   p.cs = (groups + p.gpc - 1) / p.gpc;  // every CTA gets at least one group
-  p.tiles = rank <= 32 ? 1 : 2;  // 4 would spill its double-buffered B fragments
-  p.smem = smem_layout(p.gpc, rank ? std::min(32 * p.tiles, rank) : 0).total + 1024;  // + slack to align the base
+  p.tiles = rank <= 32 ? 1 : 2;  // more would not fit the register budget of 3-4 CTAs per SM
+  const int rank_block = rank ? std::min(32 * p.tiles, rank) : 0;
+  const int rank_blocks = rank ? (rank + 32 * p.tiles - 1) / (32 * p.tiles) : 1;
+  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs).total + 1024;  // + slack to align the base
   return p;
 }
 
@@ -453,7 +499,8 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
   for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
     const Plan plan = make_plan(a.M, a.K, a.rank, max_cs);
-    if (plan.smem > 227 * 1024) return "act_quant: this shape needs more shared memory than a CTA has";
+    if (plan.smem > 227 * 1024 || plan.gpc > kMaxGroupsPerCta)
+      return "act_quant: K is too large for one cluster's shared memory";
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
     config.gridDim = dim3(plan.cs, (a.m_al + kTokens - 1) / kTokens);
     config.dynamicSmemBytes = plan.smem;

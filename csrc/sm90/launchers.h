@@ -58,6 +58,7 @@ struct W4A4Pow2GemmArgs {
   void* y;                    // out [M, N] row-major
   int M, N, K, rank, m_al, n_al;
   int promote_k;              // 128 or 256: input channels between fp32 promotions of the FP8 partial sums
+  int tile_t;                 // tokens per CTA tile: 128, 192, or 0 (chosen by M)
 };
 const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& args, cudaStream_t stream);
 

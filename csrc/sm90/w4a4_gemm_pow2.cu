@@ -11,20 +11,26 @@
 // adds its wgmma accumulator into an fp32 sum every kPromoteGroups groups (128 or 256 of K): one
 // FADD per accumulator per promotion, instead of design (a)'s FMUL + FFMA per accumulator per group.
 //
-// Tiles and roles as in w4a4_gemm.cu: a CTA owns 128 output channels x 128 tokens (transposed
+// Tiles and roles as in w4a4_gemm.cu: a CTA owns 128 output channels x kTileT tokens (transposed
 // product: wgmma M = channels, N = tokens); consumer warpgroups 0 and 1 own 64 channels each,
-// warpgroup 2 is the TMA producer (8-stage ring of full/empty mbarriers).
+// warpgroup 2 is the TMA producer (a ring of full/empty mbarriers). kTileT = 192 expands each
+// weight once per 192 tokens instead of 128 (the expansion is most of a consumer's instructions),
+// at 96 + 96 accumulator registers per thread; kTileT = 128 serves small M.
 //  * A (weights) from registers: each thread reads its 2 rows x 8 packed bytes of the natural
 //    qweight tile ([128][32] bytes per group) and looks the nibbles up in the e4m3 table of its
 //    row's exponent f (common.cuh int4_to_e4m3; the 10 tables, one per f, sit in shared memory).
 //    The k permutation is kernel 1's (act_quant.cu), so fragment registers need no shuffling.
 //  * B (activation operands, e4m3 bytes [tokens][64] per group) is TMA-loaded with the 64-byte swizzle.
 //  * f: a [128] byte row of the exponent tensor wexp [K/64, n_al] per group, in the same stage.
-// Stages: K/64 main stages, then ceil(rank/32) low-rank stages (lora_act and lora_up chunks of 32
-// ranks) whose bf16/fp16 wgmma accumulate into the scaled fp32 sums, then + bias and a transposed
-// 16-byte-row store through shared memory. The epilogue has the fp32 tile with known (channel,
+// Persistent: one CTA per SM walks the tiles (channel tiles of a token tile consecutively, so that
+// concurrent CTAs share activation tiles in L2), with one continuous ring of stages, so the producer
+// fills the next tile's stages while the consumers run the previous tile's epilogue.
+// Stages of a tile: K/64 main stages, then ceil(rank/32) low-rank stages (lora_act and lora_up
+// chunks of 32 ranks) whose bf16/fp16 wgmma accumulate into the scaled fp32 sums, then + bias and a
+// transposed 16-byte-row store through shared memory. The epilogue has the fp32 tile with known (channel,
 // token) coordinates in registers, the place to fuse an activation or the next layer's quantization.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"
@@ -34,36 +40,53 @@ namespace svdq::sm90 {
 namespace {
 
 constexpr int kTileN = 128;  // channels per CTA
-constexpr int kTileT = 128;  // tokens per CTA
-constexpr int kStages = 8;
 constexpr int kLoraChunk = 32;  // ranks per low-rank stage: one 64-byte swizzled row
 constexpr int kThreads = 384;
 constexpr int kExps = 10;  // exponents 0..9
-// Stage layout (bytes). Main stage: activation operands [kTileT][64] (swizzled), packed weights
-// [kTileN][32], exponents [kTileN]. Low-rank stage: lora_act [kTileT][32] and lora_up [kTileN][32]
-// (16-bit, swizzled) in the operand and weight slots.
-constexpr int kOffAct = 0;
-constexpr int kOffW = kOffAct + kTileT * 64;
-constexpr int kOffExp = kOffW + kTileN * kLoraChunk * 2;
-constexpr int kStageBytes = (kOffExp + kTileN + 1023) / 1024 * 1024;
-constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileN;
-constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
-// Output staging tile [kTileT tokens][kTileN channels] 16-bit, rows padded by 16 bytes so that the
-// transposing stmatrix stores hit distinct bank groups.
-constexpr int kEpiStride = kTileN * 2 + 16;
-constexpr int kEpiBytes = kTileT * kEpiStride;
-constexpr int kOffLut = kStages * kStageBytes + kEpiBytes;  // uint4 [kExps]
-constexpr int kOffTok = kOffLut + kExps * 16;               // float [kTileT]: atok of the tile's tokens
-constexpr int kOffBase = kOffTok + kTileT * 4;              // float [kTileN]: wbase of the tile's channels
-constexpr int kBarOffset = kOffBase + kTileN * 4;
-constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
 
-template <typename T>
-__device__ __forceinline__ void wgmma_lowrank(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b);
+// Shared-memory layout for a token tile of kTileT (bytes). Main stage: activation operands
+// [kTileT][64] (swizzled), packed weights [kTileN][32], exponents [kTileN]. Low-rank stage:
+// lora_act [kTileT][32] and lora_up [kTileN][32] (16-bit, swizzled) in the operand and weight slots.
+// Then the output staging tile [kTileT tokens][kTileN channels] 16-bit (rows padded by 16 bytes so
+// that the transposing stmatrix stores hit distinct bank groups), the e4m3 tables, the tile's
+// token and channel scales, and the barriers.
+template <int kTileT>
+struct Layout {
+  static constexpr int kStages = kTileT == 128 ? 8 : 7;
+  static constexpr int kOffAct = 0;
+  static constexpr int kOffW = kOffAct + kTileT * 64;
+  static constexpr int kOffExp = kOffW + kTileN * kLoraChunk * 2;
+  static constexpr int kStageBytes = (kOffExp + kTileN + 1023) / 1024 * 1024;
+  static constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileN;
+  static constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
+  static constexpr int kEpiStride = kTileN * 2 + 16;
+  static constexpr int kOffEpi = kStages * kStageBytes;
+  static constexpr int kOffLut = kOffEpi + kTileT * kEpiStride;  // uint4 [kExps]
+  static constexpr int kOffTok = kOffLut + kExps * 16;            // float [kTileT]: atok of the tile's tokens
+  static constexpr int kOffBase = kOffTok + kTileT * 4;           // float [kTileN]: wbase of the tile's channels
+  static constexpr int kOffBar = kOffBase + kTileN * 4;
+  static constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
+};
+
+template <int kN>
+__device__ __forceinline__ void wgmma_e4m3_rs(float (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                              uint32_t scale_d) {
+  if constexpr (kN == 128)
+    wgmma_m64n128k32_e4m3_rs(d, a, desc_b, scale_d);
   else
+    wgmma_m64n192k32_e4m3_rs(d, a, desc_b, scale_d);
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void wgmma_lowrank(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && kN == 128)
+    wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    wgmma_m64n192k16_bf16_ss(d, desc_a, desc_b);
+  else if constexpr (kN == 128)
     wgmma_m64n128k16_f16_ss(d, desc_a, desc_b);
+  else
+    wgmma_m64n192k16_f16_ss(d, desc_a, desc_b);
 }
 
 __device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
@@ -74,24 +97,27 @@ __device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4
 
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
 
-template <typename T, int kPromoteGroups>
+template <typename T, int kPromoteGroups, int kTileT>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_pow2_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                           const __grid_constant__ CUtensorMap tm_exp, const __grid_constant__ CUtensorMap tm_lact,
                           const __grid_constant__ CUtensorMap tm_lup, const float* __restrict__ atok,
                           const float* __restrict__ wbase, const T* __restrict__ bias, T* __restrict__ y, int M,
-                          int m_al, int N, int K, int rank) {
+                          int m_al, int N, int K, int rank, int tiles_n, int tiles) {
+  using L = Layout<kTileT>;
+  constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
+  constexpr int kOffExp = L::kOffExp, kEpiStride = L::kEpiStride;
+  constexpr int kAcc = kTileT / 2;  // accumulator registers per thread: 64 channels x kTileT tokens
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kOffBar);
   uint64_t* empty = full + kStages;
-  uint4* lut = reinterpret_cast<uint4*>(smem + kOffLut);
-  float* tok_scale = reinterpret_cast<float*>(smem + kOffTok);
-  float* ch_base = reinterpret_cast<float*>(smem + kOffBase);
+  uint4* lut = reinterpret_cast<uint4*>(smem + L::kOffLut);
+  float* tok_scale = reinterpret_cast<float*>(smem + L::kOffTok);
+  float* ch_base = reinterpret_cast<float*>(smem + L::kOffBase);
   const int groups = K / 64;
-  const int iters = groups + (rank + kLoraChunk - 1) / kLoraChunk;
-  const int ch0 = blockIdx.x * kTileN, tok0 = blockIdx.y * kTileT;
+  const int iters = groups + (rank + kLoraChunk - 1) / kLoraChunk;  // stages per tile
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -102,82 +128,70 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_init_fence();
   }
   if (threadIdx.x < kExps) lut[threadIdx.x] = int4_lut(threadIdx.x);
-  if (threadIdx.x >= 128 && threadIdx.x < 256) {
-    const int t = threadIdx.x - 128;
-    tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
-    ch_base[t] = ch0 + t < N ? wbase[ch0 + t] : 0.f;
-  }
   __syncthreads();
 
-  if (wg == 2) {  // producer
-    setmaxnreg_dec<40>();
+  if (wg == 2) {  // producer: 24 registers, so that the consumers get 240 (2 x 128 x 240 + 128 x 24 <= 64K)
+    setmaxnreg_dec<24>();
     if (threadIdx.x == 256) {
       tma_prefetch_desc(&tm_act);
       tma_prefetch_desc(&tm_w);
       int s = 0;
       uint32_t ph = 0;
-      for (int it = 0; it < iters; ++it) {
-        mbar_wait(&empty[s], ph ^ 1);
-        uint8_t* st = smem + s * kStageBytes;
-        if (it < groups) {
-          mbar_expect_tx(&full[s], kMainTx);
-          tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
-          tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
-          tma_load_2d(st + kOffExp, &tm_exp, &full[s], ch0, it);
-        } else {
-          const int r = kLoraChunk * (it - groups);
-          mbar_expect_tx(&full[s], kLoraTx);
-          tma_load_2d(st + kOffAct, &tm_lact, &full[s], r, tok0);
-          tma_load_2d(st + kOffW, &tm_lup, &full[s], r, ch0);
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int ch0 = tile % tiles_n * kTileN, tok0 = tile / tiles_n * kTileT;
+        for (int it = 0; it < iters; ++it) {
+          mbar_wait(&empty[s], ph ^ 1);
+          uint8_t* st = smem + s * kStageBytes;
+          if (it < groups) {
+            mbar_expect_tx(&full[s], L::kMainTx);
+            tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
+            tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
+            tma_load_2d(st + kOffExp, &tm_exp, &full[s], ch0, it);
+          } else {
+            const int r = kLoraChunk * (it - groups);
+            mbar_expect_tx(&full[s], L::kLoraTx);
+            tma_load_2d(st + kOffAct, &tm_lact, &full[s], r, tok0);
+            tma_load_2d(st + kOffW, &tm_lup, &full[s], r, ch0);
+          }
+          if (++s == kStages) s = 0, ph ^= 1;
         }
-        if (++s == kStages) s = 0, ph ^= 1;
       }
     }
     return;
   }
 
-  setmaxnreg_inc<232>();
+  setmaxnreg_inc<240>();
   const int wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, q = lane % 4;
   // accumulator element i of this thread: channel row + 8 * ((i / 2) % 2), token 8 * (i / 4) + 2 * q + i % 2
   const int row = 64 * wg + 16 * wi + lane / 4;
-  float sum[64];  // fp32 sums of the promoted partials: the 64 x 128 output tile of this warpgroup
-  float acc[64];  // the wgmma accumulator of the current promotion interval
-#pragma unroll
-  for (int i = 0; i < 64; ++i) sum[i] = 0.f;
+  float sum[kAcc];  // fp32 sums of the promoted partials: the 64 x kTileT output tile of this warpgroup
+  float acc[kAcc];  // the wgmma accumulator of the current promotion interval
+  int base = 0;     // ring position of the current tile's first stage: the tile's stage g is base + g
 
-  auto stage_ptr = [&](int st) { return smem + st * kStageBytes; };
-  auto wait_full = [&](int g) { mbar_wait(&full[g % kStages], (g / kStages) & 1); };
+  auto stage_ptr = [&](int g) { return smem + (base + g) % kStages * kStageBytes; };
+  auto wait_full = [&](int g) { mbar_wait(&full[(base + g) % kStages], ((base + g) / kStages) & 1); };
   auto release = [&](int g) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[g % kStages]);
+    if (lane == 0) mbar_arrive(&empty[(base + g) % kStages]);
   };
-  // A group's packed weights of this thread's two rows and their rows' tables, read from shared
-  // memory ahead of the wgmma wait so that only the ALU part of the expansion follows it.
-  struct Packed {
-    uint2 w0, w1;  // bytes 8q..8q+7 of rows `row` and `row + 8`: natural columns 16q..16q+15
-    uint4 t0, t1;
-  };
-  auto fetch = [&](int g) {
-    const uint8_t* st = stage_ptr(g % kStages);
-    Packed p;
-    p.w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
-    p.w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
-    p.t0 = lut[st[kOffExp + row]];
-    p.t1 = lut[st[kOffExp + row + 8]];
-    return p;
-  };
-  // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
-  auto expand = [&](const Packed& p, uint32_t (&f)[2][4]) {
-    int4_to_e4m3(p.w0.x, p.t0, f[0][0], f[0][2]);
-    int4_to_e4m3(p.w1.x, p.t1, f[0][1], f[0][3]);
-    int4_to_e4m3(p.w0.y, p.t0, f[1][0], f[1][2]);
-    int4_to_e4m3(p.w1.y, p.t1, f[1][1], f[1][3]);
+  // Group g's weights of this thread's two rows, looked up in their rows' tables: the fragments of
+  // the two k32 steps, {row lo, row+8 lo, row hi, row+8 hi}.
+  auto load_weights = [&](int g, uint32_t (&f)[2][4]) {
+    const uint8_t* st = stage_ptr(g);
+    // bytes 8q..8q+7 of the two rows: natural columns 16q..16q+15 of the group
+    const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
+    const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
+    const uint4 t0 = lut[st[kOffExp + row]], t1 = lut[st[kOffExp + row + 8]];
+    int4_to_e4m3(w0.x, t0, f[0][0], f[0][2]);
+    int4_to_e4m3(w1.x, t1, f[0][1], f[0][3]);
+    int4_to_e4m3(w0.y, t0, f[1][0], f[1][2]);
+    int4_to_e4m3(w1.y, t1, f[1][1], f[1][3]);
   };
   auto issue = [&](int g, const uint32_t (&f)[2][4], uint32_t accumulate) {
-    const uint64_t desc = desc_k_sw64(stage_ptr(g % kStages) + kOffAct);
+    const uint64_t desc = desc_k_sw64(stage_ptr(g) + kOffAct);
     wgmma_fence();
-    wgmma_m64n128k32_e4m3_rs(acc, f[0], desc, accumulate);
-    wgmma_m64n128k32_e4m3_rs(acc, f[1], desc + 2, 1);  // +32 bytes along K
+    wgmma_e4m3_rs<kTileT>(acc, f[0], desc, accumulate);
+    wgmma_e4m3_rs<kTileT>(acc, f[1], desc + 2, 1);  // +32 bytes along K
     wgmma_commit();
   };
 
@@ -193,24 +207,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kN; ++i) {
       const int g = g0 + i;
       issue(g, frag[i % 2], i == 0 ? 0u : 1u);
-      const bool more = g + 1 < groups;
-      Packed next;
-      if (more) {
-        wait_full(g + 1);
-        next = fetch(g + 1);
-      }
       wgmma_wait<1>();
       if (i > 0) release(g - 1);
-      if (more) expand(next, frag[(i + 1) % 2]);
+      if (g + 1 < groups) {
+        wait_full(g + 1);
+        load_weights(g + 1, frag[(i + 1) % 2]);
+      }
     }
     wgmma_wait<0>();
     fence_regs(acc);
     release(g0 + kN - 1);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) sum[i] += acc[i];
+    for (int i = 0; i < kAcc; ++i) sum[i] += acc[i];
   };
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
+  const int ch0 = tile % tiles_n * kTileN, tok0 = tile / tiles_n * kTileT;
+  // the tile's scale factors, once the previous tile's epilogue is done with them
+  consumers_sync();
+  if (threadIdx.x < kTileN) ch_base[threadIdx.x] = ch0 + threadIdx.x < N ? wbase[ch0 + threadIdx.x] : 0.f;
+  for (int t = threadIdx.x; t < kTileT; t += 256) tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) sum[i] = 0.f;
+
   wait_full(0);
-  expand(fetch(0), frag[0]);
+  load_weights(0, frag[0]);
   int g0 = 0;
   for (; g0 + kPromoteGroups <= groups; g0 += kPromoteGroups) interval(g0, std::integral_constant<int, kPromoteGroups>{});
   switch (groups - g0) {  // the last, shorter interval
@@ -228,11 +248,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // sum *= atok[token] * wbase[channel]: the scale factors left out of the FP8 operands
+  consumers_sync();  // every consumer thread's scale loads have landed
   {
     const float b0 = ch_base[row], b1 = ch_base[row + 8];
     const float2* ts = reinterpret_cast<const float2*>(tok_scale);
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kTileT / 8; ++j) {
       const float2 t = ts[4 * j + q];  // tokens 8j + 2q, +1
       sum[4 * j + 0] *= t.x * b0;
       sum[4 * j + 1] *= t.y * b0;
@@ -243,11 +264,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int it = groups; it < iters; ++it) {  // low-rank up: sum += lora_act . lora_up^T
     wait_full(it);
-    const uint8_t* st = stage_ptr(it % kStages);
+    const uint8_t* st = stage_ptr(it);
     const uint64_t da = desc_k_sw64(st + kOffW + wg * 64 * kLoraChunk * 2), db = desc_k_sw64(st + kOffAct);
     wgmma_fence();
-    wgmma_lowrank<T>(sum, da, db);
-    wgmma_lowrank<T>(sum, da + 2, db + 2);  // ranks 16..31 of the chunk: +32 bytes
+    wgmma_lowrank<T, kTileT>(sum, da, db);
+    wgmma_lowrank<T, kTileT>(sum, da + 2, db + 2);  // ranks 16..31 of the chunk: +32 bytes
     wgmma_commit();
     wgmma_wait<0>();
     fence_regs(sum);
@@ -263,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* epi = smem + kStages * kStageBytes;
   const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
 #pragma unroll
-  for (int j = 0; j < 16; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
+  for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
     const uint32_t r[4] = {Half<T>::pack2(sum[4 * j + 0] + b0, sum[4 * j + 1] + b0),
                            Half<T>::pack2(sum[4 * j + 2] + b1, sum[4 * j + 3] + b1),
                            Half<T>::pack2(sum[4 * j + 4] + b0, sum[4 * j + 5] + b0),
@@ -280,18 +301,54 @@ __global__ void __launch_bounds__(kThreads, 1)
       *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
           *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
   }
+  consumers_sync();  // the staging tile is free for the next tile's epilogue
+  }
 }
 
-template <typename T, int kPromoteGroups>
-cudaError_t launch(const W4A4Pow2GemmArgs& a, const CUtensorMap (&maps)[5], cudaStream_t stream) {
-  auto kernel = w4a4_gemm_pow2_kernel<T, kPromoteGroups>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+template <typename T, int kPromoteGroups, int kTileT>
+cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
+  const CUtensorMapDataType half =
+      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap maps[5] = {};  // act, w, exp, lact, lup
+  bool ok = make_map(&maps[0], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
+                     CU_TENSOR_MAP_SWIZZLE_64B) &&
+            make_map(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
+                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
+            make_map(&maps[2], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.wexp, a.n_al, a.K / 64, a.n_al, kTileN, 1,
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (ok && a.rank)
+    ok = make_map(&maps[3], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
+                  CU_TENSOR_MAP_SWIZZLE_64B) &&
+         make_map(&maps[4], half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
+                  CU_TENSOR_MAP_SWIZZLE_64B);
+  if (!ok) return cudaErrorInvalidValue;
+  auto kernel = w4a4_gemm_pow2_kernel<T, kPromoteGroups, kTileT>;
+  constexpr int smem = Layout<kTileT>::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid((a.N + kTileN - 1) / kTileN, (a.M + kTileT - 1) / kTileT);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], a.atok, a.wbase,
-                                                 static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M, a.m_al,
-                                                 a.N, a.K, a.rank);
+  static int sms = [] {
+    int device = 0, count = 132;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      count = 132;
+    return count;
+  }();
+  const int tiles_n = (a.N + kTileN - 1) / kTileN, tiles = tiles_n * ((a.M + kTileT - 1) / kTileT);
+  kernel<<<std::min(tiles, sms), kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], a.atok,
+                                                           a.wbase, static_cast<const T*>(a.bias),
+                                                           static_cast<T*>(a.y), a.M, a.m_al, a.N, a.K, a.rank,
+                                                           tiles_n, tiles);
   return cudaGetLastError();
+}
+
+// tile_t 0: 192-token tiles where M gives every SM several of them, else 128
+int token_tile(const W4A4Pow2GemmArgs& a) { return a.tile_t ? a.tile_t : a.M >= 2048 ? 192 : 128; }
+
+template <typename T>
+cudaError_t launch_for(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
+  if (token_tile(a) == 128)
+    return a.promote_k == 128 ? launch<T, 2, 128>(a, stream) : launch<T, 4, 128>(a, stream);
+  return a.promote_k == 128 ? launch<T, 2, 192>(a, stream) : launch<T, 4, 192>(a, stream);
 }
 
 }  // namespace
@@ -307,29 +364,11 @@ const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
                         static_cast<const void*>(a.qweight), static_cast<const void*>(a.wexp),
                         static_cast<const void*>(a.wbase), a.lora_up, static_cast<const void*>(a.y)})
     if (p && !aligned16(p)) return "w4a4_gemm_pow2: every tensor must start on a 16-byte boundary";
+  if (a.tile_t != 0 && a.tile_t != 128 && a.tile_t != 192) return "w4a4_gemm_pow2: tile_t must be 0, 128 or 192";
   if (!tensor_map_encoder()) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled is not available from the driver";
-
-  const CUtensorMapDataType half =
-      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap maps[5] = {};  // act, w, exp, lact, lup
-  bool ok = make_map(&maps[0], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
-                     CU_TENSOR_MAP_SWIZZLE_64B) &&
-            make_map(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&maps[2], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.wexp, a.n_al, a.K / 64, a.n_al, kTileN, 1,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && a.rank)
-    ok = make_map(&maps[3], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
-                  CU_TENSOR_MAP_SWIZZLE_64B) &&
-         make_map(&maps[4], half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
-                  CU_TENSOR_MAP_SWIZZLE_64B);
-  if (!ok) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor";
-
-  cudaError_t err;
-  if (a.dtype == DType::kBF16)
-    err = a.promote_k == 128 ? launch<__nv_bfloat16, 2>(a, maps, stream) : launch<__nv_bfloat16, 4>(a, maps, stream);
-  else
-    err = a.promote_k == 128 ? launch<__half, 2>(a, maps, stream) : launch<__half, 4>(a, maps, stream);
+  const cudaError_t err =
+      a.dtype == DType::kBF16 ? launch_for<__nv_bfloat16>(a, stream) : launch_for<__half>(a, stream);
+  if (err == cudaErrorInvalidValue) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor";
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
