@@ -10,6 +10,8 @@ tokens), and M = 256 and 1024 for small images. Columns (median time per call):
     k2      kernel 2 alone (W4A4 GEMM + low-rank up + bias), inputs from kernel 1
     k1      kernel 1 alone (quantize + low-rank down)
     k1+k2   both (what a layer costs); lr: low-rank share, k1+k2 at rank 32 over rank 0, minus 1
+    k2d, k1+k2d: the same weights with power-of-two activation scales (design (d) alone: kernel 1
+            in pow2 mode, kernel 2 with per-token scales, one FMA per accumulator per group)
   fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
     k2f     fast kernel 2 alone, fp32 promotion every 256 of K, token tile chosen by M
             (k2f128: promotion every 128; JSON also k2f_t128 / k2f_t192: each token tile)
@@ -151,6 +153,19 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             for tile_t in (128, 192):
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t=tile_t) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
+        if not pow2:  # design (d) alone on the same layers
+            stage1_pow2 = [c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), True)
+                           for i in range(sets)]
+            row["k2d_ms"] = time_calls([lambda i=i: c_ext.w4a4_gemm_sm90(
+                *stage1_pow2[i], layers[i].qweight, layers[i].wscales, layers[i].lora_up, layers[i].bias)
+                for i in range(sets)])
+            for lay in layers:
+                lay.pow2_activations = True
+            row["k1k2d_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+                                          for i in range(sets)])
+            for lay in layers:
+                lay.pow2_activations = False
+            del stage1_pow2
         row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
                                            for i in range(sets)])
         row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers0[i])
@@ -158,9 +173,9 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
         row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
         del layers, layers0, stage1
 
-    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2f", "k2f128", "k1k2f"):
+    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k2f128", "k1k2f"):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
-    for key in ("k2", "k1k2", "k2f", "k1k2f"):
+    for key in ("k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
         row[key + "_speedup_vs_bf16"] = row["bf16_ms"] / row[key + "_ms"]
     del a
     torch.cuda.empty_cache()
@@ -224,7 +239,8 @@ def main() -> None:
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
-              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} {'t128':>6} {'t192':>6} "
+              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} "
+              f"{'t128':>6} {'t192':>6} "
               f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
     print(header, flush=True)
     for m in args.tokens:
@@ -234,6 +250,7 @@ def main() -> None:
             print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} | {r['bf16_ms'] / r['fp8_ms']:>5.2f} "
                   f"{r['bf16_ms'] / r['fp8_fast_ms']:>6.2f} | {r['k2_ms'] * 1e3:>7.1f} {r['k1_ms'] * 1e3:>6.1f} "
                   f"{r['k1k2_ms'] * 1e3:>7.1f} {r['k1k2_speedup_vs_bf16']:>5.2f} {r['lowrank_share'] * 100:>5.1f} | "
+                  f"{r['k2d_ms'] * 1e3:>7.1f} {r['k1k2d_ms'] * 1e3:>7.1f} | "
                   f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} {r['k2f128_ms'] * 1e3:>7.1f} "
                   f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t192_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "

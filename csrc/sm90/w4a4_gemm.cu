@@ -18,7 +18,9 @@
 //    permutation; kernel 1 writes the activation codes in the same order).
 //  * Activation scales: per (token, group) [K/64, m_al], or per token [1, m_al] when kernel 1 ran
 //    in pow2 mode (its codes then carry the 2^-e of each group, exactly: within a group they share
-//    it, so the group's FP8 sum stays an exact integer times a power of two).
+//    it, so the group's FP8 sum stays an exact integer times a power of two). With per-token scales
+//    (design (d)) the promotion is one FMA with the weight scale, and the token's scale multiplies
+//    the tile once before the low-rank term (kTokenScales).
 //  * B (activation codes, e4m3 bytes [tokens][64] per group) is TMA-loaded with the 64-byte swizzle.
 //  * The 64-channel rows of a warpgroup are exactly one output quantization group of the next
 //    layer: the epilogue has the fp32 tile in registers with known (channel, token) coordinates,
@@ -54,6 +56,7 @@ constexpr int kOffAs = kOffW + kTileN * kLoraChunk * 2;
 constexpr int kOffWs = kOffAs + kTileT * 4;
 constexpr int kStageBytes = (kOffWs + kTileN * 2 + 1023) / 1024 * 1024;
 constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileT * 4 + kTileN * 2;
+constexpr uint32_t kMainTxTokenScales = kMainTx - kTileT * 4;  // no per-group activation scales
 constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
 // Output staging tile [kTileT tokens][kTileN channels] 16-bit, rows padded by 16 bytes so that the
 // transposing stmatrix stores hit distinct bank groups.
@@ -78,13 +81,13 @@ __device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4
 
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
 
-template <typename T>
+template <typename T, bool kTokenScales>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                      const __grid_constant__ CUtensorMap tm_as, const __grid_constant__ CUtensorMap tm_ws,
                      const __grid_constant__ CUtensorMap tm_lact, const __grid_constant__ CUtensorMap tm_lup,
-                     const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K, int rank,
-                     bool ascale_per_token) {
+                     const float* __restrict__ atok, const T* __restrict__ bias, T* __restrict__ y, int M, int m_al,
+                     int N, int K, int rank) {
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -115,10 +118,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(&empty[s], ph ^ 1);
         uint8_t* st = smem + s * kStageBytes;
         if (it < groups) {
-          mbar_expect_tx(&full[s], kMainTx);
+          mbar_expect_tx(&full[s], kTokenScales ? kMainTxTokenScales : kMainTx);
           tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
           tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
-          tma_load_2d(st + kOffAs, &tm_as, &full[s], tok0, ascale_per_token ? 0 : it);
+          if (!kTokenScales) tma_load_2d(st + kOffAs, &tm_as, &full[s], tok0, it);
           tma_load_2d(st + kOffWs, &tm_ws, &full[s], ch0, it);
         } else {
           const int r = kLoraChunk * (it - groups);
@@ -173,12 +176,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float2* as = reinterpret_cast<const float2*>(st + kOffAs) + 32 * half;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float2 sa = as[4 * j + q];  // tokens 64 half + 8j + 2q, +1
       float* o = out + 32 * half + 4 * j;
-      o[0] = fmaf(acc[4 * j + 0], sa.x * ws0, o[0]);
-      o[1] = fmaf(acc[4 * j + 1], sa.y * ws0, o[1]);
-      o[2] = fmaf(acc[4 * j + 2], sa.x * ws1, o[2]);
-      o[3] = fmaf(acc[4 * j + 3], sa.y * ws1, o[3]);
+      if constexpr (kTokenScales) {  // the token scale comes once, after the last group
+        o[0] = fmaf(acc[4 * j + 0], ws0, o[0]);
+        o[1] = fmaf(acc[4 * j + 1], ws0, o[1]);
+        o[2] = fmaf(acc[4 * j + 2], ws1, o[2]);
+        o[3] = fmaf(acc[4 * j + 3], ws1, o[3]);
+      } else {
+        const float2 sa = as[4 * j + q];  // tokens 64 half + 8j + 2q, +1
+        o[0] = fmaf(acc[4 * j + 0], sa.x * ws0, o[0]);
+        o[1] = fmaf(acc[4 * j + 1], sa.y * ws0, o[1]);
+        o[2] = fmaf(acc[4 * j + 2], sa.x * ws1, o[2]);
+        o[3] = fmaf(acc[4 * j + 3], sa.y * ws1, o[3]);
+      }
     }
   };
 
@@ -245,6 +255,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         step(g + 2, acc1, acc2, frag0, frag1, PreLast{});
         step(g + 3, acc0, acc1, frag1, frag2, Last{});
         break;
+    }
+  }
+
+  if constexpr (kTokenScales) {  // out *= atok[token]
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int t = tok0 + 8 * j + 2 * q;  // tokens t, t + 1 (m_al is a multiple of 4, t is even)
+      const float2 sa = t < m_al ? *reinterpret_cast<const float2*>(atok + t) : make_float2(0.f, 0.f);
+      out[4 * j + 0] *= sa.x;
+      out[4 * j + 1] *= sa.y;
+      out[4 * j + 2] *= sa.x;
+      out[4 * j + 3] *= sa.y;
     }
   }
 
@@ -323,20 +345,24 @@ const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
   if (!ok) return "w4a4_gemm: cuTensorMapEncodeTiled rejected a tensor";
 
   const dim3 grid((a.N + kTileN - 1) / kTileN, (a.M + kTileT - 1) / kTileT);
+  auto launch = [&](auto kernel, auto* bias, auto* y) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (e == cudaSuccess)
+      kernel<<<grid, kThreads, kSmemBytes, stream>>>(tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, a.ascales, bias, y,
+                                                     a.M, a.m_al, a.N, a.K, a.rank);
+    return e;
+  };
+  const bool token_scales = a.ascale_rows == 1;
   cudaError_t err;
   if (a.dtype == DType::kBF16) {
-    err = cudaFuncSetAttribute(w4a4_gemm_kernel<__nv_bfloat16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kSmemBytes);
-    if (err == cudaSuccess)
-      w4a4_gemm_kernel<__nv_bfloat16><<<grid, kThreads, kSmemBytes, stream>>>(
-          tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __nv_bfloat16*>(a.bias),
-          static_cast<__nv_bfloat16*>(a.y), a.M, a.N, a.K, a.rank, a.ascale_rows == 1);
+    auto* bias = static_cast<const __nv_bfloat16*>(a.bias);
+    auto* y = static_cast<__nv_bfloat16*>(a.y);
+    err = token_scales ? launch(w4a4_gemm_kernel<__nv_bfloat16, true>, bias, y)
+                       : launch(w4a4_gemm_kernel<__nv_bfloat16, false>, bias, y);
   } else {
-    err = cudaFuncSetAttribute(w4a4_gemm_kernel<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (err == cudaSuccess)
-      w4a4_gemm_kernel<__half><<<grid, kThreads, kSmemBytes, stream>>>(
-          tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, static_cast<const __half*>(a.bias), static_cast<__half*>(a.y),
-          a.M, a.N, a.K, a.rank, a.ascale_rows == 1);
+    auto* bias = static_cast<const __half*>(a.bias);
+    auto* y = static_cast<__half*>(a.y);
+    err = token_scales ? launch(w4a4_gemm_kernel<__half, true>, bias, y) : launch(w4a4_gemm_kernel<__half, false>, bias, y);
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
