@@ -72,12 +72,13 @@ def gelu_shift(spec: flux.LinearSpec) -> torch.Tensor | None:
 
 def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration: list[tuple], rank: int = 32,
                   smooth: bool = True, alphas=quantize.DEFAULT_ALPHAS, progress: bool = True,
-                  dtype: torch.dtype = torch.bfloat16) -> fmt.QuantizedModel:
+                  dtype: torch.dtype = torch.bfloat16, hopper_pow2: bool = False) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux_model.Flux`.
     rank=0 and smooth=False give plain W4A4 (what SVDQuant improves on); alphas are the smoothing
-    exponents searched per layer.
+    exponents searched per layer. hopper_pow2: power-of-two weight group scales in every W4A4 layer
+    (quantize.quantize_linear), the format of the Hopper fast path; recorded in the metadata.
     """
     flux.check_tensors(cfg, tensors, {})
     specs = flux.linear_layers(cfg)
@@ -95,7 +96,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
         spec, weight, bias = specs[name], tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
         if spec.kind == flux.W4A4:
             layer = quantize.quantize_linear(weight, bias, seen.pop(name), rank=rank, shift=gelu_shift(spec),
-                                             smooth=smooth, alphas=alphas, dtype=dtype).as_dict()
+                                             smooth=smooth, alphas=alphas, dtype=dtype,
+                                             hopper_pow2=hopper_pow2).as_dict()
             layers[name] = fmt.describe_w4a4(layer)
         else:
             codes, wscales, wzeros = numerics.quantize_w4a16(weight, scale_dtype=dtype)
@@ -105,5 +107,5 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
             layers[name] = fmt.describe_w4a16(layer)
         out.update({f"{name}.{field}": t for field, t in layer.items()})
     quantization = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
-                    "rank": rank, "smooth": smooth, "calibration_calls": len(calibration)}
+                    "rank": rank, "smooth": smooth, "calibration_calls": len(calibration), "hopper_pow2": hopper_pow2}
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(), quantization)

@@ -18,7 +18,7 @@ def bf16_model(guidance_embed: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True):
+def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, hopper_pow2: bool = False):
     cfg, tensors = bf16_model(guidance_embed)
     return flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg), rank=rank,
-                                       smooth=smooth, alphas=TEST_ALPHAS, progress=False)
+                                       smooth=smooth, alphas=TEST_ALPHAS, progress=False, hopper_pow2=hopper_pow2)
