@@ -64,6 +64,8 @@ def cmd_demo(args) -> int:
     # scheme -> (quantizer options, file name tag)
     schemes = {f"SVDQuant r{args.rank}": (dict(rank=args.rank), f"svdq-r{args.rank}"),
                "plain W4A4": (dict(rank=0, smooth=False), "w4a4")}
+    if args.hopper_pow2:
+        schemes[f"SVDQuant r{args.rank} pow2"] = (dict(rank=args.rank, hopper_pow2=True), f"svdq-r{args.rank}-pow2")
     files = {}
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep or scratch)
@@ -78,6 +80,7 @@ def cmd_demo(args) -> int:
                   f"{path.name} ({size:.1f} MiB)")
             loaded, _ = flux.load_flux(path)  # what the ComfyUI loader node reads
             files[scheme] = flux_model.from_tensors(cfg, loaded.tensors).to(device)
+            flux.apply_file_options(files[scheme], loaded.quantization)
 
     noise, context, pooled = (t.to(device) for t in synthetic.flux_inputs(cfg, seed=args.seed, height=args.size,
                                                                          width=args.size))
@@ -94,8 +97,8 @@ def cmd_demo(args) -> int:
         "PyTorch reference path (INT4 emulated in float32: slower than BF16 by design)"
     print(f"\n{args.steps} Euler steps on a {args.size}x{args.size} latent, {device.type}, quantized layers on the "
           f"{path_used}")
-    print(f"{'scheme':<16} {'W4A4 layer error':>17} {'output error':>13} {'time':>8}")
-    print(f"{'BF16':<16} {'-':>17} {'-':>13} {dense_time:>7.2f}s")
+    print(f"{'scheme':<18} {'W4A4 layer error':>17} {'output error':>13} {'time':>8}")
+    print(f"{'BF16':<18} {'-':>17} {'-':>13} {dense_time:>7.2f}s")
     for scheme, model in files.items():
         layer_errors = []
         for name, x in layer_inputs.items():
@@ -104,7 +107,7 @@ def cmd_demo(args) -> int:
                 out = model.get_submodule(name)(x.to(device, torch.bfloat16))
             layer_errors.append(_relative_error(out.cpu(), x.double() @ weight.t() + bias))
         out, seconds = sample(model)
-        print(f"{scheme:<16} {sum(layer_errors) / len(layer_errors):>17.4f} {_relative_error(out, reference):>13.4f} "
+        print(f"{scheme:<18} {sum(layer_errors) / len(layer_errors):>17.4f} {_relative_error(out, reference):>13.4f} "
               f"{seconds:>7.2f}s")
     print("(relative L2 errors against the BF16 model: each 4-bit layer on held-out activations, averaged; "
           "the sampled latent)")
@@ -123,6 +126,8 @@ def main(argv=None) -> int:
     demo.add_argument("--size", type=int, default=32, help="latent height and width (image size / 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    demo.add_argument("--hopper-pow2", action="store_true",
+                      help="also quantize for the Hopper fast path (power-of-two weight and activation scales)")
     demo.add_argument("--keep", metavar="DIR", help="keep the quantized files in DIR (they load in ComfyUI)")
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="describe SVDQuant model files and the compiled extension")

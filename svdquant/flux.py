@@ -238,3 +238,16 @@ def load_flux(path, device: str | torch.device = "cpu") -> tuple[fmt.QuantizedMo
         raise fmt.FormatError(path, f"not a usable FLUX model: {exc}") from None
     model.model_config = cfg.to_dict()
     return model, cfg
+
+
+def apply_file_options(module: torch.nn.Module, quantization: dict) -> None:
+    """Runtime choices a file makes for its layers, applied to the loaded model (`module`).
+
+    A file quantized for the Hopper fast path (`quantize_flux(hopper_pow2=True)`, recorded as
+    quantization["hopper_pow2"]) was made to run with power-of-two activation scales as well, so
+    its W4A4 layers use them (kernels.uses_pow2_activations); other files keep the global default.
+    """
+    if quantization.get("hopper_pow2"):
+        for layer in module.modules():
+            if isinstance(layer, linear.SVDQLinear):
+                layer.pow2_activations = True

@@ -124,7 +124,7 @@ def test_svdquant_beats_plain_w4a4_on_the_tiny_model():
     assert errors["svdquant"] < errors["plain"] / 2
 
 
-def test_hopper_pow2_model(monkeypatch):
+def test_hopper_pow2_model():
     """quantize_flux(hopper_pow2=True): every W4A4 layer has power-of-two weight scales, and the model
     with the restricted activations it is made for stays close to the exact-scale SVDQuant model."""
     cfg, tensors = bf16_model(False)
@@ -136,10 +136,14 @@ def test_hopper_pow2_model(monkeypatch):
     dense = flux_model.Flux(cfg, flux_model.dense_linear())
     dense.load_state_dict(tensors)
     noise, context, pooled = synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
-    monkeypatch.setattr(kernels, "pow2_activations", None)  # on for the power-of-two layers
+    engine = flux_model.from_tensors(cfg, model.tensors)
+    w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
+    assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)  # the global default: off
+    flux.apply_file_options(engine, model.quantization)  # what the loaders do with such a file
+    assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
     with torch.no_grad():
         ref = flux_model.sample_euler(dense, noise, context, pooled, steps=4).double()
-        out = flux_model.sample_euler(flux_model.from_tensors(cfg, model.tensors), noise, context, pooled, 4)
+        out = flux_model.sample_euler(engine, noise, context, pooled, 4)
     assert float((out.double() - ref).norm() / ref.norm()) < 0.06  # exact scales: 0.035, this: 0.042
 
 

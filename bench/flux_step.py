@@ -1,0 +1,114 @@
+"""One FLUX.1-dev-sized transformer call at 1024x1024 (4096 image + 512 text tokens) on the GPU:
+the engine's own FLUX forward (svdquant/flux_model.py, eager, unfused glue) with 16-bit linears,
+with SVDQuant W4A4 layers on the exact Hopper path, and on the fast path (power-of-two scales).
+
+    python bench/flux_step.py [--out DIR] [--depth 19 --single 38]
+
+Weights are random (natural-format tensors drawn directly, no quantizer run): this measures
+time and memory, not image quality. Prints a table and writes flux_step_h100.json to --out.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from svdquant import flux, flux_model, kernels, numerics  # noqa: E402
+
+
+def random_tensors(cfg: flux.FluxConfig, quantized: bool, pow2: bool, gen: torch.Generator) -> dict:
+    """A state dict for `cfg` on gen's device: dense bf16 linears, or W4A4/W4A16 natural tensors."""
+    dev, bf16 = gen.device, torch.bfloat16
+    out = {name: torch.ones(size, device=dev, dtype=bf16) for name, size in flux.norm_scales(cfg).items()}
+    for name, spec in flux.linear_layers(cfg).items():
+        n, k = spec.out_features, spec.in_features
+        if spec.bias:
+            out[f"{name}.bias"] = (0.01 * torch.randn(n, generator=gen, device=dev)).to(bf16)
+        if not quantized or spec.kind == flux.DENSE:
+            out[f"{name}.weight"] = (torch.randn(n, k, generator=gen, device=dev) / k ** 0.5).to(bf16)
+            continue
+        out[f"{name}.qweight"] = torch.randint(0, 256, (n, k // 2), generator=gen, device=dev, dtype=torch.uint8)
+        if spec.kind == flux.W4A16:
+            out[f"{name}.wscales"] = torch.full((k // 64, n), 0.01 / k ** 0.5, device=dev, dtype=bf16)
+            out[f"{name}.wzeros"] = torch.full((k // 64, n), -0.07 / k ** 0.5, device=dev, dtype=bf16)
+            continue
+        base = torch.full((n,), 0.3 / k ** 0.5, device=dev)
+        exps = torch.randint(0, 3, (k // 64, n), generator=gen, device=dev) if pow2 else torch.rand(k // 64, n, generator=gen, device=dev)
+        out[f"{name}.wscales"] = (base * torch.exp2(-exps.float())).to(bf16)
+        out[f"{name}.smooth"] = torch.ones(k, device=dev, dtype=bf16)
+        out[f"{name}.lora_down"] = (torch.randn(k, 32, generator=gen, device=dev) / k ** 0.5).to(bf16)
+        out[f"{name}.lora_up"] = (0.1 * torch.randn(n, 32, generator=gen, device=dev)).to(bf16)
+        if spec.gelu_columns is not None:
+            shift = torch.zeros(k, device=dev)
+            shift[spec.gelu_columns[0]:spec.gelu_columns[1]] = numerics.GELU_SHIFT
+            out[f"{name}.shift"] = shift.to(bf16)
+            out.setdefault(f"{name}.bias", torch.zeros(n, device=dev, dtype=bf16))
+    return out
+
+
+def time_call(model, args, repeats: int = 7) -> float:
+    """Median milliseconds of model(*args) over `repeats` calls after two warm-up calls."""
+    with torch.no_grad():
+        for _ in range(2):
+            model(*args)
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(*args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--depth", type=int, default=19)
+    parser.add_argument("--single", type=int, default=38)
+    parser.add_argument("--commit", default="", help="the code's git commit, for the JSON")
+    args = parser.parse_args()
+    cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bf16 = torch.bfloat16
+    inputs = (torch.randn(1, 16, 128, 128, generator=gen, device="cuda").to(bf16),
+              torch.full((1,), 0.5, device="cuda", dtype=bf16),
+              torch.randn(1, 512, 4096, generator=gen, device="cuda").to(bf16),
+              torch.randn(1, 768, generator=gen, device="cuda").to(bf16),
+              torch.full((1,), 3.5, device="cuda", dtype=bf16))
+    rows = {}
+    for name, quantized, pow2 in (("bf16", False, False), ("svdquant exact", True, False),
+                                  ("svdquant fast (pow2)", True, True)):
+        tensors = random_tensors(cfg, quantized, pow2, gen)
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        model = flux_model.from_tensors(cfg, tensors)
+        del tensors
+        kernels.pow2_activations = pow2
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_call(model, inputs)
+        rows[name] = {"ms": round(ms, 2), "weights_GiB": round(weight_bytes / 2**30, 2),
+                      "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        del model
+        torch.cuda.empty_cache()
+    kernels.pow2_activations = False
+    base = rows["bf16"]["ms"]
+    print(f"FLUX.1-dev shape ({cfg.depth}+{cfg.depth_single_blocks} blocks), 1024x1024, one call, {torch.cuda.get_device_name()}")
+    print(f"{'variant':<22} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")
+    for name, row in rows.items():
+        print(f"{name:<22} {row['ms']:>8.2f} {base / row['ms']:>7.2f} {row['weights_GiB']:>12.2f} {row['peak_GiB']:>9.2f}")
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent).stdout.strip()
+    result = {"what": "engine FLUX forward (eager), one call at 1024x1024, random weights", "rows": rows,
+              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "commit": commit}
+    Path(args.out, "flux_step_h100.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
