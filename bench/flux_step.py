@@ -87,7 +87,7 @@ def main() -> None:
                                   ("svdquant fast (pow2)", True, True)):
         tensors = random_tensors(cfg, quantized, pow2, gen)
         weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        model = flux_model.from_tensors(cfg, tensors)
+        model = flux_model.from_tensors(cfg, tensors).to("cuda")  # dense layers are built on the CPU
         del tensors
         kernels.pow2_activations = pow2
         torch.cuda.reset_peak_memory_stats()
