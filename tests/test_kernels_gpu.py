@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant import kernels, numerics
+from svdquant import kernels, lora, numerics
 from svdquant.linear import SVDQLinear
 
 
@@ -236,3 +236,24 @@ def test_fp32_input_falls_back():
     x = torch.randn(5, 128, device=DEV)
     assert "dtype" in kernels._fallback_reason(x, layer)
     assert layer(x).shape == (5, 64)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_loras_up_to_the_largest_combined_rank(pow2):
+    """LoRAs on the low-rank branch (issue 5): the model's rank 32 plus LoRAs of ranks 64 and 919
+    make 1015 columns, padded to 1024, the most the kernels take; CUDA equals the reference path."""
+    gen = _gen(31 + pow2)
+    layer = _layer(256, 512, 32, torch.bfloat16, gen, unsigned=True, pow2_weights=pow2)
+    layer.pow2_activations = pow2
+    loras = [(lora.LoraDelta(torch.randn(512, r, generator=gen, device=DEV) * 0.02,
+                             torch.randn(256, r, generator=gen, device=DEV) * 0.02, "test.safetensors"), strength)
+             for r, strength in ((64, 0.8), (919, 0.5))]
+    lora.set_module_loras(layer, loras)
+    assert layer.rank == lora.MAX_RANK
+    x = _activations(300, 512, torch.bfloat16, gen, layer.unsigned_groups)
+    assert kernels._fallback_reason(x, layer) == ""
+    ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
+                                        layer.lora_up, layer.bias, layer.shift, layer.unsigned_groups, pow2)
+    assert _rel(layer(x), ref) <= 5e-3
+    with pytest.raises(lora.LoraError, match="1024"):
+        lora.set_module_loras(layer, loras + [loras[0]])
