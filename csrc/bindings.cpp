@@ -27,12 +27,6 @@ pybind11::dict build_info() {
   kernels.push_back("w4a4_gemm_pow2_sm90");
 #endif
   info["kernels"] = kernels;
-  info["torch_cuda"] =
-#ifdef WITH_CUDA
-      true;
-#else
-      false;
-#endif
   return info;
 }
 
@@ -94,6 +88,24 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   return {codes, ascales, lora_act};
 }
 
+// The checks both kernel-2 variants share (codes [M, K], lora_act [M, r], natural qweight [N, K/2],
+// lora_up [N, r], bias [N]); returns the output y [M, N] (`out` where given).
+at::Tensor checked_gemm_output(const at::Tensor& codes, const at::Tensor& lora_act, const at::Tensor& qweight,
+                               const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& out, at::ScalarType st) {
+  const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
+  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
+  check_tensor(codes, codes, "codes", at::kByte, {M, K});
+  check_tensor(lora_act, codes, "lora_act", st, {M, rank});
+  check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
+  check_tensor(lora_up, codes, "lora_up", st, {N, rank});
+  if (bias) check_tensor(*bias, codes, "bias", st, {N});
+  at::Tensor y = out ? *out : at::empty({M, N}, codes.options().dtype(st));
+  check_tensor(y, codes, "out", st, {M, N});
+  return y;
+}
+
 // Kernel 2: y [M, N] = W4A4 product of kernel 1's outputs with the natural-layout weights + low rank + bias.
 at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, const at::Tensor& lora_act,
                           const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
@@ -103,21 +115,13 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
   const auto dtype = half_dtype(wscales, "wscales");
   const auto st = wscales.scalar_type();
   const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
-  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
-  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
   const int64_t m_al = (M + 3) / 4 * 4;
-  check_tensor(codes, codes, "codes", at::kByte, {M, K});
+  at::Tensor y = checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, st);
   const int64_t ascale_rows = ascales.size(0);
   TORCH_CHECK(ascale_rows == K / 64 || ascale_rows == 1, "ascales must have K/64 rows (per group) or 1 (per token)");
   check_tensor(ascales, codes, "ascales", at::kFloat, {ascale_rows, m_al});
-  check_tensor(lora_act, codes, "lora_act", st, {M, rank});
-  check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
   check_tensor(wscales, codes, "wscales", st, {K / 64, N});
-  check_tensor(lora_up, codes, "lora_up", st, {N, rank});
-  if (bias) check_tensor(*bias, codes, "bias", st, {N});
   const c10::cuda::CUDAGuard guard(codes.device());
-  at::Tensor y = out ? *out : at::empty({M, N}, codes.options().dtype(st));
-  check_tensor(y, codes, "out", st, {M, N});
   if (M == 0) return y;
   sm90::W4A4GemmArgs a{};
   a.dtype = dtype;
@@ -147,20 +151,12 @@ at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, 
   const auto dtype = half_dtype(lora_act, "lora_act");
   const auto st = lora_act.scalar_type();
   const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
-  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
-  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
   const int64_t m_al = (M + 3) / 4 * 4, n_al = (N + 15) / 16 * 16;
-  check_tensor(codes, codes, "codes", at::kByte, {M, K});
+  at::Tensor y = checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, st);
   check_tensor(atok, codes, "atok", at::kFloat, {1, m_al});
-  check_tensor(lora_act, codes, "lora_act", st, {M, rank});
-  check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});
   check_tensor(wexp, codes, "wexp", at::kByte, {K / 64, n_al});
   check_tensor(wbase, codes, "wbase", at::kFloat, {N});
-  check_tensor(lora_up, codes, "lora_up", st, {N, rank});
-  if (bias) check_tensor(*bias, codes, "bias", st, {N});
   const c10::cuda::CUDAGuard guard(codes.device());
-  at::Tensor y = out ? *out : at::empty({M, N}, codes.options().dtype(st));
-  check_tensor(y, codes, "out", st, {M, N});
   if (M == 0) return y;
   sm90::W4A4Pow2GemmArgs a{};
   a.dtype = dtype;

@@ -437,13 +437,7 @@ struct Plan {
 };
 
 Plan make_plan(int M, int K, int rank, int max_cs) {
-  static int sms = [] {
-    int device = 0, count = 132;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      count = 132;
-    return count;
-  }();
+  const int sms = sm_count();
   Plan p{};
   const int groups = K / 64, token_blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
   int cs = std::min(max_cs, std::max(1, (groups + kTargetGroupsPerCta - 1) / kTargetGroupsPerCta));

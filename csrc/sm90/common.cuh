@@ -15,6 +15,18 @@
 
 namespace svdq::sm90 {
 
+// Multiprocessor count of the current device, read once (grid sizing; 132 on an H100 SXM).
+inline int sm_count() {
+  static const int count = [] {
+    int device = 0, n = 132;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      n = 132;
+    return n;
+  }();
+  return count;
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -326,13 +326,7 @@ cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   constexpr int smem = Layout<kTileT>::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  static int sms = [] {
-    int device = 0, count = 132;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      count = 132;
-    return count;
-  }();
+  const int sms = sm_count();
   const int tiles_n = (a.N + kTileN - 1) / kTileN, tiles = tiles_n * ((a.M + kTileT - 1) / kTileT);
   kernel<<<std::min(tiles, sms), kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], a.atok,
                                                            a.wbase, static_cast<const T*>(a.bias),
