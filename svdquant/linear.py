@@ -143,7 +143,7 @@ class _QuantizedLinearBase(nn.Module):
         self._after_load()
 
     def _after_load(self) -> None:
-        pass
+        """Recompute what derives from the loaded tensors (subclasses: activation modes, LoRA state)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_forward(self, x)
