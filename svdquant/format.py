@@ -67,14 +67,15 @@ class QuantizedModel:
 
     def layer_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors of one quantized layer, keyed by field name."""
-        return {name: self.tensors[f"{prefix}.{name}"] for name in _fields(self.layers[prefix])
+        return {name: self.tensors[f"{prefix}.{name}"] for name in LAYER_FIELDS[self.layers[prefix]["kind"]]
                 if f"{prefix}.{name}" in self.tensors}
 
 
-def _fields(desc: dict) -> tuple[str, ...]:
-    if desc["kind"] == "w4a4":
-        return ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift", "smooth_orig")
-    return ("qweight", "wscales", "wzeros", "bias")
+# every field a quantized layer of each kind can have (expected_layer_tensors: which it must have)
+LAYER_FIELDS = {
+    "w4a4": ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift", "smooth_orig"),
+    "w4a16": ("qweight", "wscales", "wzeros", "bias"),
+}
 
 
 def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -132,7 +133,7 @@ def validate(path, model: QuantizedModel) -> None:
             if tuple(t.shape) != shape:
                 raise FormatError(path, f"tensor {key} has shape {tuple(t.shape)}, expected {shape}")
             claimed.add(key)
-        for name in _fields(desc):
+        for name in LAYER_FIELDS[desc["kind"]]:
             key = f"{prefix}.{name}"
             if key in tensors and key not in claimed:
                 raise FormatError(path, f"tensor {key} is not described by layer {prefix}'s metadata")

@@ -26,9 +26,9 @@ from . import kernels, numerics
 
 GROUP_SIZE = numerics.GROUP_SIZE
 DENSE, W4A4, W4A16 = "dense", "w4a4", "w4a16"
-# every tensor a quantized layer can hold (its state dict fields and the LoRA side branch)
-QUANTIZED_FIELDS = ("qweight", "wscales", "wzeros", "smooth", "smooth_orig", "lora_down", "lora_up", "shift",
-                    "bias")
+# every tensor a quantized layer can hold (the file's fields of both kinds; a W4A16 layer's LoRA side
+# branch uses the W4A4 names lora_down / lora_up)
+QUANTIZED_FIELDS = tuple(dict.fromkeys(fmt.LAYER_FIELDS[W4A4] + fmt.LAYER_FIELDS[W4A16]))
 
 
 def _empty(shape, dtype, device):
@@ -55,10 +55,8 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
     desc = {"kind": kind, "in": in_features, "out": out_features, "rank": rank,
             "bias": "bias" in state if bias is None else bias,
             "shift": "shift" in state, "smooth_orig": "smooth_orig" in state}
-    shapes = {name: shape for name, (shape, _) in fmt.expected_layer_tensors(desc).items()}
-    for name in ("bias", "shift", "smooth_orig") if kind == W4A4 else ("bias",):
-        shapes.setdefault(name, None)
-    return shapes
+    required = {name: shape for name, (shape, _) in fmt.expected_layer_tensors(desc).items()}
+    return {**{name: None for name in fmt.LAYER_FIELDS[kind]}, **required}
 
 
 def on_device(layer, device: torch.device) -> SimpleNamespace:
