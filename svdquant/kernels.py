@@ -143,34 +143,43 @@ def lora_down_sm90(lora_down: torch.Tensor) -> torch.Tensor:
     return grouped.permute(0, 1, 4, 2, 3, 5).reshape(r, k).contiguous()
 
 
+def _cached_on(layer, attr: str, key: tuple, compute):
+    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
+    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(layer, attr, cached)
+    return cached[1]
+
+
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
     fp32 shift, and lora_down in its layout (lora_down_sm90)."""
     shift, down = layer.shift, layer.lora_down
     key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
            None if shift is None else (shift.data_ptr(), shift._version))
-    cached = getattr(layer, "_sm90_inputs", None)
-    if cached is None or cached[0] != key:
+
+    def compute():
         smooth = layer.smooth.float().contiguous()
-        cached = (key, smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
-                  lora_down_sm90(down))
-        layer._sm90_inputs = cached
-    return cached[1:]
+        return (smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
+                lora_down_sm90(down))
+
+    return _cached_on(layer, "_sm90_inputs", key, compute)
 
 
 def _sm90_pow2_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast path's weight-scale exponents (uint8 [K/64, round_up(N, 16)], rows padded for TMA)
     and row bases (fp32 [N]), cached on the layer."""
-    key = (layer.wscales.data_ptr(), layer.wscales._version)
-    cached = getattr(layer, "_sm90_pow2", None)
-    if cached is None or cached[0] != key:
+
+    def compute():
         wbase, exps = numerics.pow2_weight_exponents(layer.wscales)
         groups, n = exps.shape
         padded = torch.zeros(groups, (n + 15) // 16 * 16, dtype=torch.uint8, device=exps.device)
         padded[:, :n] = exps
-        cached = (key, padded, wbase.contiguous())
-        layer._sm90_pow2 = cached
-    return cached[1:]
+        return padded, wbase.contiguous()
+
+    return _cached_on(layer, "_sm90_pow2", (layer.wscales.data_ptr(), layer.wscales._version), compute)
 
 
 def act_operands_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
