@@ -18,7 +18,9 @@ Conventions (natural layout, independent of any kernel tiling):
 Power-of-two restricted scales (the Hopper fast path, REFERENCE.md designs (c) and (d)): a
 group scale that is a per-row base times 2^-j (j in [0, POW2_MAX_EXP]) lets the tensor cores
 take code * 2^-j as an exact FP8 e4m3 operand, so no per-group rescaling is needed in the GEMM.
-  * activations (`quantize_activations_pow2`): each token's scales are atok * 2^-e[g];
+  * activations (`quantize_activations_pow2`): each token's scales are atok * 2^-e[g]. This mode is
+    our own definition, so it multiplies by reciprocals where the exact mode divides (1/smooth,
+    1/atok): that keeps kernel 1's arithmetic at a few instructions per element;
   * weights (`pow2_weight_exponents`): a layer qualifies when every wscales[g, n] equals
     wbase[n] * 2^-f[g, n], wbase[n] the row's largest scale; the file format is unchanged.
 """
@@ -37,6 +39,9 @@ UNSIGNED_MAX = 15
 # Largest power-of-two step between a group scale and its row's base: code * 2^-9 is still exact
 # in e4m3 (|code| <= 15: 2^-9 .. 7 * 2^-9 are its subnormals, 8..15 * 2^-9 its first binade).
 POW2_MAX_EXP = 9
+# A row whose pow2 base scale is below this quantizes to zero codes (1/base stays finite after
+# the 2^POW2_MAX_EXP factor).
+POW2_MIN_BASE = 2.0**-100
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -88,11 +93,13 @@ def quantize_groups(
     return codes.to(torch.int8).reshape(x.shape), scale
 
 
-def _shifted_smoothed(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+def _shifted_smoothed(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor | None,
+                      reciprocal: bool = False) -> torch.Tensor:
+    """(x + shift) / smooth in float32, or (x + shift) * (1 / smooth) with `reciprocal`."""
     v = x.float()
     if shift is not None:
         v = v + shift.float()
-    return v / smooth.float()
+    return v * torch.reciprocal(smooth.float()) if reciprocal else v / smooth.float()
 
 
 def pow2_exponents(top: torch.Tensor, need: torch.Tensor, max_exp: int = POW2_MAX_EXP) -> torch.Tensor:
@@ -123,7 +130,10 @@ def quantize_groups_pow2(
       top     = round_to_scale_dtype(max_g need[g]);
       e[g]    = the largest e in [0, 9] with top * 2^-e >= need[g] (0 where none: the group
                 whose need top rounded below);
-      scale   = top * 2^-e (float32, exact); code = clamp(rint(v / scale), lo, hi), 0 where scale == 0.
+      scale   = top * 2^-e (float32, exact);
+      code    = clamp(rint(v * (2^e / top)), lo, hi), 1 / top rounded to float32 (times 2^e: exact);
+                0 in rows whose top is below POW2_MIN_BASE.
+    Multiplying by a reciprocal instead of dividing is what makes this definition cheap on the GPU.
     """
     k = v.shape[-1]
     groups = _check_groups(k, group_size)
@@ -137,10 +147,9 @@ def quantize_groups_pow2(
     top = need.amax(dim=-1).to(scale_dtype)
     top_f = top.float().unsqueeze(-1)
     exps = pow2_exponents(top_f, need)
-    scale = (top_f * torch.exp2(-exps.float())).unsqueeze(-1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.minimum(torch.maximum(round_half_even(v / safe), lo), hi)
-    codes = torch.where(scale > 0, codes, torch.zeros_like(codes))
+    inv_top = torch.where(top_f >= POW2_MIN_BASE, torch.reciprocal(top_f), torch.zeros_like(top_f))
+    mult = (inv_top * torch.exp2(exps.float())).unsqueeze(-1)
+    codes = torch.minimum(torch.maximum(round_half_even(v * mult), lo), hi)
     return codes.to(torch.int8).reshape(*v.shape[:-2], k), top, exps.to(torch.uint8)
 
 
@@ -240,14 +249,15 @@ def quantize_activations_pow2(
     unsigned_groups: torch.Tensor | None = None,
     group_size: int = GROUP_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel 1's restricted (pow2) mode: v = (x + shift) / smooth, then quantize_groups_pow2.
+    """Kernel 1's restricted (pow2) mode: v = (x + shift) * (1 / smooth) in float32, then
+    quantize_groups_pow2.
 
     Returns codes int8 [M, K], atok [M] in x's dtype (each token's largest group scale) and
     exps uint8 [M, K / group_size]; the group scales are pow2_scales(atok, exps).
     """
     if unsigned_groups is None:
         unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
-    return quantize_groups_pow2(_shifted_smoothed(x, smooth, shift), unsigned_groups.to(x.device),
+    return quantize_groups_pow2(_shifted_smoothed(x, smooth, shift, reciprocal=True), unsigned_groups.to(x.device),
                                 scale_dtype=x.dtype, group_size=group_size)
 
 

@@ -169,7 +169,7 @@ def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsig
     by default (kernels.pow2_activations)."""
     v = x.float() if shift is None else x.float() + shift
     if pow2:
-        codes, top, exps = numerics.quantize_groups_pow2(v / smooth, unsigned, scale_dtype=dtype)
+        codes, top, exps = numerics.quantize_groups_pow2(v * torch.reciprocal(smooth), unsigned, scale_dtype=dtype)
         scales = numerics.pow2_scales(top, exps)
     else:
         codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)

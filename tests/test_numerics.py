@@ -195,6 +195,15 @@ def test_pow2_activation_quantizer_rules(dtype):
     assert bool(((deq - vv).abs() <= 0.5 * step * (1 + 2**-7) + 1e-30).all())
 
 
+def test_pow2_rows_below_the_smallest_base_quantize_to_zero():
+    # 1 / top must stay finite after the 2^9 factor; such rows carry no signal in 16-bit anyway
+    x = torch.full((2, 64), 3.0)
+    x[1] *= 2.0**-104
+    codes, top, _ = numerics.quantize_groups_pow2(x, scale_dtype=torch.float32)
+    assert top[1] > 0 and top[1] < numerics.POW2_MIN_BASE
+    assert bool((codes[0] == 7).all()) and not codes[1].any()
+
+
 def test_pow2_exponents_cover_every_code_exactly_in_e4m3():
     codes = torch.arange(-8, 16, dtype=torch.float32)
     for e in range(numerics.POW2_MAX_EXP + 1):
@@ -208,7 +217,7 @@ def test_pow2_activations_of_layer_input():
     shift = torch.zeros(256)
     shift[128:] = numerics.GELU_SHIFT
     codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift.bfloat16())
-    v = (x.float() + shift.bfloat16().float()) / smooth.float()
+    v = (x.float() + shift.bfloat16().float()) * torch.reciprocal(smooth.float())
     ref = numerics.quantize_groups_pow2(v, torch.tensor([False, False, True, True]), scale_dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip((codes, atok, exps), ref))
 

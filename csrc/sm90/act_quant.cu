@@ -10,11 +10,14 @@
 //
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
-//   v = (x + shift) / smooth (fp32, IEEE division); unsigned groups (shift > 0) clamp v at 0;
-//   need = amax / qmax (qmax = 7 or 15, IEEE division);
-//   exact: scale = dtype(need);  pow2: atok = dtype(max over the token's groups of need),
-//          scale = atok * 2^-e with e the largest in [0, 9] such that scale >= need (0 if none);
-//   code = rint(v / scale), clamped to [-8, 7] or [0, 15]; 0 where scale == 0.
+//   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
+//   unsigned groups (shift > 0) clamp v at 0; need = amax / qmax (qmax = 7 or 15, IEEE division);
+//   exact: scale = dtype(need), code = rint(v / scale);
+//   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 9] such that
+//          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
+//   codes clamped to [-8, 7] or [0, 15]; 0 where the scale is 0.
+// The pow2 mode is our own definition and multiplies where the exact mode must divide like the
+// reference engine: a few instructions per element instead of ~40 (bench/NOTES.md, v13).
 // Divisions use a correctly rounded reciprocal and one Markstein correction step
 // (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
 // is a normal number: checked exhaustively on the host for bf16 numerators against every bf16
@@ -69,7 +72,6 @@ constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 toke
 constexpr int kParamBytes = 3 * 64 * 4;     // one group's smooth, 1/smooth, shift (fp32)
 constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
 constexpr int kTargetGroupsPerCta = 10;    // 40 KB of x per CTA: four CTAs per SM
-constexpr int kMaxGroupsPerCta = 64;       // pass 1's exact-division choices fit a 64-bit mask
 
 // Low-rank outputs of a rank block: [32 tokens][rank_block] as float2 pairs, CTA c of the cluster
 // owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
@@ -158,20 +160,18 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// v = (x + shift) / smooth of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the
-// group, read from its 16-byte chunk of the swizzled x box; params: the group's smooth, 1/smooth
-// and shift in shared memory. Unsigned groups clamp v at 0; `uns` tells whether the group is.
-// kFirst (pass 1): finds whether any quotient is outside the range where the fast division is exact
-// and then divides exactly (`exact`, an output), and returns max |v|. Otherwise (pass 2, same
-// octet) `exact` is pass 1's answer and the return value is unused.
-template <typename T, bool kFirst>
+// v of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, read from its
+// 16-byte chunk of the swizzled x box; params: the group's smooth, 1/smooth and shift in shared
+// memory. Exact mode: v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or
+// huge; pow2 mode: v = (x + shift) * (1 / smooth). Unsigned groups clamp v at 0; `uns` tells whether
+// the group is. Returns max |v|.
+template <typename T, bool kPow2>
 __device__ __forceinline__ float octet_values(const uint8_t* xbox, const float* params, bool has_shift, int tl,
-                                              int t8, float (&v)[8], bool& uns, bool& exact) {
+                                              int t8, float (&v)[8], bool& uns) {
   using H = Half<T>;
   const uint4 raw = *reinterpret_cast<const uint4*>(xbox + swz128(tl, t8));
   const T* xv = reinterpret_cast<const T*>(&raw);
-  float sm[8], inv[8], n[8];
-  load8(sm, params + 8 * t8);
+  float inv[8], n[8];
   load8(inv, params + 64 + 8 * t8);
   uns = false;
   if (has_shift) {
@@ -185,26 +185,29 @@ __device__ __forceinline__ float octet_values(const uint8_t* xbox, const float* 
     for (int e = 0; e < 8; ++e) n[e] = H::to_float(xv[e]);
   }
   float hi = 0.f;
-  if (kFirst) {
-    float lo = INFINITY;
+  if constexpr (kPow2) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      v[e] = __fmul_rn(n[e], inv[e]);
+      hi = fmaxf(hi, fabsf(v[e]));
+    }
+  } else {
+    float sm[8], lo = INFINITY;
+    load8(sm, params + 8 * t8);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_fast(n[e], sm[e], inv[e]);
       lo = fminf(lo, fabsf(v[e]));
       hi = fmaxf(hi, fabsf(v[e]));
     }
-    exact = !(lo >= 0x1p-100f && hi <= 0x1p100f);  // a zero, tiny or huge quotient
-  }
-  if (exact) {
-    hi = 0.f;
+    if (!(lo >= 0x1p-100f && hi <= 0x1p100f)) {  // a zero, tiny or huge quotient
+      hi = 0.f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      v[e] = div_exact(n[e], sm[e]);
-      hi = fmaxf(hi, fabsf(v[e]));
+      for (int e = 0; e < 8; ++e) {
+        v[e] = div_exact(n[e], sm[e]);
+        hi = fmaxf(hi, fabsf(v[e]));
+      }
     }
-  } else if (!kFirst) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = div_fast(n[e], sm[e], inv[e]);
   }
   if (uns) {  // warp-uniform: a warp covers one group of 4 tokens
     hi = 0.f;
@@ -224,13 +227,11 @@ __device__ __forceinline__ float octet_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
 }
 
-// rint(v / scale) for an octet, as the reference computes it (clamp, 0 for a zero scale).
-// `rounded` is the value rounded to the 16-bit dtype that scale derives from (scale itself, or
-// pow2 mode's atok with scale = atok * 2^-e).
+// Exact mode: rint(v / scale) for an octet, as the reference computes it (clamp, 0 for a zero
+// scale); scale is rounded to the 16-bit dtype T.
 template <typename T>
-__device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, float rounded, bool uns,
-                                            float (&c)[8]) {
-  if (rounded >= Half<T>::kMinNormal && scale >= 0x1p-100f && scale <= 0x1p100f) {
+__device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, bool uns, float (&c)[8]) {
+  if (scale >= Half<T>::kMinNormal && scale >= 0x1p-100f && scale <= 0x1p100f) {
     // A scale >= need * (1 - 2^-9) (need = amax / qmax; only rounding to a normal dtype value makes
     // it smaller, by at most 2^-9 relative) gives |v / scale| <= qmax * (1 + 2^-8), so rint lies in
     // [lo, hi] already (unsigned v >= 0): the reference's clamp is a no-op here. A quotient too
@@ -308,8 +309,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int q = lane % 4, g8 = lane / 4;
   const T* lora_p = static_cast<const T*>(a.lora_down);
   const bool has_shift = a.shift != nullptr;
-  float tmax = 0.f;            // pow2: this token's largest need over the CTA's groups
-  uint64_t exact_groups = 0;   // pow2: bit g = pass 1 divided group g's octet exactly
+  float tmax = 0.f;  // pow2: this token's largest need over the CTA's groups
   for (int blk = 0; blk < blocks; ++blk) {
     float acc[kTiles][4];
 #pragma unroll
@@ -335,10 +335,8 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       if (blk == 0) {  // pass 1, as the group lands
         mbar_wait(&xbar[g], 0);
         float v[8];
-        bool uns, exact;
-        const float amax =
-            octet_max(octet_values<T, true>(xbox, params + g * 192, has_shift, tl, t8, v, uns, exact));
-        exact_groups |= static_cast<uint64_t>(exact) << g;
+        bool uns;
+        const float amax = octet_max(octet_values<T, kPow2>(xbox, params + g * 192, has_shift, tl, t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -346,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         } else {
           const float scale = H::round(need);
           float c[8];
-          octet_codes<T>(v, scale, scale, uns, c);
+          octet_codes<T>(v, scale, uns, c);
           if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
           if (t8 == 0 && tok < a.m_al) a.ascales[static_cast<size_t>(g0 + g) * a.m_al + tok] = tok < a.M ? scale : 0.f;
         }
@@ -394,6 +392,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         float m = 0.f;
         for (int j = t8; j < cs; j += 8) m = fmaxf(m, tmax_s[j * kTokens + tl]);
         const float atok = H::round(octet_max(m));
+        const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
           const float need = need_s[g * kTokens + tl];
@@ -403,12 +402,13 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
           const int e = __popc(votes) + (atok * exp2i(-9) >= need ? 1 : 0);
           float v[8], c[8];
-          bool uns, exact = (exact_groups >> g) & 1;
-          octet_values<T, false>(smem + g * kXBoxBytes, params + g * 192, has_shift, tl, t8, v, uns, exact);
-          octet_codes<T>(v, atok * exp2i(-e), atok, uns, c);
-          const float step = exp2i(-e);
+          bool uns;
+          octet_values<T, true>(smem + g * kXBoxBytes, params + g * 192, has_shift, tl, t8, v, uns);
+          const float mult = __fmul_rn(inv_atok, exp2i(e)), step = exp2i(-e);  // both exact
+          const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
 #pragma unroll
-          for (int k = 0; k < 8; ++k) c[k] *= step;  // the FP8 operand code * 2^-e, exact in e4m3
+          for (int k = 0; k < 8; ++k)  // the FP8 operand code * 2^-e, exact in e4m3
+            c[k] = fminf(fmaxf(rintf(__fmul_rn(v[k], mult)), qlo), qhi) * step;
           if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
         }
       }
@@ -493,7 +493,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
   for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
     const Plan plan = make_plan(a.M, a.K, a.rank, max_cs);
-    if (plan.smem > 227 * 1024 || plan.gpc > kMaxGroupsPerCta)
+    if (plan.smem > 227 * 1024)
       return "act_quant: K is too large for one cluster's shared memory";
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
     config.gridDim = dim3(plan.cs, (a.m_al + kTokens - 1) / kTokens);
