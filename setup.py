@@ -8,6 +8,7 @@ SVDQUANT_CUDA_ARCHS, e.g. "9.0a"). Set SVDQUANT_NO_CUDA=1 to skip the kernels.
 
 import glob
 import os
+import re
 
 from setuptools import setup
 
@@ -15,8 +16,10 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Kernel families by the architectures they run on (sm_90a: Hopper wgmma).
+# Kernel families by the architectures they run on (sm_90a: Hopper wgmma), and the kernels any
+# sm_80+ GPU runs (csrc/generic).
 ARCH_SOURCES = {"9.0a": sorted(glob.glob(os.path.join("csrc", "sm90", "*.cu")))}
+GENERIC_SOURCES = sorted(glob.glob(os.path.join("csrc", "generic", "*.cu")))
 
 
 def cuda_archs() -> list[str]:
@@ -36,8 +39,16 @@ def cuda_archs() -> list[str]:
     return sorted(found)
 
 
+def build_archs() -> list[str]:
+    """The architectures this build compiles for: sm_80 and newer. Every source is compiled for every
+    listed architecture, so a build holding the sm_90a family is for sm_90a alone (other GPUs of the
+    machine then run the PyTorch reference path)."""
+    archs = [a for a in cuda_archs() if int(re.match(r"\d+", a).group()) >= 8]
+    return ["9.0a"] if "9.0a" in archs else archs
+
+
 def extension():
-    archs = [a for a in cuda_archs() if ARCH_SOURCES.get(a)]
+    archs = build_archs()
     sources = ["csrc/bindings.cpp"]
     define = [("SVDQ_BUILD_ARCHS", '"%s"' % " ".join(archs))]
     extra = {"cxx": ["-O3"]}
@@ -45,9 +56,12 @@ def extension():
         print("svdquant: building the C++ host module only (no CUDA kernels for this torch/toolkit/GPU)")
         return cpp_extension.CppExtension("svdquant._C", sources, define_macros=define, extra_compile_args=extra)
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    sources += GENERIC_SOURCES
+    define.append(("SVDQ_WITH_CUDA", "1"))
     for arch in archs:
-        sources += ARCH_SOURCES[arch]
-        define.append(("SVDQ_WITH_SM" + arch.replace(".", "").upper(), "1"))
+        sources += ARCH_SOURCES.get(arch, [])
+        if ARCH_SOURCES.get(arch):
+            define.append(("SVDQ_WITH_SM" + arch.replace(".", "").upper(), "1"))
     extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]

@@ -1,17 +1,21 @@
 // Python bindings of the svdquant._C extension.
 //
 // Always built: build_info() (what this build contains). Kernel entry points are compiled
-// and registered only for the architectures the build targets (setup.py defines
-// SVDQ_WITH_SM90A when it compiles the Hopper family in csrc/sm90/).
+// and registered only for the architectures the build targets (setup.py defines SVDQ_WITH_CUDA
+// when it compiles the sm_80+ kernels in csrc/generic/, SVDQ_WITH_SM90A for the Hopper family in
+// csrc/sm90/).
 #include <torch/extension.h>
 
 #include <string>
 #include <vector>
 
-#ifdef SVDQ_WITH_SM90A
+#ifdef SVDQ_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "generic/launchers.h"
+#endif
+#ifdef SVDQ_WITH_SM90A
 #include "sm90/launchers.h"
 #endif
 
@@ -21,6 +25,9 @@ pybind11::dict build_info() {
   pybind11::dict info;
   info["archs"] = std::string(SVDQ_BUILD_ARCHS);
   std::vector<std::string> kernels;
+#ifdef SVDQ_WITH_CUDA
+  kernels.push_back("w4a16_gemv");
+#endif
 #ifdef SVDQ_WITH_SM90A
   kernels.push_back("act_quant_sm90");
   kernels.push_back("w4a4_gemm_sm90");
@@ -30,13 +37,10 @@ pybind11::dict build_info() {
   return info;
 }
 
-#ifdef SVDQ_WITH_SM90A
-namespace sm90 = svdq::sm90;
-
-sm90::DType half_dtype(const at::Tensor& t, const char* name) {
+#ifdef SVDQ_WITH_CUDA
+void check_half(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, name,
               " must be bfloat16 or float16, got ", t.scalar_type());
-  return t.scalar_type() == at::kBFloat16 ? sm90::DType::kBF16 : sm90::DType::kF16;
 }
 
 void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, at::ScalarType dtype,
@@ -46,6 +50,45 @@ void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
   TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
               t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// W4A16 GEMV: y [M, N] = x [M, K] @ W^T + bias for M <= 8, W[n, k] = code * wscales[g, n] + wzeros[g, n].
+at::Tensor w4a16_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& wscales,
+                      const at::Tensor& wzeros, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && qweight.dim() == 2, "x must be a 2-D CUDA tensor, qweight 2-D");
+  check_half(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(M >= 1 && M <= svdq::generic::kMaxGemvRows, "w4a16_gemv takes 1 to ", svdq::generic::kMaxGemvRows,
+              " rows, got ", M);
+  check_tensor(x, x, "x", x.scalar_type(), {M, K});
+  check_tensor(qweight, x, "qweight", at::kByte, {N, K / 2});
+  check_tensor(wscales, x, "wscales", x.scalar_type(), {K / 64, N});
+  check_tensor(wzeros, x, "wzeros", x.scalar_type(), {K / 64, N});
+  if (bias) check_tensor(*bias, x, "bias", x.scalar_type(), {N});
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({M, N}, x.options());
+  svdq::generic::W4A16GemvArgs a{};
+  a.bf16 = x.scalar_type() == at::kBFloat16;
+  a.x = x.data_ptr();
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.wscales = wscales.data_ptr();
+  a.wzeros = wzeros.data_ptr();
+  a.bias = bias ? bias->data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K);
+  const char* err = svdq::generic::w4a16_gemv(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return y;
+}
+#endif
+
+#ifdef SVDQ_WITH_SM90A
+namespace sm90 = svdq::sm90;
+
+sm90::DType half_dtype(const at::Tensor& t, const char* name) {
+  check_half(t, name);
+  return t.scalar_type() == at::kBFloat16 ? sm90::DType::kBF16 : sm90::DType::kF16;
 }
 
 // Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
@@ -184,6 +227,10 @@ at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "svdquant compiled kernels";
   m.def("build_info", &build_info, "architectures and kernels compiled into this build");
+#ifdef SVDQ_WITH_CUDA
+  m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV for up to 8 rows of x (sm_80+)", pybind11::arg("x"),
+        pybind11::arg("qweight"), pybind11::arg("wscales"), pybind11::arg("wzeros"), pybind11::arg("bias"));
+#endif
 #ifdef SVDQ_WITH_SM90A
   m.def("act_quant_sm90", &act_quant_sm90, "kernel 1: activation quantize + low-rank down (sm_90a)",
         pybind11::arg("x"), pybind11::arg("smooth"), pybind11::arg("inv_smooth"), pybind11::arg("shift"),

@@ -109,8 +109,12 @@ def sm90_kernels_built() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
+def _capability_of_index(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fallback_reason(x: torch.Tensor, layer) -> str:
@@ -121,7 +125,7 @@ def _fallback_reason(x: torch.Tensor, layer) -> str:
         return f"the extension is not built ({_IMPORT_ERROR}); run install.py"
     if not sm90_kernels_built():
         return "the extension was built without the sm_90a W4A4 kernels"
-    major, minor = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    major, minor = _capability(x.device)
     if (major, minor) != (9, 0):
         return f"no W4A4 kernel for sm_{major}{minor} GPUs yet"
     if x.dtype not in numerics.SUPPORTED_DTYPES or x.dtype != layer.wscales.dtype:
@@ -228,8 +232,58 @@ def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     )
 
 
+# The W4A16 GEMV kernel (csrc/generic/w4a16_gemv.cu) takes up to this many rows of x; more rows
+# (no FLUX layer has them: the modulation linears see one row per image) dequantize W and use a GEMM.
+GEMV_MAX_ROWS = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _built_archs() -> tuple[tuple[int, int, bool], ...]:
+    """(major, minor, arch-specific) of each architecture the extension was compiled for."""
+    if _C is None:
+        return ()
+    archs = []
+    for arch in _C.build_info()["archs"].split():
+        major, minor = arch.rstrip("a").split(".")
+        archs.append((int(major), int(minor), arch.endswith("a")))
+    return tuple(archs)
+
+
+def _runs_here(device: torch.device) -> bool:
+    """Whether the extension holds machine code for this GPU (an sm_XY build runs on sm_XZ, Z >= Y;
+    an arch-specific sm_XYa build only on sm_XY)."""
+    major, minor = _capability(device)
+    return any(major == a and (minor == b if specific else minor >= b) for a, b, specific in _built_archs())
+
+
+def _gemv_fallback_reason(x: torch.Tensor, layer) -> str:
+    """Why the W4A16 GEMV kernel cannot run this call ('' when it can)."""
+    if _C is None:
+        return f"the extension is not built ({_IMPORT_ERROR}); run install.py"
+    if not hasattr(_C, "w4a16_gemv") or not _runs_here(x.device):
+        return "the extension was built without a W4A16 kernel for sm_%d%d GPUs" % _capability(x.device)
+    if x.dtype not in numerics.SUPPORTED_DTYPES or not (x.dtype == layer.wscales.dtype == layer.wzeros.dtype):
+        return f"input dtype {x.dtype} with {layer.wscales.dtype} scales (the W4A16 kernel needs one of bf16/fp16 for both)"
+    if layer.qweight.device != x.device:
+        return f"weights on {layer.qweight.device}, input on {x.device}"
+    return ""
+
+
 def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors."""
+    """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors: the GEMV
+    kernel for up to GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM."""
+    if x.device.type == "cuda" and 0 < x.shape[0] <= GEMV_MAX_ROWS:
+        reason = _gemv_fallback_reason(x, layer)
+        if not reason:
+            bias = None if layer.bias is None else layer.bias.to(x.dtype)
+            return _C.w4a16_gemv(x.contiguous(), layer.qweight.contiguous(), layer.wscales.contiguous(),
+                                 layer.wzeros.contiguous(), bias)
+        _announce_fallback(reason)
+    return w4a16_linear_reference(x, layer)
+
+
+def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:
+    """W dequantized to x's dtype (numerics.dequantize_w4a16), then one GEMM."""
     codes = numerics.unpack_int4(layer.qweight, signed=False)
     weight = numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
