@@ -38,18 +38,31 @@ pybind11::dict build_info() {
 }
 
 #ifdef SVDQ_WITH_CUDA
+// Error messages are assembled as std::string, numbers through std::to_string: formatting a number
+// with an iostream inside this extension crashed the process (segfault) instead of raising, on the
+// H100 machine (g++ 13.3, torch 2.11). So no number, shape or device goes through c10::str here.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + num(shape[i]);
+  return out + "]";
+}
+
 void check_half(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, name,
-              " must be bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              std::string(name) + " must be bfloat16 or float16, got " + c10::toString(t.scalar_type()));
 }
 
 void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name, at::ScalarType dtype,
                   std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", not ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.device() == like.device(),
+              std::string(name) + " must be on " + like.device().str() + ", not " + t.device().str());
+  TORCH_CHECK(t.scalar_type() == dtype,
+              std::string(name) + " must be " + c10::toString(dtype) + ", got " + c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape),
+              std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_str(t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), std::string(name) + " must be contiguous");
 }
 
 // W4A16 GEMV: y [M, N] = x [M, K] @ W^T + bias for M <= 8, W[n, k] = code * wscales[g, n] + wzeros[g, n].
@@ -58,9 +71,9 @@ at::Tensor w4a16_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && qweight.dim() == 2, "x must be a 2-D CUDA tensor, qweight 2-D");
   check_half(x, "x");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
-  TORCH_CHECK(M >= 1 && M <= svdq::generic::kMaxGemvRows, "w4a16_gemv takes 1 to ", svdq::generic::kMaxGemvRows,
-              " rows, got ", M);
+  TORCH_CHECK(K % 64 == 0, "the input width " + num(K) + " is not a multiple of 64");
+  TORCH_CHECK(M >= 1 && M <= svdq::generic::kMaxGemvRows,
+              "w4a16_gemv takes 1 to " + num(svdq::generic::kMaxGemvRows) + " rows, got " + num(M));
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
   check_tensor(qweight, x, "qweight", at::kByte, {N, K / 2});
   check_tensor(wscales, x, "wscales", x.scalar_type(), {K / 64, N});
@@ -100,7 +113,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
   const auto dtype = half_dtype(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
+  TORCH_CHECK(K % 64 == 0, "the input width " + num(K) + " is not a multiple of 64");
   TORCH_CHECK(lora_down_p.dim() == 2, "lora_down_p must be 2-D");
   const int64_t rank = lora_down_p.size(0);
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
@@ -137,8 +150,8 @@ at::Tensor checked_gemm_output(const at::Tensor& codes, const at::Tensor& lora_a
                                const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
                                const c10::optional<at::Tensor>& out, at::ScalarType st) {
   const int64_t M = codes.size(0), K = codes.size(1), N = qweight.size(0), rank = lora_up.size(1);
-  TORCH_CHECK(K % 64 == 0, "the input width ", K, " is not a multiple of 64");
-  TORCH_CHECK(N % 8 == 0, "the output width ", N, " is not a multiple of 8");
+  TORCH_CHECK(K % 64 == 0, "the input width " + num(K) + " is not a multiple of 64");
+  TORCH_CHECK(N % 8 == 0, "the output width " + num(N) + " is not a multiple of 8");
   check_tensor(codes, codes, "codes", at::kByte, {M, K});
   check_tensor(lora_act, codes, "lora_act", st, {M, rank});
   check_tensor(qweight, codes, "qweight", at::kByte, {N, K / 2});

@@ -231,6 +231,20 @@ def test_svdq_linear_cuda_matches_reference_path(dtype, unsigned, pow2_weights, 
     assert _rel(y, ref) <= 5e-3, _rel(y, ref)
 
 
+def test_bad_kernel_inputs_raise_named_errors():
+    # the bindings' checks must raise (with the numbers in the message), never crash the process
+    gen = _gen(9)
+    layer = _layer(64, 128, 32, torch.bfloat16, gen, unsigned=False)
+    smooth, inv_smooth, shift, down = kernels._sm90_layer_inputs(layer)
+    with pytest.raises(RuntimeError, match="input width 100 is not a multiple of 64"):
+        kernels._C.act_quant_sm90(torch.zeros(4, 100, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift,
+                                  down, False)
+    codes, ascales, lora_act = _kernel1(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), layer)
+    with pytest.raises(RuntimeError, match=r"wscales must have shape \[2, 64\], got \[2, 32\]"):
+        kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales[:, :32].contiguous(),
+                                  layer.lora_up, layer.bias)
+
+
 def test_fp32_input_falls_back():
     layer = _layer(64, 128, 16, torch.bfloat16, _gen(3), unsigned=False)
     x = torch.randn(5, 128, device=DEV)

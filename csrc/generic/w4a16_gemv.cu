@@ -8,14 +8,16 @@
 // Layouts (natural format, svdquant/format.py): qweight uint8 [N, K/2], byte j of a row holding
 // code[2j] | code[2j + 1] << 4 (unsigned codes 0..15); wscales, wzeros [K/64, N]; x [M, K]; y [M, N].
 //
-// Work split: a CTA of 8 warps owns kRowsPerCta consecutive rows n, warp w taking rows w, w + 8, ...
-// A row is read in 512-byte steps; lane l takes bytes [512 s + 16 l, +16), i.e. the 32 codes of
-// columns [1024 s + 32 l, +32), half of group 16 s + l / 2.
+// Work split: a CTA of kWarps warps owns kR consecutive rows n (4 for one or two rows of x, else 2;
+// each x value converted serves all kR), and its warps split K: a row is read in 512-byte steps,
+// warp w taking steps w, w + kWarps, ..., and in a step lane l takes bytes [512 s + 16 l, +16), the
+// 32 codes of columns [1024 s + 32 l, +32), half of group 16 s + l / 2. Small CTAs over all of N
+// keep enough loads in flight to stream the weights.
 // Per code, a shift and a LOP3 build the float 1 + c/16 (the code in the top mantissa bits of 1.0)
 // and one FFMA per row of x accumulates s' = sum x (1 + c/16). With xs = sum x over the same 32
-// columns (computed once per CTA, in shared memory), sum x c = 16 (s' - xs), so each half group adds
+// columns, sum x c = 16 (s' - xs), so each half group adds
 //   16 wscale s' + (wzero - 16 wscale) xs
-// to the row's fp32 sum; the lanes' sums are then reduced with shuffles.
+// to the row's fp32 sum; lanes, then warps, are reduced at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,8 +28,7 @@
 namespace svdq::generic {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kRowsPerCta = 32;
+constexpr int kWarps = 4;
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -45,92 +46,109 @@ __device__ __forceinline__ float nibble_float(uint32_t w) {
   return __uint_as_float((moved & 0x00780000u) | 0x3F800000u);
 }
 
-template <typename T, int kM>
-__global__ void __launch_bounds__(kThreads) w4a16_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
-                                                             const T* __restrict__ wscales, const T* __restrict__ wzeros,
-                                                             const T* __restrict__ bias, T* __restrict__ y, int M, int N,
-                                                             int K) {
-  extern __shared__ float xs[];  // [kM][K / 32]: sums of x over 32-column chunks (0 for rows >= M)
-  const int chunks = K / 32;
-  for (int i = threadIdx.x; i < kM * chunks; i += kThreads) {
-    const int m = i / chunks, c = i % chunks;
-    float s = 0.f;
-    if (m < M) {
-      const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + 32 * c);
+template <typename T, int kM, int kR>
+__global__ void __launch_bounds__(32 * kWarps) w4a16_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                                                                const T* __restrict__ wscales, const T* __restrict__ wzeros,
+                                                                const T* __restrict__ bias, T* __restrict__ y, int M,
+                                                                int N, int K) {
+  __shared__ float partial[kWarps][kR][kM];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row_bytes = K / 2, steps = (row_bytes + 511) / 512;
+  const int n0 = blockIdx.x * kR;
+  // Warp w takes steps w, w + kWarps, ...; the loads of its next step (weights, scales, zero
+  // points) are in flight while it computes the current one.
+  struct Fetch {
+    uint4 w[kR];
+    T sc[kR], zr[kR];
+  };
+  auto fetch = [&](int step, Fetch& f) {
+    const int off = 512 * step + 16 * lane;
+    if (off >= row_bytes) return;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint4 v = __ldg(p + j);
-        const T* h = reinterpret_cast<const T*>(&v);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) s += to_float(h[e]);
-      }
+    for (int j = 0; j < kR; ++j) {
+      const int n = min(n0 + j, N - 1);
+      f.w[j] = __ldg(reinterpret_cast<const uint4*>(qweight + static_cast<size_t>(n) * row_bytes + off));
+      f.sc[j] = wscales[static_cast<size_t>(off / 32) * N + n];
+      f.zr[j] = wzeros[static_cast<size_t>(off / 32) * N + n];
     }
-    xs[i] = s;
-  }
-  __syncthreads();
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row_bytes = K / 2;
-  for (int r = warp; r < kRowsPerCta; r += kThreads / 32) {
-    const int n = blockIdx.x * kRowsPerCta + r;
-    if (n >= N) break;  // warp-uniform
-    const uint8_t* wrow = qweight + static_cast<size_t>(n) * row_bytes;
-    float acc[kM];
+  };
+  float acc[kR][kM];
 #pragma unroll
-    for (int m = 0; m < kM; ++m) acc[m] = 0.f;
-    for (int off = 16 * lane; off < row_bytes; off += 512) {
-      const uint4 packed = __ldg(reinterpret_cast<const uint4*>(wrow + off));
-      const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
-      const int col = 2 * off, g = off / 32;  // first column of the 32, its group
-      float sp[kM];
+  for (int j = 0; j < kR; ++j)
 #pragma unroll
-      for (int m = 0; m < kM; ++m) sp[m] = 0.f;
+    for (int m = 0; m < kM; ++m) acc[j][m] = 0.f;
+  Fetch next;
+  if (warp < steps) fetch(warp, next);
+  for (int step = warp; step < steps; step += kWarps) {
+    const Fetch cur = next;
+    if (step + kWarps < steps) fetch(step + kWarps, next);
+    const int off = 512 * step + 16 * lane;
+    if (off >= row_bytes) continue;
+    const int col = 2 * off;  // first column of the lane's 32
+    float sp[kR][kM], sx[kM];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {  // word q: columns col + 8q .. +7
-        const float f[8] = {nibble_float<0>(words[q]), nibble_float<1>(words[q]), nibble_float<2>(words[q]),
-                            nibble_float<3>(words[q]), nibble_float<4>(words[q]), nibble_float<5>(words[q]),
-                            nibble_float<6>(words[q]), nibble_float<7>(words[q])};
+    for (int m = 0; m < kM; ++m) {
+      sx[m] = 0.f;
 #pragma unroll
-        for (int m = 0; m < kM; ++m) {
-          if (m < M) {
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col + 8 * q));
-            const T* h = reinterpret_cast<const T*>(&v);
+      for (int j = 0; j < kR; ++j) sp[j][m] = 0.f;
+    }
 #pragma unroll
-            for (int e = 0; e < 8; ++e) sp[m] = fmaf(to_float(h[e]), f[e], sp[m]);
+    for (int q = 0; q < 4; ++q) {  // word q: columns col + 8q .. +7
+      float f[kR][8];
+#pragma unroll
+      for (int j = 0; j < kR; ++j) {
+        const uint32_t w = q == 0 ? cur.w[j].x : q == 1 ? cur.w[j].y : q == 2 ? cur.w[j].z : cur.w[j].w;
+        f[j][0] = nibble_float<0>(w), f[j][1] = nibble_float<1>(w), f[j][2] = nibble_float<2>(w);
+        f[j][3] = nibble_float<3>(w), f[j][4] = nibble_float<4>(w), f[j][5] = nibble_float<5>(w);
+        f[j][6] = nibble_float<6>(w), f[j][7] = nibble_float<7>(w);
+      }
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        if (m < M) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col + 8 * q));
+          const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float xv = to_float(h[e]);
+            sx[m] += xv;
+#pragma unroll
+            for (int j = 0; j < kR; ++j) sp[j][m] = fmaf(xv, f[j][e], sp[j][m]);
           }
         }
       }
-      const float sc16 = 16.f * to_float(wscales[static_cast<size_t>(g) * N + n]);
-      const float zr = to_float(wzeros[static_cast<size_t>(g) * N + n]) - sc16;
-#pragma unroll
-      for (int m = 0; m < kM; ++m) acc[m] = fmaf(sc16, sp[m], fmaf(zr, xs[m * chunks + off / 16], acc[m]));
     }
+#pragma unroll
+    for (int j = 0; j < kR; ++j) {
+      const float sc16 = 16.f * to_float(cur.sc[j]), zr = to_float(cur.zr[j]) - sc16;
+#pragma unroll
+      for (int m = 0; m < kM; ++m) acc[j][m] = fmaf(sc16, sp[j][m], fmaf(zr, sx[m], acc[j][m]));
+    }
+  }
+  // reduce over the lanes, then over the warps
+#pragma unroll
+  for (int j = 0; j < kR; ++j)
 #pragma unroll
     for (int m = 0; m < kM; ++m) {
+      float v = acc[j][m];
 #pragma unroll
-      for (int d = 16; d > 0; d /= 2) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], d);
+      for (int d = 16; d > 0; d /= 2) v += __shfl_xor_sync(0xffffffffu, v, d);
+      if (lane == 0) partial[warp][j][m] = v;
     }
-    if (lane < M) {  // lane m writes row m (M <= 32)
-      float v = 0.f;
+  __syncthreads();
+  const int j = threadIdx.x / kM, m = threadIdx.x % kM, n = n0 + j;
+  if (threadIdx.x < kR * kM && m < M && n < N) {
+    float out = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
-      for (int m = 0; m < kM; ++m) v = m == lane ? acc[m] : v;
-      if (bias) v += to_float(bias[n]);
-      y[static_cast<size_t>(lane) * N + n] = from_float<T>(v);
-    }
+    for (int w = 0; w < kWarps; ++w) out += partial[w][j][m];
+    y[static_cast<size_t>(m) * N + n] = from_float<T>(out);
   }
 }
 
 template <typename T, int kM>
 cudaError_t launch(const W4A16GemvArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * kM * (a.K / 32);
-  auto kernel = w4a16_gemv_kernel<T, kM>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const int grid = (a.N + kRowsPerCta - 1) / kRowsPerCta;
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.wscales),
-                                           static_cast<const T*>(a.wzeros), static_cast<const T*>(a.bias),
-                                           static_cast<T*>(a.y), a.M, a.N, a.K);
+  constexpr int kR = kM <= 2 ? 4 : 2;
+  w4a16_gemv_kernel<T, kM, kR><<<(a.N + kR - 1) / kR, 32 * kWarps, 0, stream>>>(
+      static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.wscales), static_cast<const T*>(a.wzeros),
+      static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M, a.N, a.K);
   return cudaGetLastError();
 }
 
