@@ -14,6 +14,8 @@ from .lora import apply_loras_on_load
 from .ops import SVDQuantOps
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# activation quantization choices -> flux.apply_file_options(pow2_activations=...)
+ACTIVATION_SCALES = {"from file": None, "power-of-two": True, "exact": False}
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
@@ -23,7 +25,8 @@ def device_options() -> list[str]:
     return ["default", "cpu"] + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])
 
 
-def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default") -> comfy.model_patcher.ModelPatcher:
+def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
+                       pow2_activations: bool | None = None) -> comfy.model_patcher.ModelPatcher:
     """Build ComfyUI's FLUX model with the file's layers as custom operations, in a ModelPatcher.
 
     The configuration comes from the file (ComfyUI's own detection assumes full-size FLUX). The
@@ -48,7 +51,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default") -
         base_model.diffusion_model.load_state_dict(model.tensors, strict=True)
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
-    flux.apply_file_options(base_model.diffusion_model, model.quantization)
+    flux.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
     patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher
@@ -77,11 +80,18 @@ class SVDQuantFluxLoader(io.ComfyNode):
                                tooltip="Where the model runs: ComfyUI's main device (default), the CPU (slow, "
                                        "PyTorch reference path), or a particular GPU. ComfyUI still offloads it "
                                        "to system memory when it needs room."),
+                io.Combo.Input("activation_scales", options=list(ACTIVATION_SCALES), default="from file",
+                               optional=True,  # prompts saved before this input still validate
+                               tooltip="How the 4-bit layers quantize their inputs. 'from file': power-of-two "
+                                       "scales where the file was quantized for the Hopper fast path, exact "
+                                       "elsewhere. 'power-of-two': faster on H100/H200 for any model, reference-"
+                                       "engine files included, with a slightly larger quantization error. "
+                                       "'exact': the reference engine's scales everywhere."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
         )
 
     @classmethod
-    def execute(cls, model_name: str, dtype: str, device: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, dtype: str, device: str, activation_scales: str = "from file") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return io.NodeOutput(load_svdquant_flux(path, DTYPES[dtype], device))
+        return io.NodeOutput(load_svdquant_flux(path, DTYPES[dtype], device, ACTIVATION_SCALES[activation_scales]))

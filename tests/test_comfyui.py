@@ -336,6 +336,9 @@ def test_loader_node_in_object_info(server):
     assert required["dtype"][1]["options"] == ["bfloat16", "float16"]
     assert required["device"][1]["options"][:2] == ["default", "cpu"]
     assert all(spec[1].get("tooltip") for spec in required.values())
+    scales = info["input"]["optional"]["activation_scales"]
+    assert scales[1]["options"] == ["from file", "power-of-two", "exact"] and scales[1]["default"] == "from file"
+    assert scales[1].get("tooltip")
     assert "SVDQuantTestConditioning" in server.get("/object_info")
 
 
@@ -389,7 +392,8 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
 
 
-def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype: str = "bfloat16") -> dict:
+def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype: str = "bfloat16",
+                    activation_scales: str | None = None) -> dict:
     prompt = {
         "1": {"class_type": "SVDQuantFluxLoader", "inputs": {"model_name": model_name, "dtype": dtype,
                                                               "device": "default"}},
@@ -403,6 +407,8 @@ def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype:
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["6", 0]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": prefix}},
     }
+    if activation_scales is not None:
+        prompt["1"]["inputs"]["activation_scales"] = activation_scales
     if guidance is not None:
         prompt["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
         prompt["5"]["inputs"]["positive"] = ["9", 0]
@@ -423,6 +429,13 @@ def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name,
     assert len(images) == 1 and images[0]["filename"].startswith(prefix)
     saved = server.base / "output" / images[0]["subfolder"] / images[0]["filename"]
     assert saved.stat().st_size > 0
+
+
+@pytest.mark.parametrize("activation_scales", ["power-of-two", "exact"])
+def test_the_loader_takes_an_activation_scale_choice(server, activation_scales):
+    entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, f"svdquant_scales_{activation_scales}",
+                                       activation_scales=activation_scales))
+    assert entry["status"]["status_str"] == "success", entry["status"]
 
 
 @pytest.mark.parametrize("model_name, problem", [("truncated.safetensors", "not a readable safetensors file"),

@@ -139,12 +139,25 @@ def test_hopper_pow2_model():
     engine = flux_model.from_tensors(cfg, model.tensors)
     w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
     assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)  # the global default: off
-    flux.apply_file_options(engine, model.quantization)  # what the loaders do with such a file
+    flux.apply_file_options(engine, model.quantization, pow2_activations=False)  # the loader's 'exact'
+    assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    flux.apply_file_options(engine, model.quantization)  # what the loaders do with such a file by default
     assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
     with torch.no_grad():
         ref = flux_model.sample_euler(dense, noise, context, pooled, steps=4).double()
         out = flux_model.sample_euler(engine, noise, context, pooled, 4)
     assert float((out.double() - ref).norm() / ref.norm()) < 0.06  # exact scales: 0.035, this: 0.042
+
+
+def test_power_of_two_activations_can_be_chosen_for_any_file():
+    cfg, _ = bf16_model(False)
+    model = quantized_model(False)  # exact scales: the file asks for nothing
+    engine = flux_model.from_tensors(cfg, model.tensors)
+    w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
+    flux.apply_file_options(engine, model.quantization)
+    assert w4a4_layers and not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    flux.apply_file_options(engine, model.quantization, pow2_activations=True)  # the loader's 'power-of-two'
+    assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
 
 
 def test_calibration_records_what_each_layer_sees():
