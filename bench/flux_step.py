@@ -1,6 +1,8 @@
 """One FLUX.1-dev-sized transformer call at 1024x1024 (4096 image + 512 text tokens) on the GPU:
 the engine's own FLUX forward (svdquant/flux_model.py, eager, unfused glue) with 16-bit linears,
-with SVDQuant W4A4 layers on the exact Hopper path, and on the fast path (power-of-two scales).
+with SVDQuant W4A4 layers on the exact Hopper path, with exact weight scales and power-of-two
+activation scales (design (d) alone: what a reference-engine model runs with the loader's
+activation_scales = power-of-two), and on the fast path (power-of-two weight and activation scales).
 
     python bench/flux_step.py [--out DIR] [--depth 19 --single 38]
 
@@ -83,13 +85,16 @@ def main() -> None:
               torch.randn(1, 768, generator=gen, device="cuda").to(bf16),
               torch.full((1,), 3.5, device="cuda", dtype=bf16))
     rows = {}
-    for name, quantized, pow2 in (("bf16", False, False), ("svdquant exact", True, False),
-                                  ("svdquant fast (pow2)", True, True)):
-        tensors = random_tensors(cfg, quantized, pow2, gen)
+    # (name, quantized, power-of-two weight scales, power-of-two activation scales); the third row is
+    # what a reference-engine model runs with the loader's activation_scales = power-of-two
+    for name, quantized, pow2w, pow2a in (("bf16", False, False, False), ("svdquant exact", True, False, False),
+                                          ("svdquant exact w, pow2 act", True, False, True),
+                                          ("svdquant fast (pow2)", True, True, True)):
+        tensors = random_tensors(cfg, quantized, pow2w, gen)
         weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         model = flux_model.from_tensors(cfg, tensors).to("cuda")  # dense layers are built on the CPU
         del tensors
-        kernels.pow2_activations = pow2
+        kernels.pow2_activations = pow2a
         torch.cuda.reset_peak_memory_stats()
         ms = time_call(model, inputs)
         rows[name] = {"ms": round(ms, 2), "weights_GiB": round(weight_bytes / 2**30, 2),
@@ -99,9 +104,9 @@ def main() -> None:
     kernels.pow2_activations = False
     base = rows["bf16"]["ms"]
     print(f"FLUX.1-dev shape ({cfg.depth}+{cfg.depth_single_blocks} blocks), 1024x1024, one call, {torch.cuda.get_device_name()}")
-    print(f"{'variant':<22} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")
+    print(f"{'variant':<27} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")
     for name, row in rows.items():
-        print(f"{name:<22} {row['ms']:>8.2f} {base / row['ms']:>7.2f} {row['weights_GiB']:>12.2f} {row['peak_GiB']:>9.2f}")
+        print(f"{name:<27} {row['ms']:>8.2f} {base / row['ms']:>7.2f} {row['weights_GiB']:>12.2f} {row['peak_GiB']:>9.2f}")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                            cwd=Path(__file__).parent).stdout.strip()
     result = {"what": "engine FLUX forward (eager), one call at 1024x1024, random weights", "rows": rows,
