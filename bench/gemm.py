@@ -228,6 +228,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def write_result(path: str, **fields) -> None:
+    """A benchmark's JSON: the device, date, commit and software, then `fields`."""
+    props = torch.cuda.get_device_properties(0)
+    result = {
+        "device": props.name,
+        "sm_count": props.multi_processor_count,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **fields,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "gemm.json"))
@@ -261,23 +279,9 @@ def main() -> None:
     accuracy = fast_path_error(4608, 3072, 3072)
     print("fast kernel 2 vs float64 at M=4608 N=K=3072: " +
           ", ".join(f"{key} {value:.2e}" for key, value in accuracy.items() if key.startswith("rel_err")), flush=True)
-    result = {
-        "device": props.name,
-        "sm_count": props.multi_processor_count,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "rank": RANK,
-        "method": "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
-        "rows": rows,
-        "lora": lora,
-        "fast_path_accuracy": accuracy,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+    write_result(args.json, rank=RANK,
+                 method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
+                 rows=rows, lora=lora, fast_path_accuracy=accuracy)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ of x. Columns (median time per call, CUDA-graph replay over rotating weight sets
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import sys
@@ -25,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemm import git_commit, time_calls  # noqa: E402
+from gemm import time_calls, write_result  # noqa: E402
 from svdquant import kernels, numerics  # noqa: E402
 from svdquant.linear import W4A16Linear  # noqa: E402
 
@@ -83,19 +81,9 @@ def main() -> None:
             print(f"{r['M']:>2} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['deq_ms'] * 1e3:>8.1f} "
                   f"{r['gemv_ms'] * 1e3:>8.1f} | {r['gemv_GBps']:>6.0f} {r['bf16_ms'] / r['gemv_ms']:>6.2f} "
                   f"{r['deq_ms'] / r['gemv_ms']:>6.1f}", flush=True)
-    result = {
-        "device": props.name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "method": "CUDA-graph replay of back-to-back calls over rotating weight sets (>= 3x L2), median of 10",
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.json}")
+    write_result(args.json,
+                 method="CUDA-graph replay of back-to-back calls over rotating weight sets (>= 3x L2), median of 10",
+                 rows=rows)
 
 
 if __name__ == "__main__":
