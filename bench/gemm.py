@@ -13,12 +13,12 @@ tokens), and M = 256 and 1024 for small images. Columns (median time per call):
     k2d, k1+k2d: the same weights with power-of-two activation scales (design (d) alone: kernel 1
             in pow2 mode, kernel 2 with per-token scales, one FMA per accumulator per group)
   fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
-    k2f     fast kernel 2 alone, fp32 promotion every 256 of K, token tile chosen by M
-            (k2f128: promotion every 128; JSON also k2f_t128 / k2f_t192: each token tile)
+    k2f     fast kernel 2 alone (INT8 tensor cores, exact int32 sums over K), token tile chosen by
+            M and N (t128 / t192 / t256: each token tile)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
-an accuracy row gives the fast kernel 2's relative error against float64 for both promotion intervals.
+an accuracy row gives the fast kernel 2's relative error against float64.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
@@ -83,9 +83,9 @@ def random_layer(n: int, k: int, rank: int, gen: torch.Generator, pow2: bool = F
                  dtype: torch.dtype = torch.bfloat16) -> SVDQLinear:
     """Random SVDQuant layer; pow2: power-of-two weight scales (the fast path's format)."""
     dev = "cuda"
-    if pow2:  # bases large enough that base * 2^-9 is exact in fp16 too
+    if pow2:  # bases large enough that base * 2^-4 is exact in fp16 too
         base = (torch.rand(n, generator=gen, device=dev) * 0.02 + 0.04).to(dtype).float()
-        exps = torch.randint(0, numerics.POW2_MAX_EXP + 1, (k // 64, n), generator=gen, device=dev)
+        exps = torch.randint(0, numerics.POW2_WEIGHT_MAX_EXP + 1, (k // 64, n), generator=gen, device=dev)
         wscales = (base * torch.exp2(-exps.float())).to(dtype)
     else:
         wscales = (torch.rand(k // 64, n, generator=gen, device=dev) * 0.02 + 1e-3).to(dtype)
@@ -133,24 +133,23 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
 
         def k1(i):
-            return c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), pow2)
+            return c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), pow2, pow2)
 
         stage1 = [k1(i) for i in range(sets)]
 
-        def k2(i, promote_k=kernels.PROMOTE_K, tile_t=0):
+        def k2(i, tile_t=0):
             codes, ascales, lora_act = stage1[i]
             lay = layers[i]
             if pow2:
                 wexp, wbase = kernels._sm90_pow2_weights(lay)
                 return c_ext.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up,
-                                                 lay.bias, None, promote_k, tile_t)
+                                                 lay.bias, None, tile_t)
             return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
 
         k1_key = "k1p" if pow2 else "k1"
         row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
         if pow2:
-            row["k2f128_ms"] = time_calls([lambda i=i: k2(i, 128) for i in range(sets)])
-            for tile_t in (128, 192):
+            for tile_t in (128, 192, 256):
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t=tile_t) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
@@ -173,7 +172,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
         row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
         del layers, layers0, stage1
 
-    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k2f128", "k1k2f"):
+    for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
     for key in ("k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
         row[key + "_speedup_vs_bf16"] = row["bf16_ms"] / row[key + "_ms"]
@@ -198,22 +197,21 @@ def bench_lora(m: int, n: int, k: int, l2_bytes: int) -> dict:
 
 
 def fast_path_error(m: int, n: int, k: int) -> dict:
-    """Relative error of the fast kernel 2 against float64 on the same operands, per promotion
-    interval; fp16 output, whose rounding (rel_err_fp16_output) is 8x finer than bf16's."""
+    """Relative error of the fast kernel 2 against float64 on the same operands; fp16 output, whose
+    rounding (rel_err_fp16_output) is 8x finer than bf16's."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(m, k, generator=gen, device="cuda").half()
     layer = random_layer(n, k, 0, gen, pow2=True, dtype=torch.float16)
-    codes, atok, lora_act = kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), True)
+    codes, atok, lora_act = kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), True, True)
     wexp, wbase = kernels._sm90_pow2_weights(layer)
-    a = kernels.act_operands_sm90_to_natural(codes).double()
+    a = kernels.act_operands_sm90_to_natural(codes, int8_operands=True).double()
     w = numerics.unpack_int4(layer.qweight, signed=True).double() * torch.exp2(
         -wexp[:, :n].double()).t().repeat_interleave(64, dim=1)
     ref = atok[0, :m].double()[:, None] * (a @ w.t()) * wbase.double()[None, :] + layer.bias.double()
     row = {"M": m, "N": n, "K": k}
-    for promote_k in (128, 256):
-        y = kernels._C.w4a4_gemm_pow2_sm90(codes, atok, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, None, promote_k)
-        row[f"rel_err_promote{promote_k}"] = float((y.double() - ref).norm() / ref.norm())
+    y = kernels._C.w4a4_gemm_pow2_sm90(codes, atok, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
+                                       layer.bias, None)
+    row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
     row["rel_err_fp16_output"] = float((ref.half().double() - ref).norm() / ref.norm())  # rounding alone
     return row
 
@@ -257,8 +255,8 @@ def main() -> None:
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
-              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} {'k2f128':>7} "
-              f"{'t128':>6} {'t192':>6} "
+              f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "
+              f"{'t128':>6} {'t192':>6} {'t256':>6} "
               f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
     print(header, flush=True)
     for m in args.tokens:
@@ -269,8 +267,8 @@ def main() -> None:
                   f"{r['bf16_ms'] / r['fp8_fast_ms']:>6.2f} | {r['k2_ms'] * 1e3:>7.1f} {r['k1_ms'] * 1e3:>6.1f} "
                   f"{r['k1k2_ms'] * 1e3:>7.1f} {r['k1k2_speedup_vs_bf16']:>5.2f} {r['lowrank_share'] * 100:>5.1f} | "
                   f"{r['k2d_ms'] * 1e3:>7.1f} {r['k1k2d_ms'] * 1e3:>7.1f} | "
-                  f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} {r['k2f128_ms'] * 1e3:>7.1f} "
-                  f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t192_ms'] * 1e3:>6.1f} "
+                  f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} "
+                  f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t192_ms'] * 1e3:>6.1f} {r['k2f_t256_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
                   f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f}", flush=True)
     lora = bench_lora(4608, 3072, 3072, l2_bytes)

@@ -106,15 +106,17 @@ sm90::DType half_dtype(const at::Tensor& t, const char* name) {
 
 // Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
 // [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
-// lora_down [K, rank] repacked by kernels.lora_down_sm90: [rank, K].
+// lora_down [K, rank] repacked by kernels.lora_down_sm90: [rank, K]. int8_operands (pow2 only):
+// codes for the fast kernel 2 (s8 bytes) instead of e4m3 bytes.
 std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& inv_smooth,
                                        const c10::optional<at::Tensor>& shift, const at::Tensor& lora_down_p,
-                                       bool pow2) {
+                                       bool pow2, bool int8_operands) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
   const auto dtype = half_dtype(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 64 == 0, "the input width " + num(K) + " is not a multiple of 64");
   TORCH_CHECK(lora_down_p.dim() == 2, "lora_down_p must be 2-D");
+  TORCH_CHECK(pow2 || !int8_operands, "int8_operands needs pow2");
   const int64_t rank = lora_down_p.size(0);
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
   check_tensor(smooth, x, "smooth", at::kFloat, {K});
@@ -130,6 +132,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   sm90::ActQuantArgs a{};
   a.dtype = dtype;
   a.pow2 = pow2;
+  a.int8_operands = int8_operands;
   a.x = x.data_ptr();
   a.smooth = smooth.data_ptr<float>();
   a.inv_smooth = inv_smooth.data_ptr<float>();
@@ -201,7 +204,7 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
 at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, const at::Tensor& lora_act,
                                const at::Tensor& qweight, const at::Tensor& wexp, const at::Tensor& wbase,
                                const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
-                               const c10::optional<at::Tensor>& out, int64_t promote_k, int64_t tile_t) {
+                               const c10::optional<at::Tensor>& out, int64_t tile_t) {
   TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
   TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && wexp.dim() == 2, "qweight, lora_up and wexp are 2-D");
   const auto dtype = half_dtype(lora_act, "lora_act");
@@ -227,7 +230,6 @@ at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, 
   a.y = y.data_ptr();
   a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
   a.m_al = static_cast<int>(m_al), a.n_al = static_cast<int>(n_al);
-  a.promote_k = static_cast<int>(promote_k);
   a.tile_t = static_cast<int>(tile_t);
   const char* err = sm90::w4a4_gemm_pow2(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
@@ -247,7 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef SVDQ_WITH_SM90A
   m.def("act_quant_sm90", &act_quant_sm90, "kernel 1: activation quantize + low-rank down (sm_90a)",
         pybind11::arg("x"), pybind11::arg("smooth"), pybind11::arg("inv_smooth"), pybind11::arg("shift"),
-        pybind11::arg("lora_down_p"), pybind11::arg("pow2") = false);
+        pybind11::arg("lora_down_p"), pybind11::arg("pow2") = false, pybind11::arg("int8_operands") = false);
   m.def("w4a4_gemm_sm90", &w4a4_gemm_sm90, "kernel 2: W4A4 GEMM + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("ascales"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wscales"),
         pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none());
@@ -255,6 +257,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fast kernel 2: W4A4 GEMM for power-of-two scales + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("atok"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wexp"),
         pybind11::arg("wbase"), pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none(),
-        pybind11::arg("promote_k") = 256, pybind11::arg("tile_t") = 0);
+        pybind11::arg("tile_t") = 0);
 #endif
 }

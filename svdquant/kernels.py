@@ -88,19 +88,16 @@ def svdq_linear_reference(
 
 # ---- Hopper (sm_90a) W4A4 path -------------------------------------------------------------------
 # Kernel 1 (csrc/sm90/act_quant.cu) quantizes x and computes x @ lora_down in one pass; kernel 2
-# runs the W4A4 GEMM on FP8 tensor cores and adds the low-rank up projection and the bias in its
-# epilogue: csrc/sm90/w4a4_gemm.cu (exact path, any weight scales, one rescaling per 64-group) or,
-# for layers with power-of-two weight scales and activations, csrc/sm90/w4a4_gemm_pow2.cu (the
-# scales' powers of two are folded into the FP8 operands; per-row and per-token factors applied
-# once in the epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in
+# runs the W4A4 GEMM and adds the low-rank up projection and the bias in its epilogue:
+# csrc/sm90/w4a4_gemm.cu (exact path, any weight scales, FP8 tensor cores, one rescaling per
+# 64-group) or, for layers with power-of-two weight scales and activations,
+# csrc/sm90/w4a4_gemm_pow2.cu (the scales' powers of two are folded into s8 operands, INT8 tensor
+# cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in
 # their natural layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, cached on
 # the layer: fp32 copies of smooth, its reciprocal and the shift (3 x 4 bytes per input channel),
 # lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank)), and
 # for the fast path the weight scales' exponents (1 byte per group scale) and row bases.
 _SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90", "w4a4_gemm_pow2_sm90")
-# The fast path adds the FP8 tensor cores' partial sums (whose accumulation keeps fewer bits than
-# fp32) into an fp32 accumulator every PROMOTE_K input channels (128 or 256).
-PROMOTE_K = 256
 
 
 def sm90_kernels_built() -> bool:
@@ -186,9 +183,10 @@ def _sm90_pow2_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return _cached_on(layer, "_sm90_pow2", (layer.wscales.data_ptr(), layer.wscales._version), compute)
 
 
-def act_operands_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
-    """Kernel 1's codes (e4m3 bytes, k permuted inside each 64-group) -> their values in natural
-    order, float32 [M, K] (the INT4 codes; code * 2^-e in pow2 mode).
+def act_operands_sm90_to_natural(codes: torch.Tensor, int8_operands: bool = False) -> torch.Tensor:
+    """Kernel 1's codes (e4m3 bytes, or with int8_operands the fast kernel's s8 bytes of
+    code * 2^(3 - e); k permuted inside each 64-group) -> their values in natural order, float32
+    [M, K] (the INT4 codes; code * 2^-e in pow2 mode).
 
     Stored byte p of a group holds natural column perm(p), with
     perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 4 h + j (act_quant.cu explains why).
@@ -196,7 +194,11 @@ def act_operands_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
     m, k = codes.shape
     p = torch.arange(64, device=codes.device)
     perm = 16 * ((p // 4) % 4) + 8 * (p // 32) + 4 * ((p // 16) % 2) + p % 4
-    values = codes.view(torch.float8_e4m3fn).float().reshape(m, k // 64, 64)
+    if int8_operands:
+        values = codes.view(torch.int8).float() * 2.0 ** -numerics.POW2_ACT_MAX_EXP
+    else:
+        values = codes.view(torch.float8_e4m3fn).float()
+    values = values.reshape(m, k // 64, 64)
     natural = torch.empty_like(values)
     natural[..., perm] = values
     return natural.reshape(m, k)
@@ -210,12 +212,13 @@ def act_codes_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
 def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
     pow2 = uses_pow2_activations(layer)
+    fast = pow2 and layer.pow2_weights
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), *_sm90_layer_inputs(layer), pow2)
-    if pow2 and layer.pow2_weights:
+    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), *_sm90_layer_inputs(layer), pow2, fast)
+    if fast:
         wexp, wbase = _sm90_pow2_weights(layer)
         return _C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,
-                                      layer.lora_up.contiguous(), layer.bias, out, PROMOTE_K)
+                                      layer.lora_up.contiguous(), layer.bias, out)
     return _C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
                              layer.lora_up.contiguous(), layer.bias, out)
 

@@ -66,13 +66,13 @@ def _quantize_weight_int4_pow2(w: torch.Tensor, scale_dtype: torch.dtype):
         # the largest exponent whose scale the storage dtype holds exactly (fp16 has few
         # subnormal bits); base * 2^-j is exact for j up to it
         max_exp = torch.zeros_like(base, dtype=torch.int64)
-        for j in range(1, numerics.POW2_MAX_EXP + 1):
+        for j in range(1, numerics.POW2_WEIGHT_MAX_EXP + 1):
             step = base * 2.0 ** -j
             max_exp = torch.where((max_exp == j - 1) & (step.to(scale_dtype).float() == step), j, max_exp)
         base_g, max_g = base.unsqueeze(1), max_exp.unsqueeze(1)
         # the smallest power-of-two fraction covering each group's absmax, and the next one down
         # (clipping the largest weights by up to half) as the clipping candidate
-        exps = torch.minimum(numerics.pow2_exponents(base_g, need), max_g)
+        exps = torch.minimum(numerics.pow2_exponents(base_g, need, numerics.POW2_WEIGHT_MAX_EXP), max_g)
         codes, err = _codes_and_error(w, base_g * torch.exp2(-exps.float()))
         clip_scale = base_g * torch.exp2(-torch.minimum(exps + 1, max_g).float())
         clip_codes, clip_err = _codes_and_error(w, clip_scale)

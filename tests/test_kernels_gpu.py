@@ -53,11 +53,10 @@ def _activations(m: int, k: int, dtype: torch.dtype, gen: torch.Generator, unsig
 def _wscales(groups: int, n: int, dtype: torch.dtype, gen: torch.Generator, pow2: bool) -> torch.Tensor:
     if not pow2:
         return (torch.rand(groups, n, generator=gen, device=DEV) * 0.02 + 1e-3).to(dtype)
-    # power-of-two fractions 2^-f, f in [0, 9], of a per-channel base (f = 0 somewhere in each row)
-    # fp16 needs base * 2^-9 >= 2^-14 to hold the scales exactly (its subnormals have too few bits)
+    # power-of-two fractions 2^-f, f in [0, 4], of a per-channel base (f = 0 somewhere in each row)
     low = 4e-3 if dtype == torch.bfloat16 else 4e-2
     base = (torch.rand(n, generator=gen, device=DEV) * 0.04 + low).to(dtype).float()
-    exps = torch.randint(0, numerics.POW2_MAX_EXP + 1, (groups, n), generator=gen, device=DEV)
+    exps = torch.randint(0, numerics.POW2_WEIGHT_MAX_EXP + 1, (groups, n), generator=gen, device=DEV)
     exps[torch.randint(0, groups, (n,), generator=gen, device=DEV), torch.arange(n, device=DEV)] = 0
     scales = (base * torch.exp2(-exps.float())).to(dtype)
     assert torch.equal(scales.float(), base * torch.exp2(-exps.float()))
@@ -88,26 +87,28 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
-def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False):
-    return kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), pow2)
+def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False):
+    return kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), pow2, int8_operands)
 
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320)])
-@pytest.mark.parametrize("pow2", [False, True])
-def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
+@pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
+def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
     # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
     # whose last CTA has fewer groups; ranks above 32 run in blocks of 64 (160: the last block half
-    # full, 320: five blocks), each a sweep over the resident x slice
+    # full, 320: five blocks), each a sweep over the resident x slice. pow2_int8: the same codes as
+    # the fast kernel 2's s8 operands
+    pow2, int8_operands = mode != "exact", mode == "pow2_int8"
     gen = _gen(m * 7 + rank + unsigned + k + 11 * pow2)
     layer = _layer(64, k, rank, dtype, gen, unsigned)
     x = _activations(m, k, dtype, gen, layer.unsigned_groups)
-    codes, ascales, lora_act = _kernel1(x, layer, pow2)
+    codes, ascales, lora_act = _kernel1(x, layer, pow2, int8_operands)
     torch.cuda.synchronize()
 
-    got = kernels.act_operands_sm90_to_natural(codes)
+    got = kernels.act_operands_sm90_to_natural(codes, int8_operands)
     if pow2:
         ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
         ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(numerics.GROUP_SIZE, dim=1)
@@ -124,11 +125,12 @@ def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
     assert _rel(lora_act, ref_lora) <= 1e-3
 
 
-def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, layer: SVDQLinear):
+def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, layer: SVDQLinear,
+                    int8_operands: bool):
     """float64 evaluation of kernel 2 on kernel 1's outputs (group or token scales)."""
     m, k = codes.shape
     n, groups = layer.out_features, k // numerics.GROUP_SIZE
-    a = kernels.act_operands_sm90_to_natural(codes).double().reshape(m, groups, 64)
+    a = kernels.act_operands_sm90_to_natural(codes, int8_operands).double().reshape(m, groups, 64)
     w = numerics.unpack_int4(layer.qweight, signed=True).double().reshape(n, groups, 64)
     y = torch.zeros(m, n, dtype=torch.float64, device=DEV)
     for g in range(groups):
@@ -140,22 +142,21 @@ def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
     return y
 
 
-def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, promote_k: int = 256,
-              tile_t: int = 0):
+def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, tile_t: int = 0):
     """Kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
-    codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast)
+    codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast, fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
         wexp, wbase = kernels._sm90_pow2_weights(layer)
         y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, out, promote_k, tile_t)
+                                           layer.bias, out, tile_t)
     else:
         y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
                                       layer.bias, out)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
-    ref = _gemm_reference(codes, ascales, lora_act, layer)
+    ref = _gemm_reference(codes, ascales, lora_act, layer, fast)
     return y, ref
 
 
@@ -173,21 +174,20 @@ def test_gemm_matches_float64(m, rank, pow2):
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
 @pytest.mark.parametrize("rank", [32, 160, 224])
-@pytest.mark.parametrize("promote_k", [128, 256])
-@pytest.mark.parametrize("tile_t", [128, 192])
-def test_fast_gemm_matches_float64(m, rank, promote_k, tile_t):
-    # K = 576: 9 groups, so both promotion intervals end with a shorter one; rank 224 = 32 + 64 + 128
-    gen = _gen(2000 + m + rank + promote_k)
+@pytest.mark.parametrize("tile_t", [128, 192, 256])
+def test_fast_gemm_matches_float64(m, rank, tile_t):
+    # K = 576: 9 groups, an odd count for the main loop unrolled by two; rank 224 = 32 + 64 + 128
+    gen = _gen(2000 + m + rank + tile_t)
     layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False, pow2_weights=True)
     x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer, fast=True, promote_k=promote_k, tile_t=tile_t)
+    y, ref = _run_gemm(x, layer, fast=True, tile_t=tile_t)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 
 @pytest.mark.parametrize("m", [4097, 4608])
-@pytest.mark.parametrize("tile_t", [128, 192])
+@pytest.mark.parametrize("tile_t", [128, 192, 256])
 def test_fast_gemm_persistent_tiles(m, tile_t):
-    # 24 channel tiles x 22..36 token tiles: more tiles than SMs, so each CTA runs several in a row
+    # 24 channel tiles x 17..36 token tiles: more tiles than SMs, so each CTA runs several in a row
     gen = _gen(3000 + m + tile_t)
     layer = _layer(3072, 256, 32, torch.bfloat16, gen, unsigned=True, pow2_weights=True)
     x = _activations(m, 256, torch.bfloat16, gen, layer.unsigned_groups)
@@ -201,13 +201,13 @@ def test_fast_gemm_persistent_tiles(m, tile_t):
     (3072, 3072, 32, torch.bfloat16, True, True),   # a FLUX shape
     (520, 1024, 48, torch.float16, False, True),
 ])
-@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast", "fast192"])
+@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast", "fast192", "fast256"])
 def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, path):
     gen = _gen(n + k + rank)
     fast = path.startswith("fast")
     layer = _layer(n, k, rank, dtype, gen, unsigned, bias, pow2_weights=fast)
     x = _activations(300, k, dtype, gen, layer.unsigned_groups)
-    y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=fast, tile_t=192 if path == "fast192" else 128)
+    y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=fast, tile_t=int(path[4:] or 128) if fast else 0)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 
@@ -239,6 +239,9 @@ def test_bad_kernel_inputs_raise_named_errors():
     with pytest.raises(RuntimeError, match="input width 100 is not a multiple of 64"):
         kernels._C.act_quant_sm90(torch.zeros(4, 100, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift,
                                   down, False)
+    with pytest.raises(RuntimeError, match="int8_operands needs pow2"):
+        kernels._C.act_quant_sm90(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift,
+                                  down, False, True)
     codes, ascales, lora_act = _kernel1(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), layer)
     with pytest.raises(RuntimeError, match=r"wscales must have shape \[2, 64\], got \[2, 32\]"):
         kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales[:, :32].contiguous(),

@@ -175,13 +175,13 @@ def test_pow2_activation_quantizer_rules(dtype):
     need = v.abs().amax(-1) / qmax
     assert torch.equal(top, need.amax(-1).to(dtype))
     scales = numerics.pow2_scales(top, exps)
-    # the largest e in [0, 9] whose scale still covers the group, or 0 when none does
-    assert int(exps.max()) <= numerics.POW2_MAX_EXP
+    # the largest e in [0, 3] whose scale still covers the group, or 0 when none does
+    assert int(exps.max()) <= numerics.POW2_ACT_MAX_EXP
     covered = scales >= need
     assert bool((covered | (exps == 0)).all())
     finer = top.float()[:, None] * torch.exp2(-(exps.float() + 1))
-    assert bool(((finer < need) | (exps == numerics.POW2_MAX_EXP)).all())
-    assert int(exps[3, 2]) == numerics.POW2_MAX_EXP and not codes[3, 128:192].any()
+    assert bool(((finer < need) | (exps == numerics.POW2_ACT_MAX_EXP)).all())
+    assert int(exps[3, 2]) == numerics.POW2_ACT_MAX_EXP and not codes[3, 128:192].any()
     assert top[2] == 0 and not codes[2].any()
     # codes agree with the plain quantizer's rule at these scales; the operand code * 2^-e is exact in e4m3
     lo = torch.where(unsigned, 0.0, -8.0).repeat_interleave(64)
@@ -196,7 +196,7 @@ def test_pow2_activation_quantizer_rules(dtype):
 
 
 def test_pow2_rows_below_the_smallest_base_quantize_to_zero():
-    # 1 / top must stay finite after the 2^9 factor; such rows carry no signal in 16-bit anyway
+    # 1 / top must stay finite after the 2^e factor; such rows carry no signal in 16-bit anyway
     x = torch.full((2, 64), 3.0)
     x[1] *= 2.0**-104
     codes, top, _ = numerics.quantize_groups_pow2(x, scale_dtype=torch.float32)
@@ -204,11 +204,17 @@ def test_pow2_rows_below_the_smallest_base_quantize_to_zero():
     assert bool((codes[0] == 7).all()) and not codes[1].any()
 
 
-def test_pow2_exponents_cover_every_code_exactly_in_e4m3():
+def test_pow2_operands_are_exact_in_e4m3_and_s8():
     codes = torch.arange(-8, 16, dtype=torch.float32)
-    for e in range(numerics.POW2_MAX_EXP + 1):
-        value = codes * 2.0 ** -e
+    for e in range(numerics.POW2_ACT_MAX_EXP + 1):
+        value = codes * 2.0 ** -e  # the design (d) kernel's FP8 activation operand
         assert torch.equal(value.to(torch.float8_e4m3fn).float(), value)
+        s8 = codes * 2 ** (numerics.POW2_ACT_MAX_EXP - e)  # the fast kernel's activation operand
+        assert int(s8.min()) >= -128 and int(s8.max()) <= 127
+    weights = torch.arange(-8, 8)
+    for f in range(numerics.POW2_WEIGHT_MAX_EXP + 1):
+        s8 = weights * 2 ** (numerics.POW2_WEIGHT_MAX_EXP - f)
+        assert int(s8.min()) >= -128 and int(s8.max()) <= 127
 
 
 def test_pow2_activations_of_layer_input():
@@ -224,7 +230,7 @@ def test_pow2_activations_of_layer_input():
 
 def test_pow2_weight_exponents_detection():
     base = torch.tensor([0.5, 0.0, 3.0, 1.0])
-    exps = torch.tensor([[0, 0, 2, 9], [3, 0, 0, 0], [9, 0, 1, 4]])
+    exps = torch.tensor([[0, 0, 2, 4], [3, 0, 0, 0], [4, 0, 1, 4]])
     wscales = (base * torch.exp2(-exps.float())).bfloat16()
     wscales[:, 1] = 0.0  # an all-zero row
     got = numerics.pow2_weight_exponents(wscales)
@@ -234,7 +240,7 @@ def test_pow2_weight_exponents_detection():
     not_pow2[1, 0] = 0.3
     assert numerics.pow2_weight_exponents(not_pow2) is None
     too_far = wscales.clone()
-    too_far[2, 3] = 2.0 ** -10  # 2^-10 of the row's base 1
+    too_far[2, 3] = 2.0 ** -5  # 2^-5 of the row's base 1
     assert numerics.pow2_weight_exponents(too_far) is None
     zero_group = wscales.clone()
     zero_group[0, 0] = 0.0

@@ -82,7 +82,7 @@ def test_pow2_weight_quantizer(dtype):
     assert codes.dtype == torch.int8 and wscales.shape == (16, 96) and wscales.dtype == dtype
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
     found = numerics.pow2_weight_exponents(wscales)
-    assert found is not None and int(found[1].max()) <= numerics.POW2_MAX_EXP
+    assert found is not None and int(found[1].max()) <= numerics.POW2_WEIGHT_MAX_EXP
     assert not codes[3, :64].any()
     plain_codes, plain_scales = quantize.quantize_weight_int4(w, scale_dtype=dtype)
 

@@ -1,7 +1,8 @@
 // Kernel 1: SVDQuant activation quantization fused with the low-rank down projection (sm_90a).
 //
 // One read of x [M, K] (16-bit) from device memory feeds every output:
-//   codes    [M, K]      e4m3 bytes of the INT4 codes (pow2 mode: of code * 2^-e, exact in e4m3),
+//   codes    [M, K]      e4m3 bytes of the INT4 codes (pow2 mode: of code * 2^-e, exact in e4m3, or
+//                        with int8_operands the s8 bytes of code * 2^(3-e) for the fast kernel 2),
 //                        k permuted inside each 64-group in the order kernel 2 consumes (below);
 //   ascales  exact mode: [K/64, m_al] per-(token, group) scales rounded to x's dtype, as fp32;
 //            pow2 mode:  [1, m_al] per-token scales atok rounded to x's dtype, as fp32;
@@ -13,7 +14,7 @@
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
 //   unsigned groups (shift > 0) clamp v at 0; need = amax / qmax (qmax = 7 or 15, IEEE division);
 //   exact: scale = dtype(need), code = rint(v / scale);
-//   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 9] such that
+//   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
 //          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
 //   codes clamped to [-8, 7] or [0, 15]; 0 where the scale is 0.
 // The pow2 mode is our own definition and multiplies where the exact mode must divide like the
@@ -71,6 +72,7 @@ constexpr int kThreads = 256;
 constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 tokens][64 x 16-bit], swizzled
 constexpr int kParamBytes = 3 * 64 * 4;     // one group's smooth, 1/smooth, shift (fp32)
 constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
+constexpr int kPow2MaxExp = 3;             // pow2 mode: e in [0, 3] (numerics.POW2_ACT_MAX_EXP)
 constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best of 4..24 at M = 4608, K = 3072)
 
 // Low-rank outputs of a rank block: [32 tokens][rank_block] as float2 pairs, CTA c of the cluster
@@ -257,6 +259,19 @@ __device__ __forceinline__ void store_octet(const ActQuantArgs& a, int tok, int 
   *reinterpret_cast<uint32_t*>(dst + 16) = e4m3x4(c[4], c[5], c[6], c[7]);
 }
 
+// The same as s8 bytes of integer-valued floats in [-128, 127]: adding 1.5 * 2^23 puts the value's
+// two's complement in the low mantissa bits, and prmt picks byte 0 of each.
+__device__ __forceinline__ uint32_t s8x4(float a, float b, float c, float d) {
+  const uint32_t lo = prmt(__float_as_uint(a + 0x1.8p23f), __float_as_uint(b + 0x1.8p23f), 0x0040u);
+  const uint32_t hi = prmt(__float_as_uint(c + 0x1.8p23f), __float_as_uint(d + 0x1.8p23f), 0x0040u);
+  return prmt(lo, hi, 0x5410u);
+}
+__device__ __forceinline__ void store_octet_s8(const ActQuantArgs& a, int tok, int g, int t8, const float (&c)[8]) {
+  uint8_t* dst = a.codes + static_cast<size_t>(tok) * a.K + 64 * g + 32 * (t8 & 1) + 4 * (t8 >> 1);
+  *reinterpret_cast<uint32_t*>(dst) = s8x4(c[0], c[1], c[2], c[3]);
+  *reinterpret_cast<uint32_t*>(dst + 16) = s8x4(c[4], c[5], c[6], c[7]);
+}
+
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 
 // 4 CTAs per SM (64 registers: a few bytes spill) with one rank tile per warp, 3 with two
@@ -396,20 +411,20 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
           const float need = need_s[g * kTokens + tl];
-          // e = the largest in [0, 9] with atok * 2^-e >= need: lane t8 tests e = t8 + 1, and the
-          // tests are monotone in e, so e is their count (plus the e = 9 test)
-          const bool ok = atok * exp2i(-(t8 + 1)) >= need;
+          // e = the largest in [0, 3] with atok * 2^-e >= need: lanes t8 < 3 test e = t8 + 1, and
+          // the tests are monotone in e, so e is their count
+          const bool ok = t8 < kPow2MaxExp && atok * exp2i(-(t8 + 1)) >= need;
           const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
-          const int e = __popc(votes) + (atok * exp2i(-9) >= need ? 1 : 0);
+          const int e = __popc(votes);
           float v[8], c[8];
           bool uns;
           octet_values<T, true>(smem + g * kXBoxBytes, params + g * 192, has_shift, tl, t8, v, uns);
-          const float mult = __fmul_rn(inv_atok, exp2i(e)), step = exp2i(-e);  // both exact
+          // the operand: code * 2^-e (e4m3, exact) or code * 2^(3-e) (s8); mult and step are exact
+          const float mult = __fmul_rn(inv_atok, exp2i(e)), step = exp2i(a.int8_operands ? kPow2MaxExp - e : -e);
           const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
 #pragma unroll
-          for (int k = 0; k < 8; ++k)  // the FP8 operand code * 2^-e, exact in e4m3
-            c[k] = fminf(fmaxf(rintf(__fmul_rn(v[k], mult)), qlo), qhi) * step;
-          if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
+          for (int k = 0; k < 8; ++k) c[k] = fminf(fmaxf(rintf(__fmul_rn(v[k], mult)), qlo), qhi) * step;
+          if (tok < a.M) a.int8_operands ? store_octet_s8(a, tok, g0 + g, t8, c) : store_octet(a, tok, g0 + g, t8, c);
         }
       }
     }

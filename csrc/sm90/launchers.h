@@ -15,12 +15,13 @@ enum class DType { kBF16, kF16 };
 struct ActQuantArgs {
   DType dtype;                // of x, lora_down and lora_act
   bool pow2;                  // power-of-two restricted scales (numerics.quantize_activations_pow2)
+  bool int8_operands;         // pow2 only: codes as s8 bytes of code * 2^(3-e) (for w4a4_gemm_pow2)
   const void* x;              // [M, K] row-major
   const float* smooth;        // [K] fp32 copy of the layer's smooth
   const float* inv_smooth;    // [K] 1 / smooth in fp32, correctly rounded
   const float* shift;         // [K] fp32, or nullptr (all groups signed); shift > 0 marks an unsigned group
   const void* lora_down;      // [rank, K]: lora_down repacked by kernels.lora_down_sm90 (act_quant.cu)
-  uint8_t* codes;             // out [M, K]: e4m3 bytes of the INT4 codes (pow2: of code * 2^-e), K permuted per group
+  uint8_t* codes;             // out [M, K]: e4m3 bytes of the INT4 codes (pow2: of code * 2^-e, or s8), K permuted per group
   float* ascales;             // out: [K/64, m_al] group scales (pow2: [1, m_al] token scales), rounded to dtype, fp32
   void* lora_act;             // out [M, rank] in dtype: x @ lora_down accumulated in fp32
   int M, K, rank, m_al;       // m_al = round_up(M, 4); ascales rows M..m_al-1 are written as 0
@@ -44,21 +45,21 @@ struct W4A4GemmArgs {
 const char* w4a4_gemm(const W4A4GemmArgs& args, cudaStream_t stream);
 
 // Fast kernel 2 (w4a4_gemm_pow2.cu), for power-of-two weight scales wscales[g, n] = wbase[n] * 2^-wexp[g, n]
-// and pow2-mode activations: y = atok[m] * wbase[n] * sum_k (code_a 2^-e)(code_w 2^-wexp) + lora_act @ lora_up^T + bias.
+// and pow2-mode activations with int8 operands:
+// y = atok[m] * wbase[n] * 2^-7 * sum_k (code_a 2^(3-e))(code_w 2^(4-wexp)) + lora_act @ lora_up^T + bias.
 struct W4A4Pow2GemmArgs {
   DType dtype;                // of lora_act, lora_up, bias and y
-  const uint8_t* codes;       // [M, K] from act_quant in pow2 mode
+  const uint8_t* codes;       // [M, K] from act_quant in pow2 mode with int8 operands
   const float* atok;          // [m_al] from act_quant in pow2 mode
   const void* lora_act;       // [M, rank] from act_quant
   const uint8_t* qweight;     // [N, K/2] natural layout
-  const uint8_t* wexp;        // [K/64, n_al] exponents in [0, 9], n_al = round_up(N, 16)
+  const uint8_t* wexp;        // [K/64, n_al] exponents in [0, 4], n_al = round_up(N, 16)
   const float* wbase;         // [N] row bases
   const void* lora_up;        // [N, rank]
   const void* bias;           // [N] or nullptr
   void* y;                    // out [M, N] row-major
   int M, N, K, rank, m_al, n_al;
-  int promote_k;              // 128 or 256: input channels between fp32 promotions of the FP8 partial sums
-  int tile_t;                 // tokens per CTA tile: 128, 192, or 0 (chosen by M)
+  int tile_t;                 // tokens per CTA tile: 128, 192, 256, or 0 (chosen by M and N)
 };
 const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& args, cudaStream_t stream);
 

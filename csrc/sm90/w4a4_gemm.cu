@@ -11,7 +11,7 @@
 // each of its two consumer warpgroups owns 64 channels (wgmma M = channels, N = tokens).
 //  * A (weights) comes from registers: each thread reads its 2 rows x 8 packed bytes of the
 //    natural qweight tile (TMA-loaded as [128][32] bytes per group, no repacking anywhere) and
-//    expands the nibbles to e4m3 on chip with a prmt table lookup (common.cuh int4_to_e4m3). The
+//    expands the nibbles to e4m3 on chip with a prmt table lookup (common.cuh int4_lookup). The
 //    byte for code c is that of c * 2^-9 (e4m3 bytes 0x00..0x08 are exactly n * 2^-9); the 2^9 goes
 //    into the weight scale. The k order inside a group is permuted so that each packed word's
 //    columns 0..3 and 4..7 land in fragment registers unmoved (act_quant.cu documents the
@@ -151,10 +151,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint2 w0 = *reinterpret_cast<const uint2*>(st + kOffW + row * 32 + 8 * q);
     const uint2 w1 = *reinterpret_cast<const uint2*>(st + kOffW + (row + 8) * 32 + 8 * q);
     // fragments of the two k32 steps: {row lo, row+8 lo, row hi, row+8 hi}
-    int4_to_e4m3(w0.x, lut, f[0][0], f[0][2]);
-    int4_to_e4m3(w1.x, lut, f[0][1], f[0][3]);
-    int4_to_e4m3(w0.y, lut, f[1][0], f[1][2]);
-    int4_to_e4m3(w1.y, lut, f[1][1], f[1][3]);
+    int4_lookup(w0.x, lut, f[0][0], f[0][2]);
+    int4_lookup(w1.x, lut, f[0][1], f[0][3]);
+    int4_lookup(w0.y, lut, f[1][0], f[1][2]);
+    int4_lookup(w1.y, lut, f[1][1], f[1][3]);
   };
   auto wait_full = [&](int g) { mbar_wait(&full[g % kStages], (g / kStages) & 1); };
   // One half-step: group g's product for 64 tokens (half 0: tokens 0..63, half 1: 64..127).
