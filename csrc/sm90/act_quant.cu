@@ -162,40 +162,47 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// v of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, read from its
-// 16-byte chunk of the swizzled x box; params: the group's smooth, 1/smooth and shift in shared
-// memory. Exact mode: v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or
-// huge; pow2 mode: v = (x + shift) * (1 / smooth). Unsigned groups clamp v at 0; `uns` tells whether
-// the group is. Returns max |v|.
-template <typename T, bool kPow2>
-__device__ __forceinline__ float octet_values(const uint8_t* xbox, const float* params, bool has_shift, int tl,
-                                              int t8, float (&v)[8], bool& uns) {
-  using H = Half<T>;
-  const uint4 raw = *reinterpret_cast<const uint4*>(xbox + swz128(tl, t8));
-  const T* xv = reinterpret_cast<const T*>(&raw);
-  float inv[8], n[8];
-  load8(inv, params + 64 + 8 * t8);
+// x + shift of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, from its
+// 16-byte chunk of the swizzled x box; prm: the group's smooth, 1/smooth and shift (64 floats each)
+// in shared memory. `uns` tells whether the group is unsigned (shifted).
+template <typename T>
+__device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const float* prm, bool has_shift, int t8,
+                                             float (&n)[8], bool& uns) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
+  Half<T>::unpack2(raw.x, n[0], n[1]);
+  Half<T>::unpack2(raw.y, n[2], n[3]);
+  Half<T>::unpack2(raw.z, n[4], n[5]);
+  Half<T>::unpack2(raw.w, n[6], n[7]);
   uns = false;
   if (has_shift) {
     float sh[8];
-    load8(sh, params + 128 + 8 * t8);
+    load8(sh, prm + 128 + 8 * t8);
     uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(H::to_float(xv[e]), sh[e]);
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) n[e] = H::to_float(xv[e]);
+    for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], sh[e]);
   }
+}
+
+// v of an octet: exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero,
+// tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). Unsigned groups clamp v at 0 (`uns`, as
+// octet_inputs). Returns max |v|.
+template <typename T, bool kPow2>
+__device__ __forceinline__ float octet_values(const uint8_t* chunk, const float* prm, bool has_shift, int t8,
+                                              float (&v)[8], bool& uns) {
+  float n[8], inv[8];
+  octet_inputs<T>(chunk, prm, has_shift, t8, n, uns);
+  load8(inv, prm + 64 + 8 * t8);
   float hi = 0.f;
   if constexpr (kPow2) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      v[e] = __fmul_rn(n[e], inv[e]);
-      hi = fmaxf(hi, fabsf(v[e]));
+    for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(n[e], inv[e]);
+    if (!uns) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
     }
   } else {
     float sm[8], lo = INFINITY;
-    load8(sm, params + 8 * t8);
+    load8(sm, prm + 8 * t8);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_fast(n[e], sm[e], inv[e]);
@@ -251,25 +258,20 @@ __device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, bo
   }
 }
 
-// Stores an octet's 8 e4m3 values (natural columns 8 t8 .. 8 t8 + 7 of group g): columns 0..3 go
-// to p = 32 s + 4 q + j, columns 4..7 to p + 16, with q = t8 / 2, s = t8 % 2 (see perm above).
-__device__ __forceinline__ void store_octet(const ActQuantArgs& a, int tok, int g, int t8, const float (&c)[8]) {
-  uint8_t* dst = a.codes + static_cast<size_t>(tok) * a.K + 64 * g + 32 * (t8 & 1) + 4 * (t8 >> 1);
-  *reinterpret_cast<uint32_t*>(dst) = e4m3x4(c[0], c[1], c[2], c[3]);
-  *reinterpret_cast<uint32_t*>(dst + 16) = e4m3x4(c[4], c[5], c[6], c[7]);
-}
-
-// The same as s8 bytes of integer-valued floats in [-128, 127]: adding 1.5 * 2^23 puts the value's
-// two's complement in the low mantissa bits, and prmt picks byte 0 of each.
-__device__ __forceinline__ uint32_t s8x4(float a, float b, float c, float d) {
-  const uint32_t lo = prmt(__float_as_uint(a + 0x1.8p23f), __float_as_uint(b + 0x1.8p23f), 0x0040u);
-  const uint32_t hi = prmt(__float_as_uint(c + 0x1.8p23f), __float_as_uint(d + 0x1.8p23f), 0x0040u);
+// Byte 0 of each float's bits: for v + 1.5 * 2^23 with v an integer in [-128, 127], the s8 byte of v
+// (the addition puts v's two's complement in the low mantissa bits).
+__device__ __forceinline__ uint32_t low_bytes4(float a, float b, float c, float d) {
+  const uint32_t lo = prmt(__float_as_uint(a), __float_as_uint(b), 0x0040u);
+  const uint32_t hi = prmt(__float_as_uint(c), __float_as_uint(d), 0x0040u);
   return prmt(lo, hi, 0x5410u);
 }
-__device__ __forceinline__ void store_octet_s8(const ActQuantArgs& a, int tok, int g, int t8, const float (&c)[8]) {
-  uint8_t* dst = a.codes + static_cast<size_t>(tok) * a.K + 64 * g + 32 * (t8 & 1) + 4 * (t8 >> 1);
-  *reinterpret_cast<uint32_t*>(dst) = s8x4(c[0], c[1], c[2], c[3]);
-  *reinterpret_cast<uint32_t*>(dst + 16) = s8x4(c[4], c[5], c[6], c[7]);
+
+// Stores an octet's 8 operand bytes (natural columns 8 t8 .. 8 t8 + 7 of a group, 4 per word):
+// columns 0..3 go to p = 32 s + 4 q + j, columns 4..7 to p + 16, with q = t8 / 2, s = t8 % 2 (see
+// perm above); row_t8 is the token's codes row plus this lane's offset 32 s + 4 q.
+__device__ __forceinline__ void store_octet(uint8_t* row_t8, int g, uint32_t lo, uint32_t hi) {
+  *reinterpret_cast<uint32_t*>(row_t8 + 64 * g) = lo;
+  *reinterpret_cast<uint32_t*>(row_t8 + 64 * g + 16) = hi;
 }
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
@@ -320,6 +322,8 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   }
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
+  const int xoff = swz128(tl, t8);                         // the octet's chunk in a group's x box
+  uint8_t* const codes_t8 = a.codes + static_cast<size_t>(tok) * a.K + 64 * g0 + 32 * (t8 & 1) + 4 * (t8 >> 1);
   const int mt = warp & 1, nbase = warp >> 1;             // low-rank: 16-token half, first 8-rank tile
   const int q = lane % 4, g8 = lane / 4;
   const T* lora_p = static_cast<const T*>(a.lora_down);
@@ -351,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox, params + g * 192, has_shift, tl, t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * 192, has_shift, t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -360,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           const float scale = H::round(need);
           float c[8];
           octet_codes<T>(v, scale, uns, c);
-          if (tok < a.M) store_octet(a, tok, g0 + g, t8, c);
+          if (tok < a.M) store_octet(codes_t8, g, e4m3x4(c[0], c[1], c[2], c[3]), e4m3x4(c[4], c[5], c[6], c[7]));
           if (t8 == 0 && tok < a.m_al) a.ascales[static_cast<size_t>(g0 + g) * a.m_al + tok] = tok < a.M ? scale : 0.f;
         }
       }
@@ -416,15 +420,31 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           const bool ok = t8 < kPow2MaxExp && atok * exp2i(-(t8 + 1)) >= need;
           const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
           const int e = __popc(votes);
-          float v[8], c[8];
+          // code = rint(v * 2^e / atok), v = (x + shift) / smooth: the reference's clamp to [qlo, qhi]
+          // binds only at 0 for the negative v of unsigned groups (which it clamps at 0 first),
+          // because atok >= need * (1 - 2^-9) and 2^e / atok <= 1 / need keep |v * mult| under
+          // qmax * (1 + 2^-8)
+          float n[8], inv[8], c[8];
           bool uns;
-          octet_values<T, true>(smem + g * kXBoxBytes, params + g * 192, has_shift, tl, t8, v, uns);
-          // the operand: code * 2^-e (e4m3, exact) or code * 2^(3-e) (s8); mult and step are exact
-          const float mult = __fmul_rn(inv_atok, exp2i(e)), step = exp2i(a.int8_operands ? kPow2MaxExp - e : -e);
-          const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
+          const float* prm = params + g * 192;
+          octet_inputs<T>(smem + g * kXBoxBytes + xoff, prm, has_shift, t8, n, uns);
+          load8(inv, prm + 64 + 8 * t8);
+          const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
-          for (int k = 0; k < 8; ++k) c[k] = fminf(fmaxf(rintf(__fmul_rn(v[k], mult)), qlo), qhi) * step;
-          if (tok < a.M) a.int8_operands ? store_octet_s8(a, tok, g0 + g, t8, c) : store_octet(a, tok, g0 + g, t8, c);
+          for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(__fmul_rn(n[k], inv[k]), mult)), qlo);
+          if (tok >= a.M) continue;
+          if (a.int8_operands) {  // s8 bytes of code * 2^(3-e)
+            const float step = exp2i(kPow2MaxExp - e), magic = 0x1.8p23f;
+            store_octet(codes_t8, g,
+                        low_bytes4(fmaf(c[0], step, magic), fmaf(c[1], step, magic), fmaf(c[2], step, magic),
+                                   fmaf(c[3], step, magic)),
+                        low_bytes4(fmaf(c[4], step, magic), fmaf(c[5], step, magic), fmaf(c[6], step, magic),
+                                   fmaf(c[7], step, magic)));
+          } else {  // e4m3 bytes of code * 2^-e
+            const float step = exp2i(-e);
+            store_octet(codes_t8, g, e4m3x4(c[0] * step, c[1] * step, c[2] * step, c[3] * step),
+                        e4m3x4(c[4] * step, c[5] * step, c[6] * step, c[7] * step));
+          }
         }
       }
     }

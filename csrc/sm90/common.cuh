@@ -39,6 +39,11 @@ template <>
 struct Half<__nv_bfloat16> {
   static constexpr float kMinNormal = 0x1p-126f;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  // the two values of a packed pair (low half first): bf16 is the top half of a float
+  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xFFFF0000u);
+  }
   // the float nearest to v in bf16, as a float (round to nearest even, like torch's .to(bfloat16))
   static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
@@ -51,6 +56,11 @@ template <>
 struct Half<__half> {
   static constexpr float kMinNormal = 0x1p-14f;
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    lo = f.x;
+    hi = f.y;
+  }
   static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
