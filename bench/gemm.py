@@ -14,7 +14,7 @@ tokens), and M = 256 and 1024 for small images. Columns (median time per call):
             in pow2 mode, kernel 2 with per-token scales, one FMA per accumulator per group)
   fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
     k2f     fast kernel 2 alone (INT8 tensor cores, exact int32 sums over K), token tile chosen by
-            M and N (t128 / t192 / t256: each token tile)
+            M and N (t128 / t256: each token tile)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
@@ -149,7 +149,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
         k1_key = "k1p" if pow2 else "k1"
         row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
         if pow2:
-            for tile_t in (128, 192, 256):
+            for tile_t in (128, 256):
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t=tile_t) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
@@ -256,7 +256,7 @@ def main() -> None:
     rows = []
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "
-              f"{'t128':>6} {'t192':>6} {'t256':>6} "
+              f"{'t128':>6} {'t256':>6} "
               f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
     print(header, flush=True)
     for m in args.tokens:
@@ -268,7 +268,7 @@ def main() -> None:
                   f"{r['k1k2_ms'] * 1e3:>7.1f} {r['k1k2_speedup_vs_bf16']:>5.2f} {r['lowrank_share'] * 100:>5.1f} | "
                   f"{r['k2d_ms'] * 1e3:>7.1f} {r['k1k2d_ms'] * 1e3:>7.1f} | "
                   f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} "
-                  f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t192_ms'] * 1e3:>6.1f} {r['k2f_t256_ms'] * 1e3:>6.1f} "
+                  f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t256_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
                   f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f}", flush=True)
     lora = bench_lora(4608, 3072, 3072, l2_bytes)

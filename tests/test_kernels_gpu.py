@@ -174,7 +174,7 @@ def test_gemm_matches_float64(m, rank, pow2):
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
 @pytest.mark.parametrize("rank", [32, 160, 224])
-@pytest.mark.parametrize("tile_t", [128, 192, 256])
+@pytest.mark.parametrize("tile_t", [128, 256])
 def test_fast_gemm_matches_float64(m, rank, tile_t):
     # K = 576: 9 groups, an odd count for the main loop unrolled by two; rank 224 = 32 + 64 + 128
     gen = _gen(2000 + m + rank + tile_t)
@@ -185,7 +185,7 @@ def test_fast_gemm_matches_float64(m, rank, tile_t):
 
 
 @pytest.mark.parametrize("m", [4097, 4608])
-@pytest.mark.parametrize("tile_t", [128, 192, 256])
+@pytest.mark.parametrize("tile_t", [128, 256])
 def test_fast_gemm_persistent_tiles(m, tile_t):
     # 24 channel tiles x 17..36 token tiles: more tiles than SMs, so each CTA runs several in a row
     gen = _gen(3000 + m + tile_t)
@@ -201,7 +201,7 @@ def test_fast_gemm_persistent_tiles(m, tile_t):
     (3072, 3072, 32, torch.bfloat16, True, True),   # a FLUX shape
     (520, 1024, 48, torch.float16, False, True),
 ])
-@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast", "fast192", "fast256"])
+@pytest.mark.parametrize("path", ["exact", "exact_pow2_act", "fast", "fast256"])
 def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, path):
     gen = _gen(n + k + rank)
     fast = path.startswith("fast")

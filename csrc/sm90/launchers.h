@@ -59,7 +59,7 @@ struct W4A4Pow2GemmArgs {
   const void* bias;           // [N] or nullptr
   void* y;                    // out [M, N] row-major
   int M, N, K, rank, m_al, n_al;
-  int tile_t;                 // tokens per CTA tile: 128, 192, 256, or 0 (chosen by M and N)
+  int tile_t;                 // tokens per CTA tile: 128, 256, or 0 (chosen by M and N)
 };
 const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& args, cudaStream_t stream);
 

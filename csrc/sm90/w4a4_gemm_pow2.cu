@@ -51,9 +51,7 @@ constexpr int kExps = 5;   // weight exponents f = 0..4
 // token and channel scales, and the barriers.
 template <int kTileT>
 struct Layout {
-  // as many as fit beside the output staging tile (192 tokens: 8 measured 2.5-4.4% faster than 7,
-  // bench/NOTES.md v15)
-  static constexpr int kStages = kTileT == 256 ? 6 : 8;
+  static constexpr int kStages = kTileT == 256 ? 6 : 8;  // 256: as many as fit beside the staging tile
   static constexpr int kOffAct = 0;
   static constexpr int kOffW = kOffAct + kTileT * 64;
   static constexpr int kOffExp = kOffW + kTileN * kLoraChunk * 2;
@@ -74,8 +72,6 @@ template <int kN>
 __device__ __forceinline__ void wgmma_s8_rs(int (&d)[kN / 2], const uint32_t (&a)[4], uint64_t desc_b, uint32_t scale_d) {
   if constexpr (kN == 128)
     wgmma_m64n128k32_s8_rs(d, a, desc_b, scale_d);
-  else if constexpr (kN == 192)
-    wgmma_m64n192k32_s8_rs(d, a, desc_b, scale_d);
   else
     wgmma_m64n256k32_s8_rs(d, a, desc_b, scale_d);
 }
@@ -85,8 +81,6 @@ __device__ __forceinline__ void wgmma_lowrank(float (&d)[kN / 2], uint64_t desc_
   constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
   if constexpr (kN == 128)
     kBF16 ? wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b) : wgmma_m64n128k16_f16_ss(d, desc_a, desc_b);
-  else if constexpr (kN == 192)
-    kBF16 ? wgmma_m64n192k16_bf16_ss(d, desc_a, desc_b) : wgmma_m64n192k16_f16_ss(d, desc_a, desc_b);
   else
     kBF16 ? wgmma_m64n256k16_bf16_ss(d, desc_a, desc_b) : wgmma_m64n256k16_f16_ss(d, desc_a, desc_b);
 }
@@ -319,20 +313,18 @@ cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// tile_t 0: 256-token tiles where M gives every SM several of them (measured faster than 192 and 128
-// at all six FLUX shapes at M = 4608 despite coarser waves), else 128
-int token_tile(const W4A4Pow2GemmArgs& a) { return a.tile_t ? a.tile_t : a.M >= 2048 ? 256 : 128; }
+// tile_t 0: 256-token tiles when they give at least half of the SMs a tile, else 128. 256 expands
+// each weight for twice the tokens and measured faster wherever that held (M = 256..4608 at the
+// FLUX shapes, bench/NOTES.md), even with fewer tiles than SMs; 192 never measured best.
+int token_tile(const W4A4Pow2GemmArgs& a) {
+  if (a.tile_t) return a.tile_t;
+  const int tiles = (a.N + kTileN - 1) / kTileN * ((a.M + 255) / 256);
+  return 2 * tiles >= sm_count() ? 256 : 128;
+}
 
 template <typename T>
 cudaError_t launch_for(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
-  switch (token_tile(a)) {
-    case 128:
-      return launch<T, 128>(a, stream);
-    case 192:
-      return launch<T, 192>(a, stream);
-    default:
-      return launch<T, 256>(a, stream);
-  }
+  return token_tile(a) == 256 ? launch<T, 256>(a, stream) : launch<T, 128>(a, stream);
 }
 
 }  // namespace
@@ -348,8 +340,7 @@ const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
                         static_cast<const void*>(a.qweight), static_cast<const void*>(a.wexp),
                         static_cast<const void*>(a.wbase), a.lora_up, static_cast<const void*>(a.y)})
     if (p && !aligned16(p)) return "w4a4_gemm_pow2: every tensor must start on a 16-byte boundary";
-  if (a.tile_t != 0 && a.tile_t != 128 && a.tile_t != 192 && a.tile_t != 256)
-    return "w4a4_gemm_pow2: tile_t must be 0, 128, 192 or 256";
+  if (a.tile_t != 0 && a.tile_t != 128 && a.tile_t != 256) return "w4a4_gemm_pow2: tile_t must be 0, 128 or 256";
   if (!tensor_map_encoder()) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled is not available from the driver";
   const cudaError_t err =
       a.dtype == DType::kBF16 ? launch_for<__nv_bfloat16>(a, stream) : launch_for<__half>(a, stream);
