@@ -96,9 +96,9 @@ def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
     squared error. Returns (codes int8 [N, K], wscales [K / group_size, N]).
 
     pow2_scales=True makes the Hopper fast-path format (numerics.pow2_weight_exponents): every
-    scale of row n is base[n] * 2^-j, j in [0, 9]. The base is searched at POW2_BASE_OFFSETS
-    above the row's largest needed scale absmax / 7 (least row error wins); each group takes the
-    smallest power-of-two fraction of the base that covers its absmax (j capped at 9), or the next
+    scale of row n is base[n] * 2^-j, j in [0, numerics.POW2_WEIGHT_MAX_EXP]. The base is searched
+    at POW2_BASE_OFFSETS above the row's largest needed scale absmax / 7 (least row error wins); each
+    group takes the smallest power-of-two fraction of the base that covers its absmax (j capped), or the next
     one down when that clips to a smaller error (clip_ratios is not used).
     """
     n, k = weight.shape

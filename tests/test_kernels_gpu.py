@@ -4,7 +4,8 @@ Skipped unless an sm_90 GPU is present and the extension was built with its sm_9
 (`SVDQUANT_CUDA_ARCHS=9.0a python setup.py build_ext --inplace`).
 
 Kernel 1's codes and scales must equal `numerics.quantize_activations` (pow2 mode:
-`numerics.quantize_activations_pow2`, whose codes times 2^-e are the stored e4m3 operands) exactly:
+`numerics.quantize_activations_pow2`, whose codes times 2^-e are the stored e4m3 operands, or times
+2^(3-e) the s8 operands of the fast kernel 2) exactly:
 it performs the same IEEE divisions (reciprocal + Markstein correction, exact for normal quotients)
 and rounds half to even like torch.round, so there is no tie case where the two may differ.
 Kernel 2 (exact and fast variants) is compared with a float64 evaluation of the same codes,
