@@ -7,8 +7,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loader import SVDQuantFluxLoader
 from .lora import SVDQuantLoraStack
+from .quantizer import SVDQuantFluxQuantizer
 
 
 class SVDQuantExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SVDQuantFluxLoader, SVDQuantLoraStack]
+        return [SVDQuantFluxLoader, SVDQuantLoraStack, SVDQuantFluxQuantizer]

@@ -1,4 +1,4 @@
-"""Command line: python -m svdquant {demo, info}."""
+"""Command line: python -m svdquant {demo, info, quantize}."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import flux_quantize
 from . import format as fmt
 from . import kernels
 
@@ -114,6 +115,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """A 16-bit FLUX.1 checkpoint -> an SVDQuant file the ComfyUI loader reads."""
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise fmt.FormatError(output, "already exists (--overwrite replaces it)")
+    start = time.perf_counter()
+    model = flux_quantize.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
+                                              calibration_calls=args.calibration_calls, device=args.device,
+                                              report=print)
+    print(f"wrote {output}: {len(model.layers)} quantized layers, {output.stat().st_size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m svdquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +148,24 @@ def main(argv=None) -> int:
     info = sub.add_parser("info", help="describe SVDQuant model files and the compiled extension")
     info.add_argument("files", nargs="*")
     info.set_defaults(func=cmd_info)
+    quantize = sub.add_parser("quantize", help="quantize a 16-bit FLUX.1 transformer checkpoint (schnell or dev, "
+                                               "BFL/ComfyUI key names) into an SVDQuant file")
+    quantize.add_argument("input", help="the 16-bit .safetensors checkpoint (a ComfyUI checkpoint's "
+                                        "model.diffusion_model. keys are taken)")
+    quantize.add_argument("output", help="the SVDQuant file to write (.safetensors)")
+    quantize.add_argument("--rank", type=int, default=32, metavar="R",
+                          choices=range(flux_quantize.MIN_RANK, flux_quantize.MAX_RANK + 1, flux_quantize.RANK_STEP),
+                          help="rank of the 16-bit low-rank branch, a multiple of 16 from 16 to 256")
+    quantize.add_argument("--hopper-pow2", action="store_true",
+                          help="quantize for the Hopper fast path (power-of-two scales: faster on H100/H200, "
+                               "slightly larger error)")
+    quantize.add_argument("--calibration-calls", type=int, default=4, choices=range(1, 17), metavar="N",
+                          help="model calls on random stand-in inputs whose layer inputs calibrate the "
+                               "quantization (1 to 16)")
+    quantize.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="where each layer is quantized: cpu, cuda, cuda:1, ... (calibration runs on the CPU)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    quantize.set_defaults(func=cmd_quantize)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -12,11 +12,14 @@ vector and one rank-r branch for linear1 and for linear2).
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
-from . import flux, flux_model, numerics, quantize
+from . import flux, flux_model, numerics, quantize, reference_flux
 from . import format as fmt
 from .flux import FluxConfig
 
@@ -72,13 +75,18 @@ def gelu_shift(spec: flux.LinearSpec) -> torch.Tensor | None:
 
 def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration: list[tuple], rank: int = 32,
                   smooth: bool = True, alphas=quantize.DEFAULT_ALPHAS, progress: bool = True,
-                  dtype: torch.dtype = torch.bfloat16, hopper_pow2: bool = False) -> fmt.QuantizedModel:
+                  dtype: torch.dtype = torch.bfloat16, hopper_pow2: bool = False,
+                  device: str | torch.device | None = None,
+                  on_layer: Callable[[str], None] | None = None) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux_model.Flux`.
     rank=0 and smooth=False give plain W4A4 (what SVDQuant improves on); alphas are the smoothing
     exponents searched per layer. hopper_pow2: power-of-two weight group scales in every W4A4 layer
     (quantize.quantize_linear), the format of the Hopper fast path; recorded in the metadata.
+    device: where each layer is quantized (default: where its tensors are); the calibration forward
+    runs on the CPU either way, so a GPU only ever holds one layer. The result stays on the
+    tensors' device. on_layer: called with each quantized layer's name when it is done.
     """
     flux.check_tensors(cfg, tensors, {})
     specs = flux.linear_layers(cfg)
@@ -94,6 +102,9 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     quantized = [name for name, spec in specs.items() if spec.kind != flux.DENSE]
     for name in tqdm(quantized, desc="quantizing", unit="layer", disable=not progress):
         spec, weight, bias = specs[name], tensors[f"{name}.weight"], tensors.get(f"{name}.bias")
+        home = weight.device
+        if device is not None:
+            weight, bias = weight.to(device), None if bias is None else bias.to(device)
         if spec.kind == flux.W4A4:
             layer = quantize.quantize_linear(weight, bias, seen.pop(name), rank=rank, shift=gelu_shift(spec),
                                              smooth=smooth, alphas=alphas, dtype=dtype,
@@ -105,7 +116,112 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
             if bias is not None:
                 layer["bias"] = bias.to(dtype)
             layers[name] = fmt.describe_w4a16(layer)
-        out.update({f"{name}.{field}": t for field, t in layer.items()})
+        out.update({f"{name}.{field}": t.to(home) for field, t in layer.items()})
+        if on_layer is not None:
+            on_layer(name)
     quantization = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
                     "rank": rank, "smooth": smooth, "calibration_calls": len(calibration), "hopper_pow2": hopper_pow2}
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(), quantization)
+
+
+# ---------------------------------------------------------------------------------------------
+# A 16-bit FLUX.1 checkpoint file -> an SVDQuant file (python -m svdquant quantize, the Quantizer node)
+
+CHECKPOINT_PREFIX = "model.diffusion_model."  # the transformer's keys in a ComfyUI checkpoint
+SOURCE_DTYPES = {"BF16", "F16", "F32"}  # safetensors' names of the dtypes a checkpoint may have
+# the kernels read the low-rank branch in 16-wide tiles
+RANK_STEP, MIN_RANK, MAX_RANK = 16, 16, 256
+
+
+def _flux_config(path, shapes: dict[str, torch.Tensor]) -> FluxConfig:
+    """The configuration of a FLUX.1 state dict (shape-only tensors suffice); FormatError naming
+    the file and a few of the tensors it lacks where it is not one."""
+    try:
+        cfg, problem = flux.config_from_tensors(shapes, {}), None
+    except ValueError as exc:
+        cfg, problem = None, str(exc)
+    missing = [key for key in flux.dense_shapes(cfg or FluxConfig()) if key not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        # diffusers' FLUX (transformer_blocks.N.attn.to_q, ...) is the common mix-up
+        hint = "; diffusers-format transformers are not read, use the single-file BFL/ComfyUI checkpoint" \
+            if any(key.startswith("transformer_blocks.") for key in shapes) else ""
+        raise fmt.FormatError(path, f"not a FLUX.1 transformer in BFL/ComfyUI key names: no tensor "
+                                    f"{', '.join(missing[:3])}{more}{hint}")
+    if cfg is None:
+        raise fmt.FormatError(path, f"not a usable FLUX.1 transformer: {problem}")
+    try:
+        flux.check_tensors(cfg, shapes, {})
+    except ValueError as exc:
+        raise fmt.FormatError(path, f"not a usable FLUX.1 transformer: {exc}") from None
+    return cfg
+
+
+def _transformer_keys(f) -> list[str]:
+    """The keys of an open safetensors file that hold the transformer: in a ComfyUI checkpoint
+    (transformer, VAE and text encoders in one file) those under CHECKPOINT_PREFIX, else all."""
+    return [key for key in f.keys() if key.startswith(CHECKPOINT_PREFIX)] or list(f.keys())
+
+
+def checkpoint_config(path) -> FluxConfig:
+    """The configuration of the 16-bit FLUX.1 transformer in a safetensors file, from its header
+    alone (nothing is read): FormatError naming the file where it is not one, is already an
+    SVDQuant model, or stores a dtype other than bfloat16, float16 or float32."""
+    metadata = fmt.read_header(path)
+    if fmt.is_natural_file(metadata) or reference_flux.is_reference_file(path, metadata):
+        raise fmt.FormatError(path, "already an SVDQuant 4-bit model; quantize the 16-bit checkpoint it was made from")
+    with safe_open(str(path), framework="pt") as f:
+        slices = {key: f.get_slice(key) for key in _transformer_keys(f)}
+    odd = [key for key, s in slices.items() if s.get_dtype() not in SOURCE_DTYPES]
+    if odd:
+        raise fmt.FormatError(path, f"tensor {odd[0]} is {slices[odd[0]].get_dtype()}: only bfloat16, float16 or "
+                                    f"float32 checkpoints can be quantized")
+    return _flux_config(path, {key.removeprefix(CHECKPOINT_PREFIX): torch.empty(s.get_shape(), device="meta")
+                               for key, s in slices.items()})
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """The transformer's tensors (checked first with checkpoint_config) in ComfyUI names, cast to
+    bf16 one at a time so that a float32 file never sits in memory at full width."""
+    with safe_open(str(path), framework="pt") as f:
+        return {key.removeprefix(CHECKPOINT_PREFIX): f.get_tensor(key).to(torch.bfloat16)
+                for key in _transformer_keys(f)}
+
+
+def memory_needed(cfg: FluxConfig) -> int:
+    """Bytes quantize_flux holds at its peak (the calibration forward), from the tensor sizes: the
+    bf16 weights twice (the state dict and the calibration model's copy) and the recorded inputs of
+    the W4A4 layers (float32, at most MAX_CALIBRATION_TOKENS per layer)."""
+    weights = sum(math.prod(shape) for shape in flux.dense_shapes(cfg).values()) * 2
+    recorded = sum(spec.in_features for spec in flux.linear_layers(cfg).values() if spec.kind == flux.W4A4)
+    return 2 * weights + recorded * quantize.MAX_CALIBRATION_TOKENS * 4
+
+
+def quantize_checkpoint(source, target, rank: int = 32, hopper_pow2: bool = False, calibration_calls: int = 4,
+                        device: str | torch.device | None = None, progress: bool = True,
+                        on_layer: Callable[[str], None] | None = None,
+                        report: Callable[[str], None] = lambda message: None) -> fmt.QuantizedModel:
+    """Quantize the 16-bit FLUX.1 transformer file `source` into the SVDQuant file `target`.
+
+    What the CLI's `quantize` and the Quantizer node run. The target is written atomically (a
+    temporary file beside it, renamed when complete) and replaced if it exists: callers decide
+    whether it may be. device, progress and on_layer: as for quantize_flux. report: receives what
+    the run is about to do (model, memory, calibration) before the long part starts.
+    """
+    target = Path(target)
+    if target.suffix != ".safetensors":
+        raise fmt.FormatError(target, "the output name must end in .safetensors")
+    if not (MIN_RANK <= rank <= MAX_RANK and rank % RANK_STEP == 0):
+        raise ValueError(f"rank {rank}: must be a multiple of {RANK_STEP} from {MIN_RANK} to {MAX_RANK}")
+    if calibration_calls < 1:
+        raise ValueError(f"calibration_calls {calibration_calls}: must be at least 1")
+    cfg = checkpoint_config(source)
+    report(f"{Path(source).name}: FLUX.1-{cfg.variant}, width {cfg.hidden_size}, {cfg.depth} double + "
+           f"{cfg.depth_single_blocks} single blocks; needs about {memory_needed(cfg) / 2**30:.1f} GiB of memory "
+           f"(the bf16 weights twice during calibration, plus recorded layer inputs)")
+    report(f"calibration: {calibration_calls} model calls on random stand-in inputs (not real prompts, "
+           f"no text encoder needed)")
+    model = quantize_flux(read_checkpoint(source), cfg, calibration_inputs(cfg, calibration_calls), rank=rank,
+                          hopper_pow2=hopper_pow2, progress=progress, device=device, on_layer=on_layer)
+    fmt.save_model(target, model)
+    return model

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from svdquant import flux, flux_model, lora, synthetic
 from svdquant import format as fmt
-from tiny_flux import REPO, quantized_model
+from tiny_flux import REPO, bf16_model, quantized_model
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI, reason="COMFYUI_PATH is not set")
@@ -516,3 +516,59 @@ def test_an_adapter_that_cannot_join_the_low_rank_branch_is_an_error_naming_the_
     assert "diffusion_model.double_blocks.0.img_attn.proj: a LoKr patch cannot be applied" in error["exception_message"]
     entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, "svdquant_after_lokr"))
     assert entry["status"]["status_str"] == "success", entry["status"]  # ComfyUI keeps working
+
+
+# ---------------------------------------------------------------------------------------------
+# The Quantizer node
+
+def test_quantizer_node_in_object_info(server):
+    info = server.get("/object_info/SVDQuantFluxQuantizer")["SVDQuantFluxQuantizer"]
+    assert info["display_name"] == "SVDQuant FLUX Quantizer" and info["category"] == "SVDQuant"
+    assert info["output_node"] is True and info["output"] == ["STRING"]
+    required = info["input"]["required"]
+    assert list(required) == ["model_name", "output_name", "rank", "hopper_fast_format", "calibration_calls"]
+    assert {"tiny-schnell.safetensors"} <= set(required["model_name"][1]["options"])
+    assert "pickled.ckpt" not in required["model_name"][1]["options"]
+    assert {key: required["rank"][1][key] for key in ("default", "min", "max", "step")} == \
+        {"default": 32, "min": 16, "max": 256, "step": 16}
+    assert required["hopper_fast_format"][1]["default"] is False
+    assert (required["calibration_calls"][1]["min"], required["calibration_calls"][1]["max"]) == (1, 16)
+    assert all(spec[1].get("tooltip") for spec in required.values())
+
+
+def quantizer_prompt(model_name: str, output_name: str = "", hopper_fast_format: bool = False) -> dict:
+    return {"1": {"class_type": "SVDQuantFluxQuantizer",
+                  "inputs": {"model_name": model_name, "output_name": output_name, "rank": 32,
+                             "hopper_fast_format": hopper_fast_format, "calibration_calls": 2}}}
+
+
+def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
+    """A 16-bit dev checkpoint (ComfyUI checkpoint keys) in diffusion_models -> the Quantizer node ->
+    a file in models/diffusion_models that the engine reads as dev in the Hopper format, and that a
+    prompt with the loader node samples to an image; the node refuses to overwrite it."""
+    cfg, tensors = bf16_model(True)
+    models = server.base / "models" / "diffusion_models"
+    save_file({f"model.diffusion_model.{key}": t for key, t in tensors.items()},
+              str(models / "flux1-tiny-dev.safetensors"))
+    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", hopper_fast_format=True))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    name = "svdq-int4_r32-pow2-flux1-tiny-dev.safetensors"
+    assert entry["outputs"]["1"]["text"][0].startswith(f"{name}: 26 quantized layers, ")
+    model, file_cfg = flux.load_flux(models / name)
+    assert file_cfg == cfg and model.quantization["hopper_pow2"] is True
+    assert model.quantization["calibration_calls"] == 2
+    assert not list(models.glob("*.partial"))
+
+    entry = server.run(sampling_prompt(name, 3.5, "svdquant_quantized_here"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["8"]["images"][0]["filename"].startswith("svdquant_quantized_here")
+
+    # an existing output (named without the suffix) and an input that is already quantized: named errors
+    for model_name, output_name, problem in (
+            ("flux1-tiny-dev.safetensors", "tiny-schnell", "tiny-schnell.safetensors: already exists"),
+            ("tiny-schnell.safetensors", "", "tiny-schnell.safetensors: already an SVDQuant 4-bit model")):
+        entry = server.run(quantizer_prompt(model_name, output_name))
+        assert entry["status"]["status_str"] == "error"
+        error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+        assert error["node_type"] == "SVDQuantFluxQuantizer" and error["exception_message"].startswith(problem)
+    assert fmt.read_header(models / "tiny-schnell.safetensors")["format"] == "svdquant"  # not overwritten

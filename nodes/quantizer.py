@@ -1,0 +1,99 @@
+"""SVDQuant FLUX Quantizer: a 16-bit FLUX.1 file in diffusion_models -> an SVDQuant file beside it
+that the SVDQuant FLUX Loader reads (the engine's flux_quantize.quantize_checkpoint)."""
+
+import logging
+import os
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..svdquant import flux, flux_quantize
+from ..svdquant.format import FormatError
+from .loader import SAFETENSORS_SUFFIXES
+
+log = logging.getLogger("svdquant")
+SUFFIX = ".safetensors"
+
+
+def default_output_name(model_name: str, rank: int, hopper_fast_format: bool) -> str:
+    """svdq-int4_r32-<input stem>, the reference engine's naming; -pow2 marks the Hopper format so
+    that both formats of one model can sit side by side."""
+    return f"svdq-int4_r{rank}{'-pow2' if hopper_fast_format else ''}-{Path(model_name).stem}"
+
+
+def output_folder() -> str:
+    """Where quantized files go: models/diffusion_models (ComfyUI lists the legacy models/unet first,
+    but diffusion_models is where the loader's files are expected), else the first folder."""
+    folders = folder_paths.get_folder_paths("diffusion_models")
+    return next((folder for folder in folders if os.path.basename(os.path.normpath(folder)) == "diffusion_models"),
+                folders[0])
+
+
+class SVDQuantFluxQuantizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = [name for name in folder_paths.get_filename_list("diffusion_models")
+                 if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+        return io.Schema(
+            node_id="SVDQuantFluxQuantizer",
+            display_name="SVDQuant FLUX Quantizer",
+            category="SVDQuant",
+            description="Quantizes a 16-bit FLUX.1 transformer (schnell or dev) to SVDQuant 4-bit and saves it in "
+                        "models/diffusion_models for the SVDQuant FLUX Loader. Needs about twice the model's "
+                        "16-bit size in system memory; calibration uses random stand-in inputs, not real prompts.",
+            inputs=[
+                io.Combo.Input("model_name", options=files,
+                               tooltip="A 16-bit (bf16, fp16 or fp32) FLUX.1 transformer in models/diffusion_models, "
+                                       "with BFL/ComfyUI key names (flux1-dev.safetensors, flux1-schnell.safetensors)."),
+                io.String.Input("output_name", default="",
+                                tooltip="Name of the quantized file, without .safetensors; empty: "
+                                        "svdq-int4_r<rank>-<model name> (-pow2 added for the Hopper format). "
+                                        "An existing file is never overwritten."),
+                io.Int.Input("rank", default=32, min=flux_quantize.MIN_RANK, max=flux_quantize.MAX_RANK,
+                             step=flux_quantize.RANK_STEP,
+                             tooltip="Rank of the 16-bit low-rank branch that absorbs outliers. 32 is what the "
+                                     "published SVDQuant models use; higher is slightly more accurate, larger and "
+                                     "slower."),
+                io.Boolean.Input("hopper_fast_format", default=False,
+                                 tooltip="Quantize for the Hopper fast path: power-of-two weight scales (and "
+                                         "power-of-two activation scales when loaded), which H100/H200 compute "
+                                         "faster, at a slightly larger quantization error. The file loads wherever "
+                                         "other SVDQuant files do."),
+                io.Int.Input("calibration_calls", default=4, min=1, max=16,
+                             tooltip="Model calls on random stand-in inputs whose layer inputs set the smoothing "
+                                     "of each 4-bit layer. More calls record more tokens (at most 1024 per layer), "
+                                     "at more calibration time."),
+            ],
+            outputs=[io.String.Output(display_name="file_name",
+                                      tooltip="The written file's name in diffusion_models, for the loader.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, output_name: str, rank: int, hopper_fast_format: bool,
+                calibration_calls: int) -> io.NodeOutput:
+        source = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        name = output_name.strip().removesuffix(SUFFIX) or default_output_name(model_name, rank, hopper_fast_format)
+        if name.startswith(".") or any(sep in name for sep in ("/", "\\")):
+            raise ValueError(f"output_name {output_name!r}: a plain file name is needed, not a path")
+        target = Path(output_folder()) / f"{name}{SUFFIX}"
+        if target.exists():
+            raise FormatError(target, "already exists; choose another output_name (files are never overwritten)")
+
+        cfg = flux_quantize.checkpoint_config(source)  # also fails early on a file that is no 16-bit FLUX.1
+        bar = comfy.utils.ProgressBar(sum(spec.kind != flux.DENSE for spec in flux.linear_layers(cfg).values()))
+
+        def layer_done(layer: str) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops between layers
+            bar.update(1)
+
+        model = flux_quantize.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
+                                                  calibration_calls=calibration_calls,
+                                                  device=comfy.model_management.get_torch_device(),
+                                                  on_layer=layer_done, report=log.info)
+        message = f"{target.name}: {len(model.layers)} quantized layers, {target.stat().st_size / 2**30:.2f} GiB"
+        log.info("wrote %s", target)
+        return io.NodeOutput(target.name, ui=ui.PreviewText(message))

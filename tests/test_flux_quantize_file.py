@@ -1,0 +1,141 @@
+"""Quantizing a 16-bit FLUX.1 checkpoint file: `python -m svdquant quantize` and
+flux_quantize.quantize_checkpoint (what the ComfyUI Quantizer node runs)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from svdquant import cli, flux, flux_quantize
+from svdquant import format as fmt
+from tiny_flux import bf16_model, quantized_model
+
+
+def write_checkpoint(path, guidance_embed: bool, prefix: str = "", dtype=torch.bfloat16, extra=None):
+    _, tensors = bf16_model(guidance_embed)
+    save_file({f"{prefix}{key}": t.to(dtype) for key, t in tensors.items()} | (extra or {}), str(path))
+    return path
+
+
+def expected_kinds(cfg) -> dict[str, str]:
+    return {name: spec.kind for name, spec in flux.linear_layers(cfg).items() if spec.kind != flux.DENSE}
+
+
+def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, capsys):
+    source = write_checkpoint(tmp_path / "flux1-tiny-schnell.safetensors", guidance_embed=False)
+    target = tmp_path / "out" / "svdq.safetensors"
+    target.parent.mkdir()
+    assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "FLUX.1-schnell, width 256, 2 double + 2 single blocks; needs about" in out
+    assert "random stand-in inputs (not real prompts" in out
+    assert f"wrote {target}: 26 quantized layers, " in out
+
+    model, cfg = flux.load_flux(target)
+    assert cfg.variant == "schnell" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
+    assert model.quantization["rank"] == 32 and model.quantization["calibration_calls"] == 4
+    assert model.quantization["hopper_pow2"] is False
+    # the file is exactly what the engine's quantize_flux makes from the same tensors
+    cfg, tensors = bf16_model(False)
+    direct = flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg, 4), progress=False)
+    assert model.tensors.keys() == direct.tensors.keys()
+    assert all(torch.equal(model.tensors[key], direct.tensors[key]) for key in direct.tensors)
+    assert [p.name for p in target.parent.iterdir()] == ["svdq.safetensors"]  # no temporary file left
+
+
+def test_cli_reads_a_comfyui_checkpoint_of_dev_in_float32_with_the_options(tmp_path, capsys):
+    # a ComfyUI checkpoint: the transformer under model.diffusion_model., beside other models
+    source = write_checkpoint(tmp_path / "flux1-tiny-dev-checkpoint.safetensors", guidance_embed=True,
+                              prefix="model.diffusion_model.", dtype=torch.float32,
+                              extra={"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)})
+    target = tmp_path / "svdq-pow2.safetensors"
+    assert cli.main(["quantize", str(source), str(target), "--rank", "16", "--hopper-pow2",
+                     "--calibration-calls", "2", "--device", "cpu"]) == 0
+    assert "FLUX.1-dev" in capsys.readouterr().out
+    model, cfg = flux.load_flux(target)
+    assert cfg.variant == "dev" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
+    assert model.quantization["hopper_pow2"] is True and model.quantization["rank"] == 16
+    assert model.quantization["calibration_calls"] == 2
+    assert all(desc["rank"] == 16 for desc in model.layers.values() if desc["kind"] == flux.W4A4)
+    _, tensors = bf16_model(True)
+    assert torch.equal(model.tensors["guidance_in.in_layer.weight"], tensors["guidance_in.in_layer.weight"])
+
+
+def test_overwrite_replaces_an_existing_output_only_when_asked(tmp_path, capsys):
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"keep me")
+    assert cli.main(["quantize", str(source), str(target)]) == 2
+    assert capsys.readouterr().err == "error: out.safetensors: already exists (--overwrite replaces it)\n"
+    assert target.read_bytes() == b"keep me"
+    assert cli.main(["quantize", str(source), str(target), "--overwrite", "--device", "cpu"]) == 0
+    assert flux.load_flux(target)[1].variant == "schnell"
+
+
+def _bad_inputs(tmp_path):
+    """name -> (input file, the problem its error names)"""
+    cfg, tensors = bf16_model(False)
+    (tmp_path / "text.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    save_file({"conv_in.weight": torch.zeros(4, 4)}, str(tmp_path / "sdxl.safetensors"))
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4)}, str(tmp_path / "diffusers.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("single_blocks.1.linear2")},
+              str(tmp_path / "incomplete.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, str(tmp_path / "fp8.safetensors"))
+    fmt.save_model(tmp_path / "quantized.safetensors", quantized_model(False))
+    return {
+        "text": "not a readable safetensors file",
+        "sdxl": "not a FLUX.1 transformer in BFL/ComfyUI key names: no tensor img_in.weight, img_in.bias, "
+                "time_in.in_layer.weight and ",
+        "diffusers": "diffusers-format transformers are not read",
+        "incomplete": "no tensor single_blocks.1.linear2.weight, single_blocks.1.linear2.bias",
+        "fp8": "is F8_E4M3: only bfloat16, float16 or float32 checkpoints can be quantized",
+        "quantized": "already an SVDQuant 4-bit model",
+    }
+
+
+def test_unusable_inputs_and_outputs_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    for name, problem in _bad_inputs(tmp_path).items():
+        assert cli.main(["quantize", str(tmp_path / f"{name}.safetensors"), str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {name}.safetensors: ") and problem in err and err.count("\n") == 1, err
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
+    assert cli.main(["quantize", str(source), str(tmp_path / "out.bin")]) == 2
+    assert capsys.readouterr().err == "error: out.bin: the output name must end in .safetensors\n"
+    assert cli.main(["quantize", str(tmp_path / "missing.safetensors"), str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err == "error: missing.safetensors: no such file\n"
+    assert not list(tmp_path.glob("out*"))
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a rank the kernels cannot run
+        cli.main(["quantize", str(source), str(tmp_path / "out.safetensors"), "--rank", "20"])
+    assert exit_info.value.code == 2
+
+
+def test_an_interrupted_run_leaves_no_file(tmp_path, monkeypatch):
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=True)
+    target = tmp_path / "out.safetensors"
+    done = []
+
+    def stop_after_three(layer: str) -> None:
+        done.append(layer)
+        if len(done) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        flux_quantize.quantize_checkpoint(source, target, progress=False, on_layer=stop_after_three)
+    assert done == list(expected_kinds(bf16_model(True)[0]))[:3]  # one call per layer, in order
+
+    def half_written(tensors, path, metadata):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmt, "save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        flux_quantize.quantize_checkpoint(source, target, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+def test_memory_needed_counts_the_16bit_weights_twice_and_the_recorded_inputs():
+    cfg, tensors = bf16_model(True)
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    recorded = sum(spec.in_features for spec in flux.linear_layers(cfg).values() if spec.kind == flux.W4A4)
+    assert flux_quantize.memory_needed(cfg) == 2 * weights + recorded * 1024 * 4
+    # full-size FLUX.1-dev: 11.9 billion parameters in bf16, twice, and up to 6.2 GB of layer inputs
+    assert round(flux_quantize.memory_needed(flux.FluxConfig()) / 1e9, 1) == 53.8
