@@ -204,11 +204,6 @@ def act_operands_sm90_to_natural(codes: torch.Tensor, int8_operands: bool = Fals
     return natural.reshape(m, k)
 
 
-def act_codes_sm90_to_natural(codes: torch.Tensor) -> torch.Tensor:
-    """Kernel 1's exact-mode codes -> int8 INT4 codes in natural order."""
-    return act_operands_sm90_to_natural(codes).to(torch.int8)
-
-
 def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
     pow2 = uses_pow2_activations(layer)
