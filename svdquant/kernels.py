@@ -95,7 +95,8 @@ def svdq_linear_reference(
 # cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in
 # their natural layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, cached on
 # the layer: fp32 copies of smooth, its reciprocal and the shift (3 x 4 bytes per input channel),
-# lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank)), and
+# lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank), at
+# ranks up to KERNEL1_MAX_RANK only), and
 # for the fast path the weight scales' exponents (1 byte per group scale) and row bases.
 _SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90", "w4a4_gemm_pow2_sm90")
 
@@ -154,17 +155,27 @@ def _cached_on(layer, attr: str, key: tuple, compute):
     return cached[1]
 
 
+# Kernel 1 computes the low-rank down projection in its pass over x up to this rank (a model's own
+# branch). Beyond it (LoRAs joined to the branch) one cuBLAS GEMM x @ lora_down over all ranks costs
+# less than kernel 1's further rank blocks, which it can compute (ranks up to 1024) but at ~0.5 us
+# (K = 3072) to ~1.4 us (K = 12288) per rank at M = 4608, against 12-15 / 46-54 us for the whole
+# GEMM at ranks 32-224 (bench/NOTES.md); at rank 32 the two ways cost the same.
+KERNEL1_MAX_RANK = 32
+
+
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
-    fp32 shift, and lora_down in its layout (lora_down_sm90)."""
+    fp32 shift, and lora_down in its layout (lora_down_sm90), or no ranks ([0, K]) above
+    KERNEL1_MAX_RANK, where svdq_linear_sm90 computes the low-rank input with cuBLAS."""
     shift, down = layer.shift, layer.lora_down
     key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
            None if shift is None else (shift.data_ptr(), shift._version))
 
     def compute():
         smooth = layer.smooth.float().contiguous()
+        fused = down[:, :down.shape[1] if down.shape[1] <= KERNEL1_MAX_RANK else 0]
         return (smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
-                lora_down_sm90(down))
+                lora_down_sm90(fused))
 
     return _cached_on(layer, "_sm90_inputs", key, compute)
 
@@ -208,8 +219,11 @@ def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) ->
     """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
     pow2 = uses_pow2_activations(layer)
     fast = pow2 and layer.pow2_weights
+    x = x.contiguous()
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = _C.act_quant_sm90(x.contiguous(), *_sm90_layer_inputs(layer), pow2, fast)
+    codes, ascales, lora_act = _C.act_quant_sm90(x, *_sm90_layer_inputs(layer), pow2, fast)
+    if layer.lora_down.shape[1] > KERNEL1_MAX_RANK:
+        lora_act = x @ layer.lora_down
     if fast:
         wexp, wbase = _sm90_pow2_weights(layer)
         return _C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,

@@ -89,7 +89,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False):
-    return kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), pow2, int8_operands)
+    """Kernel 1 with the layer's whole low-rank branch (svdq_linear_sm90 leaves ranks above
+    KERNEL1_MAX_RANK to cuBLAS; the kernel itself takes up to 1024)."""
+    smooth, inv_smooth, shift, _ = kernels._sm90_layer_inputs(layer)
+    down = kernels.lora_down_sm90(layer.lora_down)
+    return kernels._C.act_quant_sm90(x, smooth, inv_smooth, shift, down, pow2, int8_operands)
 
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
@@ -229,6 +233,21 @@ def test_svdq_linear_cuda_matches_reference_path(dtype, unsigned, pow2_weights, 
         layer.bias, layer.shift, layer.unsigned_groups, kernels.uses_pow2_activations(layer)).reshape(2, 77, 256)
     assert y.shape == ref.shape and y.dtype == dtype
     # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
+    assert _rel(y, ref) <= 5e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("rank", [32, 48, 224])
+@pytest.mark.parametrize("fast", [False, True])
+def test_svdq_linear_cuda_low_rank_split(rank, fast):
+    # ranks above KERNEL1_MAX_RANK (LoRAs joined to the branch) take cuBLAS for x @ lora_down
+    gen = _gen(11 + rank)
+    layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=True, pow2_weights=fast)
+    layer.pow2_activations = fast
+    x = _activations(300, 576, torch.bfloat16, gen, layer.unsigned_groups)
+    assert (rank > kernels.KERNEL1_MAX_RANK) == (kernels._sm90_layer_inputs(layer)[3].shape[0] == 0)
+    y = layer(x)
+    ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                        layer.bias, layer.shift, layer.unsigned_groups, fast)
     assert _rel(y, ref) <= 5e-3, _rel(y, ref)
 
 
