@@ -92,8 +92,9 @@ def svdq_linear_reference(
 # csrc/sm90/w4a4_gemm.cu (exact path, any weight scales, FP8 tensor cores, one rescaling per
 # 64-group) or, for layers with power-of-two weight scales and activations,
 # csrc/sm90/w4a4_gemm_pow2.cu (the scales' powers of two are folded into s8 operands, INT8 tensor
-# cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in
-# their natural layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, cached on
+# cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2
+# reads the layer's qweight [N, K/2], wscales, lora_up and bias in their natural layout, so the
+# weights stay one 4-bit copy on the GPU. Derived tensors, cached on
 # the layer: fp32 copies of smooth, its reciprocal and the shift (3 x 4 bytes per input channel),
 # lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank), at
 # ranks up to KERNEL1_MAX_RANK only), and
@@ -173,9 +174,9 @@ def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
 
     def compute():
         smooth = layer.smooth.float().contiguous()
-        fused = down[:, :down.shape[1] if down.shape[1] <= KERNEL1_MAX_RANK else 0]
+        fused_rank = down.shape[1] if down.shape[1] <= KERNEL1_MAX_RANK else 0
         return (smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
-                lora_down_sm90(fused))
+                lora_down_sm90(down[:, :fused_rank]))
 
     return _cached_on(layer, "_sm90_inputs", key, compute)
 
