@@ -34,19 +34,14 @@
 // ceil(rank/32) low-rank stages (lora_act and lora_up chunks of 32 ranks), whose bf16/fp16 wgmma
 // accumulate straight into the output registers.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
-#include <type_traits>
-
-#include "common.cuh"
+#include "gemm_tile.cuh"
 #include "launchers.h"
 
 namespace svdq::sm90 {
 namespace {
 
-constexpr int kTileN = 128;  // channels per CTA
 constexpr int kTileT = 128;  // tokens per CTA
 constexpr int kStages = 8;
-constexpr int kLoraChunk = 32;  // ranks per low-rank stage: one 64-byte swizzled row
-constexpr int kThreads = 384;
 // Stage layout (bytes). Main stage: codes [kTileT][64] (swizzled), packed weights [kTileN][32],
 // ascales [kTileT] fp32, wscales [kTileN] 16-bit. Low-rank stage: lora_act [kTileT][32] and
 // lora_up [kTileN][32] (16-bit, swizzled) in the codes and weights slots.
@@ -58,28 +53,9 @@ constexpr int kStageBytes = (kOffWs + kTileN * 2 + 1023) / 1024 * 1024;
 constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileT * 4 + kTileN * 2;
 constexpr uint32_t kMainTxTokenScales = kMainTx - kTileT * 4;  // no per-group activation scales
 constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
-// Output staging tile [kTileT tokens][kTileN channels] 16-bit, rows padded by 16 bytes so that the
-// transposing stmatrix stores hit distinct bank groups.
-constexpr int kEpiStride = kTileN * 2 + 16;
 constexpr int kEpiBytes = kTileT * kEpiStride;
 constexpr int kBarOffset = kStages * kStageBytes + kEpiBytes;
 constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
-
-template <typename T>
-__device__ __forceinline__ void wgmma_lowrank(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b);
-  else
-    wgmma_m64n128k16_f16_ss(d, desc_a, desc_b);
-}
-
-__device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-               : "memory");
-}
-
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
 
 template <typename T, bool kTokenScales>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -98,13 +74,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int ch0 = blockIdx.x * kTileN, tok0 = blockIdx.y * kTileT;
   const int wg = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  init_ring<kStages>(full, empty);
   __syncthreads();
 
   if (wg == 2) {  // producer
@@ -273,43 +243,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int it = groups; it < iters; ++it) {  // low-rank up: out += lora_act . lora_up^T
     wait_full(it);
     const uint8_t* st = stage_ptr(it % kStages);
-    const uint64_t da = desc_k_sw64(st + kOffW + wg * 64 * kLoraChunk * 2), db = desc_k_sw64(st + kOffAct);
-    wgmma_fence();
-    wgmma_lowrank<T>(out, da, db);
-    wgmma_lowrank<T>(out, da + 2, db + 2);  // ranks 16..31 of the chunk: +32 bytes
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(out);
+    lowrank_up_chunk<T, kTileT>(out, st + kOffW + wg * 64 * kLoraChunk * 2, st + kOffAct);
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[it % kStages]);
   }
 
-  // Epilogue: + bias, round to T, transpose through shared memory, 16-byte row stores.
-  float b0 = 0.f, b1 = 0.f;
-  if (bias) {
-    if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
-    if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
-  }
-  uint8_t* epi = smem + kStages * kStageBytes;
-  const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
-#pragma unroll
-  for (int j = 0; j < 16; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
-    const uint32_t r[4] = {Half<T>::pack2(out[4 * j + 0] + b0, out[4 * j + 1] + b0),
-                           Half<T>::pack2(out[4 * j + 2] + b1, out[4 * j + 3] + b1),
-                           Half<T>::pack2(out[4 * j + 4] + b0, out[4 * j + 5] + b0),
-                           Half<T>::pack2(out[4 * j + 6] + b1, out[4 * j + 7] + b1)};
-    const int tok = 8 * (j + (mi >> 1)) + lane % 8;
-    const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
-    stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
-  }
-  consumers_sync();
-  for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
-    const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
-    const int tok = tok0 + t, ch = ch0 + 8 * c8;
-    if (tok < M && ch < N)
-      *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
-          *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
-  }
+  store_tile<T, kTileT>(out, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
 }
 
 }  // namespace

@@ -30,17 +30,13 @@
 // token) coordinates in registers, the place to fuse an activation or the next layer's quantization.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
 #include <algorithm>
-#include <type_traits>
 
-#include "common.cuh"
+#include "gemm_tile.cuh"
 #include "launchers.h"
 
 namespace svdq::sm90 {
 namespace {
 
-constexpr int kTileN = 128;  // channels per CTA
-constexpr int kLoraChunk = 32;  // ranks per low-rank stage: one 64-byte swizzled row
-constexpr int kThreads = 384;
 constexpr int kExps = 5;   // weight exponents f = 0..4
 
 // Shared-memory layout for a token tile of kTileT (bytes). Main stage: activation operands
@@ -58,7 +54,6 @@ struct Layout {
   static constexpr int kStageBytes = (kOffExp + kTileN + 1023) / 1024 * 1024;
   static constexpr uint32_t kMainTx = kTileT * 64 + kTileN * 32 + kTileN;
   static constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
-  static constexpr int kEpiStride = kTileN * 2 + 16;
   static constexpr int kOffEpi = kStages * kStageBytes;
   static constexpr int kOffLut = kOffEpi + kTileT * kEpiStride;  // uint4 [kExps]
   static constexpr int kOffTok = kOffLut + kExps * 16;            // float [kTileT]: atok of the tile's tokens
@@ -76,23 +71,6 @@ __device__ __forceinline__ void wgmma_s8_rs(int (&d)[kN / 2], const uint32_t (&a
     wgmma_m64n256k32_s8_rs(d, a, desc_b, scale_d);
 }
 
-template <typename T, int kN>
-__device__ __forceinline__ void wgmma_lowrank(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
-  constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
-  if constexpr (kN == 128)
-    kBF16 ? wgmma_m64n128k16_bf16_ss(d, desc_a, desc_b) : wgmma_m64n128k16_f16_ss(d, desc_a, desc_b);
-  else
-    kBF16 ? wgmma_m64n256k16_bf16_ss(d, desc_a, desc_b) : wgmma_m64n256k16_f16_ss(d, desc_a, desc_b);
-}
-
-__device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-               : "memory");
-}
-
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
-
 template <typename T, int kTileT>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_pow2_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
@@ -102,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           int m_al, int N, int K, int rank, int tiles_n, int tiles) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
-  constexpr int kOffExp = L::kOffExp, kEpiStride = L::kEpiStride;
+  constexpr int kOffExp = L::kOffExp;
   constexpr int kAcc = kTileT / 2;  // accumulator registers per thread: 64 channels x kTileT tokens
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
@@ -116,13 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int iters = groups + (rank + kLoraChunk - 1) / kLoraChunk;  // stages per tile
   const int wg = threadIdx.x / 128;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  init_ring<kStages>(full, empty);
   if (threadIdx.x < kExps) lut[threadIdx.x] = int4_lut_s8(threadIdx.x);
   __syncthreads();
 
@@ -243,43 +215,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int it = groups; it < iters; ++it) {  // low-rank up: sum += lora_act . lora_up^T
     wait_full(it);
     const uint8_t* st = stage_ptr(it);
-    const uint64_t da = desc_k_sw64(st + kOffW + wg * 64 * kLoraChunk * 2), db = desc_k_sw64(st + kOffAct);
-    wgmma_fence();
-    wgmma_lowrank<T, kTileT>(sum, da, db);
-    wgmma_lowrank<T, kTileT>(sum, da + 2, db + 2);  // ranks 16..31 of the chunk: +32 bytes
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(sum);
+    lowrank_up_chunk<T, kTileT>(sum, st + kOffW + wg * 64 * kLoraChunk * 2, st + kOffAct);
     release(it);
   }
 
-  // Epilogue: + bias, round to T, transpose through shared memory, 16-byte row stores.
-  float b0 = 0.f, b1 = 0.f;
-  if (bias) {
-    if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
-    if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
-  }
-  uint8_t* epi = smem + kStages * kStageBytes;
-  const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
-#pragma unroll
-  for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
-    const uint32_t r[4] = {Half<T>::pack2(sum[4 * j + 0] + b0, sum[4 * j + 1] + b0),
-                           Half<T>::pack2(sum[4 * j + 2] + b1, sum[4 * j + 3] + b1),
-                           Half<T>::pack2(sum[4 * j + 4] + b0, sum[4 * j + 5] + b0),
-                           Half<T>::pack2(sum[4 * j + 6] + b1, sum[4 * j + 7] + b1)};
-    const int tok = 8 * (j + (mi >> 1)) + lane % 8;
-    const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
-    stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
-  }
-  consumers_sync();
-  for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
-    const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
-    const int tok = tok0 + t, ch = ch0 + 8 * c8;
-    if (tok < M && ch < N)
-      *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
-          *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
-  }
-  consumers_sync();  // the staging tile is free for the next tile's epilogue
+  store_tile<T, kTileT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
   }
 }
 

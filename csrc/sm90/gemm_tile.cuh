@@ -1,0 +1,101 @@
+// What the two kernel-2 variants (w4a4_gemm.cu, w4a4_gemm_pow2.cu) share: the CTA's channel tile,
+// thread roles, stage ring barriers, the low-rank up stage and the epilogue.
+//
+// A CTA owns kTileN = 128 output channels x kTileT tokens; consumer warpgroups 0 and 1 own 64
+// channels each (thread accumulator element i: channel row + 8 ((i / 2) % 2), token 8 (i / 4) +
+// 2 q + i % 2, with row = 64 wg + 16 wi + lane / 4 and q = lane % 4), warpgroup 2 is the TMA producer.
+#pragma once
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace svdq::sm90 {
+
+constexpr int kTileN = 128;     // channels per CTA
+constexpr int kLoraChunk = 32;  // ranks per low-rank stage: one 64-byte swizzled row
+constexpr int kThreads = 384;   // two consumer warpgroups and the producer's
+// Output staging tile [kTileT tokens][kTileN channels] 16-bit, rows padded by 16 bytes so that the
+// transposing stmatrix stores hit distinct bank groups.
+constexpr int kEpiStride = kTileN * 2 + 16;
+
+// The stage ring's barriers: `full` completes when the producer's TMA bytes land, `empty` when all
+// eight consumer warps have released the stage. Thread 0 initialises them before the CTA's first sync.
+template <int kStages>
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+}
+
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+__device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(smem_u32(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// acc (64 channels x kN tokens of this warpgroup) += one low-rank stage: lora_up [kTileN][32] in the
+// stage at lora_up_tile (this warpgroup's 64 rows) times lora_act [kN][32] at lora_act_tile, both
+// 16-bit K-major and 64-byte swizzled; waits for the wgmma to complete.
+template <typename T, int kN>
+__device__ __forceinline__ void lowrank_up_chunk(float (&acc)[kN / 2], const uint8_t* lora_up_tile,
+                                                 const uint8_t* lora_act_tile) {
+  constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
+  const uint64_t da = desc_k_sw64(lora_up_tile), db = desc_k_sw64(lora_act_tile);
+  wgmma_fence();
+#pragma unroll
+  for (int k16 = 0; k16 < 2; ++k16) {  // ranks 16 k16 .. 16 k16 + 15 of the chunk: +32 bytes each
+    if constexpr (kN == 128)
+      kBF16 ? wgmma_m64n128k16_bf16_ss(acc, da + 2 * k16, db + 2 * k16)
+            : wgmma_m64n128k16_f16_ss(acc, da + 2 * k16, db + 2 * k16);
+    else
+      kBF16 ? wgmma_m64n256k16_bf16_ss(acc, da + 2 * k16, db + 2 * k16)
+            : wgmma_m64n256k16_f16_ss(acc, da + 2 * k16, db + 2 * k16);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(acc);
+}
+
+// Epilogue of a consumer warpgroup's tile (accumulator layout above): + bias, round to T, transpose
+// through the staging tile epi, 16-byte row stores of y [M, N]; rows past M and channels past N
+// are not stored. Ends with the staging tile fully read (both consumer warpgroups synchronised).
+template <typename T, int kTileT>
+__device__ __forceinline__ void store_tile(const float (&acc)[kTileT / 2], uint8_t* epi, const T* __restrict__ bias,
+                                           T* __restrict__ y, int ch0, int tok0, int M, int N) {
+  const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int row = 64 * wg + 16 * wi + lane / 4;
+  float b0 = 0.f, b1 = 0.f;
+  if (bias) {
+    if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
+    if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
+  }
+  const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
+#pragma unroll
+  for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
+    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b0),
+                           Half<T>::pack2(acc[4 * j + 2] + b1, acc[4 * j + 3] + b1),
+                           Half<T>::pack2(acc[4 * j + 4] + b0, acc[4 * j + 5] + b0),
+                           Half<T>::pack2(acc[4 * j + 6] + b1, acc[4 * j + 7] + b1)};
+    const int tok = 8 * (j + (mi >> 1)) + lane % 8;
+    const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
+    stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
+  }
+  consumers_sync();
+  for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
+    const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
+    const int tok = tok0 + t, ch = ch0 + 8 * c8;
+    if (tok < M && ch < N)
+      *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
+          *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
+  }
+  consumers_sync();
+}
+
+}  // namespace svdq::sm90
