@@ -164,6 +164,10 @@ def _cached_on(layer, attr: str, key: tuple, compute):
 KERNEL1_MAX_RANK = 32
 
 
+def _lowrank_in_kernel1(layer) -> bool:
+    return layer.lora_down.shape[1] <= KERNEL1_MAX_RANK
+
+
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
     fp32 shift, and lora_down in its layout (lora_down_sm90), or no ranks ([0, K]) above
@@ -174,7 +178,7 @@ def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
 
     def compute():
         smooth = layer.smooth.float().contiguous()
-        fused_rank = down.shape[1] if down.shape[1] <= KERNEL1_MAX_RANK else 0
+        fused_rank = down.shape[1] if _lowrank_in_kernel1(layer) else 0
         return (smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
                 lora_down_sm90(down[:, :fused_rank]))
 
@@ -223,7 +227,7 @@ def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) ->
     x = x.contiguous()
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
     codes, ascales, lora_act = _C.act_quant_sm90(x, *_sm90_layer_inputs(layer), pow2, fast)
-    if layer.lora_down.shape[1] > KERNEL1_MAX_RANK:
+    if not _lowrank_in_kernel1(layer):
         lora_act = x @ layer.lora_down
     if fast:
         wexp, wbase = _sm90_pow2_weights(layer)
