@@ -13,8 +13,8 @@ tokens), and M = 256 and 1024 for small images. Columns (median time per call):
     k2d, k1+k2d: the same weights with power-of-two activation scales (design (d) alone: kernel 1
             in pow2 mode, kernel 2 with per-token scales, one FMA per accumulator per group)
   fast path (power-of-two weight and activation scales, designs (c) + (d)), rank 32:
-    k2f     fast kernel 2 alone (INT8 tensor cores, exact int32 sums over K), token tile chosen by
-            M and N (t128 / t256: each token tile)
+    k2f     fast kernel 2 alone (INT8 tensor cores, exact int32 sums over K), token tile and
+            half tiles chosen by M and N (t128 / t256: every tile of that size)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
@@ -137,20 +137,20 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
 
         stage1 = [k1(i) for i in range(sets)]
 
-        def k2(i, tile_t=0):
+        def k2(i, tile_t=0, half_rows=-1):
             codes, ascales, lora_act = stage1[i]
             lay = layers[i]
             if pow2:
                 wexp, wbase = kernels._sm90_pow2_weights(lay)
                 return c_ext.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up,
-                                                 lay.bias, None, tile_t)
+                                                 lay.bias, None, tile_t, half_rows)
             return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
 
         k1_key = "k1p" if pow2 else "k1"
         row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
         if pow2:
-            for tile_t in (128, 256):
-                row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t=tile_t) for i in range(sets)])
+            for tile_t in (128, 256):  # every tile of one size (no half tiles)
+                row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t, 0) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
             stage1_pow2 = [c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), True)

@@ -6,6 +6,7 @@
 // csrc/sm90/).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -200,11 +201,12 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
   return y;
 }
 
-// Fast kernel 2 (power-of-two weight scales, pow2-mode kernel 1 outputs): y [M, N].
+// Fast kernel 2 (power-of-two weight scales, pow2-mode kernel 1 outputs): y [M, N]. tile_t, half_rows:
+// the token tile and the count of trailing 256-token rows run as 128-token tiles (0 / -1: chosen).
 at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, const at::Tensor& lora_act,
                                const at::Tensor& qweight, const at::Tensor& wexp, const at::Tensor& wbase,
                                const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
-                               const c10::optional<at::Tensor>& out, int64_t tile_t) {
+                               const c10::optional<at::Tensor>& out, int64_t tile_t, int64_t half_rows) {
   TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
   TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && wexp.dim() == 2, "qweight, lora_up and wexp are 2-D");
   const auto dtype = half_dtype(lora_act, "lora_act");
@@ -231,6 +233,7 @@ at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, 
   a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
   a.m_al = static_cast<int>(m_al), a.n_al = static_cast<int>(n_al);
   a.tile_t = static_cast<int>(tile_t);
+  a.half_rows = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(half_rows, 1 << 20)));
   const char* err = sm90::w4a4_gemm_pow2(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return y;
@@ -257,6 +260,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fast kernel 2: W4A4 GEMM for power-of-two scales + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("atok"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wexp"),
         pybind11::arg("wbase"), pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none(),
-        pybind11::arg("tile_t") = 0);
+        pybind11::arg("tile_t") = 0, pybind11::arg("half_rows") = -1);
 #endif
 }

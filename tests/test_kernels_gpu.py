@@ -99,13 +99,14 @@ def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operan
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320)])
+@pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320), (320, 48), (128, 0)])
 @pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
 def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
     # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
-    # whose last CTA has fewer groups; ranks above 32 run in blocks of 64 (160: the last block half
-    # full, 320: five blocks), each a sweep over the resident x slice. pow2_int8: the same codes as
-    # the fast kernel 2's s8 operands
+    # whose last CTA has fewer groups; ranks run in blocks of 64, each a sweep over the resident x
+    # slice (32, 48: one partial block whose wgmma rows past the ranks are discarded; 160: the last
+    # block half full, its missing rows zero-filled by TMA; 320: five blocks). pow2_int8: the same
+    # codes as the fast kernel 2's s8 operands
     pow2, int8_operands = mode != "exact", mode == "pow2_int8"
     gen = _gen(m * 7 + rank + unsigned + k + 11 * pow2)
     layer = _layer(64, k, rank, dtype, gen, unsigned)
@@ -147,14 +148,15 @@ def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
     return y
 
 
-def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, tile_t: int = 0):
+def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, tile_t: int = 0,
+              half_rows: int = -1):
     """Kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
     codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast, fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
         wexp, wbase = kernels._sm90_pow2_weights(layer)
         y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, out, tile_t)
+                                           layer.bias, out, tile_t, half_rows)
     else:
         y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
                                       layer.bias, out)
@@ -186,6 +188,17 @@ def test_fast_gemm_matches_float64(m, rank, tile_t):
     layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=False, pow2_weights=True)
     x = _activations(m, 576, torch.bfloat16, gen, layer.unsigned_groups)
     y, ref = _run_gemm(x, layer, fast=True, tile_t=tile_t)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("m,half_rows", [(4608, 1), (4608, 3), (4097, 1), (4097, 2), (300, 1), (300, 5)])
+def test_fast_gemm_half_tiles(m, half_rows):
+    # the last half_rows 256-token rows of the schedule run as 128-token tiles after the whole ones;
+    # 4097: the last half tile holds one token; 300: both rows, and more rows asked for than exist
+    gen = _gen(4000 + m + half_rows)
+    layer = _layer(3072, 256, 32, torch.bfloat16, gen, unsigned=True, pow2_weights=True)
+    x = _activations(m, 256, torch.bfloat16, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer, fast=True, tile_t=256, half_rows=half_rows)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
 
 

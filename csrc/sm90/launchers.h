@@ -60,6 +60,7 @@ struct W4A4Pow2GemmArgs {
   void* y;                    // out [M, N] row-major
   int M, N, K, rank, m_al, n_al;
   int tile_t;                 // tokens per CTA tile: 128, 256, or 0 (chosen by M and N)
+  int half_rows;              // 256-token tiles: the last half_rows token rows as 128-token tiles; -1: chosen
 };
 const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& args, cudaStream_t stream);
 

@@ -71,17 +71,32 @@ __device__ __forceinline__ void wgmma_s8_rs(int (&d)[kN / 2], const uint32_t (&a
     wgmma_m64n256k32_s8_rs(d, a, desc_b, scale_d);
 }
 
+// The schedule's tile `tile`: the first big_tiles are kTileT-token tiles (token row tile / tiles_n,
+// channel tile tile % tiles_n); the rest are half tiles of kTileT / 2 tokens over the token rows
+// after them, in the same order. Half tiles even out the last round of a persistent schedule whose
+// tile count is just over a multiple of the CTA count (host: half_rows).
+struct TileCoords {
+  int ch0, tok0;
+  bool half;
+};
+template <int kTileT>
+__device__ __forceinline__ TileCoords tile_coords(int tile, int tiles_n, int big_tiles) {
+  if (tile < big_tiles) return {tile % tiles_n * kTileN, tile / tiles_n * kTileT, false};
+  const int t = tile - big_tiles;
+  return {t % tiles_n * kTileN, big_tiles / tiles_n * kTileT + t / tiles_n * (kTileT / 2), true};
+}
+
 template <typename T, int kTileT>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a4_gemm_pow2_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                           const __grid_constant__ CUtensorMap tm_exp, const __grid_constant__ CUtensorMap tm_lact,
-                          const __grid_constant__ CUtensorMap tm_lup, const float* __restrict__ atok,
+                          const __grid_constant__ CUtensorMap tm_lup, const __grid_constant__ CUtensorMap tm_act_half,
+                          const __grid_constant__ CUtensorMap tm_lact_half, const float* __restrict__ atok,
                           const float* __restrict__ wbase, const T* __restrict__ bias, T* __restrict__ y, int M,
-                          int m_al, int N, int K, int rank, int tiles_n, int tiles) {
+                          int m_al, int N, int K, int rank, int tiles_n, int big_tiles, int tiles) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
   constexpr int kOffExp = L::kOffExp;
-  constexpr int kAcc = kTileT / 2;  // accumulator registers per thread: 64 channels x kTileT tokens
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -106,20 +121,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       int s = 0;
       uint32_t ph = 0;
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int ch0 = tile % tiles_n * kTileN, tok0 = tile / tiles_n * kTileT;
+        const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles);
+        const int unloaded = tc.half ? kTileT / 2 : 0;  // token rows of the stage a half tile leaves out
         for (int it = 0; it < iters; ++it) {
           mbar_wait(&empty[s], ph ^ 1);
           uint8_t* st = smem + s * kStageBytes;
           if (it < groups) {
-            mbar_expect_tx(&full[s], L::kMainTx);
-            tma_load_2d(st + kOffAct, &tm_act, &full[s], 64 * it, tok0);
-            tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, ch0);
-            tma_load_2d(st + kOffExp, &tm_exp, &full[s], ch0, it);
+            mbar_expect_tx(&full[s], L::kMainTx - unloaded * 64);
+            tma_load_2d(st + kOffAct, tc.half ? &tm_act_half : &tm_act, &full[s], 64 * it, tc.tok0);
+            tma_load_2d(st + kOffW, &tm_w, &full[s], 32 * it, tc.ch0);
+            tma_load_2d(st + kOffExp, &tm_exp, &full[s], tc.ch0, it);
           } else {
             const int r = kLoraChunk * (it - groups);
-            mbar_expect_tx(&full[s], L::kLoraTx);
-            tma_load_2d(st + kOffAct, &tm_lact, &full[s], r, tok0);
-            tma_load_2d(st + kOffW, &tm_lup, &full[s], r, ch0);
+            mbar_expect_tx(&full[s], L::kLoraTx - unloaded * kLoraChunk * 2);
+            tma_load_2d(st + kOffAct, tc.half ? &tm_lact_half : &tm_lact, &full[s], r, tc.tok0);
+            tma_load_2d(st + kOffW, &tm_lup, &full[s], r, tc.ch0);
           }
           if (++s == kStages) s = 0, ph ^= 1;
         }
@@ -154,18 +170,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     int4_lookup(w1.y, t1, f[1][1], f[1][3]);
   };
 
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
-  const int ch0 = tile % tiles_n * kTileN, tok0 = tile / tiles_n * kTileT;
+  // One tile of kT tokens (kTileT, or kTileT / 2 for the half tiles at the end of the schedule).
+  auto run_tile = [&](auto tile_tokens, int ch0, int tok0) {
+  constexpr int kT = decltype(tile_tokens)::value;
+  constexpr int kAcc = kT / 2;  // accumulator registers per thread: 64 channels x kT tokens
   // the tile's scale factors, once the previous tile's epilogue is done with them
   consumers_sync();
   if (threadIdx.x < kTileN) ch_base[threadIdx.x] = ch0 + threadIdx.x < N ? wbase[ch0 + threadIdx.x] : 0.f;
-  for (int t = threadIdx.x; t < kTileT; t += 256) tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
+  for (int t = threadIdx.x; t < kT; t += 256) tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
 
   // Main loop: group g+1's weights are expanded while group g's wgmmas run, into the fragment set
   // that group g-1 used (complete after wait<1>). The loop is unrolled by two so that the set of
   // each step is known at compile time; every step keeps the same wgmma pipeline shape (one group
   // issued, wait<1>), which ptxas needs to leave the wgmmas asynchronous.
-  // s32: the exact sum over all of K of this warpgroup's 64 x kTileT tile. Zeroed (the first wgmma
+  // s32: the exact sum over all of K of this warpgroup's 64 x kT tile. Zeroed (the first wgmma
   // ignores it) so that its registers are free while the previous tile's float copy is in use.
   int acc[kAcc];
 #pragma unroll
@@ -174,8 +192,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto step = [&](int g, const uint32_t (&cur)[2][4], uint32_t (&next)[2][4]) {
     const uint64_t desc = desc_k_sw64(stage_ptr(g) + kOffAct);
     wgmma_fence();
-    wgmma_s8_rs<kTileT>(acc, cur[0], desc, g > 0 ? 1u : 0u);
-    wgmma_s8_rs<kTileT>(acc, cur[1], desc + 2, 1);  // +32 bytes along K
+    wgmma_s8_rs<kT>(acc, cur[0], desc, g > 0 ? 1u : 0u);
+    wgmma_s8_rs<kT>(acc, cur[1], desc + 2, 1);  // +32 bytes along K
     wgmma_commit();
     wgmma_wait<1>();
     if (g > 0) release(g - 1);
@@ -203,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float b0 = ch_base[row] * 0x1p-7f, b1 = ch_base[row + 8] * 0x1p-7f;
     const float2* ts = reinterpret_cast<const float2*>(tok_scale);
 #pragma unroll
-    for (int j = 0; j < kTileT / 8; ++j) {
+    for (int j = 0; j < kT / 8; ++j) {
       const float2 t = ts[4 * j + q];  // tokens 8j + 2q, +1
       sum[4 * j + 0] = __int2float_rn(acc[4 * j + 0]) * (t.x * b0);
       sum[4 * j + 1] = __int2float_rn(acc[4 * j + 1]) * (t.y * b0);
@@ -215,20 +233,74 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int it = groups; it < iters; ++it) {  // low-rank up: sum += lora_act . lora_up^T
     wait_full(it);
     const uint8_t* st = stage_ptr(it);
-    lowrank_up_chunk<T, kTileT>(sum, st + kOffW + wg * 64 * kLoraChunk * 2, st + kOffAct);
+    lowrank_up_chunk<T, kT>(sum, st + kOffW + wg * 64 * kLoraChunk * 2, st + kOffAct);
     release(it);
   }
 
-  store_tile<T, kTileT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
+  store_tile<T, kT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
+  };
+
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
+    const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles);
+    if constexpr (kTileT == 256) {
+      if (tc.half) {
+        run_tile(std::integral_constant<int, kTileT / 2>{}, tc.ch0, tc.tok0);
+        continue;
+      }
+    }
+    run_tile(std::integral_constant<int, kTileT>{}, tc.ch0, tc.tok0);
   }
+}
+
+// A CTA's time is taken as its count of whole tiles plus kHalfTileCost per half tile: a 128-token
+// tile took 0.74 of a 256-token tile's time (M = 4608, N = K = 3072, rounds of 132 tiles; bench/NOTES.md).
+constexpr double kHalfTileCost = 0.75;
+
+struct Schedule {
+  int big_tiles, tiles, ctas;
+};
+
+// The persistent schedule: CTA b runs tiles b, b + ctas, ... With 256-token tiles, the last
+// half_rows token rows run as 128-token half tiles; half_rows < 0 takes the count (up to 4) that
+// gives the shortest longest CTA by the cost above, e.g. 3.74 instead of 4 tile times for 432
+// tiles on 132 SMs.
+Schedule make_schedule(int M, int tiles_n, int tile_t, int half_rows) {
+  const int sms = sm_count(), rows = (M + tile_t - 1) / tile_t;
+  auto plan = [&](int h) {
+    const int big_rows = rows - h, small_rows = h ? (M - big_rows * tile_t + tile_t / 2 - 1) / (tile_t / 2) : 0;
+    Schedule s{big_rows * tiles_n, (big_rows + small_rows) * tiles_n, 0};
+    s.ctas = std::min(s.tiles, sms);
+    return s;
+  };
+  auto longest = [](const Schedule& s) {
+    double worst = 0;
+    for (int b = 0; b < s.ctas; ++b) {
+      const int whole = s.big_tiles > b ? (s.big_tiles - b + s.ctas - 1) / s.ctas : 0;
+      const int all = (s.tiles - b + s.ctas - 1) / s.ctas;
+      worst = std::max(worst, whole + (all - whole) * kHalfTileCost);
+    }
+    return worst;
+  };
+  if (tile_t != 256) return plan(0);
+  if (half_rows >= 0) return plan(std::min(half_rows, rows));
+  Schedule best = plan(0);
+  double best_time = longest(best);
+  for (int h = 1; h <= std::min(rows, 4); ++h) {
+    const Schedule s = plan(h);
+    const double t = longest(s);
+    if (t < best_time - 1e-9) best = s, best_time = t;
+  }
+  return best;
 }
 
 template <typename T, int kTileT>
 cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   const CUtensorMapDataType half =
       a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap maps[5] = {};  // act, w, exp, lact, lup
+  CUtensorMap maps[7] = {};  // act, w, exp, lact, lup, and act, lact in half tiles
   bool ok = make_map(&maps[0], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
+                     CU_TENSOR_MAP_SWIZZLE_64B) &&
+            make_map(&maps[5], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT / 2,
                      CU_TENSOR_MAP_SWIZZLE_64B) &&
             make_map(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
                      CU_TENSOR_MAP_SWIZZLE_NONE) &&
@@ -237,6 +309,8 @@ cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   if (ok && a.rank)
     ok = make_map(&maps[3], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
                   CU_TENSOR_MAP_SWIZZLE_64B) &&
+         make_map(&maps[6], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT / 2,
+                  CU_TENSOR_MAP_SWIZZLE_64B) &&
          make_map(&maps[4], half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
                   CU_TENSOR_MAP_SWIZZLE_64B);
   if (!ok) return cudaErrorInvalidValue;
@@ -244,12 +318,11 @@ cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   constexpr int smem = Layout<kTileT>::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int sms = sm_count();
-  const int tiles_n = (a.N + kTileN - 1) / kTileN, tiles = tiles_n * ((a.M + kTileT - 1) / kTileT);
-  kernel<<<std::min(tiles, sms), kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], a.atok,
-                                                           a.wbase, static_cast<const T*>(a.bias),
-                                                           static_cast<T*>(a.y), a.M, a.m_al, a.N, a.K, a.rank,
-                                                           tiles_n, tiles);
+  const int tiles_n = (a.N + kTileN - 1) / kTileN;
+  const Schedule sc = make_schedule(a.M, tiles_n, kTileT, a.half_rows);
+  kernel<<<sc.ctas, kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], maps[5], maps[6], a.atok,
+                                              a.wbase, static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M,
+                                              a.m_al, a.N, a.K, a.rank, tiles_n, sc.big_tiles, sc.tiles);
   return cudaGetLastError();
 }
 
