@@ -253,8 +253,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // A CTA's time is taken as its count of whole tiles plus kHalfTileCost per half tile: a 128-token
-// tile took 0.74 of a 256-token tile's time (M = 4608, N = K = 3072, rounds of 132 tiles; bench/NOTES.md).
+// tile took 0.74 of a 256-token tile's time (M = 4608, N = K = 3072, rounds of 132 tiles). Half
+// tiles are used only where this model predicts at least kMinHalfTileGain: at a predicted 2%
+// (M = 4608, N = 12288, K = 3072) they measured 4% slower (bench/NOTES.md).
 constexpr double kHalfTileCost = 0.75;
+constexpr double kMinHalfTileGain = 0.05;
 
 struct Schedule {
   int big_tiles, tiles, ctas;
@@ -262,7 +265,7 @@ struct Schedule {
 
 // The persistent schedule: CTA b runs tiles b, b + ctas, ... With 256-token tiles, the last
 // half_rows token rows run as 128-token half tiles; half_rows < 0 takes the count (up to 4) that
-// gives the shortest longest CTA by the cost above, e.g. 3.74 instead of 4 tile times for 432
+// gives the shortest longest CTA by the cost above, e.g. 3.75 instead of 4 tile times for 432
 // tiles on 132 SMs.
 Schedule make_schedule(int M, int tiles_n, int tile_t, int half_rows) {
   const int sms = sm_count(), rows = (M + tile_t - 1) / tile_t;
@@ -283,14 +286,15 @@ Schedule make_schedule(int M, int tiles_n, int tile_t, int half_rows) {
   };
   if (tile_t != 256) return plan(0);
   if (half_rows >= 0) return plan(std::min(half_rows, rows));
-  Schedule best = plan(0);
-  double best_time = longest(best);
+  const Schedule whole = plan(0);
+  Schedule best = whole;
+  double best_time = longest(whole);
   for (int h = 1; h <= std::min(rows, 4); ++h) {
     const Schedule s = plan(h);
     const double t = longest(s);
     if (t < best_time - 1e-9) best = s, best_time = t;
   }
-  return best;
+  return best_time <= longest(whole) * (1 - kMinHalfTileGain) ? best : whole;
 }
 
 template <typename T, int kTileT>
