@@ -37,14 +37,14 @@
 // Work split: a cluster of cs CTAs owns 32 tokens; CTA c of it owns groups [c * gpc, (c+1) * gpc)
 // of K (make_plan picks cs and gpc). Its x slice, 32 tokens x gpc groups, is TMA-loaded once
 // (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory, with the
-// group's smooth, 1/smooth and shift (bulk copies on the same mbarrier). As each
+// group's 1/smooth, shift and (exact mode) smooth (bulk copies on the same mbarrier). As each
 // group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
 // the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
 // through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
-// (no second read of x from memory). Exchanges push: each CTA stores its per-token maxima and its
-// low-rank partials straight into the shared memory of the CTA that owns them (an inbox per rank
-// block, two alternating), so one cluster barrier per rank block suffices and every read after it
-// is local.
+// (no second read of x from memory). Exchanges push: each CTA folds its per-token maxima into every
+// CTA's shared copy (atomic max, order-independent) and stores its low-rank partials straight into
+// the shared memory of the CTA that owns them (an inbox per rank block, two alternating), so one
+// cluster barrier per rank block suffices and every read after it is local.
 // Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
 // the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
 // blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
@@ -70,7 +70,6 @@ namespace cg = cooperative_groups;
 constexpr int kTokens = 32;
 constexpr int kThreads = 256;
 constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 tokens][64 x 16-bit], swizzled
-constexpr int kParamBytes = 3 * 64 * 4;     // one group's smooth, 1/smooth, shift (fp32)
 constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
 constexpr int kPow2MaxExp = 3;             // pow2 mode: e in [0, 3] (numerics.POW2_ACT_MAX_EXP)
 constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best of 4..24 at M = 4608, K = 3072)
@@ -79,25 +78,28 @@ constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best 
 // owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
 __host__ __device__ inline int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
 
+// fp32 parameters per group in shared memory: 1/smooth at 0, shift at 64 (if the layer has one),
+// smooth at 128 (exact mode only). Leaving out what a launch does not read keeps kernel 1 at
+// K = 15360 (15 groups per CTA) at three CTAs per SM in pow2 mode instead of two.
+__host__ __device__ inline int param_floats(bool pow2, bool has_shift) { return pow2 ? (has_shift ? 128 : 64) : 192; }
+
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
 struct SmemLayout {
   int params, inbox, inbox_pairs, need, tmax, bars, total;
 };
-__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs) {
+__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pfloats) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
-  s.inbox = s.params + gpc * kParamBytes;                        // fp32 [gpc][3][64]
+  s.inbox = s.params + gpc * pfloats * 4;                        // fp32 [gpc][pfloats]
   s.inbox_pairs = cs * pair_share(rank_block, cs);               // float2 per inbox
   s.need = s.inbox + (blocks > 1 ? 2 : 1) * s.inbox_pairs * 8;   // low-rank inboxes
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
-  s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
+  s.bars = s.tmax + kTokens * 4;                                 // pow2: the cluster's largest need [32]
   s.total = s.bars + gpc * 8;
   return s;
 }
 
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 // m16n8k16 tensor-core product with fp32 accumulation, A row-major and B column-major fragments.
@@ -163,8 +165,8 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
 }
 
 // x + shift of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, from its
-// 16-byte chunk of the swizzled x box; prm: the group's smooth, 1/smooth and shift (64 floats each)
-// in shared memory. `uns` tells whether the group is unsigned (shifted).
+// 16-byte chunk of the swizzled x box; prm: the group's parameters in shared memory (param_floats).
+// `uns` tells whether the group is unsigned (shifted).
 template <typename T>
 __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const float* prm, bool has_shift, int t8,
                                              float (&n)[8], bool& uns) {
@@ -176,7 +178,7 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const float* 
   uns = false;
   if (has_shift) {
     float sh[8];
-    load8(sh, prm + 128 + 8 * t8);
+    load8(sh, prm + 64 + 8 * t8);
     uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], sh[e]);
@@ -191,7 +193,7 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const float*
                                               float (&v)[8], bool& uns) {
   float n[8], inv[8];
   octet_inputs<T>(chunk, prm, has_shift, t8, n, uns);
-  load8(inv, prm + 64 + 8 * t8);
+  load8(inv, prm + 8 * t8);
   float hi = 0.f;
   if constexpr (kPow2) {
 #pragma unroll
@@ -202,7 +204,7 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const float*
     }
   } else {
     float sm[8], lo = INFINITY;
-    load8(sm, prm + 8 * t8);
+    load8(sm, prm + 128 + 8 * t8);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_fast(n[e], sm[e], inv[e]);
@@ -291,7 +293,9 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int tok0 = blockIdx.y * kTokens;
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
-  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs);
+  const bool has_shift = a.shift != nullptr;
+  const int pfloats = param_floats(kPow2, has_shift);
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pfloats);
   const float* params = reinterpret_cast<const float*>(smem + lay.params);
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
@@ -299,9 +303,10 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + lay.bars);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool exchange = a.rank || kPow2;  // anything to exchange within the cluster
-  // Stores into another CTA's shared memory need that CTA to have started: its arrival here is
-  // waited for just before this CTA's first such store.
-  if (exchange) cluster_arrive_relaxed();
+  // Stores into another CTA's shared memory need that CTA to have started (and, pow2, its largest
+  // need zeroed): its arrival here, a release, is waited for just before this CTA's first such store.
+  if (kPow2 && tid < kTokens) tmax_s[tid] = 0.f;
+  if (exchange) cluster_arrive();
 
   if (tid == 0) {
     for (int g = 0; g < ng; ++g) mbar_init(&xbar[g], 1);
@@ -309,15 +314,14 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   }
   __syncthreads();
   if (tid == 0) {
-    const int nparams = a.shift ? 3 : 2;
     for (int g = 0; g < ng; ++g) {
-      mbar_expect_tx(&xbar[g], kXBoxBytes + nparams * 256);
+      mbar_expect_tx(&xbar[g], kXBoxBytes + (1 + has_shift + !kPow2) * 256);
       tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * (g0 + g), tok0);
-      uint8_t* dst = smem + lay.params + g * kParamBytes;
+      uint8_t* dst = smem + lay.params + g * pfloats * 4;
       const int col = 64 * (g0 + g);
-      bulk_load(dst, a.smooth + col, 256, &xbar[g]);
-      bulk_load(dst + 256, a.inv_smooth + col, 256, &xbar[g]);
-      if (a.shift) bulk_load(dst + 512, a.shift + col, 256, &xbar[g]);
+      bulk_load(dst, a.inv_smooth + col, 256, &xbar[g]);
+      if (has_shift) bulk_load(dst + 256, a.shift + col, 256, &xbar[g]);
+      if (!kPow2) bulk_load(dst + 512, a.smooth + col, 256, &xbar[g]);
     }
   }
 
@@ -327,7 +331,6 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int mt = warp & 1, nbase = warp >> 1;             // low-rank: 16-token half, first 8-rank tile
   const int q = lane % 4, g8 = lane / 4;
   const T* lora_p = static_cast<const T*>(a.lora_down);
-  const bool has_shift = a.shift != nullptr;
   float tmax = 0.f;  // pow2: this token's largest need over the CTA's groups
   for (int blk = 0; blk < blocks; ++blk) {
     float acc[kTiles][4];
@@ -355,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * 192, has_shift, t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pfloats, has_shift, t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -403,14 +406,13 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         }
       }
     }
-    if (kPow2 && blk == 0)
-      for (int j = t8; j < cs; j += 8) *cluster.map_shared_rank(tmax_s + crank * kTokens + tl, j) = tmax;
+    if (kPow2 && blk == 0)  // need >= 0: its bits order like unsigned integers
+      for (int j = t8; j < cs; j += 8)
+        atomicMax(reinterpret_cast<unsigned*>(cluster.map_shared_rank(tmax_s + tl, j)), __float_as_uint(tmax));
     cluster.sync();
     if constexpr (kPow2) {
       if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
-        float m = 0.f;
-        for (int j = t8; j < cs; j += 8) m = fmaxf(m, tmax_s[j * kTokens + tl]);
-        const float atok = H::round(octet_max(m));
+        const float atok = H::round(tmax_s[tl]);
         const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
@@ -426,9 +428,9 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           // qmax * (1 + 2^-8)
           float n[8], inv[8], c[8];
           bool uns;
-          const float* prm = params + g * 192;
+          const float* prm = params + g * pfloats;
           octet_inputs<T>(smem + g * kXBoxBytes + xoff, prm, has_shift, t8, n, uns);
-          load8(inv, prm + 64 + 8 * t8);
+          load8(inv, prm + 8 * t8);
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
           for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(__fmul_rn(n[k], inv[k]), mult)), qlo);
@@ -471,7 +473,7 @@ struct Plan {
   int cs, gpc, tiles, smem;
 };
 
-Plan make_plan(int M, int K, int rank, int max_cs) {
+Plan make_plan(int M, int K, int rank, int pfloats, int max_cs) {
   const int sms = sm_count();
   Plan p{};
   const int groups = K / 64, token_blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
@@ -483,7 +485,7 @@ Plan make_plan(int M, int K, int rank, int max_cs) {
   p.tiles = rank <= 32 ? 1 : 2;  // more would not fit the register budget of 3-4 CTAs per SM
   const int rank_block = rank ? std::min(32 * p.tiles, rank) : 0;
   const int rank_blocks = rank ? (rank + 32 * p.tiles - 1) / (32 * p.tiles) : 1;
-  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs).total + 1024;  // + slack to align the base
+  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs, pfloats).total + 1024;  // + slack to align the base
   return p;
 }
 
@@ -510,7 +512,8 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (!make_map(&tm_x, half, a.x, a.K, a.M, a.K * 2ull, 64, kTokens, CU_TENSOR_MAP_SWIZZLE_128B))
     return "act_quant: cuTensorMapEncodeTiled rejected x";
 
-  const int tiles = make_plan(a.M, a.K, a.rank, kMaxClusterCtas).tiles;
+  const int pfloats = param_floats(a.pow2, a.shift != nullptr);
+  const int tiles = make_plan(a.M, a.K, a.rank, pfloats, kMaxClusterCtas).tiles;
   decltype(&act_quant_kernel<__nv_bfloat16, false, 1>) kernel;
   if (a.dtype == DType::kBF16)
     kernel = a.pow2 ? pick_kernel<__nv_bfloat16, true>(tiles) : pick_kernel<__nv_bfloat16, false>(tiles);
@@ -528,7 +531,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
   for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
-    const Plan plan = make_plan(a.M, a.K, a.rank, max_cs);
+    const Plan plan = make_plan(a.M, a.K, a.rank, pfloats, max_cs);
     if (plan.smem > 227 * 1024)
       return "act_quant: K is too large for one cluster's shared memory";
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
