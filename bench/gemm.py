@@ -3,7 +3,8 @@
     python bench/gemm.py [--json PATH]
 
 Rows: the FLUX.1 linear shapes of shared/REFERENCE.md at M = 4608 (1024x1024 image + 512 text
-tokens), and M = 256 and 1024 for small images. Columns (median time per call):
+tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers have FLUX's shifted
+(unsigned) GELU input columns. Columns (median time per call):
   bf16      cuBLAS `a @ b.t()` in bf16
   fp8       torch._scaled_mm e4m3 with rowwise scales (fp8f: with fast accumulation)
   exact path (any weight scales, design (a)), rank 32:
@@ -79,9 +80,16 @@ def time_calls(calls, target_ms: float = 30.0, replays: int = 10) -> float:
     return statistics.median(times)
 
 
+# Where a FLUX linear's input is shifted (GELU output, quantized unsigned): from this input column
+# on, for the MLP down projections (K = 12288) and the single blocks' output linear (K = 15360:
+# [attention 3072 | MLP 12288]).
+FLUX_SHIFT_FROM = {12288: 0, 15360: 3072}
+
+
 def random_layer(n: int, k: int, rank: int, gen: torch.Generator, pow2: bool = False,
                  dtype: torch.dtype = torch.bfloat16) -> SVDQLinear:
-    """Random SVDQuant layer; pow2: power-of-two weight scales (the fast path's format)."""
+    """Random SVDQuant layer; pow2: power-of-two weight scales (the fast path's format). Input
+    columns shift like the FLUX layer with this K (FLUX_SHIFT_FROM)."""
     dev = "cuda"
     if pow2:  # bases large enough that base * 2^-4 is exact in fp16 too
         base = (torch.rand(n, generator=gen, device=dev) * 0.02 + 0.04).to(dtype).float()
@@ -96,7 +104,8 @@ def random_layer(n: int, k: int, rank: int, gen: torch.Generator, pow2: bool = F
         "lora_down": (torch.randn(k, rank, generator=gen, device=dev) * 0.05).to(dtype),
         "lora_up": (torch.randn(n, rank, generator=gen, device=dev) * 0.05).to(dtype),
         "bias": torch.randn(n, generator=gen, device=dev).to(dtype),
-    })
+    } | ({"shift": (torch.arange(k, device=dev) >= FLUX_SHIFT_FROM[k]).to(dtype) * numerics.GELU_SHIFT}
+         if k in FLUX_SHIFT_FROM else {}))
     layer.pow2_activations = pow2
     assert layer.pow2_weights == pow2
     return layer

@@ -122,7 +122,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
   check_tensor(smooth, x, "smooth", at::kFloat, {K});
   check_tensor(inv_smooth, x, "inv_smooth", at::kFloat, {K});
-  if (shift) check_tensor(*shift, x, "shift", at::kFloat, {K});
+  if (shift) check_tensor(*shift, x, "shift", x.scalar_type(), {K});
   check_tensor(lora_down_p, x, "lora_down_p", x.scalar_type(), {rank, K});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m_al = (M + 3) / 4 * 4;
@@ -137,7 +137,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   a.x = x.data_ptr();
   a.smooth = smooth.data_ptr<float>();
   a.inv_smooth = inv_smooth.data_ptr<float>();
-  a.shift = shift ? shift->data_ptr<float>() : nullptr;
+  a.shift = shift ? shift->data_ptr() : nullptr;
   a.lora_down = lora_down_p.data_ptr();
   a.codes = codes.data_ptr<uint8_t>();
   a.ascales = ascales.data_ptr<float>();

@@ -170,8 +170,9 @@ def _lowrank_in_kernel1(layer) -> bool:
 
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
-    fp32 shift, and lora_down in its layout (lora_down_sm90), or no ranks ([0, K]) above
-    KERNEL1_MAX_RANK, where svdq_linear_sm90 computes the low-rank input with cuBLAS."""
+    the shift as the layer holds it (in the layer's dtype, which the kernels require of x too), and
+    lora_down in its layout (lora_down_sm90), or no ranks ([0, K]) above KERNEL1_MAX_RANK, where
+    svdq_linear_sm90 computes the low-rank input with cuBLAS."""
     shift, down = layer.shift, layer.lora_down
     key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
            None if shift is None else (shift.data_ptr(), shift._version))
@@ -179,7 +180,7 @@ def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
     def compute():
         smooth = layer.smooth.float().contiguous()
         fused_rank = down.shape[1] if _lowrank_in_kernel1(layer) else 0
-        return (smooth, torch.reciprocal(smooth), None if shift is None else shift.float().contiguous(),
+        return (smooth, torch.reciprocal(smooth), None if shift is None else shift.contiguous(),
                 lora_down_sm90(down[:, :fused_rank]))
 
     return _cached_on(layer, "_sm90_inputs", key, compute)

@@ -41,10 +41,10 @@
 // group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
 // the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
 // through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
-// (no second read of x from memory). Exchanges push: each CTA folds its per-token maxima into every
-// CTA's shared copy (atomic max, order-independent) and stores its low-rank partials straight into
-// the shared memory of the CTA that owns them (an inbox per rank block, two alternating), so one
-// cluster barrier per rank block suffices and every read after it is local.
+// (no second read of x from memory). Exchanges push: each CTA stores its per-token maxima and its
+// low-rank partials straight into the shared memory of the CTA that owns them (an inbox per rank
+// block, two alternating), so one cluster barrier per rank block suffices and every read after it
+// is local.
 // Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
 // the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
 // blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
@@ -78,28 +78,31 @@ constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best 
 // owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
 __host__ __device__ inline int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
 
-// fp32 parameters per group in shared memory: 1/smooth at 0, shift at 64 (if the layer has one),
-// smooth at 128 (exact mode only). Leaving out what a launch does not read keeps kernel 1 at
-// K = 15360 (15 groups per CTA) at three CTAs per SM in pow2 mode instead of two.
-__host__ __device__ inline int param_floats(bool pow2, bool has_shift) { return pow2 ? (has_shift ? 128 : 64) : 192; }
+// A group's parameters in shared memory: 1/smooth (fp32) at byte 0, smooth (fp32, exact mode only)
+// at 256, and the shift (16-bit, as the layer holds it) after them if the layer has one. Loading
+// only what a launch reads keeps kernel 1 in pow2 mode at K = 15360 (15 groups per CTA) at three
+// CTAs per SM instead of two (bench/NOTES.md).
+__host__ __device__ inline int param_bytes(bool pow2, bool has_shift) { return (pow2 ? 256 : 512) + (has_shift ? 128 : 0); }
 
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
 struct SmemLayout {
   int params, inbox, inbox_pairs, need, tmax, bars, total;
 };
-__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pfloats) {
+__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
-  s.inbox = s.params + gpc * pfloats * 4;                        // fp32 [gpc][pfloats]
+  s.inbox = s.params + gpc * pbytes;                             // [gpc][param_bytes]
   s.inbox_pairs = cs * pair_share(rank_block, cs);               // float2 per inbox
   s.need = s.inbox + (blocks > 1 ? 2 : 1) * s.inbox_pairs * 8;   // low-rank inboxes
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
-  s.bars = s.tmax + kTokens * 4;                                 // pow2: the cluster's largest need [32]
+  s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
   s.total = s.bars + gpc * 8;
   return s;
 }
 
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 
 // m16n8k16 tensor-core product with fp32 accumulation, A row-major and B column-major fragments.
@@ -165,20 +168,24 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
 }
 
 // x + shift of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, from its
-// 16-byte chunk of the swizzled x box; prm: the group's parameters in shared memory (param_floats).
-// `uns` tells whether the group is unsigned (shifted).
+// 16-byte chunk of the swizzled x box; shift: the group's 64 16-bit shifts in shared memory, or
+// nullptr (no shift). `uns` tells whether the group is unsigned (shifted).
 template <typename T>
-__device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const float* prm, bool has_shift, int t8,
-                                             float (&n)[8], bool& uns) {
+__device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const uint8_t* shift, int t8, float (&n)[8],
+                                             bool& uns) {
   const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
   Half<T>::unpack2(raw.x, n[0], n[1]);
   Half<T>::unpack2(raw.y, n[2], n[3]);
   Half<T>::unpack2(raw.z, n[4], n[5]);
   Half<T>::unpack2(raw.w, n[6], n[7]);
   uns = false;
-  if (has_shift) {
+  if (shift) {
+    const uint4 sraw = *reinterpret_cast<const uint4*>(shift + 16 * t8);
     float sh[8];
-    load8(sh, prm + 64 + 8 * t8);
+    Half<T>::unpack2(sraw.x, sh[0], sh[1]);
+    Half<T>::unpack2(sraw.y, sh[2], sh[3]);
+    Half<T>::unpack2(sraw.z, sh[4], sh[5]);
+    Half<T>::unpack2(sraw.w, sh[6], sh[7]);
     uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], sh[e]);
@@ -186,14 +193,14 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const float* 
 }
 
 // v of an octet: exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero,
-// tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). Unsigned groups clamp v at 0 (`uns`, as
-// octet_inputs). Returns max |v|.
+// tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). prm: the group's parameters
+// (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs). Returns max |v|.
 template <typename T, bool kPow2>
-__device__ __forceinline__ float octet_values(const uint8_t* chunk, const float* prm, bool has_shift, int t8,
+__device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, const uint8_t* shift, int t8,
                                               float (&v)[8], bool& uns) {
   float n[8], inv[8];
-  octet_inputs<T>(chunk, prm, has_shift, t8, n, uns);
-  load8(inv, prm + 8 * t8);
+  octet_inputs<T>(chunk, shift, t8, n, uns);
+  load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
   float hi = 0.f;
   if constexpr (kPow2) {
 #pragma unroll
@@ -204,7 +211,7 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const float*
     }
   } else {
     float sm[8], lo = INFINITY;
-    load8(sm, prm + 128 + 8 * t8);
+    load8(sm, reinterpret_cast<const float*>(prm + 256) + 8 * t8);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_fast(n[e], sm[e], inv[e]);
@@ -294,19 +301,18 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const bool has_shift = a.shift != nullptr;
-  const int pfloats = param_floats(kPow2, has_shift);
-  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pfloats);
-  const float* params = reinterpret_cast<const float*>(smem + lay.params);
+  const int pbytes = param_bytes(kPow2, has_shift), shift_at = kPow2 ? 256 : 512;
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
+  const uint8_t* params = smem + lay.params;
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
   float* tmax_s = reinterpret_cast<float*>(smem + lay.tmax);
   uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + lay.bars);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool exchange = a.rank || kPow2;  // anything to exchange within the cluster
-  // Stores into another CTA's shared memory need that CTA to have started (and, pow2, its largest
-  // need zeroed): its arrival here, a release, is waited for just before this CTA's first such store.
-  if (kPow2 && tid < kTokens) tmax_s[tid] = 0.f;
-  if (exchange) cluster_arrive();
+  // Stores into another CTA's shared memory need that CTA to have started: its arrival here is
+  // waited for just before this CTA's first such store.
+  if (exchange) cluster_arrive_relaxed();
 
   if (tid == 0) {
     for (int g = 0; g < ng; ++g) mbar_init(&xbar[g], 1);
@@ -315,13 +321,13 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   __syncthreads();
   if (tid == 0) {
     for (int g = 0; g < ng; ++g) {
-      mbar_expect_tx(&xbar[g], kXBoxBytes + (1 + has_shift + !kPow2) * 256);
+      mbar_expect_tx(&xbar[g], kXBoxBytes + pbytes);
       tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * (g0 + g), tok0);
-      uint8_t* dst = smem + lay.params + g * pfloats * 4;
+      uint8_t* dst = smem + lay.params + g * pbytes;
       const int col = 64 * (g0 + g);
       bulk_load(dst, a.inv_smooth + col, 256, &xbar[g]);
-      if (has_shift) bulk_load(dst + 256, a.shift + col, 256, &xbar[g]);
-      if (!kPow2) bulk_load(dst + 512, a.smooth + col, 256, &xbar[g]);
+      if (!kPow2) bulk_load(dst + 256, a.smooth + col, 256, &xbar[g]);
+      if (has_shift) bulk_load(dst + shift_at, static_cast<const uint8_t*>(a.shift) + 2 * col, 128, &xbar[g]);
     }
   }
 
@@ -358,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pfloats, has_shift, t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, has_shift ? params + g * pbytes + shift_at : nullptr, t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -406,13 +412,14 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         }
       }
     }
-    if (kPow2 && blk == 0)  // need >= 0: its bits order like unsigned integers
-      for (int j = t8; j < cs; j += 8)
-        atomicMax(reinterpret_cast<unsigned*>(cluster.map_shared_rank(tmax_s + tl, j)), __float_as_uint(tmax));
+    if (kPow2 && blk == 0)
+      for (int j = t8; j < cs; j += 8) *cluster.map_shared_rank(tmax_s + crank * kTokens + tl, j) = tmax;
     cluster.sync();
     if constexpr (kPow2) {
       if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
-        const float atok = H::round(tmax_s[tl]);
+        float m = 0.f;
+        for (int j = t8; j < cs; j += 8) m = fmaxf(m, tmax_s[j * kTokens + tl]);
+        const float atok = H::round(octet_max(m));
         const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
@@ -428,9 +435,9 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           // qmax * (1 + 2^-8)
           float n[8], inv[8], c[8];
           bool uns;
-          const float* prm = params + g * pfloats;
-          octet_inputs<T>(smem + g * kXBoxBytes + xoff, prm, has_shift, t8, n, uns);
-          load8(inv, prm + 8 * t8);
+          const uint8_t* prm = params + g * pbytes;
+          octet_inputs<T>(smem + g * kXBoxBytes + xoff, has_shift ? prm + shift_at : nullptr, t8, n, uns);
+          load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
           for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(__fmul_rn(n[k], inv[k]), mult)), qlo);
@@ -473,7 +480,7 @@ struct Plan {
   int cs, gpc, tiles, smem;
 };
 
-Plan make_plan(int M, int K, int rank, int pfloats, int max_cs) {
+Plan make_plan(int M, int K, int rank, int pbytes, int max_cs) {
   const int sms = sm_count();
   Plan p{};
   const int groups = K / 64, token_blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
@@ -485,7 +492,7 @@ Plan make_plan(int M, int K, int rank, int pfloats, int max_cs) {
   p.tiles = rank <= 32 ? 1 : 2;  // more would not fit the register budget of 3-4 CTAs per SM
   const int rank_block = rank ? std::min(32 * p.tiles, rank) : 0;
   const int rank_blocks = rank ? (rank + 32 * p.tiles - 1) / (32 * p.tiles) : 1;
-  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs, pfloats).total + 1024;  // + slack to align the base
+  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs, pbytes).total + 1024;  // + slack to align the base
   return p;
 }
 
@@ -501,7 +508,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (a.rank < 0 || a.rank % 16 || a.rank > 1024) return "act_quant: rank must be a multiple of 16 in [0, 1024]";
   if (a.m_al < a.M || a.m_al % 4) return "act_quant: m_al must be M rounded up to a multiple of 4";
   for (const void* p : {a.x, static_cast<const void*>(a.smooth), static_cast<const void*>(a.inv_smooth),
-                        static_cast<const void*>(a.shift), a.lora_down, static_cast<const void*>(a.codes),
+                        a.shift, a.lora_down, static_cast<const void*>(a.codes),
                         static_cast<const void*>(a.ascales), static_cast<const void*>(a.lora_act)})
     if (reinterpret_cast<uintptr_t>(p) & 15) return "act_quant: every tensor must start on a 16-byte boundary";
   if (!tensor_map_encoder()) return "act_quant: cuTensorMapEncodeTiled is not available from the driver";
@@ -512,8 +519,8 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (!make_map(&tm_x, half, a.x, a.K, a.M, a.K * 2ull, 64, kTokens, CU_TENSOR_MAP_SWIZZLE_128B))
     return "act_quant: cuTensorMapEncodeTiled rejected x";
 
-  const int pfloats = param_floats(a.pow2, a.shift != nullptr);
-  const int tiles = make_plan(a.M, a.K, a.rank, pfloats, kMaxClusterCtas).tiles;
+  const int pbytes = param_bytes(a.pow2, a.shift != nullptr);
+  const int tiles = make_plan(a.M, a.K, a.rank, pbytes, kMaxClusterCtas).tiles;
   decltype(&act_quant_kernel<__nv_bfloat16, false, 1>) kernel;
   if (a.dtype == DType::kBF16)
     kernel = a.pow2 ? pick_kernel<__nv_bfloat16, true>(tiles) : pick_kernel<__nv_bfloat16, false>(tiles);
@@ -531,7 +538,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
   for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
-    const Plan plan = make_plan(a.M, a.K, a.rank, pfloats, max_cs);
+    const Plan plan = make_plan(a.M, a.K, a.rank, pbytes, max_cs);
     if (plan.smem > 227 * 1024)
       return "act_quant: K is too large for one cluster's shared memory";
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
