@@ -23,7 +23,9 @@
 //  * f: a [128] byte row of the exponent tensor wexp [K/64, n_al] per group, in the same stage.
 // Persistent: one CTA per SM walks the tiles (channel tiles of a token tile consecutively, so that
 // concurrent CTAs share activation tiles in L2), with one continuous ring of stages, so the producer
-// fills the next tile's stages while the consumers run the previous tile's epilogue.
+// fills the next tile's stages while the consumers run the previous tile's epilogue. With 256-token
+// tiles, the last token rows may run as 128-token half tiles where that evens out the last round
+// (make_schedule).
 // Stages of a tile: K/64 main stages, then ceil(rank/32) low-rank stages (lora_act and lora_up
 // chunks of 32 ranks) whose bf16/fp16 wgmma accumulate into the scaled fp32 tile, then + bias and a
 // transposed 16-byte-row store through shared memory. The epilogue has the fp32 tile with known (channel,
