@@ -107,8 +107,9 @@ sm90::DType half_dtype(const at::Tensor& t, const char* name) {
 
 // Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
 // [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
-// lora_down [K, rank] repacked by kernels.lora_down_sm90: [rank, K]. int8_operands (pow2 only):
-// codes for the fast kernel 2 (s8 bytes) instead of e4m3 bytes.
+// lora_down [K, rank] repacked by kernels.lora_down_sm90: [rank, K]; shift: one fp32 value per
+// 64-group (kernels.group_shifts). int8_operands (pow2 only): codes for the fast kernel 2 (s8 bytes)
+// instead of e4m3 bytes.
 std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& inv_smooth,
                                        const c10::optional<at::Tensor>& shift, const at::Tensor& lora_down_p,
                                        bool pow2, bool int8_operands) {
@@ -122,7 +123,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   check_tensor(x, x, "x", x.scalar_type(), {M, K});
   check_tensor(smooth, x, "smooth", at::kFloat, {K});
   check_tensor(inv_smooth, x, "inv_smooth", at::kFloat, {K});
-  if (shift) check_tensor(*shift, x, "shift", x.scalar_type(), {K});
+  if (shift) check_tensor(*shift, x, "shift", at::kFloat, {K / 64});
   check_tensor(lora_down_p, x, "lora_down_p", x.scalar_type(), {rank, K});
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m_al = (M + 3) / 4 * 4;
@@ -137,7 +138,7 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   a.x = x.data_ptr();
   a.smooth = smooth.data_ptr<float>();
   a.inv_smooth = inv_smooth.data_ptr<float>();
-  a.shift = shift ? shift->data_ptr() : nullptr;
+  a.shift = shift ? shift->data_ptr<float>() : nullptr;
   a.lora_down = lora_down_p.data_ptr();
   a.codes = codes.data_ptr<uint8_t>();
   a.ascales = ascales.data_ptr<float>();

@@ -133,6 +133,8 @@ def _fallback_reason(x: torch.Tensor, layer) -> str:
         return f"out_features {layer.out_features} is not a multiple of 8"
     if layer.qweight.device != x.device:
         return f"weights on {layer.qweight.device}, input on {x.device}"
+    if not _shift_fits_kernels(layer):
+        return "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
     return ""
 
 
@@ -168,11 +170,26 @@ def _lowrank_in_kernel1(layer) -> bool:
     return layer.lora_down.shape[1] <= KERNEL1_MAX_RANK
 
 
+def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
+    """A layer's input shift [K] as kernel 1 takes it: one fp32 value per 64-group, or None where
+    the values inside a group differ (no producer of ours makes such a layer: the GELU shift covers
+    whole groups with one value)."""
+    grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
+    return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
+
+
+def _shift_fits_kernels(layer) -> bool:
+    shift = layer.shift
+    if shift is None:
+        return True
+    return _cached_on(layer, "_sm90_shift_fits", (shift.data_ptr(), shift._version),
+                      lambda: group_shifts(shift) is not None)
+
+
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
-    the shift as the layer holds it (in the layer's dtype, which the kernels require of x too), and
-    lora_down in its layout (lora_down_sm90), or no ranks ([0, K]) above KERNEL1_MAX_RANK, where
-    svdq_linear_sm90 computes the low-rank input with cuBLAS."""
+    the shift per group (group_shifts), and lora_down in its layout (lora_down_sm90), or no ranks
+    ([0, K]) above KERNEL1_MAX_RANK, where svdq_linear_sm90 computes the low-rank input with cuBLAS."""
     shift, down = layer.shift, layer.lora_down
     key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
            None if shift is None else (shift.data_ptr(), shift._version))
@@ -180,7 +197,7 @@ def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
     def compute():
         smooth = layer.smooth.float().contiguous()
         fused_rank = down.shape[1] if _lowrank_in_kernel1(layer) else 0
-        return (smooth, torch.reciprocal(smooth), None if shift is None else shift.contiguous(),
+        return (smooth, torch.reciprocal(smooth), None if shift is None else group_shifts(shift),
                 lora_down_sm90(down[:, :fused_rank]))
 
     return _cached_on(layer, "_sm90_inputs", key, compute)
@@ -284,6 +301,8 @@ def _gemv_fallback_reason(x: torch.Tensor, layer) -> str:
         return f"input dtype {x.dtype} with {layer.wscales.dtype} scales (the W4A16 kernel needs one of bf16/fp16 for both)"
     if layer.qweight.device != x.device:
         return f"weights on {layer.qweight.device}, input on {x.device}"
+    if not _shift_fits_kernels(layer):
+        return "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
     return ""
 
 

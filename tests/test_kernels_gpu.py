@@ -288,6 +288,20 @@ def test_fp32_input_falls_back():
     assert layer(x).shape == (5, 64)
 
 
+def test_shift_varying_inside_a_group_falls_back():
+    # kernel 1 takes one shift per 64-group; a layer whose shift varies inside one runs the reference
+    gen = _gen(5)
+    layer = _layer(64, 128, 16, torch.bfloat16, gen, unsigned=True)
+    x = _activations(5, 128, torch.bfloat16, gen, layer.unsigned_groups)
+    assert kernels._fallback_reason(x, layer) == ""
+    with torch.no_grad():
+        layer.shift[64:] = torch.linspace(0.1, 0.2, 64, device=DEV).to(layer.shift.dtype)  # group 1, still positive
+    assert "shift" in kernels._fallback_reason(x, layer)
+    ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                        layer.bias, layer.shift, layer.unsigned_groups, False)
+    assert torch.equal(layer(x), ref)
+
+
 @pytest.mark.parametrize("pow2", [False, True])
 def test_loras_up_to_the_largest_combined_rank(pow2):
     """LoRAs on the low-rank branch (issue 5): the model's rank 32 plus LoRAs of ranks 64 and 919

@@ -37,7 +37,7 @@
 // Work split: a cluster of cs CTAs owns 32 tokens; CTA c of it owns groups [c * gpc, (c+1) * gpc)
 // of K (make_plan picks cs and gpc). Its x slice, 32 tokens x gpc groups, is TMA-loaded once
 // (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory, with the
-// group's 1/smooth, shift and (exact mode) smooth (bulk copies on the same mbarrier). As each
+// group's 1/smooth and (exact mode) smooth (bulk copies on the same mbarrier). As each
 // group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
 // the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
 // through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
@@ -78,11 +78,11 @@ constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best 
 // owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
 __host__ __device__ inline int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
 
-// A group's parameters in shared memory: 1/smooth (fp32) at byte 0, smooth (fp32, exact mode only)
-// at 256, and the shift (16-bit, as the layer holds it) after them if the layer has one. Loading
-// only what a launch reads keeps kernel 1 in pow2 mode at K = 15360 (15 groups per CTA) at three
-// CTAs per SM instead of two (bench/NOTES.md).
-__host__ __device__ inline int param_bytes(bool pow2, bool has_shift) { return (pow2 ? 256 : 512) + (has_shift ? 128 : 0); }
+// A group's parameters in shared memory: 1/smooth (fp32) at byte 0 and, exact mode only, smooth at
+// 256 (the group's shift is one float, read from memory). Loading only what a launch reads keeps
+// kernel 1 in pow2 mode at K = 15360 (15 groups per CTA) at three CTAs per SM instead of two
+// (bench/NOTES.md).
+__host__ __device__ inline int param_bytes(bool pow2) { return pow2 ? 256 : 512; }
 
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
 struct SmemLayout {
@@ -168,27 +168,19 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
 }
 
 // x + shift of one (token, group) octet: natural columns 8 t8 .. 8 t8 + 7 of the group, from its
-// 16-byte chunk of the swizzled x box; shift: the group's 64 16-bit shifts in shared memory, or
-// nullptr (no shift). `uns` tells whether the group is unsigned (shifted).
+// 16-byte chunk of the swizzled x box; shift: the group's shift (0 for none). A group is unsigned
+// exactly where its shift is positive (numerics.unsigned_groups_from_shift), returned in `uns`.
 template <typename T>
-__device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const uint8_t* shift, int t8, float (&n)[8],
-                                             bool& uns) {
+__device__ __forceinline__ void octet_inputs(const uint8_t* chunk, float shift, int t8, float (&n)[8], bool& uns) {
   const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
   Half<T>::unpack2(raw.x, n[0], n[1]);
   Half<T>::unpack2(raw.y, n[2], n[3]);
   Half<T>::unpack2(raw.z, n[4], n[5]);
   Half<T>::unpack2(raw.w, n[6], n[7]);
-  uns = false;
-  if (shift) {
-    const uint4 sraw = *reinterpret_cast<const uint4*>(shift + 16 * t8);
-    float sh[8];
-    Half<T>::unpack2(sraw.x, sh[0], sh[1]);
-    Half<T>::unpack2(sraw.y, sh[2], sh[3]);
-    Half<T>::unpack2(sraw.z, sh[4], sh[5]);
-    Half<T>::unpack2(sraw.w, sh[6], sh[7]);
-    uns = sh[0] > 0.f;  // a group is all shifted or not at all (numerics.unsigned_groups_from_shift)
+  uns = shift > 0.f;
+  if (shift != 0.f) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], sh[e]);
+    for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], shift);
   }
 }
 
@@ -196,7 +188,7 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, const uint8_t
 // tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). prm: the group's parameters
 // (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs). Returns max |v|.
 template <typename T, bool kPow2>
-__device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, const uint8_t* shift, int t8,
+__device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, float shift, int t8,
                                               float (&v)[8], bool& uns) {
   float n[8], inv[8];
   octet_inputs<T>(chunk, shift, t8, n, uns);
@@ -300,8 +292,9 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int tok0 = blockIdx.y * kTokens;
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
-  const bool has_shift = a.shift != nullptr;
-  const int pbytes = param_bytes(kPow2, has_shift), shift_at = kPow2 ? 256 : 512;
+  // the shift of the CTA's group g (one per group: kernels.group_shifts), 0 without one
+  auto group_shift = [&](int g) { return a.shift ? __ldg(a.shift + g0 + g) : 0.f; };
+  const int pbytes = param_bytes(kPow2);
   const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
   const uint8_t* params = smem + lay.params;
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
@@ -327,7 +320,6 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       const int col = 64 * (g0 + g);
       bulk_load(dst, a.inv_smooth + col, 256, &xbar[g]);
       if (!kPow2) bulk_load(dst + 256, a.smooth + col, 256, &xbar[g]);
-      if (has_shift) bulk_load(dst + shift_at, static_cast<const uint8_t*>(a.shift) + 2 * col, 128, &xbar[g]);
     }
   }
 
@@ -364,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, has_shift ? params + g * pbytes + shift_at : nullptr, t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, group_shift(g), t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -436,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           float n[8], inv[8], c[8];
           bool uns;
           const uint8_t* prm = params + g * pbytes;
-          octet_inputs<T>(smem + g * kXBoxBytes + xoff, has_shift ? prm + shift_at : nullptr, t8, n, uns);
+          octet_inputs<T>(smem + g * kXBoxBytes + xoff, group_shift(g), t8, n, uns);
           load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
@@ -508,7 +500,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (a.rank < 0 || a.rank % 16 || a.rank > 1024) return "act_quant: rank must be a multiple of 16 in [0, 1024]";
   if (a.m_al < a.M || a.m_al % 4) return "act_quant: m_al must be M rounded up to a multiple of 4";
   for (const void* p : {a.x, static_cast<const void*>(a.smooth), static_cast<const void*>(a.inv_smooth),
-                        a.shift, a.lora_down, static_cast<const void*>(a.codes),
+                        static_cast<const void*>(a.shift), a.lora_down, static_cast<const void*>(a.codes),
                         static_cast<const void*>(a.ascales), static_cast<const void*>(a.lora_act)})
     if (reinterpret_cast<uintptr_t>(p) & 15) return "act_quant: every tensor must start on a 16-byte boundary";
   if (!tensor_map_encoder()) return "act_quant: cuTensorMapEncodeTiled is not available from the driver";
@@ -519,7 +511,7 @@ const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
   if (!make_map(&tm_x, half, a.x, a.K, a.M, a.K * 2ull, 64, kTokens, CU_TENSOR_MAP_SWIZZLE_128B))
     return "act_quant: cuTensorMapEncodeTiled rejected x";
 
-  const int pbytes = param_bytes(a.pow2, a.shift != nullptr);
+  const int pbytes = param_bytes(a.pow2);
   const int tiles = make_plan(a.M, a.K, a.rank, pbytes, kMaxClusterCtas).tiles;
   decltype(&act_quant_kernel<__nv_bfloat16, false, 1>) kernel;
   if (a.dtype == DType::kBF16)

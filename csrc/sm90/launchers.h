@@ -19,7 +19,7 @@ struct ActQuantArgs {
   const void* x;              // [M, K] row-major
   const float* smooth;        // [K] fp32 copy of the layer's smooth
   const float* inv_smooth;    // [K] 1 / smooth in fp32, correctly rounded
-  const void* shift;          // [K] in dtype (as the layer holds it), or nullptr (all groups signed); > 0 marks an unsigned group
+  const float* shift;         // [K/64] one shift per group (kernels.group_shifts), or nullptr; > 0 marks an unsigned group
   const void* lora_down;      // [rank, K]: lora_down repacked by kernels.lora_down_sm90 (act_quant.cu)
   uint8_t* codes;             // out [M, K]: e4m3 bytes of the INT4 codes (pow2: of code * 2^-e, or s8), K permuted per group
   float* ascales;             // out: [K/64, m_al] group scales (pow2: [1, m_al] token scales), rounded to dtype, fp32
