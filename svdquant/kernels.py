@@ -301,8 +301,6 @@ def _gemv_fallback_reason(x: torch.Tensor, layer) -> str:
         return f"input dtype {x.dtype} with {layer.wscales.dtype} scales (the W4A16 kernel needs one of bf16/fp16 for both)"
     if layer.qweight.device != x.device:
         return f"weights on {layer.qweight.device}, input on {x.device}"
-    if not _shift_fits_kernels(layer):
-        return "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
     return ""
 
 

@@ -86,7 +86,7 @@ __host__ __device__ inline int param_bytes(bool pow2) { return pow2 ? 256 : 512;
 
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
 struct SmemLayout {
-  int params, inbox, inbox_pairs, need, tmax, bars, total;
+  int params, inbox, inbox_pairs, need, tmax, bars, shift, total;
 };
 __host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
   SmemLayout s;
@@ -96,7 +96,8 @@ __host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int b
   s.need = s.inbox + (blocks > 1 ? 2 : 1) * s.inbox_pairs * 8;   // low-rank inboxes
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
   s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
-  s.total = s.bars + gpc * 8;
+  s.shift = s.bars + gpc * 8;                                    // the groups' shifts [gpc]
+  s.total = s.shift + gpc * 4;
   return s;
 }
 
@@ -292,8 +293,6 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   const int tok0 = blockIdx.y * kTokens;
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
-  // the shift of the CTA's group g (one per group: kernels.group_shifts), 0 without one
-  auto group_shift = [&](int g) { return a.shift ? __ldg(a.shift + g0 + g) : 0.f; };
   const int pbytes = param_bytes(kPow2);
   const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
   const uint8_t* params = smem + lay.params;
@@ -322,6 +321,12 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
       if (!kPow2) bulk_load(dst + 256, a.smooth + col, 256, &xbar[g]);
     }
   }
+  // the groups' shifts (one per group: kernels.group_shifts; 0 without one), read while the TMA
+  // loads are in flight
+  float* shift_s = reinterpret_cast<float*>(smem + lay.shift);
+  if (tid >= 32 && tid < 32 + ng) shift_s[tid - 32] = a.shift ? a.shift[g0 + tid - 32] : 0.f;
+  __syncthreads();
+  auto group_shift = [&](int g) { return shift_s[g]; };
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
   const int xoff = swz128(tl, t8);                         // the octet's chunk in a group's x box
