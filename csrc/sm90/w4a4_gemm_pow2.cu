@@ -174,35 +174,35 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // One tile of kT tokens (kTileT, or kTileT / 2 for the half tiles at the end of the schedule).
   auto run_tile = [&](auto tile_tokens, int ch0, int tok0) {
-  constexpr int kT = decltype(tile_tokens)::value;
-  constexpr int kAcc = kT / 2;  // accumulator registers per thread: 64 channels x kT tokens
-  // the tile's scale factors, once the previous tile's epilogue is done with them
-  consumers_sync();
-  if (threadIdx.x < kTileN) ch_base[threadIdx.x] = ch0 + threadIdx.x < N ? wbase[ch0 + threadIdx.x] : 0.f;
-  for (int t = threadIdx.x; t < kT; t += 256) tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
+    constexpr int kT = decltype(tile_tokens)::value;
+    constexpr int kAcc = kT / 2;  // accumulator registers per thread: 64 channels x kT tokens
+    // the tile's scale factors, once the previous tile's epilogue is done with them
+    consumers_sync();
+    if (threadIdx.x < kTileN) ch_base[threadIdx.x] = ch0 + threadIdx.x < N ? wbase[ch0 + threadIdx.x] : 0.f;
+    for (int t = threadIdx.x; t < kT; t += 256) tok_scale[t] = tok0 + t < m_al ? atok[tok0 + t] : 0.f;
 
-  // Main loop: group g+1's weights are expanded while group g's wgmmas run, into the fragment set
-  // that group g-1 used (complete after wait<1>). The loop is unrolled by two so that the set of
-  // each step is known at compile time; every step keeps the same wgmma pipeline shape (one group
-  // issued, wait<1>), which ptxas needs to leave the wgmmas asynchronous.
-  // s32: the exact sum over all of K of this warpgroup's 64 x kT tile. Zeroed (the first wgmma
-  // ignores it) so that its registers are free while the previous tile's float copy is in use.
-  int acc[kAcc];
+    // Main loop: group g+1's weights are expanded while group g's wgmmas run, into the fragment set
+    // that group g-1 used (complete after wait<1>). The loop is unrolled by two so that the set of
+    // each step is known at compile time; every step keeps the same wgmma pipeline shape (one group
+    // issued, wait<1>), which ptxas needs to leave the wgmmas asynchronous.
+    // s32: the exact sum over all of K of this warpgroup's 64 x kT tile. Zeroed (the first wgmma
+    // ignores it) so that its registers are free while the previous tile's float copy is in use.
+    int acc[kAcc];
 #pragma unroll
-  for (int i = 0; i < kAcc; ++i) acc[i] = 0;
-  uint32_t frag[2][2][4];
-  auto step = [&](int g, const uint32_t (&cur)[2][4], uint32_t (&next)[2][4]) {
-    const uint64_t desc = desc_k_sw64(stage_ptr(g) + kOffAct);
-    wgmma_fence();
-    wgmma_s8_rs<kT>(acc, cur[0], desc, g > 0 ? 1u : 0u);
-    wgmma_s8_rs<kT>(acc, cur[1], desc + 2, 1);  // +32 bytes along K
-    wgmma_commit();
-    wgmma_wait<1>();
-    if (g > 0) release(g - 1);
-    if (g + 1 < groups) {
-      wait_full(g + 1);
-      load_weights(g + 1, next);
-    }
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0;
+    uint32_t frag[2][2][4];
+    auto step = [&](int g, const uint32_t (&cur)[2][4], uint32_t (&next)[2][4]) {
+      const uint64_t desc = desc_k_sw64(stage_ptr(g) + kOffAct);
+      wgmma_fence();
+      wgmma_s8_rs<kT>(acc, cur[0], desc, g > 0 ? 1u : 0u);
+      wgmma_s8_rs<kT>(acc, cur[1], desc + 2, 1);  // +32 bytes along K
+      wgmma_commit();
+      wgmma_wait<1>();
+      if (g > 0) release(g - 1);
+      if (g + 1 < groups) {
+        wait_full(g + 1);
+        load_weights(g + 1, next);
+      }
   };
   wait_full(0);
   load_weights(0, frag[0]);
