@@ -8,8 +8,9 @@ from comfy_api.latest import ComfyExtension, io
 from .loader import SVDQuantFluxLoader
 from .lora import SVDQuantLoraStack
 from .quantizer import SVDQuantFluxQuantizer
+from .text_encoder import SVDQuantFluxTextEncoders
 
 
 class SVDQuantExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SVDQuantFluxLoader, SVDQuantLoraStack, SVDQuantFluxQuantizer]
+        return [SVDQuantFluxLoader, SVDQuantLoraStack, SVDQuantFluxQuantizer, SVDQuantFluxTextEncoders]

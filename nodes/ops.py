@@ -13,7 +13,7 @@ import torch
 
 import comfy.ops
 
-from ..svdquant import linear
+from ..svdquant import linear, quantize
 
 
 def add_lora_key(layer: torch.nn.Module) -> None:
@@ -61,3 +61,55 @@ class SVDQuantOps(comfy.ops.manual_cast):
 
         def forward(self, x):
             raise RuntimeError("an SVDQuant layer was used before its state dict was loaded")
+
+
+class T5W4A16Ops(comfy.ops.manual_cast):
+    """Text-encoder operations that load the T5-XXL's linear layers as 4-bit weights (W4A16).
+
+    ComfyUI builds the text encoders (CLIP-L and T5-XXL share one `model_options`) with these
+    operations, then loads their state dicts. A Linear here allocates nothing when built; when its
+    dense weight arrives it becomes, in place, an engine W4A16Linear holding the weight quantized
+    per 64-group (`quantize.quantize_weight_w4a16`) if the layer is a T5-XXL one (a side of 4096 or
+    more: CLIP-L's linears are at most 3072 wide), else ComfyUI's own manual_cast.Linear. Weights
+    may come in any float dtype, fp8 with a `scale_weight` included. The quantized layers have no
+    dense `weight` key, so LoRAs that target the T5 do not load into it (ComfyUI says which keys);
+    LoRAs for CLIP-L do.
+    """
+
+    class W4A16Linear(linear.W4A16Linear, comfy.ops.CastWeightBiasOp):
+        pass
+
+    class Linear(comfy.ops.manual_cast.Linear):
+        min_features = 4096  # a T5-XXL linear (4096 / 10240 wide)
+
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            torch.nn.Module.__init__(self)  # torch.nn.Linear.__init__ would allocate a dense weight
+            self.in_features, self.out_features = in_features, out_features
+            self.has_bias, self.device, self.dtype = bias, device, dtype
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+        def reset_parameters(self):
+            return None
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            weight = state_dict.get(prefix + "weight")
+            if (weight is None or weight.dim() != 2 or self.in_features % linear.GROUP_SIZE
+                    or max(self.in_features, self.out_features) < self.min_features):
+                linear.become_stored_kind(self, {linear.DENSE: comfy.ops.manual_cast.Linear}, state_dict, prefix,
+                                          local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+                return
+            dense = weight.float()
+            if prefix + "scale_weight" in state_dict:  # ComfyUI's scaled fp8 files
+                dense = dense * state_dict[prefix + "scale_weight"].float()
+            # the layer's dtype, unless that is an 8-bit one (fp8 files): scales and zeros need 16 bits
+            if self.dtype not in (torch.bfloat16, torch.float16):
+                self.dtype = torch.bfloat16
+            tensors = quantize.quantize_weight_w4a16(dense, state_dict.get(prefix + "bias"), self.dtype)
+            linear.become_stored_kind(self, {linear.W4A16: T5W4A16Ops.W4A16Linear},
+                                      {prefix + name: t for name, t in tensors.items()}, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys, error_msgs)
+
+        def forward(self, x):
+            raise RuntimeError("an SVDQuant text-encoder layer was used before its state dict was loaded")

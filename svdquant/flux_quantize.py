@@ -111,10 +111,7 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
                                              hopper_pow2=hopper_pow2).as_dict()
             layers[name] = fmt.describe_w4a4(layer)
         else:
-            codes, wscales, wzeros = numerics.quantize_w4a16(weight, scale_dtype=dtype)
-            layer = {"qweight": numerics.pack_int4(codes), "wscales": wscales, "wzeros": wzeros}
-            if bias is not None:
-                layer["bias"] = bias.to(dtype)
+            layer = quantize.quantize_weight_w4a16(weight, bias, dtype)
             layers[name] = fmt.describe_w4a16(layer)
         out.update({f"{name}.{field}": t.to(home) for field, t in layer.items()})
         if on_layer is not None:

@@ -124,6 +124,17 @@ def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
     return codes.to(torch.int8).reshape(n, k), best_scale.t().to(scale_dtype).contiguous()
 
 
+def quantize_weight_w4a16(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A dense linear's weight [N, K] (any float dtype) as the tensors of a W4A16 layer (natural
+    format: qweight, wscales, wzeros in dtype, and bias if given), by numerics.quantize_w4a16."""
+    codes, wscales, wzeros = numerics.quantize_w4a16(weight, scale_dtype=dtype)
+    out = {"qweight": numerics.pack_int4(codes), "wscales": wscales, "wzeros": wzeros}
+    if bias is not None:
+        out["bias"] = bias.to(dtype)
+    return out
+
+
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """s[k] = act_absmax^alpha / weight_absmax^(1 - alpha), normalised to geometric mean 1."""
     a = act_absmax.float().clamp_min(1e-5)

@@ -572,3 +572,43 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
         error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
         assert error["node_type"] == "SVDQuantFluxQuantizer" and error["exception_message"].startswith(problem)
     assert fmt.read_header(models / "tiny-schnell.safetensors")["format"] == "svdquant"  # not overwritten
+
+
+def test_t5_operations_load_the_t5_in_four_bits(tmp_path):
+    """ComfyUI's own T5 encoder built with the pack's text-encoder operations (at a small width, with
+    the quantization threshold lowered to it): every linear loads as 4-bit weights, from bf16 and
+    from ComfyUI's scaled fp8 layout, computes what the dense model with the dequantized weights
+    computes, and the model takes under a third of its dense size."""
+    out = tmp_path / "t5.safetensors"
+    run_comfy_side("t5", REPO, out)
+    outputs = load_file(str(out))
+    facts = json.loads(fmt.read_header(out)["facts"])
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    for tag in ("bf16", "fp8"):
+        assert facts[tag]["missing"] == []
+        assert set(facts[tag]["layers"].values()) == {"W4A16Linear"}
+        assert rel(outputs[f"{tag}_quantized"], outputs[f"{tag}_dequantized"]) <= 5e-3
+        assert rel(outputs[f"{tag}_quantized"], outputs[f"{tag}_original"]) <= 0.15
+        assert facts[tag]["bytes"] < facts["dense_bytes"] / 3
+
+
+def test_text_encoder_node_in_object_info_and_bad_files(server):
+    info = server.get("/object_info/SVDQuantFluxTextEncoders")["SVDQuantFluxTextEncoders"]
+    assert info["display_name"] == "SVDQuant FLUX Text Encoders (4-bit T5)" and info["category"] == "SVDQuant"
+    assert info["output"] == ["CLIP"]
+    required = info["input"]["required"]
+    assert list(required) == ["clip_name", "t5_name", "device"]
+    assert {"clip_l.safetensors", "t5xxl_fp16.safetensors"} <= set(required["t5_name"][1]["options"])
+    assert all(spec[1].get("tooltip") for spec in required.values())
+    # the fixture's text-encoder files are empty: an error naming the file, and ComfyUI keeps running
+    entry = server.run({"1": {"class_type": "SVDQuantFluxTextEncoders",
+                              "inputs": {"clip_name": "clip_l.safetensors", "t5_name": "t5xxl_fp16.safetensors",
+                                         "device": "cpu"}},
+                        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}})
+    assert entry["status"]["status_str"] == "error"
+    error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+    assert "clip_l.safetensors: not a readable safetensors file" in error["exception_message"]
+    assert server.get("/object_info/KSampler")

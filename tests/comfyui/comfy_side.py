@@ -11,6 +11,9 @@ the ComfyUI checkout as working directory). Commands:
                                  loaded by ComfyUI's model management (full and low-VRAM loads,
                                  partial unloads, detaches); write the outputs of each step and
                                  facts about the layers to OUT
+  t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
+                                 encoder operations, from bf16 and from scaled fp8 weights, beside
+                                 the dense model and the dense model with the dequantized weights
 """
 
 import json
@@ -179,5 +182,66 @@ def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) 
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
+def t5(pack: str, out: str) -> None:
+    import comfy.ops
+    import comfy.text_encoders.t5
+
+    import_pack(pack)
+    from svdquant_pack.nodes.ops import T5W4A16Ops
+    from svdquant_pack.svdquant import numerics
+
+    class NarrowT5W4A16Ops(T5W4A16Ops):  # quantize from 128 wide: the test's T5 is that narrow
+        class Linear(T5W4A16Ops.Linear):
+            min_features = 128
+
+    config = {"d_ff": 320, "d_kv": 32, "d_model": 128, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+              "model_type": "t5", "num_heads": 4, "num_layers": 2, "vocab_size": 100}
+
+    def build(ops, state):
+        model = comfy.text_encoders.t5.T5(config, torch.bfloat16, "cpu", ops)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        return model, missing, unexpected
+
+    gen = torch.Generator().manual_seed(0)
+    dense, _, _ = build(comfy.ops.manual_cast, {})
+    state = {}
+    for name, t in dense.state_dict().items():  # ComfyUI leaves these uninitialised
+        scale = 1.0 if name.startswith("shared") else 0.05
+        state[name] = torch.ones_like(t) if "layer_norm" in name else (scale * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    linears = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)]
+    # the same weights as fp8 with a per-tensor scale, as ComfyUI's scaled fp8 T5 files hold them
+    fp8 = dict(state)
+    for n in linears:
+        w = state[f"{n}.weight"].float()
+        scale = w.abs().max() / 448
+        fp8[f"{n}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+        fp8[f"{n}.scale_weight"] = scale.reshape(())
+    # what the 4-bit layers should compute: the dense model with their dequantized weights
+    def dequantized(source):
+        out = dict(source)
+        for n in linears:
+            w = source[f"{n}.weight"].float() * source.get(f"{n}.scale_weight", torch.tensor(1.0)).float()
+            codes, wscales, wzeros = numerics.quantize_w4a16(w, scale_dtype=torch.bfloat16)
+            out[f"{n}.weight"] = numerics.dequantize_w4a16(codes, wscales, wzeros).to(torch.bfloat16)
+            out.pop(f"{n}.scale_weight", None)
+        return out
+
+    ids = torch.randint(0, config["vocab_size"], (2, 16), generator=gen)
+    outputs, facts = {}, {}
+    for tag, source in (("bf16", state), ("fp8", fp8)):
+        quantized, missing, unexpected = build(NarrowT5W4A16Ops, source)
+        reference, _, _ = build(comfy.ops.manual_cast, dequantized(source))
+        original, _, _ = build(comfy.ops.manual_cast, state)
+        with torch.no_grad():
+            outputs[f"{tag}_quantized"] = quantized(ids, None)[0]
+            outputs[f"{tag}_dequantized"] = reference(ids, None)[0]
+            outputs[f"{tag}_original"] = original(ids, None)[0]
+        facts[tag] = {"missing": missing, "layers": {n: type(m).__name__ for n, m in quantized.named_modules()
+                                                     if n in linears},
+                      "bytes": sum(b.numel() * b.element_size() for b in quantized.state_dict().values())}
+    facts["dense_bytes"] = sum(t.numel() * t.element_size() for t in state.values())
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
+
+
 if __name__ == "__main__":
-    {"taesd": taesd, "load": load, "lora": lora}[sys.argv[1]](*sys.argv[2:])
+    {"taesd": taesd, "load": load, "lora": lora, "t5": t5}[sys.argv[1]](*sys.argv[2:])
