@@ -28,6 +28,24 @@ def add_lora_key(layer: torch.nn.Module) -> None:
     layer.register_buffer("weight", torch.empty(0, dtype=layer.wscales.dtype, device=layer.qweight.device))
 
 
+class PlaceholderLinear(comfy.ops.manual_cast.Linear):
+    """A linear layer that allocates nothing when built; its _load_from_state_dict decides what it
+    becomes (linear.become_stored_kind). Used before that, it is an error."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        torch.nn.Module.__init__(self)  # torch.nn.Linear.__init__ would allocate a dense weight
+        self.in_features, self.out_features = in_features, out_features
+        self.has_bias, self.device, self.dtype = bias, device, dtype
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+
+    def reset_parameters(self):
+        return None
+
+    def forward(self, x):
+        raise RuntimeError("an SVDQuant layer was used before its state dict was loaded")
+
+
 class SVDQuantOps(comfy.ops.manual_cast):
     # comfy_cast_weights and the weight/bias function lists are what ComfyUI's model patcher
     # looks for on a layer it may leave in offload memory in low-VRAM mode
@@ -41,26 +59,13 @@ class SVDQuantOps(comfy.ops.manual_cast):
             super().__init__(*args, **kwargs)
             add_lora_key(self)
 
-    class Linear(comfy.ops.manual_cast.Linear):
-        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-            torch.nn.Module.__init__(self)  # torch.nn.Linear.__init__ would allocate a dense weight
-            self.in_features, self.out_features = in_features, out_features
-            self.has_bias, self.device, self.dtype = bias, device, dtype
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-        def reset_parameters(self):
-            return None
-
+    class Linear(PlaceholderLinear):
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
             classes = {linear.DENSE: comfy.ops.manual_cast.Linear, linear.W4A4: SVDQuantOps.SVDQLinear,
                        linear.W4A16: SVDQuantOps.W4A16Linear}
             linear.become_stored_kind(self, classes, state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-
-        def forward(self, x):
-            raise RuntimeError("an SVDQuant layer was used before its state dict was loaded")
 
 
 class T5W4A16Ops(comfy.ops.manual_cast):
@@ -79,18 +84,8 @@ class T5W4A16Ops(comfy.ops.manual_cast):
     class W4A16Linear(linear.W4A16Linear, comfy.ops.CastWeightBiasOp):
         pass
 
-    class Linear(comfy.ops.manual_cast.Linear):
+    class Linear(PlaceholderLinear):
         min_features = 4096  # a T5-XXL linear (4096 / 10240 wide)
-
-        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-            torch.nn.Module.__init__(self)  # torch.nn.Linear.__init__ would allocate a dense weight
-            self.in_features, self.out_features = in_features, out_features
-            self.has_bias, self.device, self.dtype = bias, device, dtype
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-        def reset_parameters(self):
-            return None
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
@@ -110,6 +105,3 @@ class T5W4A16Ops(comfy.ops.manual_cast):
             linear.become_stored_kind(self, {linear.W4A16: T5W4A16Ops.W4A16Linear},
                                       {prefix + name: t for name, t in tensors.items()}, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys, error_msgs)
-
-        def forward(self, x):
-            raise RuntimeError("an SVDQuant text-encoder layer was used before its state dict was loaded")
