@@ -28,6 +28,7 @@ pybind11::dict build_info() {
   std::vector<std::string> kernels;
 #ifdef SVDQ_WITH_CUDA
   kernels.push_back("w4a16_gemv");
+  kernels.push_back("w4a16_dequant");
 #endif
 #ifdef SVDQ_WITH_SM90A
   kernels.push_back("act_quant_sm90");
@@ -94,6 +95,37 @@ at::Tensor w4a16_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::
   const char* err = svdq::generic::w4a16_gemv(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return y;
+}
+
+// W4A16 dequantization into out [N, K] (bf16, fp16 or fp32) from the natural 4-bit tensors.
+at::Tensor w4a16_dequant(const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& wzeros,
+                         const at::Tensor& out) {
+  TORCH_CHECK(qweight.is_cuda() && qweight.dim() == 2, "qweight must be a 2-D CUDA tensor");
+  check_half(wscales, "wscales");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(K % 64 == 0, "the input width " + num(K) + " is not a multiple of 64");
+  const auto out_dtype = out.scalar_type();
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf || out_dtype == at::kFloat,
+              "out must be bfloat16, float16 or float32");
+  check_tensor(qweight, qweight, "qweight", at::kByte, {N, K / 2});
+  check_tensor(wscales, qweight, "wscales", wscales.scalar_type(), {K / 64, N});
+  check_tensor(wzeros, qweight, "wzeros", wscales.scalar_type(), {K / 64, N});
+  check_tensor(out, qweight, "out", out_dtype, {N, K});
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  if (N == 0) return out;
+  svdq::generic::W4A16DequantArgs a{};
+  a.bf16_scales = wscales.scalar_type() == at::kBFloat16;
+  a.out = out_dtype == at::kBFloat16 ? svdq::generic::OutType::kBF16
+          : out_dtype == at::kHalf   ? svdq::generic::OutType::kF16
+                                     : svdq::generic::OutType::kF32;
+  a.qweight = qweight.data_ptr<uint8_t>();
+  a.wscales = wscales.data_ptr();
+  a.wzeros = wzeros.data_ptr();
+  a.w = out.data_ptr();
+  a.N = static_cast<int>(N), a.K = static_cast<int>(K);
+  const char* err = svdq::generic::w4a16_dequant(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, err);
+  return out;
 }
 #endif
 
@@ -249,6 +281,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef SVDQ_WITH_CUDA
   m.def("w4a16_gemv", &w4a16_gemv, "W4A16 GEMV for up to 8 rows of x (sm_80+)", pybind11::arg("x"),
         pybind11::arg("qweight"), pybind11::arg("wscales"), pybind11::arg("wzeros"), pybind11::arg("bias"));
+  m.def("w4a16_dequant", &w4a16_dequant, "W4A16 weight dequantization for a GEMM (sm_80+)", pybind11::arg("qweight"),
+        pybind11::arg("wscales"), pybind11::arg("wzeros"), pybind11::arg("out"));
 #endif
 #ifdef SVDQ_WITH_SM90A
   m.def("act_quant_sm90", &act_quant_sm90, "kernel 1: activation quantize + low-rank down (sm_90a)",

@@ -306,7 +306,8 @@ def _gemv_fallback_reason(x: torch.Tensor, layer) -> str:
 
 def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors: the GEMV
-    kernel for up to GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM."""
+    kernel for up to GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
+    dequantization by a kernel on a GPU: the reference path's W bit for bit, in one pass)."""
     if x.device.type == "cuda" and 0 < x.shape[0] <= GEMV_MAX_ROWS:
         reason = _gemv_fallback_reason(x, layer)
         if not reason:
@@ -314,7 +315,19 @@ def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
             return _C.w4a16_gemv(x.contiguous(), layer.qweight.contiguous(), layer.wscales.contiguous(),
                                  layer.wzeros.contiguous(), bias)
         _announce_fallback(reason)
+    elif x.device.type == "cuda" and _dequant_runs(x, layer):
+        weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
+        _C.w4a16_dequant(layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(), weight)
+        return torch.nn.functional.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
     return w4a16_linear_reference(x, layer)
+
+
+def _dequant_runs(x: torch.Tensor, layer) -> bool:
+    """Whether the dequantization kernel can make W for this call (else the PyTorch reference does)."""
+    return (_C is not None and hasattr(_C, "w4a16_dequant") and _runs_here(x.device)
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and layer.wscales.dtype in numerics.SUPPORTED_DTYPES and layer.wzeros.dtype == layer.wscales.dtype
+            and layer.qweight.device == x.device)
 
 
 def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:

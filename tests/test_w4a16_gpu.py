@@ -1,5 +1,6 @@
 """Tests of the W4A16 GEMV kernel (csrc/generic/w4a16_gemv.cu) against a float64 product of the
-same codes and group scales (`numerics.dequantize_w4a16`).
+same codes and group scales (`numerics.dequantize_w4a16`), and of the dequantization kernel for
+many rows (csrc/generic/w4a16_dequant.cu) against the reference's W bit for bit.
 
 Skipped unless a CUDA GPU is present and the extension holds a W4A16 kernel for it
 (`python setup.py build_ext --inplace` on that machine).
@@ -88,3 +89,26 @@ def test_gemv_rejects_bad_input():
     with pytest.raises(RuntimeError, match="wscales"):
         kernels._C.w4a16_gemv(torch.zeros(1, 128, device=DEV, dtype=torch.float16), layer.qweight, layer.wscales,
                               layer.wzeros, None)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,k", [(1, 64), (7, 192), (200, 3072), (4096, 10240)])
+def test_dequant_equals_the_reference_weight(scale_dtype, out_dtype, n, k):
+    # W for a GEMM over many rows: the reference path's numerics.dequantize_w4a16(...).to(out) bit for bit
+    gen = torch.Generator(device=DEV).manual_seed(n + k)
+    layer = _layer(n, k, scale_dtype, gen, bias=False)
+    out = torch.full((n, k), float("nan"), dtype=out_dtype, device=DEV)
+    kernels._C.w4a16_dequant(layer.qweight, layer.wscales, layer.wzeros, out)
+    codes = numerics.unpack_int4(layer.qweight, signed=False)
+    assert torch.equal(out, numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).to(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_many_rows_equal_the_reference_path(dtype):
+    # a prompt's worth of tokens (the 4-bit T5): the dequantization kernel then one GEMM, exactly
+    # what the PyTorch reference computes with its own dequantization
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    layer = _layer(640, 1024, torch.bfloat16, gen)
+    x = torch.randn(300, 1024, generator=gen, device=DEV).to(dtype)
+    assert torch.equal(kernels.w4a16_linear(x, layer), kernels.w4a16_linear_reference(x, layer))

@@ -24,4 +24,18 @@ struct W4A16GemvArgs {
 };
 const char* w4a16_gemv(const W4A16GemvArgs& a, cudaStream_t stream);
 
+// W4A16 dequantization (w4a16_dequant.cu): W [N, K] = code * wscales[g, n] + wzeros[g, n] in fp32,
+// rounded once to the output type (numerics.dequantize_w4a16), for a GEMM over many rows of x.
+enum class OutType { kBF16, kF16, kF32 };
+struct W4A16DequantArgs {
+  bool bf16_scales;         // dtype of wscales and wzeros (else fp16)
+  OutType out;              // dtype of w
+  const uint8_t* qweight;   // [N, K/2] natural packing, unsigned codes
+  const void* wscales;      // [K/64, N]
+  const void* wzeros;       // [K/64, N]
+  void* w;                  // out [N, K]
+  int N, K;
+};
+const char* w4a16_dequant(const W4A16DequantArgs& a, cudaStream_t stream);
+
 }  // namespace svdq::generic
