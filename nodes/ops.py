@@ -11,6 +11,7 @@ buffer for ComfyUI's LoRA keys (see `add_lora_key` and nodes/lora.py).
 
 import torch
 
+import comfy.model_management
 import comfy.ops
 
 from ..svdquant import linear, quantize
@@ -95,9 +96,12 @@ class T5W4A16Ops(comfy.ops.manual_cast):
                 linear.become_stored_kind(self, {linear.DENSE: comfy.ops.manual_cast.Linear}, state_dict, prefix,
                                           local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
                 return
-            dense = weight.float()
+            # on ComfyUI's main device (the GPU where there is one): ~0.5 s per 10240 x 4096 layer on
+            # two CPU cores, a minute for the whole T5-XXL
+            work = comfy.model_management.get_torch_device()
+            dense = weight.to(work).float()
             if prefix + "scale_weight" in state_dict:  # ComfyUI's scaled fp8 files
-                dense = dense * state_dict[prefix + "scale_weight"].float()
+                dense = dense * state_dict[prefix + "scale_weight"].to(work).float()
             # the layer's dtype, unless that is an 8-bit one (fp8 files): scales and zeros need 16 bits
             if self.dtype not in (torch.bfloat16, torch.float16):
                 self.dtype = torch.bfloat16
