@@ -380,7 +380,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-dev.json", "flux.1-dev-lora.json"])
+@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json", "flux.1-dev.json",
+                                  "flux.1-dev-lora.json"])
 def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     workflow = json.loads((REPO / "workflows" / name).read_text())
     prompt = ui_to_api(workflow, server.get("/object_info"))
@@ -388,7 +389,8 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     status, reply = server.post_prompt(prompt)
     assert status == 200 and not reply["node_errors"], reply
     templates = server.get("/workflow_templates")
-    assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-dev-lora", "flux.1-schnell"]
+    assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-dev-lora", "flux.1-schnell",
+                                                     "flux.1-schnell-4bit-t5"]
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
 
 

@@ -12,7 +12,7 @@ def load(name):
     return json.loads((REPO / "workflows" / name).read_text())
 
 
-WORKFLOWS = ["flux.1-schnell.json", "flux.1-dev.json", "flux.1-dev-lora.json"]
+WORKFLOWS = ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json", "flux.1-dev.json", "flux.1-dev-lora.json"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -34,8 +34,9 @@ def by_type(workflow):
     return {node["type"]: node for node in workflow["nodes"]}
 
 
-def test_schnell_defaults():
-    nodes = by_type(load("flux.1-schnell.json"))
+@pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json"])
+def test_schnell_defaults(name):
+    nodes = by_type(load(name))
     assert nodes["SVDQuantFluxLoader"]["widgets_values"] == ["svdq-int4_r32-flux.1-schnell.safetensors",
                                                              "bfloat16", "default", "from file"]
     seed, control, steps, cfg, sampler, scheduler, denoise = nodes["KSampler"]["widgets_values"]
@@ -62,3 +63,13 @@ def test_lora_workflow_puts_comfyuis_lora_loader_between_our_loader_and_the_samp
     loader, lora, sampler = (nodes[t]["id"] for t in ("SVDQuantFluxLoader", "LoraLoaderModelOnly", "KSampler"))
     assert model_links == {(loader, lora), (lora, sampler)}
     assert nodes["LoraLoaderModelOnly"]["widgets_values"][1] == 1.0
+
+
+def test_4bit_t5_workflow_encodes_the_prompt_with_our_text_encoders():
+    workflow = load("flux.1-schnell-4bit-t5.json")
+    nodes = by_type(workflow)
+    assert "DualCLIPLoader" not in nodes
+    encoders = nodes["SVDQuantFluxTextEncoders"]
+    assert encoders["widgets_values"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "default"]
+    clip_links = {(link[1], link[3]) for link in workflow["links"] if link[5] == "CLIP"}
+    assert clip_links == {(encoders["id"], nodes["CLIPTextEncode"]["id"])}
