@@ -19,6 +19,11 @@ ACTIVATION_SCALES = {"from file": None, "power-of-two": True, "exact": False}
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors files ComfyUI lists in one of its model folders (only those are ever read)."""
+    return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+
+
 def device_options() -> list[str]:
     """'default' (ComfyUI's main device), 'cpu', and each CUDA device where there are several."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -60,8 +65,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
 class SVDQuantFluxLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = [name for name in folder_paths.get_filename_list("diffusion_models")
-                 if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+        files = safetensors_files("diffusion_models")
         return io.Schema(
             node_id="SVDQuantFluxLoader",
             display_name="SVDQuant FLUX Loader",

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 
 from ..svdquant import flux, flux_quantize
 from ..svdquant.format import FormatError
-from .loader import SAFETENSORS_SUFFIXES
+from .loader import safetensors_files
 
 log = logging.getLogger("svdquant")
 SUFFIX = ".safetensors"
@@ -35,8 +35,7 @@ def output_folder() -> str:
 class SVDQuantFluxQuantizer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = [name for name in folder_paths.get_filename_list("diffusion_models")
-                 if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+        files = safetensors_files("diffusion_models")
         return io.Schema(
             node_id="SVDQuantFluxQuantizer",
             display_name="SVDQuant FLUX Quantizer",

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..svdquant import format as fmt
 from ..svdquant import linear
-from .loader import SAFETENSORS_SUFFIXES
+from .loader import safetensors_files
 from .ops import T5W4A16Ops
 
 
@@ -33,8 +33,7 @@ def load_flux_text_encoders(clip_l_path: str, t5_path: str, device: str = "defau
 class SVDQuantFluxTextEncoders(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = [name for name in folder_paths.get_filename_list("text_encoders")
-                 if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+        files = safetensors_files("text_encoders")
         return io.Schema(
             node_id="SVDQuantFluxTextEncoders",
             display_name="SVDQuant FLUX Text Encoders (4-bit T5)",
