@@ -94,11 +94,11 @@ def svdq_linear_reference(
 # csrc/sm90/w4a4_gemm_pow2.cu (the scales' powers of two are folded into s8 operands, INT8 tensor
 # cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2
 # reads the layer's qweight [N, K/2], wscales, lora_up and bias in their natural layout, so the
-# weights stay one 4-bit copy on the GPU. Derived tensors, cached on
-# the layer: fp32 copies of smooth, its reciprocal and the shift (3 x 4 bytes per input channel),
-# lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel, rank), at
-# ranks up to KERNEL1_MAX_RANK only), and
-# for the fast path the weight scales' exponents (1 byte per group scale) and row bases.
+# weights stay one 4-bit copy on the GPU. Derived tensors, cached on the layer: fp32 copies of
+# smooth and its reciprocal (2 x 4 bytes per input channel), the shift's one fp32 value per
+# 64-group, lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel,
+# rank), at ranks up to KERNEL1_MAX_RANK only), and for the fast path the weight scales' exponents
+# (1 byte per group scale) and row bases.
 _SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90", "w4a4_gemm_pow2_sm90")
 
 
