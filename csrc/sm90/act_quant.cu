@@ -326,7 +326,6 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
   float* shift_s = reinterpret_cast<float*>(smem + lay.shift);
   if (tid >= 32 && tid < 32 + ng) shift_s[tid - 32] = a.shift ? a.shift[g0 + tid - 32] : 0.f;
   __syncthreads();
-  auto group_shift = [&](int g) { return shift_s[g]; };
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
   const int xoff = swz128(tl, t8);                         // the octet's chunk in a group's x box
@@ -361,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, group_shift(g), t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -433,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           float n[8], inv[8], c[8];
           bool uns;
           const uint8_t* prm = params + g * pbytes;
-          octet_inputs<T>(smem + g * kXBoxBytes + xoff, group_shift(g), t8, n, uns);
+          octet_inputs<T>(smem + g * kXBoxBytes + xoff, shift_s[g], t8, n, uns);
           load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
