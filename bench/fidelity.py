@@ -9,17 +9,12 @@ weight-only, and writes them as JSON with the machine, date and commit.
 """
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from record import write_result  # noqa: E402
 from svdquant import synthetic  # noqa: E402
 
 
@@ -34,18 +29,9 @@ def main() -> None:
     print(f"{'scheme':<20} {'rel. error':>10}")
     for name, err in errors.items():
         print(f"{name:<20} {err:>10.4f}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result = {
-        "what": "relative output error ||y - y_ref|| / ||y_ref|| vs a float64 reference, synthetic layer "
-                "(Gaussian inputs with 8 outlier channels scaled 20..100x, Student-t(3) weights)",
-        "shape": shape, "errors": errors, "seconds": round(seconds, 1),
-        "device": f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}",
-        "date": datetime.date.today().isoformat(), "commit": commit,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, what="relative output error ||y - y_ref|| / ||y_ref|| vs a float64 reference, "
+                 "synthetic layer (Gaussian inputs with 8 outlier channels scaled 20..100x, Student-t(3) weights)",
+                 shape=shape, errors=errors, seconds=round(seconds, 1))
 
 
 if __name__ == "__main__":

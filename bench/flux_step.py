@@ -4,22 +4,21 @@ with SVDQuant W4A4 layers on the exact Hopper path, with exact weight scales and
 activation scales (design (d) alone: what a reference-engine model runs with the loader's
 activation_scales = power-of-two), and on the fast path (power-of-two weight and activation scales).
 
-    python bench/flux_step.py [--out DIR] [--depth 19 --single 38]
+    python bench/flux_step.py [--json PATH] [--depth 19 --single 38]
 
 Weights are random (natural-format tensors drawn directly, no quantizer run): this measures
-time and memory, not image quality. Prints a table and writes flux_step_h100.json to --out.
+time and memory, not image quality. Prints a table and writes its JSON to --json.
 """
 
 import argparse
-import datetime
-import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from record import write_result  # noqa: E402
 from svdquant import flux, flux_model, kernels, numerics  # noqa: E402
 
 
@@ -71,10 +70,9 @@ def time_call(model, args, repeats: int = 7) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=".")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "flux_step_h100.json"))
     parser.add_argument("--depth", type=int, default=19)
     parser.add_argument("--single", type=int, default=38)
-    parser.add_argument("--commit", default="", help="the code's git commit, for the JSON")
     args = parser.parse_args()
     cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -107,13 +105,7 @@ def main() -> None:
     print(f"{'variant':<27} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")
     for name, row in rows.items():
         print(f"{name:<27} {row['ms']:>8.2f} {base / row['ms']:>7.2f} {row['weights_GiB']:>12.2f} {row['peak_GiB']:>9.2f}")
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=Path(__file__).parent).stdout.strip()
-    result = {"what": "engine FLUX forward (eager), one call at 1024x1024, random weights", "rows": rows,
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "commit": commit}
-    Path(args.out, "flux_step_h100.json").write_text(json.dumps(result, indent=2) + "\n")
-
+    write_result(args.json, what="engine FLUX forward (eager), one call at 1024x1024, random weights", rows=rows)
 
 if __name__ == "__main__":
     main()

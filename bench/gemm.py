@@ -27,18 +27,16 @@ sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from record import write_result  # noqa: E402
 from svdquant import kernels, numerics  # noqa: E402
 from svdquant.linear import SVDQLinear  # noqa: E402
 
@@ -223,34 +221,6 @@ def fast_path_error(m: int, n: int, k: int) -> dict:
     row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
     row["rel_err_fp16_output"] = float((ref.half().double() - ref).norm() / ref.norm())  # rounding alone
     return row
-
-
-def git_commit() -> str:
-    if os.environ.get("SVDQ_COMMIT"):
-        return os.environ["SVDQ_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_result(path: str, **fields) -> None:
-    """A benchmark's JSON: the device, date, commit and software, then `fields`."""
-    props = torch.cuda.get_device_properties(0)
-    result = {
-        "device": props.name,
-        "sm_count": props.multi_processor_count,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        **fields,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
 
 
 def main() -> None:

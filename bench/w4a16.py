@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemm import time_calls, write_result  # noqa: E402
+from gemm import time_calls  # noqa: E402
+from record import write_result  # noqa: E402
 from svdquant import kernels, numerics  # noqa: E402
 from svdquant.linear import W4A16Linear  # noqa: E402
 
