@@ -133,7 +133,7 @@ def _fallback_reason(x: torch.Tensor, layer) -> str:
         return f"out_features {layer.out_features} is not a multiple of 8"
     if layer.qweight.device != x.device:
         return f"weights on {layer.qweight.device}, input on {x.device}"
-    if not _shift_fits_kernels(layer):
+    if layer.shift is not None and _sm90_layer_inputs(layer)[2] is None:
         return "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
     return ""
 
@@ -176,14 +176,6 @@ def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
     whole groups with one value)."""
     grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
     return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
-
-
-def _shift_fits_kernels(layer) -> bool:
-    shift = layer.shift
-    if shift is None:
-        return True
-    return _cached_on(layer, "_sm90_shift_fits", (shift.data_ptr(), shift._version),
-                      lambda: group_shifts(shift) is not None)
 
 
 def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
