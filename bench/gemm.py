@@ -18,8 +18,9 @@ tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers h
             half tiles chosen by M and N (t128 / t256: every tile of that size)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
-A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128, and
-an accuracy row gives the fast kernel 2's relative error against float64.
+A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128; a
+GELU row set times the fast kernel 2 of the layers that feed a GELU with it fused into the epilogue
+and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
@@ -45,6 +46,9 @@ FLUX_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504,
 TOKENS = [4608, 256, 1024]
 RANK = 32
 LORA_RANKS = [32, 32 + 64, 32 + 64 + 128]
+# (N, first GELU channel) of the FLUX layers whose output feeds a GELU: the double blocks' MLP input
+# layer, and the single blocks' linear1, whose columns after q, k, v are the MLP's
+GELU_LAYERS = [(12288, 0), (21504, 9216)]
 
 
 def time_calls(calls, target_ms: float = 30.0, replays: int = 10) -> float:
@@ -203,6 +207,32 @@ def bench_lora(m: int, n: int, k: int, l2_bytes: int) -> dict:
     return row
 
 
+def bench_gelu(m: int, n: int, k: int, gelu_from: int, l2_bytes: int) -> dict:
+    """An MLP input layer (fast path, rank 32) whose output channels from gelu_from on feed a tanh
+    GELU: the GELU fused into kernel 2's epilogue against kernel 2 followed by PyTorch's GELU."""
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    sets = input_sets(m, n, k, l2_bytes)
+    a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
+    layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in range(sets)]
+    stage1 = [kernels._C.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), True, True)
+              for i in range(sets)]
+    pow2_weights = [kernels._sm90_pow2_weights(lay) for lay in layers]
+
+    def k2(i, fused_from=-1):
+        lay = layers[i]
+        return kernels._C.w4a4_gemm_pow2_sm90(*stage1[i], lay.qweight, *pow2_weights[i], lay.lora_up, lay.bias,
+                                              None, gelu_from=fused_from)
+
+    row = {"M": m, "N": n, "K": k, "gelu_from": gelu_from, "input_sets": sets}
+    row["k2f_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
+    row["k2f_gelu_fused_ms"] = time_calls([lambda i=i: k2(i, gelu_from) for i in range(sets)])
+    row["k2f_then_torch_gelu_ms"] = time_calls([
+        lambda i=i: torch.nn.functional.gelu(k2(i)[:, gelu_from:], approximate="tanh") for i in range(sets)])
+    del a, layers, stage1
+    torch.cuda.empty_cache()
+    return row
+
+
 def fast_path_error(m: int, n: int, k: int) -> dict:
     """Relative error of the fast kernel 2 against float64 on the same operands; fp16 output, whose
     rounding (rel_err_fp16_output) is 8x finer than bf16's."""
@@ -253,12 +283,17 @@ def main() -> None:
     lora = bench_lora(4608, 3072, 3072, l2_bytes)
     print("LoRA, fast k1+k2 at M=4608 N=K=3072: " +
           ", ".join(f"rank {rank}: {lora[f'k1k2f_r{rank}_ms'] * 1e3:.1f} us" for rank in LORA_RANKS), flush=True)
+    gelu = [bench_gelu(4608, n, 3072, gelu_from, l2_bytes) for n, gelu_from in GELU_LAYERS]
+    for r in gelu:
+        print(f"GELU on channels {r['gelu_from']}.. of M={r['M']} N={r['N']} K={r['K']}: fast k2 "
+              f"{r['k2f_ms'] * 1e3:.1f} us, with the GELU fused {r['k2f_gelu_fused_ms'] * 1e3:.1f} us, "
+              f"then PyTorch's GELU {r['k2f_then_torch_gelu_ms'] * 1e3:.1f} us", flush=True)
     accuracy = fast_path_error(4608, 3072, 3072)
     print("fast kernel 2 vs float64 at M=4608 N=K=3072: " +
           ", ".join(f"{key} {value:.2e}" for key, value in accuracy.items() if key.startswith("rel_err")), flush=True)
     write_result(args.json, rank=RANK,
                  method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
-                 rows=rows, lora=lora, fast_path_accuracy=accuracy)
+                 rows=rows, lora=lora, gelu=gelu, fast_path_accuracy=accuracy)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,10 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
   return {codes, ascales, lora_act};
 }
 
+// Kernel 2's gelu_from: output channels from it on pass through GELU (tanh approximation) in the
+// epilogue; negative (or N and beyond) for none.
+int gelu_channel(int64_t gelu_from, int64_t N) { return gelu_from < 0 || gelu_from >= N ? -1 : static_cast<int>(gelu_from); }
+
 // The checks both kernel-2 variants share (codes [M, K], lora_act [M, r], natural qweight [N, K/2],
 // lora_up [N, r], bias [N]); returns the output y [M, N] (`out` where given).
 at::Tensor checked_gemm_output(const at::Tensor& codes, const at::Tensor& lora_act, const at::Tensor& qweight,
@@ -199,10 +203,12 @@ at::Tensor checked_gemm_output(const at::Tensor& codes, const at::Tensor& lora_a
   return y;
 }
 
-// Kernel 2: y [M, N] = W4A4 product of kernel 1's outputs with the natural-layout weights + low rank + bias.
+// Kernel 2: y [M, N] = W4A4 product of kernel 1's outputs with the natural-layout weights + low rank + bias,
+// then GELU on the channels from gelu_from on (gelu_channel).
 at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, const at::Tensor& lora_act,
                           const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
-                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out) {
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
+                          int64_t gelu_from) {
   TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
   TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && ascales.dim() == 2, "qweight, lora_up and ascales are 2-D");
   const auto dtype = half_dtype(wscales, "wscales");
@@ -229,6 +235,7 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
   a.M = static_cast<int>(M), a.N = static_cast<int>(N), a.K = static_cast<int>(K), a.rank = static_cast<int>(rank);
   a.m_al = static_cast<int>(m_al);
   a.ascale_rows = static_cast<int>(ascale_rows);
+  a.gelu_from = gelu_channel(gelu_from, N);
   const char* err = sm90::w4a4_gemm(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return y;
@@ -239,7 +246,8 @@ at::Tensor w4a4_gemm_sm90(const at::Tensor& codes, const at::Tensor& ascales, co
 at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, const at::Tensor& lora_act,
                                const at::Tensor& qweight, const at::Tensor& wexp, const at::Tensor& wbase,
                                const at::Tensor& lora_up, const c10::optional<at::Tensor>& bias,
-                               const c10::optional<at::Tensor>& out, int64_t tile_t, int64_t half_rows) {
+                               const c10::optional<at::Tensor>& out, int64_t tile_t, int64_t half_rows,
+                               int64_t gelu_from) {
   TORCH_CHECK(codes.is_cuda() && codes.dim() == 2, "codes must be a 2-D CUDA tensor");
   TORCH_CHECK(qweight.dim() == 2 && lora_up.dim() == 2 && wexp.dim() == 2, "qweight, lora_up and wexp are 2-D");
   const auto dtype = half_dtype(lora_act, "lora_act");
@@ -267,6 +275,7 @@ at::Tensor w4a4_gemm_pow2_sm90(const at::Tensor& codes, const at::Tensor& atok, 
   a.m_al = static_cast<int>(m_al), a.n_al = static_cast<int>(n_al);
   a.tile_t = static_cast<int>(tile_t);
   a.half_rows = static_cast<int>(std::max<int64_t>(-1, std::min<int64_t>(half_rows, 1 << 20)));
+  a.gelu_from = gelu_channel(gelu_from, N);
   const char* err = sm90::w4a4_gemm_pow2(a, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, err);
   return y;
@@ -290,11 +299,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lora_down_p"), pybind11::arg("pow2") = false, pybind11::arg("int8_operands") = false);
   m.def("w4a4_gemm_sm90", &w4a4_gemm_sm90, "kernel 2: W4A4 GEMM + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("ascales"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wscales"),
-        pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none());
+        pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("gelu_from") = -1);
   m.def("w4a4_gemm_pow2_sm90", &w4a4_gemm_pow2_sm90,
         "fast kernel 2: W4A4 GEMM for power-of-two scales + low-rank up + bias (sm_90a)", pybind11::arg("codes"),
         pybind11::arg("atok"), pybind11::arg("lora_act"), pybind11::arg("qweight"), pybind11::arg("wexp"),
         pybind11::arg("wbase"), pybind11::arg("lora_up"), pybind11::arg("bias"), pybind11::arg("out") = pybind11::none(),
-        pybind11::arg("tile_t") = 0, pybind11::arg("half_rows") = -1);
+        pybind11::arg("tile_t") = 0, pybind11::arg("half_rows") = -1, pybind11::arg("gelu_from") = -1);
 #endif
 }

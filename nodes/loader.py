@@ -57,6 +57,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
     flux.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
+    flux.fuse_mlp_gelu(base_model.diffusion_model)
     patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher

@@ -104,9 +104,13 @@ def cmd_demo(args) -> int:
         layer_errors = []
         for name, x in layer_inputs.items():
             weight, bias = tensors[f"{name}.weight"].double(), tensors[f"{name}.bias"].double()
+            layer = model.get_submodule(name)
             with torch.no_grad():
-                out = model.get_submodule(name)(x.to(device, torch.bfloat16))
-            layer_errors.append(_relative_error(out.cpu(), x.double() @ weight.t() + bias))
+                out = layer(x.to(device, torch.bfloat16))
+            ref = x.double() @ weight.t() + bias
+            if layer.gelu_from is not None:  # an MLP input layer that applies the GELU (flux.fuse_mlp_gelu)
+                ref[:, layer.gelu_from:] = torch.nn.functional.gelu(ref[:, layer.gelu_from:], approximate="tanh")
+            layer_errors.append(_relative_error(out.cpu(), ref))
         out, seconds = sample(model)
         print(f"{scheme:<18} {sum(layer_errors) / len(layer_errors):>17.4f} {_relative_error(out, reference):>13.4f} "
               f"{seconds:>7.2f}s")

@@ -68,10 +68,13 @@ def svdq_linear_reference(
     shift: torch.Tensor | None = None,
     unsigned_groups: torch.Tensor | None = None,
     pow2_activations: bool = False,
+    gelu_from: int | None = None,
 ) -> torch.Tensor:
     """y = Q((x + shift) / smooth) . Q(R)^T + (x @ lora_down) @ lora_up^T + bias, x [M, K].
 
-    pow2_activations: Q of the input is numerics.quantize_activations_pow2."""
+    pow2_activations: Q of the input is numerics.quantize_activations_pow2. gelu_from: output
+    channels from this one on are GELU (tanh approximation) of the above, taken in float32 before
+    the rounding to x's dtype, as kernel 2's epilogue does."""
     if pow2_activations:
         act_codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift, unsigned_groups)
         act_scales = numerics.pow2_scales(atok, exps)
@@ -83,6 +86,8 @@ def svdq_linear_reference(
         y += numerics.lowrank_reference(x, lora_down, lora_up)
     if bias is not None:
         y += bias.float()
+    if gelu_from is not None:
+        y[:, gelu_from:] = torch.nn.functional.gelu(y[:, gelu_from:], approximate="tanh")
     return y.to(x.dtype)
 
 
@@ -239,12 +244,13 @@ def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) ->
     codes, ascales, lora_act = _C.act_quant_sm90(x, *_sm90_layer_inputs(layer), pow2, fast)
     if not _lowrank_in_kernel1(layer):
         lora_act = x @ layer.lora_down
+    gelu_from = -1 if layer.gelu_from is None else layer.gelu_from
     if fast:
         wexp, wbase = _sm90_pow2_weights(layer)
         return _C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,
-                                      layer.lora_up.contiguous(), layer.bias, out)
+                                      layer.lora_up.contiguous(), layer.bias, out, gelu_from=gelu_from)
     return _C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
-                             layer.lora_up.contiguous(), layer.bias, out)
+                             layer.lora_up.contiguous(), layer.bias, out, gelu_from)
 
 
 def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
@@ -255,7 +261,7 @@ def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     _announce_fallback(reason)
     return svdq_linear_reference(
         x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-        layer.bias, layer.shift, layer.unsigned_groups, uses_pow2_activations(layer),
+        layer.bias, layer.shift, layer.unsigned_groups, uses_pow2_activations(layer), layer.gelu_from,
     )
 
 

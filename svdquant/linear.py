@@ -64,7 +64,8 @@ def on_device(layer, device: torch.device) -> SimpleNamespace:
     view = SimpleNamespace(kind=layer.kind, in_features=layer.in_features, out_features=layer.out_features,
                            unsigned_groups=getattr(layer, "unsigned_groups", None),
                            pow2_weights=getattr(layer, "pow2_weights", False),
-                           pow2_activations=getattr(layer, "pow2_activations", None))
+                           pow2_activations=getattr(layer, "pow2_activations", None),
+                           gelu_from=getattr(layer, "gelu_from", None))
     for name in QUANTIZED_FIELDS:
         tensor = getattr(layer, name, None)
         setattr(view, name, None if tensor is None else tensor.to(device, non_blocking=True))
@@ -166,10 +167,14 @@ class SVDQLinear(_QuantizedLinearBase):
     pow2_activations: quantize the input with power-of-two restricted scales
     (numerics.quantize_activations_pow2); None follows `kernels.pow2_activations` (off by default).
     On Hopper a layer with both runs the fast GEMM with no per-group rescaling.
+    gelu_from: output channels from this one on are GELU (tanh approximation) of the above, fused
+    into kernel 2's epilogue on Hopper (set by `flux.fuse_mlp_gelu` on the FLUX MLP input layers);
+    None: no activation.
     """
 
     kind = W4A4
     pow2_activations: bool | None = None
+    gelu_from: int | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  shift: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):

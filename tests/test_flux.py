@@ -81,9 +81,35 @@ def test_loaded_layers_become_what_the_file_stores():
             engine.load_state_dict({"weight": model.tensors[f"{name}.weight"], "bias": model.tensors[f"{name}.bias"]})
         else:
             engine = classes[spec.kind].from_tensors(model.layer_tensors(name))
+        if spec.kind == flux.W4A4:  # from_tensors moves the MLP's GELU into its input layers
+            expected = 0 if name.endswith("_mlp.0") else 3 * cfg.hidden_size if name.endswith("linear1") else None
+            assert layer.gelu_from == expected, name
+            engine.gelu_from = expected
         assert set(layer.state_dict()) == set(engine.state_dict()), name
         assert torch.equal(layer(x), engine(x)), name
     assert set(loaded.state_dict()) == set(model.tensors)
+
+
+def test_mlp_gelu_moves_into_the_quantized_input_layers():
+    """flux.fuse_mlp_gelu: the quantized model computes what it computed with separate GELU modules
+    (the activation now taken before the rounding to bf16), and dense MLPs keep their GELU."""
+    model = quantized_model(True)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    separate = flux_model.Flux(cfg, flux_model.loaded_linear()).requires_grad_(False)
+    separate.load_state_dict(model.tensors)
+    fused = flux_model.from_tensors(cfg, model.tensors)
+    gelus = [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
+    assert not gelus and sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == 2 * cfg.depth + cfg.depth_single_blocks
+    assert flux.fuse_mlp_gelu(fused) == 0  # nothing left to move
+    inputs = synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
+    with torch.no_grad():
+        ref = separate(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
+        out = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
+
+    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
+    assert flux.fuse_mlp_gelu(dense) == 0
+    assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == 2 * cfg.depth + cfg.depth_single_blocks
 
 
 def test_loaded_linear_checks_and_converts_what_it_loads():

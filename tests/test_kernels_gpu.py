@@ -148,22 +148,29 @@ def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
     return y
 
 
+def _gelu_tanh64(y: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, in float64."""
+    return 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y ** 3)))
+
+
 def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, tile_t: int = 0,
-              half_rows: int = -1):
+              half_rows: int = -1, gelu_from: int = -1):
     """Kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
     codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast, fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
         wexp, wbase = kernels._sm90_pow2_weights(layer)
         y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, out, tile_t, half_rows)
+                                           layer.bias, out, tile_t, half_rows, gelu_from)
     else:
         y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
-                                      layer.bias, out)
+                                      layer.bias, out, gelu_from)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
     ref = _gemm_reference(codes, ascales, lora_act, layer, fast)
+    if gelu_from >= 0:
+        ref[:, gelu_from:] = _gelu_tanh64(ref[:, gelu_from:])
     return y, ref
 
 
@@ -227,6 +234,39 @@ def test_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, path):
     x = _activations(300, k, dtype, gen, layer.unsigned_groups)
     y, ref = _run_gemm(x, layer, pow2=path == "exact_pow2_act", fast=fast, tile_t=int(path[4:] or 128) if fast else 0)
     assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+
+
+@pytest.mark.parametrize("gelu_from", [0, 136, 384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["exact", "fast", "fast256"])
+def test_gemm_epilogue_gelu(gelu_from, dtype, path):
+    # GELU (tanh approximation) on the output channels from gelu_from on, in fp32 before the
+    # rounding: 0 all of them (an MLP's first layer), 136 from inside the second channel tile (the
+    # rows of one warp on both sides; FLUX's single blocks start it at 3 x hidden size), 384 = N none
+    gen = _gen(5000 + gelu_from)
+    fast = path.startswith("fast")
+    layer = _layer(384, 576, 32, dtype, gen, unsigned=False, pow2_weights=fast)
+    x = _activations(300, 576, dtype, gen, layer.unsigned_groups)
+    y, ref = _run_gemm(x, layer, fast=fast, tile_t=int(path[4:] or 128) if fast else 0, gelu_from=gelu_from)
+    assert _rel(y, ref.to(y.dtype)) <= 1e-3, _rel(y, ref)
+    # GELU's negative tail (outputs down to about -0.17) to the precision of the output dtype
+    neg = ref[:, gelu_from:] < -1e-2
+    assert bool(neg.any()) == (gelu_from < 384)
+    tail = (y[:, gelu_from:][neg].double() - ref[:, gelu_from:][neg]).abs() / ref[:, gelu_from:][neg].abs()
+    assert tail.numel() == 0 or float(tail.max()) <= (2 ** -7 if dtype == torch.bfloat16 else 2 ** -9)
+
+
+def test_svdq_linear_gelu_from_matches_reference_path():
+    # a layer that applies the GELU (flux.fuse_mlp_gelu) computes it on CUDA as the reference path does
+    gen = _gen(31)
+    layer = _layer(384, 512, 32, torch.bfloat16, gen, unsigned=False, pow2_weights=True)
+    layer.pow2_activations, layer.gelu_from = True, 128
+    x = _activations(200, 512, torch.bfloat16, gen, layer.unsigned_groups)
+    y = layer(x)
+    ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                        layer.bias, layer.shift, layer.unsigned_groups, True, gelu_from=128)
+    assert _rel(y, ref) <= 5e-3, _rel(y, ref)
+    assert bool((y[:, 128:] >= -0.2).all()) and not bool((y[:, :128] >= -0.2).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -63,12 +63,34 @@ __device__ __forceinline__ void lowrank_up_chunk(float (&acc)[kN / 2], const uin
   fence_regs(acc);
 }
 
-// Epilogue of a consumer warpgroup's tile (accumulator layout above): + bias, round to T, transpose
-// through the staging tile epi, 16-byte row stores of y [M, N]; rows past M and channels past N
-// are not stored. Ends with the staging tile fully read (both consumer warpgroups synchronised).
+// 2^x by the special-function unit (ex2.approx: relative error ~2^-22, +inf past 2^128)
+__device__ __forceinline__ float exp2f_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// GELU with the tanh approximation (torch.nn.functional.gelu(approximate="tanh")), written as
+// 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): one exp2 and one
+// reciprocal (relative errors ~2^-22), no cancellation for negative x (the denominator is >= 1),
+// and x / inf = -0 where e^(-2u) overflows. The hardware tanh (tanh.approx.f32, ~2^-11) would be
+// one special-function op instead of two, but its error exceeds fp16's rounding for x < 0.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kC1 = -2.f * 0.7978845608028654f * 1.4426950408889634f;  // -2 sqrt(2/pi) log2(e)
+  constexpr float kC3 = kC1 * 0.044715f;
+  const float e = exp2f_approx(x * fmaf(kC3, x * x, kC1));
+  return __fdividef(x, 1.f + e);
+}
+
+// Epilogue of a consumer warpgroup's tile (accumulator layout above): + bias, GELU on channels from
+// gelu_from on (none where gelu_from < 0; FLUX's MLP input layers, whose next layer takes
+// GELU(y)), round to T, transpose through the staging tile epi, 16-byte row stores of y [M, N];
+// rows past M and channels past N are not stored. Ends with the staging tile fully read (both
+// consumer warpgroups synchronised). Further element-wise steps belong here, in fp32, before the
+// rounding.
 template <typename T, int kTileT>
-__device__ __forceinline__ void store_tile(const float (&acc)[kTileT / 2], uint8_t* epi, const T* __restrict__ bias,
-                                           T* __restrict__ y, int ch0, int tok0, int M, int N) {
+__device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* epi, const T* __restrict__ bias,
+                                           T* __restrict__ y, int ch0, int tok0, int M, int N, int gelu_from) {
   const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int row = 64 * wg + 16 * wi + lane / 4;
   float b0 = 0.f, b1 = 0.f;
@@ -76,13 +98,20 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kTileT / 2], uint8
     if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
     if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
   }
+  // acc[i] belongs to channel row where i % 4 < 2, to row + 8 otherwise (the layout above)
+#pragma unroll
+  for (int i = 0; i < kTileT / 2; ++i) acc[i] += (i % 4) < 2 ? b0 : b1;
+  if (gelu_from >= 0 && ch0 + kTileN > gelu_from) {  // the tile has channels past gelu_from
+    const bool g0 = ch0 + row >= gelu_from, g1 = ch0 + row + 8 >= gelu_from;
+#pragma unroll
+    for (int i = 0; i < kTileT / 2; ++i)
+      if ((i % 4) < 2 ? g0 : g1) acc[i] = gelu_tanh(acc[i]);
+  }
   const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
 #pragma unroll
   for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
-    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b0),
-                           Half<T>::pack2(acc[4 * j + 2] + b1, acc[4 * j + 3] + b1),
-                           Half<T>::pack2(acc[4 * j + 4] + b0, acc[4 * j + 5] + b0),
-                           Half<T>::pack2(acc[4 * j + 6] + b1, acc[4 * j + 7] + b1)};
+    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0], acc[4 * j + 1]), Half<T>::pack2(acc[4 * j + 2], acc[4 * j + 3]),
+                           Half<T>::pack2(acc[4 * j + 4], acc[4 * j + 5]), Half<T>::pack2(acc[4 * j + 6], acc[4 * j + 7])};
     const int tok = 8 * (j + (mi >> 1)) + lane % 8;
     const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
     stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);

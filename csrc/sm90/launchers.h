@@ -41,6 +41,7 @@ struct W4A4GemmArgs {
   void* y;                    // out [M, N] row-major
   int M, N, K, rank, m_al;
   int ascale_rows;            // K/64 (per-group scales) or 1 (per-token scales of pow2 mode)
+  int gelu_from;              // y[:, gelu_from:] = GELU(tanh approximation) of the above; < 0: none
 };
 const char* w4a4_gemm(const W4A4GemmArgs& args, cudaStream_t stream);
 
@@ -61,6 +62,7 @@ struct W4A4Pow2GemmArgs {
   int M, N, K, rank, m_al, n_al;
   int tile_t;                 // tokens per CTA tile: 128, 256, or 0 (chosen by M and N)
   int half_rows;              // 256-token tiles: the last half_rows token rows as 128-token tiles; -1: chosen
+  int gelu_from;              // y[:, gelu_from:] = GELU(tanh approximation) of the above; < 0: none
 };
 const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& args, cudaStream_t stream);
 

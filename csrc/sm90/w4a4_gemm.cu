@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      const __grid_constant__ CUtensorMap tm_as, const __grid_constant__ CUtensorMap tm_ws,
                      const __grid_constant__ CUtensorMap tm_lact, const __grid_constant__ CUtensorMap tm_lup,
                      const float* __restrict__ atok, const T* __restrict__ bias, T* __restrict__ y, int M, int m_al,
-                     int N, int K, int rank) {
+                     int N, int K, int rank, int gelu_from) {
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (lane == 0) mbar_arrive(&empty[it % kStages]);
   }
 
-  store_tile<T, kTileT>(out, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
+  store_tile<T, kTileT>(out, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from);
 }
 
 }  // namespace
@@ -288,7 +288,7 @@ const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (e == cudaSuccess)
       kernel<<<grid, kThreads, kSmemBytes, stream>>>(tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, a.ascales, bias, y,
-                                                     a.M, a.m_al, a.N, a.K, a.rank);
+                                                     a.M, a.m_al, a.N, a.K, a.rank, a.gelu_from);
     return e;
   };
   const bool token_scales = a.ascale_rows == 1;

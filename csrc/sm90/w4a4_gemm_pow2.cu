@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                           const __grid_constant__ CUtensorMap tm_lup, const __grid_constant__ CUtensorMap tm_act_half,
                           const __grid_constant__ CUtensorMap tm_lact_half, const float* __restrict__ atok,
                           const float* __restrict__ wbase, const T* __restrict__ bias, T* __restrict__ y, int M,
-                          int m_al, int N, int K, int rank, int tiles_n, int big_tiles, int tiles) {
+                          int m_al, int N, int K, int rank, int gelu_from, int tiles_n, int big_tiles, int tiles) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
   constexpr int kOffExp = L::kOffExp;
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(it);
   }
 
-  store_tile<T, kT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N);
+  store_tile<T, kT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from);
   };
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
@@ -328,7 +328,7 @@ cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
   const Schedule sc = make_schedule(a.M, tiles_n, kTileT, a.half_rows);
   kernel<<<sc.ctas, kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], maps[5], maps[6], a.atok,
                                               a.wbase, static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M,
-                                              a.m_al, a.N, a.K, a.rank, tiles_n, sc.big_tiles, sc.tiles);
+                                              a.m_al, a.N, a.K, a.rank, a.gelu_from, tiles_n, sc.big_tiles, sc.tiles);
   return cudaGetLastError();
 }
 

@@ -83,7 +83,10 @@ def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
              "config_class": type(patcher.model.model_config).__name__,
              "model_size": size, "sampling_buffers": sum(b.numel() * b.element_size()
                                                          for b in patcher.model.model_sampling.buffers()),
-             "layers": layers, "lowvram_layers": lowvram}
+             "layers": layers, "lowvram_layers": lowvram,
+             "gelu_from": {name: m.gelu_from for name, m in diffusion_model.named_modules()
+                           if getattr(m, "gelu_from", None) is not None},
+             "gelu_modules": [name for name, m in diffusion_model.named_modules() if isinstance(m, torch.nn.GELU)]}
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
