@@ -47,7 +47,8 @@ TOKENS = [4608, 256, 1024]
 RANK = 32
 LORA_RANKS = [32, 32 + 64, 32 + 64 + 128]
 # (N, first GELU channel) of the FLUX layers whose output feeds a GELU: the double blocks' MLP input
-# layer, and the single blocks' linear1, whose columns after q, k, v are the MLP's
+# layer (the one flux.fuse_mlp_gelu fuses), and the single blocks' linear1, whose columns after q, k, v
+# are the MLP's
 GELU_LAYERS = [(12288, 0), (21504, 9216)]
 
 

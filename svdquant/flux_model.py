@@ -153,7 +153,6 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = make_linear(h, 3 * h + m, True)
         self.linear2 = make_linear(h + m, h, True)
         self.norm = QKNorm(cfg.head_dim)
-        self.mlp_act = nn.GELU(approximate="tanh")  # nn.Identity where linear1 applies it (flux.fuse_mlp_gelu)
         self.modulation = Modulation(h, False, make_linear)
 
     def forward(self, x, vec, pe):
@@ -161,7 +160,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = torch.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
+        out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")), dim=2))
         return x + gate * out
 
 
@@ -248,8 +247,8 @@ class Flux(nn.Module):
 
 def from_tensors(cfg: FluxConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Flux:
     """The model holding a file's tensors as they are stored (quantized layers stay quantized),
-    its W4A4 MLP input layers applying the GELU (flux.fuse_mlp_gelu); float tensors converted to
-    dtype when given."""
+    the double blocks' W4A4 MLP input layers applying the GELU (flux.fuse_mlp_gelu); float tensors
+    converted to dtype when given."""
     model = Flux(cfg, loaded_linear(dtype))
     model.load_state_dict(tensors, strict=True)
     fuse_mlp_gelu(model)

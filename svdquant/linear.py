@@ -168,8 +168,8 @@ class SVDQLinear(_QuantizedLinearBase):
     (numerics.quantize_activations_pow2); None follows `kernels.pow2_activations` (off by default).
     On Hopper a layer with both runs the fast GEMM with no per-group rescaling.
     gelu_from: output channels from this one on are GELU (tanh approximation) of the above, fused
-    into kernel 2's epilogue on Hopper (set by `flux.fuse_mlp_gelu` on the FLUX MLP input layers);
-    None: no activation.
+    into kernel 2's epilogue on Hopper (set by `flux.fuse_mlp_gelu` on the double blocks' MLP
+    input layers); None: no activation.
     """
 
     kind = W4A4

@@ -74,10 +74,12 @@ def test_comfyui_builds_the_model_and_computes_what_the_engine_computes(tmp_path
     assert facts["model_size"] == stored + facts["sampling_buffers"]
     kinds = {flux.W4A4: "SVDQLinear", flux.W4A16: "W4A16Linear", flux.DENSE: "Linear"}
     assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.linear_layers(cfg).items()}
-    # the MLPs' GELU runs inside their 4-bit input layers (flux.fuse_mlp_gelu), none is left as a module
+    # the double blocks' MLP GELU runs inside their 4-bit input layers (flux.fuse_mlp_gelu); the
+    # single blocks keep theirs
     assert facts["gelu_from"] == {name: layer.gelu_from for name, layer in engine.named_modules()
                                   if getattr(layer, "gelu_from", None) is not None}
-    assert len(facts["gelu_from"]) == 2 * cfg.depth + cfg.depth_single_blocks and not facts["gelu_modules"]
+    assert len(facts["gelu_from"]) == 2 * cfg.depth
+    assert facts["gelu_modules"] == [f"single_blocks.{i}.mlp_act" for i in range(cfg.depth_single_blocks)]
 
 
 # ---------------------------------------------------------------------------------------------

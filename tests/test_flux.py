@@ -82,7 +82,7 @@ def test_loaded_layers_become_what_the_file_stores():
         else:
             engine = classes[spec.kind].from_tensors(model.layer_tensors(name))
         if spec.kind == flux.W4A4:  # from_tensors moves the MLP's GELU into its input layers
-            expected = 0 if name.endswith("_mlp.0") else 3 * cfg.hidden_size if name.endswith("linear1") else None
+            expected = 0 if name.endswith("_mlp.0") else None
             assert layer.gelu_from == expected, name
             engine.gelu_from = expected
         assert set(layer.state_dict()) == set(engine.state_dict()), name
@@ -92,14 +92,15 @@ def test_loaded_layers_become_what_the_file_stores():
 
 def test_mlp_gelu_moves_into_the_quantized_input_layers():
     """flux.fuse_mlp_gelu: the quantized model computes what it computed with separate GELU modules
-    (the activation now taken before the rounding to bf16), and dense MLPs keep their GELU."""
+    in its double blocks' MLPs (the activation now taken before the rounding to bf16), and dense
+    MLPs keep their GELU."""
     model = quantized_model(True)
     cfg = flux.FluxConfig.from_dict(model.model_config)
     separate = flux_model.Flux(cfg, flux_model.loaded_linear()).requires_grad_(False)
     separate.load_state_dict(model.tensors)
     fused = flux_model.from_tensors(cfg, model.tensors)
     gelus = [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
-    assert not gelus and sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == 2 * cfg.depth + cfg.depth_single_blocks
+    assert not gelus and sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == 2 * cfg.depth
     assert flux.fuse_mlp_gelu(fused) == 0  # nothing left to move
     inputs = synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
     with torch.no_grad():
@@ -109,7 +110,7 @@ def test_mlp_gelu_moves_into_the_quantized_input_layers():
 
     dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
     assert flux.fuse_mlp_gelu(dense) == 0
-    assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == 2 * cfg.depth + cfg.depth_single_blocks
+    assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == 2 * cfg.depth
 
 
 def test_loaded_linear_checks_and_converts_what_it_loads():
