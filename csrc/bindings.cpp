@@ -183,7 +183,9 @@ std::vector<at::Tensor> act_quant_sm90(const at::Tensor& x, const at::Tensor& sm
 
 // Kernel 2's gelu_from: output channels from it on pass through GELU (tanh approximation) in the
 // epilogue; negative (or N and beyond) for none.
-int gelu_channel(int64_t gelu_from, int64_t N) { return gelu_from < 0 || gelu_from >= N ? -1 : static_cast<int>(gelu_from); }
+int gelu_channel(int64_t gelu_from, int64_t N) {
+  return gelu_from < 0 || gelu_from >= N ? -1 : static_cast<int>(gelu_from);
+}
 
 // The checks both kernel-2 variants share (codes [M, K], lora_act [M, r], natural qweight [N, K/2],
 // lora_up [N, r], bias [N]); returns the output y [M, N] (`out` where given).

@@ -110,8 +110,10 @@ __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* ep
   const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
 #pragma unroll
   for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
-    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0], acc[4 * j + 1]), Half<T>::pack2(acc[4 * j + 2], acc[4 * j + 3]),
-                           Half<T>::pack2(acc[4 * j + 4], acc[4 * j + 5]), Half<T>::pack2(acc[4 * j + 6], acc[4 * j + 7])};
+    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0], acc[4 * j + 1]),
+                           Half<T>::pack2(acc[4 * j + 2], acc[4 * j + 3]),
+                           Half<T>::pack2(acc[4 * j + 4], acc[4 * j + 5]),
+                           Half<T>::pack2(acc[4 * j + 6], acc[4 * j + 7])};
     const int tok = 8 * (j + (mi >> 1)) + lane % 8;
     const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
     stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
