@@ -8,6 +8,7 @@ from pathlib import Path
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..svdquant import flux, flux_quantize
@@ -32,6 +33,20 @@ def output_folder() -> str:
                 folders[0])
 
 
+def prompts_from_conditioning(conditioning: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """ComfyUI CONDITIONING ([[context [B, L, C], {"pooled_output": [B, P], ...}], ...]) as the
+    engine's calibration prompts: one (context, pooled) pair per entry and batch row."""
+    prompts = []
+    for context, extra in conditioning:
+        pooled = extra.get("pooled_output")
+        if pooled is None:
+            raise ValueError("calibration_prompts: a conditioning without the pooled CLIP-L output; encode the "
+                             "prompts with FLUX text encoders (DualCLIPLoader type flux, or SVDQuant FLUX Text "
+                             "Encoders) and CLIP Text Encode")
+        prompts += [(context[i].cpu(), pooled[min(i, pooled.shape[0] - 1)].cpu()) for i in range(context.shape[0])]
+    return prompts
+
+
 class SVDQuantFluxQuantizer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -42,7 +57,8 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
             category="SVDQuant",
             description="Quantizes a 16-bit FLUX.1 transformer (schnell or dev) to SVDQuant 4-bit and saves it in "
                         "models/diffusion_models for the SVDQuant FLUX Loader. Needs about twice the model's "
-                        "16-bit size in system memory; calibration uses random stand-in inputs, not real prompts.",
+                        "16-bit size in system memory. Calibrates on the prompts connected to "
+                        "calibration_prompts, else on random stand-in inputs.",
             inputs=[
                 io.Combo.Input("model_name", options=files,
                                tooltip="A 16-bit (bf16, fp16 or fp32) FLUX.1 transformer in models/diffusion_models, "
@@ -62,9 +78,16 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                          "faster, at a slightly larger quantization error. The file loads wherever "
                                          "other SVDQuant files do."),
                 io.Int.Input("calibration_calls", default=4, min=1, max=16,
-                             tooltip="Model calls on random stand-in inputs whose layer inputs set the smoothing "
-                                     "of each 4-bit layer. More calls record more tokens (at most 1024 per layer), "
-                                     "at more calibration time."),
+                             tooltip="Model calls whose layer inputs set the smoothing of each 4-bit layer, on the "
+                                     "calibration prompts (call i takes prompt i modulo their count) or on random "
+                                     "stand-in inputs. More calls record more tokens (at most 1024 per layer), at "
+                                     "more calibration time."),
+                io.Conditioning.Input("calibration_prompts", optional=True,
+                                      tooltip="Optional: prompts like the ones you will generate, encoded by the "
+                                              "FLUX text encoders (CLIP Text Encode; several joined with "
+                                              "Conditioning (Combine) or as a batch count one each). Calibrating on "
+                                              "real text embeddings instead of random stand-ins matches what the "
+                                              "text-stream layers see; each call runs on CPU at 64x64 latents."),
             ],
             outputs=[io.String.Output(display_name="file_name",
                                       tooltip="The written file's name in diffusion_models, for the loader.")],
@@ -73,7 +96,7 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, output_name: str, rank: int, hopper_fast_format: bool,
-                calibration_calls: int) -> io.NodeOutput:
+                calibration_calls: int, calibration_prompts=None) -> io.NodeOutput:
         source = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         name = output_name.strip().removesuffix(SUFFIX) or default_output_name(model_name, rank, hopper_fast_format)
         if name.startswith(".") or any(sep in name for sep in ("/", "\\")):
@@ -89,8 +112,9 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops between layers
             bar.update(1)
 
+        prompts = None if calibration_prompts is None else prompts_from_conditioning(calibration_prompts)
         model = flux_quantize.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
-                                                  calibration_calls=calibration_calls,
+                                                  calibration_calls=calibration_calls, prompts=prompts,
                                                   device=comfy.model_management.get_torch_device(),
                                                   on_layer=layer_done, report=log.info)
         message = f"{target.name}: {len(model.layers)} quantized layers, {target.stat().st_size / 2**30:.2f} GiB"

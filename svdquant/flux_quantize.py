@@ -51,15 +51,49 @@ def collect_calibration(model: torch.nn.Module, names: list[str], inputs: list[t
     return {name: torch.cat(xs)[:max_tokens] for name, xs in seen.items()}
 
 
-def calibration_inputs(cfg: FluxConfig, count: int = 4, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
-    """Random stand-ins for real prompts: `count` model calls at timesteps spread over (0, 1]."""
+# Latent side (16-channel latents) of the calibration calls: with random stand-in prompts of 16 text
+# tokens, 16x16 (64 image tokens); with real prompts, whose text embeddings have 256 or 512 tokens,
+# 64x64 (1024 image tokens), so that image tokens still outnumber text tokens in what the single
+# blocks' shared layers record, as they do at real image sizes (4096 image tokens at 1024x1024).
+STAND_IN_LATENT, PROMPT_LATENT = 16, 64
+
+
+def check_prompts(cfg: FluxConfig, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """ValueError where the prompts' text embeddings (context [L, C] or [1, L, C], pooled [P] or
+    [1, P]) do not fit the model's T5 and CLIP widths (C = context_in_dim, P = vec_in_dim)."""
+    if not prompts:
+        raise ValueError("no calibration prompts given")
+    for i, (context, pooled) in enumerate(prompts):
+        if (context.dim() not in (2, 3) or context.shape[-1] != cfg.context_in_dim or context.numel() == 0
+                or context.dim() == 3 and context.shape[0] != 1 or pooled.numel() != cfg.vec_in_dim):
+            raise ValueError(f"calibration prompt {i + 1}: text embeddings of shapes {tuple(context.shape)} (context) "
+                             f"and {tuple(pooled.shape)} (pooled) do not fit this FLUX.1 model, which takes "
+                             f"[tokens, {cfg.context_in_dim}] (T5-XXL) and [{cfg.vec_in_dim}] (CLIP-L)")
+
+
+def calibration_inputs(cfg: FluxConfig, count: int = 4, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """`count` model calls (noise, timestep, context, pooled, guidance) at timesteps spread over
+    (0, 1], on random noise latents. prompts: the text embeddings (context, pooled) of real prompts
+    from the model's text encoders (check_prompts), call i taking prompt i % len(prompts); without
+    them, random stand-ins (no text encoder needed)."""
     from .synthetic import flux_inputs
 
+    if prompts is not None:
+        check_prompts(cfg, prompts)
     calls = []
     for i in range(count):
-        noise, context, pooled = flux_inputs(cfg, seed=seed + i, dtype=dtype)
         t = torch.full((1,), (i + 1) / count, dtype=dtype)
         guidance = torch.full((1,), 3.5, dtype=dtype) if cfg.guidance_embed else None
+        if prompts is None:
+            noise, context, pooled = flux_inputs(cfg, seed=seed + i, dtype=dtype, height=STAND_IN_LATENT,
+                                                 width=STAND_IN_LATENT)
+        else:
+            gen = torch.Generator().manual_seed(seed + i)
+            noise = torch.randn(1, cfg.in_channels, PROMPT_LATENT, PROMPT_LATENT, generator=gen).to(dtype)
+            context, pooled = prompts[i % len(prompts)]
+            context = context.reshape(1, -1, cfg.context_in_dim).to(dtype)
+            pooled = pooled.reshape(1, cfg.vec_in_dim).to(dtype)
         calls.append((noise, t, context, pooled, guidance))
     return calls
 
@@ -77,7 +111,7 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
                   smooth: bool = True, alphas=quantize.DEFAULT_ALPHAS, progress: bool = True,
                   dtype: torch.dtype = torch.bfloat16, hopper_pow2: bool = False,
                   device: str | torch.device | None = None,
-                  on_layer: Callable[[str], None] | None = None) -> fmt.QuantizedModel:
+                  on_layer: Callable[[str], None] | None = None, calibration_prompts: int = 0) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux_model.Flux`.
@@ -87,6 +121,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     device: where each layer is quantized (default: where its tensors are); the calibration forward
     runs on the CPU either way, so a GPU only ever holds one layer. The result stays on the
     tensors' device. on_layer: called with each quantized layer's name when it is done.
+    calibration_prompts: how many real prompts the calibration calls took (0: random stand-ins),
+    recorded in the metadata.
     """
     flux.check_tensors(cfg, tensors, {})
     specs = flux.linear_layers(cfg)
@@ -117,7 +153,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
         if on_layer is not None:
             on_layer(name)
     quantization = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
-                    "rank": rank, "smooth": smooth, "calibration_calls": len(calibration), "hopper_pow2": hopper_pow2}
+                    "rank": rank, "smooth": smooth, "calibration_calls": len(calibration),
+                    "calibration_prompts": calibration_prompts, "hopper_pow2": hopper_pow2}
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(), quantization)
 
 
@@ -197,13 +234,15 @@ def memory_needed(cfg: FluxConfig) -> int:
 def quantize_checkpoint(source, target, rank: int = 32, hopper_pow2: bool = False, calibration_calls: int = 4,
                         device: str | torch.device | None = None, progress: bool = True,
                         on_layer: Callable[[str], None] | None = None,
-                        report: Callable[[str], None] = lambda message: None) -> fmt.QuantizedModel:
+                        report: Callable[[str], None] = lambda message: None,
+                        prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> fmt.QuantizedModel:
     """Quantize the 16-bit FLUX.1 transformer file `source` into the SVDQuant file `target`.
 
     What the CLI's `quantize` and the Quantizer node run. The target is written atomically (a
     temporary file beside it, renamed when complete) and replaced if it exists: callers decide
     whether it may be. device, progress and on_layer: as for quantize_flux. report: receives what
-    the run is about to do (model, memory, calibration) before the long part starts.
+    the run is about to do (model, memory, calibration) before the long part starts. prompts: text
+    embeddings of real prompts to calibrate on (calibration_inputs), else random stand-ins.
     """
     target = Path(target)
     if target.suffix != ".safetensors":
@@ -213,12 +252,19 @@ def quantize_checkpoint(source, target, rank: int = 32, hopper_pow2: bool = Fals
     if calibration_calls < 1:
         raise ValueError(f"calibration_calls {calibration_calls}: must be at least 1")
     cfg = checkpoint_config(source)
+    if prompts is not None:
+        check_prompts(cfg, prompts)
     report(f"{Path(source).name}: FLUX.1-{cfg.variant}, width {cfg.hidden_size}, {cfg.depth} double + "
            f"{cfg.depth_single_blocks} single blocks; needs about {memory_needed(cfg) / 2**30:.1f} GiB of memory "
            f"(the bf16 weights twice during calibration, plus recorded layer inputs)")
-    report(f"calibration: {calibration_calls} model calls on random stand-in inputs (not real prompts, "
-           f"no text encoder needed)")
-    model = quantize_flux(read_checkpoint(source), cfg, calibration_inputs(cfg, calibration_calls), rank=rank,
-                          hopper_pow2=hopper_pow2, progress=progress, device=device, on_layer=on_layer)
+    if prompts is None:
+        report(f"calibration: {calibration_calls} model calls on random stand-in inputs (not real prompts, "
+               f"no text encoder needed)")
+    else:
+        report(f"calibration: {calibration_calls} model calls on the text embeddings of {len(prompts)} "
+               f"prompt{'s' if len(prompts) > 1 else ''}, {PROMPT_LATENT}x{PROMPT_LATENT} noise latents")
+    model = quantize_flux(read_checkpoint(source), cfg, calibration_inputs(cfg, calibration_calls, prompts=prompts),
+                          rank=rank, hopper_pow2=hopper_pow2, progress=progress, device=device, on_layer=on_layer,
+                          calibration_prompts=len(prompts or ()))
     fmt.save_model(target, model)
     return model

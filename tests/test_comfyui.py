@@ -542,12 +542,21 @@ def test_quantizer_node_in_object_info(server):
     assert required["hopper_fast_format"][1]["default"] is False
     assert (required["calibration_calls"][1]["min"], required["calibration_calls"][1]["max"]) == (1, 16)
     assert all(spec[1].get("tooltip") for spec in required.values())
+    optional = info["input"]["optional"]
+    assert list(optional) == ["calibration_prompts"] and optional["calibration_prompts"][0] == "CONDITIONING"
+    assert optional["calibration_prompts"][1].get("tooltip")
 
 
-def quantizer_prompt(model_name: str, output_name: str = "", hopper_fast_format: bool = False) -> dict:
-    return {"1": {"class_type": "SVDQuantFluxQuantizer",
-                  "inputs": {"model_name": model_name, "output_name": output_name, "rank": 32,
-                             "hopper_fast_format": hopper_fast_format, "calibration_calls": 2}}}
+def quantizer_prompt(model_name: str, output_name: str = "", hopper_fast_format: bool = False,
+                     prompts: dict | None = None) -> dict:
+    """The Quantizer node; prompts: inputs of a test conditioning node wired to calibration_prompts."""
+    prompt = {"1": {"class_type": "SVDQuantFluxQuantizer",
+                    "inputs": {"model_name": model_name, "output_name": output_name, "rank": 32,
+                               "hopper_fast_format": hopper_fast_format, "calibration_calls": 2}}}
+    if prompts is not None:
+        prompt["2"] = {"class_type": "SVDQuantTestConditioning", "inputs": {"seed": 3, "tokens": 16, **prompts}}
+        prompt["1"]["inputs"]["calibration_prompts"] = ["2", 0]
+    return prompt
 
 
 def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
@@ -558,28 +567,32 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     models = server.base / "models" / "diffusion_models"
     save_file({f"model.diffusion_model.{key}": t for key, t in tensors.items()},
               str(models / "flux1-tiny-dev.safetensors"))
-    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", hopper_fast_format=True))
+    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", hopper_fast_format=True, prompts={}))
     assert entry["status"]["status_str"] == "success", entry["status"]
     name = "svdq-int4_r32-pow2-flux1-tiny-dev.safetensors"
     assert entry["outputs"]["1"]["text"][0].startswith(f"{name}: 26 quantized layers, ")
     model, file_cfg = flux.load_flux(models / name)
     assert file_cfg == cfg and model.quantization["hopper_pow2"] is True
-    assert model.quantization["calibration_calls"] == 2
+    assert model.quantization["calibration_calls"] == 2 and model.quantization["calibration_prompts"] == 1
     assert not list(models.glob("*.partial"))
 
     entry = server.run(sampling_prompt(name, 3.5, "svdquant_quantized_here"))
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["8"]["images"][0]["filename"].startswith("svdquant_quantized_here")
 
-    # an existing output (named without the suffix) and an input that is already quantized: named errors
-    for model_name, output_name, problem in (
-            ("flux1-tiny-dev.safetensors", "tiny-schnell", "tiny-schnell.safetensors: already exists"),
-            ("tiny-schnell.safetensors", "", "tiny-schnell.safetensors: already an SVDQuant 4-bit model")):
-        entry = server.run(quantizer_prompt(model_name, output_name))
+    # an existing output (named without the suffix), an input that is already quantized, and
+    # calibration prompts without the pooled CLIP output: named errors
+    for model_name, output_name, prompts, problem in (
+            ("flux1-tiny-dev.safetensors", "tiny-schnell", None, "tiny-schnell.safetensors: already exists"),
+            ("tiny-schnell.safetensors", "", None, "tiny-schnell.safetensors: already an SVDQuant 4-bit model"),
+            ("flux1-tiny-dev.safetensors", "unpooled", {"pooled": False},
+             "calibration_prompts: a conditioning without the pooled CLIP-L output")):
+        entry = server.run(quantizer_prompt(model_name, output_name, prompts=prompts))
         assert entry["status"]["status_str"] == "error"
         error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
         assert error["node_type"] == "SVDQuantFluxQuantizer" and error["exception_message"].startswith(problem)
     assert fmt.read_header(models / "tiny-schnell.safetensors")["format"] == "svdquant"  # not overwritten
+    assert not (models / "unpooled.safetensors").exists()
 
 
 def test_t5_operations_load_the_t5_in_four_bits(tmp_path):

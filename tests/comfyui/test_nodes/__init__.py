@@ -14,16 +14,17 @@ class SVDQuantTestConditioning(io.ComfyNode):
             category="SVDQuant/testing",
             description="Random T5-like (4096 wide) and CLIP-like pooled (768) embeddings.",
             inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                    io.Int.Input("tokens", default=8, min=1, max=512)],
+                    io.Int.Input("tokens", default=8, min=1, max=512),
+                    io.Boolean.Input("pooled", default=True, optional=True)],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, seed: int, tokens: int) -> io.NodeOutput:
+    def execute(cls, seed: int, tokens: int, pooled: bool = True) -> io.NodeOutput:
         gen = torch.Generator().manual_seed(seed)
         context = torch.randn(1, tokens, 4096, generator=gen)
-        pooled = torch.randn(1, 768, generator=gen)
-        return io.NodeOutput([[context, {"pooled_output": pooled}]])
+        extra = {"pooled_output": torch.randn(1, 768, generator=gen)} if pooled else {}
+        return io.NodeOutput([[context, extra]])
 
 
 class TestNodes(ComfyExtension):
