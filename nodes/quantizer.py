@@ -85,9 +85,10 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                 io.Conditioning.Input("calibration_prompts", optional=True,
                                       tooltip="Optional: prompts like the ones you will generate, encoded by the "
                                               "FLUX text encoders (CLIP Text Encode; several joined with "
-                                              "Conditioning (Combine) or as a batch count one each). Calibrating on "
-                                              "real text embeddings instead of random stand-ins matches what the "
-                                              "text-stream layers see; each call runs on CPU at 64x64 latents."),
+                                              "Conditioning (Combine); each batch row counts as a prompt). "
+                                              "Calibrating on real text embeddings instead of random stand-ins "
+                                              "matches what the text-stream layers see; each call runs on the CPU "
+                                              "at 64x64 latents."),
             ],
             outputs=[io.String.Output(display_name="file_name",
                                       tooltip="The written file's name in diffusion_models, for the loader.")],
