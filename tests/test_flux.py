@@ -237,3 +237,23 @@ def test_files_that_are_not_usable_flux_models_are_named_errors(tmp_path):
         with pytest.raises(FormatError, match=problem) as err:
             flux.load_flux(tmp_path / name)
         assert str(err.value).startswith(f"{name}: ")
+
+
+def test_torch_compile_runs_the_quantized_layers_as_they_are():
+    """torch.compile of a quantized model (what ComfyUI's TorchCompileModel node does) skips the
+    4-bit layers instead of tracing into their kernels and caches, and computes what eager does."""
+    import torch._dynamo.utils
+
+    model = quantized_model(True)
+    cfg = flux.FluxConfig.from_dict(model.model_config)
+    engine = flux_model.from_tensors(cfg, model.tensors)
+    noise, context, pooled = synthetic.flux_inputs(cfg, seed=2, height=16, width=16)
+    args = (noise, torch.tensor([0.6]).bfloat16(), context, pooled, torch.tensor([3.5]).bfloat16())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = engine(*args)
+        compiled = torch.compile(engine, backend="aot_eager")(*args)  # the graphs run as traced, unfused
+    assert torch.equal(compiled, eager)
+    reasons = list(torch._dynamo.utils.counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons[:2]
