@@ -303,6 +303,7 @@ def server(tmp_path_factory):
     shutil.copy(models / "loras" / "kohya.safetensors", models / "loras" / "your_flux_lora.safetensors")
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
         (models / "text_encoders" / name).write_bytes(b"")
+    (models / "diffusion_models" / "flux1-dev.safetensors").write_bytes(b"")  # the quantize workflow's choice
     (models / "vae" / "ae.safetensors").write_bytes(b"")
     run_comfy_side("taesd", models / "vae" / "taesd16.safetensors")
 
@@ -387,7 +388,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json", "flux.1-dev.json",
-                                  "flux.1-dev-lora.json"])
+                                  "flux.1-dev-lora.json", "quantize-flux.1-dev.json"])
 def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     workflow = json.loads((REPO / "workflows" / name).read_text())
     prompt = ui_to_api(workflow, server.get("/object_info"))
@@ -396,7 +397,7 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     assert status == 200 and not reply["node_errors"], reply
     templates = server.get("/workflow_templates")
     assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-dev-lora", "flux.1-schnell",
-                                                     "flux.1-schnell-4bit-t5"]
+                                                     "flux.1-schnell-4bit-t5", "quantize-flux.1-dev"]
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
 
 

@@ -12,7 +12,8 @@ def load(name):
     return json.loads((REPO / "workflows" / name).read_text())
 
 
-WORKFLOWS = ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json", "flux.1-dev.json", "flux.1-dev-lora.json"]
+WORKFLOWS = ["flux.1-schnell.json", "flux.1-schnell-4bit-t5.json", "flux.1-dev.json", "flux.1-dev-lora.json",
+             "quantize-flux.1-dev.json"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -73,3 +74,15 @@ def test_4bit_t5_workflow_encodes_the_prompt_with_our_text_encoders():
     assert encoders["widgets_values"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "default"]
     clip_links = {(link[1], link[3]) for link in workflow["links"] if link[5] == "CLIP"}
     assert clip_links == {(encoders["id"], nodes["CLIPTextEncode"]["id"])}
+
+
+def test_quantize_workflow_calibrates_on_two_prompts():
+    workflow = load("quantize-flux.1-dev.json")
+    nodes = by_type(workflow)
+    assert nodes["SVDQuantFluxQuantizer"]["widgets_values"] == ["flux1-dev.safetensors", "", 32, False, 4]
+    encoders = [node["id"] for node in workflow["nodes"] if node["type"] == "CLIPTextEncode"]
+    into = {(link[1], link[3]) for link in workflow["links"] if link[5] == "CONDITIONING"}
+    combine, quantizer = nodes["ConditioningCombine"]["id"], nodes["SVDQuantFluxQuantizer"]["id"]
+    assert into == {(encoders[0], combine), (encoders[1], combine), (combine, quantizer)}
+    assert nodes["SVDQuantFluxQuantizer"]["inputs"][0]["name"] == "calibration_prompts"
+
