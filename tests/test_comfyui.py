@@ -440,6 +440,17 @@ def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name,
     assert saved.stat().st_size > 0
 
 
+def test_torch_compile_model_node_samples_a_quantized_model(server):
+    """ComfyUI's TorchCompileModel (Inductor) on the loader's model: the 4-bit layers stay as they are
+    (quantized_forward is skipped by torch.compile), the rest compiles, and the prompt saves an image."""
+    prompt = sampling_prompt("tiny-schnell.safetensors", None, "svdquant_compiled")
+    prompt["10"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["1", 0], "backend": "inductor"}}
+    prompt["5"]["inputs"]["model"] = ["10", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"]["8"]["images"][0]["filename"].startswith("svdquant_compiled")
+
+
 @pytest.mark.parametrize("activation_scales", ["power-of-two", "exact"])
 def test_the_loader_takes_an_activation_scale_choice(server, activation_scales):
     entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, f"svdquant_scales_{activation_scales}",
