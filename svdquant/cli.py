@@ -13,7 +13,7 @@ import torch
 
 from . import flux_quantize
 from . import format as fmt
-from . import kernels
+from . import kernels, numerics
 
 
 def cmd_info(args) -> int:
@@ -107,9 +107,8 @@ def cmd_demo(args) -> int:
             layer = model.get_submodule(name)
             with torch.no_grad():
                 out = layer(x.to(device, torch.bfloat16))
-            ref = x.double() @ weight.t() + bias
-            if layer.gelu_from is not None:  # an MLP input layer that applies the GELU (flux.fuse_mlp_gelu)
-                ref[:, layer.gelu_from:] = torch.nn.functional.gelu(ref[:, layer.gelu_from:], approximate="tanh")
+            # an MLP input layer applies the GELU too (flux.fuse_mlp_gelu)
+            ref = numerics.gelu_channels(x.double() @ weight.t() + bias, layer.gelu_from)
             layer_errors.append(_relative_error(out.cpu(), ref))
         out, seconds = sample(model)
         print(f"{scheme:<18} {sum(layer_errors) / len(layer_errors):>17.4f} {_relative_error(out, reference):>13.4f} "

@@ -86,9 +86,7 @@ def svdq_linear_reference(
         y += numerics.lowrank_reference(x, lora_down, lora_up)
     if bias is not None:
         y += bias.float()
-    if gelu_from is not None:
-        y[:, gelu_from:] = torch.nn.functional.gelu(y[:, gelu_from:], approximate="tanh")
-    return y.to(x.dtype)
+    return numerics.gelu_channels(y, gelu_from).to(x.dtype)
 
 
 # ---- Hopper (sm_90a) W4A4 path -------------------------------------------------------------------

@@ -296,6 +296,15 @@ def w4a4_gemm_reference(
     return out
 
 
+def gelu_channels(y: torch.Tensor, gelu_from: int | None) -> torch.Tensor:
+    """y with GELU (tanh approximation) applied in place to its channels (last dimension) from
+    gelu_from on, in y's precision; None leaves y as it is. What a layer with
+    `SVDQLinear.gelu_from` set outputs before the rounding to its dtype."""
+    if gelu_from is not None:
+        y[..., gelu_from:] = torch.nn.functional.gelu(y[..., gelu_from:], approximate="tanh")
+    return y
+
+
 def lowrank_reference(x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
     """(x @ lora_down) @ lora_up^T in float32: x [M, K], lora_down [K, r], lora_up [N, r]."""
     return (x.float() @ lora_down.float()) @ lora_up.float().t()

@@ -143,9 +143,8 @@ def test_imported_layers_match_a_float64_computation(imported, natural):
     assert set(calls) == set(flux.linear_layers(cfg))
     for name, (x, out) in calls.items():
         ref = Float64Layer(name, nat, nat_layers.get(name, {}).get("kind", "dense"))(x)
-        gelu_from = getattr(engine.get_submodule(name), "gelu_from", None)  # an MLP input layer applies the GELU
-        if gelu_from is not None:
-            ref[..., gelu_from:] = torch.nn.functional.gelu(ref[..., gelu_from:], approximate="tanh")
+        # an MLP input layer applies the GELU too (flux.fuse_mlp_gelu)
+        numerics.gelu_channels(ref, getattr(engine.get_submodule(name), "gelu_from", None))
         assert out.dtype == torch.bfloat16
         # bf16 output rounding, and the odd activation code on the other side of a rounding
         # boundary (computed in float32 in the engine, float64 here)
