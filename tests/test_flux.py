@@ -8,7 +8,7 @@ from svdquant import flux, flux_model, flux_quantize, kernels, numerics, synthet
 from svdquant import format as fmt
 from svdquant.format import FormatError
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
-from tiny_flux import bf16_model, quantized_model
+from tiny_flux import bf16_model, eager_and_compiled, quantized_model
 
 
 def test_layer_map_of_flux1_dev():
@@ -242,18 +242,11 @@ def test_files_that_are_not_usable_flux_models_are_named_errors(tmp_path):
 def test_torch_compile_runs_the_quantized_layers_as_they_are():
     """torch.compile of a quantized model (what ComfyUI's TorchCompileModel node does) skips the
     4-bit layers instead of tracing into their kernels and caches, and computes what eager does."""
-    import torch._dynamo.utils
-
     model = quantized_model(True)
     cfg = flux.FluxConfig.from_dict(model.model_config)
     engine = flux_model.from_tensors(cfg, model.tensors)
     noise, context, pooled = synthetic.flux_inputs(cfg, seed=2, height=16, width=16)
     args = (noise, torch.tensor([0.6]).bfloat16(), context, pooled, torch.tensor([3.5]).bfloat16())
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch.no_grad():
-        eager = engine(*args)
-        compiled = torch.compile(engine, backend="aot_eager")(*args)  # the graphs run as traced, unfused
+    eager, compiled, reasons = eager_and_compiled(engine, args, backend="aot_eager")  # graphs run as traced
     assert torch.equal(compiled, eager)
-    reasons = list(torch._dynamo.utils.counters["graph_break"])
     assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons[:2]

@@ -366,9 +366,8 @@ def test_loras_up_to_the_largest_combined_rank(pow2):
 def test_torch_compile_with_inductor_around_the_kernels():
     # what ComfyUI's TorchCompileModel node does to a 4-bit model: Inductor compiles the 16-bit ops
     # between the quantized layers, which run the sm_90a kernels as they are
-    import torch._dynamo.utils
     from svdquant import flux, flux_model, synthetic
-    from tiny_flux import quantized_model
+    from tiny_flux import eager_and_compiled, quantized_model
 
     model = quantized_model(True)
     cfg = flux.FluxConfig.from_dict(model.model_config)
@@ -379,12 +378,7 @@ def test_torch_compile_with_inductor_around_the_kernels():
     noise, context, pooled = synthetic.flux_inputs(cfg, seed=2, height=32, width=32)
     args = tuple(t.to(DEV) for t in (noise, torch.tensor([0.6]).bfloat16(), context, pooled,
                                      torch.tensor([3.5]).bfloat16()))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    with torch.no_grad():
-        eager = engine(*args)
-        compiled = torch.compile(engine)(*args)
-    reasons = list(torch._dynamo.utils.counters["graph_break"])
+    eager, compiled, reasons = eager_and_compiled(engine, args)
     assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons[:2]
     assert bool(torch.isfinite(compiled).all())
     # Inductor keeps fp32 between the fused 16-bit ops where eager rounds after each: on this tiny

@@ -22,3 +22,18 @@ def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, h
     cfg, tensors = bf16_model(guidance_embed)
     return flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg), rank=rank,
                                        smooth=smooth, alphas=TEST_ALPHAS, progress=False, hopper_pow2=hopper_pow2)
+
+
+def eager_and_compiled(model, args, backend: str = "inductor"):
+    """model(*args) run eagerly and through torch.compile (from a clean dynamo state), and the
+    reasons for which dynamo broke its graphs."""
+    import torch
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = model(*args)
+        compiled = torch.compile(model, backend=backend)(*args)
+    return eager, compiled, list(torch._dynamo.utils.counters["graph_break"])
+
