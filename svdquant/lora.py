@@ -40,6 +40,7 @@ Only safetensors files are read: never pickle.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,8 @@ class LoraDelta:
         if lora_down.dim() != 2 or lora_up.dim() != 2 or lora_up.shape[1] != lora_down.shape[0]:
             raise LoraError(source, f"{name}: lora down {tuple(lora_down.shape)} and up {tuple(lora_up.shape)} "
                                     "are not a linear layer's low-rank pair")
+        if alpha is not None and not math.isfinite(alpha):
+            raise LoraError(source, f"{name}: alpha is {alpha}, not a finite number")
         down, up = lora_down.float(), lora_up.float()
         if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
             raise LoraError(source, f"{name}: contains NaN or Inf")
@@ -319,7 +322,13 @@ def convert_lora(tensors: dict[str, torch.Tensor], source: str) -> Lora:
         if "down" not in roles or "up" not in roles:
             present = ", ".join(key for key, _ in roles.values())
             raise LoraError(source, f"{module_key}: has {present} but not both a down and an up matrix")
-        alpha = float(roles["alpha"][1].float().item()) if "alpha" in roles else None
+        alpha = None
+        if "alpha" in roles:
+            alpha_key, alpha_tensor = roles["alpha"]
+            if alpha_tensor.numel() != 1:
+                raise LoraError(source, f"{alpha_key}: an alpha of shape {tuple(alpha_tensor.shape)}, "
+                                        "expected one number")
+            alpha = float(alpha_tensor.float().item())
         delta = LoraDelta.from_pair(roles["down"][1], roles["up"][1], alpha, source, module_key)
         parts.setdefault(target.module, []).append(_place(delta, target, module_key))
 

@@ -321,6 +321,33 @@ def test_bad_files_are_errors_naming_the_file(tmp_path):
         load_lora(nan)
 
 
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_alpha_is_an_error_naming_the_file_and_module(tmp_path, alpha):
+    path = tmp_path / "alpha.safetensors"
+    tensors = kohya({"img_in": canonical_lora()["img_in"]})
+    tensors["lora_unet_img_in.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    with pytest.raises(LoraError, match=f"^alpha.safetensors: lora_unet_img_in: alpha is {alpha}, not a finite"):
+        load_lora(path)
+
+
+def test_an_alpha_that_is_not_one_number_is_an_error_naming_the_key(tmp_path):
+    path = tmp_path / "alpha.safetensors"
+    tensors = kohya({"img_in": canonical_lora()["img_in"]})
+    tensors["lora_unet_img_in.alpha"] = torch.tensor([2.0, 2.0])
+    save_file(tensors, str(path))
+    with pytest.raises(LoraError, match=r"^alpha.safetensors: lora_unet_img_in.alpha: an alpha of shape \(2,\)"):
+        load_lora(path)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_a_non_finite_alpha_from_comfyui_patches_is_an_error_naming_the_layer(alpha):
+    # ComfyUI's LoRA loaders hand the alpha they read to from_pair (nodes/lora.py), file name unknown
+    a, b = torch.ones(4, H), torch.ones(H, 4)
+    with pytest.raises(LoraError, match=f"^LoRA patches: diffusion_model.img_in: alpha is {alpha}"):
+        LoraDelta.from_pair(a, b, alpha, "LoRA patches", "diffusion_model.img_in")
+
+
 # ---------------------------------------------------------------------------------------------
 # Applying to one layer
 
