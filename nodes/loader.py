@@ -1,7 +1,10 @@
 """SVDQuant FLUX Loader: an SVDQuant FLUX file -> a ComfyUI MODEL built by ComfyUI's own FLUX code."""
 
+import dataclasses
+
 import torch
 
+import comfy.ldm.flux.model
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
@@ -30,17 +33,54 @@ def device_options() -> list[str]:
     return ["default", "cpu"] + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])
 
 
+# FLUX.1's value for a FluxParams field that newer ComfyUI requires but that older detection or
+# our files do not give (ComfyUI's own detection sets txt_ids_dims = [] for FLUX.1)
+FLUX1_PARAMS = {"txt_ids_dims": []}
+
+
+def flux_unet_config(path, tensors: dict, cfg: flux.FluxConfig) -> dict:
+    """ComfyUI's unet config for the file, as ComfyUI's own detection makes it from the key shapes.
+
+    Detection reads only 16-bit tensors (embedders, norms) and counts blocks, so it works on a
+    quantized file. The file's configuration (validated against its tensors) overrides what
+    detection assumes (older ComfyUI takes every FLUX for full size). Fields the installed
+    FluxParams requires that neither gives get FLUX.1's value, found by looking at its fields,
+    so the pack follows ComfyUI's parameters without knowing its version.
+    """
+    detected = comfy.model_detection.detect_unet_config(tensors, "")
+    if not detected or detected.get("image_model") != "flux":
+        detected = {"image_model": "flux"}
+    unet_config = {**detected, **cfg.to_dict()}
+    params = dataclasses.fields(comfy.ldm.flux.model.FluxParams)
+    for field in params:
+        if field.name not in unet_config and field.name in FLUX1_PARAMS:
+            unet_config[field.name] = FLUX1_PARAMS[field.name]
+    missing = [field.name for field in params if field.name not in unet_config
+               and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    if missing:
+        raise FormatError(path, f"this ComfyUI's FLUX needs {', '.join(missing)}, which the pack cannot tell "
+                                "for this file; please report it with your ComfyUI version")
+    return unet_config
+
+
+def model_patcher_class() -> type:
+    """The patcher ComfyUI builds its own models with (CoreModelPatcher: DynamicVRAM where ComfyUI
+    turned it on), or ModelPatcher where ComfyUI has no such choice."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+
+
 def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
                        pow2_activations: bool | None = None) -> comfy.model_patcher.ModelPatcher:
-    """Build ComfyUI's FLUX model with the file's layers as custom operations, in a ModelPatcher.
+    """Build ComfyUI's FLUX model with the file's layers as custom operations, in ComfyUI's patcher.
 
-    The configuration comes from the file (ComfyUI's own detection assumes full-size FLUX). The
-    state dict is loaded strictly, so a file that does not fit ComfyUI's FLUX is an error naming
-    the file, not a model with random layers.
+    The path is ComfyUI's own for a diffusion model (its detection, model config, state-dict
+    conversion, patcher), with the configuration the file gives. The state dict is loaded
+    strictly, so a file that does not fit ComfyUI's FLUX is an error naming the file, not a model
+    with random layers.
     """
     model, cfg = flux.load_flux(path)
-    model_config = comfy.model_detection.model_config_from_unet_config({"image_model": "flux", **cfg.to_dict()},
-                                                                      model.tensors)
+    unet_config = flux_unet_config(path, model.tensors, cfg)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, model.tensors)
     if model_config is None:
         raise FormatError(path, f"ComfyUI has no model class for this FLUX configuration {cfg.to_dict()}")
     if device == "cpu":
@@ -52,13 +92,15 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
         dtype, load_device, model_config.supported_inference_dtypes))
     model_config.custom_operations = SVDQuantOps
     base_model = model_config.get_model(model.tensors, "")
+    # ComfyUI's renames of older keys (e.g. the QK norms' .scale -> .weight), as its own loader does
+    tensors = model_config.process_unet_state_dict(dict(model.tensors))
     try:
-        base_model.diffusion_model.load_state_dict(model.tensors, strict=True)
+        base_model.diffusion_model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
     flux.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
     flux.fuse_mlp_gelu(base_model.diffusion_model)
-    patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=load_device, offload_device=offload_device)
+    patcher = model_patcher_class()(base_model, load_device=load_device, offload_device=offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher
 
