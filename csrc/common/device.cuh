@@ -1,0 +1,77 @@
+// Device helpers every kernel family shares. Self-contained: NVRTC, which compiles the kernels at run
+// time (svdquant/cuda.py), has no headers at all, so 16-bit float conversions are PTX `cvt` and the
+// fixed-width integers are typedefs; under nvcc (setup.py's prebuilt cubins) the same names come
+// from <cstdint>, so both compilers see identical types.
+#pragma once
+
+#ifdef __CUDACC_RTC__
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
+#else
+#include <cstdint>
+#endif
+
+namespace svdq {
+
+// 16-bit floats as their bits, so that kernels template on the storage type without cuda_bf16.h /
+// cuda_fp16.h. Both are 2 bytes, like __nv_bfloat16 and __half.
+struct bfloat16 {
+  uint16_t bits;
+};
+struct float16 {
+  uint16_t bits;
+};
+
+__device__ __forceinline__ float to_float(bfloat16 v) { return __uint_as_float(static_cast<uint32_t>(v.bits) << 16); }
+__device__ __forceinline__ float to_float(float16 v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  return f;
+}
+
+// round to nearest even, as torch's .to(bfloat16 / float16) does
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ bfloat16 from_float<bfloat16>(float v) {
+  bfloat16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+  return r;
+}
+template <>
+__device__ __forceinline__ float16 from_float<float16>(float v) {
+  float16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+  return r;
+}
+
+// two floats rounded to a packed pair, lo in the low 16 bits (the first element in memory)
+template <typename T>
+__device__ __forceinline__ uint32_t pack2_rn(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2_rn<bfloat16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2_rn<float16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// A CUtensorMap as a kernel parameter (`const __grid_constant__ svdq::TensorMap`), encoded on the
+// host by svdquant.cuda.tensor_map.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+
+}  // namespace svdq
