@@ -1,0 +1,279 @@
+// Kernel 1 of the sm80 family: SVDQuant activation quantization fused with the low-rank down
+// projection (any sm_80 or newer GPU; mma.sync, cp.async, ldmatrix).
+//
+// One read of x [M, K] (16-bit) from device memory feeds every output:
+//   codes    [M, K/2]     INT4 codes packed two per byte in the natural layout of numerics.pack_int4
+//                         (low nibble = even column; two's complement in signed groups, 0..15 in
+//                         unsigned ones): the layout kernel 2 (w4a4_gemm.cu) reads;
+//   ascales  [K/64, m_al] fp32 per-(token, group) scales, token-contiguous per group (kernel 2 loads
+//                         one group's scales of 128 tokens with 16-byte copies); m_al = M rounded up
+//                         to a multiple of 4, rows M..m_al-1 are not written (kernel 2 never stores
+//                         the outputs of those tokens);
+//   lora_act [M, rank]    x @ lora_down, fp32 accumulation (mma.sync m16n8k16), stored in x's dtype.
+//
+// Numerics are those of numerics.quantize_activations (exact mode) and
+// numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
+//   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
+//   unsigned groups (shift > 0) clamp v at 0; need = amax / qmax (qmax = 7 or 15, IEEE division);
+//   exact: scale = dtype(need), code = rint(v / scale);
+//   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
+//          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
+//          the scale written for the group is atok * 2^-e (exact in fp32), so kernel 2 takes both
+//          modes' scales alike;
+//   codes clamped to [-8, 7] or [0, 15]; 0 where the scale is 0.
+// Divisions use a correctly rounded reciprocal and one Markstein correction step
+// (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
+// is a normal number (the sm90 family's kernel 1 documents the checks); quotients outside
+// [2^-100, 2^100] take __fdiv_rn.
+//
+// Work split: a CTA of 128 threads (4 warps) owns 16 tokens and walks all of K one 64-group at a
+// time; each group's x tile [16][64] (2 KB) comes in through a kStages-deep cp.async ring (16-byte
+// chunks, chunk c of row r stored at chunk c ^ (r % 8), so that ldmatrix reads are conflict-free).
+// Quantization: thread t owns the octet of columns 8 (t % 8) .. +7 of token t / 8 (the chunk it
+// copied itself); the 8 threads of a token take the group's amax by three shuffles. Pow2 mode
+// keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
+// L2: a CTA's 16 rows were just read) and writes the codes and scales.
+// Low-rank: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host computes larger ranks
+// with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with A = the x tile
+// (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K] (lora_down
+// transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), whose
+// fragments each lane reads from global memory (L1/L2-resident: every CTA reads all of it).
+// Each output is summed by one warp in K order, so lora_act is deterministic.
+//
+// Entry points (one per dtype and mode): act_quant_{exact,pow2}_{bf16,fp16}(
+//   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
+//   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
+//   const T* lora_t [rank, K] or null, uint8_t* codes, float* ascales, T* lora_act [M, rank] or
+//   null, int M, int K, int rank, int m_al); grid (ceil(M / 16)), block 128, no dynamic shared
+//   memory. Requires K % 64 == 0, rank % 16 == 0, rank <= 32.
+#include "sm80.cuh"
+
+namespace svdq::sm80 {
+namespace {
+
+constexpr int kTokens = 16;
+constexpr int kThreads = 128;
+constexpr int kStages = 8;  // 16 KB of x in flight per CTA
+constexpr int kTileBytes = kTokens * 128;
+constexpr int kPow2MaxExp = 3;  // numerics.POW2_ACT_MAX_EXP
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [16][128-byte] x tile (see the file comment).
+__device__ __forceinline__ int tile_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+
+// n / d rounded to nearest even, given inv = 1/d rounded to nearest: exact when the quotient is a
+// normal number (see the file comment); callers check that.
+__device__ __forceinline__ float div_fast(float n, float d, float inv) {
+  const float q = __fmul_rn(n, inv);
+  return __fmaf_rn(__fmaf_rn(-q, d, n), inv, q);
+}
+
+// IEEE division for the rare cases div_fast does not cover; out of line so that the fast path
+// stays small.
+__device__ __noinline__ float div_exact(float n, float d) { return n == 0.f ? 0.f : __fdiv_rn(n, d); }
+
+__device__ __forceinline__ void load8(float (&v)[8], const float* p) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// The largest of the 8 lanes' values of a (token, group): they are consecutive lanes of one warp.
+__device__ __forceinline__ float octet_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+}
+
+__device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
+
+// v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes): exact mode
+// v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2 mode
+// v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0. Returns max |v|.
+template <typename T, bool kPow2>
+__device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, int col,
+                                              float shift, float (&v)[8]) {
+  float n[8], inv[8];
+  Half<T>::unpack2(raw.x, n[0], n[1]);
+  Half<T>::unpack2(raw.y, n[2], n[3]);
+  Half<T>::unpack2(raw.z, n[4], n[5]);
+  Half<T>::unpack2(raw.w, n[6], n[7]);
+  if (shift != 0.f) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], shift);
+  }
+  load8(inv, inv_smooth + col);
+  float hi = 0.f;
+  if constexpr (kPow2) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(n[e], inv[e]);
+  } else {
+    float sm[8], lo = __int_as_float(0x7F800000);
+    load8(sm, smooth + col);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      v[e] = div_fast(n[e], sm[e], inv[e]);
+      // a zero numerator's quotient is right up to its sign, which no code or amax sees
+      lo = fminf(lo, n[e] != 0.f ? fabsf(v[e]) : 1.f);
+      hi = fmaxf(hi, fabsf(v[e]));
+    }
+    if (!(lo >= 0x1p-100f && hi <= 0x1p100f)) {  // a tiny or huge quotient
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = div_exact(n[e], sm[e]);
+    }
+    hi = 0.f;
+  }
+  if (shift > 0.f) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = fmaxf(v[e], 0.f);
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
+  return hi;
+}
+
+// Eight codes (already integers in float) clamped to the group's range, packed as numerics.pack_int4.
+__device__ __forceinline__ uint32_t pack_codes(const float (&c)[8], bool uns) {
+  const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
+  uint32_t w = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) w |= (static_cast<uint32_t>(static_cast<int>(fminf(fmaxf(c[e], qlo), qhi))) & 0xFu) << (4 * e);
+  return w;
+}
+
+// Exact mode: rint(v / scale) for an octet, as the reference computes it (0 for a zero scale).
+__device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, float (&c)[8]) {
+  if (scale >= 0x1p-100f && scale <= 0x1p100f) {
+    // |v| <= amax and scale ~ amax / qmax: the quotient is at most ~qmax * 2^10 (fp16 subnormal
+    // scales), and one too small to be normal rounds to code 0 either way
+    const float inv_scale = __frcp_rn(scale);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c[e] = rintf(div_fast(v[e], scale, inv_scale));
+  } else if (scale > 0.f) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c[e] = rintf(div_exact(v[e], scale));
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c[e] = 0.f;
+  }
+}
+
+template <typename T, bool kPow2>
+__device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
+                                          const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
+                                          const T* __restrict__ lora_t, uint8_t* __restrict__ codes,
+                                          float* __restrict__ ascales, T* __restrict__ lora_act, int M, int K, int rank,
+                                          int m_al) {
+  using H = Half<T>;
+  __shared__ __align__(128) uint8_t ring[kStages * kTileBytes];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tok0 = blockIdx.x * kTokens;
+  const int groups = K / 64;
+  const int row = tid / 8, t8 = tid % 8;  // this thread's octet: token row, columns 8 t8 .. +7 of a group
+  const int tok = tok0 + row;
+  const bool tok_valid = tok < M;
+  const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + static_cast<size_t>(tok_valid ? tok : 0) * K * 2;
+  const int my_chunk = tile_offset(row, t8);
+
+  auto load_group = [&](int g) {
+    if (g < groups) cp_async16(ring + (g % kStages) * kTileBytes + my_chunk, x_row + g * 128 + t8 * 16, tok_valid);
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_group(s);
+
+  const bool lora_warp = 8 * warp < rank;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // lane's B fragment row of lora_t: rank 8 warp + lane / 4, column pair 2 (lane % 4)
+  const uint32_t* lora_row =
+      lora_warp ? reinterpret_cast<const uint32_t*>(lora_t + static_cast<size_t>(8 * warp + lane / 4) * K) + lane % 4
+                : nullptr;
+  float tmax = 0.f;  // pow2 mode: this token's largest need so far
+
+  for (int g = 0; g < groups; ++g) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_group(g + kStages - 1);
+    const uint8_t* tile = ring + (g % kStages) * kTileBytes;
+    uint32_t b[8];
+    if (lora_warp) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) b[i] = __ldg(lora_row + 32 * g + 4 * i);  // k = 64 g + 8 i + 2 (lane % 4)
+    }
+    const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
+    const bool uns = shift > 0.f;
+    float v[8];
+    const float amax = octet_max(
+        octet_values<T, kPow2>(*reinterpret_cast<const uint4*>(tile + my_chunk), smooth, inv_smooth, 64 * g + 8 * t8,
+                               shift, v));
+    const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
+    if constexpr (kPow2) {
+      tmax = fmaxf(tmax, need);
+    } else {
+      const float scale = round_to<T>(need);
+      float c[8];
+      octet_codes(v, scale, c);
+      if (tok_valid) {
+        *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
+        if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = scale;
+      }
+    }
+    if (lora_warp) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {  // k16 steps of the group
+        uint32_t a[4];
+        ldmatrix_x4(a, tile + tile_offset(lane % 8 + 8 * ((lane / 8) % 2), 2 * kk + lane / 16));
+        mma_m16n8k16<T>(acc, a, b[2 * kk], b[2 * kk + 1]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if (lora_warp) {  // acc: rows lane / 4 and lane / 4 + 8, ranks 8 warp + 2 (lane % 4) + {0, 1}
+    const int r = 8 * warp + 2 * (lane % 4);
+    const int t_lo = tok0 + lane / 4, t_hi = t_lo + 8;
+    if (t_lo < M) *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_lo) * rank + r) = pack2_rn<T>(acc[0], acc[1]);
+    if (t_hi < M) *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_hi) * rank + r) = pack2_rn<T>(acc[2], acc[3]);
+  }
+
+  if constexpr (kPow2) {  // pass 2: codes and scales from the token's atok
+    const float atok = round_to<T>(tmax);
+    const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
+    // rows past M compute on row 0 and store nothing (the shuffles need every lane)
+#pragma unroll 4
+    for (int g = 0; g < groups; ++g) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x_row + g * 128 + t8 * 16));
+      const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
+      const bool uns = shift > 0.f;
+      float v[8];
+      const float amax = octet_max(octet_values<T, true>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, v));
+      const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
+      int e = 0;
+#pragma unroll
+      for (int i = 1; i <= kPow2MaxExp; ++i) e = atok * exp2i(-i) >= need ? i : e;
+      const float mult = inv_atok * exp2i(e);
+      float c[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) c[j] = rintf(__fmul_rn(v[j], mult));
+      if (tok_valid) {
+        *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
+        if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = atok * exp2i(-e);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace svdq::sm80
+
+#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2)                                                                         \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
+      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift, const T* lora_t,    \
+           uint8_t* codes, float* ascales, T* lora_act, int M, int K, int rank, int m_al) {                      \
+    svdq::sm80::act_quant<T, POW2>(x, smooth, inv_smooth, group_shift, lora_t, codes, ascales, lora_act, M, K,    \
+                                   rank, m_al);                                                                   \
+  }
+
+SVDQ_ACT_QUANT_ENTRY(act_quant_exact_bf16, svdq::bfloat16, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_exact_fp16, svdq::float16, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_bf16, svdq::bfloat16, true)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_fp16, svdq::float16, true)

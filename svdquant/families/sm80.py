@@ -1,0 +1,235 @@
+"""Host side of the sm80 W4A4 family (csrc/sm80, any sm_80 or newer GPU): kernel 1 (act_quant.cu,
+activation quantization fused with the low-rank down projection) and kernel 2 (w4a4_gemm.cu, the
+W4A4 GEMM with per-group promotion, the low-rank up projection, bias and the GELU epilogue), with
+two tensor-core variants of kernel 2 on the same operands: "int4" (mma.sync m16n8k64 s4, native on
+sm_80/86/89) and "int8" (mma.sync m16n8k32 s8 on the INT4 codes, any sm_80+ GPU).
+
+Both kernels read the layer's tensors in their natural layout (qweight [N, K/2], wscales [K/64, N],
+lora_up [N, r], bias), so the weights stay one 4-bit copy. Derived tensors, cached on the layer
+until their sources change: fp32 copies of smooth and its reciprocal (2 x 4 bytes per input
+channel), the shift's one fp32 value per 64-group, lora_down transposed for kernel 1 ([r, K], a
+second copy of it at ranks up to KERNEL1_MAX_RANK only) and, only where the rank is not a multiple
+of 16, lora_up with zero columns up to the next multiple.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import cuda, numerics
+
+FAMILY = "sm80"
+MMA_VARIANTS = ("int4", "int8")
+# Kernel 1 computes x @ lora_down in its pass over x up to this rank (a model's own branch, one warp
+# per 8 ranks); larger ranks (LoRAs joined to the branch) take one cuBLAS GEMM, as on Hopper.
+KERNEL1_MAX_RANK = 32
+# Kernel 2's low-rank stages take 16 ranks each.
+RANK_STEP = 16
+_ACT_TOKENS = 16  # tokens per kernel 1 CTA
+_ACT_THREADS = 128
+_GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
+_GEMM_THREADS = 128
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+KERNELS = tuple(f"act_quant_{mode}_{d}" for mode in ("exact", "pow2") for d in ("bf16", "fp16")) + tuple(
+    f"w4a4_gemm_{mma}_{d}" for mma in MMA_VARIANTS for d in ("bf16", "fp16"))
+
+
+class Sm80InputError(ValueError):
+    """Inputs the sm80 kernels cannot take (the message names the tensor and what is wrong)."""
+
+
+def _check(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.device != like.device:
+        raise Sm80InputError(f"{name} must be on {like.device}, not {t.device}")
+    if t.dtype != dtype:
+        raise Sm80InputError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise Sm80InputError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise Sm80InputError(f"{name} must be contiguous")
+    if t.data_ptr() % 16:
+        raise Sm80InputError(f"{name} must start on a 16-byte boundary")
+
+
+def _padded_rank(rank: int) -> int:
+    return (rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+
+
+def scales_rows(m: int) -> int:
+    """m_al: the row length of kernel 1's ascales [K/64, m_al] (M rounded up to a multiple of 4)."""
+    return (m + 3) // 4 * 4
+
+
+def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
+              lora_t: torch.Tensor | None, pow2: bool = False):
+    """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
+    rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
+    dtype, r a multiple of 16 up to KERNEL1_MAX_RANK, or None.
+
+    Returns (codes uint8 [M, K/2] packed as numerics.pack_int4, ascales fp32 [K/64, m_al] (pow2 mode:
+    each token's atok * 2^-e), lora_act [M, r] in x's dtype or None)."""
+    if not (x.is_cuda and x.dim() == 2):
+        raise Sm80InputError("x must be a 2-D CUDA tensor")
+    if x.dtype not in _NAMES:
+        raise Sm80InputError(f"x must be bfloat16 or float16, got {x.dtype}")
+    m, k = x.shape
+    if k % numerics.GROUP_SIZE or k == 0:
+        raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE}")
+    groups = k // numerics.GROUP_SIZE
+    _check(x, x, "x", x.dtype, (m, k))
+    _check(smooth, x, "smooth", torch.float32, (k,))
+    _check(inv_smooth, x, "inv_smooth", torch.float32, (k,))
+    if group_shift is not None:
+        _check(group_shift, x, "group_shift", torch.float32, (groups,))
+    rank = 0 if lora_t is None else lora_t.shape[0]
+    if lora_t is not None:
+        if rank % RANK_STEP or rank > KERNEL1_MAX_RANK:
+            raise Sm80InputError(f"kernel 1 takes ranks that are multiples of {RANK_STEP} up to "
+                                 f"{KERNEL1_MAX_RANK}, got {rank}")
+        _check(lora_t, x, "lora_t", x.dtype, (rank, k))
+    m_al = scales_rows(m)
+    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
+    ascales = torch.empty(groups, m_al, dtype=torch.float32, device=x.device)
+    lora_act = torch.empty(m, rank, dtype=x.dtype, device=x.device) if rank else None
+    if m:
+        fn = cuda.function(FAMILY, f"act_quant_{'pow2' if pow2 else 'exact'}_{_NAMES[x.dtype]}", x.device)
+        fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
+                  (x, smooth, inv_smooth, group_shift, lora_t if rank else None, codes, ascales, lora_act,
+                   m, k, rank, m_al))
+    return codes, ascales, lora_act
+
+
+def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Tensor | None, qweight: torch.Tensor,
+              wscales: torch.Tensor, lora_act: torch.Tensor | None, lora_up: torch.Tensor | None,
+              bias: torch.Tensor | None = None, out: torch.Tensor | None = None, gelu_from: int | None = None,
+              mma: str = "int8") -> torch.Tensor:
+    """Kernel 2: y [M, N] = sum_g ascales[g, m] * wscales[g, n] * (codes . qweight over group g)
+    + lora_act @ lora_up^T + bias, GELU (tanh) on channels >= gelu_from, in wscales' dtype.
+
+    codes, ascales: kernel 1's; group_shift: as given to kernel 1 (its positive groups hold unsigned
+    codes); qweight uint8 [N, K/2]; wscales [K/64, N] bf16/fp16; lora_act [M, r] and lora_up [N, r]
+    (r a multiple of 16) or both None; out: [M, N] to write into, or None."""
+    if mma not in MMA_VARIANTS:
+        raise Sm80InputError(f"mma must be one of {MMA_VARIANTS}, got {mma!r}")
+    if not (codes.is_cuda and codes.dim() == 2 and qweight.dim() == 2 and wscales.dim() == 2):
+        raise Sm80InputError("codes must be a 2-D CUDA tensor, qweight and wscales 2-D")
+    dtype = wscales.dtype
+    if dtype not in _NAMES:
+        raise Sm80InputError(f"wscales must be bfloat16 or float16, got {dtype}")
+    m, half_k = codes.shape
+    n, k = qweight.shape[0], 2 * half_k
+    if k % numerics.GROUP_SIZE or k == 0:
+        raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE}")
+    if n % 8:
+        raise Sm80InputError(f"the output width {n} is not a multiple of 8")
+    groups, m_al = k // numerics.GROUP_SIZE, scales_rows(m)
+    _check(codes, codes, "codes", torch.uint8, (m, half_k))
+    _check(ascales, codes, "ascales", torch.float32, (groups, m_al))
+    if group_shift is not None:
+        _check(group_shift, codes, "group_shift", torch.float32, (groups,))
+    _check(qweight, codes, "qweight", torch.uint8, (n, half_k))
+    _check(wscales, codes, "wscales", dtype, (groups, n))
+    if (lora_act is None) != (lora_up is None):
+        raise Sm80InputError("lora_act and lora_up must be given together")
+    rank = 0 if lora_act is None else lora_act.shape[1]
+    if lora_act is not None:
+        if rank % RANK_STEP:
+            raise Sm80InputError(f"the rank {rank} is not a multiple of {RANK_STEP}")
+        _check(lora_act, codes, "lora_act", dtype, (m, rank))
+        _check(lora_up, codes, "lora_up", dtype, (n, rank))
+    if bias is not None:
+        _check(bias, codes, "bias", dtype, (n,))
+    if out is None:
+        out = torch.empty(m, n, dtype=dtype, device=codes.device)
+    else:
+        _check(out, codes, "out", dtype, (m, n))
+    if m and n:
+        fn = cuda.function(FAMILY, f"w4a4_gemm_{mma}_{_NAMES[dtype]}", codes.device)
+        grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
+        fn.launch(grid, _GEMM_THREADS,
+                  (codes, ascales, group_shift, qweight, wscales, lora_act if rank else None,
+                   lora_up if rank else None, bias, out, m, n, k, m_al, rank,
+                   -1 if gelu_from is None else int(gelu_from)))
+    return out
+
+
+def _cached_on(layer, attr: str, key: tuple, compute):
+    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
+    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(layer, attr, cached)
+    return cached[1]
+
+
+def _key(t: torch.Tensor | None):
+    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape))
+
+
+def _group_shifts(shift: torch.Tensor) -> torch.Tensor:
+    grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise Sm80InputError("the input shift varies inside a 64-channel group (the kernels take one per group)")
+    return grouped[:, 0].contiguous()
+
+
+def layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
+    the shift per group (None without a shift) and lora_down^T [r16, K] (ranks padded to a multiple
+    of 16 with zeros), or None where the rank is 0 or above KERNEL1_MAX_RANK (svdq_linear then
+    computes the low-rank input with cuBLAS)."""
+    shift, down = layer.shift, layer.lora_down
+
+    def compute():
+        smooth = layer.smooth.float().contiguous()
+        rank = down.shape[1]
+        lora_t = None
+        if 0 < rank <= KERNEL1_MAX_RANK:
+            lora_t = torch.zeros(_padded_rank(rank), down.shape[0], dtype=down.dtype, device=down.device)
+            lora_t[:rank] = down.t()
+        return smooth, torch.reciprocal(smooth), None if shift is None else _group_shifts(shift), lora_t
+
+    return _cached_on(layer, "_sm80_inputs", (_key(layer.smooth), _key(down), _key(shift)), compute)
+
+
+def _lora_up(layer) -> torch.Tensor | None:
+    """lora_up [N, r16]: the layer's own tensor where r is a multiple of 16, else a cached copy with
+    zero columns up to the next multiple; None at rank 0."""
+    up = layer.lora_up
+    rank = up.shape[1]
+    if rank == 0:
+        return None
+    if rank % RANK_STEP == 0:
+        return up.contiguous()
+
+    def compute():
+        return torch.nn.functional.pad(up, (0, _padded_rank(rank) - rank)).contiguous()
+
+    return _cached_on(layer, "_sm80_lora_up", (_key(up),), compute)
+
+
+def svdq_linear(x: torch.Tensor, layer, mma: str = "int8", pow2_activations: bool | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.svdq_linear_reference's function of x [M, K] with an SVDQLinear's tensors, on the two
+    sm80 kernels (mma: "int4" or "int8" for kernel 2). pow2_activations: quantize x with
+    power-of-two restricted scales (numerics.quantize_activations_pow2); None: as
+    kernels.uses_pow2_activations(layer) says."""
+    if pow2_activations is None:
+        from .. import kernels  # kernels dispatches to this module
+
+        pow2_activations = kernels.uses_pow2_activations(layer)
+    if x.dtype != layer.wscales.dtype:
+        raise Sm80InputError(f"input dtype {x.dtype} with {layer.wscales.dtype} weights")
+    x = x.contiguous()
+    smooth, inv_smooth, group_shift, lora_t = layer_inputs(layer)
+    codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations)
+    rank = layer.lora_down.shape[1]
+    if rank > KERNEL1_MAX_RANK:
+        lora_act = x @ layer.lora_down
+        if rank % RANK_STEP:
+            lora_act = torch.nn.functional.pad(lora_act, (0, _padded_rank(rank) - rank))
+        lora_act = lora_act.contiguous()
+    return w4a4_gemm(codes, ascales, group_shift, layer.qweight.contiguous(), layer.wscales.contiguous(), lora_act,
+                     _lora_up(layer), layer.bias, out, layer.gelu_from, mma)
