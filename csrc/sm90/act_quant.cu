@@ -35,60 +35,53 @@
 //   turns each packed word into two fragment registers with a table lookup.
 //
 // Work split: a cluster of cs CTAs owns 32 tokens; CTA c of it owns groups [c * gpc, (c+1) * gpc)
-// of K (make_plan picks cs and gpc). Its x slice, 32 tokens x gpc groups, is TMA-loaded once
-// (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays in shared memory, with the
-// group's 1/smooth and (exact mode) smooth (bulk copies on the same mbarrier). As each
-// group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode: the group's need) and
-// the low-rank mma consumes it. In pow2 mode the cluster then takes each token's largest need
-// through distributed shared memory and pass 2 writes the codes from the shared-memory copy of x
-// (no second read of x from memory). Exchanges push: each CTA stores its per-token maxima and its
-// low-rank partials straight into the shared memory of the CTA that owns them (an inbox per rank
-// block, two alternating), so one cluster barrier per rank block suffices and every read after it
-// is local.
+// of K (make_plan in svdquant/families/sm90.py picks cs and gpc). Its x slice, 32 tokens x gpc
+// groups, is TMA-loaded once (one 32 x 64 box and mbarrier per group, 128-byte swizzle) and stays
+// in shared memory, with the group's 1/smooth and (exact mode) smooth (bulk copies on the same
+// mbarrier). As each group lands, pass 1 quantizes it (exact mode: codes and scales; pow2 mode:
+// the group's need) and the low-rank mma consumes it. In pow2 mode the cluster then takes each
+// token's largest need through distributed shared memory and pass 2 writes the codes from the
+// shared-memory copy of x (no second read of x from memory). Exchanges push: each CTA stores its
+// per-token maxima and its low-rank partials straight into the shared memory of the CTA that owns
+// them (an inbox per rank block, two alternating), so one cluster barrier per rank block suffices
+// and every read after it is local.
 // Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
 // the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
 // blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
 // from L2 (no shared-memory staging, no block-wide barrier per group), one group ahead, from
-// lora_down repacked at load time (kernels.lora_down_sm90) so that a lane's fragments of a group
-// are 32 contiguous bytes:
+// lora_down repacked at load time (kernel1_lora_down in svdquant/families/sm90.py) so that a lane's
+// fragments of a group are 32 contiguous bytes:
 //   lora_p[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]
 //   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
 //   and b1 = (h 1) registers of the four k16 steps s of group g in order.
 // Each CTA sums the partials of its share of the outputs in CTA order, so the result is deterministic.
-#include <cooperative_groups.h>
-
-#include <algorithm>
-
 #include "common.cuh"
-#include "launchers.h"
 
 namespace svdq::sm90 {
 namespace {
-
-namespace cg = cooperative_groups;
 
 constexpr int kTokens = 32;
 constexpr int kThreads = 256;
 constexpr int kXBoxBytes = kTokens * 128;  // one group of the x slice: [32 tokens][64 x 16-bit], swizzled
 constexpr int kMaxClusterCtas = 16;        // non-portable cluster size (H100: up to 16)
 constexpr int kPow2MaxExp = 3;             // pow2 mode: e in [0, 3] (numerics.POW2_ACT_MAX_EXP)
-constexpr int kTargetGroupsPerCta = 8;     // 32 KB of x per CTA (measured best of 4..24 at M = 4608, K = 3072)
 
 // Low-rank outputs of a rank block: [32 tokens][rank_block] as float2 pairs, CTA c of the cluster
 // owning pairs [c * share, (c + 1) * share); its inbox holds [cs][share] pairs from every CTA.
-__host__ __device__ inline int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
+__device__ __forceinline__ int pair_share(int rank_block, int cs) { return (kTokens * rank_block / 2 + cs - 1) / cs; }
 
 // A group's parameters in shared memory: 1/smooth (fp32) at byte 0 and, exact mode only, smooth at
 // 256 (the group's shift is one float, read from memory). Loading only what a launch reads keeps
 // kernel 1 in pow2 mode at K = 15360 (15 groups per CTA) at three CTAs per SM instead of two
 // (bench/NOTES.md).
-__host__ __device__ inline int param_bytes(bool pow2) { return pow2 ? 256 : 512; }
+__device__ __forceinline__ int param_bytes(bool pow2) { return pow2 ? 256 : 512; }
 
-// Shared-memory layout of a CTA (offsets from a 1024-byte aligned base), shared with the host plan.
+// Shared-memory layout of a CTA (offsets from a 1024-byte aligned base); _act_quant_smem_bytes in
+// sm90.py computes the same total for the launch.
 struct SmemLayout {
   int params, inbox, inbox_pairs, need, tmax, bars, shift, total;
 };
-__host__ __device__ inline SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
+__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
   s.inbox = s.params + gpc * pbytes;                             // [gpc][param_bytes]
@@ -111,8 +104,7 @@ template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 
 template <>
-__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                            const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_m16n8k16<bfloat16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
@@ -121,7 +113,7 @@ __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&d)[4], const
 }
 
 template <>
-__device__ __forceinline__ void mma_m16n8k16<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_m16n8k16<float16>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
@@ -157,9 +149,14 @@ __device__ __forceinline__ float div_rn(float n, float d, float inv) {
 }
 
 __device__ __forceinline__ uint32_t e4m3x4(float a, float b, float c, float d) {
-  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
-  return lo | (hi << 16);
+  uint32_t r;  // e4m3x2: the first source goes to the upper byte
+  asm("{.reg .b16 lo, hi;\n"
+      "cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n"
+      "cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n"
+      "mov.b32 %0, {lo, hi};}"
+      : "=r"(r)
+      : "f"(a), "f"(b), "f"(c), "f"(d));
+  return r;
 }
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
@@ -203,7 +200,7 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_
       for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
     }
   } else {
-    float sm[8], lo = INFINITY;
+    float sm[8], lo = infinity();
     load8(sm, reinterpret_cast<const float*>(prm + 256) + 8 * t8);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -278,14 +275,23 @@ __device__ __forceinline__ void store_octet(uint8_t* row_t8, int g, uint32_t lo,
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 
-// 4 CTAs per SM (64 registers: a few bytes spill) with one rank tile per warp, 3 with two
+// The kernel's inputs besides the x tensor map (the entry points' parameters, documented there).
+struct ActQuantParams {
+  const float* smooth;
+  const float* inv_smooth;
+  const float* shift;
+  const void* lora_down;
+  uint8_t* codes;
+  float* ascales;
+  void* lora_act;
+  int M, K, rank, m_al;
+  bool int8_operands;
+};
+
 template <typename T, bool kPow2, int kTiles>
-__global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
-    act_quant_kernel(const __grid_constant__ CUtensorMap tm_x, const ActQuantArgs a, int gpc) {
-  using H = Half<T>;
+__device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantParams& a, int gpc) {
   constexpr int kRankBlock = 32 * kTiles;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int crank = static_cast<int>(cluster.block_rank()), cs = static_cast<int>(cluster.num_blocks());
+  const int crank = cluster_ctarank(), cs = cluster_nctarank();
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -366,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           if (t8 == 0) need_s[g * kTokens + tl] = need;
           tmax = fmaxf(tmax, need);
         } else {
-          const float scale = H::round(need);
+          const float scale = round_to<T>(need);
           float c[8];
           octet_codes<T>(v, scale, uns, c);
           if (tok < a.M) store_octet(codes_t8, g, e4m3x4(c[0], c[1], c[2], c[3]), e4m3x4(c[4], c[5], c[6], c[7]));
@@ -403,19 +409,19 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int p = (16 * mt + g8 + 8 * h) * half_width + 4 * nt + q, owner = p / share;
-          *cluster.map_shared_rank(box + crank * share + p - owner * share, owner) =
+          *map_shared_rank(box + crank * share + p - owner * share, owner) =
               make_float2(acc[i][2 * h], acc[i][2 * h + 1]);
         }
       }
     }
     if (kPow2 && blk == 0)
-      for (int j = t8; j < cs; j += 8) *cluster.map_shared_rank(tmax_s + crank * kTokens + tl, j) = tmax;
-    cluster.sync();
+      for (int j = t8; j < cs; j += 8) *map_shared_rank(tmax_s + crank * kTokens + tl, j) = tmax;
+    cluster_sync();
     if constexpr (kPow2) {
       if (blk == 0) {  // pass 2: the codes, from the shared-memory copy of x
         float m = 0.f;
         for (int j = t8; j < cs; j += 8) m = fmaxf(m, tmax_s[j * kTokens + tl]);
-        const float atok = H::round(octet_max(m));
+        const float atok = round_to<T>(octet_max(m));
         const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
         if (crank == 0 && t8 == 0 && tok < a.m_al) a.ascales[tok] = tok < a.M ? atok : 0.f;
         for (int g = 0; g < ng; ++g) {
@@ -465,91 +471,45 @@ __global__ void __launch_bounds__(kThreads, kTiles == 1 ? 4 : 3)
           sum.x += v.x, sum.y += v.y;
         }
         *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(tok0 + t) * a.rank + blk * kRankBlock + col) =
-            H::pack2(sum.x, sum.y);
+            pack2_rn<T>(sum.x, sum.y);
       }
     }
   }
 }
 
-// Cluster size, groups per CTA, rank tiles per warp and shared memory of a launch.
-struct Plan {
-  int cs, gpc, tiles, smem;
-};
-
-Plan make_plan(int M, int K, int rank, int pbytes, int max_cs) {
-  const int sms = sm_count();
-  Plan p{};
-  const int groups = K / 64, token_blocks = ((M + 3) / 4 * 4 + kTokens - 1) / kTokens;
-  int cs = std::min(max_cs, std::max(1, (groups + kTargetGroupsPerCta - 1) / kTargetGroupsPerCta));
-  // small M: spread K over more CTAs, until about three CTAs per SM have work
-  cs = std::max(cs, std::min({max_cs, groups, (3 * sms + token_blocks - 1) / token_blocks}));
-  p.gpc = (groups + cs - 1) / cs;
-  p.cs = (groups + p.gpc - 1) / p.gpc;  // every CTA gets at least one group
-  p.tiles = rank <= 32 ? 1 : 2;  // more would not fit the register budget of 3-4 CTAs per SM
-  const int rank_block = rank ? std::min(32 * p.tiles, rank) : 0;
-  const int rank_blocks = rank ? (rank + 32 * p.tiles - 1) / (32 * p.tiles) : 1;
-  p.smem = smem_layout(p.gpc, rank_block, rank_blocks, p.cs, pbytes).total + 1024;  // + slack to align the base
-  return p;
-}
-
-template <typename T, bool kPow2>
-auto pick_kernel(int tiles) {
-  return tiles == 1 ? act_quant_kernel<T, kPow2, 1> : act_quant_kernel<T, kPow2, 2>;
-}
-
 }  // namespace
-
-const char* act_quant(const ActQuantArgs& a, cudaStream_t stream) {
-  if (a.M <= 0 || a.K <= 0 || a.K % 64) return "act_quant: K must be a positive multiple of 64 and M positive";
-  if (a.rank < 0 || a.rank % 16 || a.rank > 1024) return "act_quant: rank must be a multiple of 16 in [0, 1024]";
-  if (a.m_al < a.M || a.m_al % 4) return "act_quant: m_al must be M rounded up to a multiple of 4";
-  for (const void* p : {a.x, static_cast<const void*>(a.smooth), static_cast<const void*>(a.inv_smooth),
-                        static_cast<const void*>(a.shift), a.lora_down, static_cast<const void*>(a.codes),
-                        static_cast<const void*>(a.ascales), static_cast<const void*>(a.lora_act)})
-    if (reinterpret_cast<uintptr_t>(p) & 15) return "act_quant: every tensor must start on a 16-byte boundary";
-  if (!tensor_map_encoder()) return "act_quant: cuTensorMapEncodeTiled is not available from the driver";
-
-  const CUtensorMapDataType half =
-      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap tm_x{};
-  if (!make_map(&tm_x, half, a.x, a.K, a.M, a.K * 2ull, 64, kTokens, CU_TENSOR_MAP_SWIZZLE_128B))
-    return "act_quant: cuTensorMapEncodeTiled rejected x";
-
-  const int pbytes = param_bytes(a.pow2);
-  const int tiles = make_plan(a.M, a.K, a.rank, pbytes, kMaxClusterCtas).tiles;
-  decltype(&act_quant_kernel<__nv_bfloat16, false, 1>) kernel;
-  if (a.dtype == DType::kBF16)
-    kernel = a.pow2 ? pick_kernel<__nv_bfloat16, true>(tiles) : pick_kernel<__nv_bfloat16, false>(tiles);
-  else
-    kernel = a.pow2 ? pick_kernel<__half, true>(tiles) : pick_kernel<__half, false>(tiles);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  // clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
-  for (int max_cs = kMaxClusterCtas; err == cudaSuccess; max_cs /= 2) {
-    const Plan plan = make_plan(a.M, a.K, a.rank, pbytes, max_cs);
-    if (plan.smem > 227 * 1024)
-      return "act_quant: K is too large for one cluster's shared memory";
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
-    config.gridDim = dim3(plan.cs, (a.m_al + kTokens - 1) / kTokens);
-    config.dynamicSmemBytes = plan.smem;
-    cluster.val.clusterDim.x = plan.cs;
-    int clusters = 0;
-    if (err == cudaSuccess && plan.cs > 8) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-    if (err == cudaSuccess && (plan.cs <= 8 || clusters > 0)) {
-      err = cudaLaunchKernelEx(&config, kernel, tm_x, a, plan.gpc);
-      break;
-    }
-  }
-  if (err == cudaSuccess) err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 }  // namespace svdq::sm90
+
+// Entry points: act_quant_<exact|pow2>_<bf16|fp16>_tiles<1|2>, the mode, the dtype of x, lora_down
+// and lora_act, and the 8-rank tiles per warp (rank blocks of 32 or 64; 4 CTAs per SM with one
+// tile, 64 registers with a few bytes spilled, 3 with two). Launched as a grid of clusters
+// (cs, round_up(M, 4) / 32 rounded up) of cs CTAs along x, 256 threads, dynamic shared memory as
+// sm90.py computes it. Parameters:
+//   tm_x        tensor map of x [M, K] 16-bit, box 64 columns x 32 rows, 128-byte swizzle
+//   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
+//   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
+//   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
+//   lora_down   [rank, K] lora_down repacked by sm90.kernel1_lora_down (above)
+//   codes       out [M, K] operand bytes (see above)
+//   ascales     out [K/64, m_al] (exact) or [1, m_al] (pow2) fp32
+//   lora_act    out [M, rank] 16-bit
+//   M, K, rank, m_al (= round_up(M, 4)), int8_operands (pow2: s8 operands for the fast kernel 2),
+//   gpc         groups of 64 columns per CTA
+#define SVDQ_ACT_QUANT(NAME, T, POW2, TILES)                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
+      NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
+           const float* shift, const void* lora_down, uint8_t* codes, float* ascales, void* lora_act, int M,           \
+           int K, int rank, int m_al, int int8_operands, int gpc) {                                                    \
+    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, lora_down, codes, ascales,                      \
+                                            lora_act, M,      K,     rank,      m_al,  int8_operands != 0};            \
+    svdq::sm90::act_quant<svdq::T, POW2, TILES>(tm_x, params, gpc);                                                    \
+  }
+
+SVDQ_ACT_QUANT(act_quant_exact_bf16_tiles1, bfloat16, false, 1)
+SVDQ_ACT_QUANT(act_quant_exact_bf16_tiles2, bfloat16, false, 2)
+SVDQ_ACT_QUANT(act_quant_pow2_bf16_tiles1, bfloat16, true, 1)
+SVDQ_ACT_QUANT(act_quant_pow2_bf16_tiles2, bfloat16, true, 2)
+SVDQ_ACT_QUANT(act_quant_exact_fp16_tiles1, float16, false, 1)
+SVDQ_ACT_QUANT(act_quant_exact_fp16_tiles2, float16, false, 2)
+SVDQ_ACT_QUANT(act_quant_pow2_fp16_tiles1, float16, true, 1)
+SVDQ_ACT_QUANT(act_quant_pow2_fp16_tiles2, float16, true, 2)

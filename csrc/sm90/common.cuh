@@ -1,72 +1,71 @@
-// Device helpers shared by the sm_90a kernel families: mbarriers, TMA loads, wgmma.
+// Device helpers shared by the sm_90a kernels: 16-bit element types, mbarriers, TMA loads, wgmma,
+// thread-block clusters.
 //
-// Everything here is a thin wrapper over one PTX instruction (PTX ISA 8.x, sm_90a); the kernels
-// in this folder document their own layouts.
+// Self-contained device code for NVRTC (no CUDA or C++ standard headers; csrc/common/device.cuh
+// has the fixed-width integers, the 16-bit types and the TensorMap parameter type). Nearly everything here is a thin
+// wrapper over one PTX instruction (PTX ISA 8.x, sm_90a); the kernels in this folder document their
+// own layouts.
 #pragma once
 
-#include <cuda.h>
-#include <cudaTypedefs.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
+#include "device.cuh"
 
 namespace svdq::sm90 {
-
-// Multiprocessor count of the current device, read once (grid sizing; 132 on an H100 SXM).
-inline int sm_count() {
-  static const int count = [] {
-    int device = 0, n = 132;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      n = 132;
-    return n;
-  }();
-  return count;
-}
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// ---- 16-bit element types (bf16, fp16) -----------------------------------------------------------
+template <int kValue>
+struct IntConstant {
+  static constexpr int value = kValue;
+};
+
+__device__ __forceinline__ float infinity() { return __int_as_float(0x7F800000); }
+
+// ---- 16-bit element types (svdq::bfloat16, svdq::float16) ---------------------------------------
 template <typename T>
 struct Half;
 
 template <>
-struct Half<__nv_bfloat16> {
+struct Half<bfloat16> {
+  static constexpr bool kIsBF16 = true;
   static constexpr float kMinNormal = 0x1p-126f;
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   // the two values of a packed pair (low half first): bf16 is the top half of a float
   static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
     lo = __uint_as_float(w << 16);
     hi = __uint_as_float(w & 0xFFFF0000u);
   }
-  // the float nearest to v in bf16, as a float (round to nearest even, like torch's .to(bfloat16))
-  static __device__ __forceinline__ float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
 };
 
 template <>
-struct Half<__half> {
+struct Half<float16> {
+  static constexpr bool kIsBF16 = false;
   static constexpr float kMinNormal = 0x1p-14f;
-  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w));
-    lo = f.x;
-    hi = f.y;
-  }
-  static __device__ __forceinline__ float round(float v) { return __half2float(__float2half_rn(v)); }
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    lo = to_float(float16{static_cast<uint16_t>(w & 0xFFFFu)});
+    hi = to_float(float16{static_cast<uint16_t>(w >> 16)});
   }
 };
+
+// the float nearest to v in T, as a float (round to nearest even, like torch's .to(T))
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// ---- thread-block clusters: the NVRTC built-ins that cooperative_groups' cluster_group wraps ---
+__device__ __forceinline__ int cluster_ctarank() { return static_cast<int>(__clusterRelativeBlockRank()); }
+__device__ __forceinline__ int cluster_nctarank() { return static_cast<int>(__clusterSizeInBlocks()); }
+// The address of *p in the shared memory of the cluster's CTA `rank` (distributed shared memory).
+template <typename T>
+__device__ __forceinline__ T* map_shared_rank(T* p, int rank) {
+  return static_cast<T*>(__cluster_map_shared_rank(p, rank));
+}
+// All threads of the cluster: release this CTA's prior memory operations, acquire the others'.
+__device__ __forceinline__ void cluster_sync() {
+  __cluster_barrier_arrive();
+  __cluster_barrier_wait();
+}
 
 // ---- mbarriers (CTA scope) ----------------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
@@ -101,7 +100,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 
 // ---- TMA ----------------------------------------------------------------------------------------
 // 2D tile load global -> shared, completing `bytes` on the barrier (coordinates innermost first).
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+__device__ __forceinline__ void tma_load_2d(void* dst, const TensorMap* map, uint64_t* bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
           smem_u32(dst)),
@@ -118,7 +117,7 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
+__device__ __forceinline__ void tma_prefetch_desc(const TensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
@@ -266,34 +265,5 @@ __device__ __forceinline__ void wgmma_m64n256k16_f16_ss(float (&d)[128], uint64_
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b));
 }
-
-
-// ---- host: TMA descriptors ---------------------------------------------------------------------
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// A row-major [rows, cols] tensor whose tiles are [box_rows, box_cols]; out-of-bounds reads give 0.
-inline bool make_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, uint64_t cols, uint64_t rows,
-                     uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle) {
-  const cuuint64_t dims[2] = {cols, rows};
-  const cuuint64_t strides[1] = {row_bytes};
-  const cuuint32_t box[2] = {box_cols, box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return tensor_map_encoder()(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace svdq::sm90

@@ -6,8 +6,6 @@
 // 2 q + i % 2, with row = 64 wg + 16 wi + lane / 4 and q = lane % 4), warpgroup 2 is the TMA producer.
 #pragma once
 
-#include <type_traits>
-
 #include "common.cuh"
 
 namespace svdq::sm90 {
@@ -46,7 +44,7 @@ __device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4
 template <typename T, int kN>
 __device__ __forceinline__ void lowrank_up_chunk(float (&acc)[kN / 2], const uint8_t* lora_up_tile,
                                                  const uint8_t* lora_act_tile) {
-  constexpr bool kBF16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr bool kBF16 = Half<T>::kIsBF16;
   const uint64_t da = desc_k_sw64(lora_up_tile), db = desc_k_sw64(lora_act_tile);
   wgmma_fence();
 #pragma unroll
@@ -95,8 +93,8 @@ __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* ep
   const int row = 64 * wg + 16 * wi + lane / 4;
   float b0 = 0.f, b1 = 0.f;
   if (bias) {
-    if (ch0 + row < N) b0 = Half<T>::to_float(bias[ch0 + row]);
-    if (ch0 + row + 8 < N) b1 = Half<T>::to_float(bias[ch0 + row + 8]);
+    if (ch0 + row < N) b0 = to_float(bias[ch0 + row]);
+    if (ch0 + row + 8 < N) b1 = to_float(bias[ch0 + row + 8]);
   }
   // acc[i] belongs to channel row where i % 4 < 2, to row + 8 otherwise (the layout above)
 #pragma unroll
@@ -110,10 +108,10 @@ __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* ep
   const int mi = lane / 8;  // the 8x8 matrix whose row address this lane supplies
 #pragma unroll
   for (int j = 0; j < kTileT / 8; j += 2) {  // token blocks j, j + 1 (8 tokens each) x channel halves
-    const uint32_t r[4] = {Half<T>::pack2(acc[4 * j + 0], acc[4 * j + 1]),
-                           Half<T>::pack2(acc[4 * j + 2], acc[4 * j + 3]),
-                           Half<T>::pack2(acc[4 * j + 4], acc[4 * j + 5]),
-                           Half<T>::pack2(acc[4 * j + 6], acc[4 * j + 7])};
+    const uint32_t r[4] = {pack2_rn<T>(acc[4 * j + 0], acc[4 * j + 1]),
+                           pack2_rn<T>(acc[4 * j + 2], acc[4 * j + 3]),
+                           pack2_rn<T>(acc[4 * j + 4], acc[4 * j + 5]),
+                           pack2_rn<T>(acc[4 * j + 6], acc[4 * j + 7])};
     const int tok = 8 * (j + (mi >> 1)) + lane % 8;
     const int ch = 64 * wg + 16 * wi + 8 * (mi & 1);
     stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);

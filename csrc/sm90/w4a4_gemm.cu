@@ -35,7 +35,6 @@
 // accumulate straight into the output registers.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
 #include "gemm_tile.cuh"
-#include "launchers.h"
 
 namespace svdq::sm90 {
 namespace {
@@ -56,14 +55,13 @@ constexpr uint32_t kLoraTx = (kTileT + kTileN) * kLoraChunk * 2;
 constexpr int kEpiBytes = kTileT * kEpiStride;
 constexpr int kBarOffset = kStages * kStageBytes + kEpiBytes;
 constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024
+static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 
 template <typename T, bool kTokenScales>
-__global__ void __launch_bounds__(kThreads, 1)
-    w4a4_gemm_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
-                     const __grid_constant__ CUtensorMap tm_as, const __grid_constant__ CUtensorMap tm_ws,
-                     const __grid_constant__ CUtensorMap tm_lact, const __grid_constant__ CUtensorMap tm_lup,
-                     const float* __restrict__ atok, const T* __restrict__ bias, T* __restrict__ y, int M, int m_al,
-                     int N, int K, int rank, int gelu_from) {
+__device__ __forceinline__ void w4a4_gemm(const TensorMap& tm_act, const TensorMap& tm_w, const TensorMap& tm_as,
+                                          const TensorMap& tm_ws, const TensorMap& tm_lact, const TensorMap& tm_lup,
+                                          const float* __restrict__ atok, const T* __restrict__ bias,
+                                          T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from) {
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -138,8 +136,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float ws0, ws1;  // this thread's two weight scales of the group being promoted, times 2^9
   auto load_wscales = [&](int g) {
     const T* ws = reinterpret_cast<const T*>(stage_ptr(g % kStages) + kOffWs);
-    ws0 = Half<T>::to_float(ws[row]) * 512.f;
-    ws1 = Half<T>::to_float(ws[row + 8]) * 512.f;
+    ws0 = to_float(ws[row]) * 512.f;
+    ws1 = to_float(ws[row + 8]) * 512.f;
   };
   auto promote_half = [&](int g, const float (&acc)[32], int half) {
     const uint8_t* st = stage_ptr(g % kStages);
@@ -170,9 +168,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // sees the same wgmma groups in flight on every path (otherwise it serializes all wgmmas).
   float acc0[32], acc1[32], acc2[32];
   uint32_t frag0[2][4], frag1[2][4], frag2[2][4];
-  using Full = std::integral_constant<int, 0>;     // issue half-steps 2g+3 and 2g+4
-  using PreLast = std::integral_constant<int, 1>;  // g = groups - 2: issue 2g+3 only
-  using Last = std::integral_constant<int, 2>;     // g = groups - 1: nothing left to issue
+  using Full = IntConstant<0>;     // issue half-steps 2g+3 and 2g+4
+  using PreLast = IntConstant<1>;  // g = groups - 2: issue 2g+3 only
+  using Last = IntConstant<2>;     // g = groups - 1: nothing left to issue
   auto step = [&](int g, float (&lo)[32], float (&hi)[32], const uint32_t (&frag_next)[2][4],
                   uint32_t (&frag_after)[2][4], auto kind) {
     constexpr int kKind = decltype(kind)::value;
@@ -252,59 +250,33 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 }  // namespace
-
-const char* w4a4_gemm(const W4A4GemmArgs& a, cudaStream_t stream) {
-  if (a.M <= 0 || a.N <= 0 || a.N % 8 || a.K <= 0 || a.K % 64)
-    return "w4a4_gemm: needs M > 0, N a multiple of 8 and K a multiple of 64";
-  if (a.rank < 0 || a.rank % 16) return "w4a4_gemm: rank must be a multiple of 16";
-  if (a.m_al < a.M || a.m_al % 4) return "w4a4_gemm: m_al must be M rounded up to a multiple of 4";
-  if (a.ascale_rows != 1 && a.ascale_rows != a.K / 64)
-    return "w4a4_gemm: ascales must have K/64 rows (per group) or one (per token)";
-  for (const void* p : {static_cast<const void*>(a.codes), static_cast<const void*>(a.ascales), a.lora_act,
-                        static_cast<const void*>(a.qweight), a.wscales, a.lora_up, static_cast<const void*>(a.y)})
-    if (p && !aligned16(p)) return "w4a4_gemm: every tensor must start on a 16-byte boundary";
-  if (!tensor_map_encoder()) return "w4a4_gemm: cuTensorMapEncodeTiled is not available from the driver";
-
-  const CUtensorMapDataType half =
-      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const uint64_t groups = a.K / 64;
-  CUtensorMap tm_act{}, tm_w{}, tm_as{}, tm_ws{}, tm_lact{}, tm_lup{};
-  bool ok = make_map(&tm_act, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
-                     CU_TENSOR_MAP_SWIZZLE_64B) &&
-            make_map(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&tm_as, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.ascales, a.m_al, a.ascale_rows, a.m_al * 4ull, kTileT,
-                     1, CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&tm_ws, half, a.wscales, a.N, groups, a.N * 2ull, kTileN, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && a.rank)
-    ok = make_map(&tm_lact, half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
-                  CU_TENSOR_MAP_SWIZZLE_64B) &&
-         make_map(&tm_lup, half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
-                  CU_TENSOR_MAP_SWIZZLE_64B);
-  if (!ok) return "w4a4_gemm: cuTensorMapEncodeTiled rejected a tensor";
-
-  const dim3 grid((a.N + kTileN - 1) / kTileN, (a.M + kTileT - 1) / kTileT);
-  auto launch = [&](auto kernel, auto* bias, auto* y) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e == cudaSuccess)
-      kernel<<<grid, kThreads, kSmemBytes, stream>>>(tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, a.ascales, bias, y,
-                                                     a.M, a.m_al, a.N, a.K, a.rank, a.gelu_from);
-    return e;
-  };
-  const bool token_scales = a.ascale_rows == 1;
-  cudaError_t err;
-  if (a.dtype == DType::kBF16) {
-    auto* bias = static_cast<const __nv_bfloat16*>(a.bias);
-    auto* y = static_cast<__nv_bfloat16*>(a.y);
-    err = token_scales ? launch(w4a4_gemm_kernel<__nv_bfloat16, true>, bias, y)
-                       : launch(w4a4_gemm_kernel<__nv_bfloat16, false>, bias, y);
-  } else {
-    auto* bias = static_cast<const __half*>(a.bias);
-    auto* y = static_cast<__half*>(a.y);
-    err = token_scales ? launch(w4a4_gemm_kernel<__half, true>, bias, y) : launch(w4a4_gemm_kernel<__half, false>, bias, y);
-  }
-  if (err == cudaSuccess) err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 }  // namespace svdq::sm90
+
+// Entry points: w4a4_gemm_<group|token>_scales_<bf16|fp16>, the activation scales (per (group,
+// token) from kernel 1's exact mode, per token from its pow2 mode) and the dtype of wscales,
+// lora_act, lora_up, bias and y. Grid (ceil(N / 128), ceil(M / 128)), 384 threads, kSmemBytes of
+// dynamic shared memory (sm90.py: EXACT_GEMM_SMEM_BYTES). Parameters:
+//   tm_act   codes [M, K] uint8, box 64 x 128 rows, 64-byte swizzle
+//   tm_w     qweight [N, K/2] uint8, box 32 x 128 rows
+//   tm_as    ascales [K/64, m_al] fp32, box 128 x 1 (group scales only; token scales: any map)
+//   tm_ws    wscales [K/64, N] 16-bit, box 128 x 1
+//   tm_lact  lora_act [M, rank] 16-bit, box 32 x 128 rows, 64-byte swizzle (rank 0: any map)
+//   tm_lup   lora_up [N, rank] 16-bit, box 32 x 128 rows, 64-byte swizzle (rank 0: any map)
+//   atok     ascales as a pointer (token scales: [1, m_al])
+//   bias     [N] or null;  y  out [M, N] row-major
+//   M, m_al (= round_up(M, 4)), N, K, rank, gelu_from (< 0: no GELU)
+#define SVDQ_W4A4_GEMM(NAME, T, TOKEN_SCALES)                                                                          \
+  extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
+      NAME(const __grid_constant__ svdq::TensorMap tm_act, const __grid_constant__ svdq::TensorMap tm_w,               \
+           const __grid_constant__ svdq::TensorMap tm_as, const __grid_constant__ svdq::TensorMap tm_ws,               \
+           const __grid_constant__ svdq::TensorMap tm_lact, const __grid_constant__ svdq::TensorMap tm_lup,            \
+           const float* __restrict__ atok, const svdq::T* __restrict__ bias,                                           \
+           svdq::T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from) {                          \
+    svdq::sm90::w4a4_gemm<svdq::T, TOKEN_SCALES>(tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, atok, bias, y,           \
+                                                       M, m_al, N, K, rank, gelu_from);                                \
+  }
+
+SVDQ_W4A4_GEMM(w4a4_gemm_group_scales_bf16, bfloat16, false)
+SVDQ_W4A4_GEMM(w4a4_gemm_token_scales_bf16, bfloat16, true)
+SVDQ_W4A4_GEMM(w4a4_gemm_group_scales_fp16, float16, false)
+SVDQ_W4A4_GEMM(w4a4_gemm_token_scales_fp16, float16, true)

@@ -25,16 +25,13 @@
 // concurrent CTAs share activation tiles in L2), with one continuous ring of stages, so the producer
 // fills the next tile's stages while the consumers run the previous tile's epilogue. With 256-token
 // tiles, the last token rows may run as 128-token half tiles where that evens out the last round
-// (make_schedule).
+// (make_schedule in svdquant/families/sm90.py).
 // Stages of a tile: K/64 main stages, then ceil(rank/32) low-rank stages (lora_act and lora_up
 // chunks of 32 ranks) whose bf16/fp16 wgmma accumulate into the scaled fp32 tile, then + bias and a
 // transposed 16-byte-row store through shared memory. The epilogue has the fp32 tile with known (channel,
 // token) coordinates in registers, the place to fuse an activation or the next layer's quantization.
 // Rows past M and channels past N are zero-filled by TMA and never stored.
-#include <algorithm>
-
 #include "gemm_tile.cuh"
-#include "launchers.h"
 
 namespace svdq::sm90 {
 namespace {
@@ -76,7 +73,7 @@ __device__ __forceinline__ void wgmma_s8_rs(int (&d)[kN / 2], const uint32_t (&a
 // The schedule's tile `tile`: the first big_tiles are kTileT-token tiles (token row tile / tiles_n,
 // channel tile tile % tiles_n); the rest are half tiles of kTileT / 2 tokens over the token rows
 // after them, in the same order. Half tiles even out the last round of a persistent schedule whose
-// tile count is just over a multiple of the CTA count (host: half_rows).
+// tile count is just over a multiple of the CTA count (sm90.py: half_rows).
 struct TileCoords {
   int ch0, tok0;
   bool half;
@@ -89,13 +86,13 @@ __device__ __forceinline__ TileCoords tile_coords(int tile, int tiles_n, int big
 }
 
 template <typename T, int kTileT>
-__global__ void __launch_bounds__(kThreads, 1)
-    w4a4_gemm_pow2_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
-                          const __grid_constant__ CUtensorMap tm_exp, const __grid_constant__ CUtensorMap tm_lact,
-                          const __grid_constant__ CUtensorMap tm_lup, const __grid_constant__ CUtensorMap tm_act_half,
-                          const __grid_constant__ CUtensorMap tm_lact_half, const float* __restrict__ atok,
-                          const float* __restrict__ wbase, const T* __restrict__ bias, T* __restrict__ y, int M,
-                          int m_al, int N, int K, int rank, int gelu_from, int tiles_n, int big_tiles, int tiles) {
+__device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const TensorMap& tm_w, const TensorMap& tm_exp,
+                                               const TensorMap& tm_lact, const TensorMap& tm_lup,
+                                               const TensorMap& tm_act_half, const TensorMap& tm_lact_half,
+                                               const float* __restrict__ atok, const float* __restrict__ wbase,
+                                               const T* __restrict__ bias, T* __restrict__ y, int M, int m_al, int N,
+                                               int K, int rank, int gelu_from, int tiles_n, int big_tiles,
+                                               int tiles) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
   constexpr int kOffExp = L::kOffExp;
@@ -246,125 +243,45 @@ __global__ void __launch_bounds__(kThreads, 1)
     const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles);
     if constexpr (kTileT == 256) {
       if (tc.half) {
-        run_tile(std::integral_constant<int, kTileT / 2>{}, tc.ch0, tc.tok0);
+        run_tile(IntConstant<kTileT / 2>{}, tc.ch0, tc.tok0);
         continue;
       }
     }
-    run_tile(std::integral_constant<int, kTileT>{}, tc.ch0, tc.tok0);
+    run_tile(IntConstant<kTileT>{}, tc.ch0, tc.tok0);
   }
-}
-
-// A CTA's time is taken as its count of whole tiles plus kHalfTileCost per half tile: a 128-token
-// tile took 0.74 of a 256-token tile's time (M = 4608, N = K = 3072, rounds of 132 tiles). Half
-// tiles are used only where this model predicts at least kMinHalfTileGain: at a predicted 2%
-// (M = 4608, N = 12288, K = 3072) they measured 4% slower (bench/NOTES.md).
-constexpr double kHalfTileCost = 0.75;
-constexpr double kMinHalfTileGain = 0.05;
-
-struct Schedule {
-  int big_tiles, tiles, ctas;
-};
-
-// The persistent schedule: CTA b runs tiles b, b + ctas, ... With 256-token tiles, the last
-// half_rows token rows run as 128-token half tiles; half_rows < 0 takes the count (up to 4) that
-// gives the shortest longest CTA by the cost above, e.g. 3.75 instead of 4 tile times for 432
-// tiles on 132 SMs.
-Schedule make_schedule(int M, int tiles_n, int tile_t, int half_rows) {
-  const int sms = sm_count(), rows = (M + tile_t - 1) / tile_t;
-  auto plan = [&](int h) {
-    const int big_rows = rows - h, small_rows = h ? (M - big_rows * tile_t + tile_t / 2 - 1) / (tile_t / 2) : 0;
-    Schedule s{big_rows * tiles_n, (big_rows + small_rows) * tiles_n, 0};
-    s.ctas = std::min(s.tiles, sms);
-    return s;
-  };
-  auto longest = [](const Schedule& s) {
-    double worst = 0;
-    for (int b = 0; b < s.ctas; ++b) {
-      const int whole = s.big_tiles > b ? (s.big_tiles - b + s.ctas - 1) / s.ctas : 0;
-      const int all = (s.tiles - b + s.ctas - 1) / s.ctas;
-      worst = std::max(worst, whole + (all - whole) * kHalfTileCost);
-    }
-    return worst;
-  };
-  if (tile_t != 256) return plan(0);
-  if (half_rows >= 0) return plan(std::min(half_rows, rows));
-  const Schedule whole = plan(0);
-  Schedule best = whole;
-  double best_time = longest(whole);
-  for (int h = 1; h <= std::min(rows, 4); ++h) {
-    const Schedule s = plan(h);
-    const double t = longest(s);
-    if (t < best_time - 1e-9) best = s, best_time = t;
-  }
-  return best_time <= longest(whole) * (1 - kMinHalfTileGain) ? best : whole;
-}
-
-template <typename T, int kTileT>
-cudaError_t launch(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
-  const CUtensorMapDataType half =
-      a.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  CUtensorMap maps[7] = {};  // act, w, exp, lact, lup, and act, lact in half tiles
-  bool ok = make_map(&maps[0], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT,
-                     CU_TENSOR_MAP_SWIZZLE_64B) &&
-            make_map(&maps[5], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.codes, a.K, a.M, a.K, 64, kTileT / 2,
-                     CU_TENSOR_MAP_SWIZZLE_64B) &&
-            make_map(&maps[1], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kTileN,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&maps[2], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.wexp, a.n_al, a.K / 64, a.n_al, kTileN, 1,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && a.rank)
-    ok = make_map(&maps[3], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT,
-                  CU_TENSOR_MAP_SWIZZLE_64B) &&
-         make_map(&maps[6], half, a.lora_act, a.rank, a.M, a.rank * 2ull, kLoraChunk, kTileT / 2,
-                  CU_TENSOR_MAP_SWIZZLE_64B) &&
-         make_map(&maps[4], half, a.lora_up, a.rank, a.N, a.rank * 2ull, kLoraChunk, kTileN,
-                  CU_TENSOR_MAP_SWIZZLE_64B);
-  if (!ok) return cudaErrorInvalidValue;
-  auto kernel = w4a4_gemm_pow2_kernel<T, kTileT>;
-  constexpr int smem = Layout<kTileT>::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const int tiles_n = (a.N + kTileN - 1) / kTileN;
-  const Schedule sc = make_schedule(a.M, tiles_n, kTileT, a.half_rows);
-  kernel<<<sc.ctas, kThreads, smem, stream>>>(maps[0], maps[1], maps[2], maps[3], maps[4], maps[5], maps[6], a.atok,
-                                              a.wbase, static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M,
-                                              a.m_al, a.N, a.K, a.rank, a.gelu_from, tiles_n, sc.big_tiles, sc.tiles);
-  return cudaGetLastError();
-}
-
-// tile_t 0: 256-token tiles when they give at least half of the SMs a tile, else 128. 256 expands
-// each weight for twice the tokens and measured faster wherever that held (M = 256..4608 at the
-// FLUX shapes, bench/NOTES.md), even with fewer tiles than SMs; 192 never measured best.
-int token_tile(const W4A4Pow2GemmArgs& a) {
-  if (a.tile_t) return a.tile_t;
-  const int tiles = (a.N + kTileN - 1) / kTileN * ((a.M + 255) / 256);
-  return 2 * tiles >= sm_count() ? 256 : 128;
-}
-
-template <typename T>
-cudaError_t launch_for(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
-  return token_tile(a) == 256 ? launch<T, 256>(a, stream) : launch<T, 128>(a, stream);
 }
 
 }  // namespace
-
-const char* w4a4_gemm_pow2(const W4A4Pow2GemmArgs& a, cudaStream_t stream) {
-  if (a.M <= 0 || a.N <= 0 || a.N % 8 || a.K <= 0 || a.K % 64)
-    return "w4a4_gemm_pow2: needs M > 0, N a multiple of 8 and K a multiple of 64";
-  if (a.rank < 0 || a.rank % 16) return "w4a4_gemm_pow2: rank must be a multiple of 16";
-  if (a.m_al < a.M || a.m_al % 4) return "w4a4_gemm_pow2: m_al must be M rounded up to a multiple of 4";
-  if (a.n_al < a.N || a.n_al % 16) return "w4a4_gemm_pow2: n_al must be N rounded up to a multiple of 16";
-  if (a.K > 131072) return "w4a4_gemm_pow2: K must be at most 131072 (exact int32 accumulation)";
-  for (const void* p : {static_cast<const void*>(a.codes), static_cast<const void*>(a.atok), a.lora_act,
-                        static_cast<const void*>(a.qweight), static_cast<const void*>(a.wexp),
-                        static_cast<const void*>(a.wbase), a.lora_up, static_cast<const void*>(a.y)})
-    if (p && !aligned16(p)) return "w4a4_gemm_pow2: every tensor must start on a 16-byte boundary";
-  if (a.tile_t != 0 && a.tile_t != 128 && a.tile_t != 256) return "w4a4_gemm_pow2: tile_t must be 0, 128 or 256";
-  if (!tensor_map_encoder()) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled is not available from the driver";
-  const cudaError_t err =
-      a.dtype == DType::kBF16 ? launch_for<__nv_bfloat16>(a, stream) : launch_for<__half>(a, stream);
-  if (err == cudaErrorInvalidValue) return "w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor";
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 }  // namespace svdq::sm90
+
+// Entry points: w4a4_gemm_pow2_t<128|256>_<bf16|fp16>, the token tile and the dtype of lora_act,
+// lora_up, bias and y. Persistent: a grid of min(tiles, SMs) CTAs, 384 threads, Layout<kTileT>::kSmemBytes
+// of dynamic shared memory (sm90.py: _pow2_gemm_smem_bytes). Parameters:
+//   tm_act, tm_act_half    codes [M, K] uint8 (int8 operands), box 64 x kTileT (half: kTileT / 2) rows,
+//                          64-byte swizzle
+//   tm_w                   qweight [N, K/2] uint8, box 32 x 128 rows
+//   tm_exp                 wexp [K/64, n_al] uint8, box 128 x 1
+//   tm_lact, tm_lact_half  lora_act [M, rank] 16-bit, box 32 x kTileT (half: kTileT / 2) rows, 64-byte
+//                          swizzle (rank 0: any map)
+//   tm_lup                 lora_up [N, rank] 16-bit, box 32 x 128 rows, 64-byte swizzle (rank 0: any map)
+//   atok [m_al], wbase [N] fp32;  bias [N] or null;  y  out [M, N] row-major
+//   M, m_al, N, K, rank, gelu_from (< 0: no GELU), and the schedule (sm90.py make_schedule): tiles_n
+//   channel tiles, the first big_tiles of the tiles whole kTileT-token tiles, the rest half tiles
+#define SVDQ_W4A4_GEMM_POW2(NAME, T, TILE_T)                                                                           \
+  extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
+      NAME(const __grid_constant__ svdq::TensorMap tm_act, const __grid_constant__ svdq::TensorMap tm_w,               \
+           const __grid_constant__ svdq::TensorMap tm_exp, const __grid_constant__ svdq::TensorMap tm_lact,            \
+           const __grid_constant__ svdq::TensorMap tm_lup, const __grid_constant__ svdq::TensorMap tm_act_half,        \
+           const __grid_constant__ svdq::TensorMap tm_lact_half, const float* __restrict__ atok,                       \
+           const float* __restrict__ wbase, const svdq::T* __restrict__ bias,                                          \
+           svdq::T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from, int tiles_n,               \
+           int big_tiles, int tiles) {                                                                                 \
+    svdq::sm90::w4a4_gemm_pow2<svdq::T, TILE_T>(tm_act, tm_w, tm_exp, tm_lact, tm_lup, tm_act_half,                    \
+                                                      tm_lact_half, atok, wbase, bias, y, M, m_al, N, K, rank,         \
+                                                      gelu_from, tiles_n, big_tiles, tiles);                           \
+  }
+
+SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t128_bf16, bfloat16, 128)
+SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t256_bf16, bfloat16, 256)
+SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t128_fp16, float16, 128)
+SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t256_fp16, float16, 256)
