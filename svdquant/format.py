@@ -30,6 +30,7 @@ Metadata (all strings, as safetensors requires):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,13 @@ def validate(path, model: QuantizedModel) -> None:
             if dtype_class == "u8" and t.dtype != torch.uint8:
                 raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected torch.uint8")
             if dtype_class == "float" and t.dtype not in FLOAT_DTYPES:
-                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected bfloat16 or float16")
+                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected bfloat16, float16 or float32")
+            # writers store a layer's float tensors in one dtype (wscales' is checked first) and the
+            # loader converts the others to it, so a bfloat16 tensor relabelled float16 would load
+            # as other numbers
+            if dtype_class == "float" and t.dtype != tensors[f"{prefix}.wscales"].dtype:
+                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, unlike the "
+                                        f"{tensors[f'{prefix}.wscales'].dtype} of {prefix}.wscales")
             if tuple(t.shape) != shape:
                 raise FormatError(path, f"tensor {key} has shape {tuple(t.shape)}, expected {shape}")
             claimed.add(key)
@@ -164,6 +171,70 @@ def save_model(path, model: QuantizedModel) -> None:
             tmp.unlink()
 
 
+# bytes per element of each safetensors dtype torch can hold
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+                           "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+                           "C64": 8}
+
+
+def header_problem(path) -> str | None:
+    """What is wrong with a safetensors file's header, naming the tensor at fault where one is;
+    None where no fault is found. safetensors' own errors name no tensor for a bad dtype,
+    shape or offset, so an unreadable file is diagnosed here."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            return f"its header length runs past the file's {size} bytes"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return f"its header is not JSON: {exc}"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_bytes = size - 8 - length
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            return f"tensor {key}: its header entry is {entry!r}, not a description"
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            return f"tensor {key}: unknown dtype {dtype!r}"
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return f"tensor {key}: shape {shape!r} is not a list of sizes"
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            return f"tensor {key}: data_offsets {offsets!r} are not a (begin, end) byte range"
+        needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != needed:
+            return (f"tensor {key}: dtype {dtype} and shape {shape} need {needed} bytes, its data_offsets "
+                    f"{offsets} hold {offsets[1] - offsets[0]}")
+        if offsets[1] > data_bytes:
+            return f"tensor {key}: data_offsets {offsets} run past the file's {data_bytes} data bytes (truncated?)"
+        spans.append((offsets[0], offsets[1], key))
+    end, previous = 0, None
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            after = f"{previous} ends at {end}" if previous else "the data begins at 0"
+            return f"tensor {key}: data_offsets [{begin}, {stop}] do not follow on ({after})"
+        end, previous = stop, key
+    if end != data_bytes:
+        last = f"tensor {previous}: its data" if previous else "the tensors' data"
+        return f"{last} ends at byte {end}, the file holds {data_bytes} data bytes"
+    return None
+
+
+def _unreadable(path, exc: Exception) -> FormatError:
+    try:
+        problem = header_problem(path)
+    except OSError:
+        problem = None
+    return FormatError(path, f"not a readable safetensors file ({problem or exc})")
+
+
 def read_header(path) -> dict[str, str]:
     """The file's metadata; FormatError if it is not a readable safetensors file."""
     path = Path(path)
@@ -173,7 +244,7 @@ def read_header(path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise FormatError(path, f"not a readable safetensors file ({exc})") from None
+        raise _unreadable(path, exc) from None
 
 
 def load_tensors(path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -182,7 +253,7 @@ def load_tensors(path, device: str | torch.device = "cpu") -> dict[str, torch.Te
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as exc:
-        raise FormatError(path, f"cannot read tensors, the file may be truncated or corrupt ({exc})") from None
+        raise _unreadable(path, exc) from None
 
 
 def is_natural_file(metadata: dict[str, str]) -> bool:

@@ -110,6 +110,72 @@ def test_bad_tensors_are_named(tmp_path, case, message):
         fmt.load_model(bad)
 
 
+def _edit_header(path, out, edit):
+    """Write `out`: `path` with its JSON header changed by edit(header), its data bytes unchanged."""
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    out.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def _set(key, field, value):
+    return lambda header: header[key].__setitem__(field, value)
+
+
+def _shift_offsets(key, by):
+    return lambda header: header[key].__setitem__("data_offsets", [o + by for o in header[key]["data_offsets"]])
+
+
+def _last_key(header):
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+
+
+def _extend_last(header):
+    header[_last_key(header)]["data_offsets"][1] += 2
+
+
+UNREADABLE = r"not a readable safetensors file \("  # safetensors' own error names no tensor
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set("a.wscales", "dtype", "F32"), UNREADABLE + r"tensor a.wscales: dtype F32 and shape \[2, 128\] need 1024 "
+                                                     r"bytes, its data_offsets \[\d+, \d+\] hold 512\)$"),
+    (_set("a.wscales", "dtype", "Q4"), UNREADABLE + r"tensor a.wscales: unknown dtype 'Q4'\)$"),
+    (_set("a.lora_down", "shape", [128, 32]), UNREADABLE + r"tensor a.lora_down: dtype BF16 and shape \[128, 32\] "
+                                                           r"need"),
+    (_set("a.lora_down", "shape", "128x16"), UNREADABLE + r"tensor a.lora_down: shape '128x16' is not a list"),
+    (_set("a.lora_down", "data_offsets", [8]), UNREADABLE + r"tensor a.lora_down: data_offsets \[8\] are not a"),
+    (_shift_offsets("a.smooth", 2), UNREADABLE + r"tensor a.smooth: data_offsets \[\d+, \d+\] do not follow on "
+                                                 r"\(\S+ ends at \d+\)\)$"),
+    (_shift_offsets("a.smooth", -2), UNREADABLE + r"tensor a.smooth: data_offsets \[\d+, \d+\] do not follow on "
+                                                  r"\(\S+ ends at \d+\)\)$"),
+    (_extend_last, UNREADABLE + r"tensor \S+: dtype \w+ and shape \[[\d, ]+\] need \d+ bytes"),
+    # same size, so safetensors reads it; the layer's other tensors tell
+    (_set("a.smooth", "dtype", "F16"), "tensor a.smooth has dtype torch.float16, unlike the torch.bfloat16 of "
+                                       "a.wscales$"),
+])
+def test_corrupt_header_entries_name_the_tensor(tmp_path, edit, message):
+    path, _, _ = _saved(tmp_path)
+    bad = tmp_path / "corrupt.safetensors"
+    _edit_header(path, bad, edit)
+    with pytest.raises(fmt.FormatError, match=f"^corrupt.safetensors: {message}"):
+        fmt.load_model(bad)
+
+
+def test_a_truncated_file_names_the_tensor_cut_short(tmp_path):
+    path, _, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[:-100])
+    with pytest.raises(fmt.FormatError, match=r"^truncated.safetensors: " + UNREADABLE + r"tensor \S+: "
+                                              r"data_offsets \[\d+, \d+\] run past the file's \d+ data bytes "
+                                              r"\(truncated\?\)\)$"):
+        fmt.load_tensors(bad)
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"format_version": "2"}, "unsupported format version '2'"),
     ({"format": "something-else"}, "not an SVDQuant natural file"),
