@@ -1,0 +1,105 @@
+"""The sm80 W4A4 family on the GPU at the FLUX shapes, side by side with cuBLAS bf16 and torch._int_mm.
+
+    python bench/gemm_sm80.py [--json PATH] [--tokens M ...] [--int4]
+
+Columns (median time per call, CUDA-graph replays over rotating input sets, as bench/gemm.py):
+  bf16     cuBLAS `a @ b.t()` in bf16
+  int_mm   torch._int_mm on int8 [M, K] x [K, N] (cuBLAS INT8, int32 out): the INT8 tensor cores'
+           plain GEMM, no scales
+  INT8 variant (mma.sync m16n8k32 on the INT4 codes), rank 32, exact activation scales:
+    k1     kernel 1 alone (quantize + low-rank down)
+    k2     kernel 2 alone (W4A4 GEMM + low-rank up + bias)
+    k1+k2  both through sm80.svdq_linear (what a layer costs), x: bf16 time over it
+    k1p    kernel 1 in pow2 mode
+  --int4: kernel 2 with the INT4 variant (mma.sync m16n8k64, emulated on the H100: correctness-only
+  timing, meaningful only on sm_80/86/89).
+TOPS count 2*M*N*K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gemm import FLUX_SHAPES, input_sets, random_layer, time_calls  # noqa: E402
+from record import write_result  # noqa: E402
+from svdquant.families import sm80  # noqa: E402
+
+RANK = 32
+
+
+def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(m * 31 + n * 7 + k)
+    sets = input_sets(m, n, k, l2_bytes)
+    flops = 2.0 * m * n * k
+    row = {"M": m, "N": n, "K": k, "input_sets": sets}
+
+    a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
+    b = [torch.randn(n, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
+    row["bf16_ms"] = time_calls([lambda i=i: a[i] @ b[i].t() for i in range(sets)])
+    del b
+    a8 = [torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
+    b8 = [torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
+    row["int_mm_ms"] = time_calls([lambda i=i: torch._int_mm(a8[i], b8[i].t()) for i in range(sets)])
+    del a8, b8
+
+    layers = [random_layer(n, k, RANK, gen) for _ in range(sets)]
+    inputs = [sm80.layer_inputs(lay) for lay in layers]
+    row["k1_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i]) for i in range(sets)])
+    row["k1p_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True) for i in range(sets)])
+    stage1 = [sm80.act_quant(a[i], *inputs[i]) for i in range(sets)]
+
+    def k2(i, mma):
+        codes, ascales, lora_act = stage1[i]
+        lay = layers[i]
+        return sm80.w4a4_gemm(codes, ascales, inputs[i][2], lay.qweight, lay.wscales, lora_act, lay.lora_up,
+                              lay.bias, mma=mma)
+
+    row["k2_int8_ms"] = time_calls([lambda i=i: k2(i, "int8") for i in range(sets)])
+    row["k1k2_int8_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], layers[i], mma="int8", pow2_activations=False)
+                                      for i in range(sets)])
+    if int4:
+        row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
+    for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8") + (("k2_int4",) if int4 else ()):
+        row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
+    row["k1k2_int8_speedup_vs_bf16"] = row["bf16_ms"] / row["k1k2_int8_ms"]
+    del a, layers, inputs, stage1
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "gemm_sm80.json"))
+    parser.add_argument("--tokens", type=int, nargs="*", default=[4608])
+    parser.add_argument("--int4", action="store_true", help="also time the INT4 variant's kernel 2")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        sys.exit("bench/gemm_sm80.py needs an sm_80 or newer GPU")
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    rows = []
+    print(f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'TOPS':>5} | {'int_mm':>7} {'TOPS':>5} | {'k1 us':>6} "
+          f"{'k1p us':>6} {'k2 us':>7} {'TOPS':>5} {'k1+k2':>7} {'TOPS':>5} {'x bf16':>6}"
+          + (f" | {'int4 k2':>8}" if args.int4 else ""), flush=True)
+    for m in args.tokens:
+        for n, k in FLUX_SHAPES:
+            r = bench_shape(m, n, k, l2_bytes, args.int4)
+            rows.append(r)
+            print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['bf16_tops']:>5.0f} | "
+                  f"{r['int_mm_ms'] * 1e3:>7.1f} {r['int_mm_tops']:>5.0f} | {r['k1_ms'] * 1e3:>6.1f} "
+                  f"{r['k1p_ms'] * 1e3:>6.1f} {r['k2_int8_ms'] * 1e3:>7.1f} {r['k2_int8_tops']:>5.0f} "
+                  f"{r['k1k2_int8_ms'] * 1e3:>7.1f} {r['k1k2_int8_tops']:>5.0f} {r['k1k2_int8_speedup_vs_bf16']:>6.2f}"
+                  + (f" | {r['k2_int4_ms'] * 1e3:>8.1f}" if args.int4 else ""), flush=True)
+    write_result(args.json, rank=RANK, family="sm80",
+                 method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
+                 rows=rows)
+
+
+if __name__ == "__main__":
+    main()
