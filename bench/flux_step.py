@@ -4,7 +4,7 @@ with SVDQuant W4A4 layers on the exact Hopper path, with exact weight scales and
 activation scales (design (d) alone: what a reference-engine model runs with the loader's
 activation_scales = power-of-two), and on the fast path (power-of-two weight and activation scales).
 
-    python bench/flux_step.py [--json PATH] [--depth 19 --single 38]
+    python bench/flux_step.py [--json PATH] [--depth 19 --single 38] [--kernels sm90]
 
 Weights are random (natural-format tensors drawn directly, no quantizer run): this measures
 time and memory, not image quality. Prints a table and writes its JSON to --json.
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "flux_step_h100.json"))
     parser.add_argument("--depth", type=int, default=19)
     parser.add_argument("--single", type=int, default=38)
+    parser.add_argument("--kernels", default="sm90", choices=sorted(kernels.W4A4_KERNELS),
+                        help="the W4A4 kernels the quantized rows run (kernels.forced_family)")
     args = parser.parse_args()
     cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -94,7 +96,8 @@ def main() -> None:
         del tensors
         kernels.pow2_activations = pow2a
         torch.cuda.reset_peak_memory_stats()
-        ms = time_call(model, inputs)
+        with kernels.forced_family(args.kernels):
+            ms = time_call(model, inputs)
         rows[name] = {"ms": round(ms, 2), "weights_GiB": round(weight_bytes / 2**30, 2),
                       "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         del model
@@ -105,7 +108,8 @@ def main() -> None:
     print(f"{'variant':<27} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")
     for name, row in rows.items():
         print(f"{name:<27} {row['ms']:>8.2f} {base / row['ms']:>7.2f} {row['weights_GiB']:>12.2f} {row['peak_GiB']:>9.2f}")
-    write_result(args.json, what="engine FLUX forward (eager), one call at 1024x1024, random weights", rows=rows)
+    write_result(args.json, what="engine FLUX forward (eager), one call at 1024x1024, random weights",
+                 w4a4_kernels=args.kernels, rows=rows)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,9 @@ tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers h
     k1+k2f  both; lrf: low-rank share
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128; a
 GELU row set times the fast kernel 2 of the layers that feed a GELU with it fused into the epilogue
-and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64.
+and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64;
+a host row gives the time Python takes to issue one layer call (svdquant/families/sm90.py through
+svdquant.cuda) at M = 256, against the GPU time of the call.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
@@ -32,13 +34,15 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from record import write_result  # noqa: E402
-from svdquant import kernels, numerics  # noqa: E402
+from svdquant import numerics  # noqa: E402
+from svdquant.families import sm90  # noqa: E402
 from svdquant.linear import SVDQLinear  # noqa: E402
 
 # (N, K) of the FLUX.1 linears: proj, qkv, mlp up, mlp down, single-block qkv+mlp, single-block proj
@@ -139,13 +143,12 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
                                for i in range(sets)])
     del a8, b8, b
 
-    c_ext = kernels._C
     for tag, pow2 in (("", False), ("f", True)):
         layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
 
         def k1(i):
-            return c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), pow2, pow2)
+            return sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), pow2, pow2)
 
         stage1 = [k1(i) for i in range(sets)]
 
@@ -153,10 +156,10 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             codes, ascales, lora_act = stage1[i]
             lay = layers[i]
             if pow2:
-                wexp, wbase = kernels._sm90_pow2_weights(lay)
-                return c_ext.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up,
-                                                 lay.bias, None, tile_t, half_rows)
-            return c_ext.w4a4_gemm_sm90(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
+                wexp, wbase = sm90.pow2_weights(lay)
+                return sm90.w4a4_gemm_pow2(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up, lay.bias,
+                                           None, tile_t, half_rows)
+            return sm90.w4a4_gemm(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
 
         k1_key = "k1p" if pow2 else "k1"
         row[f"k2{tag}_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
@@ -165,21 +168,20 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t, 0) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
-            stage1_pow2 = [c_ext.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), True)
-                           for i in range(sets)]
-            row["k2d_ms"] = time_calls([lambda i=i: c_ext.w4a4_gemm_sm90(
+            stage1_pow2 = [sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), True) for i in range(sets)]
+            row["k2d_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm(
                 *stage1_pow2[i], layers[i].qweight, layers[i].wscales, layers[i].lora_up, layers[i].bias)
                 for i in range(sets)])
             for lay in layers:
                 lay.pow2_activations = True
-            row["k1k2d_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+            row["k1k2d_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
                                           for i in range(sets)])
             for lay in layers:
                 lay.pow2_activations = False
             del stage1_pow2
-        row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+        row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
                                            for i in range(sets)])
-        row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers0[i])
+        row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers0[i])
                                               for i in range(sets)])
         row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
         del layers, layers0, stage1
@@ -201,7 +203,7 @@ def bench_lora(m: int, n: int, k: int, l2_bytes: int) -> dict:
     row = {"M": m, "N": n, "K": k, "input_sets": sets}
     for rank in LORA_RANKS:
         layers = [random_layer(n, k, rank, gen, pow2=True) for _ in range(sets)]
-        row[f"k1k2f_r{rank}_ms"] = time_calls([lambda i=i: kernels.svdq_linear_sm90(a[i], layers[i])
+        row[f"k1k2f_r{rank}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
                                                for i in range(sets)])
         del layers
     torch.cuda.empty_cache()
@@ -215,14 +217,13 @@ def bench_gelu(m: int, n: int, k: int, gelu_from: int, l2_bytes: int) -> dict:
     sets = input_sets(m, n, k, l2_bytes)
     a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
     layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in range(sets)]
-    stage1 = [kernels._C.act_quant_sm90(a[i], *kernels._sm90_layer_inputs(layers[i]), True, True)
-              for i in range(sets)]
-    pow2_weights = [kernels._sm90_pow2_weights(lay) for lay in layers]
+    stage1 = [sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), True, True) for i in range(sets)]
+    pow2_weights = [sm90.pow2_weights(lay) for lay in layers]
 
     def k2(i, fused_from=-1):
         lay = layers[i]
-        return kernels._C.w4a4_gemm_pow2_sm90(*stage1[i], lay.qweight, *pow2_weights[i], lay.lora_up, lay.bias,
-                                              None, gelu_from=fused_from)
+        return sm90.w4a4_gemm_pow2(*stage1[i], lay.qweight, *pow2_weights[i], lay.lora_up, lay.bias, None,
+                                   gelu_from=fused_from)
 
     row = {"M": m, "N": n, "K": k, "gelu_from": gelu_from, "input_sets": sets}
     row["k2f_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
@@ -240,17 +241,34 @@ def fast_path_error(m: int, n: int, k: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(m, k, generator=gen, device="cuda").half()
     layer = random_layer(n, k, 0, gen, pow2=True, dtype=torch.float16)
-    codes, atok, lora_act = kernels._C.act_quant_sm90(x, *kernels._sm90_layer_inputs(layer), True, True)
-    wexp, wbase = kernels._sm90_pow2_weights(layer)
-    a = kernels.act_operands_sm90_to_natural(codes, int8_operands=True).double()
+    codes, atok, lora_act = sm90.act_quant(x, *sm90.layer_inputs(layer), True, True)
+    wexp, wbase = sm90.pow2_weights(layer)
+    a = sm90.act_operands_to_natural(codes, int8_operands=True).double()
     w = numerics.unpack_int4(layer.qweight, signed=True).double() * torch.exp2(
         -wexp[:, :n].double()).t().repeat_interleave(64, dim=1)
     ref = atok[0, :m].double()[:, None] * (a @ w.t()) * wbase.double()[None, :] + layer.bias.double()
     row = {"M": m, "N": n, "K": k}
-    y = kernels._C.w4a4_gemm_pow2_sm90(codes, atok, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                       layer.bias, None)
+    y = sm90.w4a4_gemm_pow2(codes, atok, lora_act, layer.qweight, wexp, wbase, layer.lora_up, layer.bias, None)
     row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
     row["rel_err_fp16_output"] = float((ref.half().double() - ref).norm() / ref.norm())  # rounding alone
+    return row
+
+
+def host_time(m: int, n: int, k: int, calls: int = 200) -> dict:
+    """Host time to issue one layer call (fast and exact path: kernel 1 + kernel 2 launches, checks,
+    tensor maps) with the GPU idle ahead of it, against the call's GPU time (CUDA-graph replay)."""
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
+    row = {"M": m, "N": n, "K": k, "calls": calls}
+    for tag, pow2 in (("", False), ("f", True)):
+        layer = random_layer(n, k, RANK, gen, pow2)
+        row[f"k1k2{tag}_gpu_ms"] = time_calls([lambda: sm90.svdq_linear(x, layer)])
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):  # fewer launches than the launch queue holds: the host never waits
+            sm90.svdq_linear(x, layer)
+        row[f"k1k2{tag}_host_ms"] = (time.perf_counter() - start) * 1e3 / calls
+        torch.cuda.synchronize()
     return row
 
 
@@ -259,8 +277,8 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "gemm.json"))
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     args = parser.parse_args()
-    if not torch.cuda.is_available() or not kernels.sm90_kernels_built():
-        sys.exit("bench/gemm.py needs a CUDA GPU and the extension built with the sm_90a kernels")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        sys.exit("bench/gemm.py needs an sm_90 GPU")
     props = torch.cuda.get_device_properties(0)
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     rows = []
@@ -292,9 +310,13 @@ def main() -> None:
     accuracy = fast_path_error(4608, 3072, 3072)
     print("fast kernel 2 vs float64 at M=4608 N=K=3072: " +
           ", ".join(f"{key} {value:.2e}" for key, value in accuracy.items() if key.startswith("rel_err")), flush=True)
+    host = host_time(256, 3072, 3072)
+    print(f"host time per layer call at M=256 N=K=3072: exact {host['k1k2_host_ms'] * 1e3:.1f} us "
+          f"(GPU {host['k1k2_gpu_ms'] * 1e3:.1f} us), fast {host['k1k2f_host_ms'] * 1e3:.1f} us "
+          f"(GPU {host['k1k2f_gpu_ms'] * 1e3:.1f} us)", flush=True)
     write_result(args.json, rank=RANK,
                  method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
-                 rows=rows, lora=lora, gelu=gelu, fast_path_accuracy=accuracy)
+                 rows=rows, lora=lora, gelu=gelu, fast_path_accuracy=accuracy, host=host)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     ncu -k regex:"act_quant|w4a4" --launch-skip 4 --launch-count 4 python bench/one_layer.py [M N K]
 
-The first round warms up (kernel attributes, tensor-map encoder); the second is the one to profile.
+The first round warms up (kernel load or NVRTC compile, kernel attributes, tensor maps); the second
+is the one to profile.
 """
 
 import os
@@ -11,7 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gemm import RANK, kernels, random_layer  # noqa: E402
+from gemm import RANK, random_layer, sm90  # noqa: E402
 
 
 def main() -> None:
@@ -21,7 +22,7 @@ def main() -> None:
     layers = [random_layer(n, k, RANK, gen, pow2) for pow2 in (False, True)]
     for _ in range(2):
         for layer in layers:
-            kernels.svdq_linear_sm90(x, layer)
+            sm90.svdq_linear(x, layer)
     torch.cuda.synchronize()
 
 

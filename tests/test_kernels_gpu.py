@@ -1,7 +1,8 @@
 """Tests of the Hopper (sm_90a) W4A4 kernels against the numerical definition in `numerics`.
 
-Skipped unless an sm_90 GPU is present and the extension was built with its sm_90a kernels
-(`SVDQUANT_CUDA_ARCHS=9.0a python setup.py build_ext --inplace`).
+Skipped unless an sm_90 GPU is present. The kernels come through svdquant.cuda: prebuilt cubins
+(`python setup.py build_ext --inplace`) where present, else NVRTC; svdquant/families/sm90.py
+launches them.
 
 Kernel 1's codes and scales must equal `numerics.quantize_activations` (pow2 mode:
 `numerics.quantize_activations_pow2`, whose codes times 2^-e are the stored e4m3 operands, or times
@@ -18,18 +19,20 @@ import pytest
 import torch
 
 from svdquant import kernels, lora, numerics
+from svdquant.families import sm90
 from svdquant.linear import SVDQLinear
 
-
-def _sm90_ready() -> bool:
-    return (torch.cuda.is_available() and kernels.sm90_kernels_built()
-            and torch.cuda.get_device_capability() == (9, 0))
-
-
-pytestmark = pytest.mark.skipif(not _sm90_ready(),
-                                reason="needs an sm_90 GPU and the extension built with its sm_90a kernels")
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                                reason="needs an sm_90 GPU")
 
 DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _sm90_family():
+    """Layers run the sm90 family whatever SVDQUANT_W4A4_KERNELS says."""
+    with kernels.forced_family("sm90"):
+        yield
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -89,11 +92,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False):
-    """Kernel 1 with the layer's whole low-rank branch (svdq_linear_sm90 leaves ranks above
+    """Kernel 1 with the layer's whole low-rank branch (sm90.svdq_linear leaves ranks above
     KERNEL1_MAX_RANK to cuBLAS; the kernel itself takes up to 1024)."""
-    smooth, inv_smooth, shift, _ = kernels._sm90_layer_inputs(layer)
-    down = kernels.lora_down_sm90(layer.lora_down)
-    return kernels._C.act_quant_sm90(x, smooth, inv_smooth, shift, down, pow2, int8_operands)
+    smooth, inv_smooth, shift, _ = sm90.layer_inputs(layer)
+    down = sm90.kernel1_lora_down(layer.lora_down)
+    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands)
 
 
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
@@ -114,7 +117,7 @@ def test_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
     codes, ascales, lora_act = _kernel1(x, layer, pow2, int8_operands)
     torch.cuda.synchronize()
 
-    got = kernels.act_operands_sm90_to_natural(codes, int8_operands)
+    got = sm90.act_operands_to_natural(codes, int8_operands)
     if pow2:
         ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
         ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(numerics.GROUP_SIZE, dim=1)
@@ -136,7 +139,7 @@ def _gemm_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
     """float64 evaluation of kernel 2 on kernel 1's outputs (group or token scales)."""
     m, k = codes.shape
     n, groups = layer.out_features, k // numerics.GROUP_SIZE
-    a = kernels.act_operands_sm90_to_natural(codes, int8_operands).double().reshape(m, groups, 64)
+    a = sm90.act_operands_to_natural(codes, int8_operands).double().reshape(m, groups, 64)
     w = numerics.unpack_int4(layer.qweight, signed=True).double().reshape(n, groups, 64)
     y = torch.zeros(m, n, dtype=torch.float64, device=DEV)
     for g in range(groups):
@@ -159,12 +162,12 @@ def _run_gemm(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool
     codes, ascales, lora_act = _kernel1(x, layer, pow2 or fast, fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
-        wexp, wbase = kernels._sm90_pow2_weights(layer)
-        y = kernels._C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
-                                           layer.bias, out, tile_t, half_rows, gelu_from)
+        wexp, wbase = sm90.pow2_weights(layer)
+        y = sm90.w4a4_gemm_pow2(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up, layer.bias, out,
+                                tile_t, half_rows, gelu_from)
     else:
-        y = kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up,
-                                      layer.bias, out, gelu_from)
+        y = sm90.w4a4_gemm(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up, layer.bias, out,
+                           gelu_from)
     torch.cuda.synchronize()
     assert y.data_ptr() == out.data_ptr()
     assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
@@ -297,7 +300,7 @@ def test_svdq_linear_cuda_low_rank_split(rank, fast):
     layer = _layer(384, 576, rank, torch.bfloat16, gen, unsigned=True, pow2_weights=fast)
     layer.pow2_activations = fast
     x = _activations(300, 576, torch.bfloat16, gen, layer.unsigned_groups)
-    assert (rank > kernels.KERNEL1_MAX_RANK) == (kernels._sm90_layer_inputs(layer)[3].shape[0] == 0)
+    assert (rank > sm90.KERNEL1_MAX_RANK) == (sm90.layer_inputs(layer)[3].shape[0] == 0)
     y = layer(x)
     ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
                                         layer.bias, layer.shift, layer.unsigned_groups, fast)
@@ -305,20 +308,19 @@ def test_svdq_linear_cuda_low_rank_split(rank, fast):
 
 
 def test_bad_kernel_inputs_raise_named_errors():
-    # the bindings' checks must raise (with the numbers in the message), never crash the process
+    # the host side's checks must raise (with the numbers in the message), never crash the process
     gen = _gen(9)
     layer = _layer(64, 128, 32, torch.bfloat16, gen, unsigned=False)
-    smooth, inv_smooth, shift, down = kernels._sm90_layer_inputs(layer)
+    smooth, inv_smooth, shift, down = sm90.layer_inputs(layer)
     with pytest.raises(RuntimeError, match="input width 100 is not a multiple of 64"):
-        kernels._C.act_quant_sm90(torch.zeros(4, 100, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift,
-                                  down, False)
+        sm90.act_quant(torch.zeros(4, 100, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift, down, False)
     with pytest.raises(RuntimeError, match="int8_operands needs pow2"):
-        kernels._C.act_quant_sm90(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift,
-                                  down, False, True)
+        sm90.act_quant(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, shift, down, False,
+                       True)
     codes, ascales, lora_act = _kernel1(torch.zeros(4, 128, device=DEV, dtype=torch.bfloat16), layer)
     with pytest.raises(RuntimeError, match=r"wscales must have shape \[2, 64\], got \[2, 32\]"):
-        kernels._C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight, layer.wscales[:, :32].contiguous(),
-                                  layer.lora_up, layer.bias)
+        sm90.w4a4_gemm(codes, ascales, lora_act, layer.qweight, layer.wscales[:, :32].contiguous(), layer.lora_up,
+                       layer.bias)
 
 
 def test_fp32_input_falls_back():
