@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gemm import time_calls  # noqa: E402
 from record import write_result  # noqa: E402
 from svdquant import kernels, numerics  # noqa: E402
+from svdquant.families import w4a16  # noqa: E402
 from svdquant.linear import W4A16Linear  # noqa: E402
 
 SHAPES = [(18432, 3072), (9216, 3072), (10240, 4096), (4096, 10240)]  # (N, K)
@@ -57,8 +58,8 @@ def bench_shape(n: int, k: int, l2_bytes: int) -> list[dict]:
         row["bf16_ms"] = time_calls([lambda i=i: torch.nn.functional.linear(x, dense[i], layers[i].bias)
                                      for i in range(sets)])
         row["deq_ms"] = time_calls([lambda i=i: kernels.w4a16_linear_reference(x, layers[i]) for i in range(sets)])
-        row["gemv_ms"] = time_calls([lambda i=i: kernels._C.w4a16_gemv(x, layers[i].qweight, layers[i].wscales,
-                                                                      layers[i].wzeros, layers[i].bias)
+        row["gemv_ms"] = time_calls([lambda i=i: w4a16.gemv(x, layers[i].qweight, layers[i].wscales, layers[i].wzeros,
+                                                           layers[i].bias)
                                      for i in range(sets)])
         row["gemv_GBps"] = weight_bytes / (row["gemv_ms"] * 1e-3) / 1e9
         rows.append(row)
@@ -69,8 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "w4a16.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available() or kernels._C is None or not hasattr(kernels._C, "w4a16_gemv"):
-        sys.exit("bench/w4a16.py needs a CUDA GPU and the extension built with its W4A16 kernel")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        sys.exit("bench/w4a16.py needs an sm_80+ CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     print(f"{'M':>2} {'N':>6} {'K':>6} | {'bf16 us':>8} {'deq us':>8} {'gemv us':>8} | {'GB/s':>6} "

@@ -626,16 +626,34 @@ def _load_family(family: str, index: int) -> _LoadedFamily:
     return _LoadedFamily(functions, context, origin)
 
 
-def function(family: str, name: str, device: torch.device) -> Function:
-    """Kernel `name` of `family` on a GPU (compiled or loaded on the first call per family and GPU)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (family, name, index)
-    fn = _functions.get(key)
-    if fn is None:
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _loaded_family(family: str, index: int) -> _LoadedFamily:
+    loaded = _loaded.get((family, index))
+    if loaded is None:
         with _lock:
             loaded = _loaded.get((family, index))
             if loaded is None:
                 loaded = _loaded[(family, index)] = _load_family(family, index)
+    return loaded
+
+
+def load(family: str, device: torch.device) -> str:
+    """Load the family's kernels on a GPU now (compiling them if needed); returns where they came from:
+    "prebuilt", "cached" or "compiled". NvrtcError / CudaError when they cannot be had."""
+    return _loaded_family(family, _device_index(device)).origin
+
+
+def function(family: str, name: str, device: torch.device) -> Function:
+    """Kernel `name` of `family` on a GPU (compiled or loaded on the first call per family and GPU)."""
+    index = _device_index(device)
+    key = (family, name, index)
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            loaded = _loaded_family(family, index)
             if name not in loaded.functions:
                 raise CudaError(f"no kernel {name} in the {family} family's cubins "
                                 f"(it has {', '.join(sorted(loaded.functions)) or 'none'})")

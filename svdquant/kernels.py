@@ -1,28 +1,27 @@
 """One dispatch point for the quantized linear ops.
 
-Each op runs the compiled extension (`svdquant._C`) when it can run the case (built, has the
-kernel, tensor on a GPU it was built for) and the PyTorch reference in `numerics` otherwise.
-A fallback is announced with one log line per reason, never an error.
+W4A4 linears run a kernel family chosen by the GPU's capability (the registry below; issue 13):
+sm_80/86/89 -> the sm80 family's INT4 variant, sm_90 -> the sm90 (Hopper) family, any other
+sm_80+ GPU -> the sm80 family's INT8 variant; W4A16 linears run the w4a16 family on any sm_80+ GPU.
+The kernels come from svdquant.cuda (prebuilt cubins, the NVRTC cache, or NVRTC at first use).
+Where a family cannot run a call (CPU tensor, older GPU, no NVRTC, unsupported case) the op runs
+the PyTorch reference in `numerics`, announced with one log line per reason, never an error.
+`SVDQUANT_W4A4_KERNELS` (sm90, sm80-int4, sm80-int8, reference) or `forced_family(name)` forces one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import logging
+import os
 
 import torch
 
-from . import numerics
+from . import cuda, numerics
 
 log = logging.getLogger("svdquant")
-
-try:
-    from . import _C  # type: ignore[attr-defined]
-except ImportError as exc:  # not built (CPU-only checkout, or install.py not run yet)
-    _C = None
-    _IMPORT_ERROR = str(exc)
-else:
-    _IMPORT_ERROR = ""
 
 _announced: set[str] = set()
 
@@ -31,13 +30,6 @@ def _announce_fallback(reason: str) -> None:
     if reason not in _announced:
         _announced.add(reason)
         log.warning("svdquant: using the PyTorch reference path (%s)", reason)
-
-
-def extension_info() -> dict:
-    """What the compiled extension offers here (for `python -m svdquant info` and bug reports)."""
-    if _C is None:
-        return {"built": False, "error": _IMPORT_ERROR}
-    return {"built": True, **_C.build_info()}
 
 
 # Power-of-two restricted activation scales (REFERENCE.md design (d), numerics.quantize_activations_pow2)
@@ -89,25 +81,69 @@ def svdq_linear_reference(
     return numerics.gelu_channels(y, gelu_from).to(x.dtype)
 
 
-# ---- Hopper (sm_90a) W4A4 path -------------------------------------------------------------------
-# Kernel 1 (csrc/sm90/act_quant.cu) quantizes x and computes x @ lora_down in one pass; kernel 2
-# runs the W4A4 GEMM and adds the low-rank up projection and the bias in its epilogue:
-# csrc/sm90/w4a4_gemm.cu (exact path, any weight scales, FP8 tensor cores, one rescaling per
-# 64-group) or, for layers with power-of-two weight scales and activations,
-# csrc/sm90/w4a4_gemm_pow2.cu (the scales' powers of two are folded into s8 operands, INT8 tensor
-# cores sum all of K exactly; per-row and per-token factors applied once in the epilogue). Kernel 2
-# reads the layer's qweight [N, K/2], wscales, lora_up and bias in their natural layout, so the
-# weights stay one 4-bit copy on the GPU. Derived tensors, cached on the layer: fp32 copies of
-# smooth and its reciprocal (2 x 4 bytes per input channel), the shift's one fp32 value per
-# 64-group, lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel,
-# rank), at ranks up to KERNEL1_MAX_RANK only), and for the fast path the weight scales' exponents
-# (1 byte per group scale) and row bases.
-_SM90_OPS = ("act_quant_sm90", "w4a4_gemm_sm90", "w4a4_gemm_pow2_sm90")
+def cached_on(layer, attr: str, key: tuple, compute):
+    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
+    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
+    cached = getattr(layer, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, compute())
+        setattr(layer, attr, cached)
+    return cached[1]
 
 
-def sm90_kernels_built() -> bool:
-    """Whether the extension holds the sm_90a W4A4 kernels."""
-    return _C is not None and all(hasattr(_C, name) for name in _SM90_OPS)
+def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
+    """A layer's input shift [K] as kernel 1 takes it: one fp32 value per 64-group, or None where
+    the values inside a group differ (no producer of ours makes such a layer: the GELU shift covers
+    whole groups with one value)."""
+    grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
+    return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
+
+
+# ---- the W4A4 family registry --------------------------------------------------------------------
+# name -> (family, the family module's svdq_linear keyword arguments)
+W4A4_KERNELS = {
+    "sm90": ("sm90", {}),
+    "sm80-int4": ("sm80", {"mma": "int4"}),
+    "sm80-int8": ("sm80", {"mma": "int8"}),
+}
+KERNELS_ENV = "SVDQUANT_W4A4_KERNELS"
+_forced: list[str] = []
+
+
+def w4a4_kernels_for(capability: tuple[int, int]) -> str | None:
+    """The W4A4 kernels a GPU of this capability runs by default (None: the reference path).
+    Ampere and Ada have native INT4 mma.sync; Hopper has its wgmma family; on newer GPUs INT4
+    mma.sync may be emulated, INT8 mma.sync on the same codes is native everywhere."""
+    if capability in ((8, 0), (8, 6), (8, 9)):
+        return "sm80-int4"
+    if capability == (9, 0):
+        return "sm90"
+    return "sm80-int8" if capability[0] >= 8 else None
+
+
+@contextlib.contextmanager
+def forced_family(name: str):
+    """Within the block W4A4 linears run `name` (a W4A4_KERNELS key, or "reference") on any GPU that
+    can run it (tests and benchmarks), ahead of SVDQUANT_W4A4_KERNELS."""
+    if name not in W4A4_KERNELS and name != "reference":
+        raise ValueError(f"unknown W4A4 kernels {name!r}: one of {', '.join(W4A4_KERNELS)}, reference")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _forced_choice() -> tuple[str | None, str]:
+    """(the forced kernels, who forced them), or (None, '')."""
+    if _forced:
+        return _forced[-1], "kernels.forced_family"
+    name = os.environ.get(KERNELS_ENV)
+    if not name:
+        return None, ""
+    if name not in W4A4_KERNELS and name != "reference":
+        raise ValueError(f"{KERNELS_ENV}={name!r}: one of {', '.join(W4A4_KERNELS)}, reference")
+    return name, KERNELS_ENV
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,143 +155,89 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return _capability_of_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _fallback_reason(x: torch.Tensor, layer) -> str:
-    """Why the compiled kernels cannot run this call ('' when they can)."""
+# (family, GPU index) -> (the family's host module or None, why not)
+_families: dict[tuple[str, int], tuple[object | None, str]] = {}
+
+
+def _family_on(family: str, device: torch.device) -> tuple[object | None, str]:
+    """The family's host module with its kernels loaded on this GPU (compiled at first use), or None
+    and the reason. Decided once per family and GPU."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (family, index)
+    if key not in _families:
+        major, minor = _capability(device)
+        if not cuda.FAMILIES[family].supports((major, minor)):
+            _families[key] = None, f"the {family} kernels do not run on sm_{major}{minor} GPUs"
+        else:
+            try:
+                module = importlib.import_module(f".families.{family}", __package__)
+                cuda.load(family, device)
+                _families[key] = module, ""
+            except ImportError as exc:
+                _families[key] = None, f"the {family} family's host module is missing ({exc})"
+            except (cuda.NvrtcError, cuda.CudaError) as exc:
+                _families[key] = None, f"the {family} kernels could not be compiled or loaded: {exc}"
+    return _families[key]
+
+
+def w4a4_kernels_on(device: torch.device) -> str | None:
+    """The W4A4 kernels (a W4A4_KERNELS key) that linears on this device run, forced or by default,
+    loading them now; None where they take the reference path."""
+    if device.type != "cuda":
+        return None
+    name, _ = _forced_choice()
+    name = name or w4a4_kernels_for(_capability(device))
+    if name in (None, "reference"):
+        return None
+    return name if _family_on(W4A4_KERNELS[name][0], device)[0] is not None else None
+
+
+def _w4a4_route(x: torch.Tensor, layer) -> tuple[object | None, dict, str]:
+    """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else
+    (None, {}, why not)."""
     if x.device.type != "cuda":
-        return f"no CUDA kernels for {x.device.type} tensors"
-    if _C is None:
-        return f"the extension is not built ({_IMPORT_ERROR}); run install.py"
-    if not sm90_kernels_built():
-        return "the extension was built without the sm_90a W4A4 kernels"
+        return None, {}, f"no CUDA kernels for {x.device.type} tensors"
     major, minor = _capability(x.device)
-    if (major, minor) != (9, 0):
-        return f"no W4A4 kernel for sm_{major}{minor} GPUs yet"
+    name, forced_by = _forced_choice()
+    if name == "reference":
+        return None, {}, f"{forced_by} chose the reference path"
+    if name is None:
+        name = w4a4_kernels_for((major, minor))
+        if name is None:
+            return None, {}, f"no W4A4 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
+    family, variant = W4A4_KERNELS[name]
     if x.dtype not in numerics.SUPPORTED_DTYPES or x.dtype != layer.wscales.dtype:
-        return f"input dtype {x.dtype} with {layer.wscales.dtype} weights (the kernels need one of bf16/fp16 for both)"
+        return None, {}, (f"input dtype {x.dtype} with {layer.wscales.dtype} weights "
+                          "(the kernels need one of bf16/fp16 for both)")
     if layer.out_features % 8:
-        return f"out_features {layer.out_features} is not a multiple of 8"
+        return None, {}, f"out_features {layer.out_features} is not a multiple of 8"
     if layer.qweight.device != x.device:
-        return f"weights on {layer.qweight.device}, input on {x.device}"
-    if layer.shift is not None and _sm90_layer_inputs(layer)[2] is None:
-        return "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
-    return ""
+        return None, {}, f"weights on {layer.qweight.device}, input on {x.device}"
+    if layer.shift is not None and _group_shifts_of(layer) is None:
+        return None, {}, "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
+    module, reason = _family_on(family, x.device)
+    if module is None:
+        return None, {}, reason
+    check = getattr(module, "unsupported_reason", None)
+    reason = check(x, layer, **variant) if check else ""
+    return (None, {}, reason) if reason else (module, variant, "")
 
 
-def lora_down_sm90(lora_down: torch.Tensor) -> torch.Tensor:
-    """lora_down [K, r] in kernel 1's layout [r, K]: each 64-group's columns reordered so that an
-    mma lane's B fragments of the group are 32 contiguous bytes (act_quant.cu):
-    out[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]."""
-    k, r = lora_down.shape
-    # [n, g, s, h, q, e] -> [n, g, q, s, h, e]
-    grouped = lora_down.t().reshape(r, k // 64, 4, 2, 4, 2)
-    return grouped.permute(0, 1, 4, 2, 3, 5).reshape(r, k).contiguous()
+def _group_shifts_of(layer) -> torch.Tensor | None:
+    shift = layer.shift
+    return cached_on(layer, "_group_shifts", (shift.data_ptr(), shift._version), lambda: group_shifts(shift))
 
 
-def _cached_on(layer, attr: str, key: tuple, compute):
-    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
-    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
-    cached = getattr(layer, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        setattr(layer, attr, cached)
-    return cached[1]
-
-
-# Kernel 1 computes the low-rank down projection in its pass over x up to this rank (a model's own
-# branch). Beyond it (LoRAs joined to the branch) one cuBLAS GEMM x @ lora_down over all ranks costs
-# less than kernel 1's further rank blocks, which it can compute (ranks up to 1024) but at ~0.5 us
-# (K = 3072) to ~1.4 us (K = 12288) per rank at M = 4608, against 12-15 / 46-54 us for the whole
-# GEMM at ranks 32-224 (bench/NOTES.md); at rank 32 the two ways cost the same.
-KERNEL1_MAX_RANK = 32
-
-
-def _lowrank_in_kernel1(layer) -> bool:
-    return layer.lora_down.shape[1] <= KERNEL1_MAX_RANK
-
-
-def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
-    """A layer's input shift [K] as kernel 1 takes it: one fp32 value per 64-group, or None where
-    the values inside a group differ (no producer of ours makes such a layer: the GELU shift covers
-    whole groups with one value)."""
-    grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
-    return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
-
-
-def _sm90_layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
-    the shift per group (group_shifts), and lora_down in its layout (lora_down_sm90), or no ranks
-    ([0, K]) above KERNEL1_MAX_RANK, where svdq_linear_sm90 computes the low-rank input with cuBLAS."""
-    shift, down = layer.shift, layer.lora_down
-    key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
-           None if shift is None else (shift.data_ptr(), shift._version))
-
-    def compute():
-        smooth = layer.smooth.float().contiguous()
-        fused_rank = down.shape[1] if _lowrank_in_kernel1(layer) else 0
-        return (smooth, torch.reciprocal(smooth), None if shift is None else group_shifts(shift),
-                lora_down_sm90(down[:, :fused_rank]))
-
-    return _cached_on(layer, "_sm90_inputs", key, compute)
-
-
-def _sm90_pow2_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fast path's weight-scale exponents (uint8 [K/64, round_up(N, 16)], rows padded for TMA)
-    and row bases (fp32 [N]), cached on the layer."""
-
-    def compute():
-        wbase, exps = numerics.pow2_weight_exponents(layer.wscales)
-        groups, n = exps.shape
-        padded = torch.zeros(groups, (n + 15) // 16 * 16, dtype=torch.uint8, device=exps.device)
-        padded[:, :n] = exps
-        return padded, wbase.contiguous()
-
-    return _cached_on(layer, "_sm90_pow2", (layer.wscales.data_ptr(), layer.wscales._version), compute)
-
-
-def act_operands_sm90_to_natural(codes: torch.Tensor, int8_operands: bool = False) -> torch.Tensor:
-    """Kernel 1's codes (e4m3 bytes, or with int8_operands the fast kernel's s8 bytes of
-    code * 2^(3 - e); k permuted inside each 64-group) -> their values in natural order, float32
-    [M, K] (the INT4 codes; code * 2^-e in pow2 mode).
-
-    Stored byte p of a group holds natural column perm(p), with
-    perm(32 s + 16 h + 4 q + j) = 16 q + 8 s + 4 h + j (act_quant.cu explains why).
-    """
-    m, k = codes.shape
-    p = torch.arange(64, device=codes.device)
-    perm = 16 * ((p // 4) % 4) + 8 * (p // 32) + 4 * ((p // 16) % 2) + p % 4
-    if int8_operands:
-        values = codes.view(torch.int8).float() * 2.0 ** -numerics.POW2_ACT_MAX_EXP
-    else:
-        values = codes.view(torch.float8_e4m3fn).float()
-    values = values.reshape(m, k // 64, 64)
-    natural = torch.empty_like(values)
-    natural[..., perm] = values
-    return natural.reshape(m, k)
-
-
-def svdq_linear_sm90(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The two Hopper kernels on x [M, K] (no checks beyond the extension's own: see svdq_linear)."""
-    pow2 = uses_pow2_activations(layer)
-    fast = pow2 and layer.pow2_weights
-    x = x.contiguous()
-    # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = _C.act_quant_sm90(x, *_sm90_layer_inputs(layer), pow2, fast)
-    if not _lowrank_in_kernel1(layer):
-        lora_act = x @ layer.lora_down
-    gelu_from = -1 if layer.gelu_from is None else layer.gelu_from
-    if fast:
-        wexp, wbase = _sm90_pow2_weights(layer)
-        return _C.w4a4_gemm_pow2_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,
-                                      layer.lora_up.contiguous(), layer.bias, out, gelu_from=gelu_from)
-    return _C.w4a4_gemm_sm90(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
-                             layer.lora_up.contiguous(), layer.bias, out, gelu_from)
+def _fallback_reason(x: torch.Tensor, layer) -> str:
+    """Why the kernels cannot run this call of an SVDQLinear ('' when they can)."""
+    return _w4a4_route(x, layer)[2]
 
 
 def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """SVDQuant W4A4 linear on x [M, K] with an `SVDQLinear`'s tensors."""
-    reason = _fallback_reason(x, layer)
-    if not reason:
-        return svdq_linear_sm90(x, layer)
+    module, variant, reason = _w4a4_route(x, layer)
+    if module is not None:
+        return module.svdq_linear(x, layer, **variant)
     _announce_fallback(reason)
     return svdq_linear_reference(
         x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
@@ -263,67 +245,35 @@ def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
     )
 
 
-# The W4A16 GEMV kernel (csrc/generic/w4a16_gemv.cu) takes up to this many rows of x; more rows
-# (no FLUX layer has them: the modulation linears see one row per image) dequantize W and use a GEMM.
+# ---- W4A16 -----------------------------------------------------------------------------------------
+# The W4A16 GEMV kernel takes up to this many rows of x; more rows (no FLUX layer has them: the
+# modulation linears see one row per image) dequantize W and use a GEMM.
 GEMV_MAX_ROWS = 8
 
 
-@functools.lru_cache(maxsize=None)
-def _built_archs() -> tuple[tuple[int, int, bool], ...]:
-    """(major, minor, arch-specific) of each architecture the extension was compiled for."""
-    if _C is None:
-        return ()
-    archs = []
-    for arch in _C.build_info()["archs"].split():
-        major, minor = arch.rstrip("a").split(".")
-        archs.append((int(major), int(minor), arch.endswith("a")))
-    return tuple(archs)
-
-
-def _runs_here(device: torch.device) -> bool:
-    """Whether the extension holds machine code for this GPU (an sm_XY build runs on sm_XZ, Z >= Y;
-    an arch-specific sm_XYa build only on sm_XY)."""
-    major, minor = _capability(device)
-    return any(major == a and (minor == b if specific else minor >= b) for a, b, specific in _built_archs())
-
-
-def _gemv_fallback_reason(x: torch.Tensor, layer) -> str:
-    """Why the W4A16 GEMV kernel cannot run this call ('' when it can)."""
-    if _C is None:
-        return f"the extension is not built ({_IMPORT_ERROR}); run install.py"
-    if not hasattr(_C, "w4a16_gemv") or not _runs_here(x.device):
-        return "the extension was built without a W4A16 kernel for sm_%d%d GPUs" % _capability(x.device)
-    if x.dtype not in numerics.SUPPORTED_DTYPES or not (x.dtype == layer.wscales.dtype == layer.wzeros.dtype):
-        return f"input dtype {x.dtype} with {layer.wscales.dtype} scales (the W4A16 kernel needs one of bf16/fp16 for both)"
-    if layer.qweight.device != x.device:
-        return f"weights on {layer.qweight.device}, input on {x.device}"
-    return ""
+def _w4a16_family(x: torch.Tensor) -> tuple[object | None, str]:
+    major, minor = _capability(x.device)
+    if major < 8:
+        return None, f"no W4A16 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
+    return _family_on("w4a16", x.device)
 
 
 def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors: the GEMV
     kernel for up to GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
     dequantization by a kernel on a GPU: the reference path's W bit for bit, in one pass)."""
-    if x.device.type == "cuda" and 0 < x.shape[0] <= GEMV_MAX_ROWS:
-        reason = _gemv_fallback_reason(x, layer)
-        if not reason:
-            bias = None if layer.bias is None else layer.bias.to(x.dtype)
-            return _C.w4a16_gemv(x.contiguous(), layer.qweight.contiguous(), layer.wscales.contiguous(),
-                                 layer.wzeros.contiguous(), bias)
-        _announce_fallback(reason)
-    elif x.device.type == "cuda" and _dequant_runs(x, layer):
-        weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
-        _C.w4a16_dequant(layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(), weight)
-        return torch.nn.functional.linear(x, weight, None if layer.bias is None else layer.bias.to(x.dtype))
+    if x.device.type == "cuda":
+        module, reason = _w4a16_family(x)
+        if 0 < x.shape[0] <= GEMV_MAX_ROWS:
+            reason = reason or module.unsupported_reason(x, layer)
+            if not reason:
+                return module.linear(x, layer)
+            _announce_fallback(reason)
+        elif module is not None and module.dequant_runs(x, layer):
+            return module.linear(x, layer)
+        elif reason:
+            _announce_fallback(reason)
     return w4a16_linear_reference(x, layer)
-
-
-def _dequant_runs(x: torch.Tensor, layer) -> bool:
-    """Whether the dequantization kernel can make W for this call (else the PyTorch reference does)."""
-    return (_C is not None and hasattr(_C, "w4a16_dequant") and _runs_here(x.device)
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and layer.wscales.dtype in numerics.SUPPORTED_DTYPES and layer.wzeros.dtype == layer.wscales.dtype
-            and layer.qweight.device == x.device)
 
 
 def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:
@@ -332,3 +282,47 @@ def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:
     weight = numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+
+def kernels_status() -> dict:
+    """For the current GPU (or none): which kernels each op uses and why (for `python -m svdquant info`)."""
+    if not torch.cuda.is_available():
+        why = "reference (no CUDA GPU visible to torch %s)" % torch.__version__
+        return {"device": "none", "W4A4 linear": why, "W4A16 linear": why}
+    index = torch.cuda.current_device()
+    major, minor = _capability_of_index(index)
+    out = {"device": f"cuda:{index} {torch.cuda.get_device_name(index)} (sm_{major}{minor})"}
+    name, forced_by = _forced_choice()
+    if name is None:
+        name, why = w4a4_kernels_for((major, minor)), f"default for sm_{major}{minor}"
+    else:
+        why = f"forced by {forced_by}"
+    w4a4_family = None if name in (None, "reference") else W4A4_KERNELS[name][0]
+    out["W4A4 linear"] = _family_status(w4a4_family, name, why, (major, minor), index)
+    out["W4A16 linear"] = _family_status("w4a16" if major >= 8 else None, "w4a16", "any sm_80+ GPU",
+                                         (major, minor), index)
+    return out
+
+
+def _family_status(family: str | None, name: str | None, why: str, capability: tuple[int, int], index: int) -> str:
+    if family is None:
+        return f"reference ({why}: no kernels)" if name != "reference" else f"reference ({why})"
+    arch = cuda.target_arch(family, capability)
+    if not cuda.FAMILIES[family].supports(capability):
+        return f"reference ({name}, {why}: the {family} kernels do not run on sm_{capability[0]}{capability[1]})"
+    try:
+        importlib.import_module(f".families.{family}", __package__)
+    except ImportError as exc:
+        return f"reference ({name}, {why}: the {family} family's host module is missing: {exc})"
+    origin = cuda.loaded_origin(family, index)
+    if origin is None:
+        try:
+            origin = {"prebuilt": "prebuilt cubins", "cached": "NVRTC cache",
+                      "compile": "NVRTC compiles them at first use"}[cuda.cubin_origin(family, arch)]
+        except cuda.NvrtcError as exc:
+            return f"reference ({name}, {why}: no prebuilt cubins and {exc})"
+    else:
+        origin = {"prebuilt": "prebuilt cubins", "cached": "NVRTC cache", "compiled": "NVRTC-compiled"}[origin] + \
+            " (loaded)"
+    return f"{name} ({why}), {arch}: {origin}"

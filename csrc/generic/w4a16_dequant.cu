@@ -11,36 +11,24 @@
 // Work split: a thread owns 8 consecutive codes of a row (one 32-bit word of qweight), consecutive
 // threads consecutive words of the row, so the qweight reads and the W writes are coalesced and the
 // 8 threads of a group read the same scale and zero.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+//
+// Entry points (host side: svdquant/families/w4a16.py), one per scale dtype S and output dtype O:
+//   w4a16_dequant_<bf16|fp16>_to_<bf16|fp16|fp32>(const uint32_t* qweight, const S* wscales,
+//                                                 const S* wzeros, O* w, int N, int K)
+// grid ceil(N K / 8 / 256) CTAs of 256 threads; qweight and w start on 16-byte boundaries; K is a
+// multiple of 64.
+#include "device.cuh"
 
-#include <cstdint>
-#include <cstring>
-
-#include "launchers.h"
-
-namespace svdq::generic {
+namespace svdq {
 namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
 // 8 fp32 values rounded to the output type, stored as one 16- or 32-byte row segment
-__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&v)[8]) {
-  uint4 w;
-  __nv_bfloat162 h[4] = {__floats2bfloat162_rn(v[0], v[1]), __floats2bfloat162_rn(v[2], v[3]),
-                         __floats2bfloat162_rn(v[4], v[5]), __floats2bfloat162_rn(v[6], v[7])};
-  memcpy(&w, h, 16);
-  *reinterpret_cast<uint4*>(p) = w;
-}
-__device__ __forceinline__ void store8(__half* p, const float (&v)[8]) {
-  uint4 w;
-  __half2 h[4] = {__floats2half2_rn(v[0], v[1]), __floats2half2_rn(v[2], v[3]), __floats2half2_rn(v[4], v[5]),
-                  __floats2half2_rn(v[6], v[7])};
-  memcpy(&w, h, 16);
-  *reinterpret_cast<uint4*>(p) = w;
+template <typename O>
+__device__ __forceinline__ void store8(O* p, const float (&v)[8]) {
+  *reinterpret_cast<uint4*>(p) =
+      make_uint4(pack2_rn<O>(v[0], v[1]), pack2_rn<O>(v[2], v[3]), pack2_rn<O>(v[4], v[5]), pack2_rn<O>(v[6], v[7]));
 }
 __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
   *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
@@ -48,10 +36,8 @@ __device__ __forceinline__ void store8(float* p, const float (&v)[8]) {
 }
 
 template <typename S, typename O>
-__global__ void __launch_bounds__(kThreads) w4a16_dequant_kernel(const uint32_t* __restrict__ qweight,
-                                                                 const S* __restrict__ wscales,
-                                                                 const S* __restrict__ wzeros, O* __restrict__ w,
-                                                                 int N, int K) {
+__device__ __forceinline__ void w4a16_dequant(const uint32_t* __restrict__ qweight, const S* __restrict__ wscales,
+                                              const S* __restrict__ wzeros, O* __restrict__ w, int N, int K) {
   const int words = K / 8;  // per row
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= static_cast<int64_t>(N) * words) return;
@@ -65,35 +51,18 @@ __global__ void __launch_bounds__(kThreads) w4a16_dequant_kernel(const uint32_t*
   store8(w + i * 8, v);
 }
 
-template <typename S>
-cudaError_t launch_out(const W4A16DequantArgs& a, cudaStream_t stream) {
-  const int64_t threads = static_cast<int64_t>(a.N) * (a.K / 8);
-  const unsigned blocks = static_cast<unsigned>((threads + kThreads - 1) / kThreads);
-  const auto* q = reinterpret_cast<const uint32_t*>(a.qweight);
-  const auto* s = static_cast<const S*>(a.wscales);
-  const auto* z = static_cast<const S*>(a.wzeros);
-  switch (a.out) {
-    case OutType::kBF16:
-      w4a16_dequant_kernel<<<blocks, kThreads, 0, stream>>>(q, s, z, static_cast<__nv_bfloat16*>(a.w), a.N, a.K);
-      break;
-    case OutType::kF16:
-      w4a16_dequant_kernel<<<blocks, kThreads, 0, stream>>>(q, s, z, static_cast<__half*>(a.w), a.N, a.K);
-      break;
-    case OutType::kF32:
-      w4a16_dequant_kernel<<<blocks, kThreads, 0, stream>>>(q, s, z, static_cast<float*>(a.w), a.N, a.K);
-      break;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
+}  // namespace svdq
 
-const char* w4a16_dequant(const W4A16DequantArgs& a, cudaStream_t stream) {
-  if (a.N <= 0 || a.K <= 0 || a.K % 64) return "w4a16_dequant: needs N > 0 and K a positive multiple of 64";
-  if ((reinterpret_cast<uintptr_t>(a.qweight) | reinterpret_cast<uintptr_t>(a.w)) & 15)
-    return "w4a16_dequant: qweight and w must start on a 16-byte boundary";
-  const cudaError_t err = a.bf16_scales ? launch_out<__nv_bfloat16>(a, stream) : launch_out<__half>(a, stream);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-}  // namespace svdq::generic
+#define SVDQ_W4A16_DEQUANT(NAME, S, O)                                                                       \
+  extern "C" __global__ void __launch_bounds__(svdq::kThreads)                                              \
+      NAME(const uint32_t* __restrict__ qweight, const S* __restrict__ wscales, const S* __restrict__ wzeros, \
+           O* __restrict__ w, int n, int k) {                                                                \
+    svdq::w4a16_dequant<S, O>(qweight, wscales, wzeros, w, n, k);                                            \
+  }
+SVDQ_W4A16_DEQUANT(w4a16_dequant_bf16_to_bf16, svdq::bfloat16, svdq::bfloat16)
+SVDQ_W4A16_DEQUANT(w4a16_dequant_bf16_to_fp16, svdq::bfloat16, svdq::float16)
+SVDQ_W4A16_DEQUANT(w4a16_dequant_bf16_to_fp32, svdq::bfloat16, float)
+SVDQ_W4A16_DEQUANT(w4a16_dequant_fp16_to_bf16, svdq::float16, svdq::bfloat16)
+SVDQ_W4A16_DEQUANT(w4a16_dequant_fp16_to_fp16, svdq::float16, svdq::float16)
+SVDQ_W4A16_DEQUANT(w4a16_dequant_fp16_to_fp32, svdq::float16, float)

@@ -4,7 +4,7 @@
 //   y[m, n] = sum_k x[m, k] * (code[n, k] * wscale[g, n] + wzero[g, n]) + bias[n],   g = k / 64
 //
 // computed in fp32 from the stored codes and 16-bit scales (numerics.dequantize_w4a16 without the
-// reference path's rounding of W to 16 bits), for M <= kMaxRows.
+// reference path's rounding of W to 16 bits), for M <= 8.
 // Layouts (natural format, svdquant/format.py): qweight uint8 [N, K/2], byte j of a row holding
 // code[2j] | code[2j + 1] << 4 (unsigned codes 0..15); wscales, wzeros [K/64, N]; x [M, K]; y [M, N].
 //
@@ -18,26 +18,18 @@
 // columns, sum x c = 16 (s' - xs), so each half group adds
 //   16 wscale s' + (wzero - 16 wscale) xs
 // to the row's fp32 sum; lanes, then warps, are reduced at the end.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+//
+// Entry points (host side: svdquant/families/w4a16.py), one per dtype and row bucket:
+//   w4a16_gemv_<bf16|fp16>_m<1|2|4|8>(const T* x, const uint8_t* qweight, const T* wscales,
+//                                    const T* wzeros, const T* bias /* or null */, T* y, int M, int N, int K)
+// the _mB kernel takes 1 <= M <= B rows (B = 1, 2, 4, 8); grid ceil(N / R) CTAs of 128 threads, R = 4 rows
+// of W per CTA for B <= 2, else 2. x and qweight start on 16-byte boundaries; K is a multiple of 64.
+#include "device.cuh"
 
-#include <cstdint>
-
-#include "launchers.h"
-
-namespace svdq::generic {
+namespace svdq {
 namespace {
 
 constexpr int kWarps = 4;
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 
 // 1 + c/16 for nibble e of w, as a float: the nibble moved to mantissa bits 19..22 of 1.0f
 template <int e>
@@ -47,10 +39,9 @@ __device__ __forceinline__ float nibble_float(uint32_t w) {
 }
 
 template <typename T, int kM, int kR>
-__global__ void __launch_bounds__(32 * kWarps) w4a16_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
-                                                                const T* __restrict__ wscales, const T* __restrict__ wzeros,
-                                                                const T* __restrict__ bias, T* __restrict__ y, int M,
-                                                                int N, int K) {
+__device__ __forceinline__ void w4a16_gemv(const T* __restrict__ x, const uint8_t* __restrict__ qweight,
+                                           const T* __restrict__ wscales, const T* __restrict__ wzeros,
+                                           const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
   __shared__ float partial[kWarps][kR][kM];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row_bytes = K / 2, steps = (row_bytes + 511) / 512;
   const int n0 = blockIdx.x * kR;
@@ -143,32 +134,20 @@ __global__ void __launch_bounds__(32 * kWarps) w4a16_gemv_kernel(const T* __rest
   }
 }
 
-template <typename T, int kM>
-cudaError_t launch(const W4A16GemvArgs& a, cudaStream_t stream) {
-  constexpr int kR = kM <= 2 ? 4 : 2;
-  w4a16_gemv_kernel<T, kM, kR><<<(a.N + kR - 1) / kR, 32 * kWarps, 0, stream>>>(
-      static_cast<const T*>(a.x), a.qweight, static_cast<const T*>(a.wscales), static_cast<const T*>(a.wzeros),
-      static_cast<const T*>(a.bias), static_cast<T*>(a.y), a.M, a.N, a.K);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_rows(const W4A16GemvArgs& a, cudaStream_t stream) {
-  if (a.M == 1) return launch<T, 1>(a, stream);
-  if (a.M == 2) return launch<T, 2>(a, stream);
-  if (a.M <= 4) return launch<T, 4>(a, stream);
-  return launch<T, 8>(a, stream);
-}
-
 }  // namespace
+}  // namespace svdq
 
-const char* w4a16_gemv(const W4A16GemvArgs& a, cudaStream_t stream) {
-  if (a.M <= 0 || a.M > kMaxGemvRows) return "w4a16_gemv: M must be in [1, 8]";
-  if (a.N <= 0 || a.K <= 0 || a.K % 64) return "w4a16_gemv: needs N > 0 and K a positive multiple of 64";
-  for (const void* p : {a.x, static_cast<const void*>(a.qweight)})
-    if (reinterpret_cast<uintptr_t>(p) & 15) return "w4a16_gemv: x and qweight must start on a 16-byte boundary";
-  const cudaError_t err = a.bf16 ? launch_rows<__nv_bfloat16>(a, stream) : launch_rows<__half>(a, stream);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-}  // namespace svdq::generic
+#define SVDQ_W4A16_GEMV(NAME, T, M, R)                                                                    \
+  extern "C" __global__ void __launch_bounds__(32 * svdq::kWarps)                                        \
+      NAME(const T* __restrict__ x, const uint8_t* __restrict__ qweight, const T* __restrict__ wscales,     \
+           const T* __restrict__ wzeros, const T* __restrict__ bias, T* __restrict__ y, int m, int n, int k) { \
+    svdq::w4a16_gemv<T, M, R>(x, qweight, wscales, wzeros, bias, y, m, n, k);                             \
+  }
+SVDQ_W4A16_GEMV(w4a16_gemv_bf16_m1, svdq::bfloat16, 1, 4)
+SVDQ_W4A16_GEMV(w4a16_gemv_bf16_m2, svdq::bfloat16, 2, 4)
+SVDQ_W4A16_GEMV(w4a16_gemv_bf16_m4, svdq::bfloat16, 4, 2)
+SVDQ_W4A16_GEMV(w4a16_gemv_bf16_m8, svdq::bfloat16, 8, 2)
+SVDQ_W4A16_GEMV(w4a16_gemv_fp16_m1, svdq::float16, 1, 4)
+SVDQ_W4A16_GEMV(w4a16_gemv_fp16_m2, svdq::float16, 2, 4)
+SVDQ_W4A16_GEMV(w4a16_gemv_fp16_m4, svdq::float16, 4, 2)
+SVDQ_W4A16_GEMV(w4a16_gemv_fp16_m8, svdq::float16, 8, 2)

@@ -1,0 +1,124 @@
+"""Host side of the W4A16 kernels (csrc/generic, any sm_80+ GPU): the GEMV for a few rows of x
+(w4a16_gemv.cu) and the weight dequantization for a GEMM over many rows (w4a16_dequant.cu)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import cuda, numerics
+
+FAMILY = "w4a16"
+
+# The GEMV kernel takes up to this many rows of x, in buckets of 1, 2, 4 and 8 rows (one kernel
+# instantiation each); more rows (no FLUX layer has them: the modulation linears see one row per
+# image) dequantize W and use a GEMM.
+GEMV_MAX_ROWS = 8
+_ROW_BUCKETS = (1, 2, 4, 8)
+_GEMV_THREADS = 128
+_DEQUANT_THREADS = 256
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+KERNELS = tuple(f"w4a16_gemv_{d}_m{b}" for d in ("bf16", "fp16") for b in _ROW_BUCKETS) + tuple(
+    f"w4a16_dequant_{s}_to_{o}" for s in ("bf16", "fp16") for o in ("bf16", "fp16", "fp32"))
+
+
+def _check(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.device != like.device:
+        raise RuntimeError(f"{name} must be on {like.device}, not {t.device}")
+    if t.dtype != dtype:
+        raise RuntimeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise RuntimeError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise RuntimeError(f"{name} must be contiguous")
+
+
+def _check_half(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"{name} must be bfloat16 or float16, got {t.dtype}")
+
+
+def _aligned16(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def gemv(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T + bias for M <= GEMV_MAX_ROWS, W[n, k] = code * wscales[g, n] + wzeros[g, n]."""
+    if not (x.is_cuda and x.dim() == 2 and qweight.dim() == 2):
+        raise RuntimeError("x must be a 2-D CUDA tensor, qweight 2-D")
+    _check_half(x, "x")
+    (m, k), n = x.shape, qweight.shape[0]
+    if k % 64:
+        raise RuntimeError(f"the input width {k} is not a multiple of 64")
+    if not 1 <= m <= GEMV_MAX_ROWS:
+        raise RuntimeError(f"w4a16_gemv takes 1 to {GEMV_MAX_ROWS} rows, got {m}")
+    _check(x, x, "x", x.dtype, (m, k))
+    _check(qweight, x, "qweight", torch.uint8, (n, k // 2))
+    _check(wscales, x, "wscales", x.dtype, (k // 64, n))
+    _check(wzeros, x, "wzeros", x.dtype, (k // 64, n))
+    if bias is not None:
+        _check(bias, x, "bias", x.dtype, (n,))
+    if not _aligned16(x, qweight):
+        raise RuntimeError("w4a16_gemv: x and qweight must start on a 16-byte boundary")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    bucket = next(b for b in _ROW_BUCKETS if m <= b)
+    rows_per_cta = 4 if bucket <= 2 else 2
+    fn = cuda.function(FAMILY, f"w4a16_gemv_{_NAMES[x.dtype]}_m{bucket}", x.device)
+    fn.launch((n + rows_per_cta - 1) // rows_per_cta, _GEMV_THREADS, (x, qweight, wscales, wzeros, bias, y, m, n, k))
+    return y
+
+
+def dequant(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [N, K] (bf16, fp16 or fp32) = code * wscales[g, n] + wzeros[g, n] in fp32, rounded once
+    (numerics.dequantize_w4a16(...).to(out.dtype) bit for bit)."""
+    if not (qweight.is_cuda and qweight.dim() == 2):
+        raise RuntimeError("qweight must be a 2-D CUDA tensor")
+    _check_half(wscales, "wscales")
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if k % 64:
+        raise RuntimeError(f"the input width {k} is not a multiple of 64")
+    if out.dtype not in _NAMES:
+        raise RuntimeError("out must be bfloat16, float16 or float32")
+    _check(qweight, qweight, "qweight", torch.uint8, (n, k // 2))
+    _check(wscales, qweight, "wscales", wscales.dtype, (k // 64, n))
+    _check(wzeros, qweight, "wzeros", wscales.dtype, (k // 64, n))
+    _check(out, qweight, "out", out.dtype, (n, k))
+    if n == 0 or k == 0:
+        return out
+    if not _aligned16(qweight, out):
+        raise RuntimeError("w4a16_dequant: qweight and w must start on a 16-byte boundary")
+    fn = cuda.function(FAMILY, f"w4a16_dequant_{_NAMES[wscales.dtype]}_to_{_NAMES[out.dtype]}", qweight.device)
+    words = n * (k // 8)
+    fn.launch((words + _DEQUANT_THREADS - 1) // _DEQUANT_THREADS, _DEQUANT_THREADS, (qweight, wscales, wzeros, out, n, k))
+    return out
+
+
+def unsupported_reason(x: torch.Tensor, layer) -> str:
+    """Why the GEMV cannot run this call of a W4A16Linear ('' when it can)."""
+    if x.dtype not in numerics.SUPPORTED_DTYPES or not (x.dtype == layer.wscales.dtype == layer.wzeros.dtype):
+        return (f"input dtype {x.dtype} with {layer.wscales.dtype} scales "
+                "(the W4A16 kernel needs one of bf16/fp16 for both)")
+    if layer.qweight.device != x.device:
+        return f"weights on {layer.qweight.device}, input on {x.device}"
+    return ""
+
+
+def dequant_runs(x: torch.Tensor, layer) -> bool:
+    """Whether the dequantization kernel can make W for this call of a W4A16Linear."""
+    return (x.dtype in _NAMES and layer.wscales.dtype in numerics.SUPPORTED_DTYPES
+            and layer.wzeros.dtype == layer.wscales.dtype and layer.qweight.device == x.device)
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """A W4A16Linear on x [M, K] (a CUDA tensor the kernels take: unsupported_reason / dequant_runs):
+    the GEMV for up to GEMV_MAX_ROWS rows, else W dequantized to x's dtype and one GEMM."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    if 0 < x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(x.contiguous(), layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(),
+                    bias)
+    weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
+    dequant(layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(), weight)
+    return torch.nn.functional.linear(x, weight, bias)
