@@ -2,9 +2,14 @@
 the ComfyUI checkout as working directory). Commands:
 
   taesd OUT                      write a TAESD-layout VAE with 16 latent channels, random weights
-  load PACK MODEL INPUTS OUT     load MODEL through the pack's loader node code, run ComfyUI's FLUX
-                                 on INPUTS (and again after a low-VRAM partial load), write the
-                                 outputs and what ComfyUI reports about the model to OUT
+  load PACK MODEL DENSE INPUTS OUT
+                                 load MODEL through the pack's loader node code, run ComfyUI's FLUX
+                                 on INPUTS (and again after a low-VRAM partial load); run the same
+                                 model with its 4-bit layers computing the numerics definition
+                                 (svdquant.kernels' reference functions), and the same ComfyUI
+                                 model class with ComfyUI's own operations and the 16-bit weights
+                                 in DENSE; write the outputs and what ComfyUI reports about the
+                                 model to OUT
   lora PACK MODEL INPUTS LORAS OUT
                                  the same model with LoRAs from the folder LORAS added the way
                                  ComfyUI's LoraLoaderModelOnly adds them and by the pack's LoRA Stack,
@@ -60,11 +65,47 @@ def forward(diffusion_model, inputs):
                                guidance=inputs.get("guidance"))
 
 
-def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
-    import_pack(pack)
-    from svdquant_pack.nodes.loader import load_svdquant_flux
+def reference_forward(layer):
+    """The forward of a 4-bit layer as the numerics definition (svdquant.kernels' reference
+    functions on the layer's own tensors), whatever kernels the pack would pick."""
+    from svdquant_pack.svdquant import kernels, linear
 
-    patcher = load_svdquant_flux(model_file, torch.bfloat16)
+    def forward(x):
+        flat = x.reshape(-1, x.shape[-1])
+        if isinstance(layer, linear.SVDQLinear):
+            y = kernels.svdq_linear_reference(flat, layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
+                                              layer.lora_up, layer.bias, layer.shift, layer.unsigned_groups,
+                                              kernels.uses_pow2_activations(layer), layer.gelu_from)
+        else:
+            y = kernels.w4a16_linear_reference(flat, layer)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return forward
+
+
+def stock_flux(pack_loader, model_file: str, dense_file: str):
+    """ComfyUI's FLUX model class for MODEL's configuration, built with ComfyUI's own operations
+    and loaded by ComfyUI's own load_model_weights (its key conversions included) from DENSE."""
+    import comfy.model_detection
+
+    from svdquant_pack.svdquant import flux
+
+    tensors = load_file(dense_file)
+    unet_config = pack_loader.flux_unet_config(model_file, tensors, flux.load_flux(model_file)[1])
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, tensors)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    model = model_config.get_model(tensors, "")
+    expected = set(model.diffusion_model.state_dict())
+    model.load_model_weights(tensors, "")
+    return model, expected
+
+
+def load(pack: str, model_file: str, dense_file: str, inputs_file: str, out: str) -> None:
+    import_pack(pack)
+    from svdquant_pack.nodes import loader
+    from svdquant_pack.nodes.lora import quantized_layers
+
+    patcher = loader.load_svdquant_flux(model_file, torch.bfloat16)
     inputs = load_file(inputs_file)
     diffusion_model = patcher.model.diffusion_model
 
@@ -78,12 +119,22 @@ def load(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     lowvram = [name for name, m in diffusion_model.named_modules() if hasattr(m, "prev_comfy_cast_weights")]
     outputs["lowvram"] = run()
     patcher.unpatch_model(torch.device("cpu"))
+
+    reference = loader.load_svdquant_flux(model_file, torch.bfloat16).model
+    for layer in quantized_layers(reference).values():
+        layer.forward = reference_forward(layer)
+    outputs["reference"] = forward(reference.diffusion_model, inputs)
+
+    stock, stock_keys = stock_flux(loader, model_file, dense_file)
+    outputs["stock_dense"] = forward(stock.diffusion_model, inputs)
+
     layers = {name: type(m).__name__ for name, m in diffusion_model.named_modules() if hasattr(m, "in_features")}
     facts = {"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
              "config_class": type(patcher.model.model_config).__name__,
              "model_size": size, "sampling_buffers": sum(b.numel() * b.element_size()
                                                          for b in patcher.model.model_sampling.buffers()),
              "layers": layers, "lowvram_layers": lowvram,
+             "stock_keys_loaded": stock_keys == set(stock.model_config.process_unet_state_dict(load_file(dense_file))),
              "gelu_from": {name: m.gelu_from for name, m in diffusion_model.named_modules()
                            if getattr(m, "gelu_from", None) is not None},
              "gelu_modules": [name for name, m in diffusion_model.named_modules() if isinstance(m, torch.nn.GELU)]}
