@@ -13,13 +13,13 @@ import torch
 
 from . import flux_quantize
 from . import format as fmt
-from . import kernels, numerics
+from . import cuda, kernels, numerics
 
 
 def cmd_info(args) -> int:
     from . import flux, reference_flux
 
-    print(json.dumps({"extension": kernels.extension_info()}, indent=2))
+    print(json.dumps({"cuda": cuda.status(), "kernels": kernels.kernels_status()}, indent=2))
     for path in args.files:
         metadata = fmt.read_header(path)
         if metadata.get("model_type") == "flux" or reference_flux.is_reference_file(path, metadata):
@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
         return out, time.perf_counter() - start
 
     reference, dense_time = sample(dense)
-    path_used = "CUDA kernels" if device.type == "cuda" and kernels.extension_info().get("built") else \
+    path_used = "CUDA kernels" if kernels.w4a4_kernels_on(device) else \
         "PyTorch reference path (INT4 emulated in float32: slower than BF16 by design)"
     print(f"\n{args.steps} Euler steps on a {args.size}x{args.size} latent, {device.type}, quantized layers on the "
           f"{path_used}")
