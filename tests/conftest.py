@@ -3,6 +3,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests' tensors are small, so a second intra-op thread gains little, and on a busy machine
+# (CI's 2 cores shared with other jobs) threads that spin-wait for each other make a model forward
+# many times slower: one thread per process, for this one and (through the environment) for the
+# Python processes that tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
