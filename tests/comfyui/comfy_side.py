@@ -14,8 +14,9 @@ the ComfyUI checkout as working directory). Commands:
                                  the same model with LoRAs from the folder LORAS added the way
                                  ComfyUI's LoraLoaderModelOnly adds them and by the pack's LoRA Stack,
                                  loaded by ComfyUI's model management (full and low-VRAM loads,
-                                 partial unloads, detaches); write the outputs of each step and
-                                 facts about the layers to OUT
+                                 partial unloads, detaches), and the same ComfyUI model with the
+                                 LoRAs set by the engine (svdquant.lora); write the outputs of
+                                 each step and facts about the layers to OUT
   t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
                                  encoder operations, from bf16 and from scaled fp8 weights, beside
                                  the dense model and the dense model with the dequantized weights
@@ -233,6 +234,19 @@ def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) 
             facts["errors"][name] = f"{type(exc).__name__}: {exc}"
     facts["restored_after_error"] = same_state(low_rank_state(), original)
     outputs["base_after_error"] = run(base)
+
+    # the reference: the same ComfyUI model with the LoRAs set by the engine (svdquant.lora), so
+    # both sides run this ComfyUI's arithmetic
+    from svdquant_pack.svdquant import lora as engine_lora
+
+    reference = load_svdquant_flux(model_file, torch.bfloat16).model.diffusion_model
+    files = {name: engine_lora.load_lora(os.path.join(lora_dir, f"{name}.safetensors"))
+             for name in ("kohya", "peft", "xlabs")}
+    for tag, stack in (("base", ()), ("kohya_1", (("kohya", 1.0),)), ("kohya_05", (("kohya", 0.5),)),
+                       ("kohya_05_peft", (("kohya", 0.5), ("peft", -0.75))),
+                       ("kohya_05_xlabs", (("kohya", 0.5), ("xlabs", 0.8)))):
+        engine_lora.set_model_loras(reference, [(files[name], strength) for name, strength in stack])
+        outputs[f"reference_{tag}"] = forward(reference, inputs)
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
