@@ -142,7 +142,8 @@ def nvrtc_candidates() -> list[str]:
     roots = [os.path.dirname(os.path.dirname(torch.__file__))] + [p for p in sys.path if os.path.isdir(p)]
     patterns = []
     for root in dict.fromkeys(roots):
-        for sub in ("nvidia/cu*/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cu*/bin", "nvidia/cuda_nvrtc/bin", "torch/lib"):
+        for sub in ("nvidia/cu*/lib", "nvidia/cuda_nvrtc/lib", "nvidia/cu*/bin", "nvidia/cu*/bin/x86_64",
+                    "nvidia/cuda_nvrtc/bin", "torch/lib"):
             patterns += [os.path.join(root, sub, "libnvrtc.so*"), os.path.join(root, sub, "libnvrtc-*.so*"),
                          os.path.join(root, sub, "nvrtc64_*.dll")]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
