@@ -447,6 +447,8 @@ _driver_lib: _Driver | None = None
 def driver() -> _Driver:
     """The CUDA driver library (loaded once)."""
     global _driver_lib
+    if _driver_lib is not None:
+        return _driver_lib
     with _lock:
         if _driver_lib is None:
             try:
@@ -500,7 +502,7 @@ class Function:
         return f"<cuda.Function {self.name} on cuda:{self.device_index} ({self.origin})>"
 
     def _prepare(self, smem: int, cluster: tuple[int, int, int] | None) -> None:
-        d = driver()
+        d = _driver_lib
         if smem > self._smem_limit:
             d.check(d.func_set_attribute(self.handle, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
                     f"{self.name}: setting {smem} bytes of dynamic shared memory")
