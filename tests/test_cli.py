@@ -1,14 +1,27 @@
 """The command line: the demo (README's main job) and info."""
 
+import logging
 import re
+import sys
 
-from svdquant import cli
+from svdquant import cli, kernels
 
 
-def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys):
-    assert cli.main(["demo", "--variant", "dev", "--steps", "2", "--size", "16", "--keep", str(tmp_path)]) == 0
+def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys, monkeypatch):
+    # the engine's log lines in the same stream as the table, the first-use ones announced again
+    monkeypatch.setattr(kernels, "_announced", set())
+    handler = logging.StreamHandler(sys.stdout)
+    logging.getLogger("svdquant").addHandler(handler)
+    try:
+        assert cli.main(["demo", "--variant", "dev", "--steps", "2", "--size", "16", "--keep", str(tmp_path)]) == 0
+    finally:
+        logging.getLogger("svdquant").removeHandler(handler)
     out = capsys.readouterr().out
     assert "tiny FLUX.1-dev architecture" in out
+    assert f"the quantized files go to {tmp_path.resolve()} (they load in ComfyUI)" in out
+    assert "using the PyTorch reference path" in out
+    table = out[out.index("\nscheme "):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["scheme", "BF16", "SVDQuant", "plain", "(relative"], table
     row = r"^(SVDQuant r32|plain W4A4) +([\d.]+) +([\d.]+) +[\d.]+s$"
     rows = {m[0]: (float(m[1]), float(m[2])) for m in re.findall(row, out, flags=re.MULTILINE)}
     assert rows["SVDQuant r32"][0] < rows["plain W4A4"][0] / 2  # per-layer error
