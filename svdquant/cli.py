@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                       help="also quantize for the Hopper fast path (power-of-two weight and activation scales)")
     demo.add_argument("--keep", metavar="DIR", help="keep the quantized files in DIR (they load in ComfyUI)")
     demo.set_defaults(func=cmd_demo)
-    info = sub.add_parser("info", help="describe SVDQuant model files and the compiled extension")
+    info = sub.add_parser("info", help="describe SVDQuant model files and which kernels run here")
     info.add_argument("files", nargs="*")
     info.set_defaults(func=cmd_info)
     quantize = sub.add_parser("quantize", help="quantize a 16-bit FLUX.1 transformer checkpoint (schnell or dev, "
