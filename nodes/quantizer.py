@@ -47,18 +47,35 @@ def prompts_from_conditioning(conditioning: list) -> list[tuple[torch.Tensor, to
     return prompts
 
 
+def quantizable_files() -> list[str]:
+    """The files in diffusion_models the quantizer can read: 16-bit FLUX.1 transformers, decided from
+    each file's header (remembered per file modification time and size)."""
+    return [name for name in safetensors_files("diffusion_models")
+            if flux_quantize.is_quantizable_checkpoint(folder_paths.get_full_path("diffusion_models", name))]
+
+
+def result_text(result: flux_quantize.QuantizedCheckpoint) -> str:
+    """What the node shows when done: the written file, its size, and the quality report's mean and
+    worst layers."""
+    worst = "\n".join(f"  {name}: {err:.4f}" for name, err in result.quality["worst"])
+    return (f"{result.path.name}: {len(result.layers)} quantized layers, {result.path.stat().st_size / 2**30:.2f} GiB\n"
+            f"held-out relative output error of the 4-bit layers: mean {result.quality['mean']:.4f}; worst:\n{worst}\n"
+            f"every layer's: {flux_quantize.quality_report_path(result.path).name}")
+
+
 class SVDQuantFluxQuantizer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = safetensors_files("diffusion_models")
+        files = quantizable_files()
         return io.Schema(
             node_id="SVDQuantFluxQuantizer",
             display_name="SVDQuant FLUX Quantizer",
             category="SVDQuant",
             description="Quantizes a 16-bit FLUX.1 transformer (schnell or dev) to SVDQuant 4-bit and saves it in "
-                        "models/diffusion_models for the SVDQuant FLUX Loader. Needs about twice the model's "
-                        "16-bit size in system memory. Calibrates on the prompts connected to "
-                        "calibration_prompts, else on random stand-in inputs.",
+                        "models/diffusion_models for the SVDQuant FLUX Loader, one block at a time on ComfyUI's "
+                        "main device (full-size FLUX.1: about 3 GiB of system and GPU memory). Calibrates on the "
+                        "prompts connected to calibration_prompts, else on random stand-in inputs, and shows each "
+                        "4-bit layer's output error on held-out calls (mean and worst layers).",
             inputs=[
                 io.Combo.Input("model_name", options=files,
                                tooltip="A 16-bit (bf16, fp16 or fp32) FLUX.1 transformer in models/diffusion_models, "
@@ -87,8 +104,8 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                               "FLUX text encoders (CLIP Text Encode; several joined with "
                                               "Conditioning (Combine); each batch row counts as a prompt). "
                                               "Calibrating on real text embeddings instead of random stand-ins "
-                                              "matches what the text-stream layers see; each call runs on the CPU "
-                                              "at 64x64 latents."),
+                                              "matches what the text-stream layers see; each call runs at 64x64 "
+                                              "latents."),
             ],
             outputs=[io.String.Output(display_name="file_name",
                                       tooltip="The written file's name in diffusion_models, for the loader.")],
@@ -114,10 +131,10 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
             bar.update(1)
 
         prompts = None if calibration_prompts is None else prompts_from_conditioning(calibration_prompts)
-        model = flux_quantize.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
-                                                  calibration_calls=calibration_calls, prompts=prompts,
-                                                  device=comfy.model_management.get_torch_device(),
-                                                  on_layer=layer_done, report=log.info)
-        message = f"{target.name}: {len(model.layers)} quantized layers, {target.stat().st_size / 2**30:.2f} GiB"
-        log.info("wrote %s", target)
+        result = flux_quantize.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
+                                                   calibration_calls=calibration_calls, prompts=prompts,
+                                                   device=comfy.model_management.get_torch_device(),
+                                                   on_layer=layer_done, report=log.info)
+        message = result_text(result)
+        log.info("wrote %s", message)
         return io.NodeOutput(target.name, ui=ui.PreviewText(message))

@@ -130,11 +130,14 @@ def cmd_quantize(args) -> int:
     if output.exists() and not args.overwrite:
         raise fmt.FormatError(output, "already exists (--overwrite replaces it)")
     start = time.perf_counter()
-    model = flux_quantize.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
-                                              calibration_calls=args.calibration_calls, device=args.device,
-                                              report=print)
-    print(f"wrote {output}: {len(model.layers)} quantized layers, {output.stat().st_size / 2**20:.1f} MiB, "
+    result = flux_quantize.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
+                                               calibration_calls=args.calibration_calls, device=args.device,
+                                               report=print)
+    print(f"wrote {output}: {len(result.layers)} quantized layers, {output.stat().st_size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s")
+    worst = ", ".join(f"{name} {err:.4f}" for name, err in result.quality["worst"][:3])
+    print(f"held-out relative output error of the 4-bit layers: mean {result.quality['mean']:.4f}, worst {worst} "
+          f"(all layers: {flux_quantize.quality_report_path(output)})")
     return 0
 
 
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
                           help="model calls on random stand-in inputs whose layer inputs calibrate the "
                                "quantization (1 to 16)")
     quantize.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                          help="where each layer is quantized: cpu, cuda, cuda:1, ... (calibration runs on the CPU)")
+                          help="where the calibration forward and the quantization run, one block at a time: "
+                               "cpu, cuda, cuda:1, ...")
     quantize.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     quantize.set_defaults(func=cmd_quantize)
     args = parser.parse_args(argv)

@@ -210,10 +210,10 @@ class Flux(nn.Module):
         return torch.cat([rope(ids[..., i], d, self.cfg.theta) for i, d in enumerate(self.cfg.axes_dim)],
                          dim=-3).unsqueeze(1)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W] latents, timestep [B] (sigma in [0, 1]), context [B, L, context_in_dim],
-        y [B, vec_in_dim] pooled text vector, guidance [B] (dev models; ignored by schnell)."""
+    def embed(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+              guidance: torch.Tensor | None = None):
+        """What the blocks take: (img tokens [B, L_img, hidden], txt tokens [B, L_txt, hidden], vec
+        [B, hidden], RoPE pe) for forward's arguments; the quantizer runs the blocks one at a time on it."""
         b, c, height, width = x.shape
         p = self.cfg.patch_size
         x = F.pad(x, (0, (p - width % p) % p, 0, (p - height % p) % p), mode="circular")
@@ -233,7 +233,15 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(img.dtype))
         vec = vec + self.vector_in(y[:, :self.cfg.vec_in_dim])
         txt = self.txt_in(context)
+        return img, txt, vec, pe
 
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W] latents, timestep [B] (sigma in [0, 1]), context [B, L, context_in_dim],
+        y [B, vec_in_dim] pooled text vector, guidance [B] (dev models; ignored by schnell)."""
+        b, _, height, width = x.shape
+        p = self.cfg.patch_size
+        img, txt, vec, pe = self.embed(x, timestep, context, y, guidance)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
         img = torch.cat((txt, img), dim=1)
@@ -241,6 +249,7 @@ class Flux(nn.Module):
             img = block(img, vec, pe)
         img = self.final_layer(img[:, txt.shape[1]:], vec)
 
+        h_len, w_len = -(-height // p), -(-width // p)
         out = img.reshape(b, h_len, w_len, -1, p, p).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(b, -1, h_len * p, w_len * p)[:, :, :height, :width]
 

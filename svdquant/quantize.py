@@ -252,3 +252,23 @@ def quantize_linear(
         bias=b.to(dtype) if has_bias else None,
         shift=None if h is None else h.to(dtype),
     )
+
+
+def relative_output_error(layer: W4A4Tensors, weight: torch.Tensor, bias: torch.Tensor | None,
+                          x: torch.Tensor, hopper_pow2: bool = False) -> float:
+    """||y_q - y|| / ||y|| on inputs x [tokens, K]: y_q what the quantized layer computes (its
+    stored tensors; with hopper_pow2 the power-of-two activation scales such a file runs with),
+    from dequantized float32 operands; y = x W^T + bias in float32. On weight's device."""
+    device, dtype = weight.device, layer.smooth.dtype
+    x = x.to(device=device, dtype=torch.float32)
+    shift = None if layer.shift is None else layer.shift.float()
+    unsigned = numerics.unsigned_groups_from_shift(shift, x.shape[1]).to(device)
+    codes = numerics.unpack_int4(layer.qweight, signed=True)
+    out = _simulate(x, codes, layer.wscales, layer.lora_down.float(), layer.lora_up.float(), layer.smooth.float(),
+                    shift, unsigned, dtype, hopper_pow2)
+    if layer.bias is not None:
+        out += layer.bias.float()
+    ref = x @ weight.float().t()
+    if bias is not None:
+        ref += bias.float()
+    return float((out - ref).norm() / ref.norm())

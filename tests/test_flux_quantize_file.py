@@ -1,15 +1,19 @@
 """Quantizing a 16-bit FLUX.1 checkpoint file: `python -m svdquant quantize` and
 flux_quantize.quantize_checkpoint (what the ComfyUI Quantizer node runs)."""
 
+import errno
+import json
+import os
 import re
+import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from svdquant import cli, flux, flux_model, flux_quantize, numerics
+from svdquant import cli, flux, flux_model, flux_quantize, numerics, quantize
 from svdquant import format as fmt
-from tiny_flux import bf16_model, quantized_model
+from tiny_flux import TEST_ALPHAS, bf16_model, quantized_model
 
 
 def write_checkpoint(path, guidance_embed: bool, prefix: str = "", dtype=torch.bfloat16, extra=None):
@@ -28,9 +32,11 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     target.parent.mkdir()
     assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "FLUX.1-schnell, width 256, 2 double + 2 single blocks; needs about" in out
+    assert "FLUX.1-schnell, width 256, 2 double + 2 single blocks; quantized one block at a time on cpu: needs about" \
+        in out
     assert "random stand-in inputs (not real prompts" in out
     assert f"wrote {target}: 26 quantized layers, " in out
+    assert "held-out relative output error of the 4-bit layers: mean 0.0" in out
 
     model, cfg = flux.load_flux(target)
     assert cfg.variant == "schnell" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
@@ -41,7 +47,28 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     direct = flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg, 4), progress=False)
     assert model.tensors.keys() == direct.tensors.keys()
     assert all(torch.equal(model.tensors[key], direct.tensors[key]) for key in direct.tensors)
-    assert [p.name for p in target.parent.iterdir()] == ["svdq.safetensors"]  # no temporary file left
+    # no temporary file left; the quality report beside the file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["svdq.quality.json", "svdq.safetensors"]
+
+    # the quality report: each W4A4 layer's error on the held-out calls, as a loaded layer computes it
+    report = json.loads((target.parent / "svdq.quality.json").read_text())
+    assert report == {"file": "svdq.safetensors", **json.loads(fmt.read_header(target)["quality"])}
+    w4a4 = [name for name, kind in expected_kinds(cfg).items() if kind == flux.W4A4]
+    assert list(report["layers"]) == w4a4
+    assert report["mean"] == pytest.approx(sum(report["layers"].values()) / len(w4a4), rel=1e-5)
+    assert report["worst"] == [list(item) for item in sorted(report["layers"].items(), key=lambda item: -item[1])[:5]]
+    assert model.quantization["held_out_error"] == {"mean": report["mean"], "worst": report["worst"]}
+    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
+    dense.load_state_dict(tensors)
+    held_out = flux_quantize.calibration_inputs(cfg, flux_quantize.HELD_OUT_CALLS, seed=flux_quantize.HELD_OUT_SEED)
+    engine = flux_model.from_tensors(cfg, model.tensors)
+    for name, x in flux_quantize.collect_calibration(dense, w4a4[:6], held_out).items():
+        ref = x.double() @ tensors[f"{name}.weight"].double().t() + tensors[f"{name}.bias"].double()
+        engine.get_submodule(name).gelu_from = None
+        with torch.no_grad():
+            out = engine.get_submodule(name)(x.bfloat16()).double()
+        # the layer rounds its output to bf16 (relative 2^-9), the report's simulation does not
+        assert float((out - ref).norm() / ref.norm()) == pytest.approx(report["layers"][name], abs=2e-3)
 
 
 def test_cli_reads_a_comfyui_checkpoint_of_dev_in_float32_with_the_options(tmp_path, capsys):
@@ -110,7 +137,7 @@ def test_unusable_inputs_and_outputs_are_one_line_errors_naming_the_file(tmp_pat
     assert exit_info.value.code == 2
 
 
-def test_an_interrupted_run_leaves_no_file(tmp_path, monkeypatch):
+def test_an_interrupted_or_failed_write_leaves_no_file(tmp_path, monkeypatch, capsys):
     source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=True)
     target = tmp_path / "out.safetensors"
     done = []
@@ -124,23 +151,109 @@ def test_an_interrupted_run_leaves_no_file(tmp_path, monkeypatch):
         flux_quantize.quantize_checkpoint(source, target, progress=False, on_layer=stop_after_three)
     assert done == list(expected_kinds(bf16_model(True)[0]))[:3]  # one call per layer, in order
 
-    def half_written(tensors, path, metadata):
-        open(path, "wb").write(b"half")
-        raise KeyboardInterrupt
+    # stopped while writing, or the disk fills up: the partial file is removed
+    real_write = flux_quantize.StreamingWriter.write
 
-    monkeypatch.setattr(fmt, "save_file", half_written)
+    def write_then_fail(error):
+        def write(self, key, tensor):
+            real_write(self, key, tensor)
+            if len(self.entries) == 30:  # inside double block 0
+                raise error
+        return write
+
+    monkeypatch.setattr(quantize, "DEFAULT_ALPHAS", TEST_ALPHAS)
+    monkeypatch.setattr(flux_quantize.StreamingWriter, "write", write_then_fail(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         flux_quantize.quantize_checkpoint(source, target, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+    monkeypatch.setattr(flux_quantize.StreamingWriter, "write",
+                        write_then_fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.endswith("\nerror: out.safetensors: could not write the output (No space left on "
+                                            "device)\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
 
 
-def test_memory_needed_counts_the_16bit_weights_twice_and_the_recorded_inputs():
-    cfg, tensors = bf16_model(True)
-    weights = sum(t.numel() * t.element_size() for t in tensors.values())
-    recorded = sum(spec.in_features for spec in flux.linear_layers(cfg).values() if spec.kind == flux.W4A4)
-    assert flux_quantize.memory_needed(cfg) == 2 * weights + recorded * 1024 * 4
-    # full-size FLUX.1-dev: 11.9 billion parameters in bf16, twice, and up to 6.2 GB of layer inputs
-    assert round(flux_quantize.memory_needed(flux.FluxConfig()) / 1e9, 1) == 53.8
+def test_checkpoints_are_read_one_block_at_a_time(tmp_path, monkeypatch):
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
+    reads = []
+    read = flux_quantize.read_checkpoint
+
+    def read_one_part(path, keys=None):
+        reads.append(sorted({".".join(key.split(".")[:2]) if "blocks." in key else "stem" for key in keys}))
+        return read(path, keys)
+
+    monkeypatch.setattr(flux_quantize, "read_checkpoint", read_one_part)
+    monkeypatch.setattr(quantize, "DEFAULT_ALPHAS", TEST_ALPHAS)
+    flux_quantize.quantize_checkpoint(source, tmp_path / "out.safetensors", progress=False, calibration_calls=1)
+    assert reads == [["stem"], ["double_blocks.0"], ["double_blocks.1"], ["single_blocks.0"], ["single_blocks.1"]]
+
+
+def test_memory_needed_for_full_size_flux_fits_a_consumer_pc():
+    """Streaming block by block: full-size FLUX.1-dev within 16 GiB of system memory and 12 GiB of
+    GPU memory by the estimate, with prompts of 512 tokens and 16 calibration calls."""
+    cfg = flux.FluxConfig()
+    tokens = flux_quantize.calibration_tokens(cfg, [(torch.zeros(512, 4096), torch.zeros(768))])
+    assert tokens == 512 + 1024
+    system, gpu = flux_quantize.memory_needed(cfg, 16, tokens, on_gpu=True)
+    assert 2 < system / 2**30 < 4 and 2 < gpu / 2**30 < 6
+    system_only, none = flux_quantize.memory_needed(cfg, 16, tokens, on_gpu=False)
+    assert none == 0 and system_only == flux_quantize.PROCESS_BYTES + gpu
+    # the output at rank 32: 6.3 GiB, as the published files
+    assert round(flux_quantize.output_bytes(cfg, 32) / 2**30, 1) == 6.3
+
+
+def test_not_enough_memory_or_disk_is_said_before_any_work(tmp_path, capsys, monkeypatch):
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
+    target = tmp_path / "out.safetensors"
+    monkeypatch.setattr(flux_quantize, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
+    monkeypatch.setattr(flux_quantize, "available_system_memory", lambda: 2**30)
+    assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    needed = flux_quantize.memory_needed(bf16_model(False)[0], 4, 80, on_gpu=False)[0] / 2**30
+    assert f"needs about {needed:.1f} GiB of system memory" in out
+    assert err == f"error: in.safetensors: quantizing it needs about {needed:.1f} GiB of system memory, " \
+                  f"1.0 GiB are available\n"
+    monkeypatch.setattr(flux_quantize, "available_system_memory", lambda: 2**40)
+    monkeypatch.setattr(flux_quantize.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=2**20))
+    assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
+    assert re.fullmatch(r"error: out.safetensors: needs 0.0\d GiB of disk space, the output folder .* has 0.00 GiB "
+                        r"free\n", capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
+
+
+def test_missing_or_read_only_output_folders_are_said_before_any_work(tmp_path, capsys, monkeypatch):
+    source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
+    monkeypatch.setattr(flux_quantize, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
+    assert cli.main(["quantize", str(source), str(tmp_path / "nowhere" / "out.safetensors")]) == 2
+    assert capsys.readouterr().err == f"error: out.safetensors: the output folder {tmp_path / 'nowhere'} does not " \
+                                      f"exist\n"
+    (tmp_path / "file").write_bytes(b"")
+    assert cli.main(["quantize", str(source), str(tmp_path / "file" / "out.safetensors")]) == 2
+    assert "error: out.safetensors: the output folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert cli.main(["quantize", str(source), str(locked / "out.safetensors")]) == 2
+        assert capsys.readouterr().err == f"error: out.safetensors: cannot write in the output folder {locked} " \
+                                          f"(Permission denied)\n"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights_are_named_and_nothing_is_written(tmp_path, capsys, bad):
+    _, tensors = bf16_model(False)
+    damaged = dict(tensors)
+    damaged["double_blocks.0.txt_attn.proj.weight"] = tensors["double_blocks.0.txt_attn.proj.weight"].clone()
+    damaged["double_blocks.0.txt_attn.proj.weight"][3, 5] = bad
+    source = tmp_path / "damaged.safetensors"
+    save_file({f"model.diffusion_model.{key}": t for key, t in damaged.items()}, str(source))
+    assert cli.main(["quantize", str(source), str(tmp_path / "out.safetensors"), "--calibration-calls", "1",
+                     "--device", "cpu"]) == 2
+    # after the progress bar
+    assert capsys.readouterr().err.endswith(
+        "\nerror: damaged.safetensors: tensor model.diffusion_model.double_blocks.0.txt_attn.proj.weight contains "
+        "NaN or Inf; the checkpoint is damaged or was not saved from a working model\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["damaged.safetensors"]
 
 
 def t5_like_prompts(count: int, tokens: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
