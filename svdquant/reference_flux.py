@@ -72,9 +72,13 @@ class _Reader:
         return self.tensors[key]
 
     def take_layer(self, prefix: str, fields) -> dict[str, torch.Tensor]:
+        """A quantized layer's tensors by field, checked against each other (ValueError naming one)."""
         required, optional = fields
-        return {f: self.take(f"{prefix}.{f}") for f in required + optional
-                if f in required or f"{prefix}.{f}" in self.tensors}
+        layer = {f: self.take(f"{prefix}.{f}") for f in required + optional
+                 if f in required or f"{prefix}.{f}" in self.tensors}
+        check = reference_format.check_w4a16_layer if fields == W4A16_FIELDS else reference_format.check_w4a4_layer
+        check(prefix, layer)
+        return layer
 
     def count(self, prefix: str) -> int:
         return len({k[len(prefix):].split(".", 1)[0] for k in self.tensors if k.startswith(prefix)})

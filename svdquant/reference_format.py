@@ -11,6 +11,8 @@ Only layer tensors are handled here; model-level renaming and fusing lives with 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from . import numerics
@@ -19,6 +21,56 @@ from . import numerics
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise ValueError(what)
+
+
+def _expect(prefix: str, packed: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> None:
+    """Each listed tensor present has its shape (None: any size on that axis) and its kind of
+    dtype: integers for qweight, else the float dtype most of the layer's tensors have (a 16-bit
+    tensor relabelled as the other 16-bit type would unpack to other numbers). ValueError naming
+    the file's tensor otherwise."""
+    floats = Counter(t.dtype for field, t in packed.items() if field != "qweight")
+    layer_dtype = floats.most_common(1)[0][0]
+    for field, shape in shapes.items():
+        if field not in packed:
+            continue
+        tensor, key = packed[field], f"{prefix}.{field}"
+        wanted = ", ".join("*" if size is None else str(size) for size in shape) + ("," if len(shape) == 1 else "")
+        _check(tensor.dim() == len(shape) and all(size in (None, d) for size, d in zip(shape, tensor.shape)),
+               f"tensor {key} has shape {tuple(tensor.shape)}, expected ({wanted})")
+        if field == "qweight":
+            _check(not tensor.is_floating_point(), f"tensor {key} has dtype {tensor.dtype}, expected integers")
+        else:
+            _check(tensor.dtype == layer_dtype,
+                   f"tensor {key} has dtype {tensor.dtype}, unlike the {layer_dtype} of the layer's other tensors")
+
+
+def _vector_length(packed: dict[str, torch.Tensor], field: str, otherwise: int) -> int:
+    # a 1-D tensor's length survives a corruption of its shape that keeps its size
+    vector = packed.get(field)
+    return vector.shape[0] if vector is not None and vector.dim() == 1 else otherwise
+
+
+def check_w4a4_layer(prefix: str, packed: dict[str, torch.Tensor]) -> None:
+    """The shapes and dtypes of a reference W4A4 layer's tensors (as unpack_w4a4_layer reads them)
+    agree with each other; ValueError naming the one that does not. N and K come from the bias and
+    smooth vectors where they can."""
+    qweight = packed["qweight"]
+    n = _vector_length(packed, "bias", qweight.shape[0])
+    k = _vector_length(packed, "smooth", 2 * qweight.shape[-1])
+    rank = packed["lora_down"].shape[-1]
+    _expect(prefix, packed, {"bias": (n,), "smooth": (k,), "smooth_orig": (k,), "qweight": (n, k // 2),
+                             "wscales": (k // numerics.GROUP_SIZE, n), "lora_down": (k, None), "lora_up": (n, rank)})
+
+
+def check_w4a16_layer(prefix: str, packed: dict[str, torch.Tensor]) -> None:
+    """The same for a reference W4A16 layer (as unpack_w4a16_layer reads it): its group tables
+    may have padding rows beyond K / 64."""
+    n = _vector_length(packed, "bias", packed["wscales"].shape[-1])
+    _expect(prefix, packed, {"bias": (n,), "qweight": (n // 4, None), "wscales": (None, n), "wzeros": (None, n)})
+    groups = packed["qweight"].shape[1] * 2 // numerics.GROUP_SIZE
+    for field in ("wscales", "wzeros"):
+        _check(packed[field].shape[0] >= groups, f"tensor {prefix}.{field} has {packed[field].shape[0]} rows, "
+                                                 f"needs at least {groups} (K / 64)")
 
 
 def unpack_w4a4_qweight(qweight: torch.Tensor) -> torch.Tensor:

@@ -195,3 +195,34 @@ def test_reference_files_that_cannot_be_imported_are_named_errors(tmp_path, refe
         with pytest.raises(FormatError, match=problem) as err:
             flux.load_flux(_write(tmp_path / name, tensors, meta))
         assert str(err.value).startswith(name)
+
+
+def _swapped(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[::-1])
+
+
+# what a header corruption that keeps every tensor's byte count does: the same bytes read with
+# another shape or dtype (other sizes are the header check's, tests/test_format.py)
+@pytest.mark.parametrize("key, corrupt, problem", [
+    ("single_transformer_blocks.0.mlp_fc1.lora_down", _swapped, r"has shape \(32, 256\), expected \(256, \*\)"),
+    ("transformer_blocks.0.qkv_proj.lora_up", _swapped, r"has shape \(32, 768\), expected \(768, 32\)"),
+    ("transformer_blocks.0.qkv_proj.wscales", _swapped, r"has shape \(768, 4\), expected \(4, 768\)"),
+    ("transformer_blocks.0.mlp_fc2.qweight", _swapped, r"has shape \(512, 256\), expected \(256, 512\)"),
+    ("transformer_blocks.0.norm1.linear.qweight", _swapped, r"has shape \(128, 384\), expected \(384, \*\)"),
+    ("transformer_blocks.0.norm1.linear.wzeros", _swapped, r"has shape \(1536, 4\), expected \(\*, 1536\)"),
+    ("transformer_blocks.0.norm1.linear.qweight", lambda t: t.view(torch.float32), "has dtype torch.float32, "
+                                                                                   "expected integers"),
+    ("transformer_blocks.0.qkv_proj.smooth", lambda t: t.view(torch.float16),
+     "has dtype torch.float16, unlike the torch.bfloat16 of the layer's other tensors"),
+    ("single_transformer_blocks.0.norm.linear.bias", lambda t: t.view(torch.float16),
+     "has dtype torch.float16, unlike the torch.bfloat16 of the layer's other tensors"),
+])
+def test_a_reference_tensor_read_with_another_shape_or_dtype_is_named(tmp_path, reference_fixture, key, corrupt,
+                                                                      problem):
+    packed = load_file(str(reference_fixture(PACKED)))
+    with safe_open(str(reference_fixture(PACKED)), framework="pt") as f:
+        metadata = f.metadata()
+    packed[key] = corrupt(packed[key])
+    with pytest.raises(FormatError, match=f"^corrupt.safetensors: cannot import the reference layout: tensor {key} "
+                                          f"{problem}$"):
+        flux.load_flux(_write(tmp_path / "corrupt.safetensors", packed, metadata))
