@@ -72,9 +72,16 @@ def quantize_once(source: str, target: str, device: str, prompts: bool, calls: i
     """One quantization in this process; its wall time, peak RSS, peak GPU memory and quality."""
     reports: list[str] = []
     cfg = flux_quantize.checkpoint_config(source)
+    done: list[str] = []
+
+    def layer_done(name: str) -> None:  # progress on stderr, so that a run stopped early still says how far it got
+        done.append(name)
+        if len(done) == 1 or len(done) % 50 == 0:
+            print(f"  {len(done)} layers at {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
     start = time.perf_counter()
     result = flux_quantize.quantize_checkpoint(source, target, calibration_calls=calls, device=device, progress=False,
-                                               report=reports.append,
+                                               report=reports.append, on_layer=layer_done,
                                                prompts=prompt_style_embeddings(cfg) if prompts else None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -116,19 +123,24 @@ def main() -> None:
             target = folder / "out.safetensors"
             command = [sys.executable, __file__, "--one", str(source), str(target), "--device", args.device,
                        "--calls", str(args.calls)] + (["--prompts"] if config == "prompts" else [])
-            done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            print(f"{config}:", flush=True)
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             if done.returncode:
-                print(done.stdout + done.stderr)
+                print(done.stdout)
                 raise SystemExit(f"{config}: exit code {done.returncode}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
             target.unlink()
             print(json.dumps(runs[-1]), flush=True)
+            record(args, cfg, size, written, runs)  # after each run, so that a stopped benchmark keeps what it measured
 
     print(f"\n{'calibration':<44} {'wall s':>7} {'peak RSS GiB':>13} {'peak GPU GiB':>13} {'held-out err':>13}")
     for run in runs:
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.2f}"
         print(f"{run['calibration']:<44} {run['seconds']:>7.1f} {run['peak_rss_gib']:>13.2f} {gpu:>13} "
               f"{run['held_out_error_mean']:>13.4f}")
+
+
+def record(args, cfg: flux.FluxConfig, size: int, written: float, runs: list[dict]) -> None:
     write_result(args.out, what="quantize_checkpoint on a random-weight bf16 FLUX.1-dev-architecture checkpoint "
                  "(read from the page cache), one process per run", device_arg=args.device,
                  model={"double_blocks": cfg.depth, "single_blocks": cfg.depth_single_blocks,
