@@ -9,6 +9,7 @@ imports nothing of ComfyUI.
 
 
 async def comfy_entrypoint():
-    from .nodes import SVDQuantExtension
+    from .nodes import SVDQuantExtension, log_kernels
 
+    log_kernels()  # ComfyUI calls the entry point once, at start-up
     return SVDQuantExtension()

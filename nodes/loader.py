@@ -1,6 +1,8 @@
 """SVDQuant FLUX Loader: an SVDQuant FLUX file -> a ComfyUI MODEL built by ComfyUI's own FLUX code."""
 
 import dataclasses
+import functools
+import os
 
 import torch
 
@@ -11,7 +13,8 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from ..svdquant import flux
+from ..svdquant import flux, reference_flux
+from ..svdquant import format as fmt
 from ..svdquant.format import FormatError
 from .lora import apply_loras_on_load
 from .ops import SVDQuantOps
@@ -25,6 +28,43 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 def safetensors_files(folder: str) -> list[str]:
     """The safetensors files ComfyUI lists in one of its model folders (only those are ever read)."""
     return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS_SUFFIXES)]
+
+
+def flux_file_problem(path: str) -> str | None:
+    """Why the loader cannot read the file, from its safetensors header alone (None: it can: this
+    pack's FLUX files of the format version it reads, and the reference engine's FLUX files);
+    remembered per path, modification time and size, so listing the folder again costs a stat per
+    file."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "no such file in models/diffusion_models"
+    return _flux_file_problem(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _flux_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
+    header = fmt.read_header_only(path)
+    if header is None:
+        return "not a readable safetensors file"
+    metadata, names = header
+    if fmt.is_natural_file(metadata):
+        version = metadata.get("format_version")
+        if version != str(fmt.FORMAT_VERSION):
+            return f"unsupported format version {version!r} (this pack reads {fmt.FORMAT_VERSION}); update the pack"
+        if metadata.get("model_type") != "flux":
+            return f"an SVDQuant {metadata.get('model_type') or 'unknown'} model, not a FLUX model"
+        return None
+    if reference_flux.SIGNATURE_KEY in names:
+        return None
+    return ("not an SVDQuant FLUX model (neither this pack's format nor the reference engine's single-file INT4 "
+            "FLUX format); unquantized FLUX files load with ComfyUI's Load Diffusion Model node")
+
+
+def loadable_files() -> list[str]:
+    """The safetensors files in diffusion_models that the loader reads (4-bit FLUX files)."""
+    return [name for name in safetensors_files("diffusion_models")
+            if flux_file_problem(folder_paths.get_full_path("diffusion_models", name)) is None]
 
 
 def device_options() -> list[str]:
@@ -108,7 +148,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
 class SVDQuantFluxLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        files = safetensors_files("diffusion_models")
+        files = loadable_files()
         return io.Schema(
             node_id="SVDQuantFluxLoader",
             display_name="SVDQuant FLUX Loader",
@@ -137,6 +177,16 @@ class SVDQuantFluxLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        """Before the prompt runs (ComfyUI calls this in place of its own list check): a file that is
+        missing, or that the loader cannot read, named with the reason."""
+        path = folder_paths.get_full_path("diffusion_models", model_name)
+        problem = ("not found in models/diffusion_models: put the 4-bit FLUX file there (made by the SVDQuant "
+                   "FLUX Quantizer, or svdq-int4_r32-flux.1-*.safetensors from nunchaku-tech on Hugging Face) and "
+                   "refresh the node definitions (R)") if path is None else flux_file_problem(path)
+        return True if problem is None else f"{model_name}: {problem}"
 
     @classmethod
     def execute(cls, model_name: str, dtype: str, device: str, activation_scales: str = "from file") -> io.NodeOutput:

@@ -247,6 +247,25 @@ def read_header(path) -> dict[str, str]:
         raise _unreadable(path, exc) from None
 
 
+def read_header_only(path) -> tuple[dict[str, str], list[str]] | None:
+    """(metadata, tensor names) from the safetensors header alone (its first 8 + length bytes, no
+    tensor data and no memory map), for listing model folders cheaply; None where the file has no
+    readable safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= os.fstat(f.fileno()).st_size - 8:
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.get("__metadata__")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    return {str(k): str(v) for k, v in metadata.items()}, [key for key in header if key != "__metadata__"]
+
+
 def load_tensors(path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; FormatError for a truncated or corrupt file."""
     try:

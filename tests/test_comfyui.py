@@ -297,13 +297,17 @@ class Server:
         """Queue a prompt that ComfyUI accepts and wait for its history entry."""
         status, reply = self.post_prompt(prompt)
         assert status == 200 and not reply.get("node_errors"), reply
+        return self.wait(reply["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The history entry of a queued prompt, once it has finished."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            history = self.get(f"/history/{reply['prompt_id']}")
-            if reply["prompt_id"] in history and history[reply["prompt_id"]]["status"].get("completed") is not None:
-                return history[reply["prompt_id"]]
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                return history[prompt_id]
             time.sleep(0.5)
-        raise TimeoutError(f"prompt {reply['prompt_id']} did not finish in {timeout} s")
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +336,9 @@ def server(tmp_path_factory):
     shutil.copy(models / "loras" / "kohya.safetensors", models / "loras" / "your_flux_lora.safetensors")
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
         (models / "text_encoders" / name).write_bytes(b"")
-    (models / "diffusion_models" / "flux1-dev.safetensors").write_bytes(b"")  # the quantize workflow's choice
+    # the quantize workflow's choice: a 16-bit FLUX.1 dev checkpoint (the tiny one), which the
+    # Quantizer lists
+    save_file(bf16_model(True)[1], str(models / "diffusion_models" / "flux1-dev.safetensors"))
     (models / "vae" / "ae.safetensors").write_bytes(b"")
     run_comfy_side("taesd", models / "vae" / "taesd16.safetensors")
 
@@ -367,8 +373,11 @@ def test_loader_node_in_object_info(server):
     required = info["input"]["required"]
     assert list(required) == ["model_name", "dtype", "device"]
     files = required["model_name"][1]["options"]
-    assert {"tiny-schnell.safetensors", "tiny-dev.safetensors", "not-flux.safetensors"} <= set(files)
-    assert "pickled.ckpt" not in files  # only safetensors are offered
+    assert {"tiny-schnell.safetensors", "tiny-dev.safetensors", "svdq-int4_r32-flux.1-dev.safetensors"} <= set(files)
+    # only files the loader reads are offered: not other safetensors (a 16-bit FLUX.1, a newer
+    # format version) or pickles
+    assert not set(files) & {"not-flux.safetensors", "version-99.safetensors", "flux1-dev.safetensors",
+                             "pickled.ckpt"}
     assert required["dtype"][1]["options"] == ["bfloat16", "float16"]
     assert required["device"][1]["options"][:2] == ["default", "cpu"]
     assert all(spec[1].get("tooltip") for spec in required.values())
@@ -376,6 +385,9 @@ def test_loader_node_in_object_info(server):
     assert scales[1]["options"] == ["from file", "power-of-two", "exact"] and scales[1]["default"] == "from file"
     assert scales[1].get("tooltip")
     assert "SVDQuantTestConditioning" in server.get("/object_info")
+    # one start-up line says which kernels the 4-bit layers will use (here: none, a CPU-only run)
+    lines = [line for line in (server.base / "comfyui.log").read_text().splitlines() if "svdquant: device: " in line]
+    assert len(lines) == 1 and "W4A4 linear: reference (no CUDA GPU visible" in lines[0], lines
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
@@ -487,16 +499,28 @@ def test_the_loader_takes_an_activation_scale_choice(server, activation_scales):
     assert entry["status"]["status_str"] == "success", entry["status"]
 
 
-@pytest.mark.parametrize("model_name, problem", [("truncated.safetensors", "not a readable safetensors file"),
-                                                 ("not-flux.safetensors", "not an SVDQuant FLUX model"),
-                                                 ("version-99.safetensors", "unsupported format version '99'")])
-def test_bad_files_are_comfyui_errors_naming_the_file(server, model_name, problem):
-    entry = server.run(sampling_prompt(model_name, None, "never"))
+def test_a_bad_file_is_a_comfyui_error_naming_the_file(server):
+    """A file whose header looks right but whose data is cut short: the loader's error names it."""
+    entry = server.run(sampling_prompt("truncated.safetensors", None, "never"))
     assert entry["status"]["status_str"] == "error"
     error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
     assert error["node_type"] == "SVDQuantFluxLoader"
-    assert error["exception_message"].startswith(f"{model_name}: ") and problem in error["exception_message"]
+    assert error["exception_message"].startswith("truncated.safetensors: not a readable safetensors file")
     assert server.get("/object_info/SVDQuantFluxLoader")  # ComfyUI is still up
+
+
+@pytest.mark.parametrize("model_name, problem", [
+    ("not-flux.safetensors", "not an SVDQuant FLUX model"),
+    ("version-99.safetensors", "unsupported format version '99'"),
+    ("flux1-dev.safetensors", "not an SVDQuant FLUX model"),
+    ("svdq-int4_r32-flux.1-missing.safetensors", "not found in models/diffusion_models")])
+def test_a_file_the_loader_cannot_read_is_refused_before_the_prompt_runs(server, model_name, problem):
+    """ComfyUI's validation of the prompt (the loader's validate_inputs) names the file and why."""
+    status, reply = server.post_prompt(sampling_prompt(model_name, None, "never"))
+    assert status == 400
+    (error,) = reply["node_errors"]["1"]["errors"]
+    assert error["extra_info"]["input_name"] == "model_name"
+    assert error["details"].startswith(f"model_name - {model_name}: {problem}")
 
 
 def test_lora_stack_node_in_object_info(server):
@@ -576,8 +600,10 @@ def test_quantizer_node_in_object_info(server):
     assert info["output_node"] is True and info["output"] == ["STRING"]
     required = info["input"]["required"]
     assert list(required) == ["model_name", "output_name", "rank", "hopper_fast_format", "calibration_calls"]
-    assert {"tiny-schnell.safetensors"} <= set(required["model_name"][1]["options"])
-    assert "pickled.ckpt" not in required["model_name"][1]["options"]
+    # only 16-bit FLUX.1 checkpoints are offered: not 4-bit files, other safetensors or pickles
+    files = set(required["model_name"][1]["options"])
+    assert "flux1-dev.safetensors" in files
+    assert not files & {"tiny-schnell.safetensors", "not-flux.safetensors", "pickled.ckpt"}
     assert {key: required["rank"][1][key] for key in ("default", "min", "max", "step")} == \
         {"default": 32, "min": 16, "max": 256, "step": 16}
     assert required["hopper_fast_format"][1]["default"] is False
@@ -621,11 +647,19 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["8"]["images"][0]["filename"].startswith("svdquant_quantized_here")
 
-    # an existing output (named without the suffix), an input that is already quantized, and
-    # calibration prompts without the pooled CLIP output: named errors
+    # an input that is already quantized is not offered; ComfyUI versions that check a V3 combo's
+    # value against its options refuse it (0.33), others run the node, which names the problem (0.3.64)
+    status, reply = server.post_prompt(quantizer_prompt("tiny-schnell.safetensors"))
+    if status == 400:
+        assert reply["node_errors"]["1"]["errors"][0]["extra_info"]["input_name"] == "model_name"
+    else:
+        entry = server.wait(reply["prompt_id"])
+        error = next(message[1] for message in entry["status"]["messages"] if message[0] == "execution_error")
+        assert error["exception_message"].startswith("tiny-schnell.safetensors: already an SVDQuant 4-bit model")
+    # an existing output (named without the suffix) and calibration prompts without the pooled CLIP
+    # output: named errors
     for model_name, output_name, prompts, problem in (
             ("flux1-tiny-dev.safetensors", "tiny-schnell", None, "tiny-schnell.safetensors: already exists"),
-            ("tiny-schnell.safetensors", "", None, "tiny-schnell.safetensors: already an SVDQuant 4-bit model"),
             ("flux1-tiny-dev.safetensors", "unpooled", {"pooled": False},
              "calibration_prompts: a conditioning without the pooled CLIP-L output")):
         entry = server.run(quantizer_prompt(model_name, output_name, prompts=prompts))
