@@ -440,6 +440,10 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
     assert sorted(templates["comfyui-svdquant"]) == ["flux.1-dev", "flux.1-dev-lora", "flux.1-schnell",
                                                      "flux.1-schnell-4bit-t5", "quantize-flux.1-dev"]
     assert server.get(f"/api/workflow_templates/comfyui-svdquant/{name}") == workflow
+    # the card's thumbnail, where ComfyUI's frontend looks for it
+    thumbnail = name.replace(".json", ".jpg")
+    with urllib.request.urlopen(f"{server.url}/api/workflow_templates/comfyui-svdquant/{thumbnail}") as response:
+        assert response.read() == (REPO / "workflows" / thumbnail).read_bytes()
 
 
 def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype: str = "bfloat16",

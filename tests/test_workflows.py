@@ -86,3 +86,14 @@ def test_quantize_workflow_calibrates_on_two_prompts():
     assert into == {(encoders[0], combine), (encoders[1], combine), (combine, quantizer)}
     assert nodes["SVDQuantFluxQuantizer"]["inputs"][0]["name"] == "calibration_prompts"
 
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_each_workflow_has_a_template_thumbnail(name):
+    """ComfyUI's template browser shows <name>.jpg beside a custom node's <name>.json as its card."""
+    thumbnail = (REPO / "workflows" / name).with_suffix(".jpg").read_bytes()
+    assert thumbnail[:3] == b"\xff\xd8\xff" and len(thumbnail) < 100_000  # a JPEG, small enough for a card
+
+
+def test_the_workflow_folder_holds_only_workflows_and_their_thumbnails():
+    files = {path.name for path in (REPO / "workflows").iterdir()}
+    assert files == set(WORKFLOWS) | {name.replace(".json", ".jpg") for name in WORKFLOWS}
