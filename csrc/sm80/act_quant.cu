@@ -189,16 +189,24 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
                 : nullptr;
   float tmax = 0.f;  // pow2 mode: this token's largest need so far
 
+  // the lane's B fragments of a group: k = 64 g + 8 i + 2 (lane % 4), loaded one group ahead (L2 latency)
+  uint32_t b_next[8];
+  auto load_b = [&](int g) {
+    if (lora_warp && g < groups) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) b_next[i] = __ldg(lora_row + 32 * g + 4 * i);
+    }
+  };
+  load_b(0);
   for (int g = 0; g < groups; ++g) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     load_group(g + kStages - 1);
     const uint8_t* tile = ring + (g % kStages) * kTileBytes;
     uint32_t b[8];
-    if (lora_warp) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) b[i] = __ldg(lora_row + 32 * g + 4 * i);  // k = 64 g + 8 i + 2 (lane % 4)
-    }
+    for (int i = 0; i < 8; ++i) b[i] = b_next[i];
+    load_b(g + 1);
     const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
     const bool uns = shift > 0.f;
     float v[8];

@@ -15,7 +15,7 @@
 //    first MMA takes lo as k slots 0..3 and hi as slots 16..19 of the words of columns 0..31, the
 //    second those of columns 32..63; both operands are split the same way, so every product
 //    code[m, k] * w[n, k] is summed exactly once. The factor 256 (16 for unsigned groups) goes into
-//    the weight scale (exact: a power of two).
+//    the activation scale (exact: a power of two).
 //
 // Operands, all in their natural layouts (no repacked copy of the weights):
 //   codes [M, K/2] and qweight [N, K/2]: packed INT4, low nibble = even column (numerics.pack_int4);
@@ -30,8 +30,8 @@
 // Promotion (per 64-group and accumulator, two FMAs and no int->float conversion): each tile's first
 // MMA of a group starts from the accumulator 0x4B400000 (the bits of 1.5 * 2^23), so the int32
 // result is the bits of the float 1.5 * 2^23 + p for the group's integer sum p (|p| < 2^22);
-// t = fma(that float, ws', -1.5 * 2^23 * ws') is p * ws' rounded once (ws' = wscale / factor; the
-// product 1.5 * 2^23 * ws' is exact for a 16-bit scale below 2^100), and out = fma(t, ascale, out).
+// t = fma(that float, ws, -1.5 * 2^23 * ws) is p * ws rounded once (the product 1.5 * 2^23 * ws is
+// exact for a 16-bit scale below 2^100), and out = fma(t, ascale / factor, out).
 //
 // Work split: a CTA of 128 threads owns 128 tokens x 128 channels; its 4 warps each own 64 tokens x
 // 64 channels (4 x 8 mma tiles, 128 fp32 accumulators per thread). Stages: K/64 main stages (the
@@ -82,6 +82,67 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 __device__ __forceinline__ void expand_s8(uint32_t w, int shift, uint32_t mask, uint32_t& lo, uint32_t& hi) {
   lo = (w << shift) & mask;
   hi = (w >> (4 - shift)) & mask;
+}
+
+// One 64-group of the main loop for a warp: its 4 x 8 tiles' MMAs and their promotion into out.
+// a: the warp's A fragments (packed INT4 words from ldmatrix); st: the stage in shared memory.
+template <typename T, bool kInt8, bool kUnsigned>
+__device__ __forceinline__ void group_step(const uint8_t* st, const uint32_t (&a)[4][4], float (&out)[4][8][4], int wm,
+                                           int wn, int lane) {
+  const int gid = lane / 4, q = lane % 4;
+  const int magic[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
+  // INT8: weights are 16 * code, activations 16 * code (signed) or code (unsigned)
+  constexpr float kFactor = kInt8 ? (kUnsigned ? 1.f / 16.f : 1.f / 256.f) : 1.f;
+  float as[4][2];  // the accumulators' token scales (rows gid and gid + 8 of m tile i) / the factor
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    as[i][0] = reinterpret_cast<const float*>(st + kOffAs)[wm + 16 * i + gid] * kFactor;
+    as[i][1] = reinterpret_cast<const float*>(st + kOffAs)[wm + 16 * i + gid + 8] * kFactor;
+  }
+  uint32_t ae[4][2][4];  // INT8: the A words of the two k32 MMAs
+  if constexpr (kInt8) {
+    constexpr int kShift = kUnsigned ? 0 : 4;
+    constexpr uint32_t kMask = kUnsigned ? 0x0F0F0F0Fu : 0xF0F0F0F0u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      expand_s8(a[i][0], kShift, kMask, ae[i][0][0], ae[i][0][2]);
+      expand_s8(a[i][1], kShift, kMask, ae[i][0][1], ae[i][0][3]);
+      expand_s8(a[i][2], kShift, kMask, ae[i][1][0], ae[i][1][2]);
+      expand_s8(a[i][3], kShift, kMask, ae[i][1][1], ae[i][1][3]);
+    }
+  }
+  const int b_off = kOffW + tile_offset(wn + lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    uint32_t b[4];  // b0, b1 of n tile 2 jj, then of 2 jj + 1
+    ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * jj + h;
+      float w0, w1;  // the scales of channels wn + 8 j + 2 q and + 1
+      Half<T>::unpack2(reinterpret_cast<const uint32_t*>(st + kOffWs)[(wn + 8 * j) / 2 + q], w0, w1);
+      const float n0 = -kMagic * w0, n1 = -kMagic * w1;
+      uint32_t be[2][2];
+      if constexpr (kInt8) {
+        expand_s8(b[2 * h], 4, 0xF0F0F0F0u, be[0][0], be[0][1]);
+        expand_s8(b[2 * h + 1], 4, 0xF0F0F0F0u, be[1][0], be[1][1]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int d[4];
+        if constexpr (kInt8) {
+          mma_m16n8k32_s8(d, ae[i][0], be[0][0], be[0][1], magic);
+          mma_m16n8k32_s8(d, ae[i][1], be[1][0], be[1][1], d);
+        } else {
+          mma_m16n8k64_s4<kUnsigned>(d, a[i], b[2 * h], b[2 * h + 1], magic);
+        }
+        out[i][j][0] = fmaf(fmaf(__int_as_float(d[0]), w0, n0), as[i][0], out[i][j][0]);
+        out[i][j][1] = fmaf(fmaf(__int_as_float(d[1]), w1, n1), as[i][0], out[i][j][1]);
+        out[i][j][2] = fmaf(fmaf(__int_as_float(d[2]), w0, n0), as[i][1], out[i][j][2]);
+        out[i][j][3] = fmaf(fmaf(__int_as_float(d[3]), w1, n1), as[i][1], out[i][j][3]);
+      }
+    }
+  }
 }
 
 template <typename T, bool kInt8>
@@ -140,8 +201,6 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[i][j][e] = 0.f;
-  const int magic[4] = {kMagicBits, kMagicBits, kMagicBits, kMagicBits};
-
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_stage(s);
 
@@ -162,60 +221,12 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
     for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], st + a_off + 16 * 32 * i);
     if (it < groups) {
       const float shift = group_shift ? __ldg(group_shift + it) : 0.f;
-      const bool uns = shift > 0.f;
-      // the accumulators' tokens: rows gid and gid + 8 of m tile i
-      float as[4][2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        as[i][0] = reinterpret_cast<const float*>(st + kOffAs)[wm + 16 * i + gid];
-        as[i][1] = reinterpret_cast<const float*>(st + kOffAs)[wm + 16 * i + gid + 8];
-      }
-      const float factor = kInt8 ? (uns ? 1.f / 16.f : 1.f / 256.f) : 1.f;
-      uint32_t ae[4][2][4];  // INT8: the A words of the two k32 MMAs
-      if constexpr (kInt8) {
-        const int sh = uns ? 0 : 4;
-        const uint32_t mask = uns ? 0x0F0F0F0Fu : 0xF0F0F0F0u;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          expand_s8(a[i][0], sh, mask, ae[i][0][0], ae[i][0][2]);
-          expand_s8(a[i][1], sh, mask, ae[i][0][1], ae[i][0][3]);
-          expand_s8(a[i][2], sh, mask, ae[i][1][0], ae[i][1][2]);
-          expand_s8(a[i][3], sh, mask, ae[i][1][1], ae[i][1][3]);
-        }
-      }
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        uint32_t b[4];  // b0, b1 of n tile 2 jj, then of 2 jj + 1
-        ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 2 * jj + h;
-          float w0, w1;  // the scales of channels wn + 8 j + 2 q and + 1
-          H::unpack2(reinterpret_cast<const uint32_t*>(st + kOffWs)[(wn + 8 * j) / 2 + q], w0, w1);
-          w0 *= factor, w1 *= factor;
-          const float n0 = -kMagic * w0, n1 = -kMagic * w1;
-          uint32_t be[2][2];
-          if constexpr (kInt8) {
-            expand_s8(b[2 * h], 4, 0xF0F0F0F0u, be[0][0], be[0][1]);
-            expand_s8(b[2 * h + 1], 4, 0xF0F0F0F0u, be[1][0], be[1][1]);
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            int d[4];
-            if constexpr (kInt8) {
-              mma_m16n8k32_s8(d, ae[i][0], be[0][0], be[0][1], magic);
-              mma_m16n8k32_s8(d, ae[i][1], be[1][0], be[1][1], d);
-            } else if (uns) {
-              mma_m16n8k64_s4<true>(d, a[i], b[2 * h], b[2 * h + 1], magic);
-            } else {
-              mma_m16n8k64_s4<false>(d, a[i], b[2 * h], b[2 * h + 1], magic);
-            }
-            out[i][j][0] = fmaf(fmaf(__int_as_float(d[0]), w0, n0), as[i][0], out[i][j][0]);
-            out[i][j][1] = fmaf(fmaf(__int_as_float(d[1]), w1, n1), as[i][0], out[i][j][1]);
-            out[i][j][2] = fmaf(fmaf(__int_as_float(d[2]), w0, n0), as[i][1], out[i][j][2]);
-            out[i][j][3] = fmaf(fmaf(__int_as_float(d[3]), w1, n1), as[i][1], out[i][j][3]);
-          }
-        }
+      // warp-uniform: one code path per group kind, so that the expansion's shift and mask and the
+      // INT4 mma type are constants
+      if (shift > 0.f) {
+        group_step<T, kInt8, true>(st, a, out, wm, wn, lane);
+      } else {
+        group_step<T, kInt8, false>(st, a, out, wm, wn, lane);
       }
     } else {  // low-rank stage: 16 ranks
 #pragma unroll
