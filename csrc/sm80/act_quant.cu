@@ -27,8 +27,9 @@
 // [2^-100, 2^100] take __fdiv_rn.
 //
 // Work split: a CTA of 128 threads (4 warps) owns 16 tokens and walks all of K one 64-group at a
-// time; each group's x tile [16][64] (2 KB) comes in through a kStages-deep cp.async ring (16-byte
-// chunks, chunk c of row r stored at chunk c ^ (r % 8), so that ldmatrix reads are conflict-free).
+// time; each group's x tile [16][64] (2 KB), lora_t tile [rank][64], 1/smooth, smooth and shift come
+// in through a kStages-deep cp.async ring (16-byte chunks, chunk c of row r stored at chunk
+// c ^ (r % 8), so that ldmatrix reads are conflict-free): no global load waits inside the loop.
 // Quantization: thread t owns the octet of columns 8 (t % 8) .. +7 of token t / 8 (the chunk it
 // copied itself); the 8 threads of a token take the group's amax by three shuffles. Pow2 mode
 // keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
@@ -36,8 +37,8 @@
 // Low-rank: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host computes larger ranks
 // with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with A = the x tile
 // (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K] (lora_down
-// transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), whose
-// fragments each lane reads from global memory (L1/L2-resident: every CTA reads all of it).
+// transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also by
+// ldmatrix from the ring (L2-resident: every CTA reads all of it).
 // Each output is summed by one warp in K order, so lora_act is deterministic.
 //
 // Entry points (one per dtype and mode): act_quant_{exact,pow2}_{bf16,fp16}(
@@ -53,8 +54,11 @@ namespace {
 
 constexpr int kTokens = 16;
 constexpr int kThreads = 128;
-constexpr int kStages = 8;  // 16 KB of x in flight per CTA
-constexpr int kTileBytes = kTokens * 128;
+constexpr int kStages = 6;
+// Stage layout (bytes): x [16][128] | lora_t [32 ranks][128] | 1/smooth [64] fp32 | smooth [64] fp32 | shift
+constexpr int kOffLora = kTokens * 128;
+constexpr int kOffParams = kOffLora + 32 * 128;
+constexpr int kStageBytes = kOffParams + 512 + 128;
 constexpr int kPow2MaxExp = 3;  // numerics.POW2_ACT_MAX_EXP
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [16][128-byte] x tile (see the file comment).
@@ -72,8 +76,8 @@ __device__ __forceinline__ float div_fast(float n, float d, float inv) {
 __device__ __noinline__ float div_exact(float n, float d) { return n == 0.f ? 0.f : __fdiv_rn(n, d); }
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
@@ -164,7 +168,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
                                           float* __restrict__ ascales, T* __restrict__ lora_act, int M, int K, int rank,
                                           int m_al) {
   using H = Half<T>;
-  __shared__ __align__(128) uint8_t ring[kStages * kTileBytes];
+  __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTokens;
   const int groups = K / 64;
@@ -174,8 +178,29 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + static_cast<size_t>(tok_valid ? tok : 0) * K * 2;
   const int my_chunk = tile_offset(row, t8);
 
+  // Stage g: x tile (thread t: its own chunk), lora_t tile (threads: chunks t, t + 128 of [32][8]),
+  // 1/smooth and smooth (threads 0..15, 16..31), the group's shift (thread 32).
   auto load_group = [&](int g) {
-    if (g < groups) cp_async16(ring + (g % kStages) * kTileBytes + my_chunk, x_row + g * 128 + t8 * 16, tok_valid);
+    if (g < groups) {
+      uint8_t* st = ring + (g % kStages) * kStageBytes;
+      cp_async16(st + my_chunk, x_row + g * 128 + t8 * 16, tok_valid);
+      if (rank) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int c = tid + kThreads * i, r = c / 8, ch = c % 8;
+          if (r < rank)
+            cp_async16(st + kOffLora + tile_offset(r, ch),
+                       reinterpret_cast<const uint8_t*>(lora_t + static_cast<size_t>(r) * K) + g * 128 + ch * 16, true);
+        }
+      }
+      if (tid < 16) {
+        cp_async16(st + kOffParams + 16 * tid, inv_smooth + 64 * g + 4 * tid, true);
+      } else if (tid < 32) {
+        if (!kPow2) cp_async16(st + kOffParams + 256 + 16 * (tid - 16), smooth + 64 * g + 4 * (tid - 16), true);
+      } else if (tid == 32 && group_shift) {
+        cp_async4(st + kOffParams + 512, group_shift + g);
+      }
+    }
     cp_async_commit();
   };
 #pragma unroll
@@ -183,36 +208,22 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 
   const bool lora_warp = 8 * warp < rank;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  // lane's B fragment row of lora_t: rank 8 warp + lane / 4, column pair 2 (lane % 4)
-  const uint32_t* lora_row =
-      lora_warp ? reinterpret_cast<const uint32_t*>(lora_t + static_cast<size_t>(8 * warp + lane / 4) * K) + lane % 4
-                : nullptr;
   float tmax = 0.f;  // pow2 mode: this token's largest need so far
+  // ldmatrix rows of the lane's B fragments: rank 8 warp + lane % 8, chunks 4 h + lane / 8 (h = 0, 1)
+  const int b_off = kOffLora + tile_offset(8 * warp + lane % 8, lane / 8);
+  const int b_off_hi = kOffLora + tile_offset(8 * warp + lane % 8, 4 + lane / 8);
 
-  // the lane's B fragments of a group: k = 64 g + 8 i + 2 (lane % 4), loaded one group ahead (L2 latency)
-  uint32_t b_next[8];
-  auto load_b = [&](int g) {
-    if (lora_warp && g < groups) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) b_next[i] = __ldg(lora_row + 32 * g + 4 * i);
-    }
-  };
-  load_b(0);
   for (int g = 0; g < groups; ++g) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     load_group(g + kStages - 1);
-    const uint8_t* tile = ring + (g % kStages) * kTileBytes;
-    uint32_t b[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) b[i] = b_next[i];
-    load_b(g + 1);
-    const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
+    const uint8_t* tile = ring + (g % kStages) * kStageBytes;
+    const float* params = reinterpret_cast<const float*>(tile + kOffParams);
+    const float shift = group_shift ? params[128] : 0.f;
     const bool uns = shift > 0.f;
     float v[8];
-    const float amax = octet_max(
-        octet_values<T, kPow2>(*reinterpret_cast<const uint4*>(tile + my_chunk), smooth, inv_smooth, 64 * g + 8 * t8,
-                               shift, v));
+    const float amax = octet_max(octet_values<T, kPow2>(*reinterpret_cast<const uint4*>(tile + my_chunk), params + 64,
+                                                        params, 8 * t8, shift, v));
     const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
     if constexpr (kPow2) {
       tmax = fmaxf(tmax, need);
@@ -226,6 +237,9 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       }
     }
     if (lora_warp) {
+      uint32_t b[8];  // b0, b1 of the four k16 steps
+      ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b), tile + b_off);
+      ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b + 4), tile + b_off_hi);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {  // k16 steps of the group
         uint32_t a[4];
