@@ -156,7 +156,8 @@ UNREADABLE = r"not a readable safetensors file \("  # safetensors' own error nam
     # same size, so safetensors reads it; the layer's other tensors tell
     (_set("a.smooth", "dtype", "F16"), "tensor a.smooth has dtype torch.float16, unlike the torch.bfloat16 of "
                                        "a.wscales$"),
-])
+], ids=["dtype-size", "dtype-unknown", "shape-size", "shape-not-a-list", "offsets-not-a-range", "offsets-later",
+        "offsets-earlier", "offsets-past-the-end", "dtype-same-size"])
 def test_corrupt_header_entries_name_the_tensor(tmp_path, edit, message):
     path, _, _ = _saved(tmp_path)
     bad = tmp_path / "corrupt.safetensors"

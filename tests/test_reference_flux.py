@@ -216,7 +216,8 @@ def _swapped(t: torch.Tensor) -> torch.Tensor:
      "has dtype torch.float16, unlike the torch.bfloat16 of the layer's other tensors"),
     ("single_transformer_blocks.0.norm.linear.bias", lambda t: t.view(torch.float16),
      "has dtype torch.float16, unlike the torch.bfloat16 of the layer's other tensors"),
-])
+], ids=["w4a4-lora_down-shape", "w4a4-lora_up-shape", "w4a4-wscales-shape", "w4a4-qweight-shape",
+        "w4a16-qweight-shape", "w4a16-wzeros-shape", "w4a16-qweight-float", "w4a4-smooth-f16", "w4a16-bias-f16"])
 def test_a_reference_tensor_read_with_another_shape_or_dtype_is_named(tmp_path, reference_fixture, key, corrupt,
                                                                       problem):
     packed = load_file(str(reference_fixture(PACKED)))
