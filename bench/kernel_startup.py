@@ -56,10 +56,12 @@ def start(families: list[str], cache: str, use_prebuilt: bool) -> dict:
         os.rename(prebuilt, hidden)
     try:
         run = subprocess.run([sys.executable, "-c", START, *families], cwd=ROOT, env=env, capture_output=True,
-                             text=True, check=True)
+                             text=True)
     finally:
         if moved:
             os.rename(hidden, prebuilt)
+    if run.returncode:
+        sys.exit(f"a start failed:\n{run.stderr}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

@@ -67,6 +67,9 @@ CI_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
 # Language options, part of every cubin's key. IEEE-exact math (no --use_fast_math): the kernels
 # are tested bit for bit against svdquant/numerics.py. setup.py passes the same ones to nvcc.
 LANGUAGE_OPTIONS = ("-std=c++17", "-lineinfo")
+# NVRTC only: unannotated functions are device functions, as nvcc takes a lambda inside a kernel
+# (NVRTC 13.0, the one torch's CUDA 13.0 wheels bring, otherwise rejects such lambdas as host code)
+NVRTC_OPTIONS = ("-default-device",)
 
 
 class CudaError(RuntimeError):
@@ -92,7 +95,7 @@ def family_sources(family: str) -> list[str]:
 def source_hash(family: str) -> str:
     """Hash of everything a family's cubins are made from: its folder's files, csrc/common's and the
     language options (16 hex digits)."""
-    h = hashlib.sha256(" ".join(LANGUAGE_OPTIONS).encode())
+    h = hashlib.sha256(" ".join(LANGUAGE_OPTIONS + NVRTC_OPTIONS).encode())
     folders = (os.path.join(CSRC_DIR, FAMILIES[family].folder), COMMON_DIR)
     for folder in folders:
         for path in sorted(glob.glob(os.path.join(folder, "*"))):
@@ -164,6 +167,13 @@ def nvrtc_candidates() -> list[str]:
 class _Nvrtc:
     def __init__(self, path: str):
         self.path = path
+        # NVRTC opens its builtins library by name at the first compile; some wheels' libnvrtc has no
+        # search path to its own folder, so the builtins beside it are loaded first (then found by name)
+        folder = os.path.dirname(path)
+        for builtins in sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so.*"))
+                               + glob.glob(os.path.join(folder, "nvrtc-builtins64_*.dll"))):
+            if ".alt." not in os.path.basename(builtins):
+                ctypes.CDLL(builtins)
         self.lib = lib = ctypes.CDLL(path)
         vp, sz, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
         for name, args in {
@@ -241,7 +251,8 @@ def nvrtc() -> _Nvrtc:
 
 def compile_options(family: str, arch: str) -> list[str]:
     folder = os.path.join(CSRC_DIR, FAMILIES[family].folder)
-    return [f"--gpu-architecture={arch}", *LANGUAGE_OPTIONS, f"--include-path={folder}", f"--include-path={COMMON_DIR}"]
+    return [f"--gpu-architecture={arch}", *LANGUAGE_OPTIONS, *NVRTC_OPTIONS, f"--include-path={folder}",
+            f"--include-path={COMMON_DIR}"]
 
 
 # A cache file is the cubin's SHA-256 then the cubin, so a truncated or damaged file is detected
