@@ -479,6 +479,11 @@ _INT32 = (-(2**31), 2**31 - 1)
 
 def _param(arg):
     """A kernel argument as a ctypes object (Function.launch's conversions)."""
+    kind = type(arg)  # exact types first: this runs for every argument of every launch
+    if kind is torch.Tensor:
+        return ctypes.c_void_p(arg.data_ptr())
+    if kind is int and _INT32[0] <= arg <= _INT32[1]:
+        return ctypes.c_int32(arg)
     if isinstance(arg, torch.Tensor):
         return ctypes.c_void_p(arg.data_ptr())
     if arg is None:

@@ -147,3 +147,22 @@ def test_source_hash_and_names_are_stable():
     name = cuda.cubin_name("w4a16", source, "sm_86", digest)
     assert name == f"w4a16-{os.path.splitext(os.path.basename(source))[0]}-sm_86-{digest}.cubin"
     assert cuda.cache_path("w4a16", source, "sm_86", digest, (13, 5)).endswith(name[:-6] + "-nvrtc13.5.cubin")
+
+
+def test_launch_arguments_convert_as_the_contract_says():
+    import ctypes
+
+    import torch
+
+    t = torch.zeros(3)
+    assert cuda._param(t).value == t.data_ptr() and cuda._param(None).value is None
+    assert type(cuda._param(7)) is ctypes.c_int32 and cuda._param(-(2**31)).value == -(2**31)
+    assert type(cuda._param(True)) is ctypes.c_int32 and cuda._param(True).value == 1
+    assert type(cuda._param(0.5)) is ctypes.c_float and cuda._param(0.5).value == 0.5
+    wide, tensor_map = ctypes.c_int64(2**40), cuda.TensorMap()
+    assert cuda._param(wide) is wide and cuda._param(tensor_map) is tensor_map
+    assert ctypes.sizeof(tensor_map) == 128
+    with pytest.raises(OverflowError):
+        cuda._param(2**31)
+    with pytest.raises(TypeError):
+        cuda._param("x")
