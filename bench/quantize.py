@@ -14,6 +14,7 @@ give. The checkpoint is read from the page cache (it was just written).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dir", help="where the checkpoint and outputs go (default: a temporary folder)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test architecture instead of full size")
+    parser.add_argument("--blocks", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"),
+                        help="FLUX.1-dev's width with this many double and single blocks (default 19 38)")
     parser.add_argument("--calls", type=int, default=4, help="calibration calls")
     parser.add_argument("--configs", default="stand-ins,prompts", help="which calibrations to run, in order")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize_h100.json"))
@@ -110,6 +113,8 @@ def main() -> None:
         return
 
     cfg = synthetic.tiny_flux_config(guidance_embed=True) if args.tiny else flux.FluxConfig()
+    if args.blocks:
+        cfg = dataclasses.replace(cfg, depth=args.blocks[0], depth_single_blocks=args.blocks[1])
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         folder = Path(scratch)
         source = folder / "flux1-dev-random.safetensors"
