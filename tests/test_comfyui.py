@@ -104,6 +104,10 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     assert torch.equal(outputs["full"], outputs["reference"])
     assert torch.equal(outputs["lowvram"], outputs["reference"])
     assert facts["stock_keys_loaded"] is True
+    # the unet config fits this ComfyUI's FluxParams with and without its detection; a field it
+    # newly requires that the pack cannot fill is an error naming it
+    assert facts["unet_config"]["detected"] is True and facts["unet_config"]["undetected"] is True
+    assert facts["unet_config"]["future_field"].startswith(f"{path.name}: this ComfyUI's FLUX needs future_field")
     assert rel_error(outputs["full"], outputs["stock_dense"]) < DENSE_TOLERANCE
     assert (facts["model_class"], facts["config_class"], facts["model_type"]) == ("Flux", config_class, model_type)
     assert {name for name in facts["lowvram_layers"] if name in model.layers}  # some 4-bit layers were left out

@@ -101,6 +101,38 @@ def stock_flux(pack_loader, model_file: str, dense_file: str):
     return model, expected
 
 
+def unet_config_cases(pack_loader, model_file: str) -> dict:
+    """The loader's unet config as this ComfyUI's FluxParams takes it: from its detection, without
+    its detection (a ComfyUI whose detection does not know the file), and against a FluxParams that
+    requires a field the pack does not know (the error message)."""
+    import dataclasses
+    from unittest import mock
+
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+
+    from svdquant_pack.svdquant import flux
+
+    model, cfg = flux.load_flux(model_file)
+
+    def fluxparams_accepts(unet_config):
+        params = {k: v for k, v in unet_config.items() if k != "image_model"}
+        return comfy.ldm.flux.model.FluxParams(**params) is not None
+
+    out = {"detected": fluxparams_accepts(pack_loader.flux_unet_config(model_file, model.tensors, cfg))}
+    with mock.patch.object(comfy.model_detection, "detect_unet_config", return_value=None):
+        out["undetected"] = fluxparams_accepts(pack_loader.flux_unet_config(model_file, model.tensors, cfg))
+    future = dataclasses.make_dataclass("FluxParams", [("future_field", int, dataclasses.field(kw_only=True))],
+                                        bases=(comfy.ldm.flux.model.FluxParams,))
+    with mock.patch.object(comfy.ldm.flux.model, "FluxParams", future):
+        try:
+            pack_loader.flux_unet_config(model_file, model.tensors, cfg)
+            out["future_field"] = None
+        except ValueError as exc:
+            out["future_field"] = str(exc)
+    return out
+
+
 def load(pack: str, model_file: str, dense_file: str, inputs_file: str, out: str) -> None:
     import_pack(pack)
     from svdquant_pack.nodes import loader
@@ -130,7 +162,7 @@ def load(pack: str, model_file: str, dense_file: str, inputs_file: str, out: str
     outputs["stock_dense"] = forward(stock.diffusion_model, inputs)
 
     layers = {name: type(m).__name__ for name, m in diffusion_model.named_modules() if hasattr(m, "in_features")}
-    facts = {"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
+    facts = {"unet_config": unet_config_cases(loader, model_file),"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
              "config_class": type(patcher.model.model_config).__name__,
              "model_size": size, "sampling_buffers": sum(b.numel() * b.element_size()
                                                          for b in patcher.model.model_sampling.buffers()),
