@@ -162,12 +162,14 @@ def load(pack: str, model_file: str, dense_file: str, inputs_file: str, out: str
     outputs["stock_dense"] = forward(stock.diffusion_model, inputs)
 
     layers = {name: type(m).__name__ for name, m in diffusion_model.named_modules() if hasattr(m, "in_features")}
-    facts = {"unet_config": unet_config_cases(loader, model_file),"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
+    facts = {"model_class": type(patcher.model).__name__, "model_type": patcher.model.model_type.name,
              "config_class": type(patcher.model.model_config).__name__,
+             "unet_config": unet_config_cases(loader, model_file),
              "model_size": size, "sampling_buffers": sum(b.numel() * b.element_size()
                                                          for b in patcher.model.model_sampling.buffers()),
              "layers": layers, "lowvram_layers": lowvram,
-             "stock_keys_loaded": stock_keys == set(stock.model_config.process_unet_state_dict(load_file(dense_file))),
+             "stock_keys_loaded": stock_keys == set(stock.model_config.process_unet_state_dict(
+                 load_file(dense_file))),
              "gelu_from": {name: m.gelu_from for name, m in diffusion_model.named_modules()
                            if getattr(m, "gelu_from", None) is not None},
              "gelu_modules": [name for name, m in diffusion_model.named_modules() if isinstance(m, torch.nn.GELU)]}
