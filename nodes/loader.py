@@ -63,8 +63,10 @@ def _flux_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
 
 def loadable_files() -> list[str]:
     """The safetensors files in diffusion_models that the loader reads (4-bit FLUX files)."""
-    return [name for name in safetensors_files("diffusion_models")
-            if flux_file_problem(folder_paths.get_full_path("diffusion_models", name)) is None]
+    # a file removed since ComfyUI listed the folder has no path
+    paths = {name: folder_paths.get_full_path("diffusion_models", name)
+             for name in safetensors_files("diffusion_models")}
+    return [name for name, path in paths.items() if path is not None and flux_file_problem(path) is None]
 
 
 def device_options() -> list[str]:
