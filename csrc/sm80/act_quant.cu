@@ -140,7 +140,10 @@ __device__ __forceinline__ uint32_t pack_codes(const float (&c)[8], bool uns) {
   const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
   uint32_t w = 0;
 #pragma unroll
-  for (int e = 0; e < 8; ++e) w |= (static_cast<uint32_t>(static_cast<int>(fminf(fmaxf(c[e], qlo), qhi))) & 0xFu) << (4 * e);
+  for (int e = 0; e < 8; ++e) {
+    const int code = static_cast<int>(fminf(fmaxf(c[e], qlo), qhi));
+    w |= (static_cast<uint32_t>(code) & 0xFu) << (4 * e);
+  }
   return w;
 }
 
@@ -253,8 +256,10 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   if (lora_warp) {  // acc: rows lane / 4 and lane / 4 + 8, ranks 8 warp + 2 (lane % 4) + {0, 1}
     const int r = 8 * warp + 2 * (lane % 4);
     const int t_lo = tok0 + lane / 4, t_hi = t_lo + 8;
-    if (t_lo < M) *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_lo) * rank + r) = pack2_rn<T>(acc[0], acc[1]);
-    if (t_hi < M) *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_hi) * rank + r) = pack2_rn<T>(acc[2], acc[3]);
+    if (t_lo < M)
+      *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_lo) * rank + r) = pack2_rn<T>(acc[0], acc[1]);
+    if (t_hi < M)
+      *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_hi) * rank + r) = pack2_rn<T>(acc[2], acc[3]);
   }
 
   if constexpr (kPow2) {  // pass 2: codes and scales from the token's atok
