@@ -177,23 +177,31 @@ SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3":
                            "C64": 8}
 
 
+def _json_header(path) -> tuple[dict, int]:
+    """A safetensors file's JSON header, read alone (no tensor data, no memory map), and the number
+    of data bytes after it; ValueError saying what makes it unreadable."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"its header length {length} does not fit in the file's {size} bytes")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"its header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header, size - 8 - length
+
+
 def header_problem(path) -> str | None:
     """What is wrong with a safetensors file's header, naming the tensor at fault where one is;
     None where no fault is found. safetensors' own errors name no tensor for a bad dtype,
     shape or offset, so an unreadable file is diagnosed here."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if size < 8 or length > size - 8:
-            return f"its header length runs past the file's {size} bytes"
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return f"its header is not JSON: {exc}"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    data_bytes = size - 8 - length
+    try:
+        header, data_bytes = _json_header(path)
+    except ValueError as exc:
+        return str(exc)
     spans = []
     for key, entry in header.items():
         if key == "__metadata__":
@@ -252,14 +260,8 @@ def read_header_only(path) -> tuple[dict[str, str], list[str]] | None:
     tensor data and no memory map), for listing model folders cheaply; None where the file has no
     readable safetensors header."""
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= os.fstat(f.fileno()).st_size - 8:
-                return None
-            header = json.loads(f.read(length))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(header, dict):
+        header, _ = _json_header(path)
+    except (OSError, ValueError):
         return None
     metadata = header.get("__metadata__")
     metadata = metadata if isinstance(metadata, dict) else {}

@@ -166,6 +166,19 @@ def test_corrupt_header_entries_name_the_tensor(tmp_path, edit, message):
         fmt.load_model(bad)
 
 
+def test_the_header_alone_is_read_for_listing(tmp_path):
+    path, tensors, header = _saved(tmp_path)
+    metadata, names = fmt.read_header_only(path)
+    assert metadata == header and sorted(names) == sorted(tensors)
+    data = path.read_bytes()
+    for name, content in {"junk": b"not a safetensors file at all", "cut": data[:20],
+                          "text": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+                          "list": b"\x02\x00\x00\x00\x00\x00\x00\x00[]"}.items():
+        (tmp_path / name).write_bytes(content)
+        assert fmt.read_header_only(tmp_path / name) is None, name
+    assert fmt.read_header_only(tmp_path / "missing.safetensors") is None
+
+
 def test_a_truncated_file_names_the_tensor_cut_short(tmp_path):
     path, _, _ = _saved(tmp_path)
     data = path.read_bytes()
