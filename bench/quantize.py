@@ -129,7 +129,8 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", str(source), str(target), "--device", args.device,
                        "--calls", str(args.calls)] + (["--prompts"] if config == "prompts" else [])
             print(f"{config}:", flush=True)
-            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
             if done.returncode:
                 print(done.stdout)
                 raise SystemExit(f"{config}: exit code {done.returncode}")

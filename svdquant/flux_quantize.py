@@ -283,7 +283,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     where the tensors are); the result is on the tensors' device. on_layer: called with each
     quantized layer's name when it is done. calibration_prompts: how many real prompts the
     calibration calls took (0: random stand-ins), recorded in the metadata. held_out: calls whose
-    layer inputs measure each W4A4 layer's output error (quantization["quality"], quality_summary).
+    layer inputs measure each W4A4 layer's output error; the mean and the worst layers go into
+    quantization["held_out_error"] (quantize_checkpoint also writes every layer's: quality_summary).
     """
     flux.check_tensors(cfg, tensors, {})
     device = torch.device(device) if device is not None else tensors["img_in.weight"].device

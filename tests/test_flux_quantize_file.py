@@ -39,7 +39,8 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     assert "held-out relative output error of the 4-bit layers: mean 0.0" in out
 
     model, cfg = flux.load_flux(target)
-    assert cfg.variant == "schnell" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
+    assert cfg.variant == "schnell"
+    assert {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
     assert model.quantization["rank"] == 32 and model.quantization["calibration_calls"] == 4
     assert model.quantization["hopper_pow2"] is False
     # the file is exactly what the engine's quantize_flux makes from the same tensors
