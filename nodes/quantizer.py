@@ -73,9 +73,9 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
             category="SVDQuant",
             description="Quantizes a 16-bit FLUX.1 transformer (schnell or dev) to SVDQuant 4-bit and saves it in "
                         "models/diffusion_models for the SVDQuant FLUX Loader, one block at a time on ComfyUI's "
-                        "main device (full-size FLUX.1: about 3 GiB of system and GPU memory). Calibrates on the "
-                        "prompts connected to calibration_prompts, else on random stand-in inputs, and shows each "
-                        "4-bit layer's output error on held-out calls (mean and worst layers).",
+                        "main device (full-size FLUX.1: about 3 GiB of system and 5 GiB of GPU memory). Calibrates "
+                        "on the prompts connected to calibration_prompts, else on random stand-in inputs, and shows "
+                        "each 4-bit layer's output error on held-out calls (mean and worst layers).",
             inputs=[
                 io.Combo.Input("model_name", options=files,
                                tooltip="A 16-bit (bf16, fp16 or fp32) FLUX.1 transformer in models/diffusion_models, "
