@@ -468,7 +468,7 @@ def output_bytes(cfg: FluxConfig, rank: int) -> int:
 # Fixed parts of the memory estimate: the Python process with torch (and its CUDA libraries), and
 # how many float32 copies of a layer's weight quantize_linear's peak amounts to (the weight, the
 # smoothed weight, the residual, its dequantized codes and the clipping search's temporaries, as
-# torch's caching allocator keeps them; bench/NOTES.md has the measured peaks).
+# torch's caching allocator keeps them; bench/NOTES.md#quantizer-streaming has the measured peaks).
 PROCESS_BYTES = 2 << 30
 WEIGHT_COPIES = 14
 

@@ -30,7 +30,7 @@ MAX_CALIBRATION_TOKENS = 1024
 SEARCH_POWER_ITERS = 2
 FINAL_POWER_ITERS = 8
 # Refits of the low-rank branch to what the quantized residual leaves, in the final decomposition
-# (bench/NOTES.md: lower output error on real and synthetic weights, at two more decompositions).
+# (bench/NOTES.md#fidelity-real: lower output error on real and synthetic weights, at two more decompositions).
 REFINE_ROUNDS = 2
 
 

@@ -70,7 +70,7 @@ __device__ __forceinline__ uint32_t pack2_rn<float16>(float lo, float hi) {
 
 // A CUtensorMap as a kernel parameter (`const __grid_constant__ svdq::TensorMap`), encoded on the
 // host by svdquant.cuda.tensor_map. Aligned to 128 bytes like CUDA 13's CUtensorMap, so that the
-// descriptors sit in parameter space where cuda.h puts them (bench/NOTES.md: sm90 kernel 2).
+// descriptors sit in parameter space where cuda.h puts them (bench/NOTES.md#sm90-nvrtc).
 struct alignas(128) TensorMap {
   unsigned long long opaque[16];
 };

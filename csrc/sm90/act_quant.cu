@@ -18,7 +18,7 @@
 //          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
 //   codes clamped to [-8, 7] or [0, 15]; 0 where the scale is 0.
 // The pow2 mode is our own definition and multiplies where the exact mode must divide like the
-// reference engine: a few instructions per element instead of ~40 (bench/NOTES.md, v13).
+// reference engine: a few instructions per element instead of ~40 (bench/NOTES.md#v13).
 // Divisions use a correctly rounded reciprocal and one Markstein correction step
 // (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
 // is a normal number: checked exhaustively on the host for bf16 numerators against every bf16
@@ -73,7 +73,7 @@ __device__ __forceinline__ int pair_share(int rank_block, int cs) { return (kTok
 // A group's parameters in shared memory: 1/smooth (fp32) at byte 0 and, exact mode only, smooth at
 // 256 (the group's shift is one float, read from memory). Loading only what a launch reads keeps
 // kernel 1 in pow2 mode at K = 15360 (15 groups per CTA) at three CTAs per SM instead of two
-// (bench/NOTES.md).
+// (bench/NOTES.md#v20).
 __device__ __forceinline__ int param_bytes(bool pow2) { return pow2 ? 256 : 512; }
 
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base); _act_quant_smem_bytes in

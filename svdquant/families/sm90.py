@@ -98,7 +98,7 @@ _AQ_TOKENS = 32                      # tokens per cluster
 _AQ_THREADS = 256
 _AQ_X_BOX_BYTES = _AQ_TOKENS * 128   # one group of a CTA's x slice
 _AQ_MAX_CLUSTER_CTAS = 16            # non-portable cluster size (H100: up to 16)
-_AQ_TARGET_GROUPS_PER_CTA = 8        # 32 KB of x per CTA (bench/NOTES.md: best of 4..24 at M = 4608, K = 3072)
+_AQ_TARGET_GROUPS_PER_CTA = 8        # 32 KB of x per CTA (bench/NOTES.md#v14: best of 4..24 at M = 4608, K = 3072)
 
 
 def _act_quant_param_bytes(pow2: bool) -> int:
@@ -304,7 +304,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
 # A CTA's time is taken as its count of whole tiles plus HALF_TILE_COST per half tile: a 128-token
 # tile took 0.74 of a 256-token tile's time (M = 4608, N = K = 3072, rounds of 132 tiles). Half
 # tiles are used only where this model predicts at least MIN_HALF_TILE_GAIN: at a predicted 2%
-# (M = 4608, N = 12288, K = 3072) they measured 4% slower (bench/NOTES.md).
+# (M = 4608, N = 12288, K = 3072) they measured 4% slower (bench/NOTES.md#v19).
 HALF_TILE_COST = 0.75
 MIN_HALF_TILE_GAIN = 0.05
 
@@ -349,7 +349,7 @@ def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -
 def token_tile(m: int, n: int, sms: int) -> int:
     """The fast kernel 2's tokens per tile when not forced: 256 when 256-token tiles give at least
     half of the SMs a tile, else 128. 256 expands each weight for twice the tokens and measured
-    faster wherever that held (M = 256..4608 at the FLUX shapes, bench/NOTES.md), even with fewer
+    faster wherever that held (M = 256..4608 at the FLUX shapes, bench/NOTES.md#v16), even with fewer
     tiles than SMs; 192 never measured best."""
     tiles = (n + _TILE_N - 1) // _TILE_N * ((m + 255) // 256)
     return 256 if 2 * tiles >= sms else 128
@@ -418,7 +418,7 @@ def kernel1_lora_down(lora_down: torch.Tensor) -> torch.Tensor:
 # branch). Beyond it (LoRAs joined to the branch) one cuBLAS GEMM x @ lora_down over all ranks costs
 # less than kernel 1's further rank blocks, which it can compute (ranks up to 1024) but at ~0.5 us
 # (K = 3072) to ~1.4 us (K = 12288) per rank at M = 4608, against 12-15 / 46-54 us for the whole
-# GEMM at ranks 32-224 (bench/NOTES.md); at rank 32 the two ways cost the same.
+# GEMM at ranks 32-224 (bench/NOTES.md#v18); at rank 32 the two ways cost the same.
 KERNEL1_MAX_RANK = 32
 
 
