@@ -3,3 +3,27 @@ svdquant.cuda): sm90.py for csrc/sm90, sm80.py for csrc/sm80, w4a16.py for csrc/
 
 Each module names every kernel entry point it launches in `KERNELS` (CI compiles every family and
 checks them against the cubins: tests/test_runtime_compile.py)."""
+
+import torch
+
+
+def check_half(t: torch.Tensor, name: str, *, error: type[Exception] = RuntimeError) -> None:
+    """Raise `error` naming `name` unless t is bfloat16 or float16 (the kernels' 16-bit types)."""
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        raise error(f"{name} must be bfloat16 or float16, got {t.dtype}")
+
+
+def check_tensor(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], *,
+                 error: type[Exception] = RuntimeError, align: int = 0) -> None:
+    """Raise `error` naming `name` unless t is on like's device, of this dtype and shape, contiguous,
+    and (align > 0) starts on an align-byte boundary: the argument checks every launcher makes."""
+    if t.device != like.device:
+        raise error(f"{name} must be on {like.device}, not {t.device}")
+    if t.dtype != dtype:
+        raise error(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise error(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise error(f"{name} must be contiguous")
+    if align and t.data_ptr() % align:
+        raise error(f"{name} must start on a {align}-byte boundary")

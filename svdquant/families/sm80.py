@@ -14,9 +14,12 @@ of 16, lora_up with zero columns up to the next multiple.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .. import cuda, numerics
+from .. import cuda, kernels, numerics
+from . import check_tensor
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
@@ -39,17 +42,8 @@ class Sm80InputError(ValueError):
     """Inputs the sm80 kernels cannot take (the message names the tensor and what is wrong)."""
 
 
-def _check(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    if t.device != like.device:
-        raise Sm80InputError(f"{name} must be on {like.device}, not {t.device}")
-    if t.dtype != dtype:
-        raise Sm80InputError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise Sm80InputError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if not t.is_contiguous():
-        raise Sm80InputError(f"{name} must be contiguous")
-    if t.data_ptr() % 16:
-        raise Sm80InputError(f"{name} must start on a 16-byte boundary")
+# the kernels read every tensor with 16-byte vector loads
+_check = functools.partial(check_tensor, error=Sm80InputError, align=16)
 
 
 def _padded_rank(rank: int) -> int:
@@ -154,16 +148,6 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     return out
 
 
-def _cached_on(layer, attr: str, key: tuple, compute):
-    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
-    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
-    cached = getattr(layer, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        setattr(layer, attr, cached)
-    return cached[1]
-
-
 def _key(t: torch.Tensor | None):
     return None if t is None else (t.data_ptr(), t._version, tuple(t.shape))
 
@@ -191,7 +175,7 @@ def layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
             lora_t[:rank] = down.t()
         return smooth, torch.reciprocal(smooth), None if shift is None else _group_shifts(shift), lora_t
 
-    return _cached_on(layer, "_sm80_inputs", (_key(layer.smooth), _key(down), _key(shift)), compute)
+    return kernels.cached_on(layer, "_sm80_inputs", (_key(layer.smooth), _key(down), _key(shift)), compute)
 
 
 def _lora_up(layer) -> torch.Tensor | None:
@@ -207,7 +191,7 @@ def _lora_up(layer) -> torch.Tensor | None:
     def compute():
         return torch.nn.functional.pad(up, (0, _padded_rank(rank) - rank)).contiguous()
 
-    return _cached_on(layer, "_sm80_lora_up", (_key(up),), compute)
+    return kernels.cached_on(layer, "_sm80_lora_up", (_key(up),), compute)
 
 
 def svdq_linear(x: torch.Tensor, layer, mma: str = "int8", pow2_activations: bool | None = None,
@@ -217,8 +201,6 @@ def svdq_linear(x: torch.Tensor, layer, mma: str = "int8", pow2_activations: boo
     power-of-two restricted scales (numerics.quantize_activations_pow2); None: as
     kernels.uses_pow2_activations(layer) says."""
     if pow2_activations is None:
-        from .. import kernels  # kernels dispatches to this module
-
         pow2_activations = kernels.uses_pow2_activations(layer)
     if x.dtype != layer.wscales.dtype:
         raise Sm80InputError(f"input dtype {x.dtype} with {layer.wscales.dtype} weights")

@@ -24,6 +24,7 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
+from . import check_half, check_tensor
 
 FAMILY = "sm90"
 
@@ -39,22 +40,6 @@ _SMEM_LIMIT = 227 * 1024  # dynamic shared memory of one CTA on sm_90
 
 
 # ---- argument checks (the messages name the tensor and the numbers) -------------------------------
-
-def _check_half(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in _DTYPE_NAMES:
-        raise RuntimeError(f"{name} must be bfloat16 or float16, got {t.dtype}")
-
-
-def _check(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    if t.device != like.device:
-        raise RuntimeError(f"{name} must be on {like.device}, not {t.device}")
-    if t.dtype != dtype:
-        raise RuntimeError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise RuntimeError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if not t.is_contiguous():
-        raise RuntimeError(f"{name} must be contiguous")
-
 
 def _aligned16(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
@@ -147,7 +132,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     instead of e4m3 bytes."""
     if not (x.is_cuda and x.dim() == 2):
         raise RuntimeError("x must be a 2-D CUDA tensor")
-    _check_half(x, "x")
+    check_half(x, "x")
     m, k = x.shape
     if k % 64:
         raise RuntimeError(f"the input width {k} is not a multiple of 64")
@@ -156,12 +141,12 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if int8_operands and not pow2:
         raise RuntimeError("int8_operands needs pow2")
     rank = lora_down_p.shape[0]
-    _check(x, x, "x", x.dtype, (m, k))
-    _check(smooth, x, "smooth", torch.float32, (k,))
-    _check(inv_smooth, x, "inv_smooth", torch.float32, (k,))
+    check_tensor(x, x, "x", x.dtype, (m, k))
+    check_tensor(smooth, x, "smooth", torch.float32, (k,))
+    check_tensor(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if shift is not None:
-        _check(shift, x, "shift", torch.float32, (k // 64,))
-    _check(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
+        check_tensor(shift, x, "shift", torch.float32, (k // 64,))
+    check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
     m_al = (m + 3) // 4 * 4
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
     ascales = torch.empty(1 if pow2 else k // 64, m_al, dtype=torch.float32, device=x.device)
@@ -244,14 +229,14 @@ def _checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, dtype) ->
         raise RuntimeError(f"the input width {k} is not a multiple of 64")
     if n % 8:
         raise RuntimeError(f"the output width {n} is not a multiple of 8")
-    _check(codes, codes, "codes", torch.uint8, (m, k))
-    _check(lora_act, codes, "lora_act", dtype, (m, rank))
-    _check(qweight, codes, "qweight", torch.uint8, (n, k // 2))
-    _check(lora_up, codes, "lora_up", dtype, (n, rank))
+    check_tensor(codes, codes, "codes", torch.uint8, (m, k))
+    check_tensor(lora_act, codes, "lora_act", dtype, (m, rank))
+    check_tensor(qweight, codes, "qweight", torch.uint8, (n, k // 2))
+    check_tensor(lora_up, codes, "lora_up", dtype, (n, rank))
     if bias is not None:
-        _check(bias, codes, "bias", dtype, (n,))
+        check_tensor(bias, codes, "bias", dtype, (n,))
     y = out if out is not None else torch.empty(m, n, dtype=dtype, device=codes.device)
-    _check(y, codes, "out", dtype, (m, n))
+    check_tensor(y, codes, "out", dtype, (m, n))
     return y
 
 
@@ -272,7 +257,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
         raise RuntimeError("codes must be a 2-D CUDA tensor")
     if not (qweight.dim() == 2 and lora_up.dim() == 2 and ascales.dim() == 2):
         raise RuntimeError("qweight, lora_up and ascales are 2-D")
-    _check_half(wscales, "wscales")
+    check_half(wscales, "wscales")
     dtype = wscales.dtype
     (m, k), n, rank = codes.shape, qweight.shape[0], lora_up.shape[1]
     m_al = (m + 3) // 4 * 4
@@ -280,8 +265,8 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
     ascale_rows = ascales.shape[0]
     if ascale_rows not in (k // 64, 1):
         raise RuntimeError("ascales must have K/64 rows (per group) or 1 (per token)")
-    _check(ascales, codes, "ascales", torch.float32, (ascale_rows, m_al))
-    _check(wscales, codes, "wscales", dtype, (k // 64, n))
+    check_tensor(ascales, codes, "ascales", torch.float32, (ascale_rows, m_al))
+    check_tensor(wscales, codes, "wscales", dtype, (k // 64, n))
     if m == 0:
         return y
     if rank % 16:
@@ -366,14 +351,14 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError("codes must be a 2-D CUDA tensor")
     if not (qweight.dim() == 2 and lora_up.dim() == 2 and wexp.dim() == 2):
         raise RuntimeError("qweight, lora_up and wexp are 2-D")
-    _check_half(lora_act, "lora_act")
+    check_half(lora_act, "lora_act")
     dtype = lora_act.dtype
     (m, k), n, rank = codes.shape, qweight.shape[0], lora_up.shape[1]
     m_al, n_al = (m + 3) // 4 * 4, (n + 15) // 16 * 16
     y = _checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, dtype)
-    _check(atok, codes, "atok", torch.float32, (1, m_al))
-    _check(wexp, codes, "wexp", torch.uint8, (k // 64, n_al))
-    _check(wbase, codes, "wbase", torch.float32, (n,))
+    check_tensor(atok, codes, "atok", torch.float32, (1, m_al))
+    check_tensor(wexp, codes, "wexp", torch.uint8, (k // 64, n_al))
+    check_tensor(wbase, codes, "wbase", torch.float32, (n,))
     if m == 0:
         return y
     if rank % 16:

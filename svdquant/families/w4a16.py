@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import cuda, numerics
+from . import check_half, check_tensor
 
 FAMILY = "w4a16"
 
@@ -22,22 +23,6 @@ KERNELS = tuple(f"w4a16_gemv_{d}_m{b}" for d in ("bf16", "fp16") for b in _ROW_B
     f"w4a16_dequant_{s}_to_{o}" for s in ("bf16", "fp16") for o in ("bf16", "fp16", "fp32"))
 
 
-def _check(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    if t.device != like.device:
-        raise RuntimeError(f"{name} must be on {like.device}, not {t.device}")
-    if t.dtype != dtype:
-        raise RuntimeError(f"{name} must be {dtype}, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise RuntimeError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if not t.is_contiguous():
-        raise RuntimeError(f"{name} must be contiguous")
-
-
-def _check_half(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in (torch.bfloat16, torch.float16):
-        raise RuntimeError(f"{name} must be bfloat16 or float16, got {t.dtype}")
-
-
 def _aligned16(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -47,18 +32,18 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: 
     """y [M, N] = x [M, K] @ W^T + bias for M <= GEMV_MAX_ROWS, W[n, k] = code * wscales[g, n] + wzeros[g, n]."""
     if not (x.is_cuda and x.dim() == 2 and qweight.dim() == 2):
         raise RuntimeError("x must be a 2-D CUDA tensor, qweight 2-D")
-    _check_half(x, "x")
+    check_half(x, "x")
     (m, k), n = x.shape, qweight.shape[0]
     if k % 64:
         raise RuntimeError(f"the input width {k} is not a multiple of 64")
     if not 1 <= m <= GEMV_MAX_ROWS:
         raise RuntimeError(f"w4a16_gemv takes 1 to {GEMV_MAX_ROWS} rows, got {m}")
-    _check(x, x, "x", x.dtype, (m, k))
-    _check(qweight, x, "qweight", torch.uint8, (n, k // 2))
-    _check(wscales, x, "wscales", x.dtype, (k // 64, n))
-    _check(wzeros, x, "wzeros", x.dtype, (k // 64, n))
+    check_tensor(x, x, "x", x.dtype, (m, k))
+    check_tensor(qweight, x, "qweight", torch.uint8, (n, k // 2))
+    check_tensor(wscales, x, "wscales", x.dtype, (k // 64, n))
+    check_tensor(wzeros, x, "wzeros", x.dtype, (k // 64, n))
     if bias is not None:
-        _check(bias, x, "bias", x.dtype, (n,))
+        check_tensor(bias, x, "bias", x.dtype, (n,))
     if not _aligned16(x, qweight):
         raise RuntimeError("w4a16_gemv: x and qweight must start on a 16-byte boundary")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -76,16 +61,16 @@ def dequant(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor, 
     (numerics.dequantize_w4a16(...).to(out.dtype) bit for bit)."""
     if not (qweight.is_cuda and qweight.dim() == 2):
         raise RuntimeError("qweight must be a 2-D CUDA tensor")
-    _check_half(wscales, "wscales")
+    check_half(wscales, "wscales")
     n, k = qweight.shape[0], qweight.shape[1] * 2
     if k % 64:
         raise RuntimeError(f"the input width {k} is not a multiple of 64")
     if out.dtype not in _NAMES:
         raise RuntimeError("out must be bfloat16, float16 or float32")
-    _check(qweight, qweight, "qweight", torch.uint8, (n, k // 2))
-    _check(wscales, qweight, "wscales", wscales.dtype, (k // 64, n))
-    _check(wzeros, qweight, "wzeros", wscales.dtype, (k // 64, n))
-    _check(out, qweight, "out", out.dtype, (n, k))
+    check_tensor(qweight, qweight, "qweight", torch.uint8, (n, k // 2))
+    check_tensor(wscales, qweight, "wscales", wscales.dtype, (k // 64, n))
+    check_tensor(wzeros, qweight, "wzeros", wscales.dtype, (k // 64, n))
+    check_tensor(out, qweight, "out", out.dtype, (n, k))
     if n == 0 or k == 0:
         return out
     if not _aligned16(qweight, out):
