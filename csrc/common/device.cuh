@@ -68,6 +68,42 @@ __device__ __forceinline__ uint32_t pack2_rn<float16>(float lo, float hi) {
   return r;
 }
 
+// A generic address of shared memory as the 32-bit shared-window address PTX instructions take.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Facts about the two 16-bit element types the kernels take (bfloat16, float16).
+template <typename T>
+struct Half;
+
+template <>
+struct Half<bfloat16> {
+  static constexpr bool kIsBF16 = true;
+  static constexpr float kMinNormal = 0x1p-126f;
+  // the two values of a packed pair (low half first): bf16 is the top half of a float
+  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xFFFF0000u);
+  }
+};
+
+template <>
+struct Half<float16> {
+  static constexpr bool kIsBF16 = false;
+  static constexpr float kMinNormal = 0x1p-14f;
+  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+    lo = to_float(float16{static_cast<uint16_t>(w & 0xFFFFu)});
+    hi = to_float(float16{static_cast<uint16_t>(w >> 16)});
+  }
+};
+
+// the float nearest to v in T, as a float (round to nearest even, like torch's .to(T))
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
 // A CUtensorMap as a kernel parameter (`const __grid_constant__ svdq::TensorMap`), encoded on the
 // host by svdquant.cuda.tensor_map. Aligned to 128 bytes like CUDA 13's CUtensorMap, so that the
 // descriptors sit in parameter space where cuda.h puts them (bench/NOTES.md#sm90-nvrtc).

@@ -1,5 +1,5 @@
-// Device helpers of the sm80 family (act_quant.cu, w4a4_gemm.cu): 16-bit element types, cp.async,
-// ldmatrix and the mma.sync shapes the two kernels use.
+// Device helpers of the sm80 family (act_quant.cu, w4a4_gemm.cu): cp.async, ldmatrix and the
+// mma.sync shapes the two kernels use (the 16-bit element types are csrc/common/device.cuh's).
 //
 // Self-contained device code for NVRTC (no CUDA or C++ standard headers; csrc/common/device.cuh has
 // the fixed-width integers). Every instruction here exists on sm_80 and later, so the family
@@ -9,39 +9,6 @@
 #include "device.cuh"
 
 namespace svdq::sm80 {
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// ---- 16-bit element types (svdq::bfloat16, svdq::float16 of device.cuh) -------------------------
-template <typename T>
-struct Half;
-
-template <>
-struct Half<bfloat16> {
-  static constexpr bool kIsBF16 = true;
-  // the two values of a packed pair (low half first): bf16 is the top half of a float
-  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
-    lo = __uint_as_float(w << 16);
-    hi = __uint_as_float(w & 0xFFFF0000u);
-  }
-};
-
-template <>
-struct Half<float16> {
-  static constexpr bool kIsBF16 = false;
-  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
-    lo = to_float(float16{static_cast<uint16_t>(w & 0xFFFFu)});
-    hi = to_float(float16{static_cast<uint16_t>(w >> 16)});
-  }
-};
-
-// the float nearest to v in T, as a float (round to nearest even, like torch's .to(dtype))
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
 
 // ---- asynchronous copies global -> shared (cp.async, sm_80+) ------------------------------------
 // 16 bytes; bytes past `valid` (0 or 16) are zero-filled without reading global memory.

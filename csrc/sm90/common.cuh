@@ -1,19 +1,14 @@
-// Device helpers shared by the sm_90a kernels: 16-bit element types, mbarriers, TMA loads, wgmma,
-// thread-block clusters.
+// Device helpers shared by the sm_90a kernels: mbarriers, TMA loads, wgmma, thread-block clusters.
 //
 // Self-contained device code for NVRTC (no CUDA or C++ standard headers; csrc/common/device.cuh
-// has the fixed-width integers, the 16-bit types and the TensorMap parameter type). Nearly everything here is a thin
-// wrapper over one PTX instruction (PTX ISA 8.x, sm_90a); the kernels in this folder document their
-// own layouts.
+// has the fixed-width integers, the 16-bit types with their Half<T> facts, smem_u32 and the
+// TensorMap parameter type). Nearly everything here is a thin wrapper over one PTX instruction
+// (PTX ISA 8.x, sm_90a); the kernels in this folder document their own layouts.
 #pragma once
 
 #include "device.cuh"
 
 namespace svdq::sm90 {
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 template <int kValue>
 struct IntConstant {
@@ -21,37 +16,6 @@ struct IntConstant {
 };
 
 __device__ __forceinline__ float infinity() { return __int_as_float(0x7F800000); }
-
-// ---- 16-bit element types (svdq::bfloat16, svdq::float16) ---------------------------------------
-template <typename T>
-struct Half;
-
-template <>
-struct Half<bfloat16> {
-  static constexpr bool kIsBF16 = true;
-  static constexpr float kMinNormal = 0x1p-126f;
-  // the two values of a packed pair (low half first): bf16 is the top half of a float
-  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
-    lo = __uint_as_float(w << 16);
-    hi = __uint_as_float(w & 0xFFFF0000u);
-  }
-};
-
-template <>
-struct Half<float16> {
-  static constexpr bool kIsBF16 = false;
-  static constexpr float kMinNormal = 0x1p-14f;
-  static __device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
-    lo = to_float(float16{static_cast<uint16_t>(w & 0xFFFFu)});
-    hi = to_float(float16{static_cast<uint16_t>(w >> 16)});
-  }
-};
-
-// the float nearest to v in T, as a float (round to nearest even, like torch's .to(T))
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
 
 // ---- thread-block clusters: the NVRTC built-ins that cooperative_groups' cluster_group wraps ---
 __device__ __forceinline__ int cluster_ctarank() { return static_cast<int>(__clusterRelativeBlockRank()); }
