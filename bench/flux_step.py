@@ -94,7 +94,7 @@ def main() -> None:
         weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         model = flux_model.from_tensors(cfg, tensors).to("cuda")  # dense layers are built on the CPU
         del tensors
-        kernels.pow2_activations = pow2a
+        flux.apply_file_options(model, {}, pow2_activations=pow2a)
         torch.cuda.reset_peak_memory_stats()
         with kernels.forced_family(args.kernels):
             ms = time_call(model, inputs)
@@ -102,7 +102,6 @@ def main() -> None:
                       "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         del model
         torch.cuda.empty_cache()
-    kernels.pow2_activations = False
     base = rows["bf16"]["ms"]
     print(f"FLUX.1-dev shape ({cfg.depth}+{cfg.depth_single_blocks} blocks), 1024x1024, one call, {torch.cuda.get_device_name()}")
     print(f"{'variant':<27} {'ms':>8} {'x bf16':>7} {'weights GiB':>12} {'peak GiB':>9}")

@@ -243,18 +243,18 @@ def load_flux(path, device: str | torch.device = "cpu") -> tuple[fmt.QuantizedMo
 def apply_file_options(module: torch.nn.Module, quantization: dict, pow2_activations: bool | None = None) -> None:
     """Runtime choices a file makes for its layers, applied to the loaded model (`module`).
 
-    A file quantized for the Hopper fast path (`quantize_flux(hopper_pow2=True)`, recorded as
-    quantization["hopper_pow2"]) was made to run with power-of-two activation scales as well, so
-    its W4A4 layers use them (kernels.uses_pow2_activations); other files keep the global default.
-    pow2_activations True or False overrides that for every W4A4 layer (True: the faster Hopper
-    activation quantization for any model, reference-engine ones included, at a slightly larger
-    quantization error; False: the exact one everywhere).
+    The activation-scale choice (docs/DESIGN.md#scales) is one setting, carried to every W4A4 layer's
+    `pow2_activations` here: pow2_activations None means "from the file": power-of-two scales for a
+    file quantized for the Hopper fast path (`quantize_flux(hopper_pow2=True)`, recorded as
+    quantization["hopper_pow2"]), which was made to run with them, exact scales for every other
+    file; True or False overrides that for every W4A4 layer (True: the faster Hopper activation
+    quantization for any model, reference-engine ones included, at a slightly larger quantization
+    error; False: the exact one everywhere).
     """
-    choice = True if pow2_activations is None and quantization.get("hopper_pow2") else pow2_activations
-    if choice is not None:
-        for layer in module.modules():
-            if isinstance(layer, linear.SVDQLinear):
-                layer.pow2_activations = choice
+    choice = bool(quantization.get("hopper_pow2")) if pow2_activations is None else bool(pow2_activations)
+    for layer in module.modules():
+        if isinstance(layer, linear.SVDQLinear):
+            layer.pow2_activations = choice
 
 
 def fuse_mlp_gelu(module: torch.nn.Module) -> int:

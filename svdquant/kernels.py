@@ -32,21 +32,12 @@ def _announce_fallback(reason: str) -> None:
         log.warning("svdquant: using the PyTorch reference path (%s)", reason)
 
 
-# Power-of-two restricted activation scales (REFERENCE.md design (d), numerics.quantize_activations_pow2)
-# for layers that do not set their own `pow2_activations`: False (default) = for none, so every model
-# computes the reference engine's function; True = for every layer; None = exactly for the layers
-# whose weights have power-of-two group scales (our Hopper format, where it enables the fast GEMM;
-# detection alone cannot tell our format from a model whose scales happen to be powers of two).
-# The reference path follows the same choice, so every device computes the same function.
-pow2_activations: bool | None = False
-
-
 def uses_pow2_activations(layer) -> bool:
-    """Whether `layer`'s input is quantized with power-of-two restricted scales."""
-    choice = getattr(layer, "pow2_activations", None)
-    if choice is None:
-        choice = pow2_activations
-    return bool(getattr(layer, "pow2_weights", False)) if choice is None else bool(choice)
+    """Whether `layer`'s input is quantized with power-of-two restricted scales
+    (docs/DESIGN.md#scales): the layer's own `pow2_activations`, set at load by
+    flux.apply_file_options from the loader's choice. Every path (kernels and reference) follows it,
+    so every device computes the same function."""
+    return bool(getattr(layer, "pow2_activations", False))
 
 
 def svdq_linear_reference(

@@ -64,7 +64,7 @@ def on_device(layer, device: torch.device) -> SimpleNamespace:
     view = SimpleNamespace(kind=layer.kind, in_features=layer.in_features, out_features=layer.out_features,
                            unsigned_groups=getattr(layer, "unsigned_groups", None),
                            pow2_weights=getattr(layer, "pow2_weights", False),
-                           pow2_activations=getattr(layer, "pow2_activations", None),
+                           pow2_activations=getattr(layer, "pow2_activations", False),
                            gelu_from=getattr(layer, "gelu_from", None))
     for name in QUANTIZED_FIELDS:
         tensor = getattr(layer, name, None)
@@ -171,7 +171,7 @@ class SVDQLinear(_QuantizedLinearBase):
     pow2_weights (set at load): every group scale is a power-of-two fraction of its row's largest
     (numerics.pow2_weight_exponents), the format `quantize_linear(..., hopper_pow2=True)` makes.
     pow2_activations: quantize the input with power-of-two restricted scales
-    (numerics.quantize_activations_pow2); None follows `kernels.pow2_activations` (off by default).
+    (numerics.quantize_activations_pow2); off by default, set at load by `flux.apply_file_options`.
     On Hopper a layer with both runs the fast GEMM with no per-group rescaling.
     gelu_from: output channels from this one on are GELU (tanh approximation) of the above, fused
     into kernel 2's epilogue on Hopper (set by `flux.fuse_mlp_gelu` on the double blocks' MLP
@@ -179,7 +179,7 @@ class SVDQLinear(_QuantizedLinearBase):
     """
 
     kind = W4A4
-    pow2_activations: bool | None = None
+    pow2_activations: bool = False
     gelu_from: int | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,

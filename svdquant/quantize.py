@@ -185,8 +185,8 @@ def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dt
 def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False):
     """Fake-quantized forward in float32 (dequantized operands): what the layer will compute.
 
-    pow2: with the restricted activation scales a layer with power-of-two weight scales runs with
-    by default (kernels.pow2_activations)."""
+    pow2: with the restricted activation scales, which a file of power-of-two weight scales turns on
+    for its layers at load (flux.apply_file_options)."""
     v = x.float() if shift is None else x.float() + shift
     if pow2:
         codes, top, exps = numerics.quantize_groups_pow2(v * torch.reciprocal(smooth), unsigned, scale_dtype=dtype)

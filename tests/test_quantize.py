@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdquant import kernels, numerics, quantize, synthetic
+from svdquant import flux, kernels, numerics, quantize, synthetic
 from svdquant.linear import SVDQLinear
 
 
@@ -104,12 +104,12 @@ def test_pow2_weight_quantizer(dtype):
     assert err(plain_codes, plain_scales) <= err(codes, wscales) < 1.5 * err(plain_codes, plain_scales)
 
 
-def test_hopper_pow2_layer_runs_with_pow2_activations(monkeypatch):
+def test_hopper_pow2_layer_runs_with_pow2_activations():
     x, w, b = synthetic.outlier_layer(128, 256, tokens=32, seed=4)
     t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
     layer = SVDQLinear.from_tensors(t.as_dict())
     assert layer.pow2_weights and not kernels.uses_pow2_activations(layer)  # opt-in
-    monkeypatch.setattr(kernels, "pow2_activations", None)  # auto: on for power-of-two weights
+    flux.apply_file_options(layer, {"hopper_pow2": True})  # "from file": on for a Hopper-format file
     assert kernels.uses_pow2_activations(layer)
     y = layer(x.bfloat16())
     ref = kernels.svdq_linear_reference(x.bfloat16(), layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
@@ -122,13 +122,16 @@ def test_hopper_pow2_layer_runs_with_pow2_activations(monkeypatch):
     assert not plain.pow2_weights and not kernels.uses_pow2_activations(plain)
 
 
-def test_pow2_activation_switch(monkeypatch):
+def test_pow2_activation_switch():
+    """The loader's one activation-scale setting reaches every W4A4 layer: from the file (exact for
+    a file without power-of-two weights), or forced either way; there is no global default."""
     x, w, b = synthetic.outlier_layer(64, 128, tokens=8, seed=6)
     layer = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
-    monkeypatch.setattr(kernels, "pow2_activations", True)
+    assert not kernels.uses_pow2_activations(layer)
+    flux.apply_file_options(layer, {}, pow2_activations=True)
     assert kernels.uses_pow2_activations(layer)
-    layer.pow2_activations = False  # the layer's own choice wins
+    flux.apply_file_options(layer, {"hopper_pow2": True}, pow2_activations=False)
     assert not kernels.uses_pow2_activations(layer)
-    monkeypatch.setattr(kernels, "pow2_activations", False)
-    layer.pow2_activations = None
+    flux.apply_file_options(layer, {})
     assert not kernels.uses_pow2_activations(layer)
+    assert not hasattr(kernels, "pow2_activations")
