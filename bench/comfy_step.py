@@ -1,0 +1,210 @@
+"""One FLUX.1-dev-shaped call (19 + 38 blocks, 1024x1024: 4096 image + 512 text tokens) through
+ComfyUI's own FLUX model code (issue 17 item 3), random weights, for each variant: bf16 (ComfyUI's
+UNETLoader path), ComfyUI's fp8 ops (e4m3 weights, `_scaled_mm`: the UNETLoader's
+fp8_e4m3fn_fast choice, `fp8_optimizations`, whose operations ComfyUI's pick_operations chooses;
+the output names the class it chose), and ours (a natural-format file loaded by the pack's loader,
+nodes/loader.load_svdquant_flux): exact scales, fast (power-of-two weight and activation scales),
+and exact weights + power-of-two activations. Each model is loaded by ComfyUI's model management
+(load_models_gpu) and timed eager and compiled (`torch.compile` of the diffusion model, as
+TorchCompileModel does; the first compiled call is timed on its own), with weight and peak memory.
+
+    COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile]
+    CPU check: ... --depth 1 --single 1 --height 64 --width 64 --txt 16 --device cpu --no-compile --repeats 1
+
+On the GPU machine (`run`), ComfyUI travels as an ignored folder named in `carry`, e.g.
+    mkdir -p .carry/comfyui && (cd $COMFYUI_PATH && cp -r comfy comfy_api comfy_execution comfy_extras utils app
+        folder_paths.py comfyui_version.py node_helpers.py nodes.py latent_preview.py /work/main/.carry/comfyui/)
+then `run(carry=[".carry/comfyui"], command="set -o pipefail; PYTHONUNBUFFERED=1 python bench/comfy_step.py
+    --comfyui .carry/comfyui --json $OUT/comfy_step_h100.json 2>&1 | tee $OUT/log")`, plus the wheels the
+device lacks (bench/NOTES.md, section "bench/comfy_step.py (issue 17)").
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flux_step import random_tensors  # noqa: E402
+from record import write_result  # noqa: E402
+
+VARIANTS = {  # name -> (label, power-of-two weight scales, power-of-two activations); None: not ours
+    "bf16": ("bf16 (ComfyUI ops)", None, None),
+    "fp8": ("ComfyUI fp8 ops", None, None),
+    "exact": ("ours exact", False, False),
+    "fast": ("ours fast (pow2 w + act)", True, True),
+    "exact-pow2act": ("ours exact w + pow2 act", False, True),
+}
+FP8_SKIPPED = "skipped (needs a CUDA GPU with fp8)"
+
+
+def import_comfyui(path: str, device: str):
+    """ComfyUI's modules from the tree at `path`, as tests/comfyui/comfy_side.py imports them."""
+    sys.path.insert(0, os.path.abspath(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"  # read by ComfyUI's model management at import
+    import comfy.model_management
+    import comfy.sd
+
+    return comfy
+
+
+def import_pack():
+    """The pack as ComfyUI imports a custom node folder (under the name svdquant_pack)."""
+    spec = importlib.util.spec_from_file_location("svdquant_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    from svdquant_pack.nodes import loader
+    from svdquant_pack.svdquant import flux
+    from svdquant_pack.svdquant import format as fmt
+
+    return loader, flux, fmt
+
+
+def write_natural_file(path, tensors: dict, cfg, flux, fmt, pow2_weights: bool) -> None:
+    """`tensors` (random_tensors' natural format) as the file the pack's quantizer would write."""
+    layers = {}
+    for name, spec in flux.linear_layers(cfg).items():
+        if spec.kind != flux.DENSE:
+            kind = "w4a4" if spec.kind == flux.W4A4 else "w4a16"
+            own = {f: tensors[f"{name}.{f}"] for f in fmt.LAYER_FIELDS[kind] if f"{name}.{f}" in tensors}
+            layers[name] = fmt.describe_w4a4(own) if kind == "w4a4" else fmt.describe_w4a16(own)
+    model = fmt.QuantizedModel(tensors, layers, "flux", cfg.to_dict())
+    model.quantization["hopper_pow2"] = pow2_weights
+    fmt.save_model(path, model)
+
+
+def timed(fn, sync, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI tree (default: $COMFYUI_PATH)")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_step_h100.json"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
+    parser.add_argument("--depth", type=int, default=19)
+    parser.add_argument("--single", type=int, default=38)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--txt", type=int, default=512, help="text tokens")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if not args.comfyui or any(v not in VARIANTS for v in variants):
+        parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
+    comfy = import_comfyui(args.comfyui, args.device)
+    loader, flux, fmt = import_pack()
+    from comfyui_version import __version__ as comfyui_version
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
+    gen = torch.Generator(device=device).manual_seed(0)
+    bf16 = torch.bfloat16
+    inputs = (torch.randn(1, 16, args.height // 8, args.width // 8, generator=gen, device=device).to(bf16),
+              torch.full((1,), 0.5, device=device, dtype=bf16),
+              torch.randn(1, args.txt, cfg.context_in_dim, generator=gen, device=device).to(bf16))
+    extra = {"y": torch.randn(1, cfg.vec_in_dim, generator=gen, device=device).to(bf16),
+             "guidance": torch.full((1,), 3.5, device=device, dtype=bf16)}
+    rows, notes = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            label, pow2_weights, pow2_activations = VARIANTS[variant]
+            if variant == "fp8" and not (cuda and comfy.model_management.supports_fp8_compute(device)):
+                rows[label] = {"skipped": FP8_SKIPPED}
+                continue
+            if pow2_weights is None:  # ComfyUI's own UNETLoader path from a 16-bit state dict
+                options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if variant == "fp8" else {"dtype": bf16}
+                patcher = comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
+            else:
+                path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
+                if not os.path.exists(path):
+                    write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
+                patcher = loader.load_svdquant_flux(path, bf16, "default", pow2_activations)
+            comfy.model_management.load_models_gpu([patcher])
+            model = patcher.model.diffusion_model
+            state = model.state_dict().values()
+            weight_bytes = sum(t.numel() * t.element_size() for t in state)
+            on_device = sum(t.numel() * t.element_size() for t in state if t.device.type == device.type)
+            qkv = model.double_blocks[0].img_attn.qkv
+            notes[label] = (f"{type(patcher).__name__}, qkv {type(qkv).__module__}.{type(qkv).__qualname__} "
+                            f"({getattr(qkv, 'weight', None).dtype}), weights on {device.type}: "
+                            f"{on_device / max(weight_bytes, 1):.0%}")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            row = {"weights_GiB": round(weight_bytes / 2**30, 2)}
+            with torch.no_grad():
+                row["eager_ms"] = round(timed(lambda: model(*inputs, **extra), sync, args.warmup, args.repeats), 2)
+                if not args.no_compile:
+                    compiled = torch.compile(model)  # what TorchCompileModel compiles (backend inductor)
+                    sync()
+                    start = time.perf_counter()
+                    compiled(*inputs, **extra)
+                    sync()
+                    row["first_compiled_call_s"] = round(time.perf_counter() - start, 1)
+                    row["compiled_ms"] = round(timed(lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats), 2)
+                    del compiled
+                    torch._dynamo.reset()
+            row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+            rows[label] = row
+            comfy.model_management.unload_all_models()
+            del patcher, model, qkv, state
+            if cuda:
+                torch.cuda.empty_cache()
+
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"ComfyUI {comfyui_version}, FLUX.1-dev shape ({cfg.depth}+{cfg.depth_single_blocks} blocks), "
+          f"{args.height}x{args.width} + {args.txt} text tokens, one call, {name}")
+    base = rows.get(VARIANTS["bf16"][0], {})
+
+    def cell(row, key, width):
+        if key not in row:
+            return f"{'':>{width + 7}}"
+        ratio = f"{base[key] / row[key]:.2f}x" if key in base else "-"
+        return f"{row[key]:>{width}.2f} {ratio:>6}"
+
+    print(f"{'variant':<26} {'eager ms':>10} {'x bf16':>6} {'compiled ms':>11} {'x bf16':>6} {'1st compiled s':>15} "
+          f"{'weights GiB':>12} {'peak GiB':>9}")
+    for label, row in rows.items():
+        if "skipped" in row:
+            print(f"{label:<26} {row['skipped']}")
+            continue
+        peak = "n/a" if row["peak_GiB"] is None else f"{row['peak_GiB']:.2f}"
+        first = f"{row['first_compiled_call_s']:.1f}" if "first_compiled_call_s" in row else ""
+        print(f"{label:<26} {cell(row, 'eager_ms', 10)} {cell(row, 'compiled_ms', 11)} "
+              f"{first:>15} {row['weights_GiB']:>12.2f} {peak:>9}")
+    for label, note in notes.items():
+        print(f"  {label}: {note}")
+    write_result(args.json, what="ComfyUI's FLUX, one call, random weights, eager and torch.compile",
+                 comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
+                                                  "height": args.height, "width": args.width, "txt": args.txt},
+                 rows=rows, models=notes)
+
+
+if __name__ == "__main__":
+    main()
