@@ -11,16 +11,24 @@ TorchCompileModel does; the first compiled call is timed on its own), with weigh
     COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile]
     CPU check: ... --depth 1 --single 1 --height 64 --width 64 --txt 16 --device cpu --no-compile --repeats 1
 
-On the GPU machine (`run`), ComfyUI travels as an ignored folder named in `carry`, e.g.
-    mkdir -p .carry/comfyui && (cd $COMFYUI_PATH && cp -r comfy comfy_api comfy_execution comfy_extras utils app
-        folder_paths.py comfyui_version.py node_helpers.py nodes.py latent_preview.py /work/main/.carry/comfyui/)
-then `run(carry=[".carry/comfyui"], command="set -o pipefail; PYTHONUNBUFFERED=1 python bench/comfy_step.py
-    --comfyui .carry/comfyui --json $OUT/comfy_step_h100.json 2>&1 | tee $OUT/log")`, plus the wheels the
-device lacks (bench/NOTES.md, section "bench/comfy_step.py (issue 17)").
+On the GPU machine (`run`) ComfyUI and the wheels it needs that the device lacks travel in the
+ignored folder .carry (47.4 MiB with the working tree for 0.3.64: under `carry`'s 64 MiB). Here:
+    mkdir -p .carry/comfyui .carry/whl && (cd $COMFYUI_PATH && tar --exclude=__pycache__ -cf - comfy
+        comfy_api comfy_execution comfyui_version.py folder_paths.py node_helpers.py protocol.py)
+        | tar -xf - -C .carry/comfyui
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+        --platform manylinux_2_28_x86_64 -d .carry/whl av==18.1.0     (comfy_api imports av: 34 MiB)
+then run(carry=[".carry"], timeout_s=600, command="python3 -m pip install -q --no-index --no-deps
+    --no-compile --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site || exit;
+    set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/comfy_step.py --comfyui .carry/comfyui
+    --json $OUT/comfy_step_h100.json 2>&1 | tee $OUT/log").
+ComfyUI 0.33.0 also needs comfy-kitchen==0.2.31 (56 MiB) and comfy-aimdo==0.4.13 (0.3 MiB) as
+wheels, and its tree is 19 MiB: over the 64 MiB of one call.
 """
 
 import argparse
 import importlib.util
+import logging
 import os
 import statistics
 import sys
@@ -116,6 +124,7 @@ def main() -> None:
     variants = args.variants.split(",")
     if not args.comfyui or any(v not in VARIANTS for v in variants):
         parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
+    logging.basicConfig(level=logging.INFO)  # ComfyUI's word on its loads and a failed fp8 op (it falls back)
     comfy = import_comfyui(args.comfyui, args.device)
     loader, flux, fmt = import_pack()
     from comfyui_version import __version__ as comfyui_version
