@@ -162,7 +162,7 @@ def main() -> None:
             on_device = sum(t.numel() * t.element_size() for t in state if t.device.type == device.type)
             qkv = model.double_blocks[0].img_attn.qkv
             notes[label] = (f"{type(patcher).__name__}, qkv {type(qkv).__module__}.{type(qkv).__qualname__} "
-                            f"({getattr(qkv, 'weight', None).dtype}), weights on {device.type}: "
+                            f"({qkv.weight.dtype}), weights on {device.type}: "
                             f"{on_device / max(weight_bytes, 1):.0%}")
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
