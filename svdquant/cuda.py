@@ -300,27 +300,34 @@ def _read_prebuilt(path: str) -> bytes | None:
 def compile_family(family: str, arch: str, *, use_cache: bool = True) -> dict[str, bytes]:
     """source file -> cubin for every source of the family, by NVRTC (the on-disk cache first unless
     use_cache is False; fresh compiles are written to it). Needs no GPU."""
-    return _nvrtc_cubins(family, arch, use_cache)[0]
+    lib = nvrtc()
+    return _compile_missing(family, arch, _cache_entries(family, arch, lib.version) if use_cache else {})
 
 
-def _nvrtc_cubins(family: str, arch: str, use_cache: bool) -> tuple[dict[str, bytes], int]:
-    """(source -> cubin, how many were compiled now rather than read from the cache)."""
+def _cache_entries(family: str, arch: str, version: tuple[int, int]) -> dict[str, bytes]:
+    """source -> cubin for the family's sources the NVRTC cache holds intact."""
+    digest, entries = source_hash(family), {}
+    for src in family_sources(family):
+        cubin = _read_cache(cache_path(family, src, arch, digest, version))
+        if cubin is not None:
+            entries[src] = cubin
+    return entries
+
+
+def _compile_missing(family: str, arch: str, cubins: dict[str, bytes]) -> dict[str, bytes]:
+    """`cubins` completed with NVRTC compiles of the family's other sources (written to the cache),
+    in source order."""
     lib, digest, sources = nvrtc(), source_hash(family), family_sources(family)
-    cubins = {}
-    if use_cache:
-        for src in sources:
-            cubin = _read_cache(cache_path(family, src, arch, digest, lib.version))
-            if cubin is not None:
-                cubins[src] = cubin
     missing = [src for src in sources if src not in cubins]
     if missing:
+        cubins = dict(cubins)
         options = compile_options(family, arch)
         # NVRTC releases the GIL: the sources compile in parallel
         with ThreadPoolExecutor(max_workers=max(1, min(len(missing), os.cpu_count() or 1))) as pool:
             for src, cubin in zip(missing, pool.map(lambda s: lib.compile(s, options), missing)):
                 cubins[src] = cubin
                 _write_cache(cache_path(family, src, arch, digest, lib.version), cubin)
-    return {src: cubins[src] for src in sources}, len(missing)
+    return {src: cubins[src] for src in sources}
 
 
 def cubin_kernels(cubin: bytes) -> set[str]:
@@ -343,16 +350,22 @@ def cubin_kernels(cubin: bytes) -> set[str]:
     return names
 
 
+def _stored_cubins(family: str, arch: str) -> tuple[dict[str, bytes], str | None]:
+    """The family's cubins for `arch` that need no compiling: (all of them, "prebuilt") from
+    svdquant/prebuilt/, (all of them, "cached") from the NVRTC cache, else (those the cache holds,
+    None). NvrtcError when NVRTC would be needed and cannot be found."""
+    digest, sources = source_hash(family), family_sources(family)
+    prebuilt = {s: _read_prebuilt(prebuilt_path(family, s, arch, digest)) for s in sources}
+    if sources and all(c is not None for c in prebuilt.values()):
+        return prebuilt, "prebuilt"
+    cached = _cache_entries(family, arch, nvrtc().version)
+    return cached, "cached" if len(cached) == len(sources) else None
+
+
 def cubin_origin(family: str, arch: str) -> str:
     """Where cuda.function would take this family's cubins for `arch` from now: "prebuilt", "cached"
     or "compile" (NVRTC at first use); NvrtcError when it would need NVRTC and there is none."""
-    digest, sources = source_hash(family), family_sources(family)
-    if sources and all(os.path.isfile(prebuilt_path(family, s, arch, digest)) for s in sources):
-        return "prebuilt"
-    version = nvrtc().version
-    if all(_read_cache(cache_path(family, s, arch, digest, version)) is not None for s in sources):
-        return "cached"
-    return "compile"
+    return _stored_cubins(family, arch)[1] or "compile"
 
 
 # ---- CUDA driver ---------------------------------------------------------------------------------
@@ -598,18 +611,14 @@ _functions: dict[tuple[str, str, int], Function] = {}
 
 def _family_cubins(family: str, arch: str) -> tuple[dict[str, bytes], str]:
     """(source -> cubin, origin) from prebuilt files, else the cache, else NVRTC now."""
-    digest, sources = source_hash(family), family_sources(family)
-    if not sources:
+    if not family_sources(family):
         raise NvrtcError(f"no kernel sources for the {family} family in {os.path.join(CSRC_DIR, FAMILIES[family].folder)}")
-    prebuilt = {s: _read_prebuilt(prebuilt_path(family, s, arch, digest)) for s in sources}
-    if all(c is not None for c in prebuilt.values()):
-        return prebuilt, "prebuilt"
-    lib = nvrtc()
-    if all(_read_cache(cache_path(family, s, arch, digest, lib.version)) is not None for s in sources):
-        return _nvrtc_cubins(family, arch, True)[0], "cached"
+    cubins, origin = _stored_cubins(family, arch)
+    if origin is not None:
+        return cubins, origin
     log.info("svdquant: compiling %s kernels for %s (first use, cached in %s)", family, arch, cache_dir())
     start = time.perf_counter()
-    cubins, _ = _nvrtc_cubins(family, arch, True)
+    cubins = _compile_missing(family, arch, cubins)
     log.info("svdquant: compiled %s kernels for %s in %.1f s", family, arch, time.perf_counter() - start)
     return cubins, "compiled"
 
@@ -645,7 +654,8 @@ def _load_family(family: str, index: int) -> _LoadedFamily:
     return _LoadedFamily(functions, context, origin)
 
 
-def _device_index(device: torch.device) -> int:
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA device (torch's current one where the device names none)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
@@ -662,12 +672,12 @@ def _loaded_family(family: str, index: int) -> _LoadedFamily:
 def load(family: str, device: torch.device) -> str:
     """Load the family's kernels on a GPU now (compiling them if needed); returns where they came from:
     "prebuilt", "cached" or "compiled". NvrtcError / CudaError when they cannot be had."""
-    return _loaded_family(family, _device_index(device)).origin
+    return _loaded_family(family, device_index(device)).origin
 
 
 def function(family: str, name: str, device: torch.device) -> Function:
     """Kernel `name` of `family` on a GPU (compiled or loaded on the first call per family and GPU)."""
-    index = _device_index(device)
+    index = device_index(device)
     key = (family, name, index)
     fn = _functions.get(key)
     if fn is None:
