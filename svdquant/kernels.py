@@ -20,6 +20,7 @@ import os
 import torch
 
 from . import cuda, numerics
+from .families import w4a16
 
 log = logging.getLogger("svdquant")
 
@@ -143,7 +144,7 @@ def _capability_of_index(index: int) -> tuple[int, int]:
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    return _capability_of_index(device.index if device.index is not None else torch.cuda.current_device())
+    return _capability_of_index(cuda.device_index(device))
 
 
 # (family, GPU index) -> (the family's host module or None, why not)
@@ -153,7 +154,7 @@ _families: dict[tuple[str, int], tuple[object | None, str]] = {}
 def _family_on(family: str, device: torch.device) -> tuple[object | None, str]:
     """The family's host module with its kernels loaded on this GPU (compiled at first use), or None
     and the reason. Decided once per family and GPU."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda.device_index(device)
     key = (family, index)
     if key not in _families:
         major, minor = _capability(device)
@@ -237,25 +238,13 @@ def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------------
-# The W4A16 GEMV kernel takes up to this many rows of x; more rows (no FLUX layer has them: the
-# modulation linears see one row per image) dequantize W and use a GEMM.
-GEMV_MAX_ROWS = 8
-
-
-def _w4a16_family(x: torch.Tensor) -> tuple[object | None, str]:
-    major, minor = _capability(x.device)
-    if major < 8:
-        return None, f"no W4A16 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
-    return _family_on("w4a16", x.device)
-
-
 def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors: the GEMV
-    kernel for up to GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
+    kernel for up to w4a16.GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
     dequantization by a kernel on a GPU: the reference path's W bit for bit, in one pass)."""
     if x.device.type == "cuda":
-        module, reason = _w4a16_family(x)
-        if 0 < x.shape[0] <= GEMV_MAX_ROWS:
+        module, reason = _family_on("w4a16", x.device)
+        if 0 < x.shape[0] <= w4a16.GEMV_MAX_ROWS:
             reason = reason or module.unsupported_reason(x, layer)
             if not reason:
                 return module.linear(x, layer)
@@ -273,7 +262,6 @@ def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:
     weight = numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
-
 
 
 def kernels_status() -> dict:

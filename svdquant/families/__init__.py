@@ -13,6 +13,11 @@ def check_half(t: torch.Tensor, name: str, *, error: type[Exception] = RuntimeEr
         raise error(f"{name} must be bfloat16 or float16, got {t.dtype}")
 
 
+def aligned16(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor starts on a 16-byte boundary (the kernels' vector loads)."""
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def check_tensor(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], *,
                  error: type[Exception] = RuntimeError, align: int = 0) -> None:
     """Raise `error` naming `name` unless t is on like's device, of this dtype and shape, contiguous,

@@ -24,7 +24,7 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import check_half, check_tensor
+from . import aligned16, check_half, check_tensor
 
 FAMILY = "sm90"
 
@@ -39,19 +39,9 @@ KERNELS = (
 _SMEM_LIMIT = 227 * 1024  # dynamic shared memory of one CTA on sm_90
 
 
-# ---- argument checks (the messages name the tensor and the numbers) -------------------------------
-
-def _aligned16(*tensors: torch.Tensor | None) -> bool:
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
 # ---- TMA descriptors -------------------------------------------------------------------------------
@@ -155,14 +145,14 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         return codes, ascales, lora_act
     if rank % 16 or rank > 1024:
         raise RuntimeError("act_quant: rank must be a multiple of 16 in [0, 1024]")
-    if not _aligned16(x, smooth, inv_smooth, shift, lora_down_p, codes, ascales, lora_act):
+    if not aligned16(x, smooth, inv_smooth, shift, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
         tm_x = _map_2d(x, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B)
     except cuda.CudaError as exc:
         raise RuntimeError(f"act_quant: cuTensorMapEncodeTiled rejected x ({exc})") from exc
 
-    index, param_bytes = _device_index(x), _act_quant_param_bytes(pow2)
+    index, param_bytes = cuda.device_index(x.device), _act_quant_param_bytes(pow2)
     sms = _sm_count(index)
     tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms)[2]
     name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}"
@@ -271,7 +261,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
         return y
     if rank % 16:
         raise RuntimeError("w4a4_gemm: rank must be a multiple of 16")
-    if not _aligned16(codes, ascales, lora_act, qweight, wscales, lora_up, y):
+    if not aligned16(codes, ascales, lora_act, qweight, wscales, lora_up, y):
         raise RuntimeError("w4a4_gemm: every tensor must start on a 16-byte boundary")
     try:
         maps = (_map_2d(codes, 64, 128, cuda.TENSOR_MAP_SWIZZLE_64B), _map_2d(qweight, 32, _TILE_N),
@@ -365,11 +355,11 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError("w4a4_gemm_pow2: rank must be a multiple of 16")
     if k > 131072:
         raise RuntimeError("w4a4_gemm_pow2: K must be at most 131072 (exact int32 accumulation)")
-    if not _aligned16(codes, atok, lora_act, qweight, wexp, wbase, lora_up, y):
+    if not aligned16(codes, atok, lora_act, qweight, wexp, wbase, lora_up, y):
         raise RuntimeError("w4a4_gemm_pow2: every tensor must start on a 16-byte boundary")
     if tile_t not in (0, 128, 256):
         raise RuntimeError("w4a4_gemm_pow2: tile_t must be 0, 128 or 256")
-    sms = _sm_count(_device_index(codes))
+    sms = _sm_count(cuda.device_index(codes.device))
     tile_t = tile_t or token_tile(m, n, sms)
     try:
         lact, lup = _lowrank_maps(lora_act, lora_up, tile_t)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import cuda, numerics
-from . import check_half, check_tensor
+from . import aligned16, check_half, check_tensor
 
 FAMILY = "w4a16"
 
@@ -22,9 +22,6 @@ _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 KERNELS = tuple(f"w4a16_gemv_{d}_m{b}" for d in ("bf16", "fp16") for b in _ROW_BUCKETS) + tuple(
     f"w4a16_dequant_{s}_to_{o}" for s in ("bf16", "fp16") for o in ("bf16", "fp16", "fp32"))
 
-
-def _aligned16(*tensors: torch.Tensor) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
@@ -44,7 +41,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: 
     check_tensor(wzeros, x, "wzeros", x.dtype, (k // 64, n))
     if bias is not None:
         check_tensor(bias, x, "bias", x.dtype, (n,))
-    if not _aligned16(x, qweight):
+    if not aligned16(x, qweight):
         raise RuntimeError("w4a16_gemv: x and qweight must start on a 16-byte boundary")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
@@ -73,7 +70,7 @@ def dequant(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor, 
     check_tensor(out, qweight, "out", out.dtype, (n, k))
     if n == 0 or k == 0:
         return out
-    if not _aligned16(qweight, out):
+    if not aligned16(qweight, out):
         raise RuntimeError("w4a16_dequant: qweight and w must start on a 16-byte boundary")
     fn = cuda.function(FAMILY, f"w4a16_dequant_{_NAMES[wscales.dtype]}_to_{_NAMES[out.dtype]}", qweight.device)
     words = n * (k // 8)
