@@ -28,6 +28,7 @@ wheels, and its tree is 19 MiB: over the 64 MiB of one call.
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import statistics
@@ -181,6 +182,7 @@ def main() -> None:
                     torch._dynamo.reset()
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
             rows[label] = row
+            print("row", json.dumps({label: row, "model": notes[label]}), flush=True)  # kept if a later variant times out
             comfy.model_management.unload_all_models()
             del patcher, model, qkv, state
             if cuda:
