@@ -83,9 +83,9 @@ def import_pack():
 def write_natural_file(path, tensors: dict, cfg, flux, fmt, pow2_weights: bool) -> None:
     """`tensors` (random_tensors' natural format) as the file the pack's quantizer would write."""
     layers = {}
-    for name, spec in flux.linear_layers(cfg).items():
-        if spec.kind != flux.DENSE:
-            kind = "w4a4" if spec.kind == flux.W4A4 else "w4a16"
+    for name, spec in flux.arch.linear_layers(cfg).items():
+        if spec.kind != flux.arch.DENSE:
+            kind = "w4a4" if spec.kind == flux.arch.W4A4 else "w4a16"
             own = {f: tensors[f"{name}.{f}"] for f in fmt.LAYER_FIELDS[kind] if f"{name}.{f}" in tensors}
             layers[name] = fmt.describe_w4a4(own) if kind == "w4a4" else fmt.describe_w4a16(own)
     model = fmt.QuantizedModel(tensors, layers, "flux", cfg.to_dict())
@@ -133,7 +133,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
+    cfg = flux.arch.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
     gen = torch.Generator(device=device).manual_seed(0)
     bf16 = torch.bfloat16
     inputs = (torch.randn(1, 16, args.height // 8, args.width // 8, generator=gen, device=device).to(bf16),

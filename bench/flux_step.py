@@ -1,5 +1,5 @@
 """One FLUX.1-dev-sized transformer call at 1024x1024 (4096 image + 512 text tokens) on the GPU:
-the engine's own FLUX forward (svdquant/flux_model.py, eager, unfused glue) with 16-bit linears,
+the engine's own FLUX forward (svdquant/flux/model.py, eager, unfused glue) with 16-bit linears,
 with SVDQuant W4A4 layers on the exact Hopper path, with exact weight scales and power-of-two
 activation scales (design (d) alone: what a reference-engine model runs with the loader's
 activation_scales = power-of-two), and on the fast path (power-of-two weight and activation scales).
@@ -19,22 +19,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import write_result  # noqa: E402
-from svdquant import flux, flux_model, kernels, numerics  # noqa: E402
+from svdquant import file_options, flux, kernels, numerics  # noqa: E402
 
 
-def random_tensors(cfg: flux.FluxConfig, quantized: bool, pow2: bool, gen: torch.Generator) -> dict:
+def random_tensors(cfg: flux.arch.FluxConfig, quantized: bool, pow2: bool, gen: torch.Generator) -> dict:
     """A state dict for `cfg` on gen's device: dense bf16 linears, or W4A4/W4A16 natural tensors."""
     dev, bf16 = gen.device, torch.bfloat16
-    out = {name: torch.ones(size, device=dev, dtype=bf16) for name, size in flux.norm_scales(cfg).items()}
-    for name, spec in flux.linear_layers(cfg).items():
+    out = {name: torch.ones(size, device=dev, dtype=bf16) for name, size in flux.arch.norm_scales(cfg).items()}
+    for name, spec in flux.arch.linear_layers(cfg).items():
         n, k = spec.out_features, spec.in_features
         if spec.bias:
             out[f"{name}.bias"] = (0.01 * torch.randn(n, generator=gen, device=dev)).to(bf16)
-        if not quantized or spec.kind == flux.DENSE:
+        if not quantized or spec.kind == flux.arch.DENSE:
             out[f"{name}.weight"] = (torch.randn(n, k, generator=gen, device=dev) / k ** 0.5).to(bf16)
             continue
         out[f"{name}.qweight"] = torch.randint(0, 256, (n, k // 2), generator=gen, device=dev, dtype=torch.uint8)
-        if spec.kind == flux.W4A16:
+        if spec.kind == flux.arch.W4A16:
             out[f"{name}.wscales"] = torch.full((k // 64, n), 0.01 / k ** 0.5, device=dev, dtype=bf16)
             out[f"{name}.wzeros"] = torch.full((k // 64, n), -0.07 / k ** 0.5, device=dev, dtype=bf16)
             continue
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="sm90", choices=sorted(kernels.W4A4_KERNELS),
                         help="the W4A4 kernels the quantized rows run (kernels.forced_family)")
     args = parser.parse_args()
-    cfg = flux.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
+    cfg = flux.arch.FluxConfig(depth=args.depth, depth_single_blocks=args.single)
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf16 = torch.bfloat16
     inputs = (torch.randn(1, 16, 128, 128, generator=gen, device="cuda").to(bf16),
@@ -92,9 +92,9 @@ def main() -> None:
                                           ("svdquant fast (pow2)", True, True, True)):
         tensors = random_tensors(cfg, quantized, pow2w, gen)
         weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        model = flux_model.from_tensors(cfg, tensors).to("cuda")  # dense layers are built on the CPU
+        model = flux.model.from_tensors(cfg, tensors).to("cuda")  # dense layers are built on the CPU
         del tensors
-        flux.apply_file_options(model, {}, pow2_activations=pow2a)
+        file_options.apply_file_options(model, {}, pow2_activations=pow2a)
         torch.cuda.reset_peak_memory_stats()
         with kernels.forced_family(args.kernels):
             ms = time_call(model, inputs)

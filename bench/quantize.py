@@ -5,7 +5,7 @@
 
 Writes a random-weight bf16 FLUX.1-dev transformer (19 + 38 blocks, 11.9 billion parameters,
 22.2 GiB; drawn tensor by tensor on the device and streamed to DIR, default a temporary folder),
-then runs `python -m svdquant quantize`'s engine (flux_quantize.quantize_checkpoint) on it, each
+then runs `python -m svdquant quantize`'s engine (flux.quantizer.quantize_checkpoint) on it, each
 configuration in a process of its own so that its peak RSS (ru_maxrss, which counts the pages of
 the block being read from the memory-mapped checkpoint) and peak GPU memory (torch's
 max_memory_reserved) are its own: random stand-in calibration inputs, and prompt-style text
@@ -29,17 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from record import write_result  # noqa: E402
-from svdquant import flux, flux_quantize, synthetic  # noqa: E402
+from svdquant import flux  # noqa: E402
 
 PROMPT_TOKENS, PROMPTS = 512, 2
 
 
-def write_random_checkpoint(path: Path, cfg: flux.FluxConfig, device: str) -> float:
+def write_random_checkpoint(path: Path, cfg: flux.arch.FluxConfig, device: str) -> float:
     """A bf16 checkpoint of the architecture with N(0, 1/K) weights, small biases and unit norm
     scales, drawn on `device` one tensor at a time and streamed to disk. Returns the seconds taken."""
     start = time.perf_counter()
-    shapes = flux.dense_shapes(cfg)
-    writer = flux_quantize.StreamingWriter(path, sum(len(key) + 128 for key in shapes) + 4096)
+    shapes = flux.arch.dense_shapes(cfg)
+    writer = flux.quantizer.StreamingWriter(path, sum(len(key) + 128 for key in shapes) + 4096)
     gen = torch.Generator(device=device).manual_seed(0)
     try:
         for key, shape in shapes.items():
@@ -57,7 +57,7 @@ def write_random_checkpoint(path: Path, cfg: flux.FluxConfig, device: str) -> fl
     return time.perf_counter() - start
 
 
-def prompt_style_embeddings(cfg: flux.FluxConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prompt_style_embeddings(cfg: flux.arch.FluxConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Text embeddings shaped like real prompts': T5-XXL-like context (small values, a few massive
     channels) of PROMPT_TOKENS tokens and a CLIP-L-like pooled vector."""
     gen = torch.Generator().manual_seed(7)
@@ -72,7 +72,7 @@ def prompt_style_embeddings(cfg: flux.FluxConfig) -> list[tuple[torch.Tensor, to
 def quantize_once(source: str, target: str, device: str, prompts: bool, calls: int) -> dict:
     """One quantization in this process; its wall time, peak RSS, peak GPU memory and quality."""
     reports: list[str] = []
-    cfg = flux_quantize.checkpoint_config(source)
+    cfg = flux.quantizer.checkpoint_config(source)
     done: list[str] = []
 
     def layer_done(name: str) -> None:  # progress on stderr, so that a run stopped early still says how far it got
@@ -81,9 +81,9 @@ def quantize_once(source: str, target: str, device: str, prompts: bool, calls: i
             print(f"  {len(done)} layers at {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    result = flux_quantize.quantize_checkpoint(source, target, calibration_calls=calls, device=device, progress=False,
-                                               report=reports.append, on_layer=layer_done,
-                                               prompts=prompt_style_embeddings(cfg) if prompts else None)
+    result = flux.quantizer.quantize_checkpoint(source, target, calibration_calls=calls, device=device,
+                                                progress=False, report=reports.append, on_layer=layer_done,
+                                                prompts=prompt_style_embeddings(cfg) if prompts else None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -112,7 +112,7 @@ def main() -> None:
         print(json.dumps(quantize_once(*args.one, args.device, args.prompts, args.calls)))
         return
 
-    cfg = synthetic.tiny_flux_config(guidance_embed=True) if args.tiny else flux.FluxConfig()
+    cfg = flux.synthetic.tiny_flux_config(guidance_embed=True) if args.tiny else flux.arch.FluxConfig()
     if args.blocks:
         cfg = dataclasses.replace(cfg, depth=args.blocks[0], depth_single_blocks=args.blocks[1])
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
@@ -146,7 +146,7 @@ def main() -> None:
               f"{run['held_out_error_mean']:>13.4f}")
 
 
-def record(args, cfg: flux.FluxConfig, size: int, written: float, runs: list[dict]) -> None:
+def record(args, cfg: flux.arch.FluxConfig, size: int, written: float, runs: list[dict]) -> None:
     write_result(args.out, what="quantize_checkpoint on a random-weight bf16 FLUX.1-dev-architecture checkpoint "
                  "(read from the page cache), one process per run", device_arg=args.device,
                  model={"double_blocks": cfg.depth, "single_blocks": cfg.depth_single_blocks,

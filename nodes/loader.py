@@ -1,8 +1,6 @@
 """SVDQuant FLUX Loader: an SVDQuant FLUX file -> a ComfyUI MODEL built by ComfyUI's own FLUX code."""
 
 import dataclasses
-import functools
-import os
 
 import torch
 
@@ -13,14 +11,13 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
-from ..svdquant import flux, reference_flux
-from ..svdquant import format as fmt
+from ..svdquant import file_options, flux
 from ..svdquant.format import FormatError
 from .lora import apply_loras_on_load
 from .ops import SVDQuantOps
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-# activation quantization choices -> flux.apply_file_options(pow2_activations=...)
+# activation quantization choices -> file_options.apply_file_options(pow2_activations=...)
 ACTIVATION_SCALES = {"from file": None, "power-of-two": True, "exact": False}
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
@@ -30,43 +27,12 @@ def safetensors_files(folder: str) -> list[str]:
     return [name for name in folder_paths.get_filename_list(folder) if name.lower().endswith(SAFETENSORS_SUFFIXES)]
 
 
-def flux_file_problem(path: str) -> str | None:
-    """Why the loader cannot read the file, from its safetensors header alone (None: it can: this
-    pack's FLUX files of the format version it reads, and the reference engine's FLUX files);
-    remembered per path, modification time and size, so listing the folder again costs a stat per
-    file."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return "no such file in models/diffusion_models"
-    return _flux_file_problem(path, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=4096)
-def _flux_file_problem(path: str, mtime_ns: int, size: int) -> str | None:
-    header = fmt.read_header_only(path)
-    if header is None:
-        return "not a readable safetensors file"
-    metadata, names = header
-    if fmt.is_natural_file(metadata):
-        version = metadata.get("format_version")
-        if version != str(fmt.FORMAT_VERSION):
-            return f"unsupported format version {version!r} (this pack reads {fmt.FORMAT_VERSION}); update the pack"
-        if metadata.get("model_type") != "flux":
-            return f"an SVDQuant {metadata.get('model_type') or 'unknown'} model, not a FLUX model"
-        return None
-    if reference_flux.SIGNATURE_KEY in names:
-        return None
-    return ("not an SVDQuant FLUX model (neither this pack's format nor the reference engine's single-file INT4 "
-            "FLUX format); unquantized FLUX files load with ComfyUI's Load Diffusion Model node")
-
-
 def loadable_files() -> list[str]:
     """The safetensors files in diffusion_models that the loader reads (4-bit FLUX files)."""
     # a file removed since ComfyUI listed the folder has no path
     paths = {name: folder_paths.get_full_path("diffusion_models", name)
              for name in safetensors_files("diffusion_models")}
-    return [name for name, path in paths.items() if path is not None and flux_file_problem(path) is None]
+    return [name for name, path in paths.items() if path is not None and flux.files.file_problem(path) is None]
 
 
 def device_options() -> list[str]:
@@ -80,7 +46,7 @@ def device_options() -> list[str]:
 FLUX1_PARAMS = {"txt_ids_dims": []}
 
 
-def flux_unet_config(path, tensors: dict, cfg: flux.FluxConfig) -> dict:
+def flux_unet_config(path, tensors: dict, cfg: flux.arch.FluxConfig) -> dict:
     """ComfyUI's unet config for the file, as ComfyUI's own detection makes it from the key shapes.
 
     Detection reads only 16-bit tensors (embedders, norms) and counts blocks, so it works on a
@@ -120,7 +86,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
     strictly, so a file that does not fit ComfyUI's FLUX is an error naming the file, not a model
     with random layers.
     """
-    model, cfg = flux.load_flux(path)
+    model, cfg = flux.files.load_flux(path)
     unet_config = flux_unet_config(path, model.tensors, cfg)
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, model.tensors)
     if model_config is None:
@@ -140,8 +106,8 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
         base_model.diffusion_model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
-    flux.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
-    flux.fuse_mlp_gelu(base_model.diffusion_model)
+    file_options.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
+    flux.fusion.fuse_mlp_gelu(base_model.diffusion_model)
     patcher = model_patcher_class()(base_model, load_device=load_device, offload_device=offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher
@@ -187,7 +153,7 @@ class SVDQuantFluxLoader(io.ComfyNode):
         path = folder_paths.get_full_path("diffusion_models", model_name)
         problem = ("not found in models/diffusion_models: put the 4-bit FLUX file there (made by the SVDQuant "
                    "FLUX Quantizer, or svdq-int4_r32-flux.1-*.safetensors from nunchaku-tech on Hugging Face) and "
-                   "refresh the node definitions (R)") if path is None else flux_file_problem(path)
+                   "refresh the node definitions (R)") if path is None else flux.files.file_problem(path)
         return True if problem is None else f"{model_name}: {problem}"
 
     @classmethod

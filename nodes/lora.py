@@ -35,7 +35,9 @@ from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 from ..svdquant import linear
-from ..svdquant.lora import Lora, LoraDelta, LoraError, load_lora, set_layer_loras
+from ..svdquant.flux.arch import V_ROWS_READ_BY
+from ..svdquant.flux.lora_keys import load_lora
+from ..svdquant.lora import Lora, LoraDelta, LoraError, set_layer_loras
 
 log = logging.getLogger("svdquant")
 
@@ -109,13 +111,13 @@ def apply_patches_to_quantized_layers(patcher: comfy.model_patcher.ModelPatcher,
             raise UnsupportedPatchError(f"{name}: a patch of its {field} cannot be applied to this 4-bit layer; "
                                         "only LoRA weight patches (low-rank pairs) apply to SVDQuant layers")
     set_layer_loras(layers, {name: deltas_from_patches(name, layer, patcher.patches.get(f"{name}.weight", ()))
-                             for name, layer in layers.items()})
+                             for name, layer in layers.items()}, v_rows_read_by=V_ROWS_READ_BY)
 
 
 def clear_quantized_loras(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool) -> None:
     """ON_DETACH: ComfyUI restored its own weights (unpatch_all), so the LoRA lists go too."""
     if unpatch_all:
-        set_layer_loras(quantized_layers(patcher.model), {})
+        set_layer_loras(quantized_layers(patcher.model), {}, v_rows_read_by=V_ROWS_READ_BY)
 
 
 def apply_loras_on_load(patcher: comfy.model_patcher.ModelPatcher) -> None:

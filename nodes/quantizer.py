@@ -1,5 +1,5 @@
 """SVDQuant FLUX Quantizer: a 16-bit FLUX.1 file in diffusion_models -> an SVDQuant file beside it
-that the SVDQuant FLUX Loader reads (the engine's flux_quantize.quantize_checkpoint)."""
+that the SVDQuant FLUX Loader reads (the engine's flux.quantizer.quantize_checkpoint)."""
 
 import logging
 import os
@@ -11,7 +11,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..svdquant import flux, flux_quantize
+from ..svdquant import flux
 from ..svdquant.format import FormatError
 from .loader import safetensors_files
 
@@ -51,16 +51,16 @@ def quantizable_files() -> list[str]:
     """The files in diffusion_models the quantizer can read: 16-bit FLUX.1 transformers, decided from
     each file's header (remembered per file modification time and size)."""
     return [name for name in safetensors_files("diffusion_models")
-            if flux_quantize.is_quantizable_checkpoint(folder_paths.get_full_path("diffusion_models", name))]
+            if flux.quantizer.is_quantizable_checkpoint(folder_paths.get_full_path("diffusion_models", name))]
 
 
-def result_text(result: flux_quantize.QuantizedCheckpoint) -> str:
+def result_text(result: flux.quantizer.QuantizedCheckpoint) -> str:
     """What the node shows when done: the written file, its size, and the quality report's mean and
     worst layers."""
     worst = "\n".join(f"  {name}: {err:.4f}" for name, err in result.quality["worst"])
     return (f"{result.path.name}: {len(result.layers)} quantized layers, {result.path.stat().st_size / 2**30:.2f} GiB\n"
             f"held-out relative output error of the 4-bit layers: mean {result.quality['mean']:.4f}; worst:\n{worst}\n"
-            f"every layer's: {flux_quantize.quality_report_path(result.path).name}")
+            f"every layer's: {flux.quantizer.quality_report_path(result.path).name}")
 
 
 class SVDQuantFluxQuantizer(io.ComfyNode):
@@ -84,8 +84,8 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                 tooltip="Name of the quantized file, without .safetensors; empty: "
                                         "svdq-int4_r<rank>-<model name> (-pow2 added for the Hopper format). "
                                         "An existing file is never overwritten."),
-                io.Int.Input("rank", default=32, min=flux_quantize.MIN_RANK, max=flux_quantize.MAX_RANK,
-                             step=flux_quantize.RANK_STEP,
+                io.Int.Input("rank", default=32, min=flux.quantizer.MIN_RANK, max=flux.quantizer.MAX_RANK,
+                             step=flux.quantizer.RANK_STEP,
                              tooltip="Rank of the 16-bit low-rank branch that absorbs outliers. 32 is what the "
                                      "published SVDQuant models use; higher is slightly more accurate, larger and "
                                      "slower."),
@@ -123,15 +123,16 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
         if target.exists():
             raise FormatError(target, "already exists; choose another output_name (files are never overwritten)")
 
-        cfg = flux_quantize.checkpoint_config(source)  # also fails early on a file that is no 16-bit FLUX.1
-        bar = comfy.utils.ProgressBar(sum(spec.kind != flux.DENSE for spec in flux.linear_layers(cfg).values()))
+        cfg = flux.quantizer.checkpoint_config(source)  # also fails early on a file that is no 16-bit FLUX.1
+        bar = comfy.utils.ProgressBar(sum(spec.kind != flux.arch.DENSE
+                                          for spec in flux.arch.linear_layers(cfg).values()))
 
         def layer_done(layer: str) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel stops between layers
             bar.update(1)
 
         prompts = None if calibration_prompts is None else prompts_from_conditioning(calibration_prompts)
-        result = flux_quantize.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
+        result = flux.quantizer.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
                                                    calibration_calls=calibration_calls, prompts=prompts,
                                                    device=comfy.model_management.get_torch_device(),
                                                    on_layer=layer_done, report=log.info)

@@ -3,11 +3,12 @@
 Importable and testable without ComfyUI. Modules: numerics (the numerical definition),
 quantize (the SVDQuant algorithm), linear (quantized modules), kernels (dispatch to a
 kernel family or the reference), cuda (NVRTC and the CUDA driver: kernels compiled at first use),
-families (each kernel family's host side), format (natural safetensors files), reference_format
-(the reference engine's packed layouts), lora (LoRAs on quantized layers), flux (FLUX.1
-configuration, layer map, reading FLUX files), flux_model (a FLUX forward), flux_quantize
-(quantizing a whole FLUX model), reference_flux (importing the reference engine's FLUX files),
-synthetic (test data and tiny models), cli.
+families (each kernel family's host side), format (natural safetensors files), nunchaku_format
+(nunchaku's packed layer layouts), file_options (a file's run-time choices applied at load), lora
+(LoRAs as exact low-rank deltas, applied to quantized layers), synthetic (outlier test data), cli.
+Generic parts know no model family; each family is a subpackage with the same parts: flux (FLUX.1:
+architecture map, file reading, nunchaku import, forward, whole-model quantizer, LoRA key maps,
+tiny models).
 """
 
 __version__ = "0.1.0"

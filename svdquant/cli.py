@@ -11,19 +11,16 @@ from pathlib import Path
 
 import torch
 
-from . import flux_quantize
 from . import format as fmt
-from . import cuda, kernels, numerics
+from . import cuda, file_options, flux, kernels, numerics
 
 
 def cmd_info(args) -> int:
-    from . import flux, reference_flux
-
     print(json.dumps({"cuda": cuda.status(), "kernels": kernels.kernels_status()}, indent=2))
     for path in args.files:
         metadata = fmt.read_header(path)
-        if metadata.get("model_type") == "flux" or reference_flux.is_reference_file(path, metadata):
-            model, cfg = flux.load_flux(path)
+        if metadata.get("model_type") == "flux" or flux.nunchaku_import.is_nunchaku_file(path, metadata):
+            model, cfg = flux.files.load_flux(path)
             print(f"{path}: FLUX.1 {cfg.variant} architecture, width {cfg.hidden_size}, {cfg.depth} double + "
                   f"{cfg.depth_single_blocks} single blocks")
         else:
@@ -44,22 +41,20 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def cmd_demo(args) -> int:
     """Tiny FLUX model -> SVDQuant (and plain W4A4 for contrast) -> files -> loaded as the ComfyUI
     loader loads them -> a few sampling steps, compared with the BF16 model."""
-    from . import flux, flux_model, flux_quantize, synthetic
-
     device = torch.device(args.device)
-    cfg = synthetic.tiny_flux_config(guidance_embed=args.variant == "dev")
-    tensors = synthetic.tiny_flux_state_dict(cfg)
+    cfg = flux.synthetic.tiny_flux_config(guidance_embed=args.variant == "dev")
+    tensors = flux.synthetic.tiny_flux_state_dict(cfg)
     mib = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     print(f"tiny FLUX.1-{cfg.variant} architecture: width {cfg.hidden_size} ({cfg.num_heads} heads), {cfg.depth} "
           f"double + {cfg.depth_single_blocks} single blocks, random weights with planted outlier channels, "
           f"{mib:.1f} MiB in BF16")
-    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
+    dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
     dense.load_state_dict(tensors)
-    calibration = flux_quantize.calibration_inputs(cfg)
+    calibration = flux.quantizer.calibration_inputs(cfg)
     # held-out inputs: what each 4-bit layer sees in the BF16 model on a prompt it was not calibrated on
-    held_out = flux_quantize.calibration_inputs(cfg, count=1, seed=1000)
-    w4a4 = [name for name, spec in flux.linear_layers(cfg).items() if spec.kind == flux.W4A4]
-    layer_inputs = flux_quantize.collect_calibration(dense, w4a4, held_out)
+    held_out = flux.quantizer.calibration_inputs(cfg, count=1, seed=1000)
+    w4a4 = [name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind == flux.arch.W4A4]
+    layer_inputs = flux.quantizer.collect_calibration(dense, w4a4, held_out)
     dense.to(device)
 
     # scheme -> (quantizer options, file name tag)
@@ -77,24 +72,24 @@ def cmd_demo(args) -> int:
             print("the quantized files go to a temporary folder, deleted at the end (--keep DIR keeps them)")
         for scheme, (options, tag) in schemes.items():
             start = time.perf_counter()
-            model = flux_quantize.quantize_flux(tensors, cfg, calibration, **options)
+            model = flux.quantizer.quantize_flux(tensors, cfg, calibration, **options)
             path = out_dir / f"tiny-flux.1-{cfg.variant}-{tag}.safetensors"
             fmt.save_model(path, model)
             size = path.stat().st_size / 2**20
             print(f"{scheme}: quantized {len(model.layers)} layers in {time.perf_counter() - start:.1f} s -> "
                   f"{path.name} ({size:.1f} MiB)")
-            loaded, _ = flux.load_flux(path)  # what the ComfyUI loader node reads
-            files[scheme] = flux_model.from_tensors(cfg, loaded.tensors).to(device)
-            flux.apply_file_options(files[scheme], loaded.quantization)
+            loaded, _ = flux.files.load_flux(path)  # what the ComfyUI loader node reads
+            files[scheme] = flux.model.from_tensors(cfg, loaded.tensors).to(device)
+            file_options.apply_file_options(files[scheme], loaded.quantization)
 
-    noise, context, pooled = (t.to(device) for t in synthetic.flux_inputs(cfg, seed=args.seed, height=args.size,
-                                                                         width=args.size))
+    noise, context, pooled = (t.to(device) for t in flux.synthetic.flux_inputs(cfg, seed=args.seed,
+                                                                              height=args.size, width=args.size))
     guidance = 3.5 if cfg.guidance_embed else None
 
     def sample(model):
         start = time.perf_counter()
         with torch.no_grad():
-            out = flux_model.sample_euler(model, noise, context, pooled, args.steps, guidance)
+            out = flux.model.sample_euler(model, noise, context, pooled, args.steps, guidance)
         return out, time.perf_counter() - start
 
     reference, dense_time = sample(dense)
@@ -107,7 +102,7 @@ def cmd_demo(args) -> int:
             layer = model.get_submodule(name)
             with torch.no_grad():
                 out = layer(x.to(device, torch.bfloat16))
-            # an MLP input layer applies the GELU too (flux.fuse_mlp_gelu)
+            # an MLP input layer applies the GELU too (flux.fusion.fuse_mlp_gelu)
             ref = numerics.gelu_channels(x.double() @ weight.t() + bias, layer.gelu_from)
             layer_errors.append(_relative_error(out.cpu(), ref))
         out, seconds = sample(model)
@@ -130,14 +125,14 @@ def cmd_quantize(args) -> int:
     if output.exists() and not args.overwrite:
         raise fmt.FormatError(output, "already exists (--overwrite replaces it)")
     start = time.perf_counter()
-    result = flux_quantize.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
+    result = flux.quantizer.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
                                                calibration_calls=args.calibration_calls, device=args.device,
                                                report=print)
     print(f"wrote {output}: {len(result.layers)} quantized layers, {output.stat().st_size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - start:.1f} s")
     worst = ", ".join(f"{name} {err:.4f}" for name, err in result.quality["worst"][:3])
     print(f"held-out relative output error of the 4-bit layers: mean {result.quality['mean']:.4f}, worst {worst} "
-          f"(all layers: {flux_quantize.quality_report_path(output)})")
+          f"(all layers: {flux.quantizer.quality_report_path(output)})")
     return 0
 
 
@@ -166,7 +161,7 @@ def main(argv=None) -> int:
                                         "model.diffusion_model. keys are taken)")
     quantize.add_argument("output", help="the SVDQuant file to write (.safetensors)")
     quantize.add_argument("--rank", type=int, default=32, metavar="R",
-                          choices=range(flux_quantize.MIN_RANK, flux_quantize.MAX_RANK + 1, flux_quantize.RANK_STEP),
+                          choices=range(flux.quantizer.MIN_RANK, flux.quantizer.MAX_RANK + 1, flux.quantizer.RANK_STEP),
                           help="rank of the 16-bit low-rank branch, a multiple of 16 from 16 to 256")
     quantize.add_argument("--hopper-pow2", action="store_true",
                           help="quantize for the Hopper fast path (power-of-two scales: faster on H100/H200, "

@@ -29,6 +29,7 @@ Metadata (all strings, as safetensors requires):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -253,6 +254,26 @@ def read_header(path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise _unreadable(path, exc) from None
+
+
+def remembered_per_file(missing):
+    """Decorator: `function(path)`, a verdict on a file from its header, remembered per path,
+    modification time and size, so that listing a model folder again costs a stat per file; a path
+    that cannot be stat'ed gives `missing`."""
+    def decorate(function):
+        @functools.lru_cache(maxsize=4096)
+        def remembered(path: str, mtime_ns: int, size: int):
+            return function(path)
+
+        @functools.wraps(function)
+        def lookup(path):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return missing
+            return remembered(str(path), stat.st_mtime_ns, stat.st_size)
+        return lookup
+    return decorate
 
 
 def read_header_only(path) -> tuple[dict[str, str], list[str]] | None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import flux, numerics, synthetic
+from svdquant import flux, numerics
 from svdquant import format as fmt
 from tiny_flux import REPO, bf16_model, quantized_model
 
@@ -55,7 +55,7 @@ def dequantized_state_dict(model: fmt.QuantizedModel) -> dict[str, torch.Tensor]
     for name, layer in model.layers.items():
         t = model.layer_tensors(name)
         assert "smooth_orig" not in t  # a folded smoothing changes the layer's input: not this model's case
-        if layer["kind"] == flux.W4A4:
+        if layer["kind"] == flux.arch.W4A4:
             residual = numerics.dequantize_groups(numerics.unpack_int4(t["qweight"], signed=True), t["wscales"].t())
             smooth = t["smooth"].float()
             weight = residual / smooth + t["lora_up"].float() @ t["lora_down"].float().t()
@@ -90,8 +90,8 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     model = quantized_model(variant == "dev")
     fmt.save_model(path, model)
     save_file(dequantized_state_dict(model), str(tmp_path / "dense.safetensors"))
-    cfg = flux.FluxConfig.from_dict(model.model_config)
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=5, height=24, width=20)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=5, height=24, width=20)
     inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
               "guidance": torch.tensor([3.5]).bfloat16()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
@@ -113,9 +113,9 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     assert {name for name in facts["lowvram_layers"] if name in model.layers}  # some 4-bit layers were left out
     stored = sum(t.numel() * t.element_size() for t in model.tensors.values())
     assert facts["model_size"] == stored + facts["sampling_buffers"]
-    kinds = {flux.W4A4: "SVDQLinear", flux.W4A16: "W4A16Linear", flux.DENSE: "Linear"}
-    assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.linear_layers(cfg).items()}
-    # the double blocks' MLP GELU runs inside their 4-bit input layers (flux.fuse_mlp_gelu); the
+    kinds = {flux.arch.W4A4: "SVDQLinear", flux.arch.W4A16: "W4A16Linear", flux.arch.DENSE: "Linear"}
+    assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.arch.linear_layers(cfg).items()}
+    # the double blocks' MLP GELU runs inside their 4-bit input layers (flux.fusion.fuse_mlp_gelu); the
     # single blocks keep theirs
     assert facts["gelu_from"] == {f"{block}_blocks.{i}.{stream}_mlp.0": 0 for block, stream in
                                   (("double", "img"), ("double", "txt")) for i in range(cfg.depth)}
@@ -135,8 +135,8 @@ def kohya_lora(cfg, seed: int = 1, rank: int = 8) -> dict[str, torch.Tensor]:
     """Kohya keys with alpha, on every 4-bit layer (W4A4 and W4A16) of the model."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for name, spec in flux.linear_layers(cfg).items():
-        if spec.kind != flux.DENSE:
+    for name, spec in flux.arch.linear_layers(cfg).items():
+        if spec.kind != flux.arch.DENSE:
             key = "lora_unet_" + name.replace(".", "_")
             out[f"{key}.lora_down.weight"], out[f"{key}.lora_up.weight"] = _pair(gen, spec.in_features,
                                                                                spec.out_features, rank)
@@ -221,8 +221,8 @@ def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_pat
         fmt.save_model(path, quantized_model(True))
     else:
         path = reference_fixture("reference_flux_tiny.safetensors")
-    cfg = flux.load_flux(path)[1]
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=6, height=24, width=20)
+    cfg = flux.files.load_flux(path)[1]
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=6, height=24, width=20)
     inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
               "guidance": torch.tensor([3.5]).bfloat16()}
     save_file(inputs, str(tmp_path / "inputs.safetensors"))
@@ -233,7 +233,7 @@ def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_pat
     out = load_file(str(tmp_path / "out.safetensors"))
     facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
 
-    quantized = {name for name, spec in flux.linear_layers(cfg).items() if spec.kind != flux.DENSE}
+    quantized = {name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind != flux.arch.DENSE}
     assert facts["weight_keys"] == sorted(f"diffusion_model.{name}.weight" for name in quantized)
     base = out["reference_base"]
     assert torch.equal(out["base"], base)
@@ -335,7 +335,7 @@ def server(tmp_path_factory):
     save_file(load_file(str(tiny)), str(models / "diffusion_models" / "version-99.safetensors"),
               metadata={**fmt.read_header(tiny), "format_version": "99"})
     (models / "diffusion_models" / "pickled.ckpt").write_bytes(b"never read")
-    write_loras(models / "loras", flux.FluxConfig.from_dict(quantized_model(True).model_config))
+    write_loras(models / "loras", flux.arch.FluxConfig.from_dict(quantized_model(True).model_config))
     # the example LoRA workflow's file name, so its choice validates too
     shutil.copy(models / "loras" / "kohya.safetensors", models / "loras" / "your_flux_lora.safetensors")
     for name in ("clip_l.safetensors", "t5xxl_fp16.safetensors"):  # listed for validation, never loaded
@@ -646,7 +646,7 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     assert entry["status"]["status_str"] == "success", entry["status"]
     name = "svdq-int4_r32-pow2-flux1-tiny-dev.safetensors"
     assert entry["outputs"]["1"]["text"][0].startswith(f"{name}: 26 quantized layers, ")
-    model, file_cfg = flux.load_flux(models / name)
+    model, file_cfg = flux.files.load_flux(models / name)
     assert file_cfg == cfg and model.quantization["hopper_pow2"] is True
     assert model.quantization["calibration_calls"] == 2 and model.quantization["calibration_prompts"] == 1
     assert not list(models.glob("*.partial"))

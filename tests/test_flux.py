@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import flux, flux_model, flux_quantize, kernels, numerics, synthetic
+from svdquant import file_options, flux, kernels, numerics
 from svdquant import format as fmt
 from svdquant.format import FormatError
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
@@ -13,10 +13,10 @@ from tiny_flux import bf16_model, eager_and_compiled, quantized_model
 
 def test_layer_map_of_flux1_dev():
     """The FLUX.1 linear shapes (K -> N) and which are 4-bit, at full size (../shared/REFERENCE.md)."""
-    layers = flux.linear_layers(flux.FluxConfig())
+    layers = flux.arch.linear_layers(flux.arch.FluxConfig())
     kinds = [spec.kind for spec in layers.values()]
-    assert kinds.count(flux.W4A4) == 19 * 8 + 38 * 2
-    assert kinds.count(flux.W4A16) == 19 * 2 + 38
+    assert kinds.count(flux.arch.W4A4) == 19 * 8 + 38 * 2
+    assert kinds.count(flux.arch.W4A16) == 19 * 2 + 38
     shape = {name: (spec.in_features, spec.out_features) for name, spec in layers.items()}
     assert shape["double_blocks.0.img_attn.qkv"] == (3072, 9216)
     assert shape["double_blocks.18.txt_mlp.0"] == (3072, 12288)
@@ -24,7 +24,7 @@ def test_layer_map_of_flux1_dev():
     assert shape["single_blocks.0.linear2"] == (15360, 3072)
     assert shape["double_blocks.0.img_mod.lin"] == (3072, 18432)
     assert shape["single_blocks.0.modulation.lin"] == (3072, 9216)
-    dense = {name for name, spec in layers.items() if spec.kind == flux.DENSE}
+    dense = {name for name, spec in layers.items() if spec.kind == flux.arch.DENSE}
     assert dense == {"img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
                      "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer",
                      "final_layer.adaLN_modulation.1", "final_layer.linear"}
@@ -36,18 +36,18 @@ def test_layer_map_of_flux1_dev():
 @pytest.mark.parametrize("guidance_embed", [False, True])
 def test_config_and_variant_from_tensor_shapes(guidance_embed):
     cfg, tensors = bf16_model(guidance_embed)
-    assert flux.config_from_tensors(tensors, {}) == cfg
+    assert flux.arch.config_from_tensors(tensors, {}) == cfg
     assert cfg.variant == ("dev" if guidance_embed else "schnell")
     model = quantized_model(guidance_embed)
-    assert flux.config_from_tensors(model.tensors, model.layers) == cfg
+    assert flux.arch.config_from_tensors(model.tensors, model.layers) == cfg
 
 
 def test_quantized_file_describes_the_flux_layers(tmp_path):
     model = quantized_model(False)
-    cfg = flux.FluxConfig.from_dict(model.model_config)
-    specs = flux.linear_layers(cfg)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    specs = flux.arch.linear_layers(cfg)
     assert {name: desc["kind"] for name, desc in model.layers.items()} == \
-        {name: spec.kind for name, spec in specs.items() if spec.kind != flux.DENSE}
+        {name: spec.kind for name, spec in specs.items() if spec.kind != flux.arch.DENSE}
     h, m = cfg.hidden_size, cfg.mlp_hidden
     shift = model.tensors["single_blocks.1.linear2.shift"].float()
     assert (shift[:h] == 0).all() and (shift[h:] == numerics.GELU_SHIFT).all() and shift.shape == (h + m,)
@@ -58,7 +58,7 @@ def test_quantized_file_describes_the_flux_layers(tmp_path):
 
     path = tmp_path / "tiny.safetensors"
     fmt.save_model(path, model)
-    loaded, loaded_cfg = flux.load_flux(path)
+    loaded, loaded_cfg = flux.files.load_flux(path)
     assert loaded_cfg == cfg and loaded.layers == model.layers
     assert loaded.tensors.keys() == model.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], t) for k, t in model.tensors.items())
@@ -68,20 +68,20 @@ def test_loaded_layers_become_what_the_file_stores():
     """LoadedLinear (whose load the ComfyUI custom operation shares) becomes at load an SVDQLinear,
     W4A16Linear or nn.Linear, built as the explicit constructors build them from the same tensors."""
     model = quantized_model(True)
-    cfg = flux.FluxConfig.from_dict(model.model_config)
-    loaded = flux_model.from_tensors(cfg, model.tensors)
-    classes = {flux.W4A4: SVDQLinear, flux.W4A16: W4A16Linear, flux.DENSE: torch.nn.Linear}
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    loaded = flux.model.from_tensors(cfg, model.tensors)
+    classes = {flux.arch.W4A4: SVDQLinear, flux.arch.W4A16: W4A16Linear, flux.arch.DENSE: torch.nn.Linear}
     gen = torch.Generator().manual_seed(0)
-    for name, spec in flux.linear_layers(cfg).items():
+    for name, spec in flux.arch.linear_layers(cfg).items():
         layer = loaded.get_submodule(name)
         assert type(layer) is classes[spec.kind], name
         x = torch.randn(2, 5, spec.in_features, generator=gen).bfloat16()
-        if spec.kind == flux.DENSE:
+        if spec.kind == flux.arch.DENSE:
             engine = torch.nn.Linear(spec.in_features, spec.out_features, dtype=torch.bfloat16)
             engine.load_state_dict({"weight": model.tensors[f"{name}.weight"], "bias": model.tensors[f"{name}.bias"]})
         else:
             engine = classes[spec.kind].from_tensors(model.layer_tensors(name))
-        if spec.kind == flux.W4A4:  # from_tensors moves the MLP's GELU into its input layers
+        if spec.kind == flux.arch.W4A4:  # from_tensors moves the MLP's GELU into its input layers
             expected = 0 if name.endswith("_mlp.0") else None
             assert layer.gelu_from == expected, name
             engine.gelu_from = expected
@@ -91,25 +91,25 @@ def test_loaded_layers_become_what_the_file_stores():
 
 
 def test_mlp_gelu_moves_into_the_quantized_input_layers():
-    """flux.fuse_mlp_gelu: the quantized model computes what it computed with separate GELU modules
+    """flux.fusion.fuse_mlp_gelu: the quantized model computes what it computed with separate GELU modules
     in its double blocks' MLPs (the activation now taken before the rounding to bf16), and dense
     MLPs keep their GELU."""
     model = quantized_model(True)
-    cfg = flux.FluxConfig.from_dict(model.model_config)
-    separate = flux_model.Flux(cfg, flux_model.loaded_linear()).requires_grad_(False)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    separate = flux.model.Flux(cfg, flux.model.loaded_linear()).requires_grad_(False)
     separate.load_state_dict(model.tensors)
-    fused = flux_model.from_tensors(cfg, model.tensors)
+    fused = flux.model.from_tensors(cfg, model.tensors)
     gelus = [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
     assert not gelus and sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == 2 * cfg.depth
-    assert flux.fuse_mlp_gelu(fused) == 0  # nothing left to move
-    inputs = synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
+    assert flux.fusion.fuse_mlp_gelu(fused) == 0  # nothing left to move
+    inputs = flux.synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
     with torch.no_grad():
         ref = separate(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
         out = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
 
-    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
-    assert flux.fuse_mlp_gelu(dense) == 0
+    dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
+    assert flux.fusion.fuse_mlp_gelu(dense) == 0
     assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == 2 * cfg.depth
 
 
@@ -138,14 +138,14 @@ def test_svdquant_beats_plain_w4a4_on_the_tiny_model():
     """Model-level fidelity after 4 sampling steps: the planted outliers hurt plain W4A4; SVDQuant's
     smoothing and low-rank branch recover most of it."""
     cfg, tensors = bf16_model(False)
-    dense = flux_model.Flux(cfg, flux_model.dense_linear())
+    dense = flux.model.Flux(cfg, flux.model.dense_linear())
     dense.load_state_dict(tensors)
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
     with torch.no_grad():
-        ref = flux_model.sample_euler(dense, noise, context, pooled, steps=4).double()
+        ref = flux.model.sample_euler(dense, noise, context, pooled, steps=4).double()
         errors = {}
         for name, model in (("svdquant", quantized_model(False)), ("plain", quantized_model(False, 0, False))):
-            out = flux_model.sample_euler(flux_model.from_tensors(cfg, model.tensors), noise, context, pooled, 4)
+            out = flux.model.sample_euler(flux.model.from_tensors(cfg, model.tensors), noise, context, pooled, 4)
             errors[name] = float((out.double() - ref).norm() / ref.norm())
     assert errors["svdquant"] < 0.06
     assert errors["svdquant"] < errors["plain"] / 2
@@ -160,39 +160,39 @@ def test_hopper_pow2_model():
     w4a4 = [name for name, layer in model.layers.items() if layer["kind"] == "w4a4"]
     assert w4a4 and all(numerics.pow2_weight_exponents(model.tensors[f"{name}.wscales"]) is not None
                         for name in w4a4)
-    dense = flux_model.Flux(cfg, flux_model.dense_linear())
+    dense = flux.model.Flux(cfg, flux.model.dense_linear())
     dense.load_state_dict(tensors)
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
-    engine = flux_model.from_tensors(cfg, model.tensors)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
+    engine = flux.model.from_tensors(cfg, model.tensors)
     w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
     assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)  # the global default: off
-    flux.apply_file_options(engine, model.quantization, pow2_activations=False)  # the loader's 'exact'
+    file_options.apply_file_options(engine, model.quantization, pow2_activations=False)  # the loader's 'exact'
     assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
-    flux.apply_file_options(engine, model.quantization)  # what the loaders do with such a file by default
+    file_options.apply_file_options(engine, model.quantization)  # what the loaders do with such a file by default
     assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
     with torch.no_grad():
-        ref = flux_model.sample_euler(dense, noise, context, pooled, steps=4).double()
-        out = flux_model.sample_euler(engine, noise, context, pooled, 4)
+        ref = flux.model.sample_euler(dense, noise, context, pooled, steps=4).double()
+        out = flux.model.sample_euler(engine, noise, context, pooled, 4)
     assert float((out.double() - ref).norm() / ref.norm()) < 0.06  # exact scales: 0.035, this: 0.042
 
 
 def test_power_of_two_activations_can_be_chosen_for_any_file():
     cfg, _ = bf16_model(False)
     model = quantized_model(False)  # exact scales: the file asks for nothing
-    engine = flux_model.from_tensors(cfg, model.tensors)
+    engine = flux.model.from_tensors(cfg, model.tensors)
     w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
-    flux.apply_file_options(engine, model.quantization)
+    file_options.apply_file_options(engine, model.quantization)
     assert w4a4_layers and not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
-    flux.apply_file_options(engine, model.quantization, pow2_activations=True)  # the loader's 'power-of-two'
+    file_options.apply_file_options(engine, model.quantization, pow2_activations=True)  # the loader's 'power-of-two'
     assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
 
 
 def test_calibration_records_what_each_layer_sees():
     cfg, tensors = bf16_model(False)
-    model = flux_model.Flux(cfg, flux_model.dense_linear())
+    model = flux.model.Flux(cfg, flux.model.dense_linear())
     model.load_state_dict(tensors)
-    calls = flux_quantize.calibration_inputs(cfg, count=3)
-    seen = flux_quantize.collect_calibration(model, ["single_blocks.0.linear2", "double_blocks.1.img_attn.qkv"],
+    calls = flux.quantizer.calibration_inputs(cfg, count=3)
+    seen = flux.quantizer.collect_calibration(model, ["single_blocks.0.linear2", "double_blocks.1.img_attn.qkv"],
                                              calls, max_tokens=100)
     # 3 calls of 16 text + 64 image tokens: 34 evenly spaced tokens per call, 100 kept
     assert seen["single_blocks.0.linear2"].shape == (100, cfg.hidden_size + cfg.mlp_hidden)
@@ -235,7 +235,7 @@ def test_files_that_are_not_usable_flux_models_are_named_errors(tmp_path):
     }
     for name, problem in cases.items():
         with pytest.raises(FormatError, match=problem) as err:
-            flux.load_flux(tmp_path / name)
+            flux.files.load_flux(tmp_path / name)
         assert str(err.value).startswith(f"{name}: ")
 
 
@@ -243,9 +243,9 @@ def test_torch_compile_runs_the_quantized_layers_as_they_are():
     """torch.compile of a quantized model (what ComfyUI's TorchCompileModel node does) skips the
     4-bit layers instead of tracing into their kernels and caches, and computes what eager does."""
     model = quantized_model(True)
-    cfg = flux.FluxConfig.from_dict(model.model_config)
-    engine = flux_model.from_tensors(cfg, model.tensors)
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=2, height=16, width=16)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    engine = flux.model.from_tensors(cfg, model.tensors)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=2, height=16, width=16)
     args = (noise, torch.tensor([0.6]).bfloat16(), context, pooled, torch.tensor([3.5]).bfloat16())
     eager, compiled, reasons = eager_and_compiled(engine, args, backend="aot_eager")  # graphs run as traced
     assert torch.equal(compiled, eager)

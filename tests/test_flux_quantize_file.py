@@ -1,5 +1,5 @@
 """Quantizing a 16-bit FLUX.1 checkpoint file: `python -m svdquant quantize` and
-flux_quantize.quantize_checkpoint (what the ComfyUI Quantizer node runs)."""
+flux.quantizer.quantize_checkpoint (what the ComfyUI Quantizer node runs)."""
 
 import errno
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from svdquant import cli, flux, flux_model, flux_quantize, numerics, quantize
+from svdquant import cli, flux, numerics, quantize
 from svdquant import format as fmt
 from tiny_flux import TEST_ALPHAS, bf16_model, quantized_model
 
@@ -23,7 +23,7 @@ def write_checkpoint(path, guidance_embed: bool, prefix: str = "", dtype=torch.b
 
 
 def expected_kinds(cfg) -> dict[str, str]:
-    return {name: spec.kind for name, spec in flux.linear_layers(cfg).items() if spec.kind != flux.DENSE}
+    return {name: spec.kind for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind != flux.arch.DENSE}
 
 
 def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, capsys):
@@ -38,14 +38,14 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     assert f"wrote {target}: 26 quantized layers, " in out
     assert "held-out relative output error of the 4-bit layers: mean 0.0" in out
 
-    model, cfg = flux.load_flux(target)
+    model, cfg = flux.files.load_flux(target)
     assert cfg.variant == "schnell"
     assert {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
     assert model.quantization["rank"] == 32 and model.quantization["calibration_calls"] == 4
     assert model.quantization["hopper_pow2"] is False
     # the file is exactly what the engine's quantize_flux makes from the same tensors
     cfg, tensors = bf16_model(False)
-    direct = flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg, 4), progress=False)
+    direct = flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg, 4), progress=False)
     assert model.tensors.keys() == direct.tensors.keys()
     assert all(torch.equal(model.tensors[key], direct.tensors[key]) for key in direct.tensors)
     # no temporary file left; the quality report beside the file
@@ -54,16 +54,16 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     # the quality report: each W4A4 layer's error on the held-out calls, as a loaded layer computes it
     report = json.loads((target.parent / "svdq.quality.json").read_text())
     assert report == {"file": "svdq.safetensors", **json.loads(fmt.read_header(target)["quality"])}
-    w4a4 = [name for name, kind in expected_kinds(cfg).items() if kind == flux.W4A4]
+    w4a4 = [name for name, kind in expected_kinds(cfg).items() if kind == flux.arch.W4A4]
     assert list(report["layers"]) == w4a4
     assert report["mean"] == pytest.approx(sum(report["layers"].values()) / len(w4a4), rel=1e-5)
     assert report["worst"] == [list(item) for item in sorted(report["layers"].items(), key=lambda item: -item[1])[:5]]
     assert model.quantization["held_out_error"] == {"mean": report["mean"], "worst": report["worst"]}
-    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
+    dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
     dense.load_state_dict(tensors)
-    held_out = flux_quantize.calibration_inputs(cfg, flux_quantize.HELD_OUT_CALLS, seed=flux_quantize.HELD_OUT_SEED)
-    engine = flux_model.from_tensors(cfg, model.tensors)
-    for name, x in flux_quantize.collect_calibration(dense, w4a4[:6], held_out).items():
+    held_out = flux.quantizer.calibration_inputs(cfg, flux.quantizer.HELD_OUT_CALLS, seed=flux.quantizer.HELD_OUT_SEED)
+    engine = flux.model.from_tensors(cfg, model.tensors)
+    for name, x in flux.quantizer.collect_calibration(dense, w4a4[:6], held_out).items():
         ref = x.double() @ tensors[f"{name}.weight"].double().t() + tensors[f"{name}.bias"].double()
         engine.get_submodule(name).gelu_from = None
         with torch.no_grad():
@@ -81,11 +81,11 @@ def test_cli_reads_a_comfyui_checkpoint_of_dev_in_float32_with_the_options(tmp_p
     assert cli.main(["quantize", str(source), str(target), "--rank", "16", "--hopper-pow2",
                      "--calibration-calls", "2", "--device", "cpu"]) == 0
     assert "FLUX.1-dev" in capsys.readouterr().out
-    model, cfg = flux.load_flux(target)
+    model, cfg = flux.files.load_flux(target)
     assert cfg.variant == "dev" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
     assert model.quantization["hopper_pow2"] is True and model.quantization["rank"] == 16
     assert model.quantization["calibration_calls"] == 2
-    assert all(desc["rank"] == 16 for desc in model.layers.values() if desc["kind"] == flux.W4A4)
+    assert all(desc["rank"] == 16 for desc in model.layers.values() if desc["kind"] == flux.arch.W4A4)
     _, tensors = bf16_model(True)
     assert torch.equal(model.tensors["guidance_in.in_layer.weight"], tensors["guidance_in.in_layer.weight"])
 
@@ -98,7 +98,7 @@ def test_overwrite_replaces_an_existing_output_only_when_asked(tmp_path, capsys)
     assert capsys.readouterr().err == "error: out.safetensors: already exists (--overwrite replaces it)\n"
     assert target.read_bytes() == b"keep me"
     assert cli.main(["quantize", str(source), str(target), "--overwrite", "--device", "cpu"]) == 0
-    assert flux.load_flux(target)[1].variant == "schnell"
+    assert flux.files.load_flux(target)[1].variant == "schnell"
 
 
 def _bad_inputs(tmp_path):
@@ -149,11 +149,11 @@ def test_an_interrupted_or_failed_write_leaves_no_file(tmp_path, monkeypatch, ca
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        flux_quantize.quantize_checkpoint(source, target, progress=False, on_layer=stop_after_three)
+        flux.quantizer.quantize_checkpoint(source, target, progress=False, on_layer=stop_after_three)
     assert done == list(expected_kinds(bf16_model(True)[0]))[:3]  # one call per layer, in order
 
     # stopped while writing, or the disk fills up: the partial file is removed
-    real_write = flux_quantize.StreamingWriter.write
+    real_write = flux.quantizer.StreamingWriter.write
 
     def write_then_fail(error):
         def write(self, key, tensor):
@@ -163,11 +163,11 @@ def test_an_interrupted_or_failed_write_leaves_no_file(tmp_path, monkeypatch, ca
         return write
 
     monkeypatch.setattr(quantize, "DEFAULT_ALPHAS", TEST_ALPHAS)
-    monkeypatch.setattr(flux_quantize.StreamingWriter, "write", write_then_fail(KeyboardInterrupt()))
+    monkeypatch.setattr(flux.quantizer.StreamingWriter, "write", write_then_fail(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        flux_quantize.quantize_checkpoint(source, target, progress=False)
+        flux.quantizer.quantize_checkpoint(source, target, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["in.safetensors"]
-    monkeypatch.setattr(flux_quantize.StreamingWriter, "write",
+    monkeypatch.setattr(flux.quantizer.StreamingWriter, "write",
                         write_then_fail(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
     assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.endswith("\nerror: out.safetensors: could not write the output (No space left on "
@@ -178,45 +178,45 @@ def test_an_interrupted_or_failed_write_leaves_no_file(tmp_path, monkeypatch, ca
 def test_checkpoints_are_read_one_block_at_a_time(tmp_path, monkeypatch):
     source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
     reads = []
-    read = flux_quantize.read_checkpoint
+    read = flux.quantizer.read_checkpoint
 
     def read_one_part(path, keys=None):
         reads.append(sorted({".".join(key.split(".")[:2]) if "blocks." in key else "stem" for key in keys}))
         return read(path, keys)
 
-    monkeypatch.setattr(flux_quantize, "read_checkpoint", read_one_part)
+    monkeypatch.setattr(flux.quantizer, "read_checkpoint", read_one_part)
     monkeypatch.setattr(quantize, "DEFAULT_ALPHAS", TEST_ALPHAS)
-    flux_quantize.quantize_checkpoint(source, tmp_path / "out.safetensors", progress=False, calibration_calls=1)
+    flux.quantizer.quantize_checkpoint(source, tmp_path / "out.safetensors", progress=False, calibration_calls=1)
     assert reads == [["stem"], ["double_blocks.0"], ["double_blocks.1"], ["single_blocks.0"], ["single_blocks.1"]]
 
 
 def test_memory_needed_for_full_size_flux_fits_a_consumer_pc():
     """Streaming block by block: full-size FLUX.1-dev within 16 GiB of system memory and 12 GiB of
     GPU memory by the estimate, with prompts of 512 tokens and 16 calibration calls."""
-    cfg = flux.FluxConfig()
-    tokens = flux_quantize.calibration_tokens(cfg, [(torch.zeros(512, 4096), torch.zeros(768))])
+    cfg = flux.arch.FluxConfig()
+    tokens = flux.quantizer.calibration_tokens(cfg, [(torch.zeros(512, 4096), torch.zeros(768))])
     assert tokens == 512 + 1024
-    system, gpu = flux_quantize.memory_needed(cfg, 16, tokens, on_gpu=True)
+    system, gpu = flux.quantizer.memory_needed(cfg, 16, tokens, on_gpu=True)
     assert 2 < system / 2**30 < 4 and 2 < gpu / 2**30 < 6
-    system_only, none = flux_quantize.memory_needed(cfg, 16, tokens, on_gpu=False)
-    assert none == 0 and system_only == flux_quantize.PROCESS_BYTES + gpu
+    system_only, none = flux.quantizer.memory_needed(cfg, 16, tokens, on_gpu=False)
+    assert none == 0 and system_only == flux.quantizer.PROCESS_BYTES + gpu
     # the output at rank 32: 6.3 GiB, as the published files
-    assert round(flux_quantize.output_bytes(cfg, 32) / 2**30, 1) == 6.3
+    assert round(flux.quantizer.output_bytes(cfg, 32) / 2**30, 1) == 6.3
 
 
 def test_not_enough_memory_or_disk_is_said_before_any_work(tmp_path, capsys, monkeypatch):
     source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
     target = tmp_path / "out.safetensors"
-    monkeypatch.setattr(flux_quantize, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
-    monkeypatch.setattr(flux_quantize, "available_system_memory", lambda: 2**30)
+    monkeypatch.setattr(flux.quantizer, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
+    monkeypatch.setattr(flux.quantizer, "available_system_memory", lambda: 2**30)
     assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
-    needed = flux_quantize.memory_needed(bf16_model(False)[0], 4, 80, on_gpu=False)[0] / 2**30
+    needed = flux.quantizer.memory_needed(bf16_model(False)[0], 4, 80, on_gpu=False)[0] / 2**30
     assert f"needs about {needed:.1f} GiB of system memory" in out
     assert err == f"error: in.safetensors: quantizing it needs about {needed:.1f} GiB of system memory, " \
                   f"1.0 GiB are available\n"
-    monkeypatch.setattr(flux_quantize, "available_system_memory", lambda: 2**40)
-    monkeypatch.setattr(flux_quantize.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=2**20))
+    monkeypatch.setattr(flux.quantizer, "available_system_memory", lambda: 2**40)
+    monkeypatch.setattr(flux.quantizer.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=2**20))
     assert cli.main(["quantize", str(source), str(target), "--device", "cpu"]) == 2
     assert re.fullmatch(r"error: out.safetensors: needs 0.0\d GiB of disk space, the output folder .* has 0.00 GiB "
                         r"free\n", capsys.readouterr().err)
@@ -225,7 +225,7 @@ def test_not_enough_memory_or_disk_is_said_before_any_work(tmp_path, capsys, mon
 
 def test_missing_or_read_only_output_folders_are_said_before_any_work(tmp_path, capsys, monkeypatch):
     source = write_checkpoint(tmp_path / "in.safetensors", guidance_embed=False)
-    monkeypatch.setattr(flux_quantize, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
+    monkeypatch.setattr(flux.quantizer, "_quantize_blocks", lambda *args, **kwargs: pytest.fail("work started"))
     assert cli.main(["quantize", str(source), str(tmp_path / "nowhere" / "out.safetensors")]) == 2
     assert capsys.readouterr().err == f"error: out.safetensors: the output folder {tmp_path / 'nowhere'} does not " \
                                       f"exist\n"
@@ -274,21 +274,21 @@ def test_calibration_on_prompts_fits_the_text_stream_better():
     layers for what they see on held-out prompts of the same kind better than random stand-ins do."""
     cfg, tensors = bf16_model(False)
     prompts = t5_like_prompts(3, 64, seed=1)
-    calls = flux_quantize.calibration_inputs(cfg, 4, prompts=prompts)
+    calls = flux.quantizer.calibration_inputs(cfg, 4, prompts=prompts)
     assert [torch.equal(call[2][0], prompts[i % 3][0].bfloat16()) for i, call in enumerate(calls)] == [True] * 4
-    assert calls[0][0].shape == (1, 16, flux_quantize.PROMPT_LATENT, flux_quantize.PROMPT_LATENT)
+    assert calls[0][0].shape == (1, 16, flux.quantizer.PROMPT_LATENT, flux.quantizer.PROMPT_LATENT)
     assert calls[0][3].shape == (1, 768) and [float(call[1]) for call in calls] == [0.25, 0.5, 0.75, 1.0]
 
-    dense = flux_model.Flux(cfg, flux_model.dense_linear()).requires_grad_(False)
+    dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
     dense.load_state_dict(tensors)
-    text_layers = [name for name, spec in flux.linear_layers(cfg).items() if spec.kind == flux.W4A4 and "txt_" in name]
-    held_out = flux_quantize.calibration_inputs(cfg, 2, seed=500, prompts=t5_like_prompts(2, 64, seed=99))
-    inputs = flux_quantize.collect_calibration(dense, text_layers, held_out)
+    text_layers = [name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind == flux.arch.W4A4 and "txt_" in name]
+    held_out = flux.quantizer.calibration_inputs(cfg, 2, seed=500, prompts=t5_like_prompts(2, 64, seed=99))
+    inputs = flux.quantizer.collect_calibration(dense, text_layers, held_out)
 
     def text_stream_error(calibration, prompts_used: int) -> float:
-        model = flux_quantize.quantize_flux(tensors, cfg, calibration, progress=False, calibration_prompts=prompts_used)
+        model = flux.quantizer.quantize_flux(tensors, cfg, calibration, progress=False, calibration_prompts=prompts_used)
         assert model.quantization["calibration_prompts"] == prompts_used
-        engine = flux_model.from_tensors(cfg, model.tensors)
+        engine = flux.model.from_tensors(cfg, model.tensors)
         errors = []
         for name, x in inputs.items():
             layer = engine.get_submodule(name)
@@ -300,7 +300,7 @@ def test_calibration_on_prompts_fits_the_text_stream_better():
         return sum(errors) / len(errors)
 
     # measured: 0.058 (stand-ins) against 0.052 (prompts)
-    assert text_stream_error(calls, 3) < 0.95 * text_stream_error(flux_quantize.calibration_inputs(cfg, 4), 0)
+    assert text_stream_error(calls, 3) < 0.95 * text_stream_error(flux.quantizer.calibration_inputs(cfg, 4), 0)
 
 
 def test_calibration_prompts_that_do_not_fit_are_named_errors(tmp_path):
@@ -311,12 +311,12 @@ def test_calibration_prompts_that_do_not_fit_are_named_errors(tmp_path):
                                    (good[0], torch.zeros(1280), "(1280,) (pooled)"),
                                    (torch.zeros(2, 8, 4096), good[1], "(2, 8, 4096) (context)")):
         with pytest.raises(ValueError, match=r"calibration prompt 2: .*" + re.escape(shown)):
-            flux_quantize.quantize_checkpoint(source, tmp_path / "never.safetensors", prompts=[good, (context, pooled)])
+            flux.quantizer.quantize_checkpoint(source, tmp_path / "never.safetensors", prompts=[good, (context, pooled)])
     assert not (tmp_path / "never.safetensors").exists()
 
     reports = []
-    model = flux_quantize.quantize_checkpoint(source, tmp_path / "prompted.safetensors", calibration_calls=2,
+    model = flux.quantizer.quantize_checkpoint(source, tmp_path / "prompted.safetensors", calibration_calls=2,
                                               prompts=[good], progress=False, report=reports.append)
     assert model.quantization["calibration_prompts"] == 1 and model.quantization["calibration_calls"] == 2
     assert reports[-1] == "calibration: 2 model calls on the text embeddings of 1 prompt, 64x64 noise latents"
-    assert flux.load_flux(tmp_path / "prompted.safetensors")[0].quantization["calibration_prompts"] == 1
+    assert flux.files.load_flux(tmp_path / "prompted.safetensors")[0].quantization["calibration_prompts"] == 1

@@ -18,8 +18,9 @@ from torch import nn
 from svdquant import numerics
 from svdquant.format import FormatError
 from svdquant.linear import SVDQLinear, W4A16Linear
-from svdquant.lora import (MAX_RANK, LoraDelta, LoraError, convert_lora, load_lora, set_model_loras,
-                           set_module_loras)
+from svdquant.flux.arch import V_ROWS_READ_BY
+from svdquant.flux.lora_keys import convert_lora, load_lora
+from svdquant.lora import MAX_RANK, LoraDelta, LoraError, set_model_loras, set_module_loras
 
 H, MLP = 256, 1024
 RANK = 32  # the quantized layers' own low-rank branch
@@ -531,8 +532,9 @@ def test_model_loras_reach_every_layer_stack_and_clear(tmp_path):
     save_file(peft(other), str(tmp_path / "two.safetensors"))
     one, two = load_lora(tmp_path / "one.safetensors"), load_lora(tmp_path / "two.safetensors")
 
-    set_model_loras(model, [(one, 1.0), (two, 0.5)])
-    set_model_loras(model, [(one, 0.5), (two, 0.25)])  # a later run: replaces, never adds
+    set_model_loras(model, [(one, 1.0), (two, 0.5)], v_rows_read_by=V_ROWS_READ_BY)
+    # a later run: replaces, never adds
+    set_model_loras(model, [(one, 0.5), (two, 0.25)], v_rows_read_by=V_ROWS_READ_BY)
     modules = dict(model.named_modules())
     for name, (k, n, kind) in TINY_FLUX.items():
         layer = modules[name]
@@ -552,7 +554,7 @@ def test_model_loras_reach_every_layer_stack_and_clear(tmp_path):
             assert torch.equal(down[:, :RANK], original[f"{name}.lora_down"]), name
             assert not bool(down[:, own + 12:].any()) and not bool(up[:, own + 12:].any()), name
 
-    set_model_loras(model, [])
+    set_model_loras(model, [], v_rows_read_by=V_ROWS_READ_BY)
     restored = model_tensors(model)
     assert sorted(restored) == sorted(original)
     for name, tensor in original.items():
@@ -565,12 +567,12 @@ def test_layers_missing_from_the_model_are_warned_once_and_a_lora_for_none_is_an
     save_file(kohya(canonical_lora()), str(tmp_path / "dev.safetensors"))
     lora = load_lora(tmp_path / "dev.safetensors")
     with caplog.at_level(logging.WARNING, logger="svdquant"):
-        set_model_loras(model, [(lora, 1.0)])
+        set_model_loras(model, [(lora, 1.0)], v_rows_read_by=V_ROWS_READ_BY)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "guidance_in.in_layer, guidance_in.out_layer" in warnings[0]
     only_guidance = {name: d for name, d in lora.deltas.items() if name.startswith("guidance_in")}
     with pytest.raises(LoraError, match="dev.safetensors: none of its layers"):
-        set_model_loras(model, [(type(lora)(lora.source, only_guidance), 1.0)])
+        set_model_loras(model, [(type(lora)(lora.source, only_guidance), 1.0)], v_rows_read_by=V_ROWS_READ_BY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,9 +598,9 @@ def dense_reading(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dense_flux(cfg, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], norm_scales) -> nn.Module:
-    from svdquant import flux_model
+    from svdquant import flux
 
-    model = flux_model.Flux(cfg, flux_model.dense_linear(torch.float64))
+    model = flux.model.Flux(cfg, flux.model.dense_linear(torch.float64))
     state = {name: scale.double() for name, scale in norm_scales.items()}
     for name, (weight, bias) in weights.items():
         state[f"{name}.weight"], state[f"{name}.bias"] = weight, bias
@@ -610,14 +612,15 @@ def test_loras_on_a_reference_import_act_on_the_original_model(reference_fixture
     """The reference model folds s0 out of img/txt_attn.proj and linear2's attention columns into
     the V rows feeding them. The quantized model plus a LoRA must compute the original (unfolded)
     model plus that LoRA: checked on the dense readings of both, as whole FLUX forwards in float64."""
-    from svdquant import flux, flux_model, lora as lora_module
+    from svdquant import flux
+    from svdquant import lora as lora_module
 
-    model, cfg = flux.load_flux(reference_fixture("reference_flux_tiny.safetensors"))
-    norm_scales = {name: model.tensors[name] for name in flux.norm_scales(cfg)}
-    layers = list(flux.linear_layers(cfg))
+    model, cfg = flux.files.load_flux(reference_fixture("reference_flux_tiny.safetensors"))
+    norm_scales = {name: model.tensors[name] for name in flux.arch.norm_scales(cfg)}
+    layers = list(flux.arch.linear_layers(cfg))
     assert set(layers) == set(TINY_FLUX)
-    plain = flux_model.from_tensors(cfg, model.tensors, dtype=torch.float64)
-    divisors = lora_module.output_divisors(dict(plain.named_modules()))
+    plain = flux.model.from_tensors(cfg, model.tensors, dtype=torch.float64)
+    divisors = lora_module.output_divisors(dict(plain.named_modules()), V_ROWS_READ_BY)
     assert sorted(divisors) == ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv",
                                 "single_blocks.0.linear1"]
 
@@ -644,10 +647,10 @@ def test_loras_on_a_reference_import_act_on_the_original_model(reference_fixture
         outputs = {}
         for folds_applied in (True, False):
             if not folds_applied:  # control: the same LoRA ignoring the folds
-                monkeypatch.setattr(lora_module, "output_divisors", lambda layers: {})
+                monkeypatch.setattr(lora_module, "output_divisors", lambda layers, v_rows_read_by: {})
                 monkeypatch.setattr(lora_module, "input_fold", lambda layer: None)
-            quantized = flux_model.from_tensors(cfg, model.tensors, dtype=torch.float64)
-            set_model_loras(quantized, [(lora, strength)])
+            quantized = flux.model.from_tensors(cfg, model.tensors, dtype=torch.float64)
+            set_model_loras(quantized, [(lora, strength)], v_rows_read_by=V_ROWS_READ_BY)
             readings = {name: dense_reading(quantized.get_submodule(name)) for name in layers}
             outputs[folds_applied] = dense_flux(cfg, readings, norm_scales)(*inputs)
 
@@ -659,8 +662,8 @@ def test_loras_on_a_reference_import_act_on_the_original_model(reference_fixture
 
 
 def synthetic_inputs(cfg):
-    from svdquant import synthetic
+    from svdquant import flux
 
-    noise, context, pooled = synthetic.flux_inputs(cfg, seed=14, height=16, width=16, text_tokens=12,
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=14, height=16, width=16, text_tokens=12,
                                                    dtype=torch.float32)
     return noise, torch.tensor([0.6]), context, pooled, torch.tensor([3.5])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from svdquant import flux, kernels, numerics, quantize, synthetic
+from svdquant import file_options, kernels, numerics, quantize, synthetic
 from svdquant.linear import SVDQLinear
 
 
@@ -109,7 +109,7 @@ def test_hopper_pow2_layer_runs_with_pow2_activations():
     t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
     layer = SVDQLinear.from_tensors(t.as_dict())
     assert layer.pow2_weights and not kernels.uses_pow2_activations(layer)  # opt-in
-    flux.apply_file_options(layer, {"hopper_pow2": True})  # "from file": on for a Hopper-format file
+    file_options.apply_file_options(layer, {"hopper_pow2": True})  # "from file": on for a Hopper-format file
     assert kernels.uses_pow2_activations(layer)
     y = layer(x.bfloat16())
     ref = kernels.svdq_linear_reference(x.bfloat16(), layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
@@ -128,10 +128,10 @@ def test_pow2_activation_switch():
     x, w, b = synthetic.outlier_layer(64, 128, tokens=8, seed=6)
     layer = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
     assert not kernels.uses_pow2_activations(layer)
-    flux.apply_file_options(layer, {}, pow2_activations=True)
+    file_options.apply_file_options(layer, {}, pow2_activations=True)
     assert kernels.uses_pow2_activations(layer)
-    flux.apply_file_options(layer, {"hopper_pow2": True}, pow2_activations=False)
+    file_options.apply_file_options(layer, {"hopper_pow2": True}, pow2_activations=False)
     assert not kernels.uses_pow2_activations(layer)
-    flux.apply_file_options(layer, {})
+    file_options.apply_file_options(layer, {})
     assert not kernels.uses_pow2_activations(layer)
     assert not hasattr(kernels, "pow2_activations")

@@ -3,7 +3,7 @@
 import functools
 from pathlib import Path
 
-from svdquant import flux_quantize, synthetic
+from svdquant import flux
 
 REPO = Path(__file__).resolve().parents[1]
 # a coarser smoothing search than the default 11 exponents keeps the suite fast on 2 cores
@@ -13,14 +13,14 @@ TEST_ALPHAS = (0.25, 0.5, 0.75)
 @functools.lru_cache(maxsize=None)
 def bf16_model(guidance_embed: bool):
     """(config, bf16 state dict) of the tiny FLUX model; dev when guidance_embed, else schnell."""
-    cfg = synthetic.tiny_flux_config(guidance_embed=guidance_embed)
-    return cfg, synthetic.tiny_flux_state_dict(cfg)
+    cfg = flux.synthetic.tiny_flux_config(guidance_embed=guidance_embed)
+    return cfg, flux.synthetic.tiny_flux_state_dict(cfg)
 
 
 @functools.lru_cache(maxsize=None)
 def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, hopper_pow2: bool = False):
     cfg, tensors = bf16_model(guidance_embed)
-    return flux_quantize.quantize_flux(tensors, cfg, flux_quantize.calibration_inputs(cfg), rank=rank,
+    return flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg), rank=rank,
                                        smooth=smooth, alphas=TEST_ALPHAS, progress=False, hopper_pow2=hopper_pow2)
 
 

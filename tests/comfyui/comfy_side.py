@@ -92,7 +92,7 @@ def stock_flux(pack_loader, model_file: str, dense_file: str):
     from svdquant_pack.svdquant import flux
 
     tensors = load_file(dense_file)
-    unet_config = pack_loader.flux_unet_config(model_file, tensors, flux.load_flux(model_file)[1])
+    unet_config = pack_loader.flux_unet_config(model_file, tensors, flux.files.load_flux(model_file)[1])
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, tensors)
     model_config.set_inference_dtype(torch.bfloat16, None)
     model = model_config.get_model(tensors, "")
@@ -113,7 +113,7 @@ def unet_config_cases(pack_loader, model_file: str) -> dict:
 
     from svdquant_pack.svdquant import flux
 
-    model, cfg = flux.load_flux(model_file)
+    model, cfg = flux.files.load_flux(model_file)
 
     def fluxparams_accepts(unet_config):
         params = {k: v for k, v in unet_config.items() if k != "image_model"}
@@ -272,14 +272,17 @@ def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) 
     # the reference: the same ComfyUI model with the LoRAs set by the engine (svdquant.lora), so
     # both sides run this ComfyUI's arithmetic
     from svdquant_pack.svdquant import lora as engine_lora
+    from svdquant_pack.svdquant.flux import arch as flux_arch
+    from svdquant_pack.svdquant.flux import lora_keys
 
     reference = load_svdquant_flux(model_file, torch.bfloat16).model.diffusion_model
-    files = {name: engine_lora.load_lora(os.path.join(lora_dir, f"{name}.safetensors"))
+    files = {name: lora_keys.load_lora(os.path.join(lora_dir, f"{name}.safetensors"))
              for name in ("kohya", "peft", "xlabs")}
     for tag, stack in (("base", ()), ("kohya_1", (("kohya", 1.0),)), ("kohya_05", (("kohya", 0.5),)),
                        ("kohya_05_peft", (("kohya", 0.5), ("peft", -0.75))),
                        ("kohya_05_xlabs", (("kohya", 0.5), ("xlabs", 0.8)))):
-        engine_lora.set_model_loras(reference, [(files[name], strength) for name, strength in stack])
+        engine_lora.set_model_loras(reference, [(files[name], strength) for name, strength in stack],
+                                    v_rows_read_by=flux_arch.V_ROWS_READ_BY)
         outputs[f"reference_{tag}"] = forward(reference, inputs)
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 

@@ -1,6 +1,6 @@
 """Quantizing a whole FLUX transformer, one block at a time.
 
-1. Run the 16-bit model on calibration inputs block by block (`flux_model.Flux.embed`, then each
+1. Run the 16-bit model on calibration inputs block by block (`flux.model.Flux.embed`, then each
    double and single block with only that block's weights loaded), holding every call's block
    inputs, and record for each W4A4 layer of the block the inputs it sees (evenly spaced tokens,
    at most `quantize.MAX_CALIBRATION_TOKENS`).
@@ -16,7 +16,6 @@ vector and one rank-r branch for linear1 and for linear2). Held-out calls, run t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -31,9 +30,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import flux, flux_model, numerics, quantize, reference_flux
-from . import format as fmt
-from .flux import FluxConfig
+from .. import format as fmt
+from .. import numerics, quantize
+from ..linear import DENSE, W4A4, W4A16
+from . import nunchaku_import
+from .arch import FluxConfig, LinearSpec, check_tensors, config_from_tensors, dense_shapes, linear_layers, norm_scales
+from .model import DoubleStreamBlock, Flux, SingleStreamBlock, dense_linear
 
 # The quality report's held-out calls: seeds apart from the calibration calls' (seed + i, i < 16).
 HELD_OUT_CALLS, HELD_OUT_SEED = 2, 1000
@@ -127,7 +129,7 @@ def calibration_inputs(cfg: FluxConfig, count: int = 4, seed: int = 0, dtype: to
     return calls
 
 
-def gelu_shift(spec: flux.LinearSpec) -> torch.Tensor | None:
+def gelu_shift(spec: LinearSpec) -> torch.Tensor | None:
     """The input shift [K] of a layer whose input columns are partly or all GELU outputs."""
     if spec.gelu_columns is None:
         return None
@@ -145,7 +147,7 @@ def _part_keys(cfg: FluxConfig) -> dict[str, list[str]]:
     """The unquantized model's tensor names by the part that holds them: "" (the embedders and the
     final layer, loaded together as the stem) and each block, in forward order."""
     parts: dict[str, list[str]] = {"": []} | {prefix: [] for prefix in _block_prefixes(cfg)}
-    for key in flux.dense_shapes(cfg):
+    for key in dense_shapes(cfg):
         head = ".".join(key.split(".")[:2])
         parts[head if head in parts else ""].append(key)
     return parts
@@ -170,7 +172,7 @@ class _Calls:
     def run(self, block: torch.nn.Module) -> None:
         for state in self.states:
             img, txt, vec, pe = state
-            if isinstance(block, flux_model.DoubleStreamBlock):
+            if isinstance(block, DoubleStreamBlock):
                 state[0], state[1] = block(img, txt, vec, pe)
             else:
                 if txt is not None:  # the single blocks take the text tokens followed by the image tokens
@@ -186,15 +188,15 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
     part: the stem, then each block in order), write(key, tensor) takes every tensor of the
     quantized model once. Returns the quantized layers' descriptions and, where held-out calls are
     given, each W4A4 layer's relative output error on them."""
-    specs = flux.linear_layers(cfg)
+    specs = linear_layers(cfg)
     parts = _part_keys(cfg)
     layers: dict[str, dict] = {}
     errors: dict[str, float] = {}
-    with tqdm(total=sum(spec.kind != flux.DENSE for spec in specs.values()), desc="quantizing", unit="layer",
+    with tqdm(total=sum(spec.kind != DENSE for spec in specs.values()), desc="quantizing", unit="layer",
               disable=not progress) as bar, torch.no_grad():
         stem_tensors = load(parts[""])
         stem_cfg = dataclasses.replace(cfg, depth=0, depth_single_blocks=0)
-        stem = _meta_module(lambda: flux_model.Flux(stem_cfg, flux_model.dense_linear(dtype)), stem_tensors, "", device)
+        stem = _meta_module(lambda: Flux(stem_cfg, dense_linear(dtype)), stem_tensors, "", device)
         call_sets = [_Calls([list(stem.embed(*(None if t is None else t.to(device) for t in args)))
                              for args in calls]) for calls in (calibration, held_out)]
         for key, t in stem_tensors.items():
@@ -203,11 +205,11 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
 
         for prefix in _block_prefixes(cfg):
             tensors = load(parts[prefix])
-            block_class = flux_model.DoubleStreamBlock if prefix.startswith("double") else flux_model.SingleStreamBlock
-            block = _meta_module(lambda: block_class(cfg, flux_model.dense_linear(dtype)), tensors, f"{prefix}.",
+            block_class = DoubleStreamBlock if prefix.startswith("double") else SingleStreamBlock
+            block = _meta_module(lambda: block_class(cfg, dense_linear(dtype)), tensors, f"{prefix}.",
                                  device)
             names = [name for name in specs if name.startswith(f"{prefix}.")]
-            w4a4 = [name.removeprefix(f"{prefix}.") for name in names if specs[name].kind == flux.W4A4]
+            w4a4 = [name.removeprefix(f"{prefix}.") for name in names if specs[name].kind == W4A4]
             seen = []
             for calls in call_sets:
                 with recording(block, w4a4, max(len(calls.states), 1), store=device) as inputs:
@@ -217,15 +219,15 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
             calibrated, held = seen
 
             for key, t in tensors.items():
-                if key.rsplit(".", 1)[0] not in specs or specs[key.rsplit(".", 1)[0]].kind == flux.DENSE:
+                if key.rsplit(".", 1)[0] not in specs or specs[key.rsplit(".", 1)[0]].kind == DENSE:
                     write(key, t)
             for name in names:
                 spec = specs[name]
-                if spec.kind == flux.DENSE:
+                if spec.kind == DENSE:
                     continue
                 module = block.get_submodule(name.removeprefix(f"{prefix}."))
                 home = tensors[f"{name}.weight"].device
-                if spec.kind == flux.W4A4:
+                if spec.kind == W4A4:
                     result = quantize.quantize_linear(module.weight, module.bias, calibrated.pop(name), rank=rank,
                                                       shift=gelu_shift(spec), smooth=smooth, alphas=alphas, dtype=dtype,
                                                       hopper_pow2=hopper_pow2)
@@ -275,7 +277,7 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
                   held_out: list[tuple] | None = None) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
-    calibration: model calls (noise, timestep, context, pooled, guidance) for `flux_model.Flux`.
+    calibration: model calls (noise, timestep, context, pooled, guidance) for `flux.model.Flux`.
     rank=0 and smooth=False give plain W4A4 (what SVDQuant improves on); alphas are the smoothing
     exponents searched per layer. hopper_pow2: power-of-two weight group scales in every W4A4 layer
     (quantize.quantize_linear), the format of the Hopper fast path; recorded in the metadata.
@@ -286,7 +288,7 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     layer inputs measure each W4A4 layer's output error; the mean and the worst layers go into
     quantization["held_out_error"] (quantize_checkpoint also writes every layer's: quality_summary).
     """
-    flux.check_tensors(cfg, tensors, {})
+    check_tensors(cfg, tensors, {})
     device = torch.device(device) if device is not None else tensors["img_in.weight"].device
     out: dict[str, torch.Tensor] = {}
     layers, errors = _quantize_blocks(
@@ -322,10 +324,10 @@ def _flux_config(path, shapes: dict[str, torch.Tensor]) -> FluxConfig:
     """The configuration of a FLUX.1 state dict (shape-only tensors suffice); FormatError naming
     the file and a few of the tensors it lacks where it is not one."""
     try:
-        cfg, problem = flux.config_from_tensors(shapes, {}), None
+        cfg, problem = config_from_tensors(shapes, {}), None
     except ValueError as exc:
         cfg, problem = None, str(exc)
-    missing = [key for key in flux.dense_shapes(cfg or FluxConfig()) if key not in shapes]
+    missing = [key for key in dense_shapes(cfg or FluxConfig()) if key not in shapes]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         # diffusers' FLUX (transformer_blocks.N.attn.to_q, ...) is the common mix-up
@@ -336,7 +338,7 @@ def _flux_config(path, shapes: dict[str, torch.Tensor]) -> FluxConfig:
     if cfg is None:
         raise fmt.FormatError(path, f"not a usable FLUX.1 transformer: {problem}")
     try:
-        flux.check_tensors(cfg, shapes, {})
+        check_tensors(cfg, shapes, {})
     except ValueError as exc:
         raise fmt.FormatError(path, f"not a usable FLUX.1 transformer: {exc}") from None
     return cfg
@@ -353,7 +355,7 @@ def checkpoint_config(path) -> FluxConfig:
     alone (nothing is read): FormatError naming the file where it is not one, is already an
     SVDQuant model, or stores a dtype other than bfloat16, float16 or float32."""
     metadata = fmt.read_header(path)
-    if fmt.is_natural_file(metadata) or reference_flux.is_reference_file(path, metadata):
+    if fmt.is_natural_file(metadata) or nunchaku_import.is_nunchaku_file(path, metadata):
         raise fmt.FormatError(path, "already an SVDQuant 4-bit model; quantize the 16-bit checkpoint it was made from")
     with safe_open(str(path), framework="pt") as f:
         prefix = _transformer_prefix(f)
@@ -366,24 +368,14 @@ def checkpoint_config(path) -> FluxConfig:
                                for key, s in slices.items()})
 
 
-@functools.lru_cache(maxsize=1024)
-def _quantizable(path: str, mtime_ns: int, size: int) -> bool:
+@fmt.remembered_per_file(missing=False)
+def is_quantizable_checkpoint(path) -> bool:
+    """Whether checkpoint_config accepts the file (a 16-bit FLUX.1 transformer), from its header alone."""
     try:
         checkpoint_config(path)
         return True
     except fmt.FormatError:
         return False
-
-
-def is_quantizable_checkpoint(path) -> bool:
-    """Whether checkpoint_config accepts the file (a 16-bit FLUX.1 transformer), from its header
-    alone; remembered per file path, modification time and size, so that listing a model folder
-    again costs a stat per file."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    return _quantizable(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def read_checkpoint(path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -443,10 +435,10 @@ def header_bytes_needed(cfg: FluxConfig) -> int:
     """An upper bound on the output file's header: per tensor its JSON entry (name, dtype, a shape
     of up to 2 dimensions, two offsets of up to 20 digits), per quantized layer its escaped
     description in the layers and quality metadata, and the rest of the metadata."""
-    specs = flux.linear_layers(cfg)
+    specs = linear_layers(cfg)
     names = [f"{name}.{field}" for name, spec in specs.items()
-             for field in (fmt.LAYER_FIELDS[spec.kind] if spec.kind != flux.DENSE else ("weight", "bias"))]
-    names += list(flux.norm_scales(cfg))
+             for field in (fmt.LAYER_FIELDS[spec.kind] if spec.kind != DENSE else ("weight", "bias"))]
+    names += list(norm_scales(cfg))
     return sum(len(name) + 128 for name in names) + sum(2 * len(name) + 512 for name in specs) + 8192
 
 
@@ -454,15 +446,15 @@ def output_bytes(cfg: FluxConfig, rank: int) -> int:
     """The quantized file's size at most (bias and shift counted wherever a layer may have them),
     from the tensor shapes: 4-bit codes, 16-bit scales, low-rank factors and unquantized tensors."""
     total = header_bytes_needed(cfg)
-    for name, spec in flux.linear_layers(cfg).items():
+    for name, spec in linear_layers(cfg).items():
         n, k = spec.out_features, spec.in_features
-        if spec.kind == flux.W4A4:
+        if spec.kind == W4A4:
             total += n * k // 2 + 2 * (k // numerics.GROUP_SIZE * n + 2 * k + (n + k) * rank + n)
-        elif spec.kind == flux.W4A16:
+        elif spec.kind == W4A16:
             total += n * k // 2 + 2 * (2 * k // numerics.GROUP_SIZE * n + n)
         else:
             total += 2 * (n * k + n)
-    return total + 2 * sum(flux.norm_scales(cfg).values())
+    return total + 2 * sum(norm_scales(cfg).values())
 
 
 # Fixed parts of the memory estimate: the Python process with torch (and its CUDA libraries), and
@@ -486,15 +478,15 @@ def memory_needed(cfg: FluxConfig, calls: int, tokens: int, on_gpu: bool) -> tup
     set of the largest layer, the recorded inputs of one block's W4A4 layers (calibration and
     held-out calls, float32, at most MAX_CALIBRATION_TOKENS each), the calls' block inputs and the
     largest activation of a block forward (bf16). Without a GPU all of it is system memory."""
-    shapes = flux.dense_shapes(cfg)
+    shapes = dense_shapes(cfg)
     parts = _part_keys(cfg)
     part_bytes = {part: 2 * sum(math.prod(shapes[key]) for key in keys) for part, keys in parts.items()}
     weights = part_bytes.pop("") + max(part_bytes.values(), default=0)
-    specs = flux.linear_layers(cfg)
+    specs = linear_layers(cfg)
     work = WEIGHT_COPIES * 4 * max(spec.in_features * spec.out_features for spec in specs.values())
     per_block: dict[str, int] = {}
     for name, spec in specs.items():
-        if spec.kind == flux.W4A4:
+        if spec.kind == W4A4:
             block = ".".join(name.split(".")[:2])
             per_block[block] = per_block.get(block, 0) + spec.in_features
     recorded = 2 * max(per_block.values(), default=0) * quantize.MAX_CALIBRATION_TOKENS * 4

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flux import TIMESTEP_DIM, FluxConfig, fuse_mlp_gelu
-from .linear import LoadedLinear
+from ..linear import LoadedLinear
+from .arch import TIMESTEP_DIM, FluxConfig
+from .fusion import fuse_mlp_gelu
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
 NORM_EPS = 1e-6
@@ -256,7 +257,7 @@ class Flux(nn.Module):
 
 def from_tensors(cfg: FluxConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Flux:
     """The model holding a file's tensors as they are stored (quantized layers stay quantized),
-    the double blocks' W4A4 MLP input layers applying the GELU (flux.fuse_mlp_gelu); float tensors
+    the double blocks' W4A4 MLP input layers applying the GELU (fusion.fuse_mlp_gelu); float tensors
     converted to dtype when given."""
     model = Flux(cfg, loaded_linear(dtype))
     model.load_state_dict(tensors, strict=True)

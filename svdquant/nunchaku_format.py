@@ -1,6 +1,6 @@
-"""Unpacking the reference engine's (nunchaku) tile-packed layer tensors into the natural layout.
+"""Unpacking nunchaku's tile-packed layer tensors into the natural layout.
 
-The reference engine stores each tensor in the order its 256x128-tile CUDA kernels read it.
+Nunchaku stores each tensor in the order its 256x128-tile CUDA kernels read it.
 The index formulas below are the inverse of its packers (deepcompressor's nunchaku backend);
 they are written as reshape + permute of the flat buffer: a packed tensor is viewed as a
 multi-dimensional array whose axes are the digits of the index formula, and the axes are put
@@ -51,7 +51,7 @@ def _vector_length(packed: dict[str, torch.Tensor], field: str, otherwise: int) 
 
 
 def check_w4a4_layer(prefix: str, packed: dict[str, torch.Tensor]) -> None:
-    """The shapes and dtypes of a reference W4A4 layer's tensors (as unpack_w4a4_layer reads them)
+    """The shapes and dtypes of a nunchaku-format W4A4 layer's tensors (as unpack_w4a4_layer reads them)
     agree with each other; ValueError naming the one that does not. N and K come from the bias and
     smooth vectors where they can."""
     qweight = packed["qweight"]
@@ -63,7 +63,7 @@ def check_w4a4_layer(prefix: str, packed: dict[str, torch.Tensor]) -> None:
 
 
 def check_w4a16_layer(prefix: str, packed: dict[str, torch.Tensor]) -> None:
-    """The same for a reference W4A16 layer (as unpack_w4a16_layer reads it): its group tables
+    """The same for a nunchaku-format W4A16 layer (as unpack_w4a16_layer reads it): its group tables
     may have padding rows beyond K / 64."""
     n = _vector_length(packed, "bias", packed["wscales"].shape[-1])
     _expect(prefix, packed, {"bias": (n,), "qweight": (n // 4, None), "wscales": (None, n), "wzeros": (None, n)})
@@ -161,8 +161,8 @@ def unpack_w4a16_groups(table: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def unpack_w4a4_layer(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A reference W4A4 layer {qweight, wscales, bias, smooth, lora_down, lora_up} -> natural
-    {qweight (packed pairs), wscales, smooth, lora_down, lora_up, bias}. The reference lora_down
+    """A nunchaku-format W4A4 layer {qweight, wscales, bias, smooth, lora_down, lora_up} -> natural
+    {qweight (packed pairs), wscales, smooth, lora_down, lora_up, bias}. Nunchaku's lora_down
     already acts on the unsmoothed input, as the natural one does."""
     codes = unpack_w4a4_qweight(packed["qweight"])
     out = {
@@ -178,7 +178,7 @@ def unpack_w4a4_layer(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def unpack_w4a16_layer(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A reference W4A16 layer {qweight, wscales, wzeros, bias} -> natural
+    """A nunchaku-format W4A16 layer {qweight, wscales, wzeros, bias} -> natural
     {qweight (unsigned packed pairs), wscales, wzeros, bias} (no row interleave undone here)."""
     codes = unpack_w4a16_qweight(packed["qweight"])
     k = codes.shape[1]

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from svdquant import numerics
-from svdquant import reference_format as rf
+from svdquant import nunchaku_format as nf
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def packing(reference_fixture):
 def test_w4a4_layer_unpacks_to_natural(packing):
     t = packing
     packed = {name: t[f"packed.w4a4.{name}"] for name in ("qweight", "wscales", "bias", "smooth", "lora_down", "lora_up")}
-    natural = rf.unpack_w4a4_layer(packed)
+    natural = nf.unpack_w4a4_layer(packed)
     assert torch.equal(numerics.unpack_int4(natural["qweight"], signed=True), t["natural.w4a4.codes"])
     assert torch.equal(natural["wscales"], t["natural.w4a4.wscales"].t())
     assert torch.equal(natural["bias"], t["natural.w4a4.bias"])
@@ -27,7 +27,7 @@ def test_w4a4_layer_unpacks_to_natural(packing):
 
 def test_w4a16_layer_unpacks_to_natural(packing):
     t = packing
-    natural = rf.unpack_w4a16_layer({name: t[f"packed.w4a16.{name}"] for name in ("qweight", "wscales", "wzeros", "bias")})
+    natural = nf.unpack_w4a16_layer({name: t[f"packed.w4a16.{name}"] for name in ("qweight", "wscales", "wzeros", "bias")})
     codes = numerics.unpack_int4(natural["qweight"], signed=False)
     assert torch.equal(codes, t["natural.w4a16.codes_u4"])
     assert torch.equal(natural["wscales"], t["natural.w4a16.scales"].t())
@@ -40,7 +40,7 @@ def test_padding_rows_must_be_zero(packing):
     table = packing["packed.w4a16.wscales"].clone()
     table[7, 0] = 1.0
     with pytest.raises(ValueError, match="padding"):
-        rf.unpack_w4a16_groups(table, 256)
+        nf.unpack_w4a16_groups(table, 256)
 
 
 # double-block layers of the tiny model that the reference keeps unfused: reference -> natural name
@@ -56,7 +56,7 @@ def test_model_layers_unpack_to_known_parameters(reference_fixture, ref_name, na
     packed_file = load_file(str(reference_fixture("reference_flux_tiny.safetensors")))
     natural_file = load_file(str(reference_fixture("reference_flux_tiny.natural.safetensors")))
     prefix, nat = f"transformer_blocks.0.{ref_name}", f"double_blocks.0.{natural_name}"
-    layer = rf.unpack_w4a4_layer({k[len(prefix) + 1:]: v for k, v in packed_file.items() if k.startswith(prefix + ".")})
+    layer = nf.unpack_w4a4_layer({k[len(prefix) + 1:]: v for k, v in packed_file.items() if k.startswith(prefix + ".")})
     assert torch.equal(numerics.unpack_int4(layer["qweight"], signed=True), natural_file[f"{nat}.codes"])
     assert torch.equal(layer["wscales"], natural_file[f"{nat}.wscales"].t())
     for name in ("smooth", "lora_down", "lora_up", "bias"):

@@ -1,7 +1,7 @@
-"""FLUX.1 transformers: configuration, layer map, and reading SVDQuant FLUX files.
+"""The FLUX.1 architecture: configuration, every layer and how it is quantized, checks of a state dict.
 
-Module names are ComfyUI's (= Black Forest Labs'), so a state dict read here loads into
-ComfyUI's own FLUX model and into `flux_model.Flux` alike. Which layers are quantized:
+Module names are ComfyUI's (= Black Forest Labs'), so a state dict checked here loads into
+ComfyUI's own FLUX model and into `flux.model.Flux` alike. Which layers are quantized:
   W4A4 (SVDQuant): the attention qkv and output projections and both MLP linears of every
     double block (image and text streams), a single block's fused linear1 ([qkv; mlp_in]
     along N) and linear2 ([attention out | mlp_out] along K);
@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
+from ..linear import DENSE, W4A4, W4A16
 
-from . import format as fmt
-from . import linear, reference_flux
-
-W4A4, W4A16, DENSE = linear.W4A4, linear.W4A16, linear.DENSE
 TIMESTEP_DIM = 256  # width of the sinusoidal timestep / guidance embeddings
 FLUX_AXES_DIM = (16, 56, 56)  # RoPE axes of every FLUX.1 model (head dim 128)
 
@@ -127,6 +122,11 @@ def linear_layers(cfg: FluxConfig) -> dict[str, LinearSpec]:
     return layers
 
 
+# In-block name of a fused [q; k; v] layer -> the layer reading its V rows through the attention
+# (nunchaku imports fold a smoothing factor between the two: lora.output_divisors).
+V_ROWS_READ_BY = {"img_attn.qkv": "img_attn.proj", "txt_attn.qkv": "txt_attn.proj", "linear1": "linear2"}
+
+
 def norm_scales(cfg: FluxConfig) -> dict[str, int]:
     """The q/k RMSNorm scale tensors (the only parameters outside linear layers) and their sizes."""
     names = []
@@ -210,72 +210,3 @@ def check_tensors(cfg: FluxConfig, tensors: dict, layers: dict) -> None:
     if extra:
         raise ValueError(f"tensors that are not part of this FLUX model: {', '.join(extra[:5])}"
                          + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
-
-
-def load_flux(path, device: str | torch.device = "cpu") -> tuple[fmt.QuantizedModel, FluxConfig]:
-    """Read an SVDQuant FLUX model: our natural file or the reference engine's single file.
-
-    Returns the model in natural layout with ComfyUI names, and its configuration (stored in the
-    file, else inferred from the tensor shapes). Raises FormatError naming the file otherwise.
-    """
-    path = Path(path)
-    metadata = fmt.read_header(path)
-    if fmt.is_natural_file(metadata):
-        model = fmt.load_model(path, device)
-        if model.model_type != "flux":
-            raise fmt.FormatError(path, f"an SVDQuant {model.model_type or 'unknown'} model, not a FLUX model")
-    elif reference_flux.is_reference_file(path, metadata):
-        model = reference_flux.import_model(path, metadata, device)
-    else:
-        raise fmt.FormatError(path, "not an SVDQuant FLUX model (neither this pack's format nor the reference "
-                                    "engine's single-file INT4 FLUX format); unquantized FLUX files load with "
-                                    "ComfyUI's Load Diffusion Model node")
-    try:
-        cfg = (FluxConfig.from_dict(model.model_config) if model.model_config
-               else config_from_tensors(model.tensors, model.layers))
-        check_tensors(cfg, model.tensors, model.layers)
-    except (ValueError, TypeError) as exc:
-        raise fmt.FormatError(path, f"not a usable FLUX model: {exc}") from None
-    model.model_config = cfg.to_dict()
-    return model, cfg
-
-
-def apply_file_options(module: torch.nn.Module, quantization: dict, pow2_activations: bool | None = None) -> None:
-    """Runtime choices a file makes for its layers, applied to the loaded model (`module`).
-
-    The activation-scale choice (docs/DESIGN.md#scales) is one setting, carried to every W4A4 layer's
-    `pow2_activations` here: pow2_activations None means "from the file": power-of-two scales for a
-    file quantized for the Hopper fast path (`quantize_flux(hopper_pow2=True)`, recorded as
-    quantization["hopper_pow2"]), which was made to run with them, exact scales for every other
-    file; True or False overrides that for every W4A4 layer (True: the faster Hopper activation
-    quantization for any model, reference-engine ones included, at a slightly larger quantization
-    error; False: the exact one everywhere).
-    """
-    choice = bool(quantization.get("hopper_pow2")) if pow2_activations is None else bool(pow2_activations)
-    for layer in module.modules():
-        if isinstance(layer, linear.SVDQLinear):
-            layer.pow2_activations = choice
-
-
-def fuse_mlp_gelu(module: torch.nn.Module) -> int:
-    """Moves the tanh-GELU of each double block's MLP ([linear, GELU, linear] in img_mlp and
-    txt_mlp, in ComfyUI's FLUX model and `flux_model.Flux` alike) into its first layer when that
-    is W4A4 (`SVDQLinear.gelu_from = 0`: on Hopper kernel 2's epilogue), putting nn.Identity in the
-    GELU's place, so the MLP's wide hidden activations are written once instead of being read and
-    written again by a separate GELU. Returns how many layers took one.
-
-    The single blocks keep their GELU: it reads a strided slice of linear1's output, and its
-    contiguous result makes the concatenation that follows cheaper by about what the separate GELU
-    costs (on the H100 at 4608 tokens: cat 228 us from the strided slice, GELU + cat 258 us, the
-    fused epilogue +17 us), so fusing it there measured no faster end to end (bench/NOTES.md#v22).
-    """
-    fused = 0
-    for block in module.modules():
-        for name in ("img_mlp", "txt_mlp"):
-            mlp = getattr(block, name, None)
-            if (isinstance(mlp, torch.nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], linear.SVDQLinear)
-                    and mlp[0].gelu_from is None and isinstance(mlp[1], torch.nn.GELU)
-                    and mlp[1].approximate == "tanh"):
-                mlp[0].gelu_from, mlp[1] = 0, torch.nn.Identity()
-                fused += 1
-    return fused

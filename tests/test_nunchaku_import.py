@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from svdquant import flux, flux_model, numerics
+from svdquant import flux, numerics
 from svdquant.format import FormatError
 
 PACKED, NATURAL = "reference_flux_tiny.safetensors", "reference_flux_tiny.natural.safetensors"
@@ -16,7 +16,7 @@ PACKED, NATURAL = "reference_flux_tiny.safetensors", "reference_flux_tiny.natura
 
 @pytest.fixture(scope="module")
 def imported(reference_fixture):
-    return flux.load_flux(reference_fixture(PACKED))
+    return flux.files.load_flux(reference_fixture(PACKED))
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def natural(reference_fixture):
 
 def test_config_and_variant_come_from_the_file(imported):
     model, cfg = imported
-    assert cfg == flux.FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1)
+    assert cfg == flux.arch.FluxConfig(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1)
     assert cfg.variant == "dev"
-    assert flux.config_from_tensors(model.tensors, model.layers) == cfg  # the shapes say the same
+    assert flux.arch.config_from_tensors(model.tensors, model.layers) == cfg  # the shapes say the same
 
 
 def test_import_yields_the_natural_parameters_bit_for_bit(imported, natural):
@@ -98,9 +98,9 @@ class Float64Layer(nn.Module):
 def float64_model(cfg, nat, nat_layers, keep_folded_one=False):
     """The FLUX forward with every linear replaced by its Float64Layer (keep_folded_one: a wrong
     import that leaves the reference's +1 in the modulation biases, as a control)."""
-    model = flux_model.Flux(cfg, flux_model.dense_linear(torch.float64)).double()
+    model = flux.model.Flux(cfg, flux.model.dense_linear(torch.float64)).double()
     model.load_state_dict({k: v for k, v in nat.items() if k.endswith(".scale")}, strict=False)
-    for name, spec in flux.linear_layers(cfg).items():
+    for name, spec in flux.arch.linear_layers(cfg).items():
         parent, _, child = name.rpartition(".")
         kind = nat_layers.get(name, {}).get("kind", "dense")
         layer = Float64Layer(name, nat, kind)
@@ -129,7 +129,7 @@ def test_imported_layers_match_a_float64_computation(imported, natural):
     LayerNorm outputs, attention outputs, GELU outputs), against the float64 definition."""
     model, cfg = imported
     nat, nat_layers = natural
-    engine = flux_model.from_tensors(cfg, model.tensors)
+    engine = flux.model.from_tensors(cfg, model.tensors)
     calls = {}
 
     def record(name):
@@ -137,13 +137,13 @@ def test_imported_layers_match_a_float64_computation(imported, natural):
             calls[name] = (args[0], out)
         return hook
 
-    for name in flux.linear_layers(cfg):
+    for name in flux.arch.linear_layers(cfg):
         engine.get_submodule(name).register_forward_hook(record(name))
     engine(*(a.bfloat16() for a in _model_inputs(0)))
-    assert set(calls) == set(flux.linear_layers(cfg))
+    assert set(calls) == set(flux.arch.linear_layers(cfg))
     for name, (x, out) in calls.items():
         ref = Float64Layer(name, nat, nat_layers.get(name, {}).get("kind", "dense"))(x)
-        # an MLP input layer applies the GELU too (flux.fuse_mlp_gelu)
+        # an MLP input layer applies the GELU too (flux.fusion.fuse_mlp_gelu)
         numerics.gelu_channels(ref, getattr(engine.get_submodule(name), "gelu_from", None))
         assert out.dtype == torch.bfloat16
         # bf16 output rounding, and the odd activation code on the other side of a rounding
@@ -160,7 +160,7 @@ def test_imported_model_matches_a_float64_computation(imported, natural):
     model, cfg = imported
     nat, nat_layers = natural
     args = _model_inputs(1)
-    ours = flux_model.from_tensors(cfg, model.tensors)(*(a.bfloat16() for a in args))
+    ours = flux.model.from_tensors(cfg, model.tensors)(*(a.bfloat16() for a in args))
     with torch.no_grad():
         ref = float64_model(cfg, nat, nat_layers)(*(a.double() for a in args))
         control = float64_model(cfg, nat, nat_layers, keep_folded_one=True)(*(a.double() for a in args))
@@ -193,7 +193,7 @@ def test_reference_files_that_cannot_be_imported_are_named_errors(tmp_path, refe
     }
     for name, (tensors, meta, problem) in cases.items():
         with pytest.raises(FormatError, match=problem) as err:
-            flux.load_flux(_write(tmp_path / name, tensors, meta))
+            flux.files.load_flux(_write(tmp_path / name, tensors, meta))
         assert str(err.value).startswith(name)
 
 
@@ -226,4 +226,4 @@ def test_a_reference_tensor_read_with_another_shape_or_dtype_is_named(tmp_path, 
     packed[key] = corrupt(packed[key])
     with pytest.raises(FormatError, match=f"^corrupt.safetensors: cannot import the reference layout: tensor {key} "
                                           f"{problem}$"):
-        flux.load_flux(_write(tmp_path / "corrupt.safetensors", packed, metadata))
+        flux.files.load_flux(_write(tmp_path / "corrupt.safetensors", packed, metadata))

@@ -1,9 +1,9 @@
-"""Import of the reference engine's (nunchaku) single-file INT4 FLUX models into the natural layout.
+"""Import of nunchaku's single-file INT4 FLUX models into the natural layout.
 
-The reference file keeps diffusers-style names, tile-packed tensors and separate layers where
-ComfyUI fuses them. Numbers in comments refer to the transformations listed in
-../shared/fixtures/README.md; the layer-level unpacking (2-5, 13, 14) is in `reference_format`.
-What is kept as the reference made it: lora_down already acts on the unsmoothed input (6),
+The nunchaku-format file keeps diffusers-style names, tile-packed tensors and separate layers where
+ComfyUI fuses them. Numbers in comments refer to the steps listed in
+docs/DESIGN.md#nunchaku-import; the layer-level unpacking (2-5, 13, 14) is in `nunchaku_format`.
+What is kept as nunchaku made it: lora_down already acts on the unsmoothed input (6),
 padded zero rank columns (7), smoothing folded upstream (8: `smooth` ones, the factor kept as
 `smooth_orig`), q/k/v row order (10).
 """
@@ -15,8 +15,8 @@ import json
 import torch
 from safetensors import safe_open
 
-from . import format as fmt
-from . import numerics, reference_format
+from .. import format as fmt
+from .. import nunchaku_format, numerics
 
 # 1. names
 DENSE_LAYERS = {
@@ -44,15 +44,15 @@ DOUBLE_NORMS = {
     "norm_added_q.weight": "txt_attn.norm.query_norm.scale", "norm_added_k.weight": "txt_attn.norm.key_norm.scale",
 }
 SINGLE_NORMS = {"norm_q.weight": "norm.query_norm.scale", "norm_k.weight": "norm.key_norm.scale"}
-# (required fields, optional fields) of a reference layer
+# (required fields, optional fields) of a nunchaku-format layer
 W4A4_FIELDS = (("qweight", "wscales", "bias", "smooth", "lora_down", "lora_up"), ("smooth_orig",))
 W4A16_FIELDS = (("qweight", "wscales", "wzeros", "bias"), ())
-# a reference key no other model family has: how a file without metadata is recognised
+# a nunchaku key no other model family has: how a file without metadata is recognised
 SIGNATURE_KEY = "transformer_blocks.0.qkv_proj.qweight"
 
 
-def is_reference_file(path, metadata: dict[str, str]) -> bool:
-    """Whether the file is a reference-engine model (of any architecture)."""
+def is_nunchaku_file(path, metadata: dict[str, str]) -> bool:
+    """Whether the file is a nunchaku-format model (of any architecture)."""
     if metadata.get("model_class", "").startswith("Nunchaku") or "quantization_config" in metadata:
         return True
     with safe_open(str(path), framework="pt") as f:
@@ -76,7 +76,7 @@ class _Reader:
         required, optional = fields
         layer = {f: self.take(f"{prefix}.{f}") for f in required + optional
                  if f in required or f"{prefix}.{f}" in self.tensors}
-        check = reference_format.check_w4a16_layer if fields == W4A16_FIELDS else reference_format.check_w4a4_layer
+        check = nunchaku_format.check_w4a16_layer if fields == W4A16_FIELDS else nunchaku_format.check_w4a4_layer
         check(prefix, layer)
         return layer
 
@@ -85,16 +85,16 @@ class _Reader:
 
 
 def _w4a4(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = reference_format.unpack_w4a4_layer(packed)
+    out = nunchaku_format.unpack_w4a4_layer(packed)
     if "smooth_orig" in packed:  # 4. same permutation as smooth; kept only where it is not `smooth` (8)
-        smooth_orig = reference_format.unpack_w4a4_vector(packed["smooth_orig"])
+        smooth_orig = nunchaku_format.unpack_w4a4_vector(packed["smooth_orig"])
         if not torch.equal(smooth_orig, out["smooth"]):
             out["smooth_orig"] = smooth_orig
     return out
 
 
 def _with_gelu_shift(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """9. The reference engine always shifts an mlp_fc2 input; its bias already compensates."""
+    """9. Nunchaku always shifts an mlp_fc2 input; its bias already compensates."""
     k = layer["smooth"].shape[0]
     return {**layer, "shift": torch.full((k,), numerics.GELU_SHIFT, dtype=layer["smooth"].dtype,
                                           device=layer["smooth"].device)}
@@ -120,7 +120,7 @@ def _fuse_rows(qkv: dict, mlp_in: dict) -> dict[str, torch.Tensor]:
 
 def _fuse_columns(attn_out: dict, mlp_out: dict) -> dict[str, torch.Tensor]:
     """12. linear2 = [out_proj | mlp_fc2] along K: the MLP columns alone are shifted and unsigned,
-    lora_down is block diagonal, and the two biases (which the reference engine adds separately)
+    lora_down is block diagonal, and the two biases (which nunchaku adds separately)
     are summed."""
     def cat(field: str) -> torch.Tensor:
         return torch.cat([attn_out.get(field, attn_out["smooth"]), mlp_out.get(field, mlp_out["smooth"])])
@@ -142,11 +142,11 @@ def _fuse_columns(attn_out: dict, mlp_out: dict) -> dict[str, torch.Tensor]:
 
 def _modulation(packed: dict[str, torch.Tensor], chunks: int) -> dict[str, torch.Tensor]:
     """A W4A16 AdaNorm linear: unpack (13, 14), undo the row interleave (15) and the +1 (16)."""
-    layer = reference_format.unpack_w4a16_layer(packed)
+    layer = nunchaku_format.unpack_w4a16_layer(packed)
     n = layer["qweight"].shape[0]
     hidden = n // chunks
 
-    def rows(t: torch.Tensor) -> torch.Tensor:  # reference row chunks*d + c -> ComfyUI row c*hidden + d
+    def rows(t: torch.Tensor) -> torch.Tensor:  # nunchaku row chunks*d + c -> ComfyUI row c*hidden + d
         return t.reshape(hidden, chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
     def columns(t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def _check_quantization(path, metadata: dict[str, str]) -> dict:
 
 
 def import_model(path, metadata: dict[str, str], device: str | torch.device = "cpu") -> fmt.QuantizedModel:
-    """Read a reference-engine FLUX file into a natural `QuantizedModel` with ComfyUI names."""
+    """Read a nunchaku-format FLUX file into a natural `QuantizedModel` with ComfyUI names."""
     quantization_config = _check_quantization(path, metadata)
     reader = _Reader(path, fmt.load_tensors(path, device))
     tensors: dict[str, torch.Tensor] = {}
@@ -228,7 +228,7 @@ def import_model(path, metadata: dict[str, str], device: str | torch.device = "c
             add_w4a16(f"{out}.modulation.lin", _modulation(reader.take_layer(f"{ref}.norm.linear", W4A16_FIELDS), 3))
             for part_name, name in SINGLE_NORMS.items():
                 tensors[f"{out}.{name}"] = reader.take(f"{ref}.{part_name}")
-    except ValueError as exc:  # a reference layer whose shapes the unpacking cannot take
+    except ValueError as exc:  # a nunchaku-format layer whose shapes the unpacking cannot take
         raise fmt.FormatError(path, f"cannot import the reference layout: {exc}") from None
 
     left = sorted(set(reader.tensors) - reader.used)
