@@ -27,6 +27,7 @@ wheels, and its tree is 19 MiB: over the 64 MiB of one call.
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -89,8 +90,38 @@ def write_natural_file(path, tensors: dict, cfg, flux, fmt, pow2_weights: bool) 
             own = {f: tensors[f"{name}.{f}"] for f in fmt.LAYER_FIELDS[kind] if f"{name}.{f}" in tensors}
             layers[name] = fmt.describe_w4a4(own) if kind == "w4a4" else fmt.describe_w4a16(own)
     model = fmt.QuantizedModel(tensors, layers, "flux", cfg.to_dict())
-    model.quantization["hopper_pow2"] = pow2_weights
+    model.quantization["pow2_scales"] = pow2_weights
     fmt.save_model(path, model)
+
+
+def skipped_reason(comfy, variant: str, device: torch.device) -> str | None:
+    """Why `variant` cannot run on `device`; None where it can."""
+    if variant == "fp8" and not (device.type == "cuda" and comfy.model_management.supports_fp8_compute(device)):
+        return FP8_SKIPPED
+    return None
+
+
+def load_variant(comfy, pack, cfg, variant: str, gen: torch.Generator, tmp: str):
+    """`variant`'s FLUX model with random weights (drawn on gen's device) in ComfyUI's patcher, not yet
+    loaded by its model management: bf16 and fp8 by ComfyUI's own UNETLoader path from a 16-bit state
+    dict, ours from a natural-format file (written once per weight format into `tmp`) by the pack's
+    loader."""
+    loader, flux, fmt = pack
+    _, pow2_weights, pow2_activations = VARIANTS[variant]
+    if pow2_weights is None:
+        options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if variant == "fp8" else {"dtype": torch.bfloat16}
+        return comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
+    path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
+    if not os.path.exists(path):
+        write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
+    return loader.load_svdquant_flux(path, torch.bfloat16, "default", pow2_activations)
+
+
+def layer_ops(patcher) -> str:
+    """The patcher's class and the operation ComfyUI built the first qkv layer with (fp8: the class
+    its pick_operations chose) and that layer's weight dtype."""
+    qkv = patcher.model.diffusion_model.double_blocks[0].img_attn.qkv
+    return f"{type(patcher).__name__}, qkv {type(qkv).__module__}.{type(qkv).__qualname__} ({qkv.weight.dtype})"
 
 
 def timed(fn, sync, warmup: int, repeats: int) -> float:
@@ -127,7 +158,8 @@ def main() -> None:
         parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
     logging.basicConfig(level=logging.INFO)  # ComfyUI's word on its loads and a failed fp8 op (it falls back)
     comfy = import_comfyui(args.comfyui, args.device)
-    loader, flux, fmt = import_pack()
+    pack = import_pack()
+    flux = pack[1]
     from comfyui_version import __version__ as comfyui_version
 
     device = torch.device(args.device)
@@ -144,32 +176,23 @@ def main() -> None:
     rows, notes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
-            label, pow2_weights, pow2_activations = VARIANTS[variant]
-            if variant == "fp8" and not (cuda and comfy.model_management.supports_fp8_compute(device)):
-                rows[label] = {"skipped": FP8_SKIPPED}
+            label = VARIANTS[variant][0]
+            reason = skipped_reason(comfy, variant, device)
+            if reason is not None:
+                rows[label] = {"skipped": reason}
                 continue
-            if pow2_weights is None:  # ComfyUI's own UNETLoader path from a 16-bit state dict
-                options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if variant == "fp8" else {"dtype": bf16}
-                patcher = comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
-            else:
-                path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
-                if not os.path.exists(path):
-                    write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
-                patcher = loader.load_svdquant_flux(path, bf16, "default", pow2_activations)
+            patcher = load_variant(comfy, pack, cfg, variant, gen, tmp)
             comfy.model_management.load_models_gpu([patcher])
             model = patcher.model.diffusion_model
             state = model.state_dict().values()
             weight_bytes = sum(t.numel() * t.element_size() for t in state)
             on_device = sum(t.numel() * t.element_size() for t in state if t.device.type == device.type)
-            qkv = model.double_blocks[0].img_attn.qkv
-            notes[label] = (f"{type(patcher).__name__}, qkv {type(qkv).__module__}.{type(qkv).__qualname__} "
-                            f"({qkv.weight.dtype}), weights on {device.type}: "
-                            f"{on_device / max(weight_bytes, 1):.0%}")
+            notes[label] = f"{layer_ops(patcher)}, weights on {device.type}: {on_device / max(weight_bytes, 1):.0%}"
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             row = {"weights_GiB": round(weight_bytes / 2**30, 2)}
             with torch.no_grad():
-                row["eager_ms"] = round(timed(lambda: model(*inputs, **extra), sync, args.warmup, args.repeats), 2)
+                row["eager_ms"] = round(timed(functools.partial(model, *inputs, **extra), sync, args.warmup, args.repeats), 2)
                 if not args.no_compile:
                     compiled = torch.compile(model)  # what TorchCompileModel compiles (backend inductor)
                     sync()
@@ -184,7 +207,7 @@ def main() -> None:
             rows[label] = row
             print("row", json.dumps({label: row, "model": notes[label]}), flush=True)  # kept if a later variant times out
             comfy.model_management.unload_all_models()
-            del patcher, model, qkv, state
+            del patcher, model, state
             if cuda:
                 torch.cuda.empty_cache()
 

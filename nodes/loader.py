@@ -126,7 +126,7 @@ class SVDQuantFluxLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=files,
                                tooltip="An SVDQuant FLUX.1 file in models/diffusion_models: made by this pack, "
-                                       "or a reference-engine single-file INT4 model "
+                                       "or a nunchaku single-file INT4 model "
                                        "(svdq-int4_r32-flux.1-*.safetensors)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="bfloat16",
                                tooltip="16-bit type of activations and of the unquantized layers. bfloat16 suits "
@@ -138,10 +138,10 @@ class SVDQuantFluxLoader(io.ComfyNode):
                 io.Combo.Input("activation_scales", options=list(ACTIVATION_SCALES), default="from file",
                                optional=True,  # prompts saved before this input still validate
                                tooltip="How the 4-bit layers quantize their inputs. 'from file': power-of-two "
-                                       "scales where the file was quantized for the Hopper fast path, exact "
-                                       "elsewhere. 'power-of-two': faster on H100/H200 for any model, reference-"
-                                       "engine files included, with a slightly larger quantization error. "
-                                       "'exact': the reference engine's scales everywhere."),
+                                       "scales where the file has power-of-two weight scales, exact "
+                                       "elsewhere. 'power-of-two': faster on H100/H200 for any model, nunchaku "
+                                       "files included, with a slightly larger quantization error. "
+                                       "'exact': nunchaku's scales everywhere."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
         )

@@ -19,10 +19,10 @@ log = logging.getLogger("svdquant")
 SUFFIX = ".safetensors"
 
 
-def default_output_name(model_name: str, rank: int, hopper_fast_format: bool) -> str:
-    """svdq-int4_r32-<input stem>, the reference engine's naming; -pow2 marks the Hopper format so
-    that both formats of one model can sit side by side."""
-    return f"svdq-int4_r{rank}{'-pow2' if hopper_fast_format else ''}-{Path(model_name).stem}"
+def default_output_name(model_name: str, rank: int, pow2_scales: bool) -> str:
+    """svdq-int4_r32-<input stem>, nunchaku's naming; -pow2 marks power-of-two scales so that both
+    formats of one model can sit side by side."""
+    return f"svdq-int4_r{rank}{'-pow2' if pow2_scales else ''}-{Path(model_name).stem}"
 
 
 def output_folder() -> str:
@@ -82,16 +82,16 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                        "with BFL/ComfyUI key names (flux1-dev.safetensors, flux1-schnell.safetensors)."),
                 io.String.Input("output_name", default="",
                                 tooltip="Name of the quantized file, without .safetensors; empty: "
-                                        "svdq-int4_r<rank>-<model name> (-pow2 added for the Hopper format). "
+                                        "svdq-int4_r<rank>-<model name> (-pow2 added for power-of-two scales). "
                                         "An existing file is never overwritten."),
                 io.Int.Input("rank", default=32, min=flux.quantizer.MIN_RANK, max=flux.quantizer.MAX_RANK,
                              step=flux.quantizer.RANK_STEP,
                              tooltip="Rank of the 16-bit low-rank branch that absorbs outliers. 32 is what the "
                                      "published SVDQuant models use; higher is slightly more accurate, larger and "
                                      "slower."),
-                io.Boolean.Input("hopper_fast_format", default=False,
-                                 tooltip="Quantize for the Hopper fast path: power-of-two weight scales (and "
-                                         "power-of-two activation scales when loaded), which H100/H200 compute "
+                io.Boolean.Input("pow2_scales", default=False,
+                                 tooltip="Power-of-two scales: power-of-two weight scales (and power-of-two "
+                                         "activation scales when loaded), which H100/H200 compute "
                                          "faster, at a slightly larger quantization error. The file loads wherever "
                                          "other SVDQuant files do."),
                 io.Int.Input("calibration_calls", default=4, min=1, max=16,
@@ -113,10 +113,10 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model_name: str, output_name: str, rank: int, hopper_fast_format: bool,
+    def execute(cls, model_name: str, output_name: str, rank: int, pow2_scales: bool,
                 calibration_calls: int, calibration_prompts=None) -> io.NodeOutput:
         source = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        name = output_name.strip().removesuffix(SUFFIX) or default_output_name(model_name, rank, hopper_fast_format)
+        name = output_name.strip().removesuffix(SUFFIX) or default_output_name(model_name, rank, pow2_scales)
         if name.startswith(".") or any(sep in name for sep in ("/", "\\")):
             raise ValueError(f"output_name {output_name!r}: a plain file name is needed, not a path")
         target = Path(output_folder()) / f"{name}{SUFFIX}"
@@ -132,10 +132,10 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
             bar.update(1)
 
         prompts = None if calibration_prompts is None else prompts_from_conditioning(calibration_prompts)
-        result = flux.quantizer.quantize_checkpoint(source, target, rank=rank, hopper_pow2=hopper_fast_format,
-                                                   calibration_calls=calibration_calls, prompts=prompts,
-                                                   device=comfy.model_management.get_torch_device(),
-                                                   on_layer=layer_done, report=log.info)
+        result = flux.quantizer.quantize_checkpoint(source, target, rank=rank, pow2_scales=pow2_scales,
+                                                    calibration_calls=calibration_calls, prompts=prompts,
+                                                    device=comfy.model_management.get_torch_device(),
+                                                    on_layer=layer_done, report=log.info)
         message = result_text(result)
         log.info("wrote %s", message)
         return io.NodeOutput(target.name, ui=ui.PreviewText(message))

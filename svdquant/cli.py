@@ -60,8 +60,8 @@ def cmd_demo(args) -> int:
     # scheme -> (quantizer options, file name tag)
     schemes = {f"SVDQuant r{args.rank}": (dict(rank=args.rank), f"svdq-r{args.rank}"),
                "plain W4A4": (dict(rank=0, smooth=False), "w4a4")}
-    if args.hopper_pow2:
-        schemes[f"SVDQuant r{args.rank} pow2"] = (dict(rank=args.rank, hopper_pow2=True), f"svdq-r{args.rank}-pow2")
+    if args.pow2_scales:
+        schemes[f"SVDQuant r{args.rank} pow2"] = (dict(rank=args.rank, pow2_scales=True), f"svdq-r{args.rank}-pow2")
     files = {}
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = Path(args.keep or scratch)
@@ -125,7 +125,7 @@ def cmd_quantize(args) -> int:
     if output.exists() and not args.overwrite:
         raise fmt.FormatError(output, "already exists (--overwrite replaces it)")
     start = time.perf_counter()
-    result = flux.quantizer.quantize_checkpoint(args.input, output, rank=args.rank, hopper_pow2=args.hopper_pow2,
+    result = flux.quantizer.quantize_checkpoint(args.input, output, rank=args.rank, pow2_scales=args.pow2_scales,
                                                calibration_calls=args.calibration_calls, device=args.device,
                                                report=print)
     print(f"wrote {output}: {len(result.layers)} quantized layers, {output.stat().st_size / 2**20:.1f} MiB, "
@@ -148,8 +148,9 @@ def main(argv=None) -> int:
     demo.add_argument("--size", type=int, default=32, help="latent height and width (image size / 8)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    demo.add_argument("--hopper-pow2", action="store_true",
-                      help="also quantize for the Hopper fast path (power-of-two weight and activation scales)")
+    demo.add_argument("--pow2-scales", "--hopper-pow2", action="store_true",
+                      help="also quantize with power-of-two weight scales and run it with power-of-two activation "
+                           "scales (faster on Hopper)")
     demo.add_argument("--keep", metavar="DIR", help="keep the quantized files in DIR (they load in ComfyUI)")
     demo.set_defaults(func=cmd_demo)
     info = sub.add_parser("info", help="describe SVDQuant model files and which kernels run here")
@@ -163,9 +164,9 @@ def main(argv=None) -> int:
     quantize.add_argument("--rank", type=int, default=32, metavar="R",
                           choices=range(flux.quantizer.MIN_RANK, flux.quantizer.MAX_RANK + 1, flux.quantizer.RANK_STEP),
                           help="rank of the 16-bit low-rank branch, a multiple of 16 from 16 to 256")
-    quantize.add_argument("--hopper-pow2", action="store_true",
-                          help="quantize for the Hopper fast path (power-of-two scales: faster on H100/H200, "
-                               "slightly larger error)")
+    quantize.add_argument("--pow2-scales", "--hopper-pow2", action="store_true",
+                          help="power-of-two weight scales, run with power-of-two activation scales (faster on "
+                               "H100/H200, slightly larger error)")
     quantize.add_argument("--calibration-calls", type=int, default=4, choices=range(1, 17), metavar="N",
                           help="model calls on random stand-in inputs whose layer inputs calibrate the "
                                "quantization (1 to 16)")

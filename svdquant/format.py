@@ -18,7 +18,8 @@ original model's terms (a LoRA) needs it. Absent means equal to `smooth`.
 Metadata (all strings, as safetensors requires):
   format          "svdquant"
   format_version  FORMAT_VERSION
-  quantization    JSON {"method": "svdquant", "group_size": 64, "rank": r, "act_shift": 0.171875}
+  quantization    JSON {"method": "svdquant", "group_size": 64, "rank": r, "act_shift": 0.171875,
+                  "pow2_scales": whether the W4A4 weights have power-of-two scales (docs/DESIGN.md#scales), ...}
   layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift" (w4a4)}}
   model_type      e.g. "flux"
   model_config    JSON, the model's configuration (opaque here; the model builder reads it)
@@ -45,6 +46,8 @@ from . import numerics
 FORMAT_NAME = "svdquant"
 FORMAT_VERSION = 1
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# quantization metadata keys of files written before a name was settled -> the name read now
+OLD_QUANTIZATION_KEYS = {"hopper_pow2": "pow2_scales"}
 
 
 class FormatError(ValueError):
@@ -316,6 +319,9 @@ def load_model(path, device: str | torch.device = "cpu") -> QuantizedModel:
         model_config = json.loads(metadata.get("model_config", "{}"))
     except (KeyError, json.JSONDecodeError) as exc:
         raise FormatError(path, f"bad metadata ({exc})") from None
+    for old, new in OLD_QUANTIZATION_KEYS.items():
+        if old in quantization:
+            quantization.setdefault(new, quantization.pop(old))
     if quantization.get("group_size") != numerics.GROUP_SIZE:
         raise FormatError(path, f"unsupported group size {quantization.get('group_size')!r}")
     model = QuantizedModel(load_tensors(path, device), layers, metadata.get("model_type", ""), model_config,

@@ -34,10 +34,10 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
     naive_w4a4: INT4 weights and activations, no smoothing, no low-rank;
     smooth_w4a4: with the smoothing search; svdquant_r{rank}: smoothing + rank-r branch;
     w4a16: 4-bit weights only (asymmetric, group 64), 16-bit activations.
-    pow2 adds the Hopper fast-path restrictions of svdquant_r{rank}: _pow2a, activation scales
-    restricted to powers of two per token (design (d), same weights); _pow2w, weight scales
-    restricted per row (design (c), quantize_linear(hopper_pow2=True)), exact activations; _pow2wa,
-    both (what the fast kernels compute).
+    pow2 adds the power-of-two scales (docs/DESIGN.md#scales) of svdquant_r{rank}: _pow2a,
+    power-of-two activation scales per token (same weights); _pow2w, power-of-two weight scales per
+    row (quantize_linear(hopper_pow2=True)), exact activations; _pow2wa, both (what a file with
+    power-of-two scales runs by default).
     """
     from .linear import SVDQLinear  # linear imports kernels; keep this module light to import
 

@@ -4,7 +4,8 @@ import logging
 import re
 import sys
 
-from svdquant import cli, kernels
+from svdquant import cli, flux, kernels
+from svdquant import format as fmt
 
 
 def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys, monkeypatch):
@@ -30,7 +31,20 @@ def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys, monkeypatch)
                                                           "tiny-flux.1-dev-w4a4.safetensors"]
 
 
-def test_info_tells_the_flux_variant_of_a_reference_file(capsys, reference_fixture):
+def test_quantize_takes_the_old_name_of_the_pow2_scales_flag(tmp_path, monkeypatch):
+    calls = []
+
+    def quantize_checkpoint(*args, **kwargs):
+        calls.append(kwargs["pow2_scales"])
+        raise fmt.FormatError(args[0], "stop here")
+
+    monkeypatch.setattr(flux.quantizer, "quantize_checkpoint", quantize_checkpoint)
+    for flags in ((), ("--pow2-scales",), ("--hopper-pow2",)):
+        assert cli.main(["quantize", "in.safetensors", str(tmp_path / "out.safetensors"), *flags]) == 2
+    assert calls == [False, True, True]
+
+
+def test_info_tells_the_flux_variant_of_a_nunchaku_file(capsys, reference_fixture):
     assert cli.main(["info", str(reference_fixture("reference_flux_tiny.safetensors"))]) == 0
     assert "FLUX.1 dev architecture, width 256, 1 double + 1 single blocks" in capsys.readouterr().out
 

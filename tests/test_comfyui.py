@@ -478,7 +478,7 @@ def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype:
                                                          ("tiny-dev.safetensors", 3.5, "bfloat16"),
                                                          ("reference_flux_tiny.safetensors", 3.5, "bfloat16")])
 def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name, guidance, dtype, reference_fixture):
-    if model_name == "reference_flux_tiny.safetensors":  # the reference engine's format, imported on load
+    if model_name == "reference_flux_tiny.safetensors":  # a nunchaku-format file, imported on load
         shutil.copy(reference_fixture(model_name), server.base / "models" / "diffusion_models")
     prefix = f"svdquant_{Path(model_name).stem}_{dtype}"
     entry = server.run(sampling_prompt(model_name, guidance, prefix, dtype))
@@ -607,14 +607,14 @@ def test_quantizer_node_in_object_info(server):
     assert info["display_name"] == "SVDQuant FLUX Quantizer" and info["category"] == "SVDQuant"
     assert info["output_node"] is True and info["output"] == ["STRING"]
     required = info["input"]["required"]
-    assert list(required) == ["model_name", "output_name", "rank", "hopper_fast_format", "calibration_calls"]
+    assert list(required) == ["model_name", "output_name", "rank", "pow2_scales", "calibration_calls"]
     # only 16-bit FLUX.1 checkpoints are offered: not 4-bit files, other safetensors or pickles
     files = set(required["model_name"][1]["options"])
     assert "flux1-dev.safetensors" in files
     assert not files & {"tiny-schnell.safetensors", "not-flux.safetensors", "pickled.ckpt"}
     assert {key: required["rank"][1][key] for key in ("default", "min", "max", "step")} == \
         {"default": 32, "min": 16, "max": 256, "step": 16}
-    assert required["hopper_fast_format"][1]["default"] is False
+    assert required["pow2_scales"][1]["default"] is False
     assert (required["calibration_calls"][1]["min"], required["calibration_calls"][1]["max"]) == (1, 16)
     assert all(spec[1].get("tooltip") for spec in required.values())
     optional = info["input"]["optional"]
@@ -622,12 +622,12 @@ def test_quantizer_node_in_object_info(server):
     assert optional["calibration_prompts"][1].get("tooltip")
 
 
-def quantizer_prompt(model_name: str, output_name: str = "", hopper_fast_format: bool = False,
+def quantizer_prompt(model_name: str, output_name: str = "", pow2_scales: bool = False,
                      prompts: dict | None = None) -> dict:
     """The Quantizer node; prompts: inputs of a test conditioning node wired to calibration_prompts."""
     prompt = {"1": {"class_type": "SVDQuantFluxQuantizer",
                     "inputs": {"model_name": model_name, "output_name": output_name, "rank": 32,
-                               "hopper_fast_format": hopper_fast_format, "calibration_calls": 2}}}
+                               "pow2_scales": pow2_scales, "calibration_calls": 2}}}
     if prompts is not None:
         prompt["2"] = {"class_type": "SVDQuantTestConditioning", "inputs": {"seed": 3, "tokens": 16, **prompts}}
         prompt["1"]["inputs"]["calibration_prompts"] = ["2", 0]
@@ -642,12 +642,12 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     models = server.base / "models" / "diffusion_models"
     save_file({f"model.diffusion_model.{key}": t for key, t in tensors.items()},
               str(models / "flux1-tiny-dev.safetensors"))
-    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", hopper_fast_format=True, prompts={}))
+    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", pow2_scales=True, prompts={}))
     assert entry["status"]["status_str"] == "success", entry["status"]
     name = "svdq-int4_r32-pow2-flux1-tiny-dev.safetensors"
     assert entry["outputs"]["1"]["text"][0].startswith(f"{name}: 26 quantized layers, ")
     model, file_cfg = flux.files.load_flux(models / name)
-    assert file_cfg == cfg and model.quantization["hopper_pow2"] is True
+    assert file_cfg == cfg and model.quantization["pow2_scales"] is True
     assert model.quantization["calibration_calls"] == 2 and model.quantization["calibration_prompts"] == 1
     assert not list(models.glob("*.partial"))
 

@@ -151,12 +151,12 @@ def test_svdquant_beats_plain_w4a4_on_the_tiny_model():
     assert errors["svdquant"] < errors["plain"] / 2
 
 
-def test_hopper_pow2_model():
-    """quantize_flux(hopper_pow2=True): every W4A4 layer has power-of-two weight scales, and the model
+def test_pow2_scales_model():
+    """quantize_flux(pow2_scales=True): every W4A4 layer has power-of-two weight scales, and the model
     with the restricted activations it is made for stays close to the exact-scale SVDQuant model."""
     cfg, tensors = bf16_model(False)
-    model = quantized_model(False, hopper_pow2=True)
-    assert model.quantization["hopper_pow2"] is True
+    model = quantized_model(False, pow2_scales=True)
+    assert model.quantization["pow2_scales"] is True
     w4a4 = [name for name, layer in model.layers.items() if layer["kind"] == "w4a4"]
     assert w4a4 and all(numerics.pow2_weight_exponents(model.tensors[f"{name}.wscales"]) is not None
                         for name in w4a4)
@@ -174,6 +174,23 @@ def test_hopper_pow2_model():
         ref = flux.model.sample_euler(dense, noise, context, pooled, steps=4).double()
         out = flux.model.sample_euler(engine, noise, context, pooled, 4)
     assert float((out.double() - ref).norm() / ref.norm()) < 0.06  # exact scales: 0.035, this: 0.042
+
+
+def test_a_file_written_with_the_old_metadata_key_loads_the_same(tmp_path):
+    """Files written before the name was settled say quantization["hopper_pow2"]: they load with
+    the same metadata and the same activation-scale choice as a file that says "pow2_scales"."""
+    model = quantized_model(False, pow2_scales=True)
+    old = {k: v for k, v in model.quantization.items() if k != "pow2_scales"}
+    old["hopper_pow2"] = True
+    fmt.save_model(tmp_path / "new.safetensors", model)
+    fmt.save_model(tmp_path / "old.safetensors", fmt.QuantizedModel(model.tensors, model.layers, model.model_type,
+                                                                    model.model_config, old))
+    assert "hopper_pow2" in fmt.read_header(tmp_path / "old.safetensors")["quantization"]
+    (new, cfg), (loaded_old, _) = (flux.files.load_flux(tmp_path / f"{name}.safetensors") for name in ("new", "old"))
+    assert loaded_old.quantization == new.quantization and new.quantization["pow2_scales"] is True
+    engine = flux.model.from_tensors(cfg, loaded_old.tensors)
+    file_options.apply_file_options(engine, loaded_old.quantization)
+    assert all(kernels.uses_pow2_activations(m) for m in engine.modules() if isinstance(m, SVDQLinear))
 
 
 def test_power_of_two_activations_can_be_chosen_for_any_file():

@@ -42,7 +42,7 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     assert cfg.variant == "schnell"
     assert {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
     assert model.quantization["rank"] == 32 and model.quantization["calibration_calls"] == 4
-    assert model.quantization["hopper_pow2"] is False
+    assert model.quantization["pow2_scales"] is False
     # the file is exactly what the engine's quantize_flux makes from the same tensors
     cfg, tensors = bf16_model(False)
     direct = flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg, 4), progress=False)
@@ -78,12 +78,12 @@ def test_cli_reads_a_comfyui_checkpoint_of_dev_in_float32_with_the_options(tmp_p
                               prefix="model.diffusion_model.", dtype=torch.float32,
                               extra={"first_stage_model.decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)})
     target = tmp_path / "svdq-pow2.safetensors"
-    assert cli.main(["quantize", str(source), str(target), "--rank", "16", "--hopper-pow2",
+    assert cli.main(["quantize", str(source), str(target), "--rank", "16", "--pow2-scales",
                      "--calibration-calls", "2", "--device", "cpu"]) == 0
     assert "FLUX.1-dev" in capsys.readouterr().out
     model, cfg = flux.files.load_flux(target)
     assert cfg.variant == "dev" and {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
-    assert model.quantization["hopper_pow2"] is True and model.quantization["rank"] == 16
+    assert model.quantization["pow2_scales"] is True and model.quantization["rank"] == 16
     assert model.quantization["calibration_calls"] == 2
     assert all(desc["rank"] == 16 for desc in model.layers.values() if desc["kind"] == flux.arch.W4A4)
     _, tensors = bf16_model(True)

@@ -1,4 +1,4 @@
-"""Unpacking the reference engine's tile-packed tensors, against tensors it packed itself."""
+"""Unpacking nunchaku's tile-packed tensors, against tensors it packed itself."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Importing the reference engine's single-file INT4 FLUX model (../shared/fixtures)."""
+"""Importing nunchaku's single-file INT4 FLUX model (../shared/fixtures)."""
 
 import json
 

@@ -109,7 +109,7 @@ def test_hopper_pow2_layer_runs_with_pow2_activations():
     t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
     layer = SVDQLinear.from_tensors(t.as_dict())
     assert layer.pow2_weights and not kernels.uses_pow2_activations(layer)  # opt-in
-    file_options.apply_file_options(layer, {"hopper_pow2": True})  # "from file": on for a Hopper-format file
+    file_options.apply_file_options(layer, {"pow2_scales": True})  # "from file": on for a file with power-of-two scales
     assert kernels.uses_pow2_activations(layer)
     y = layer(x.bfloat16())
     ref = kernels.svdq_linear_reference(x.bfloat16(), layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
@@ -130,7 +130,7 @@ def test_pow2_activation_switch():
     assert not kernels.uses_pow2_activations(layer)
     file_options.apply_file_options(layer, {}, pow2_activations=True)
     assert kernels.uses_pow2_activations(layer)
-    file_options.apply_file_options(layer, {"hopper_pow2": True}, pow2_activations=False)
+    file_options.apply_file_options(layer, {"pow2_scales": True}, pow2_activations=False)
     assert not kernels.uses_pow2_activations(layer)
     file_options.apply_file_options(layer, {})
     assert not kernels.uses_pow2_activations(layer)

@@ -18,10 +18,10 @@ def bf16_model(guidance_embed: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, hopper_pow2: bool = False):
+def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, pow2_scales: bool = False):
     cfg, tensors = bf16_model(guidance_embed)
     return flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg), rank=rank,
-                                       smooth=smooth, alphas=TEST_ALPHAS, progress=False, hopper_pow2=hopper_pow2)
+                                        smooth=smooth, alphas=TEST_ALPHAS, progress=False, pow2_scales=pow2_scales)
 
 
 def eager_and_compiled(model, args, backend: str = "inductor"):

@@ -182,7 +182,7 @@ class _Calls:
 
 def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: FluxConfig, calibration: list[tuple],
                      held_out: list[tuple], write: Callable[[str, torch.Tensor], None], *, rank: int, smooth: bool,
-                     alphas, dtype: torch.dtype, hopper_pow2: bool, device: torch.device, progress: bool,
+                     alphas, dtype: torch.dtype, pow2_scales: bool, device: torch.device, progress: bool,
                      on_layer: Callable[[str], None] | None) -> tuple[dict[str, dict], dict[str, float]]:
     """The streaming quantizer: load(keys) gives those tensors of the 16-bit model (keys of one
     part: the stem, then each block in order), write(key, tensor) takes every tensor of the
@@ -230,10 +230,10 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
                 if spec.kind == W4A4:
                     result = quantize.quantize_linear(module.weight, module.bias, calibrated.pop(name), rank=rank,
                                                       shift=gelu_shift(spec), smooth=smooth, alphas=alphas, dtype=dtype,
-                                                      hopper_pow2=hopper_pow2)
+                                                      hopper_pow2=pow2_scales)
                     if held_out:
                         errors[name] = quantize.relative_output_error(result, module.weight, module.bias,
-                                                                      held.pop(name), hopper_pow2)
+                                                                      held.pop(name), pow2_scales)
                     layer = result.as_dict()
                     layers[name] = fmt.describe_w4a4(layer)
                 else:
@@ -271,7 +271,7 @@ def quality_summary(errors: dict[str, float]) -> dict:
 
 def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration: list[tuple], rank: int = 32,
                   smooth: bool = True, alphas=quantize.DEFAULT_ALPHAS, progress: bool = True,
-                  dtype: torch.dtype = torch.bfloat16, hopper_pow2: bool = False,
+                  dtype: torch.dtype = torch.bfloat16, pow2_scales: bool = False,
                   device: str | torch.device | None = None,
                   on_layer: Callable[[str], None] | None = None, calibration_prompts: int = 0,
                   held_out: list[tuple] | None = None) -> fmt.QuantizedModel:
@@ -279,8 +279,9 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux.model.Flux`.
     rank=0 and smooth=False give plain W4A4 (what SVDQuant improves on); alphas are the smoothing
-    exponents searched per layer. hopper_pow2: power-of-two weight group scales in every W4A4 layer
-    (quantize.quantize_linear), the format of the Hopper fast path; recorded in the metadata.
+    exponents searched per layer. pow2_scales: power-of-two weight group scales in every W4A4 layer
+    (quantize.quantize_linear, docs/DESIGN.md#scales); recorded in the metadata, and files with them
+    run with power-of-two activation scales by default (file_options).
     device: where the calibration forward and the quantization run, one block at a time (default:
     where the tensors are); the result is on the tensors' device. on_layer: called with each
     quantized layer's name when it is done. calibration_prompts: how many real prompts the
@@ -293,18 +294,18 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     out: dict[str, torch.Tensor] = {}
     layers, errors = _quantize_blocks(
         lambda keys: {key: _require_finite(key, tensors[key], "state dict") for key in keys}, cfg, calibration,
-        held_out or [], out.__setitem__, rank=rank, smooth=smooth, alphas=alphas, dtype=dtype, hopper_pow2=hopper_pow2,
+        held_out or [], out.__setitem__, rank=rank, smooth=smooth, alphas=alphas, dtype=dtype, pow2_scales=pow2_scales,
         device=device, progress=progress, on_layer=on_layer)
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(),
-                              _quantization(rank, smooth, len(calibration), calibration_prompts, hopper_pow2, errors))
+                              _quantization(rank, smooth, len(calibration), calibration_prompts, pow2_scales, errors))
 
 
-def _quantization(rank, smooth, calls, prompts, hopper_pow2, errors) -> dict:
+def _quantization(rank, smooth, calls, prompts, pow2_scales, errors) -> dict:
     """The file's `quantization` metadata; with a quality report, its mean and worst layers (every
     layer's error is in the file's `quality` metadata and the JSON beside it)."""
     out = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
            "rank": rank, "smooth": smooth, "calibration_calls": calls, "calibration_prompts": prompts,
-           "hopper_pow2": hopper_pow2}
+           "pow2_scales": pow2_scales}
     if errors:
         summary = quality_summary(errors)
         out["held_out_error"] = {"mean": summary["mean"], "worst": summary["worst"]}
@@ -564,7 +565,7 @@ def quality_report_path(target) -> Path:
     return target.with_name(target.name.removesuffix(".safetensors") + ".quality.json")
 
 
-def quantize_checkpoint(source, target, rank: int = 32, hopper_pow2: bool = False, calibration_calls: int = 4,
+def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = False, calibration_calls: int = 4,
                         device: str | torch.device | None = None, progress: bool = True,
                         on_layer: Callable[[str], None] | None = None,
                         report: Callable[[str], None] = lambda message: None,
@@ -614,9 +615,9 @@ def quantize_checkpoint(source, target, rank: int = 32, hopper_pow2: bool = Fals
     try:
         layers, errors = _quantize_blocks(lambda keys: read_checkpoint(source, keys), cfg, calibration, held_out,
                                           writer.write, rank=rank, smooth=True, alphas=quantize.DEFAULT_ALPHAS,
-                                          dtype=torch.bfloat16, hopper_pow2=hopper_pow2, device=device,
+                                          dtype=torch.bfloat16, pow2_scales=pow2_scales, device=device,
                                           progress=progress, on_layer=on_layer)
-        quantization = _quantization(rank, True, calibration_calls, len(prompts or ()), hopper_pow2, errors)
+        quantization = _quantization(rank, True, calibration_calls, len(prompts or ()), pow2_scales, errors)
         quality = quality_summary(errors)
         writer.finish({"format": fmt.FORMAT_NAME, "format_version": str(fmt.FORMAT_VERSION),
                        "quantization": json.dumps(quantization), "layers": json.dumps(layers), "model_type": "flux",
