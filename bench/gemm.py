@@ -51,7 +51,7 @@ TOKENS = [4608, 256, 1024]
 RANK = 32
 LORA_RANKS = [32, 32 + 64, 32 + 64 + 128]
 # (N, first GELU channel) of the FLUX layers whose output feeds a GELU: the double blocks' MLP input
-# layer (the one flux.fuse_mlp_gelu fuses), and the single blocks' linear1, whose columns after q, k, v
+# layer (the one flux.fusion.fuse_mlp_gelu fuses), and the single blocks' linear1, whose columns after q, k, v
 # are the MLP's
 GELU_LAYERS = [(12288, 0), (21504, 9216)]
 
@@ -118,20 +118,32 @@ def random_layer(n: int, k: int, rank: int, gen: torch.Generator, pow2: bool = F
     return layer
 
 
+def l2_size() -> int:
+    """The GPU's L2 cache in bytes (50 MiB where torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
 def input_sets(m: int, n: int, k: int, l2_bytes: int) -> int:
     set_bytes = (m * k + n * k) * 2  # the largest variant's operands (bf16)
     return max(2, min(16, math.ceil(3 * l2_bytes / set_bytes)))
 
 
-def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
+def shape_inputs(m: int, n: int, k: int, l2_bytes: int):
+    """What a FLUX shape's row starts from (here and in bench/gemm_sm80.py): the generator seeded by the
+    shape, the row with the count of input sets and cuBLAS bf16's time, and each set's bf16 operands
+    a [M, K] and b [N, K]. Returns (gen, row, a, b)."""
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n * 7 + k)
     sets = input_sets(m, n, k, l2_bytes)
-    flops = 2.0 * m * n * k
     row = {"M": m, "N": n, "K": k, "input_sets": sets}
-
     a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
     b = [torch.randn(n, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
     row["bf16_ms"] = time_calls([lambda i=i: a[i] @ b[i].t() for i in range(sets)])
+    return gen, row, a, b
+
+
+def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
+    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
+    sets, flops = row["input_sets"], 2.0 * m * n * k
 
     a8 = [t.to(torch.float8_e4m3fn) for t in a]
     b8 = [t.to(torch.float8_e4m3fn) for t in b]
@@ -146,9 +158,10 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
     for tag, pow2 in (("", False), ("f", True)):
         layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
+        ops, ops0 = [lay.w4a4_kernel() for lay in layers], [lay.w4a4_kernel() for lay in layers0]
 
         def k1(i):
-            return sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), pow2, pow2)
+            return sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), pow2, pow2)
 
         stage1 = [k1(i) for i in range(sets)]
 
@@ -156,7 +169,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             codes, ascales, lora_act = stage1[i]
             lay = layers[i]
             if pow2:
-                wexp, wbase = sm90.pow2_weights(lay)
+                wexp, wbase = sm90.pow2_weight_operands(ops[i])
                 return sm90.w4a4_gemm_pow2(codes, ascales, lora_act, lay.qweight, wexp, wbase, lay.lora_up, lay.bias,
                                            None, tile_t, half_rows)
             return sm90.w4a4_gemm(codes, ascales, lora_act, lay.qweight, lay.wscales, lay.lora_up, lay.bias)
@@ -168,23 +181,24 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t, 0) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
-            stage1_pow2 = [sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), True) for i in range(sets)]
+            stage1_pow2 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True) for i in range(sets)]
             row["k2d_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm(
                 *stage1_pow2[i], layers[i].qweight, layers[i].wscales, layers[i].lora_up, layers[i].bias)
                 for i in range(sets)])
             for lay in layers:
                 lay.pow2_activations = True
-            row["k1k2d_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
+            ops_pow2_act = [lay.w4a4_kernel() for lay in layers]
+            row["k1k2d_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops_pow2_act[i])
                                           for i in range(sets)])
             for lay in layers:
                 lay.pow2_activations = False
-            del stage1_pow2
-        row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
+            del stage1_pow2, ops_pow2_act
+        row[f"k1k2{tag}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops[i])
                                            for i in range(sets)])
-        row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers0[i])
+        row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops0[i])
                                               for i in range(sets)])
         row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
-        del layers, layers0, stage1
+        del layers, layers0, ops, ops0, stage1
 
     for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
@@ -202,10 +216,10 @@ def bench_lora(m: int, n: int, k: int, l2_bytes: int) -> dict:
     a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
     row = {"M": m, "N": n, "K": k, "input_sets": sets}
     for rank in LORA_RANKS:
-        layers = [random_layer(n, k, rank, gen, pow2=True) for _ in range(sets)]
-        row[f"k1k2f_r{rank}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], layers[i])
+        ops = [random_layer(n, k, rank, gen, pow2=True).w4a4_kernel() for _ in range(sets)]
+        row[f"k1k2f_r{rank}_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops[i])
                                                for i in range(sets)])
-        del layers
+        del ops
     torch.cuda.empty_cache()
     return row
 
@@ -217,8 +231,9 @@ def bench_gelu(m: int, n: int, k: int, gelu_from: int, l2_bytes: int) -> dict:
     sets = input_sets(m, n, k, l2_bytes)
     a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
     layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in range(sets)]
-    stage1 = [sm90.act_quant(a[i], *sm90.layer_inputs(layers[i]), True, True) for i in range(sets)]
-    pow2_weights = [sm90.pow2_weights(lay) for lay in layers]
+    ops = [lay.w4a4_kernel() for lay in layers]
+    stage1 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True, True) for i in range(sets)]
+    pow2_weights = [sm90.pow2_weight_operands(op) for op in ops]
 
     def k2(i, fused_from=-1):
         lay = layers[i]
@@ -230,7 +245,7 @@ def bench_gelu(m: int, n: int, k: int, gelu_from: int, l2_bytes: int) -> dict:
     row["k2f_gelu_fused_ms"] = time_calls([lambda i=i: k2(i, gelu_from) for i in range(sets)])
     row["k2f_then_torch_gelu_ms"] = time_calls([
         lambda i=i: torch.nn.functional.gelu(k2(i)[:, gelu_from:], approximate="tanh") for i in range(sets)])
-    del a, layers, stage1
+    del a, layers, ops, stage1
     torch.cuda.empty_cache()
     return row
 
@@ -241,8 +256,9 @@ def fast_path_error(m: int, n: int, k: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(m, k, generator=gen, device="cuda").half()
     layer = random_layer(n, k, 0, gen, pow2=True, dtype=torch.float16)
-    codes, atok, lora_act = sm90.act_quant(x, *sm90.layer_inputs(layer), True, True)
-    wexp, wbase = sm90.pow2_weights(layer)
+    op = layer.w4a4_kernel()
+    codes, atok, lora_act = sm90.act_quant(x, *sm90.kernel1_inputs(op), True, True)
+    wexp, wbase = sm90.pow2_weight_operands(op)
     a = sm90.act_operands_to_natural(codes, int8_operands=True).double()
     w = numerics.unpack_int4(layer.qweight, signed=True).double() * torch.exp2(
         -wexp[:, :n].double()).t().repeat_interleave(64, dim=1)
@@ -261,12 +277,12 @@ def host_time(m: int, n: int, k: int, calls: int = 200) -> dict:
     x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
     row = {"M": m, "N": n, "K": k, "calls": calls}
     for tag, pow2 in (("", False), ("f", True)):
-        layer = random_layer(n, k, RANK, gen, pow2)
-        row[f"k1k2{tag}_gpu_ms"] = time_calls([lambda: sm90.svdq_linear(x, layer)])
+        op = random_layer(n, k, RANK, gen, pow2).w4a4_kernel()
+        row[f"k1k2{tag}_gpu_ms"] = time_calls([lambda: sm90.svdq_linear(x, op)])
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):  # fewer launches than the launch queue holds: the host never waits
-            sm90.svdq_linear(x, layer)
+            sm90.svdq_linear(x, op)
         row[f"k1k2{tag}_host_ms"] = (time.perf_counter() - start) * 1e3 / calls
         torch.cuda.synchronize()
     return row
@@ -279,8 +295,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("bench/gemm.py needs an sm_90 GPU")
-    props = torch.cuda.get_device_properties(0)
-    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    l2_bytes = l2_size()
     rows = []
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "

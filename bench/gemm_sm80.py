@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gemm import FLUX_SHAPES, input_sets, random_layer, time_calls  # noqa: E402
+from gemm import FLUX_SHAPES, l2_size, random_layer, shape_inputs, time_calls  # noqa: E402
 from record import write_result  # noqa: E402
 from svdquant.families import sm80  # noqa: E402
 
@@ -34,41 +34,35 @@ RANK = 32
 
 
 def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(m * 31 + n * 7 + k)
-    sets = input_sets(m, n, k, l2_bytes)
-    flops = 2.0 * m * n * k
-    row = {"M": m, "N": n, "K": k, "input_sets": sets}
-
-    a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
-    b = [torch.randn(n, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
-    row["bf16_ms"] = time_calls([lambda i=i: a[i] @ b[i].t() for i in range(sets)])
+    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
+    sets, flops = row["input_sets"], 2.0 * m * n * k
     del b
     a8 = [torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     b8 = [torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     row["int_mm_ms"] = time_calls([lambda i=i: torch._int_mm(a8[i], b8[i].t()) for i in range(sets)])
     del a8, b8
 
-    layers = [random_layer(n, k, RANK, gen) for _ in range(sets)]
-    inputs = [sm80.layer_inputs(lay) for lay in layers]
+    ops = [random_layer(n, k, RANK, gen).w4a4_kernel() for _ in range(sets)]
+    inputs = [sm80.kernel1_inputs(op) for op in ops]
     row["k1_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i]) for i in range(sets)])
     row["k1p_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True) for i in range(sets)])
     stage1 = [sm80.act_quant(a[i], *inputs[i]) for i in range(sets)]
 
     def k2(i, mma):
         codes, ascales, lora_act = stage1[i]
-        lay = layers[i]
-        return sm80.w4a4_gemm(codes, ascales, inputs[i][2], lay.qweight, lay.wscales, lora_act, lay.lora_up,
-                              lay.bias, mma=mma)
+        op = ops[i]
+        return sm80.w4a4_gemm(codes, ascales, inputs[i][2], op.qweight, op.wscales, lora_act, op.lora_up,
+                              op.bias, mma=mma)
 
     row["k2_int8_ms"] = time_calls([lambda i=i: k2(i, "int8") for i in range(sets)])
-    row["k1k2_int8_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], layers[i], mma="int8", pow2_activations=False)
+    row["k1k2_int8_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8", pow2_activations=False)
                                       for i in range(sets)])
     if int4:
         row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
     for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8") + (("k2_int4",) if int4 else ()):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
     row["k1k2_int8_speedup_vs_bf16"] = row["bf16_ms"] / row["k1k2_int8_ms"]
-    del a, layers, inputs, stage1
+    del a, ops, inputs, stage1
     torch.cuda.empty_cache()
     return row
 
@@ -81,8 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         sys.exit("bench/gemm_sm80.py needs an sm_80 or newer GPU")
-    props = torch.cuda.get_device_properties(0)
-    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    l2_bytes = l2_size()
     rows = []
     print(f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'TOPS':>5} | {'int_mm':>7} {'TOPS':>5} | {'k1 us':>6} "
           f"{'k1p us':>6} {'k2 us':>7} {'TOPS':>5} {'k1+k2':>7} {'TOPS':>5} {'x bf16':>6}"

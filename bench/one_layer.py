@@ -19,10 +19,10 @@ def main() -> None:
     m, n, k = (int(v) for v in sys.argv[1:4]) if len(sys.argv) == 4 else (4608, 3072, 3072)
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, generator=gen, device="cuda").bfloat16()
-    layers = [random_layer(n, k, RANK, gen, pow2) for pow2 in (False, True)]
+    ops = [random_layer(n, k, RANK, gen, pow2).w4a4_kernel() for pow2 in (False, True)]
     for _ in range(2):
-        for layer in layers:
-            sm90.svdq_linear(x, layer)
+        for op in ops:
+            sm90.svdq_linear(x, op)
     torch.cuda.synchronize()
 
 

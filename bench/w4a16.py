@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gemm import time_calls  # noqa: E402
+from gemm import l2_size, time_calls  # noqa: E402
 from record import write_result  # noqa: E402
 from svdquant import kernels, numerics  # noqa: E402
 from svdquant.families import w4a16  # noqa: E402
@@ -57,7 +57,9 @@ def bench_shape(n: int, k: int, l2_bytes: int) -> list[dict]:
         row = {"M": m, "N": n, "K": k, "input_sets": sets}
         row["bf16_ms"] = time_calls([lambda i=i: torch.nn.functional.linear(x, dense[i], layers[i].bias)
                                      for i in range(sets)])
-        row["deq_ms"] = time_calls([lambda i=i: kernels.w4a16_linear_reference(x, layers[i]) for i in range(sets)])
+        row["deq_ms"] = time_calls([lambda i=i: kernels.w4a16_linear_reference(x, layers[i].qweight, layers[i].wscales,
+                                                                               layers[i].wzeros, layers[i].bias)
+                                    for i in range(sets)])
         row["gemv_ms"] = time_calls([lambda i=i: w4a16.gemv(x, layers[i].qweight, layers[i].wscales, layers[i].wzeros,
                                                            layers[i].bias)
                                      for i in range(sets)])
@@ -72,8 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         sys.exit("bench/w4a16.py needs an sm_80+ CUDA GPU")
-    props = torch.cuda.get_device_properties(0)
-    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    l2_bytes = l2_size()
     print(f"{'M':>2} {'N':>6} {'K':>6} | {'bf16 us':>8} {'deq us':>8} {'gemv us':>8} | {'GB/s':>6} "
           f"{'x bf16':>6} {'x deq':>6}", flush=True)
     rows = []

@@ -1,4 +1,6 @@
-"""One dispatch point for the quantized linear ops.
+"""One dispatch point for the quantized linear ops, on tensors: `W4A4Kernel` (a W4A4 layer's op, built
+from its tensors, keeping what the kernels derive from them) and `w4a16_linear`; the kernels' limits
+(RANK_MULTIPLE, MAX_RANK, KERNEL1_MAX_RANK) are defined here.
 
 W4A4 linears run a kernel family chosen by the GPU's capability (the registry below; issue 13):
 sm_80/86/89 -> the sm80 family's INT4 variant, sm_90 -> the sm90 (Hopper) family, any other
@@ -73,22 +75,24 @@ def svdq_linear_reference(
     return numerics.gelu_channels(y, gelu_from).to(x.dtype)
 
 
-def cached_on(layer, attr: str, key: tuple, compute):
-    """compute(), kept on the layer as `attr` until `key` (its source tensors' storage and version)
-    changes: LoRAs and loads replace a layer's tensors, in-place edits bump their versions."""
-    cached = getattr(layer, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, compute())
-        setattr(layer, attr, cached)
-    return cached[1]
-
-
 def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
     """A layer's input shift [K] as kernel 1 takes it: one fp32 value per 64-group, or None where
     the values inside a group differ (no producer of ours makes such a layer: the GELU shift covers
     whole groups with one value)."""
     grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
     return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
+
+
+# ---- the kernels' limits --------------------------------------------------------------------------
+# The low-rank kernels take ranks in multiples of RANK_MULTIPLE, at most MAX_RANK in all (a model's
+# own branch plus the LoRAs joined to it: svdquant/lora.py pads to and checks against these).
+RANK_MULTIPLE = 16
+MAX_RANK = 1024
+# Kernel 1 of every family computes the low-rank down projection in its pass over x up to this rank
+# (a model's own branch). Beyond it (LoRAs joined to the branch) one cuBLAS GEMM x @ lora_down over
+# all ranks costs less than kernel 1's further rank blocks (bench/NOTES.md#v18); at rank 32 the two
+# ways cost the same.
+KERNEL1_MAX_RANK = 32
 
 
 # ---- the W4A4 family registry --------------------------------------------------------------------
@@ -184,84 +188,135 @@ def w4a4_kernels_on(device: torch.device) -> str | None:
     return name if _family_on(W4A4_KERNELS[name][0], device)[0] is not None else None
 
 
-def _w4a4_route(x: torch.Tensor, layer) -> tuple[object | None, dict, str]:
-    """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else
-    (None, {}, why not)."""
-    if x.device.type != "cuda":
-        return None, {}, f"no CUDA kernels for {x.device.type} tensors"
-    major, minor = _capability(x.device)
-    name, forced_by = _forced_choice()
-    if name == "reference":
-        return None, {}, f"{forced_by} chose the reference path"
-    if name is None:
-        name = w4a4_kernels_for((major, minor))
+class W4A4Kernel:
+    """One W4A4 layer's op on its tensors (docs/DESIGN.md#w4a4): `kernel(x)` is y [M, N] for x [M, K],
+    computed by the kernel family the registry above picks for x's GPU, or by the PyTorch reference
+    path (svdq_linear_reference) with one log line saying why (`fallback_reason`).
+
+    Built from tensors, never from a layer: qweight, wscales, smooth, lora_down, lora_up, bias and
+    shift as the file format has them (docs/DESIGN.md#format), the weight-scale format (pow2_weights:
+    every group scale a power-of-two fraction of its row's largest), the activation mode
+    (pow2_activations: power-of-two activation scales) and gelu_from (output channels from it on are
+    GELU of the product). The tensors a family derives from them (fp32 smooth and its reciprocal, the
+    shift per group, lora_down in kernel 1's layout, the weight scales' exponents) are kept here by
+    `derived`, each until its sources' storage or version changes (an in-place edit bumps it). A new
+    tensor (a device move, LoRA columns set, a load) needs a new W4A4Kernel:
+    linear.SVDQLinear.w4a4_kernel makes one whenever its layer's tensors or modes are not this one's.
+    """
+
+    def __init__(self, qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
+                 lora_up: torch.Tensor, bias: torch.Tensor | None = None, shift: torch.Tensor | None = None, *,
+                 pow2_weights: bool = False, pow2_activations: bool = False, gelu_from: int | None = None,
+                 unsigned_groups: torch.Tensor | None = None):
+        self.qweight, self.wscales, self.smooth = qweight, wscales, smooth
+        self.lora_down, self.lora_up, self.bias, self.shift = lora_down, lora_up, bias, shift
+        self.pow2_weights, self.pow2_activations, self.gelu_from = pow2_weights, pow2_activations, gelu_from
+        # per-group signed/unsigned mode of the reference path (the kernels read the shift itself)
+        self.unsigned_groups = (numerics.unsigned_groups_from_shift(shift, self.in_features)
+                                if unsigned_groups is None else unsigned_groups)
+        self._derived: dict[str, tuple[tuple, object]] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 2
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(qweight, wscales, smooth, lora_down, lora_up, bias, shift): what it was built from."""
+        return self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift
+
+    def derived(self, name: str, sources: tuple[torch.Tensor | None, ...], compute):
+        """compute(), kept as `name` until a source tensor's storage, version or shape changes."""
+        key = tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape)) for t in sources)
+        kept = self._derived.get(name)
+        if kept is None or kept[0] != key:
+            kept = self._derived[name] = (key, compute())
+        return kept[1]
+
+    def group_shifts(self) -> torch.Tensor | None:
+        """The shift as kernel 1 takes it (kernels.group_shifts): None without a shift, or where it
+        varies inside a 64-channel group."""
+        if self.shift is None:
+            return None
+        return self.derived("group_shifts", (self.shift,), lambda: group_shifts(self.shift))
+
+    def _route(self, x: torch.Tensor) -> tuple[object | None, dict, str]:
+        """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else
+        (None, {}, why not)."""
+        if x.device.type != "cuda":
+            return None, {}, f"no CUDA kernels for {x.device.type} tensors"
+        major, minor = _capability(x.device)
+        name, forced_by = _forced_choice()
+        if name == "reference":
+            return None, {}, f"{forced_by} chose the reference path"
         if name is None:
-            return None, {}, f"no W4A4 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
-    family, variant = W4A4_KERNELS[name]
-    if x.dtype not in numerics.SUPPORTED_DTYPES or x.dtype != layer.wscales.dtype:
-        return None, {}, (f"input dtype {x.dtype} with {layer.wscales.dtype} weights "
-                          "(the kernels need one of bf16/fp16 for both)")
-    if layer.out_features % 8:
-        return None, {}, f"out_features {layer.out_features} is not a multiple of 8"
-    if layer.qweight.device != x.device:
-        return None, {}, f"weights on {layer.qweight.device}, input on {x.device}"
-    if layer.shift is not None and _group_shifts_of(layer) is None:
-        return None, {}, "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
-    module, reason = _family_on(family, x.device)
-    if module is None:
-        return None, {}, reason
-    check = getattr(module, "unsupported_reason", None)
-    reason = check(x, layer, **variant) if check else ""
-    return (None, {}, reason) if reason else (module, variant, "")
+            name = w4a4_kernels_for((major, minor))
+            if name is None:
+                return None, {}, f"no W4A4 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
+        family, variant = W4A4_KERNELS[name]
+        if x.dtype not in numerics.SUPPORTED_DTYPES or x.dtype != self.wscales.dtype:
+            return None, {}, (f"input dtype {x.dtype} with {self.wscales.dtype} weights "
+                              "(the kernels need one of bf16/fp16 for both)")
+        if self.out_features % 8:
+            return None, {}, f"out_features {self.out_features} is not a multiple of 8"
+        if self.qweight.device != x.device:
+            return None, {}, f"weights on {self.qweight.device}, input on {x.device}"
+        if self.shift is not None and self.group_shifts() is None:
+            return None, {}, "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
+        module, reason = _family_on(family, x.device)
+        return (module, variant, "") if module is not None else (None, {}, reason)
 
+    def fallback_reason(self, x: torch.Tensor) -> str:
+        """Why the kernels cannot run this call ('' when they can)."""
+        return self._route(x)[2]
 
-def _group_shifts_of(layer) -> torch.Tensor | None:
-    shift = layer.shift
-    return cached_on(layer, "_group_shifts", (shift.data_ptr(), shift._version), lambda: group_shifts(shift))
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The op by the PyTorch reference path (svdq_linear_reference), on any device."""
+        return svdq_linear_reference(x, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up,
+                                     self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from)
 
-
-def _fallback_reason(x: torch.Tensor, layer) -> str:
-    """Why the kernels cannot run this call of an SVDQLinear ('' when they can)."""
-    return _w4a4_route(x, layer)[2]
-
-
-def svdq_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """SVDQuant W4A4 linear on x [M, K] with an `SVDQLinear`'s tensors."""
-    module, variant, reason = _w4a4_route(x, layer)
-    if module is not None:
-        return module.svdq_linear(x, layer, **variant)
-    _announce_fallback(reason)
-    return svdq_linear_reference(
-        x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-        layer.bias, layer.shift, layer.unsigned_groups, uses_pow2_activations(layer), layer.gelu_from,
-    )
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y [M, N] for x [M, K]."""
+        module, variant, reason = self._route(x)
+        if module is not None:
+            return module.svdq_linear(x, self, **variant)
+        _announce_fallback(reason)
+        return self.reference(x)
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------------
-def w4a16_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """4-bit weight, 16-bit activation linear on x [M, K] with a `W4A16Linear`'s tensors: the GEMV
-    kernel for up to w4a16.GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
+def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """4-bit weight, 16-bit activation linear (docs/DESIGN.md#w4a4) on x [M, K]: the GEMV kernel for up
+    to w4a16.GEMV_MAX_ROWS rows on a GPU, else W dequantized to x's dtype and a GEMM (the
     dequantization by a kernel on a GPU: the reference path's W bit for bit, in one pass)."""
     if x.device.type == "cuda":
         module, reason = _family_on("w4a16", x.device)
         if 0 < x.shape[0] <= w4a16.GEMV_MAX_ROWS:
-            reason = reason or module.unsupported_reason(x, layer)
+            reason = reason or module.unsupported_reason(x, qweight, wscales, wzeros)
             if not reason:
-                return module.linear(x, layer)
+                return module.linear(x, qweight, wscales, wzeros, bias)
             _announce_fallback(reason)
-        elif module is not None and module.dequant_runs(x, layer):
-            return module.linear(x, layer)
+        elif module is not None and module.dequant_runs(x, qweight, wscales, wzeros):
+            return module.linear(x, qweight, wscales, wzeros, bias)
         elif reason:
             _announce_fallback(reason)
-    return w4a16_linear_reference(x, layer)
+    return w4a16_linear_reference(x, qweight, wscales, wzeros, bias)
 
 
-def w4a16_linear_reference(x: torch.Tensor, layer) -> torch.Tensor:
+def w4a16_linear_reference(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """W dequantized to x's dtype (numerics.dequantize_w4a16), then one GEMM."""
-    codes = numerics.unpack_int4(layer.qweight, signed=False)
-    weight = numerics.dequantize_w4a16(codes, layer.wscales, layer.wzeros).to(x.dtype)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+    codes = numerics.unpack_int4(qweight, signed=False)
+    weight = numerics.dequantize_w4a16(codes, wscales, wzeros).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def kernels_status() -> dict:

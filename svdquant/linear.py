@@ -16,8 +16,6 @@ custom operation (nodes/ops.py) does the same with ComfyUI's layer classes.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
@@ -59,17 +57,8 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
     return {**{name: None for name in fmt.LAYER_FIELDS[kind]}, **required}
 
 
-def on_device(layer, device: torch.device) -> SimpleNamespace:
-    """The layer's tensors copied to `device`, for one call."""
-    view = SimpleNamespace(kind=layer.kind, in_features=layer.in_features, out_features=layer.out_features,
-                           unsigned_groups=getattr(layer, "unsigned_groups", None),
-                           pow2_weights=getattr(layer, "pow2_weights", False),
-                           pow2_activations=getattr(layer, "pow2_activations", False),
-                           gelu_from=getattr(layer, "gelu_from", None))
-    for name in QUANTIZED_FIELDS:
-        tensor = getattr(layer, name, None)
-        setattr(view, name, None if tensor is None else tensor.to(device, non_blocking=True))
-    return view
+def _copied(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
 # torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) runs the
@@ -84,16 +73,19 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     A layer whose tensors are not on x's device (ComfyUI's low-VRAM mode leaves some layers in
     offload memory) runs on copies made for this call.
     """
-    if layer.qweight.device != x.device:
-        layer = on_device(layer, x.device)
     lead = x.shape[:-1]
     flat = x.reshape(-1, layer.in_features)
+    here = layer.qweight.device == x.device
     if layer.kind == W4A4:
-        y = kernels.svdq_linear(flat, layer)
+        y = (layer.w4a4_kernel() if here else layer.w4a4_kernel(x.device))(flat)
     else:
-        y = kernels.w4a16_linear(flat, layer)
-        if layer.lora_down is not None:  # LoRAs on a W4A16 layer: a 16-bit low-rank side branch
-            y = (y.float() + numerics.lowrank_reference(flat, layer.lora_down, layer.lora_up)).to(y.dtype)
+        tensors = [layer.qweight, layer.wscales, layer.wzeros, layer.bias, layer.lora_down, layer.lora_up]
+        if not here:
+            tensors = [_copied(t, x.device) for t in tensors]
+        qweight, wscales, wzeros, bias, lora_down, lora_up = tensors
+        y = kernels.w4a16_linear(flat, qweight, wscales, wzeros, bias)
+        if lora_down is not None:  # LoRAs on a W4A16 layer: a 16-bit low-rank side branch
+            y = (y.float() + numerics.lowrank_reference(flat, lora_down, lora_up)).to(y.dtype)
     return y.reshape(*lead, layer.out_features)
 
 
@@ -181,6 +173,7 @@ class SVDQLinear(_QuantizedLinearBase):
     kind = W4A4
     pow2_activations: bool = False
     gelu_from: int | None = None
+    _kernel: kernels.W4A4Kernel | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
                  shift: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
@@ -207,6 +200,35 @@ class SVDQLinear(_QuantizedLinearBase):
         self.base_rank = self.rank
         self.pow2_weights = (self.wscales.device.type != "meta"
                              and numerics.pow2_weight_exponents(self.wscales) is not None)
+
+    def w4a4_kernel(self, device: torch.device | None = None) -> kernels.W4A4Kernel:
+        """This layer's op on its tensors and modes (kernels.W4A4Kernel, with what the kernels derive
+        from them), kept until a tensor is replaced (a load, a device move, LoRA columns set) or a
+        mode changes. device: a transient one on copies of the tensors made there, for one call."""
+        if device is not None:
+            return kernels.W4A4Kernel(*(_copied(t, device) for t in self._kernel_tensors()), **self._kernel_modes())
+        kernel = self._kernel
+        if kernel is None or not self._is_op_of(kernel):
+            kernel = self._kernel = kernels.W4A4Kernel(*self._kernel_tensors(), **self._kernel_modes())
+        return kernel
+
+    def _kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift
+
+    def _kernel_modes(self) -> dict:
+        return {"pow2_weights": self.pow2_weights, "pow2_activations": self.pow2_activations,
+                "gelu_from": self.gelu_from, "unsigned_groups": self.unsigned_groups}
+
+    def _is_op_of(self, kernel: kernels.W4A4Kernel) -> bool:
+        return (all(a is b for a, b in zip(kernel.tensors(), self._kernel_tensors()))
+                and kernel.pow2_activations == self.pow2_activations and kernel.gelu_from == self.gelu_from
+                and kernel.pow2_weights == self.pow2_weights)
+
+    def _apply(self, fn, recurse=True):
+        # a move or cast replaces the tensors: the kept kernel would hold the old ones (and their device
+        # memory) until the next call
+        self._kernel = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":

@@ -39,13 +39,11 @@ import torch
 from torch import nn
 
 from . import format as file_format
+from .kernels import MAX_RANK, RANK_MULTIPLE
 from .linear import SVDQLinear, W4A16Linear
 
 log = logging.getLogger("svdquant")
 
-# What the low-rank kernels take: ranks in multiples of 16, at most 1024 in all.
-RANK_MULTIPLE = 16
-MAX_RANK = 1024
 # The layers a LoRA can apply to.
 LORA_LAYERS = (SVDQLinear, W4A16Linear, nn.Linear)
 

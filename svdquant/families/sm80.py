@@ -5,11 +5,11 @@ two tensor-core variants of kernel 2 on the same operands: "int4" (mma.sync m16n
 sm_80/86/89) and "int8" (mma.sync m16n8k32 s8 on the INT4 codes, any sm_80+ GPU).
 
 Both kernels read the layer's tensors in their natural layout (qweight [N, K/2], wscales [K/64, N],
-lora_up [N, r], bias), so the weights stay one 4-bit copy. Derived tensors, cached on the layer
-until their sources change: fp32 copies of smooth and its reciprocal (2 x 4 bytes per input
-channel), the shift's one fp32 value per 64-group, lora_down transposed for kernel 1 ([r, K], a
-second copy of it at ranks up to KERNEL1_MAX_RANK only) and, only where the rank is not a multiple
-of 16, lora_up with zero columns up to the next multiple.
+lora_up [N, r], bias), so the weights stay one 4-bit copy. Derived tensors, kept by the layer's
+kernels.W4A4Kernel until their sources change: fp32 copies of smooth and its reciprocal (2 x 4 bytes
+per input channel), the shift's one fp32 value per 64-group, lora_down transposed for kernel 1
+([r, K], a second copy of it at ranks up to kernels.KERNEL1_MAX_RANK only) and, only where the rank is
+not a multiple of 16, lora_up with zero columns up to the next multiple.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from . import check_tensor
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
-# Kernel 1 computes x @ lora_down in its pass over x up to this rank (a model's own branch, one warp
-# per 8 ranks); larger ranks (LoRAs joined to the branch) take one cuBLAS GEMM, as on Hopper.
-KERNEL1_MAX_RANK = 32
-# Kernel 2's low-rank stages take 16 ranks each.
-RANK_STEP = 16
+# Kernel 1 computes x @ lora_down in its pass over x (one warp per 8 ranks) up to kernels.KERNEL1_MAX_RANK;
+# kernel 2's low-rank stages take kernels.RANK_MULTIPLE ranks each.
 _ACT_TOKENS = 16  # tokens per kernel 1 CTA
 _ACT_THREADS = 128
 _GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
@@ -47,7 +44,7 @@ _check = functools.partial(check_tensor, error=Sm80InputError, align=16)
 
 
 def _padded_rank(rank: int) -> int:
-    return (rank + RANK_STEP - 1) // RANK_STEP * RANK_STEP
+    return (rank + kernels.RANK_MULTIPLE - 1) // kernels.RANK_MULTIPLE * kernels.RANK_MULTIPLE
 
 
 def scales_rows(m: int) -> int:
@@ -59,7 +56,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
               lora_t: torch.Tensor | None, pow2: bool = False):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
-    dtype, r a multiple of 16 up to KERNEL1_MAX_RANK, or None.
+    dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None.
 
     Returns (codes uint8 [M, K/2] packed as numerics.pack_int4, ascales fp32 [K/64, m_al] (pow2 mode:
     each token's atok * 2^-e), lora_act [M, r] in x's dtype or None)."""
@@ -78,9 +75,9 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         _check(group_shift, x, "group_shift", torch.float32, (groups,))
     rank = 0 if lora_t is None else lora_t.shape[0]
     if lora_t is not None:
-        if rank % RANK_STEP or rank > KERNEL1_MAX_RANK:
-            raise Sm80InputError(f"kernel 1 takes ranks that are multiples of {RANK_STEP} up to "
-                                 f"{KERNEL1_MAX_RANK}, got {rank}")
+        if rank % kernels.RANK_MULTIPLE or rank > kernels.KERNEL1_MAX_RANK:
+            raise Sm80InputError(f"kernel 1 takes ranks that are multiples of {kernels.RANK_MULTIPLE} up to "
+                                 f"{kernels.KERNEL1_MAX_RANK}, got {rank}")
         _check(lora_t, x, "lora_t", x.dtype, (rank, k))
     m_al = scales_rows(m)
     codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
@@ -128,8 +125,8 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
         raise Sm80InputError("lora_act and lora_up must be given together")
     rank = 0 if lora_act is None else lora_act.shape[1]
     if lora_act is not None:
-        if rank % RANK_STEP:
-            raise Sm80InputError(f"the rank {rank} is not a multiple of {RANK_STEP}")
+        if rank % kernels.RANK_MULTIPLE:
+            raise Sm80InputError(f"the rank {rank} is not a multiple of {kernels.RANK_MULTIPLE}")
         _check(lora_act, codes, "lora_act", dtype, (m, rank))
         _check(lora_up, codes, "lora_up", dtype, (n, rank))
     if bias is not None:
@@ -148,70 +145,59 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     return out
 
 
-def _key(t: torch.Tensor | None):
-    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape))
-
-
-def _group_shifts(shift: torch.Tensor) -> torch.Tensor:
-    grouped = shift.float().reshape(-1, numerics.GROUP_SIZE)
-    if not bool((grouped == grouped[:, :1]).all()):
-        raise Sm80InputError("the input shift varies inside a 64-channel group (the kernels take one per group)")
-    return grouped[:, 0].contiguous()
-
-
-def layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
+def kernel1_inputs(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor | None]:
+    """Kernel 1's per-layer inputs, kept by the kernel: fp32 smooth, 1/smooth (correctly rounded),
     the shift per group (None without a shift) and lora_down^T [r16, K] (ranks padded to a multiple
-    of 16 with zeros), or None where the rank is 0 or above KERNEL1_MAX_RANK (svdq_linear then
+    of 16 with zeros), or None where the rank is 0 or above kernels.KERNEL1_MAX_RANK (svdq_linear then
     computes the low-rank input with cuBLAS)."""
-    shift, down = layer.shift, layer.lora_down
+    smooth, down, shift = kernel.smooth, kernel.lora_down, kernel.shift
 
     def compute():
-        smooth = layer.smooth.float().contiguous()
+        smooth32 = smooth.float().contiguous()
+        group_shift = kernel.group_shifts()
+        if shift is not None and group_shift is None:
+            raise Sm80InputError("the input shift varies inside a 64-channel group (the kernels take one per group)")
         rank = down.shape[1]
         lora_t = None
-        if 0 < rank <= KERNEL1_MAX_RANK:
+        if 0 < rank <= kernels.KERNEL1_MAX_RANK:
             lora_t = torch.zeros(_padded_rank(rank), down.shape[0], dtype=down.dtype, device=down.device)
             lora_t[:rank] = down.t()
-        return smooth, torch.reciprocal(smooth), None if shift is None else _group_shifts(shift), lora_t
+        return smooth32, torch.reciprocal(smooth32), group_shift, lora_t
 
-    return kernels.cached_on(layer, "_sm80_inputs", (_key(layer.smooth), _key(down), _key(shift)), compute)
+    return kernel.derived("sm80_kernel1_inputs", (smooth, down, shift), compute)
 
 
-def _lora_up(layer) -> torch.Tensor | None:
-    """lora_up [N, r16]: the layer's own tensor where r is a multiple of 16, else a cached copy with
+def padded_lora_up(kernel: kernels.W4A4Kernel) -> torch.Tensor | None:
+    """lora_up [N, r16]: the kernel's own tensor where r is a multiple of 16, else a kept copy with
     zero columns up to the next multiple; None at rank 0."""
-    up = layer.lora_up
+    up = kernel.lora_up
     rank = up.shape[1]
     if rank == 0:
         return None
-    if rank % RANK_STEP == 0:
+    if rank % kernels.RANK_MULTIPLE == 0:
         return up.contiguous()
-
-    def compute():
-        return torch.nn.functional.pad(up, (0, _padded_rank(rank) - rank)).contiguous()
-
-    return kernels.cached_on(layer, "_sm80_lora_up", (_key(up),), compute)
+    return kernel.derived("sm80_lora_up", (up,),
+                          lambda: torch.nn.functional.pad(up, (0, _padded_rank(rank) - rank)).contiguous())
 
 
-def svdq_linear(x: torch.Tensor, layer, mma: str = "int8", pow2_activations: bool | None = None,
+def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", pow2_activations: bool | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """kernels.svdq_linear_reference's function of x [M, K] with an SVDQLinear's tensors, on the two
-    sm80 kernels (mma: "int4" or "int8" for kernel 2). pow2_activations: quantize x with
-    power-of-two restricted scales (numerics.quantize_activations_pow2); None: as
-    kernels.uses_pow2_activations(layer) says."""
+    """W4A4Kernel.reference's function of x [M, K] on the two sm80 kernels (mma: "int4" or "int8" for
+    kernel 2). pow2_activations: quantize x with power-of-two restricted scales
+    (numerics.quantize_activations_pow2); None: as the kernel's activation mode says."""
     if pow2_activations is None:
-        pow2_activations = kernels.uses_pow2_activations(layer)
-    if x.dtype != layer.wscales.dtype:
-        raise Sm80InputError(f"input dtype {x.dtype} with {layer.wscales.dtype} weights")
+        pow2_activations = kernel.pow2_activations
+    if x.dtype != kernel.wscales.dtype:
+        raise Sm80InputError(f"input dtype {x.dtype} with {kernel.wscales.dtype} weights")
     x = x.contiguous()
-    smooth, inv_smooth, group_shift, lora_t = layer_inputs(layer)
+    smooth, inv_smooth, group_shift, lora_t = kernel1_inputs(kernel)
     codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations)
-    rank = layer.lora_down.shape[1]
-    if rank > KERNEL1_MAX_RANK:
-        lora_act = x @ layer.lora_down
-        if rank % RANK_STEP:
+    rank = kernel.rank
+    if rank > kernels.KERNEL1_MAX_RANK:
+        lora_act = x @ kernel.lora_down
+        if rank % kernels.RANK_MULTIPLE:
             lora_act = torch.nn.functional.pad(lora_act, (0, _padded_rank(rank) - rank))
         lora_act = lora_act.contiguous()
-    return w4a4_gemm(codes, ascales, group_shift, layer.qweight.contiguous(), layer.wscales.contiguous(), lora_act,
-                     _lora_up(layer), layer.bias, out, layer.gelu_from, mma)
+    return w4a4_gemm(codes, ascales, group_shift, kernel.qweight.contiguous(), kernel.wscales.contiguous(), lora_act,
+                     padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from, mma)

@@ -6,11 +6,11 @@ any weight scales, FP8 tensor cores, one rescaling per 64-group) or, for layers 
 weight scales and activations, w4a4_gemm_pow2.cu (the scales' powers of two are folded into s8
 operands, INT8 tensor cores sum all of K exactly; per-row and per-token factors applied once in the
 epilogue). Kernel 2 reads the layer's qweight [N, K/2], wscales, lora_up and bias in their natural
-layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, cached on the layer: fp32
-copies of smooth and its reciprocal (2 x 4 bytes per input channel), the shift's one fp32 value per
-64-group, lora_down reordered for kernel 1 (a second copy of it, 2 bytes per (input channel,
-rank), at ranks up to KERNEL1_MAX_RANK only), and for the fast path the weight scales' exponents
-(1 byte per group scale) and row bases.
+layout, so the weights stay one 4-bit copy on the GPU. Derived tensors, kept by the layer's
+kernels.W4A4Kernel: fp32 copies of smooth and its reciprocal (2 x 4 bytes per input channel), the
+shift's one fp32 value per 64-group, lora_down reordered for kernel 1 (a second copy of it, 2 bytes
+per (input channel, rank), at ranks up to kernels.KERNEL1_MAX_RANK only), and for the fast path the
+weight scales' exponents (1 byte per group scale) and row bases.
 
 Everything the kernels need besides their device code is here: argument checks, the launch plans
 (cluster sizes, token tiles, the persistent schedule), shared-memory sizes (the same arithmetic as
@@ -143,8 +143,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     lora_act = torch.empty(m, rank, dtype=x.dtype, device=x.device)
     if m == 0:
         return codes, ascales, lora_act
-    if rank % 16 or rank > 1024:
-        raise RuntimeError("act_quant: rank must be a multiple of 16 in [0, 1024]")
+    if rank % kernels.RANK_MULTIPLE or rank > kernels.MAX_RANK:
+        raise RuntimeError(f"act_quant: rank must be a multiple of {kernels.RANK_MULTIPLE} in [0, {kernels.MAX_RANK}]")
     if not aligned16(x, smooth, inv_smooth, shift, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
@@ -259,8 +259,8 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
     check_tensor(wscales, codes, "wscales", dtype, (k // 64, n))
     if m == 0:
         return y
-    if rank % 16:
-        raise RuntimeError("w4a4_gemm: rank must be a multiple of 16")
+    if rank % kernels.RANK_MULTIPLE:
+        raise RuntimeError(f"w4a4_gemm: rank must be a multiple of {kernels.RANK_MULTIPLE}")
     if not aligned16(codes, ascales, lora_act, qweight, wscales, lora_up, y):
         raise RuntimeError("w4a4_gemm: every tensor must start on a 16-byte boundary")
     try:
@@ -351,8 +351,8 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
     check_tensor(wbase, codes, "wbase", torch.float32, (n,))
     if m == 0:
         return y
-    if rank % 16:
-        raise RuntimeError("w4a4_gemm_pow2: rank must be a multiple of 16")
+    if rank % kernels.RANK_MULTIPLE:
+        raise RuntimeError(f"w4a4_gemm_pow2: rank must be a multiple of {kernels.RANK_MULTIPLE}")
     if k > 131072:
         raise RuntimeError("w4a4_gemm_pow2: K must be at most 131072 (exact int32 accumulation)")
     if not aligned16(codes, atok, lora_act, qweight, wexp, wbase, lora_up, y):
@@ -377,7 +377,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
     return y
 
 
-# ---- layers -----------------------------------------------------------------------------------------
+# ---- a layer's op (kernels.W4A4Kernel) -------------------------------------------------------------
 
 def kernel1_lora_down(lora_down: torch.Tensor) -> torch.Tensor:
     """lora_down [K, r] in kernel 1's layout [r, K]: each 64-group's columns reordered so that an
@@ -389,47 +389,34 @@ def kernel1_lora_down(lora_down: torch.Tensor) -> torch.Tensor:
     return grouped.permute(0, 1, 4, 2, 3, 5).reshape(r, k).contiguous()
 
 
-# Kernel 1 computes the low-rank down projection in its pass over x up to this rank (a model's own
-# branch). Beyond it (LoRAs joined to the branch) one cuBLAS GEMM x @ lora_down over all ranks costs
-# less than kernel 1's further rank blocks, which it can compute (ranks up to 1024) but at ~0.5 us
-# (K = 3072) to ~1.4 us (K = 12288) per rank at M = 4608, against 12-15 / 46-54 us for the whole
-# GEMM at ranks 32-224 (bench/NOTES.md#v18); at rank 32 the two ways cost the same.
-KERNEL1_MAX_RANK = 32
-
-
-def _lowrank_in_kernel1(layer) -> bool:
-    return layer.lora_down.shape[1] <= KERNEL1_MAX_RANK
-
-
-def layer_inputs(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Kernel 1's per-layer inputs, cached on the layer: fp32 smooth, 1/smooth (correctly rounded),
-    the shift per group (kernels.group_shifts), and lora_down in its layout (kernel1_lora_down), or no ranks
-    ([0, K]) above KERNEL1_MAX_RANK, where svdq_linear computes the low-rank input with cuBLAS."""
-    shift, down = layer.shift, layer.lora_down
-    key = (layer.smooth.data_ptr(), layer.smooth._version, down.data_ptr(), down._version, tuple(down.shape),
-           None if shift is None else (shift.data_ptr(), shift._version))
+def kernel1_inputs(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor]:
+    """Kernel 1's per-layer inputs, kept by the kernel: fp32 smooth, 1/smooth (correctly rounded), the
+    shift per group (W4A4Kernel.group_shifts), and lora_down in its layout (kernel1_lora_down), or no
+    ranks ([0, K]) above kernels.KERNEL1_MAX_RANK, where svdq_linear computes the low-rank input
+    with cuBLAS."""
+    smooth, down = kernel.smooth, kernel.lora_down
 
     def compute():
-        smooth = layer.smooth.float().contiguous()
-        fused_rank = down.shape[1] if _lowrank_in_kernel1(layer) else 0
-        return (smooth, torch.reciprocal(smooth), None if shift is None else kernels.group_shifts(shift),
-                kernel1_lora_down(down[:, :fused_rank]))
+        smooth32 = smooth.float().contiguous()
+        fused_rank = down.shape[1] if down.shape[1] <= kernels.KERNEL1_MAX_RANK else 0
+        return smooth32, torch.reciprocal(smooth32), kernel.group_shifts(), kernel1_lora_down(down[:, :fused_rank])
 
-    return kernels.cached_on(layer, "_sm90_inputs", key, compute)
+    return kernel.derived("sm90_kernel1_inputs", (smooth, down, kernel.shift), compute)
 
 
-def pow2_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def pow2_weight_operands(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor]:
     """The fast path's weight-scale exponents (uint8 [K/64, round_up(N, 16)], rows padded for TMA)
-    and row bases (fp32 [N]), cached on the layer."""
+    and row bases (fp32 [N]), kept by the kernel."""
 
     def compute():
-        wbase, exps = numerics.pow2_weight_exponents(layer.wscales)
+        wbase, exps = numerics.pow2_weight_exponents(kernel.wscales)
         groups, n = exps.shape
         padded = torch.zeros(groups, (n + 15) // 16 * 16, dtype=torch.uint8, device=exps.device)
         padded[:, :n] = exps
         return padded, wbase.contiguous()
 
-    return kernels.cached_on(layer, "_sm90_pow2", (layer.wscales.data_ptr(), layer.wscales._version), compute)
+    return kernel.derived("sm90_pow2_weights", (kernel.wscales,), compute)
 
 
 def act_operands_to_natural(codes: torch.Tensor, int8_operands: bool = False) -> torch.Tensor:
@@ -453,20 +440,20 @@ def act_operands_to_natural(codes: torch.Tensor, int8_operands: bool = False) ->
     return natural.reshape(m, k)
 
 
-def svdq_linear(x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The two Hopper kernels on x [M, K] (a call kernels.svdq_linear routes here): the semantics of
-    kernels.svdq_linear_reference with the layer's tensors; `out`: where to write y [M, N]."""
-    pow2 = kernels.uses_pow2_activations(layer)
-    fast = pow2 and layer.pow2_weights
+def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two Hopper kernels on x [M, K] (a call W4A4Kernel routes here): W4A4Kernel.reference's
+    function of x; `out`: where to write y [M, N]."""
+    pow2 = kernel.pow2_activations
+    fast = pow2 and kernel.pow2_weights
     x = x.contiguous()
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = act_quant(x, *layer_inputs(layer), pow2, fast)
-    if not _lowrank_in_kernel1(layer):
-        lora_act = x @ layer.lora_down
-    gelu_from = -1 if layer.gelu_from is None else layer.gelu_from
+    codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast)
+    if kernel.rank > kernels.KERNEL1_MAX_RANK:
+        lora_act = x @ kernel.lora_down
+    gelu_from = -1 if kernel.gelu_from is None else kernel.gelu_from
     if fast:
-        wexp, wbase = pow2_weights(layer)
-        return w4a4_gemm_pow2(codes, ascales, lora_act, layer.qweight.contiguous(), wexp, wbase,
-                              layer.lora_up.contiguous(), layer.bias, out, gelu_from=gelu_from)
-    return w4a4_gemm(codes, ascales, lora_act, layer.qweight.contiguous(), layer.wscales.contiguous(),
-                     layer.lora_up.contiguous(), layer.bias, out, gelu_from)
+        wexp, wbase = pow2_weight_operands(kernel)
+        return w4a4_gemm_pow2(codes, ascales, lora_act, kernel.qweight.contiguous(), wexp, wbase,
+                              kernel.lora_up.contiguous(), kernel.bias, out, gelu_from=gelu_from)
+    return w4a4_gemm(codes, ascales, lora_act, kernel.qweight.contiguous(), kernel.wscales.contiguous(),
+                     kernel.lora_up.contiguous(), kernel.bias, out, gelu_from)

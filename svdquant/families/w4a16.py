@@ -78,29 +78,30 @@ def dequant(qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor, 
     return out
 
 
-def unsupported_reason(x: torch.Tensor, layer) -> str:
-    """Why the GEMV cannot run this call of a W4A16Linear ('' when it can)."""
-    if x.dtype not in numerics.SUPPORTED_DTYPES or not (x.dtype == layer.wscales.dtype == layer.wzeros.dtype):
-        return (f"input dtype {x.dtype} with {layer.wscales.dtype} scales "
+def unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor) -> str:
+    """Why the GEMV cannot run this call of a W4A16 linear ('' when it can)."""
+    if x.dtype not in numerics.SUPPORTED_DTYPES or not (x.dtype == wscales.dtype == wzeros.dtype):
+        return (f"input dtype {x.dtype} with {wscales.dtype} scales "
                 "(the W4A16 kernel needs one of bf16/fp16 for both)")
-    if layer.qweight.device != x.device:
-        return f"weights on {layer.qweight.device}, input on {x.device}"
+    if qweight.device != x.device:
+        return f"weights on {qweight.device}, input on {x.device}"
     return ""
 
 
-def dequant_runs(x: torch.Tensor, layer) -> bool:
-    """Whether the dequantization kernel can make W for this call of a W4A16Linear."""
-    return (x.dtype in _NAMES and layer.wscales.dtype in numerics.SUPPORTED_DTYPES
-            and layer.wzeros.dtype == layer.wscales.dtype and layer.qweight.device == x.device)
+def dequant_runs(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor) -> bool:
+    """Whether the dequantization kernel can make W for this call of a W4A16 linear."""
+    return (x.dtype in _NAMES and wscales.dtype in numerics.SUPPORTED_DTYPES
+            and wzeros.dtype == wscales.dtype and qweight.device == x.device)
 
 
-def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """A W4A16Linear on x [M, K] (a CUDA tensor the kernels take: unsupported_reason / dequant_runs):
+def linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A W4A16 linear on x [M, K] (a CUDA tensor the kernels take: unsupported_reason / dequant_runs):
     the GEMV for up to GEMV_MAX_ROWS rows, else W dequantized to x's dtype and one GEMM."""
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    qweight, wscales, wzeros = qweight.contiguous(), wscales.contiguous(), wzeros.contiguous()
     if 0 < x.shape[0] <= GEMV_MAX_ROWS:
-        return gemv(x.contiguous(), layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(),
-                    bias)
-    weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
-    dequant(layer.qweight.contiguous(), layer.wscales.contiguous(), layer.wzeros.contiguous(), weight)
+        return gemv(x.contiguous(), qweight, wscales, wzeros, bias)
+    weight = torch.empty(qweight.shape[0], qweight.shape[1] * 2, dtype=x.dtype, device=x.device)
+    dequant(qweight, wscales, wzeros, weight)
     return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,161 @@
+"""Kernel 1, the activation quantizer (docs/DESIGN.md#kernels): its definition in `numerics`
+(quantize_activations, and the power-of-two scales of quantize_activations_pow2), and every W4A4
+family's kernel 1 against it.
+
+The kernels' codes and scales must equal numerics bit for bit: they perform the same IEEE divisions
+(reciprocal + Markstein correction, exact for normal quotients) and round half to even like
+torch.round, so there is no tie case where the two may differ. The low-rank down projection fused
+into kernel 1 is compared with float64 (1e-3). The sm90 family's tests run on an sm_90 GPU, the
+sm80 family's on any sm_80+ GPU (the H100 emulates INT4 mma.sync, slowly but exactly); the kernels
+come through svdquant.cuda (prebuilt cubins where present, else NVRTC).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from random_layers import activations, gen, needs_sm80, needs_sm90, rel, sm80_kernel1, sm90_kernel1, w4a4_layer
+from svdquant import numerics
+from svdquant.families import sm80, sm90
+
+G = numerics.GROUP_SIZE
+
+
+# ---- numerics: the definition --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pow2_activation_quantizer_rules(dtype):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 640, generator=generator) * torch.logspace(-4, 1, 640)
+    x[2] = 0.0                 # an all-zero token
+    x[3, 128:192] = 0.0        # an all-zero group
+    unsigned = torch.arange(10) % 3 == 1
+    x[:, 64:128] = x[:, 64:128].abs()
+    codes, top, exps = numerics.quantize_groups_pow2(x, unsigned, scale_dtype=dtype)
+    assert codes.dtype == torch.int8 and top.dtype == dtype and exps.dtype == torch.uint8
+    assert top.shape == (6,) and exps.shape == (6, 10)
+    v = torch.where(unsigned.repeat_interleave(64), x.clamp_min(0), x).reshape(6, 10, 64)
+    qmax = torch.where(unsigned, 15.0, 7.0)
+    need = v.abs().amax(-1) / qmax
+    assert torch.equal(top, need.amax(-1).to(dtype))
+    scales = numerics.pow2_scales(top, exps)
+    # the largest e in [0, 3] whose scale still covers the group, or 0 when none does
+    assert int(exps.max()) <= numerics.POW2_ACT_MAX_EXP
+    covered = scales >= need
+    assert bool((covered | (exps == 0)).all())
+    finer = top.float()[:, None] * torch.exp2(-(exps.float() + 1))
+    assert bool(((finer < need) | (exps == numerics.POW2_ACT_MAX_EXP)).all())
+    assert int(exps[3, 2]) == numerics.POW2_ACT_MAX_EXP and not codes[3, 128:192].any()
+    assert top[2] == 0 and not codes[2].any()
+    # codes agree with the plain quantizer's rule at these scales; the operand code * 2^-e is exact in e4m3
+    lo = torch.where(unsigned, 0.0, -8.0).repeat_interleave(64)
+    hi = torch.where(unsigned, 15.0, 7.0).repeat_interleave(64)
+    assert bool((codes >= lo).all() and (codes <= hi).all())
+    operand = codes.float() * torch.exp2(-exps.float()).repeat_interleave(64, dim=1)
+    assert torch.equal(operand.to(torch.float8_e4m3fn).float(), operand)
+    deq = numerics.dequantize_groups(codes, scales)
+    step = scales.repeat_interleave(64, dim=1)
+    vv = v.reshape(6, 640)
+    assert bool(((deq - vv).abs() <= 0.5 * step * (1 + 2**-7) + 1e-30).all())
+
+
+def test_pow2_rows_below_the_smallest_base_quantize_to_zero():
+    # 1 / top must stay finite after the 2^e factor; such rows carry no signal in 16-bit anyway
+    x = torch.full((2, 64), 3.0)
+    x[1] *= 2.0**-104
+    codes, top, _ = numerics.quantize_groups_pow2(x, scale_dtype=torch.float32)
+    assert top[1] > 0 and top[1] < numerics.POW2_MIN_BASE
+    assert bool((codes[0] == 7).all()) and not codes[1].any()
+
+
+def test_pow2_activations_of_layer_input():
+    x = (torch.randn(5, 256) * 3).bfloat16()
+    smooth = (torch.rand(256) + 0.5).bfloat16()
+    shift = torch.zeros(256)
+    shift[128:] = numerics.GELU_SHIFT
+    codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift.bfloat16())
+    v = (x.float() + shift.bfloat16().float()) * torch.reciprocal(smooth.float())
+    ref = numerics.quantize_groups_pow2(v, torch.tensor([False, False, True, True]), scale_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip((codes, atok, exps), ref))
+
+
+# ---- sm90: act_quant.cu ----------------------------------------------------------------------------
+
+@needs_sm90
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320), (320, 48), (128, 0)])
+@pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
+def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
+    # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
+    # whose last CTA has fewer groups; ranks run in blocks of 64, each a sweep over the resident x
+    # slice (32, 48: one partial block whose wgmma rows past the ranks are discarded; 160: the last
+    # block half full, its missing rows zero-filled by TMA; 320: five blocks). pow2_int8: the same
+    # codes as the fast kernel 2's s8 operands
+    pow2, int8_operands = mode != "exact", mode == "pow2_int8"
+    generator = gen(m * 7 + rank + unsigned + k + 11 * pow2)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    x = activations(m, k, dtype, generator, layer.unsigned_groups)
+    codes, ascales, lora_act = sm90_kernel1(x, layer, pow2, int8_operands)
+    torch.cuda.synchronize()
+
+    got = sm90.act_operands_to_natural(codes, int8_operands)
+    if pow2:
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+        ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(G, dim=1)
+        assert torch.equal(ascales[0, :m], ref_atok.float())
+    else:
+        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+        ref = ref_codes.float()
+        assert torch.equal(ascales[:, :m].t(), ref_scales.float())
+    mismatch = (got != ref).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} codes differ, first at {mismatch[:5].tolist()}"
+    assert bool((ascales[:, m:] == 0).all()), "padding rows of the scales must be zero"
+
+    ref_lora = (x.double() @ layer.lora_down.double()).to(dtype)
+    assert rel(lora_act, ref_lora) <= 1e-3
+
+
+# ---- sm80: act_quant.cu ----------------------------------------------------------------------------
+
+@needs_sm80
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("k,rank", [(128, 32), (320, 16), (1600, 24), (576, 0)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
+    # rank 24: lora_down padded to 32 ranks with zero rows (two warps, the second half empty)
+    generator = gen(m * 7 + rank + unsigned + k + 11 * pow2)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    x = activations(m, k, dtype, generator, layer.unsigned_groups)
+    codes, ascales, lora_act = sm80_kernel1(x, layer, pow2)
+    torch.cuda.synchronize()
+    if pow2:
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+        ref_scales = numerics.pow2_scales(ref_atok, ref_exps)
+    else:
+        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+    ref_packed = numerics.pack_int4(ref_codes)
+    mismatch = (codes != ref_packed).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} code bytes differ, first at {mismatch[:5].tolist()}"
+    assert torch.equal(ascales[:, :m].t(), ref_scales.float())
+    if rank:
+        ref_lora = x.double() @ layer.lora_down.double()
+        assert lora_act.shape == (m, 32 if rank == 24 else rank)
+        assert rel(lora_act[:, :rank], ref_lora.to(dtype)) <= 1e-3
+        assert bool((lora_act[:, rank:] == 0).all())
+    else:
+        assert lora_act is None
+
+
+@needs_sm80
+def test_sm80_kernel1_inputs_follow_the_tensors():
+    layer = w4a4_layer(64, 128, 16, torch.bfloat16, gen(3), unsigned=False)
+    kernel = layer.w4a4_kernel()
+    first = sm80.kernel1_inputs(kernel)
+    assert sm80.kernel1_inputs(kernel) is first
+    layer.lora_down.mul_(2)  # an in-place edit (a LoRA strength) bumps the version
+    assert torch.equal(sm80.kernel1_inputs(layer.w4a4_kernel())[3][:16], layer.lora_down.t())
