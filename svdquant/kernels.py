@@ -38,7 +38,7 @@ def _announce_fallback(reason: str) -> None:
 def uses_pow2_activations(layer) -> bool:
     """Whether `layer`'s input is quantized with power-of-two restricted scales
     (docs/DESIGN.md#scales): the layer's own `pow2_activations`, set at load by
-    flux.apply_file_options from the loader's choice. Every path (kernels and reference) follows it,
+    file_options.apply_file_options from the loader's choice. Every path (kernels and reference) follows it,
     so every device computes the same function."""
     return bool(getattr(layer, "pow2_activations", False))
 

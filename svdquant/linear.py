@@ -161,13 +161,16 @@ class SVDQLinear(_QuantizedLinearBase):
     `base_rank` columns, which are never modified, so removing them is a slice of those columns.
 
     pow2_weights (set at load): every group scale is a power-of-two fraction of its row's largest
-    (numerics.pow2_weight_exponents), the format `quantize_linear(..., hopper_pow2=True)` makes.
-    pow2_activations: quantize the input with power-of-two restricted scales
-    (numerics.quantize_activations_pow2); off by default, set at load by `flux.apply_file_options`.
-    On Hopper a layer with both runs the fast GEMM with no per-group rescaling.
+    (numerics.pow2_weight_exponents): power-of-two weight scales (docs/DESIGN.md#scales).
+    pow2_activations: quantize the input with power-of-two activation scales
+    (numerics.quantize_activations_pow2); off by default, set at load by
+    `file_options.apply_file_options`. On Hopper a layer with both runs the fast GEMM with no
+    per-group rescaling.
     gelu_from: output channels from this one on are GELU (tanh approximation) of the above, fused
-    into kernel 2's epilogue on Hopper (set by `flux.fuse_mlp_gelu` on the double blocks' MLP
-    input layers); None: no activation.
+    into kernel 2's epilogue (set by `flux.fusion.fuse_mlp_gelu` on the double blocks' MLP input
+    layers); None: no activation.
+
+    The forward runs `w4a4_kernel()`, this layer's kernels.W4A4Kernel.
     """
 
     kind = W4A4
