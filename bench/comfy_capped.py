@@ -34,14 +34,15 @@ a laptop RTX 4090 has PCIe 4.0 x16 at most, usually slower in practice), and tor
 allocator is used (as in comfy_step; ComfyUI's main.py would pick cudaMallocAsync).
 The peak is torch's peak allocation during the sampling run less the ballast.
 
-    COMFYUI_PATH=DIR python bench/comfy_capped.py [--json PATH] [--variants fast,exact,fp8,bf16]
-        [--caps none,16,12,8] [--steps 20] [--deadline-s 540]
+    COMFYUI_PATH=DIR python bench/comfy_capped.py [--json PATH] [--variants fast,bf16,fp8,exact]
+        [--caps none,16,12,8] [--steps 20] [--deadline-s 480]
     CPU check (no cap: the CPU has nothing to cap): ... --device cpu --caps none --variants bf16,fast
         --depth 1 --single 1 --height 64 --width 64 --txt 16 --steps 2
 On the GPU machine: as bench/comfy_step.py (.carry with ComfyUI 0.3.64 and the av wheel), with
 bench/comfy_capped.py --json $OUT/comfy_capped_h100.json. Each row is printed as a JSON line and
 the JSON file is rewritten after each row, so a run cut short keeps what it measured; configurations
-not started by --deadline-s seconds are recorded as skipped.
+not started by --deadline-s seconds are recorded as skipped, an out-of-memory error at a cap as that
+row's failure (a finding: ComfyUI's estimate did not leave that model enough).
 """
 
 import argparse
@@ -152,7 +153,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 def print_table(rows: list[dict], title: str) -> None:
     """The rows side by side; '/ fast', '/ exact': the time over ours' at the same cap."""
-    columns = [("step ms", "step_ms", ".1f"), ("/ fast", "step_over_fast", ".2f"), ("/ exact", "step_over_exact", ".2f"),
+    columns = [("step ms", "step_ms", ".1f"), ("/ fast", "step_over_fast", ".2f"),
+               ("/ exact", "step_over_exact", ".2f"),
                ("1st ms", "first_step_ms", ".1f"), ("load s", "load_s", ".2f"), ("image s", "image_s", ".2f"),
                ("loaded s", "image_loaded_s", ".2f"), ("/ fast", "image_over_fast", ".2f"),
                ("/ exact", "image_over_exact", ".2f"), ("GPU GiB", "on_gpu_GiB", ".2f"), ("of GiB", "model_GiB", ".2f"),
@@ -161,8 +163,8 @@ def print_table(rows: list[dict], title: str) -> None:
     print(f"{'variant':<26} {'cap':>4} " + " ".join(f"{head:>{max(len(head), 7)}}" for head, _, _ in columns))
     for r in rows:
         cap = "-" if r["cap_GiB"] is None else str(r["cap_GiB"])
-        if "skipped" in r:
-            print(f"{VARIANTS[r['variant']][0]:<26} {cap:>4} {r['skipped']}")
+        if "step_ms" not in r:
+            print(f"{VARIANTS[r['variant']][0]:<26} {cap:>4} {r.get('skipped') or r['failed']}")
             continue
         cells = [format(r[key], spec) if r.get(key) is not None else "" for _, key, spec in columns]
         print(f"{VARIANTS[r['variant']][0]:<26} {cap:>4} "
@@ -173,9 +175,12 @@ def print_table(rows: list[dict], title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI tree (default: $COMFYUI_PATH)")
-    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_capped_h100.json"))
-    parser.add_argument("--variants", default="fast,exact,fp8,bf16", help=f"a subset of {','.join(VARIANTS)}, run in this order")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
+                        help="a ComfyUI tree (default: $COMFYUI_PATH)")
+    parser.add_argument("--json",
+                        default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_capped_h100.json"))
+    parser.add_argument("--variants", default="fast,bf16,fp8,exact",
+                        help=f"a subset of {','.join(VARIANTS)}, run in this order")
     parser.add_argument("--caps", default="none,16,12,8", help="GiB of usable device memory, 'none' for the whole card")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--depth", type=int, default=19)
@@ -184,7 +189,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--txt", type=int, default=512, help="text tokens")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--deadline-s", type=float, default=540, help="start no configuration after this many seconds")
+    parser.add_argument("--deadline-s", type=float, default=480, help="start no configuration after this many seconds")
     args = parser.parse_args()
     variants, caps = args.variants.split(","), parse_caps(args.caps)
     if not args.comfyui or any(v not in VARIANTS for v in variants):
@@ -220,18 +225,18 @@ def main() -> None:
         rows.append(row)
         print("row", json.dumps(row), flush=True)
         write_result(args.json, what="ComfyUI's FLUX on a simulated smaller card: one step and a sampling run",
-                     comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
-                                                      "height": args.height,
-                                                      "width": args.width, "txt": args.txt, "steps": args.steps,
-                                                      "sampler": "euler", "scheduler": "simple", "cfg": 1.0},
-                     rows=with_ratios(rows))
+                     comfyui=comfyui_version, rows=with_ratios(rows),
+                     config={"depth": cfg.depth, "single": cfg.depth_single_blocks, "height": args.height,
+                             "width": args.width, "txt": args.txt, "steps": args.steps, "sampler": "euler",
+                             "scheduler": "simple", "cfg": 1.0})
 
     gen = torch.Generator(device=device).manual_seed(0)
+    late = f"not started: past --deadline-s {args.deadline_s:.0f}"
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             reason = skipped_reason(comfy, variant, device)
             if reason is None and time.perf_counter() - started > args.deadline_s:
-                reason = f"not started: past --deadline-s {args.deadline_s:.0f}"
+                reason = late
             if reason is not None:
                 for cap in caps:
                     record({"variant": variant, "cap_GiB": cap, "skipped": reason})
@@ -241,24 +246,31 @@ def main() -> None:
             patcher.detach()  # in system memory (ComfyUI's offload device) wherever ComfyUI built it
             for cap in caps:
                 if time.perf_counter() - started > args.deadline_s:
-                    record({"variant": variant, "cap_GiB": cap, "skipped": f"not started: past --deadline-s "
-                                                                         f"{args.deadline_s:.0f}"})
+                    record({"variant": variant, "cap_GiB": cap, "skipped": late})
                     continue
                 comfy.model_management.unload_all_models()  # the model in system memory, as after a file load
-                ballast = hold_ballast(ballasts[cap], device) if cuda else None
-                comfy_free = comfy.model_management.get_free_memory(device)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                with torch.no_grad():
-                    row = {"variant": variant, "cap_GiB": cap, "comfy_free_GiB": round(comfy_free / GiB, 2)}
-                    row.update(sample_image(comfy, patcher, latent, positive, negative, args.steps, sync))
-                row.update({"on_gpu_GiB": round(patcher.loaded_size() / GiB, 2),
-                            "model_GiB": round(patcher.model_size() / GiB, 2),
-                            "partially_loaded": bool(patcher.model.model_lowvram),
-                            "peak_GiB": round((torch.cuda.max_memory_allocated() - ballasts[cap]) / GiB, 2)
-                            if cuda else None, "model": note})
+                row = {"variant": variant, "cap_GiB": cap}
+                try:
+                    ballast = hold_ballast(ballasts[cap], device) if cuda else None
+                except RuntimeError as exc:
+                    record({**row, "skipped": str(exc)})
+                    continue
+                try:
+                    row["comfy_free_GiB"] = round(comfy.model_management.get_free_memory(device) / GiB, 2)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    with torch.no_grad():
+                        row.update(sample_image(comfy, patcher, latent, positive, negative, args.steps, sync))
+                    peak = (torch.cuda.max_memory_allocated() - ballasts[cap]) / GiB if cuda else None
+                    row.update({"on_gpu_GiB": round(patcher.loaded_size() / GiB, 2),
+                                "model_GiB": round(patcher.model_size() / GiB, 2),
+                                "partially_loaded": bool(patcher.model.model_lowvram),
+                                "peak_GiB": None if peak is None else round(peak, 2), "model": note})
+                except torch.OutOfMemoryError as exc:  # a finding at that cap, not the end of the run
+                    row["failed"] = f"out of memory: {str(exc).splitlines()[0]}"
+                finally:
+                    del ballast
                 record(row)
-                del ballast
             comfy.model_management.unload_all_models()
             del patcher
     print_table(with_ratios(rows), title)
