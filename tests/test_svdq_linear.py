@@ -333,3 +333,104 @@ def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank):
     assert y.shape == ref.shape and y.dtype == dtype
     # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
     assert rel(y, ref) <= 5e-3, rel(y, ref)
+
+
+# ---- each family's layer path on the CPU: what it hands its kernels (launchers replaced by recorders) ----
+
+@pytest.mark.parametrize("rank,pow2_weights,pow2_activations", [(32, False, False), (32, True, False),
+                                                                (48, True, True), (224, False, True)])
+def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_weights, pow2_activations):
+    calls = {}
+
+    def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False):
+        calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands)
+        return "codes", "ascales", "fused lora_act"
+
+    def w4a4_gemm(codes, ascales, lora_act, qweight, wscales, lora_up, bias, out=None, gelu_from=-1):
+        calls["kernel 2"] = ("exact", lora_act, qweight, (wscales,), lora_up, bias, gelu_from)
+        return "y"
+
+    def w4a4_gemm_pow2(codes, atok, lora_act, qweight, wexp, wbase, lora_up, bias, out=None, tile_t=0, half_rows=-1,
+                       gelu_from=-1):
+        calls["kernel 2"] = ("fast", lora_act, qweight, (wexp, wbase), lora_up, bias, gelu_from)
+        return "y"
+
+    for name, fake in (("act_quant", act_quant), ("w4a4_gemm", w4a4_gemm), ("w4a4_gemm_pow2", w4a4_gemm_pow2)):
+        monkeypatch.setattr(sm90, name, fake)
+    generator = gen(41 + rank, "cpu")
+    layer = w4a4_layer(64, 256, rank, torch.bfloat16, generator, unsigned=True, pow2_weights=pow2_weights)
+    layer.pow2_activations, layer.gelu_from = pow2_activations, 32
+    x = activations(5, 256, torch.bfloat16, generator, layer.unsigned_groups)
+    kernel = layer.w4a4_kernel()
+    assert sm90.svdq_linear(x, kernel) == "y"
+
+    smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands = calls["kernel 1"]
+    assert smooth.dtype == torch.float32 and torch.equal(smooth, layer.smooth.float())
+    assert torch.equal(inv_smooth, torch.reciprocal(smooth))
+    assert torch.equal(shift, kernel.group_shifts()) and shift.tolist() == [0.0, numerics.GELU_SHIFT] * 2
+    fused = rank <= kernels.KERNEL1_MAX_RANK
+    assert torch.equal(lora_down_p, sm90.kernel1_lora_down(layer.lora_down[:, :rank if fused else 0]))
+    fast = pow2_activations and pow2_weights
+    assert (pow2, int8_operands) == (pow2_activations, fast)
+    path, lora_act, qweight, scales, lora_up, bias, gelu_from = calls["kernel 2"]
+    assert path == ("fast" if fast else "exact") and gelu_from == 32
+    assert lora_act == "fused lora_act" if fused else torch.equal(lora_act, x @ layer.lora_down)
+    assert qweight is layer.qweight and lora_up is layer.lora_up and bias is layer.bias
+    if fast:
+        wbase, exps = numerics.pow2_weight_exponents(layer.wscales)
+        assert scales[0].shape == (4, 64) and torch.equal(scales[0], exps) and torch.equal(scales[1], wbase)
+        assert sm90.pow2_weight_operands(kernel)[0] is scales[0]  # kept by the kernel
+    else:
+        assert scales[0] is layer.wscales
+    assert sm90.kernel1_inputs(kernel)[3] is lora_down_p  # kept by the kernel
+
+
+@pytest.mark.parametrize("rank,pow2_activations,mma", [(24, False, "int4"), (32, True, "int8"), (0, False, "int8"),
+                                                       (40, True, "int4")])
+def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma):
+    calls = {}
+
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False):
+        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2)
+        return "codes", "ascales", None if lora_t is None else "fused lora_act"
+
+    def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
+                  gelu_from=None, mma="int8"):
+        calls["kernel 2"] = (group_shift, qweight, wscales, lora_act, lora_up, bias, gelu_from, mma)
+        return "y"
+
+    monkeypatch.setattr(sm80, "act_quant", act_quant)
+    monkeypatch.setattr(sm80, "w4a4_gemm", w4a4_gemm)
+    generator = gen(43 + rank, "cpu")
+    layer = w4a4_layer(64, 192, rank, torch.bfloat16, generator, unsigned=True)
+    layer.pow2_activations, layer.gelu_from = pow2_activations, 16
+    x = activations(5, 192, torch.bfloat16, generator, layer.unsigned_groups)
+    kernel = layer.w4a4_kernel()
+    assert sm80.svdq_linear(x, kernel, mma=mma) == "y"
+
+    smooth, inv_smooth, group_shift, lora_t, pow2 = calls["kernel 1"]
+    assert torch.equal(smooth, layer.smooth.float()) and torch.equal(inv_smooth, torch.reciprocal(smooth))
+    assert group_shift.tolist() == [0.0, numerics.GELU_SHIFT, 0.0] and pow2 == pow2_activations
+    padded = -rank % kernels.RANK_MULTIPLE
+    if 0 < rank <= kernels.KERNEL1_MAX_RANK:
+        assert lora_t.shape == (rank + padded, 192) and torch.equal(lora_t[:rank], layer.lora_down.t())
+        assert not lora_t[rank:].any()
+    else:
+        assert lora_t is None
+    shift_given, qweight, wscales, lora_act, lora_up, bias, gelu_from, mma_given = calls["kernel 2"]
+    assert shift_given is group_shift and qweight is layer.qweight and wscales is layer.wscales
+    assert bias is layer.bias and (gelu_from, mma_given) == (16, mma)
+    if rank > kernels.KERNEL1_MAX_RANK:  # cuBLAS for x @ lora_down, padded to the kernels' rank multiple
+        assert torch.equal(lora_act, torch.nn.functional.pad(x @ layer.lora_down, (0, padded)))
+    else:
+        assert lora_act == ("fused lora_act" if rank else None)
+    if rank:
+        assert lora_up.shape == (64, rank + padded) and torch.equal(lora_up[:, :rank], layer.lora_up)
+        assert not lora_up[:, rank:].any() and (lora_up is layer.lora_up) == (padded == 0)
+    else:
+        assert lora_up is None
+    # a shift that varies inside a group: the sm80 layer path refuses it by name
+    with torch.no_grad():
+        layer.shift[64:128] = torch.linspace(0.1, 0.2, 64).to(layer.shift.dtype)
+    with pytest.raises(sm80.Sm80InputError, match="varies inside a 64-channel group"):
+        sm80.svdq_linear(x, kernel, mma=mma)
