@@ -35,14 +35,6 @@ def _announce_fallback(reason: str) -> None:
         log.warning("svdquant: using the PyTorch reference path (%s)", reason)
 
 
-def uses_pow2_activations(layer) -> bool:
-    """Whether `layer`'s input is quantized with power-of-two restricted scales
-    (docs/DESIGN.md#scales): the layer's own `pow2_activations`, set at load by
-    file_options.apply_file_options from the loader's choice. Every path (kernels and reference) follows it,
-    so every device computes the same function."""
-    return bool(getattr(layer, "pow2_activations", False))
-
-
 def svdq_linear_reference(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import file_options, flux, kernels, numerics
+from svdquant import file_options, flux, numerics
 from svdquant import format as fmt
 from svdquant.format import FormatError
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
@@ -165,11 +165,11 @@ def test_pow2_scales_model():
     noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=123, height=32, width=32)
     engine = flux.model.from_tensors(cfg, model.tensors)
     w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
-    assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)  # the global default: off
+    assert not any(m.pow2_activations for m in w4a4_layers)  # the global default: off
     file_options.apply_file_options(engine, model.quantization, pow2_activations=False)  # the loader's 'exact'
-    assert not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    assert not any(m.pow2_activations for m in w4a4_layers)
     file_options.apply_file_options(engine, model.quantization)  # what the loaders do with such a file by default
-    assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    assert all(m.pow2_activations for m in w4a4_layers)
     with torch.no_grad():
         ref = flux.model.sample_euler(dense, noise, context, pooled, steps=4).double()
         out = flux.model.sample_euler(engine, noise, context, pooled, 4)
@@ -190,7 +190,7 @@ def test_a_file_written_with_the_old_metadata_key_loads_the_same(tmp_path):
     assert loaded_old.quantization == new.quantization and new.quantization["pow2_scales"] is True
     engine = flux.model.from_tensors(cfg, loaded_old.tensors)
     file_options.apply_file_options(engine, loaded_old.quantization)
-    assert all(kernels.uses_pow2_activations(m) for m in engine.modules() if isinstance(m, SVDQLinear))
+    assert all(m.pow2_activations for m in engine.modules() if isinstance(m, SVDQLinear))
 
 
 def test_power_of_two_activations_can_be_chosen_for_any_file():
@@ -199,9 +199,9 @@ def test_power_of_two_activations_can_be_chosen_for_any_file():
     engine = flux.model.from_tensors(cfg, model.tensors)
     w4a4_layers = [m for m in engine.modules() if isinstance(m, SVDQLinear)]
     file_options.apply_file_options(engine, model.quantization)
-    assert w4a4_layers and not any(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    assert w4a4_layers and not any(m.pow2_activations for m in w4a4_layers)
     file_options.apply_file_options(engine, model.quantization, pow2_activations=True)  # the loader's 'power-of-two'
-    assert all(kernels.uses_pow2_activations(m) for m in w4a4_layers)
+    assert all(m.pow2_activations for m in w4a4_layers)
 
 
 def test_calibration_records_what_each_layer_sees():

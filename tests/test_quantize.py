@@ -108,18 +108,18 @@ def test_hopper_pow2_layer_runs_with_pow2_activations():
     x, w, b = synthetic.outlier_layer(128, 256, tokens=32, seed=4)
     t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
     layer = SVDQLinear.from_tensors(t.as_dict())
-    assert layer.pow2_weights and not kernels.uses_pow2_activations(layer)  # opt-in
+    assert layer.pow2_weights and not layer.pow2_activations  # opt-in
     file_options.apply_file_options(layer, {"pow2_scales": True})  # "from file": on for a file with power-of-two scales
-    assert kernels.uses_pow2_activations(layer)
+    assert layer.pow2_activations
     y = layer(x.bfloat16())
     ref = kernels.svdq_linear_reference(x.bfloat16(), layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
                                         layer.lora_up, layer.bias, pow2_activations=True)
     assert torch.equal(y, ref)
     layer.pow2_activations = False
-    assert not kernels.uses_pow2_activations(layer)
+    assert not layer.pow2_activations
     assert not torch.equal(layer(x.bfloat16()), y)
     plain = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
-    assert not plain.pow2_weights and not kernels.uses_pow2_activations(plain)
+    assert not plain.pow2_weights and not plain.pow2_activations
 
 
 def test_pow2_activation_switch():
@@ -127,11 +127,11 @@ def test_pow2_activation_switch():
     a file without power-of-two weights), or forced either way; there is no global default."""
     x, w, b = synthetic.outlier_layer(64, 128, tokens=8, seed=6)
     layer = SVDQLinear.from_tensors(quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,)).as_dict())
-    assert not kernels.uses_pow2_activations(layer)
+    assert not layer.pow2_activations
     file_options.apply_file_options(layer, {}, pow2_activations=True)
-    assert kernels.uses_pow2_activations(layer)
+    assert layer.pow2_activations
     file_options.apply_file_options(layer, {"pow2_scales": True}, pow2_activations=False)
-    assert not kernels.uses_pow2_activations(layer)
+    assert not layer.pow2_activations
     file_options.apply_file_options(layer, {})
-    assert not kernels.uses_pow2_activations(layer)
+    assert not layer.pow2_activations
     assert not hasattr(kernels, "pow2_activations")
