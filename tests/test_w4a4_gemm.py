@@ -37,6 +37,15 @@ def test_pow2_operands_are_exact_in_e4m3_and_s8():
         assert int(s8.min()) >= -128 and int(s8.max()) <= 127
 
 
+def _check_gelu_tail(y: torch.Tensor, ref: torch.Tensor, gelu_from: int) -> None:
+    """GELU's negative tail (outputs down to about -0.17) to the precision of y's dtype; a tail exactly
+    where some channels pass through the GELU (gelu_from below N)."""
+    neg = ref[:, gelu_from:] < -1e-2
+    assert bool(neg.any()) == (gelu_from < ref.shape[1])
+    tail = (y[:, gelu_from:][neg].double() - ref[:, gelu_from:][neg]).abs() / ref[:, gelu_from:][neg].abs()
+    assert tail.numel() == 0 or float(tail.max()) <= (2 ** -7 if y.dtype == torch.bfloat16 else 2 ** -9)
+
+
 # ---- sm90: w4a4_gemm.cu, w4a4_gemm_pow2.cu --------------------------------------------------------
 
 def _sm90_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, layer: SVDQLinear,
@@ -159,11 +168,7 @@ def test_sm90_gemm_epilogue_gelu(gelu_from, dtype, path):
     x = activations(300, 576, dtype, generator, layer.unsigned_groups)
     y, ref = _sm90_run(x, layer, fast=fast, tile_t=int(path[4:] or 128) if fast else 0, gelu_from=gelu_from)
     assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
-    # GELU's negative tail (outputs down to about -0.17) to the precision of the output dtype
-    neg = ref[:, gelu_from:] < -1e-2
-    assert bool(neg.any()) == (gelu_from < 384)
-    tail = (y[:, gelu_from:][neg].double() - ref[:, gelu_from:][neg]).abs() / ref[:, gelu_from:][neg].abs()
-    assert tail.numel() == 0 or float(tail.max()) <= (2 ** -7 if dtype == torch.bfloat16 else 2 ** -9)
+    _check_gelu_tail(y, ref, gelu_from)
 
 
 @needs_sm90
@@ -267,10 +272,7 @@ def test_sm80_gemm_epilogue_gelu(gelu_from, dtype, mma):
     x = activations(300, 576, dtype, generator, layer.unsigned_groups)
     y, ref = _sm80_run(x, layer, mma, gelu_from=gelu_from)
     assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
-    neg = ref[:, gelu_from:] < -1e-2  # GELU's negative tail, to the output dtype's precision
-    assert bool(neg.any()) == (gelu_from < 384)
-    tail = (y[:, gelu_from:][neg].double() - ref[:, gelu_from:][neg]).abs() / ref[:, gelu_from:][neg].abs()
-    assert tail.numel() == 0 or float(tail.max()) <= (2 ** -7 if dtype == torch.bfloat16 else 2 ** -9)
+    _check_gelu_tail(y, ref, gelu_from)
 
 
 @needs_sm80
