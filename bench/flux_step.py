@@ -1,8 +1,9 @@
 """One FLUX.1-dev-sized transformer call at 1024x1024 (4096 image + 512 text tokens) on the GPU:
 the engine's own FLUX forward (svdquant/flux/model.py, eager, unfused glue) with 16-bit linears,
 with SVDQuant W4A4 layers on the exact Hopper path, with exact weight scales and power-of-two
-activation scales (design (d) alone: what a reference-engine model runs with the loader's
-activation_scales = power-of-two), and on the fast path (power-of-two weight and activation scales).
+activation scales (what a nunchaku-format model runs with the loader's activation_scales =
+power-of-two), and with power-of-two scales (weights and activations; the row named "fast").
+docs/DESIGN.md#scales defines them.
 
     python bench/flux_step.py [--json PATH] [--depth 19 --single 38] [--kernels sm90]
 
@@ -86,7 +87,7 @@ def main() -> None:
               torch.full((1,), 3.5, device="cuda", dtype=bf16))
     rows = {}
     # (name, quantized, power-of-two weight scales, power-of-two activation scales); the third row is
-    # what a reference-engine model runs with the loader's activation_scales = power-of-two
+    # what a nunchaku-format model runs with the loader's activation_scales = power-of-two
     for name, quantized, pow2w, pow2a in (("bf16", False, False, False), ("svdquant exact", True, False, False),
                                           ("svdquant exact w, pow2 act", True, False, True),
                                           ("svdquant fast (pow2)", True, True, True)):

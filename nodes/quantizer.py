@@ -11,7 +11,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..svdquant import flux
+from ..svdquant import flux, kernels
 from ..svdquant.format import FormatError
 from .loader import safetensors_files
 
@@ -84,8 +84,8 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                 tooltip="Name of the quantized file, without .safetensors; empty: "
                                         "svdq-int4_r<rank>-<model name> (-pow2 added for power-of-two scales). "
                                         "An existing file is never overwritten."),
-                io.Int.Input("rank", default=32, min=flux.quantizer.MIN_RANK, max=flux.quantizer.MAX_RANK,
-                             step=flux.quantizer.RANK_STEP,
+                io.Int.Input("rank", default=32, min=flux.quantizer.MIN_MODEL_RANK,
+                             max=flux.quantizer.MAX_MODEL_RANK, step=kernels.RANK_MULTIPLE,
                              tooltip="Rank of the 16-bit low-rank branch that absorbs outliers. 32 is what the "
                                      "published SVDQuant models use; higher is slightly more accurate, larger and "
                                      "slower."),

@@ -162,7 +162,8 @@ def main(argv=None) -> int:
                                         "model.diffusion_model. keys are taken)")
     quantize.add_argument("output", help="the SVDQuant file to write (.safetensors)")
     quantize.add_argument("--rank", type=int, default=32, metavar="R",
-                          choices=range(flux.quantizer.MIN_RANK, flux.quantizer.MAX_RANK + 1, flux.quantizer.RANK_STEP),
+                          choices=range(flux.quantizer.MIN_MODEL_RANK, flux.quantizer.MAX_MODEL_RANK + 1,
+                                        kernels.RANK_MULTIPLE),
                           help="rank of the 16-bit low-rank branch, a multiple of 16 from 16 to 256")
     quantize.add_argument("--pow2-scales", "--hopper-pow2", action="store_true",
                           help="power-of-two weight scales, run with power-of-two activation scales (faster on "

@@ -10,7 +10,7 @@ Tensors, per quantized layer `P` (N outputs, K inputs, rank r, G = K / 64):
 Every other tensor is an unquantized tensor of the model, stored as is.
 
 smooth_orig is the smoothing factor the quantizer chose where it differs from `smooth`: models
-imported from the reference engine have some factors folded into the layer that produces the
+imported from nunchaku-format files have some factors folded into the layer that produces the
 input (its `smooth` is then all ones), so that layer's runtime input is the original model's
 input divided by smooth_orig. The forward never reads it; whatever acts on such a layer in the
 original model's terms (a LoRA) needs it. Absent means equal to `smooth`.

@@ -636,7 +636,7 @@ def quantizer_prompt(model_name: str, output_name: str = "", pow2_scales: bool =
 
 def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     """A 16-bit dev checkpoint (ComfyUI checkpoint keys) in diffusion_models -> the Quantizer node ->
-    a file in models/diffusion_models that the engine reads as dev in the Hopper format, and that a
+    a file in models/diffusion_models that the engine reads as dev with power-of-two scales, and that a
     prompt with the loader node samples to an image; the node refuses to overwrite it."""
     cfg, tensors = bf16_model(True)
     models = server.base / "models" / "diffusion_models"

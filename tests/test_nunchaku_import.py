@@ -224,6 +224,6 @@ def test_a_reference_tensor_read_with_another_shape_or_dtype_is_named(tmp_path, 
     with safe_open(str(reference_fixture(PACKED)), framework="pt") as f:
         metadata = f.metadata()
     packed[key] = corrupt(packed[key])
-    with pytest.raises(FormatError, match=f"^corrupt.safetensors: cannot import the reference layout: tensor {key} "
+    with pytest.raises(FormatError, match=f"^corrupt.safetensors: cannot import the nunchaku layout: tensor {key} "
                                           f"{problem}$"):
         flux.files.load_flux(_write(tmp_path / "corrupt.safetensors", packed, metadata))

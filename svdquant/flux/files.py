@@ -10,12 +10,12 @@ from .. import format as fmt
 from . import nunchaku_import
 from .arch import FluxConfig, check_tensors, config_from_tensors
 
-NOT_FLUX = ("not an SVDQuant FLUX model (neither this pack's format nor the reference engine's single-file INT4 FLUX "
-            "format); unquantized FLUX files load with ComfyUI's Load Diffusion Model node")
+NOT_FLUX = ("not an SVDQuant FLUX model (neither this pack's format nor nunchaku's single-file INT4 FLUX format); "
+            "unquantized FLUX files load with ComfyUI's Load Diffusion Model node")
 
 
 def load_flux(path, device: str | torch.device = "cpu") -> tuple[fmt.QuantizedModel, FluxConfig]:
-    """Read an SVDQuant FLUX model: our natural file or the reference engine's single file.
+    """Read an SVDQuant FLUX model: our natural file or a nunchaku-format single file.
 
     Returns the model in natural layout with ComfyUI names, and its configuration (stored in the
     file, else inferred from the tensor shapes). Raises FormatError naming the file otherwise.

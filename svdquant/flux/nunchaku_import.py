@@ -172,7 +172,7 @@ def _config(path, metadata: dict[str, str]) -> dict:
 def _check_quantization(path, metadata: dict[str, str]) -> dict:
     model_class = metadata.get("model_class", "")
     if model_class and "Flux" not in model_class:
-        raise fmt.FormatError(path, f"a reference-engine {model_class} model, not a FLUX model")
+        raise fmt.FormatError(path, f"a nunchaku-format {model_class} model, not a FLUX model")
     try:
         config = json.loads(metadata.get("quantization_config", "{}"))
     except json.JSONDecodeError as exc:
@@ -229,7 +229,7 @@ def import_model(path, metadata: dict[str, str], device: str | torch.device = "c
             for part_name, name in SINGLE_NORMS.items():
                 tensors[f"{out}.{name}"] = reader.take(f"{ref}.{part_name}")
     except ValueError as exc:  # a nunchaku-format layer whose shapes the unpacking cannot take
-        raise fmt.FormatError(path, f"cannot import the reference layout: {exc}") from None
+        raise fmt.FormatError(path, f"cannot import the nunchaku layout: {exc}") from None
 
     left = sorted(set(reader.tensors) - reader.used)
     if left:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .. import format as fmt
 from .. import numerics, quantize
+from ..kernels import RANK_MULTIPLE
 from ..linear import DENSE, W4A4, W4A16
 from . import nunchaku_import
 from .arch import FluxConfig, LinearSpec, check_tensors, config_from_tensors, dense_shapes, linear_layers, norm_scales
@@ -317,8 +318,9 @@ def _quantization(rank, smooth, calls, prompts, pow2_scales, errors) -> dict:
 
 CHECKPOINT_PREFIX = "model.diffusion_model."  # the transformer's keys in a ComfyUI checkpoint
 SOURCE_DTYPES = {"BF16", "F16", "F32"}  # safetensors' names of the dtypes a checkpoint may have
-# the kernels read the low-rank branch in 16-wide tiles
-RANK_STEP, MIN_RANK, MAX_RANK = 16, 16, 256
+# The ranks a checkpoint is quantized at: multiples of what the kernels take, up to MAX_MODEL_RANK for the
+# model's own branch (LoRAs add columns to it at load, up to kernels.MAX_RANK in all).
+MIN_MODEL_RANK, MAX_MODEL_RANK = RANK_MULTIPLE, 256
 
 
 def _flux_config(path, shapes: dict[str, torch.Tensor]) -> FluxConfig:
@@ -586,8 +588,9 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
     target = Path(target)
     if target.suffix != ".safetensors":
         raise fmt.FormatError(target, "the output name must end in .safetensors")
-    if not (MIN_RANK <= rank <= MAX_RANK and rank % RANK_STEP == 0):
-        raise ValueError(f"rank {rank}: must be a multiple of {RANK_STEP} from {MIN_RANK} to {MAX_RANK}")
+    if not (MIN_MODEL_RANK <= rank <= MAX_MODEL_RANK and rank % RANK_MULTIPLE == 0):
+        raise ValueError(f"rank {rank}: must be a multiple of {RANK_MULTIPLE} from {MIN_MODEL_RANK} to "
+                         f"{MAX_MODEL_RANK}")
     if calibration_calls < 1:
         raise ValueError(f"calibration_calls {calibration_calls}: must be at least 1")
     cfg = checkpoint_config(source)
