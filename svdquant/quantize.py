@@ -1,8 +1,9 @@
 """The SVDQuant algorithm for one linear layer: smoothing search, SVD low-rank, INT4 residual.
 
     W_s = W * s                       (s: per input channel, searched exponent alpha)
-    W_s = L_up @ L_down^T + R         (rank-r truncated SVD, kept 16-bit)
-    R  -> INT4 codes, one scale per (output channel, 64 inputs), with a per-group scale search
+    W_s = L_up @ L_down^T + R         (rank-r truncated SVD, kept 16-bit, refitted to W_s - Q(R))
+    R  -> INT4 codes, one scale per (output channel, 64 inputs), with a per-group scale search;
+          the codes rounded column by column with error compensation on the calibration inputs
     y  = Q((x + h) / s) . Q(R)^T + (x @ (L_down / s)) @ L_up^T + bias'
 
 The low-rank branch reads the unsmoothed, unshifted input, so lora_down is stored divided by s.
@@ -32,6 +33,10 @@ FINAL_POWER_ITERS = 8
 # Refits of the low-rank branch to what the quantized residual leaves, in the final decomposition
 # (bench/NOTES.md#fidelity-real: lower output error on real and synthetic weights, at two more decompositions).
 REFINE_ROUNDS = 2
+# Error compensation of the residual's rounding (GPTQ): damping added to the Gram matrix of the
+# quantized calibration inputs, as a fraction of its mean diagonal. Strong damping keeps it from
+# fitting the few calibration tokens (bench/NOTES.md#fidelity-real: 0.01 overfits, 0.5-1 is best).
+COMPENSATION_DAMPING = 1.0
 
 
 @dataclass
@@ -166,12 +171,51 @@ def _low_rank(weight: torch.Tensor, rank: int, power_iters: int) -> tuple[torch.
     return (q @ u[:, :rank]) * sv[:rank], vh[:rank].t()
 
 
+def _compensated_codes(residual: torch.Tensor, wscales: torch.Tensor, inputs: torch.Tensor,
+                       damping: float = COMPENSATION_DAMPING) -> torch.Tensor:
+    """INT4 codes [N, K] of residual [N, K] at the fixed group scales wscales [K/64, N], rounded one
+    input column at a time, each column's rounding error spread over the columns not yet rounded
+    through the inverse (damped) Gram matrix of inputs [tokens, K] (GPTQ, Frantar et al. 2022): what
+    the quantized path multiplies, so that inputs @ Q(R)^T stays close to inputs @ R^T. Fixed scales
+    keep the format's constraints (power-of-two scales included); updated weights beyond a group's
+    range are clamped to its codes."""
+    n, k = residual.shape
+    gram = inputs.t() @ inputs
+    gram.diagonal().add_(damping * gram.diagonal().mean().clamp_min(1e-12))
+    # Upper Cholesky factor of the inverse Gram matrix, each row divided by its diagonal: row j says
+    # how column j's rounding error moves the columns after it.
+    spread = torch.linalg.cholesky(gram)
+    del gram
+    spread = torch.linalg.cholesky(torch.cholesky_inverse(spread), upper=True)
+    spread /= spread.diagonal().clone().unsqueeze(1)
+    # Columns as contiguous rows, a few in-place ops per column: on a GPU the loop over K columns
+    # costs kernel launches, not arithmetic.
+    w = residual.t().contiguous()
+    scale = wscales.float().repeat_interleave(GROUP_SIZE, dim=0)  # [K, N]
+    inverse = torch.where(scale > 0, torch.reciprocal(scale), torch.zeros_like(scale))  # code 0 where the scale is 0
+    codes = torch.empty_like(w)
+    errors = w.new_empty(GROUP_SIZE, n)
+    for start in range(0, k, GROUP_SIZE):
+        end = start + GROUP_SIZE
+        block = spread[start:end, start:end]
+        for i, j in enumerate(range(start, end)):
+            torch.mul(w[j], inverse[j], out=codes[j])
+            codes[j].round_().clamp_(-8, numerics.SIGNED_MAX)  # round half to even, as numerics rounds
+            torch.addcmul(w[j], codes[j], scale[j], value=-1.0, out=errors[i])
+            w[j + 1:end].addr_(block[i, i + 1:], errors[i], alpha=-1.0)
+        w[end:].addmm_(spread[start:end, end:].t(), errors, alpha=-1.0)
+    return codes.t()
+
+
 def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype,
-               pow2: bool = False, refine_rounds: int = 0):
+               pow2: bool = False, refine_rounds: int = 0, inputs: torch.Tensor | None = None):
     """Split w * s into a rank-r branch and an INT4 residual; low-rank factors rounded to dtype.
 
     refine_rounds: after the first split, the branch is refitted that many times to what the
-    quantized residual leaves (rank-r SVD of w * s - Q(R)) and the residual requantized."""
+    quantized residual leaves (rank-r SVD of w * s - Q(R)) and the residual requantized.
+    inputs: what the quantized path multiplies by the residual on the calibration tokens [tokens, K]
+    (the dequantized activations less h / s, which the bias' removes); where given, the final
+    residual's codes are rounded with error compensation on them (_compensated_codes)."""
     w_s = w * s
     up, down_s = _low_rank(w_s, rank, power_iters)
     codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
@@ -179,21 +223,31 @@ def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dt
         up, down_s = _low_rank(w_s - numerics.dequantize_groups(codes, wscales.t()), rank, power_iters)
         codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
     lora_down = (down_s / s.unsqueeze(1)).to(dtype).float()
-    return codes, wscales, lora_down, up.to(dtype).float()
+    up = up.to(dtype).float()
+    if inputs is not None:
+        # the residual the 16-bit branch leaves as stored (its factors rounded to dtype)
+        codes = _compensated_codes(w_s - up @ (lora_down * s.unsqueeze(1)).t(), wscales, inputs).to(torch.int8)
+    return codes, wscales, lora_down, up
 
 
-def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False):
-    """Fake-quantized forward in float32 (dequantized operands): what the layer will compute.
+def _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2=False) -> torch.Tensor:
+    """The quantized path's activations as the engine quantizes them, dequantized to float32
+    [tokens, K]: INT4 codes of (x + h) / s times their scales.
 
     pow2: with the restricted activation scales, which a file of power-of-two weight scales turns on
-    for its layers at load (flux.apply_file_options)."""
+    for its layers at load (file_options.apply_file_options)."""
     v = x.float() if shift is None else x.float() + shift
     if pow2:
         codes, top, exps = numerics.quantize_groups_pow2(v * torch.reciprocal(smooth), unsigned, scale_dtype=dtype)
-        scales = numerics.pow2_scales(top, exps)
-    else:
-        codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
-    act = numerics.dequantize_groups(codes, scales)
+        return numerics.dequantize_groups(codes, numerics.pow2_scales(top, exps))
+    codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
+    return numerics.dequantize_groups(codes, scales)
+
+
+def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False):
+    """Fake-quantized forward in float32 (dequantized operands): what the layer will compute, less
+    its bias' (for shifted inputs it still holds the (R_q / s) @ h that the bias' removes)."""
+    act = _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2)
     w = numerics.dequantize_groups(weight_codes, wscales.t())
     return act @ w.t() + (x.float() @ lora_down) @ lora_up.t()
 
@@ -209,6 +263,7 @@ def quantize_linear(
     dtype: torch.dtype = torch.bfloat16,
     hopper_pow2: bool = False,
     refine_rounds: int = REFINE_ROUNDS,
+    compensate: bool = True,
 ) -> W4A4Tensors:
     """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
 
@@ -219,7 +274,8 @@ def quantize_linear(
     smoothing search then simulates the restricted activation scales the layer runs with. Returns
     the natural tensors in `dtype`. Everything runs on weight's device, in float32.
     refine_rounds: _decompose's, in the final decomposition (the smoothing search compares
-    unrefined splits; 0 gives SVDQuant's own split).
+    unrefined splits; 0 gives SVDQuant's own split). compensate: the final residual's codes rounded
+    with error compensation on the calibration inputs (_compensated_codes) instead of to nearest.
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
@@ -248,7 +304,13 @@ def quantize_linear(
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
-    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2, refine_rounds)
+    inputs = None
+    if compensate:
+        inputs = _dequantized_activations(x, s, h, unsigned, dtype, hopper_pow2)
+        if h is not None:
+            inputs -= h / s
+    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2, refine_rounds,
+                                                    inputs)
 
     b = torch.zeros(n, device=device) if bias is None else bias.float()
     if h is not None:
