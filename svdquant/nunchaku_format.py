@@ -4,7 +4,8 @@ Nunchaku stores each tensor in the order its 256x128-tile CUDA kernels read it.
 The index formulas below are the inverse of its packers (deepcompressor's nunchaku backend);
 they are written as reshape + permute of the flat buffer: a packed tensor is viewed as a
 multi-dimensional array whose axes are the digits of the index formula, and the axes are put
-back in natural (row, column) order. Names of the axes follow ../shared/fixtures/README.md.
+back in natural (row, column) order; each function's docstring gives its formula. These are the steps
+2-5, 13 and 14 of docs/DESIGN.md#nunchaku-import.
 
 Only layer tensors are handled here; model-level renaming and fusing lives with the model.
 """
