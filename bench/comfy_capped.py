@@ -32,14 +32,18 @@ what a card of `cap` GiB does in ComfyUI 0.3.64 (comfy/model_management.py):
 What differs from a real small card: this host's PCIe link (the streamed weights' copy speed:
 a laptop RTX 4090 has PCIe 4.0 x16 at most, usually slower in practice), and torch's native
 allocator is used (as in comfy_step; ComfyUI's main.py would pick cudaMallocAsync).
-The peak is torch's peak allocation during the sampling run less the ballast.
+The peak is torch's peak allocation during the sampling run less the ballast. The first row of the
+first 4-bit variant also builds the kernels (NVRTC, first use) in its first model call, which its
+image times include.
 
     COMFYUI_PATH=DIR python bench/comfy_capped.py [--json PATH] [--variants fast,bf16,fp8,exact]
         [--caps none,16,12,8] [--steps 20] [--deadline-s 480]
     CPU check (no cap: the CPU has nothing to cap): ... --device cpu --caps none --variants bf16,fast
         --depth 1 --single 1 --height 64 --width 64 --txt 16 --steps 2
-On the GPU machine: as bench/comfy_step.py (.carry with ComfyUI 0.3.64 and the av wheel), with
-bench/comfy_capped.py --json $OUT/comfy_capped_h100.json. Each row is printed as a JSON line and
+On the GPU machine: as bench/comfy_step.py (.carry with ComfyUI 0.3.64 and the av wheel) plus the
+two wheels comfy.sample needs (its k-diffusion samplers import torchsde), in .carry/whl:
+    pip download --no-deps --only-binary=:all: -d .carry/whl torchsde==0.2.6 trampoline==0.1.2
+and bench/comfy_capped.py --json $OUT/comfy_capped_h100.json. Each row is printed as a JSON line and
 the JSON file is rewritten after each row, so a run cut short keeps what it measured; configurations
 not started by --deadline-s seconds are recorded as skipped, an out-of-memory error at a cap as that
 row's failure (a finding: ComfyUI's estimate did not leave that model enough).
