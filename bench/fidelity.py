@@ -16,8 +16,9 @@ each MLP output layer shifted and unsigned), calibrated on the inputs it sees fo
 package's model card and measured on other sentences of it: each layer's relative output error on
 its own held-out inputs (from the full-precision model), and the end-to-end cosine between the
 sentence embeddings of the 4-bit and the full-precision model, per recipe: naive W4A4, smooth-only
-W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0) and with the refined split
-(quantize.REFINE_ROUNDS, the default), W4A16. Writes JSON with the machine, date and commit.
+W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0, residual rounded to nearest),
+with the refined split (quantize.REFINE_ROUNDS) alone, and with the refined split and the residual's
+error compensation (the default), W4A16. Writes JSON with the machine, date and commit.
 """
 
 import argparse
@@ -142,10 +143,15 @@ def real_weights(args) -> None:
         dense = numerics.dequantize_w4a16(codes, wscales, wzeros).bfloat16()
         return lambda x: (x.bfloat16() @ dense.t()).float() + w[f"{name}.bias"]
 
-    # svdquant_r*: SVDQuant's own split (refine_rounds=0); *_refined: the default (quantize.REFINE_ROUNDS)
-    recipes = {"naive_w4a4": w4a4(rank=0, smooth=False), "smooth_w4a4": w4a4(rank=0),
-               "svdquant_r16": w4a4(rank=16, refine_rounds=0), "svdquant_r32": w4a4(rank=32, refine_rounds=0),
-               "svdquant_r16_refined": w4a4(rank=16), "svdquant_r32_refined": w4a4(rank=32), "w4a16": w4a16}
+    # svdquant_r*: SVDQuant's own split (refine_rounds=0) rounded to nearest; *_refined: the refined split
+    # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: the default, refined and error-compensated
+    plain = dict(compensate=False)
+    recipes = {"naive_w4a4": w4a4(rank=0, smooth=False, **plain), "smooth_w4a4": w4a4(rank=0, **plain),
+               "svdquant_r16": w4a4(rank=16, refine_rounds=0, **plain),
+               "svdquant_r32": w4a4(rank=32, refine_rounds=0, **plain),
+               "svdquant_r16_refined": w4a4(rank=16, **plain), "svdquant_r32_refined": w4a4(rank=32, **plain),
+               "svdquant_r16_compensated": w4a4(rank=16), "svdquant_r32_compensated": w4a4(rank=32),
+               "w4a16": w4a16}
     if args.recipes:
         recipes = {name: recipes[name] for name in args.recipes.split(",")}
     results = {}
