@@ -158,40 +158,59 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   const int groups = K / 64, iters = groups + rank / 16;
   const int wm = 64 * (warp % 2), wn = 64 * (warp / 2);  // the warp's tokens and channels in the tile
 
-  // Stage `it` into its ring slot: thread t copies chunks t and t + 128 of the codes and qweight
-  // tiles (row c / 2, half c % 2), threads 0..31 the ascales and 32..47 the wscales.
-  auto load_stage = [&](int it) {
-    if (it < iters) {
-      uint8_t* st = ring + (it % kStages) * kStageBytes;
+  // Stage copies. Thread t copies chunk half t % 2 of rows t / 2 and t / 2 + 64 of the codes and
+  // qweight tiles, from sources that advance 32 bytes a stage (one group of INT4 codes, or 16 ranks
+  // of the 16-bit low-rank operands: the sources switch to lora_act and lora_up once, at stage
+  // K/64); threads 0..31 copy 4 tokens' ascales, 32..47 8 channels' wscales. Addresses are computed
+  // once, and the main loop is split where the sources switch, so that no stage recomputes them
+  // (bench/NOTES.md#sm80-static-budget).
+  const int r0 = tid / 2, hf = tid % 2;
+  const int dst0 = tile_offset(r0, hf);  // row r0 + 64: dst0 + 64 * 32 (same swizzle)
+  bool tv[2], cv[2];
+  const uint8_t* a_src[2];
+  const uint8_t* w_src[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
+    tv[i] = tok < M, cv[i] = ch < N;
+    a_src[i] = codes + static_cast<size_t>(tv[i] ? tok : 0) * (K / 2) + 16 * hf;
+    w_src[i] = qweight + static_cast<size_t>(cv[i] ? ch : 0) * (K / 2) + 16 * hf;
+  }
+  const bool copies_scales = tid < 48, is_as = tid < 32;
+  const int sc_dst = is_as ? kOffAs + 16 * tid : kOffWs + 16 * (tid - 32);
+  const bool sc_valid = is_as ? tok0 + 4 * tid < M : ch0 + 8 * (tid - 32) < N;
+  const uint8_t* sc_src = is_as ? reinterpret_cast<const uint8_t*>(ascales + (sc_valid ? tok0 + 4 * tid : 0))
+                                : reinterpret_cast<const uint8_t*>(wscales + (sc_valid ? ch0 + 8 * (tid - 32) : 0));
+  const size_t sc_stride = is_as ? static_cast<size_t>(m_al) * 4 : static_cast<size_t>(N) * 2;
+  int next = 0, next_slot = 0;  // the next stage to load and its ring slot
+
+  // Copies the next stage (group or low-rank; none past the last) and commits.
+  auto load_stage = [&](bool group) {
+    if (group || next < iters) {
+      uint8_t* st = ring + next_slot * kStageBytes;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int c = tid + kThreads * i, row = c / 2, half = c % 2;
-        const int tok = tok0 + row, ch = ch0 + row;
-        const bool tv = tok < M, cv = ch < N;
-        const uint8_t *a_src, *w_src;
-        if (it < groups) {
-          a_src = codes + static_cast<size_t>(tv ? tok : 0) * (K / 2) + 32 * it + 16 * half;
-          w_src = qweight + static_cast<size_t>(cv ? ch : 0) * (K / 2) + 32 * it + 16 * half;
-        } else {
-          const int r = 16 * (it - groups) + 8 * half;
-          a_src = reinterpret_cast<const uint8_t*>(lora_act + static_cast<size_t>(tv ? tok : 0) * rank + r);
-          w_src = reinterpret_cast<const uint8_t*>(lora_up + static_cast<size_t>(cv ? ch : 0) * rank + r);
-        }
-        cp_async16(st + tile_offset(row, half), a_src, tv);
-        cp_async16(st + kOffW + tile_offset(row, half), w_src, cv);
+        cp_async16(st + dst0 + 64 * 32 * i, a_src[i], tv[i]);
+        cp_async16(st + kOffW + dst0 + 64 * 32 * i, w_src[i], cv[i]);
+        a_src[i] += 32;
+        w_src[i] += 32;
       }
-      if (it < groups) {
-        if (tid < 32) {
-          const bool v = tok0 + 4 * tid < M;
-          cp_async16(st + kOffAs + 16 * tid, ascales + static_cast<size_t>(it) * m_al + (v ? tok0 + 4 * tid : 0), v);
-        } else if (tid < 48) {
-          const int c = tid - 32;
-          const bool v = ch0 + 8 * c < N;
-          cp_async16(st + kOffWs + 16 * c, wscales + static_cast<size_t>(it) * N + (v ? ch0 + 8 * c : 0), v);
-        }
+      if (group && copies_scales) {
+        cp_async16(st + sc_dst, sc_src, sc_valid);
+        sc_src += sc_stride;
       }
     }
     cp_async_commit();
+    ++next;
+    next_slot = next_slot == kStages - 1 ? 0 : next_slot + 1;
+  };
+  auto switch_to_low_rank = [&]() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
+      a_src[i] = reinterpret_cast<const uint8_t*>(lora_act + static_cast<size_t>(tv[i] ? tok : 0) * rank + 8 * hf);
+      w_src[i] = reinterpret_cast<const uint8_t*>(lora_up + static_cast<size_t>(cv[i] ? ch : 0) * rank + 8 * hf);
+    }
   };
 
   float out[4][8][4];
@@ -201,8 +220,10 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) out[i][j][e] = 0.f;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_stage(s);
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (next == groups && rank) switch_to_low_rank();
+    load_stage(next < groups);
+  }
 
   // ldmatrix row addresses of this lane: A (m16 tile i): row wm + 16 i + lane % 8 + 8 ((lane / 8) % 2),
   // chunk lane / 16; B (n8 tiles 2 jj, 2 jj + 1): row wn + 16 jj + lane % 8 + 8 (lane / 16), chunk
@@ -211,35 +232,59 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   const int b_off = kOffW + tile_offset(wn + lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
   const int gid = lane / 4, q = lane % 4;
 
-  for (int it = 0; it < iters; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    load_stage(it + kStages - 1);
-    const uint8_t* st = ring + (it % kStages) * kStageBytes;
+  // A group stage's MMAs and promotion (group g in shared memory at st).
+  auto group = [&](int g, const uint8_t* st) {
     uint32_t a[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], st + a_off + 16 * 32 * i);
-    if (it < groups) {
-      const float shift = group_shift ? __ldg(group_shift + it) : 0.f;
-      // warp-uniform: one code path per group kind, so that the expansion's shift and mask and the
-      // INT4 mma type are constants
-      if (shift > 0.f) {
-        group_step<T, kInt8, true>(st, a, out, wm, wn, lane);
-      } else {
-        group_step<T, kInt8, false>(st, a, out, wm, wn, lane);
-      }
-    } else {  // low-rank stage: 16 ranks
+    const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
+    // warp-uniform: one code path per group kind, so that the expansion's shift and mask and the
+    // INT4 mma type are constants
+    if (shift > 0.f) {
+      group_step<T, kInt8, true>(st, a, out, wm, wn, lane);
+    } else {
+      group_step<T, kInt8, false>(st, a, out, wm, wn, lane);
+    }
+  };
+  // A low-rank stage's MMAs (16 ranks).
+  auto low_rank = [&](const uint8_t* st) {
+    uint32_t a[4][4];
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        uint32_t b[4];
-        ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
+    for (int i = 0; i < 4; ++i) ldmatrix_x4(a[i], st + a_off + 16 * 32 * i);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          mma_m16n8k16<T>(out[i][2 * jj], a[i], b[0], b[1]);
-          mma_m16n8k16<T>(out[i][2 * jj + 1], a[i], b[2], b[3]);
-        }
+    for (int jj = 0; jj < 4; ++jj) {
+      uint32_t b[4];
+      ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        mma_m16n8k16<T>(out[i][2 * jj], a[i], b[0], b[1]);
+        mma_m16n8k16<T>(out[i][2 * jj + 1], a[i], b[2], b[3]);
       }
     }
+  };
+
+  int it = 0, slot = 0;  // the stage computed and its ring slot
+  // Steady state: the stage loaded and the stage computed are groups.
+  for (; next < groups; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_stage(true);
+    group(it, ring + slot * kStageBytes);
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+  }
+  if (next == groups && rank) switch_to_low_rank();
+  // The last stages: the stage loaded is low-rank or none.
+  for (; it < iters; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_stage(false);
+    const uint8_t* st = ring + slot * kStageBytes;
+    if (it < groups) {
+      group(it, st);
+    } else {
+      low_rank(st);
+    }
+    slot = slot == kStages - 1 ? 0 : slot + 1;
   }
   cp_async_wait<0>();
 
