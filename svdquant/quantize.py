@@ -261,7 +261,7 @@ def quantize_linear(
     smooth: bool = True,
     alphas=DEFAULT_ALPHAS,
     dtype: torch.dtype = torch.bfloat16,
-    hopper_pow2: bool = False,
+    pow2_scales: bool = False,
     refine_rounds: int = REFINE_ROUNDS,
     compensate: bool = True,
 ) -> W4A4Tensors:
@@ -269,7 +269,7 @@ def quantize_linear(
 
     calibration: inputs the layer sees, [tokens, K] (at most MAX_CALIBRATION_TOKENS are used,
     evenly spaced). shift: [K] input shift for unsigned groups (post-GELU inputs), or None.
-    smooth=False keeps s = 1; rank=0 drops the low-rank branch. hopper_pow2: power-of-two weight
+    smooth=False keeps s = 1; rank=0 drops the low-rank branch. pow2_scales: power-of-two weight
     group scales (quantize_weight_int4's pow2_scales), the format of the Hopper fast path; the
     smoothing search then simulates the restricted activation scales the layer runs with. Returns
     the natural tensors in `dtype`. Everything runs on weight's device, in float32.
@@ -299,17 +299,17 @@ def quantize_linear(
     for alpha in candidates:
         s = torch.ones(k, device=device) if alpha is None else smoothing_factors(act_absmax, weight_absmax, alpha)
         s = s.to(dtype).float()  # the stored smooth is what the engine divides by
-        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype, hopper_pow2)
-        err = (_simulate(x, *parts, s, h, unsigned, dtype, hopper_pow2) - reference).square().sum()
+        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype, pow2_scales)
+        err = (_simulate(x, *parts, s, h, unsigned, dtype, pow2_scales) - reference).square().sum()
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
     inputs = None
     if compensate:
-        inputs = _dequantized_activations(x, s, h, unsigned, dtype, hopper_pow2)
+        inputs = _dequantized_activations(x, s, h, unsigned, dtype, pow2_scales)
         if h is not None:
             inputs -= h / s
-    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, hopper_pow2, refine_rounds,
+    codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds,
                                                     inputs)
 
     b = torch.zeros(n, device=device) if bias is None else bias.float()
@@ -329,9 +329,9 @@ def quantize_linear(
 
 
 def relative_output_error(layer: W4A4Tensors, weight: torch.Tensor, bias: torch.Tensor | None,
-                          x: torch.Tensor, hopper_pow2: bool = False) -> float:
+                          x: torch.Tensor, pow2_scales: bool = False) -> float:
     """||y_q - y|| / ||y|| on inputs x [tokens, K]: y_q what the quantized layer computes (its
-    stored tensors; with hopper_pow2 the power-of-two activation scales such a file runs with),
+    stored tensors; with pow2_scales the power-of-two activation scales such a file runs with),
     from dequantized float32 operands; y = x W^T + bias in float32. On weight's device."""
     device, dtype = weight.device, layer.smooth.dtype
     x = x.to(device=device, dtype=torch.float32)
@@ -339,7 +339,7 @@ def relative_output_error(layer: W4A4Tensors, weight: torch.Tensor, bias: torch.
     unsigned = numerics.unsigned_groups_from_shift(shift, x.shape[1]).to(device)
     codes = numerics.unpack_int4(layer.qweight, signed=True)
     out = _simulate(x, codes, layer.wscales, layer.lora_down.float(), layer.lora_up.float(), layer.smooth.float(),
-                    shift, unsigned, dtype, hopper_pow2)
+                    shift, unsigned, dtype, pow2_scales)
     if layer.bias is not None:
         out += layer.bias.float()
     ref = x @ weight.float().t()

@@ -37,7 +37,7 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
     w4a16: 4-bit weights only (asymmetric, group 64), 16-bit activations.
     pow2 adds the power-of-two scales (docs/DESIGN.md#scales) of svdquant_r{rank}: _pow2a,
     power-of-two activation scales per token (same weights); _pow2w, power-of-two weight scales per
-    row (quantize_linear(hopper_pow2=True)), exact activations; _pow2wa, both (what a file with
+    row (quantize_linear(pow2_scales=True)), exact activations; _pow2wa, both (what a file with
     power-of-two scales runs by default).
     """
     from .linear import SVDQLinear  # linear imports kernels; keep this module light to import
@@ -60,7 +60,7 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
         out[name] = run(tensors)
     if pow2:
         out[f"svdquant_r{rank}_pow2a"] = run(tensors, pow2_activations=True)
-        tensors = quantize.quantize_linear(weight, bias, x, rank=rank, hopper_pow2=True)
+        tensors = quantize.quantize_linear(weight, bias, x, rank=rank, pow2_scales=True)
         out[f"svdquant_r{rank}_pow2w"] = run(tensors)
         out[f"svdquant_r{rank}_pow2wa"] = run(tensors, pow2_activations=True)
     codes, wscales, wzeros = numerics.quantize_w4a16(weight)

@@ -98,8 +98,8 @@ def test_compensated_codes_round_to_nearest_for_uncorrelated_inputs():
     assert int(compensated.min()) >= -8 and int(compensated.max()) <= 7
 
 
-@pytest.mark.parametrize("hopper_pow2", [False, True])
-def test_error_compensation_lowers_the_output_error_on_held_out_inputs(hopper_pow2):
+@pytest.mark.parametrize("pow2_scales", [False, True])
+def test_error_compensation_lowers_the_output_error_on_held_out_inputs(pow2_scales):
     """The final residual rounded with error compensation on the calibration inputs (the default)
     against rounding to nearest, on tokens the layer was not calibrated on; the scales (power-of-two
     ones included) are the same. The inputs share 16 directions across channels, as real activations
@@ -108,9 +108,9 @@ def test_error_compensation_lowers_the_output_error_on_held_out_inputs(hopper_po
     gen = torch.Generator().manual_seed(5)
     x = x + 3.0 * torch.randn(512, 16, generator=gen) @ torch.randn(16, 512, generator=gen) / 4.0
     calibration, held_out = x[0::2], x[1::2]
-    layers = {compensate: quantize.quantize_linear(w, b, calibration, rank=32, alphas=(0.5,), hopper_pow2=hopper_pow2,
+    layers = {compensate: quantize.quantize_linear(w, b, calibration, rank=32, alphas=(0.5,), pow2_scales=pow2_scales,
                                                    compensate=compensate) for compensate in (False, True)}
-    errors = {compensate: quantize.relative_output_error(t, w, b, held_out, hopper_pow2)
+    errors = {compensate: quantize.relative_output_error(t, w, b, held_out, pow2_scales)
               for compensate, t in layers.items()}
     assert errors[True] < 0.96 * errors[False]
     assert torch.equal(layers[True].wscales, layers[False].wscales)
@@ -137,9 +137,9 @@ def test_pow2_weight_quantizer(dtype):
     assert err(plain_codes, plain_scales) <= err(codes, wscales) < 1.5 * err(plain_codes, plain_scales)
 
 
-def test_hopper_pow2_layer_runs_with_pow2_activations():
+def test_pow2_scales_layer_runs_with_pow2_activations():
     x, w, b = synthetic.outlier_layer(128, 256, tokens=32, seed=4)
-    t = quantize.quantize_linear(w, b, x, rank=16, hopper_pow2=True, alphas=(0.5,))
+    t = quantize.quantize_linear(w, b, x, rank=16, pow2_scales=True, alphas=(0.5,))
     layer = SVDQLinear.from_tensors(t.as_dict())
     assert layer.pow2_weights and not layer.pow2_activations  # opt-in
     file_options.apply_file_options(layer, {"pow2_scales": True})  # "from file": on for a file with power-of-two scales

@@ -231,7 +231,7 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
                 if spec.kind == W4A4:
                     result = quantize.quantize_linear(module.weight, module.bias, calibrated.pop(name), rank=rank,
                                                       shift=gelu_shift(spec), smooth=smooth, alphas=alphas, dtype=dtype,
-                                                      hopper_pow2=pow2_scales)
+                                                      pow2_scales=pow2_scales)
                     if held_out:
                         errors[name] = quantize.relative_output_error(result, module.weight, module.bias,
                                                                       held.pop(name), pow2_scales)
