@@ -123,8 +123,7 @@ def main() -> None:
                 row["prebuilt_s"], row["prebuilt_origin"] = prebuilt[family]
             if has_prebuilt and shutil.which("cuobjdump"):
                 digest, same = cuda.source_hash(family), []
-                for source in cuda.family_sources(family):
-                    nvrtc_cubin = cuda._read_cache(cuda.cache_path(family, source, arch, digest, lib.version))
+                for source, nvrtc_cubin in cuda.compile_family(family, arch, use_cache=False).items():
                     same.append(sass(cuda.prebuilt_path(family, source, arch, digest)) == sass("", nvrtc_cubin))
                 row["same_sass"] = all(same)
             rows.append(row)

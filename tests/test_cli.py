@@ -4,6 +4,8 @@ import logging
 import re
 import sys
 
+import torch
+
 from svdquant import cli, flux, kernels
 from svdquant import format as fmt
 
@@ -20,7 +22,11 @@ def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert "tiny FLUX.1-dev architecture" in out
     assert f"the quantized files go to {tmp_path.resolve()} (they load in ComfyUI)" in out
-    assert "using the PyTorch reference path" in out
+    if torch.cuda.is_available():  # the demo's default device: the kernels run it
+        assert "quantized layers on the CUDA kernels" in out
+    else:
+        assert "using the PyTorch reference path" in out
+        assert "quantized layers on the PyTorch reference path" in out
     table = out[out.index("\nscheme "):].splitlines()[1:]
     assert [line.split()[0] for line in table] == ["scheme", "BF16", "SVDQuant", "plain", "(relative"], table
     row = r"^(SVDQuant r32|plain W4A4) +([\d.]+) +([\d.]+) +[\d.]+s$"
