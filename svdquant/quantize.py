@@ -34,9 +34,10 @@ FINAL_POWER_ITERS = 8
 # (bench/NOTES.md#fidelity-real: lower output error on real and synthetic weights, at two more decompositions).
 REFINE_ROUNDS = 2
 # Error compensation of the residual's rounding (GPTQ): damping added to the Gram matrix of the
-# quantized calibration inputs, as a fraction of its mean diagonal. Strong damping keeps it from
-# fitting the few calibration tokens (bench/NOTES.md#fidelity-real: 0.01 overfits, 0.5-1 is best).
-COMPENSATION_DAMPING = 1.0
+# quantized calibration inputs, as a fraction of its mean diagonal, after the shrinkage of its
+# off-diagonal part (bench/NOTES.md#fidelity-compensation: without shrinkage 0.01 overfits the few
+# calibration tokens and 0.5-1 is best; with it 0.3).
+COMPENSATION_DAMPING = 0.3
 
 
 @dataclass
@@ -175,13 +176,22 @@ def _compensated_codes(residual: torch.Tensor, wscales: torch.Tensor, inputs: to
                        damping: float = COMPENSATION_DAMPING) -> torch.Tensor:
     """INT4 codes [N, K] of residual [N, K] at the fixed group scales wscales [K/64, N], rounded one
     input column at a time, each column's rounding error spread over the columns not yet rounded
-    through the inverse (damped) Gram matrix of inputs [tokens, K] (GPTQ, Frantar et al. 2022): what
+    through the inverse (shrunk, damped) Gram matrix of inputs [tokens, K] (GPTQ, Frantar et al. 2022): what
     the quantized path multiplies, so that inputs @ Q(R)^T stays close to inputs @ R^T. Fixed scales
     keep the format's constraints (power-of-two scales included); updated weights beyond a group's
     range are clamped to its codes."""
     n, k = residual.shape
-    gram = inputs.t() @ inputs
-    gram.diagonal().add_(damping * gram.diagonal().mean().clamp_min(1e-12))
+    tokens = inputs.shape[0]
+    gram = inputs.t() @ inputs / tokens
+    diagonal = gram.diagonal().clone()
+    # Ledoit-Wolf shrinkage of the off-diagonal part towards 0: by the sampling noise the tokens
+    # leave in it against its size, so that inputs without real correlations (fewer tokens than
+    # columns) round to nearest instead of following noise.
+    energy = inputs.square()
+    off_diagonal = torch.linalg.vector_norm(gram).square() - diagonal.square().sum()
+    noise = ((energy.sum(dim=1).square().sum() - energy.square().sum()) / tokens - off_diagonal) / tokens
+    gram *= 1.0 - (noise / off_diagonal.clamp_min(1e-30)).clamp(0.0, 1.0)
+    gram.diagonal().copy_(diagonal + damping * diagonal.mean().clamp_min(1e-12))
     # Upper Cholesky factor of the inverse Gram matrix, each row divided by its diagonal: row j says
     # how column j's rounding error moves the columns after it.
     spread = torch.linalg.cholesky(gram)
