@@ -38,6 +38,10 @@ REFINE_ROUNDS = 2
 # off-diagonal part (bench/NOTES.md#fidelity-compensation: without shrinkage 0.01 overfits the few
 # calibration tokens and 0.5-1 is best; with it 0.3).
 COMPENSATION_DAMPING = 0.3
+# Learned smoothing (quantize_linear's smoothing_steps, opt-in): Adam's step size on log s.
+# bench/NOTES.md#fidelity-learned-smoothing: 100 steps at 0.01 reach the plateau on all-MiniLM.
+LEARNED_SMOOTHING_RATE = 0.01
+LEARNED_SMOOTHING_STEPS = 100
 
 
 @dataclass
@@ -240,6 +244,51 @@ def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dt
     return codes, wscales, lora_down, up
 
 
+def _ste_quantize_groups(v: torch.Tensor, unsigned: torch.Tensor) -> torch.Tensor:
+    """v [rows, K] quantized per (row, group of 64) at absmax / 7 (unsigned groups: clamped at 0,
+    absmax / 15) and dequantized, rounding passed straight through to the gradient; float32 scales
+    (the stored scales' 16-bit rounding is left out of the learning)."""
+    rows, k = v.shape
+    g = v.reshape(rows, k // GROUP_SIZE, GROUP_SIZE)
+    u = unsigned.view(1, -1, 1)
+    g = torch.where(u, g.clamp_min(0.0), g)
+    top = torch.where(u, float(numerics.UNSIGNED_MAX), float(numerics.SIGNED_MAX))
+    scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / top
+    scaled = g / scale
+    codes = scaled + (torch.round(scaled) - scaled).detach()
+    codes = torch.maximum(torch.minimum(codes, top), torch.where(u, 0.0, -8.0))
+    return (codes * scale).reshape(rows, k)
+
+
+def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) -> torch.Tensor:
+    """s [K] refined per channel by `steps` Adam steps on the calibration tokens' output error of the
+    quantized path, the branch (lora_down, lora_up, unsmoothed) held fixed: the residual W - L is
+    split between (x + h) / s and (W - L) * s, rounding passed straight through (OmniQuant's
+    learnable equivalent transformation, scaling only). Returns the s of the least error seen."""
+    residual = w - lora_up @ lora_down.t()
+    target = x @ residual.t()
+    v = x if shift is None else x + shift
+    no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
+    offset = torch.zeros_like(s, requires_grad=True)
+    optimizer = torch.optim.Adam([offset], lr=LEARNED_SMOOTHING_RATE)
+    best_err, best = None, s
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            trial = s * offset.exp()
+            act = _ste_quantize_groups(v / trial, unsigned)
+            if shift is not None:
+                act = act - shift / trial
+            err = (act @ _ste_quantize_groups(residual * trial, no_groups).t() - target).square().mean()
+            if best_err is None or err.item() < best_err:
+                best_err, best = err.item(), trial.detach()
+            if step == steps:
+                break
+            optimizer.zero_grad()
+            err.backward()
+            optimizer.step()
+    return best
+
+
 def _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2=False) -> torch.Tensor:
     """The quantized path's activations as the engine quantizes them, dequantized to float32
     [tokens, K]: INT4 codes of (x + h) / s times their scales.
@@ -274,6 +323,7 @@ def quantize_linear(
     pow2_scales: bool = False,
     refine_rounds: int = REFINE_ROUNDS,
     compensate: bool = True,
+    smoothing_steps: int = 0,
 ) -> W4A4Tensors:
     """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
 
@@ -286,6 +336,9 @@ def quantize_linear(
     refine_rounds: _decompose's, in the final decomposition (the smoothing search compares
     unrefined splits; 0 gives SVDQuant's own split). compensate: the final residual's codes rounded
     with error compensation on the calibration inputs (_compensated_codes) instead of to nearest.
+    smoothing_steps: after the search, s refined per channel by that many gradient steps on the
+    calibration output error (_learned_smoothing; LEARNED_SMOOTHING_STEPS is the tested setting),
+    then the final split made for it; 0 (the default) keeps the searched s.
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
@@ -314,6 +367,9 @@ def quantize_linear(
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
+    if smoothing_steps and smooth:
+        _, _, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds)
+        s = _learned_smoothing(w, x, s, h, unsigned, lora_down, lora_up, smoothing_steps).to(dtype).float()
     inputs = None
     if compensate:
         inputs = _dequantized_activations(x, s, h, unsigned, dtype, pow2_scales)

@@ -172,3 +172,28 @@ def test_pow2_activation_switch():
     file_options.apply_file_options(layer, {})
     assert not layer.pow2_activations
     assert not hasattr(kernels, "pow2_activations")
+
+
+def test_straight_through_quantizer_is_the_numerics_one_with_float32_scales():
+    gen = torch.Generator().manual_seed(10)
+    v = (torch.randn(8, 256, generator=gen) * torch.linspace(0.1, 4.0, 256)).requires_grad_()
+    unsigned = torch.tensor([False, True, False, True])
+    q = quantize._ste_quantize_groups(v, unsigned)
+    codes, scales = numerics.quantize_groups(v.detach(), unsigned, scale_dtype=torch.float32)
+    assert torch.allclose(q.detach(), numerics.dequantize_groups(codes, scales), rtol=1e-6, atol=0)
+    q.square().sum().backward()
+    assert v.grad.abs().sum() > 0
+
+
+def test_learned_smoothing_lowers_the_output_error_on_held_out_inputs():
+    """Per-channel smoothing refined by gradient steps (opt-in) against the searched s, on tokens the
+    layer was not calibrated on (inputs with 16 shared directions, as in the compensation's test)."""
+    x, w, b = synthetic.outlier_layer(256, 512, tokens=512, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    x = x + 3.0 * torch.randn(512, 16, generator=gen) @ torch.randn(16, 512, generator=gen) / 4.0
+    calibration, held_out = x[0::2], x[1::2]
+    layers = {steps: quantize.quantize_linear(w, b, calibration, rank=32, alphas=(0.5,), smoothing_steps=steps)
+              for steps in (0, quantize.LEARNED_SMOOTHING_STEPS)}
+    errors = {steps: quantize.relative_output_error(t, w, b, held_out) for steps, t in layers.items()}
+    assert errors[quantize.LEARNED_SMOOTHING_STEPS] < 0.99 * errors[0]
+    assert not torch.equal(layers[0].smooth, layers[quantize.LEARNED_SMOOTHING_STEPS].smooth)
