@@ -18,7 +18,8 @@ its own held-out inputs (from the full-precision model), and the end-to-end cosi
 sentence embeddings of the 4-bit and the full-precision model, per recipe: naive W4A4, smooth-only
 W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0, residual rounded to nearest),
 with the refined split (quantize.REFINE_ROUNDS) alone, and with the refined split and the residual's
-error compensation (the default), W4A16. Writes JSON with the machine, date and commit.
+error compensation (the default), r32 with the opt-in learned smoothing (smoothing_steps), W4A16.
+Writes JSON with the machine, date and commit.
 """
 
 import argparse
@@ -144,13 +145,15 @@ def real_weights(args) -> None:
         return lambda x: (x.bfloat16() @ dense.t()).float() + w[f"{name}.bias"]
 
     # svdquant_r*: SVDQuant's own split (refine_rounds=0) rounded to nearest; *_refined: the refined split
-    # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: the default, refined and error-compensated
+    # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: the default, refined and error-compensated;
+    # *_learned: the default with the opt-in learned smoothing
     plain = dict(compensate=False)
     recipes = {"naive_w4a4": w4a4(rank=0, smooth=False, **plain), "smooth_w4a4": w4a4(rank=0, **plain),
                "svdquant_r16": w4a4(rank=16, refine_rounds=0, **plain),
                "svdquant_r32": w4a4(rank=32, refine_rounds=0, **plain),
                "svdquant_r16_refined": w4a4(rank=16, **plain), "svdquant_r32_refined": w4a4(rank=32, **plain),
                "svdquant_r16_compensated": w4a4(rank=16), "svdquant_r32_compensated": w4a4(rank=32),
+               "svdquant_r32_learned": w4a4(rank=32, smoothing_steps=quantize.LEARNED_SMOOTHING_STEPS),
                "w4a16": w4a16}
     if args.recipes:
         recipes = {name: recipes[name] for name in args.recipes.split(",")}
