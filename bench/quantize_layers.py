@@ -1,6 +1,7 @@
-"""Seconds to quantize one W4A4 layer of each FLUX.1-dev shape, with the default recipe and with
-its residual rounded to nearest (compensate=False), and the sums over the full model's 228 W4A4
-layers: what the error compensation costs at full size.
+"""Seconds to quantize one W4A4 layer of each FLUX.1-dev shape with the default recipe, with its
+residual rounded to nearest (compensate=False) and with the opt-in learned smoothing
+(smoothing_steps=quantize.LEARNED_SMOOTHING_STEPS), and the sums over the full model's 228 W4A4
+layers: what the error compensation and the learned smoothing cost at full size.
 
     python bench/quantize_layers.py [--device cuda] [--tokens 1024] [--out bench/results/quantize_layers_h100.json]
 
@@ -22,11 +23,15 @@ from record import write_result  # noqa: E402
 from svdquant import flux, quantize  # noqa: E402
 
 
-def seconds(weight: torch.Tensor, x: torch.Tensor, compensate: bool) -> float:
+VARIANTS = {"default_s": {}, "nearest_s": {"compensate": False},
+            "learned_s": {"smoothing_steps": quantize.LEARNED_SMOOTHING_STEPS}}
+
+
+def seconds(weight: torch.Tensor, x: torch.Tensor, **options) -> float:
     if weight.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    quantize.quantize_linear(weight, None, x, compensate=compensate)
+    quantize.quantize_linear(weight, None, x, **options)
     if weight.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -50,19 +55,21 @@ def main() -> None:
         x[:, :8] *= 50.0
         return torch.randn(n, k, device=args.device, generator=gen) / k ** 0.5, x
 
-    seconds(*layer(256, 256), compensate=True)
+    seconds(*layer(256, 256), smoothing_steps=2)
     rows = []
-    print(f"{'N x K':>13} {'layers':>6} {'default s':>10} {'nearest s':>10} {'ratio':>6}", flush=True)
+    print(f"{'N x K':>13} {'layers':>6} {'default s':>10} {'nearest s':>10} {'learned s':>10}", flush=True)
     for (n, k), count in counts.items():
         weight, x = layer(n, k)
-        default, nearest = seconds(weight, x, True), seconds(weight, x, False)
-        rows.append({"n": n, "k": k, "layers": count, "default_s": round(default, 3), "nearest_s": round(nearest, 3)})
-        print(f"{f'{n} x {k}':>13} {count:>6} {default:>10.3f} {nearest:>10.3f} {default / nearest:>6.2f}", flush=True)
+        row = {"n": n, "k": k, "layers": count}
+        row.update({key: round(seconds(weight, x, **options), 3) for key, options in VARIANTS.items()})
+        rows.append(row)
+        print(f"{f'{n} x {k}':>13} {count:>6} " + " ".join(f"{row[key]:>10.3f}" for key in VARIANTS), flush=True)
         del weight, x
-    total = {key: round(sum(r[key] * r["layers"] for r in rows), 1) for key in ("default_s", "nearest_s")}
-    print(f"{'all layers':>13} {sum(counts.values()):>6} {total['default_s']:>10.1f} {total['nearest_s']:>10.1f}")
-    write_result(args.out, what="seconds to quantize one W4A4 layer (quantize_linear, rank 32) per FLUX.1-dev shape, "
-                 "default recipe (error-compensated residual) and compensate=False; totals over the model's layers",
+    total = {key: round(sum(r[key] * r["layers"] for r in rows), 1) for key in VARIANTS}
+    print(f"{'all layers':>13} {sum(counts.values()):>6} " + " ".join(f"{total[key]:>10.1f}" for key in VARIANTS))
+    write_result(args.out, what="seconds to quantize one W4A4 layer (quantize_linear, rank 32) per FLUX.1-dev shape: "
+                 "default recipe (error-compensated residual), compensate=False, and the opt-in learned smoothing "
+                 f"(smoothing_steps={quantize.LEARNED_SMOOTHING_STEPS}); totals over the model's layers",
                  device_arg=args.device, tokens=args.tokens, shapes=rows, totals=total)
 
 
