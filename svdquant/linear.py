@@ -63,9 +63,9 @@ def _copied(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor |
 
 # torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) runs the
 # quantized layers as they are, between the compiled stretches of 16-bit operations: their kernels
-# are pybind functions it cannot trace, and the layers' caches key on data pointers it cannot follow.
-# Traced into, one FLUX.1-dev call got slower compiled than eager (205.5 against 167.5 ms on the H100,
-# 57 graphs and recompilations); skipped, the glue fuses around them (122.0 against 165.4 ms).
+# are driver launches it cannot trace, and the kernels' derived tensors key on data pointers it cannot
+# follow. Traced into, the compiled model broke its graphs and recompiled per block and ran slower
+# than eager; skipped, the glue fuses around them (bench/NOTES.md#torch-compile).
 @torch.compiler.disable
 def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape).

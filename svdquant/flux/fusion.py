@@ -16,8 +16,7 @@ def fuse_mlp_gelu(module: torch.nn.Module) -> int:
 
     The single blocks keep their GELU: it reads a strided slice of linear1's output, and its
     contiguous result makes the concatenation that follows cheaper by about what the separate GELU
-    costs (on the H100 at 4608 tokens: cat 228 us from the strided slice, GELU + cat 258 us, the
-    fused epilogue +17 us), so fusing it there measured no faster end to end (bench/NOTES.md#v22).
+    costs, so fusing it there measured no faster end to end (bench/NOTES.md#v22).
     """
     fused = 0
     for block in module.modules():
