@@ -480,7 +480,8 @@ def memory_needed(cfg: FluxConfig, calls: int, tokens: int, on_gpu: bool) -> tup
     at its peak, from the tensor sizes: the stem and the largest block in bf16, the float32 working
     set of the largest layer, the recorded inputs of one block's W4A4 layers (calibration and
     held-out calls, float32, at most MAX_CALIBRATION_TOKENS each), the calls' block inputs and the
-    largest activation of a block forward (bf16). Without a GPU all of it is system memory."""
+    largest activation of a block forward (bf16), and the error compensation's matrices for the widest
+    input. Without a GPU all of it is system memory."""
     shapes = dense_shapes(cfg)
     parts = _part_keys(cfg)
     part_bytes = {part: 2 * sum(math.prod(shapes[key]) for key in keys) for part, keys in parts.items()}
@@ -494,7 +495,11 @@ def memory_needed(cfg: FluxConfig, calls: int, tokens: int, on_gpu: bool) -> tup
             per_block[block] = per_block.get(block, 0) + spec.in_features
     recorded = 2 * max(per_block.values(), default=0) * quantize.MAX_CALIBRATION_TOKENS * 4
     activations = 2 * tokens * ((calls + HELD_OUT_CALLS) * cfg.hidden_size + 4 * (3 * cfg.hidden_size + cfg.mlp_hidden))
-    compute = weights + work + recorded + activations
+    # the residual's error compensation (quantize._compensated_codes): three float32 K x K matrices at
+    # its Cholesky step and three float32 copies of the weight (columns, scales, their reciprocals)
+    widest = max((spec.in_features for spec in specs.values() if spec.kind == W4A4), default=0)
+    compensation = 3 * 4 * widest**2 + 3 * 4 * max(spec.in_features * spec.out_features for spec in specs.values())
+    compute = weights + work + recorded + activations + compensation
     return (PROCESS_BYTES + weights, compute) if on_gpu else (PROCESS_BYTES + compute, 0)
 
 
