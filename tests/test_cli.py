@@ -50,6 +50,19 @@ def test_quantize_takes_the_old_name_of_the_pow2_scales_flag(tmp_path, monkeypat
     assert calls == [False, True, True]
 
 
+def test_quantize_passes_learned_smoothing_on(tmp_path, monkeypatch):
+    calls = []
+
+    def quantize_checkpoint(*args, **kwargs):
+        calls.append(kwargs["learned_smoothing"])
+        raise fmt.FormatError(args[0], "stop here")
+
+    monkeypatch.setattr(flux.quantizer, "quantize_checkpoint", quantize_checkpoint)
+    for flags in ((), ("--learned-smoothing",)):
+        assert cli.main(["quantize", "in.safetensors", str(tmp_path / "out.safetensors"), *flags]) == 2
+    assert calls == [False, True]
+
+
 def test_info_tells_the_flux_variant_of_a_nunchaku_file(capsys, reference_fixture):
     assert cli.main(["info", str(reference_fixture("reference_flux_tiny.safetensors"))]) == 0
     assert "FLUX.1 dev architecture, width 256, 1 double + 1 single blocks" in capsys.readouterr().out

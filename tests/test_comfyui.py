@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import flux, numerics
+from svdquant import flux, numerics, quantize
 from svdquant import format as fmt
 from tiny_flux import REPO, bf16_model, quantized_model
 
@@ -607,7 +607,8 @@ def test_quantizer_node_in_object_info(server):
     assert info["display_name"] == "SVDQuant FLUX Quantizer" and info["category"] == "SVDQuant"
     assert info["output_node"] is True and info["output"] == ["STRING"]
     required = info["input"]["required"]
-    assert list(required) == ["model_name", "output_name", "rank", "pow2_scales", "calibration_calls"]
+    assert list(required) == ["model_name", "output_name", "rank", "pow2_scales", "calibration_calls",
+                              "learned_smoothing"]
     # only 16-bit FLUX.1 checkpoints are offered: not 4-bit files, other safetensors or pickles
     files = set(required["model_name"][1]["options"])
     assert "flux1-dev.safetensors" in files
@@ -616,6 +617,7 @@ def test_quantizer_node_in_object_info(server):
         {"default": 32, "min": 16, "max": 256, "step": 16}
     assert required["pow2_scales"][1]["default"] is False
     assert (required["calibration_calls"][1]["min"], required["calibration_calls"][1]["max"]) == (1, 16)
+    assert required["learned_smoothing"][1]["default"] is False
     assert all(spec[1].get("tooltip") for spec in required.values())
     optional = info["input"]["optional"]
     assert list(optional) == ["calibration_prompts"] and optional["calibration_prompts"][0] == "CONDITIONING"
@@ -623,11 +625,12 @@ def test_quantizer_node_in_object_info(server):
 
 
 def quantizer_prompt(model_name: str, output_name: str = "", pow2_scales: bool = False,
-                     prompts: dict | None = None) -> dict:
+                     prompts: dict | None = None, learned_smoothing: bool = False) -> dict:
     """The Quantizer node; prompts: inputs of a test conditioning node wired to calibration_prompts."""
     prompt = {"1": {"class_type": "SVDQuantFluxQuantizer",
                     "inputs": {"model_name": model_name, "output_name": output_name, "rank": 32,
-                               "pow2_scales": pow2_scales, "calibration_calls": 2}}}
+                               "pow2_scales": pow2_scales, "calibration_calls": 2,
+                               "learned_smoothing": learned_smoothing}}}
     if prompts is not None:
         prompt["2"] = {"class_type": "SVDQuantTestConditioning", "inputs": {"seed": 3, "tokens": 16, **prompts}}
         prompt["1"]["inputs"]["calibration_prompts"] = ["2", 0]
@@ -642,13 +645,15 @@ def test_the_quantizer_node_writes_a_file_the_loader_samples(server):
     models = server.base / "models" / "diffusion_models"
     save_file({f"model.diffusion_model.{key}": t for key, t in tensors.items()},
               str(models / "flux1-tiny-dev.safetensors"))
-    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", pow2_scales=True, prompts={}))
+    entry = server.run(quantizer_prompt("flux1-tiny-dev.safetensors", pow2_scales=True, prompts={},
+                                        learned_smoothing=True))
     assert entry["status"]["status_str"] == "success", entry["status"]
     name = "svdq-int4_r32-pow2-flux1-tiny-dev.safetensors"
     assert entry["outputs"]["1"]["text"][0].startswith(f"{name}: 26 quantized layers, ")
     model, file_cfg = flux.files.load_flux(models / name)
     assert file_cfg == cfg and model.quantization["pow2_scales"] is True
     assert model.quantization["calibration_calls"] == 2 and model.quantization["calibration_prompts"] == 1
+    assert model.quantization["smoothing_steps"] == quantize.LEARNED_SMOOTHING_STEPS
     assert not list(models.glob("*.partial"))
 
     entry = server.run(sampling_prompt(name, 3.5, "svdquant_quantized_here"))

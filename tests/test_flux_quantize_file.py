@@ -42,7 +42,7 @@ def test_cli_quantizes_a_schnell_checkpoint_as_quantize_flux_does(tmp_path, caps
     assert cfg.variant == "schnell"
     assert {name: desc["kind"] for name, desc in model.layers.items()} == expected_kinds(cfg)
     assert model.quantization["rank"] == 32 and model.quantization["calibration_calls"] == 4
-    assert model.quantization["pow2_scales"] is False
+    assert model.quantization["pow2_scales"] is False and model.quantization["smoothing_steps"] == 0
     # the file is exactly what the engine's quantize_flux makes from the same tensors
     cfg, tensors = bf16_model(False)
     direct = flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg, 4), progress=False)

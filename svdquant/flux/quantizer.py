@@ -183,8 +183,8 @@ class _Calls:
 
 def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: FluxConfig, calibration: list[tuple],
                      held_out: list[tuple], write: Callable[[str, torch.Tensor], None], *, rank: int, smooth: bool,
-                     alphas, dtype: torch.dtype, pow2_scales: bool, device: torch.device, progress: bool,
-                     on_layer: Callable[[str], None] | None) -> tuple[dict[str, dict], dict[str, float]]:
+                     alphas, dtype: torch.dtype, pow2_scales: bool, smoothing_steps: int, device: torch.device,
+                     progress: bool, on_layer: Callable[[str], None] | None) -> tuple[dict[str, dict], dict[str, float]]:
     """The streaming quantizer: load(keys) gives those tensors of the 16-bit model (keys of one
     part: the stem, then each block in order), write(key, tensor) takes every tensor of the
     quantized model once. Returns the quantized layers' descriptions and, where held-out calls are
@@ -231,7 +231,7 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
                 if spec.kind == W4A4:
                     result = quantize.quantize_linear(module.weight, module.bias, calibrated.pop(name), rank=rank,
                                                       shift=gelu_shift(spec), smooth=smooth, alphas=alphas, dtype=dtype,
-                                                      pow2_scales=pow2_scales)
+                                                      pow2_scales=pow2_scales, smoothing_steps=smoothing_steps)
                     if held_out:
                         errors[name] = quantize.relative_output_error(result, module.weight, module.bias,
                                                                       held.pop(name), pow2_scales)
@@ -275,7 +275,7 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
                   dtype: torch.dtype = torch.bfloat16, pow2_scales: bool = False,
                   device: str | torch.device | None = None,
                   on_layer: Callable[[str], None] | None = None, calibration_prompts: int = 0,
-                  held_out: list[tuple] | None = None) -> fmt.QuantizedModel:
+                  held_out: list[tuple] | None = None, smoothing_steps: int = 0) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux.model.Flux`.
@@ -289,6 +289,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     calibration calls took (0: random stand-ins), recorded in the metadata. held_out: calls whose
     layer inputs measure each W4A4 layer's output error; the mean and the worst layers go into
     quantization["held_out_error"] (quantize_checkpoint also writes every layer's: quality_summary).
+    smoothing_steps: the learned smoothing's steps per layer (quantize.quantize_linear; 0: the searched
+    smoothing only), recorded in the metadata.
     """
     check_tensors(cfg, tensors, {})
     device = torch.device(device) if device is not None else tensors["img_in.weight"].device
@@ -296,17 +298,18 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     layers, errors = _quantize_blocks(
         lambda keys: {key: _require_finite(key, tensors[key], "state dict") for key in keys}, cfg, calibration,
         held_out or [], out.__setitem__, rank=rank, smooth=smooth, alphas=alphas, dtype=dtype, pow2_scales=pow2_scales,
-        device=device, progress=progress, on_layer=on_layer)
+        smoothing_steps=smoothing_steps, device=device, progress=progress, on_layer=on_layer)
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(),
-                              _quantization(rank, smooth, len(calibration), calibration_prompts, pow2_scales, errors))
+                              _quantization(rank, smooth, len(calibration), calibration_prompts, pow2_scales,
+                                            smoothing_steps, errors))
 
 
-def _quantization(rank, smooth, calls, prompts, pow2_scales, errors) -> dict:
+def _quantization(rank, smooth, calls, prompts, pow2_scales, smoothing_steps, errors) -> dict:
     """The file's `quantization` metadata; with a quality report, its mean and worst layers (every
     layer's error is in the file's `quality` metadata and the JSON beside it)."""
     out = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
            "rank": rank, "smooth": smooth, "calibration_calls": calls, "calibration_prompts": prompts,
-           "pow2_scales": pow2_scales}
+           "pow2_scales": pow2_scales, "smoothing_steps": smoothing_steps}
     if errors:
         summary = quality_summary(errors)
         out["held_out_error"] = {"mean": summary["mean"], "worst": summary["worst"]}
@@ -576,7 +579,8 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
                         device: str | torch.device | None = None, progress: bool = True,
                         on_layer: Callable[[str], None] | None = None,
                         report: Callable[[str], None] = lambda message: None,
-                        prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> QuantizedCheckpoint:
+                        prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        learned_smoothing: bool = False) -> QuantizedCheckpoint:
     """Quantize the 16-bit FLUX.1 transformer file `source` into the SVDQuant file `target`.
 
     What the CLI's `quantize` and the Quantizer node run. The checkpoint is read one block at a
@@ -589,6 +593,9 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
     quantize_flux. report: receives what the run is about to do (model, memory, calibration)
     before the long part starts. prompts: text embeddings of real prompts to calibrate on
     (calibration_inputs), else random stand-ins; the held-out calls take them too.
+    learned_smoothing: each layer's smoothing also learned on its calibration inputs
+    (quantize.LEARNED_SMOOTHING_STEPS steps; bench/NOTES.md#fidelity-learned-smoothing): a smaller
+    error for about 2.8x the time of the 4-bit layers' quantization.
     """
     target = Path(target)
     if target.suffix != ".safetensors":
@@ -616,16 +623,22 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
     else:
         report(f"calibration: {calibration_calls} model calls on the text embeddings of {len(prompts)} "
                f"prompt{'s' if len(prompts) > 1 else ''}, {PROMPT_LATENT}x{PROMPT_LATENT} noise latents")
+    if learned_smoothing:
+        report(f"learned smoothing: {quantize.LEARNED_SMOOTHING_STEPS} optimizer steps per 4-bit layer "
+               f"(about 2.8x the quantization time)")
     calibration = calibration_inputs(cfg, calibration_calls, prompts=prompts)
     held_out = calibration_inputs(cfg, HELD_OUT_CALLS, seed=HELD_OUT_SEED, prompts=prompts)
+    smoothing_steps = quantize.LEARNED_SMOOTHING_STEPS if learned_smoothing else 0
 
     writer = StreamingWriter(target, header_bytes_needed(cfg))
     try:
         layers, errors = _quantize_blocks(lambda keys: read_checkpoint(source, keys), cfg, calibration, held_out,
                                           writer.write, rank=rank, smooth=True, alphas=quantize.DEFAULT_ALPHAS,
-                                          dtype=torch.bfloat16, pow2_scales=pow2_scales, device=device,
-                                          progress=progress, on_layer=on_layer)
-        quantization = _quantization(rank, True, calibration_calls, len(prompts or ()), pow2_scales, errors)
+                                          dtype=torch.bfloat16, pow2_scales=pow2_scales,
+                                          smoothing_steps=smoothing_steps, device=device, progress=progress,
+                                          on_layer=on_layer)
+        quantization = _quantization(rank, True, calibration_calls, len(prompts or ()), pow2_scales,
+                                     smoothing_steps, errors)
         quality = quality_summary(errors)
         writer.finish({"format": fmt.FORMAT_NAME, "format_version": str(fmt.FORMAT_VERSION),
                        "quantization": json.dumps(quantization), "layers": json.dumps(layers), "model_type": "flux",
