@@ -265,14 +265,17 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int)
     quantized path, the branch (lora_down, lora_up, unsmoothed) held fixed: the residual W - L is
     split between (x + h) / s and (W - L) * s, rounding passed straight through (OmniQuant's
     learnable equivalent transformation, scaling only). Returns the s of the least error seen."""
-    residual = w - lora_up @ lora_down.t()
-    target = x @ residual.t()
-    v = x if shift is None else x + shift
-    no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
-    offset = torch.zeros_like(s, requires_grad=True)
-    optimizer = torch.optim.Adam([offset], lr=LEARNED_SMOOTHING_RATE)
-    best_err, best = None, s
-    with torch.enable_grad():
+    # ComfyUI runs nodes in inference mode, whose tensors autograd cannot record: out of it, on copies
+    with torch.inference_mode(False), torch.enable_grad():
+        w, x, s, unsigned, lora_down, lora_up = (t.clone() for t in (w, x, s, unsigned, lora_down, lora_up))
+        shift = None if shift is None else shift.clone()
+        residual = w - lora_up @ lora_down.t()
+        target = x @ residual.t()
+        v = x if shift is None else x + shift
+        no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
+        offset = torch.zeros_like(s, requires_grad=True)
+        optimizer = torch.optim.Adam([offset], lr=LEARNED_SMOOTHING_RATE)
+        best_err, best = None, s
         for step in range(steps + 1):
             trial = s * offset.exp()
             act = _ste_quantize_groups(v / trial, unsigned)

@@ -197,3 +197,14 @@ def test_learned_smoothing_lowers_the_output_error_on_held_out_inputs():
     errors = {steps: quantize.relative_output_error(t, w, b, held_out) for steps, t in layers.items()}
     assert errors[quantize.LEARNED_SMOOTHING_STEPS] < 0.99 * errors[0]
     assert not torch.equal(layers[0].smooth, layers[quantize.LEARNED_SMOOTHING_STEPS].smooth)
+
+
+def test_learned_smoothing_runs_in_inference_mode():
+    """ComfyUI runs its nodes (the Quantizer among them) in torch.inference_mode: the learned smoothing
+    must learn there too, and give what it gives outside."""
+    x, w, b = synthetic.outlier_layer(128, 256, tokens=128, seed=6)
+    learned = quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,), smoothing_steps=10)
+    with torch.inference_mode():
+        inside = quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,), smoothing_steps=10)
+    searched = quantize.quantize_linear(w, b, x, rank=16, alphas=(0.5,))
+    assert torch.equal(inside.smooth, learned.smooth) and not torch.equal(inside.smooth, searched.smooth)
