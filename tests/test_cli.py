@@ -37,30 +37,29 @@ def test_demo_quantizes_loads_samples_and_reports(tmp_path, capsys, monkeypatch)
                                                           "tiny-flux.1-dev-w4a4.safetensors"]
 
 
-def test_quantize_takes_the_old_name_of_the_pow2_scales_flag(tmp_path, monkeypatch):
+def quantize_argument(tmp_path, monkeypatch, name: str, flag_sets) -> list:
+    """The value of quantize_checkpoint's keyword `name` that `quantize` passes for each set of flags
+    (the engine is replaced by a recorder that stops the command there)."""
     calls = []
 
     def quantize_checkpoint(*args, **kwargs):
-        calls.append(kwargs["pow2_scales"])
+        calls.append(kwargs[name])
         raise fmt.FormatError(args[0], "stop here")
 
     monkeypatch.setattr(flux.quantizer, "quantize_checkpoint", quantize_checkpoint)
-    for flags in ((), ("--pow2-scales",), ("--hopper-pow2",)):
+    for flags in flag_sets:
         assert cli.main(["quantize", "in.safetensors", str(tmp_path / "out.safetensors"), *flags]) == 2
-    assert calls == [False, True, True]
+    return calls
+
+
+def test_quantize_takes_the_old_name_of_the_pow2_scales_flag(tmp_path, monkeypatch):
+    flag_sets = ((), ("--pow2-scales",), ("--hopper-pow2",))
+    assert quantize_argument(tmp_path, monkeypatch, "pow2_scales", flag_sets) == [False, True, True]
 
 
 def test_quantize_passes_learned_smoothing_on(tmp_path, monkeypatch):
-    calls = []
-
-    def quantize_checkpoint(*args, **kwargs):
-        calls.append(kwargs["learned_smoothing"])
-        raise fmt.FormatError(args[0], "stop here")
-
-    monkeypatch.setattr(flux.quantizer, "quantize_checkpoint", quantize_checkpoint)
-    for flags in ((), ("--learned-smoothing",)):
-        assert cli.main(["quantize", "in.safetensors", str(tmp_path / "out.safetensors"), *flags]) == 2
-    assert calls == [False, True]
+    flag_sets = ((), ("--learned-smoothing",))
+    assert quantize_argument(tmp_path, monkeypatch, "learned_smoothing", flag_sets) == [False, True]
 
 
 def test_info_tells_the_flux_variant_of_a_nunchaku_file(capsys, reference_fixture):
