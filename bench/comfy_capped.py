@@ -62,7 +62,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfy_step import VARIANTS, import_comfyui, import_pack, layer_ops, load_variant, skipped_reason  # noqa: E402
+from comfy_step import (VARIANTS, add_model_arguments, chosen_variants, import_comfyui, import_pack,  # noqa: E402
+                        layer_ops, load_variant, skipped_reason)
 from record import write_result  # noqa: E402
 
 GiB = 2**30
@@ -179,25 +180,16 @@ def print_table(rows: list[dict], title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"),
-                        help="a ComfyUI tree (default: $COMFYUI_PATH)")
+    add_model_arguments(parser)
     parser.add_argument("--json",
                         default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_capped_h100.json"))
     parser.add_argument("--variants", default="fast,bf16,fp8,exact",
                         help=f"a subset of {','.join(VARIANTS)}, run in this order")
     parser.add_argument("--caps", default="none,16,12,8", help="GiB of usable device memory, 'none' for the whole card")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--depth", type=int, default=19)
-    parser.add_argument("--single", type=int, default=38)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--txt", type=int, default=512, help="text tokens")
-    parser.add_argument("--device", default="cuda")
     parser.add_argument("--deadline-s", type=float, default=480, help="start no configuration after this many seconds")
     args = parser.parse_args()
-    variants, caps = args.variants.split(","), parse_caps(args.caps)
-    if not args.comfyui or any(v not in VARIANTS for v in variants):
-        parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
+    variants, caps = chosen_variants(parser, args), parse_caps(args.caps)
     if args.device == "cpu" and caps != [None]:
         parser.error("on the CPU only --caps none: the cap is device memory")
     started = time.perf_counter()

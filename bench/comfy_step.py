@@ -138,24 +138,36 @@ def timed(fn, sync, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """What this benchmark and comfy_capped.py both take: the ComfyUI tree, the model's depth, the
+    call's size and the device."""
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="a ComfyUI tree (default: $COMFYUI_PATH)")
-    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_step_h100.json"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
     parser.add_argument("--depth", type=int, default=19)
     parser.add_argument("--single", type=int, default=38)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--txt", type=int, default=512, help="text tokens")
     parser.add_argument("--device", default="cuda")
+
+
+def chosen_variants(parser: argparse.ArgumentParser, args) -> list[str]:
+    """--variants as a list, after checking it and that a ComfyUI tree is given."""
+    variants = args.variants.split(",")
+    if not args.comfyui or any(v not in VARIANTS for v in variants):
+        parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "comfy_step_h100.json"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a subset of {','.join(VARIANTS)}")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    variants = args.variants.split(",")
-    if not args.comfyui or any(v not in VARIANTS for v in variants):
-        parser.error("--comfyui (or COMFYUI_PATH) is required; --variants takes names from " + ",".join(VARIANTS))
+    variants = chosen_variants(parser, args)
     logging.basicConfig(level=logging.INFO)  # ComfyUI's word on its loads and a failed fp8 op (it falls back)
     comfy = import_comfyui(args.comfyui, args.device)
     pack = import_pack()
