@@ -266,9 +266,10 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int)
     split between (x + h) / s and (W - L) * s, rounding passed straight through (OmniQuant's
     learnable equivalent transformation, scaling only). Returns the s of the least error seen."""
     # ComfyUI runs nodes in inference mode, whose tensors autograd cannot record: out of it, on copies
+    # of the tensors made there (the CLI's need none)
     with torch.inference_mode(False), torch.enable_grad():
-        w, x, s, unsigned, lora_down, lora_up = (t.clone() for t in (w, x, s, unsigned, lora_down, lora_up))
-        shift = None if shift is None else shift.clone()
+        w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
+                                                        for t in (w, x, s, unsigned, lora_down, lora_up, shift))
         residual = w - lora_up @ lora_down.t()
         target = x @ residual.t()
         v = x if shift is None else x + shift
