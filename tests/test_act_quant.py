@@ -152,6 +152,33 @@ def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
 
 
 @needs_sm80
+@pytest.mark.parametrize("m", [1, 7, 255, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("k,rank", [(128, 32), (1600, 24), (576, 0)])
+def test_sm80_act_quant_s8_operands(m, dtype, unsigned, k, rank):
+    # the whole-K kernel 2's operands: code * 2^(3 - e) as s8 bytes in slot order, atok per token
+    generator = gen(m * 5 + rank + unsigned + k)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    x = activations(m, k, dtype, generator, layer.unsigned_groups)
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(layer.w4a4_kernel())
+    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, s8=True)
+    _, _, pow2_lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True)
+    torch.cuda.synchronize()
+    ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+    shift = (numerics.POW2_ACT_MAX_EXP - ref_exps.long()).repeat_interleave(numerics.GROUP_SIZE, dim=-1)
+    ref_s8 = (ref_codes.long() * torch.exp2(shift.double()).long()).to(torch.int8)
+    natural = sm80.s8_operands_to_natural(codes)
+    mismatch = (natural != ref_s8).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} operand bytes differ, first at {mismatch[:5].tolist()}"
+    assert atok.shape == (1, sm80.scales_rows(m)) and torch.equal(atok[0, :m], ref_atok.float())
+    if rank:
+        assert torch.equal(lora_act, pow2_lora_act)
+    else:
+        assert lora_act is None
+
+
+@needs_sm80
 def test_sm80_kernel1_inputs_follow_the_tensors():
     layer = w4a4_layer(64, 128, 16, torch.bfloat16, gen(3), unsigned=False)
     kernel = layer.w4a4_kernel()

@@ -390,8 +390,8 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False):
-        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2)
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, s8=False):
+        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, s8)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
@@ -408,9 +408,10 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     kernel = layer.w4a4_kernel()
     assert sm80.svdq_linear(x, kernel, mma=mma) == "y"
 
-    smooth, inv_smooth, group_shift, lora_t, pow2 = calls["kernel 1"]
+    smooth, inv_smooth, group_shift, lora_t, pow2, s8 = calls["kernel 1"]
     assert torch.equal(smooth, layer.smooth.float()) and torch.equal(inv_smooth, torch.reciprocal(smooth))
     assert group_shift.tolist() == [0.0, numerics.GELU_SHIFT, 0.0] and pow2 == pow2_activations
+    assert not s8  # exact weight scales: the per-group kernel 2
     padded = -rank % kernels.RANK_MULTIPLE
     if 0 < rank <= kernels.KERNEL1_MAX_RANK:
         assert lora_t.shape == (rank + padded, 192) and torch.equal(lora_t[:rank], layer.lora_down.t())
@@ -434,3 +435,61 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
         layer.shift[64:128] = torch.linspace(0.1, 0.2, 64).to(layer.shift.dtype)
     with pytest.raises(sm80.Sm80InputError, match="varies inside a 64-channel group"):
         sm80.svdq_linear(x, kernel, mma=mma)
+
+
+@pytest.mark.parametrize("rank,pow2_activations,mma", [(24, True, "int8"), (40, True, "int8"), (0, True, "int8"),
+                                                       (32, False, "int8"), (32, True, "int4")])
+def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2_activations, mma):
+    # the int8 variant on pow2 weights and activations: kernel 1's s8 operands and the whole-K kernel 2;
+    # exact activations or the int4 variant: the per-group kernel 2
+    calls = {}
+
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, s8=False):
+        calls["kernel 1"] = (group_shift, lora_t, pow2, s8)
+        return "codes", "atok", None if lora_t is None else "fused lora_act"
+
+    def w4a4_gemm_pow2(codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias=None, out=None,
+                       gelu_from=None):
+        calls["kernel 2"] = ("whole K", codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias, out,
+                             gelu_from)
+        return "y"
+
+    def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
+                  gelu_from=None, mma="int8"):
+        calls["kernel 2"] = ("per group", mma)
+        return "y"
+
+    monkeypatch.setattr(sm80, "act_quant", act_quant)
+    monkeypatch.setattr(sm80, "w4a4_gemm_pow2", w4a4_gemm_pow2)
+    monkeypatch.setattr(sm80, "w4a4_gemm", w4a4_gemm)
+    generator = gen(47 + rank, "cpu")
+    layer = w4a4_layer(72, 192, rank, torch.bfloat16, generator, unsigned=True, pow2_weights=True)
+    layer.pow2_activations, layer.gelu_from = pow2_activations, 16
+    x = activations(5, 192, torch.bfloat16, generator, layer.unsigned_groups)
+    kernel = layer.w4a4_kernel()
+    out = torch.empty(5, 72, dtype=torch.bfloat16)
+    assert sm80.svdq_linear(x, kernel, mma=mma, out=out) == "y"
+
+    whole_k = pow2_activations and mma == "int8"
+    assert sm80.runs_whole_k(kernel, mma, pow2_activations) == whole_k
+    group_shift, lora_t, pow2, s8 = calls["kernel 1"]
+    assert (pow2, s8) == (pow2_activations, whole_k) and torch.equal(group_shift, kernel.group_shifts())
+    if not whole_k:
+        assert calls["kernel 2"] == ("per group", mma)
+        return
+    _, codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias, out_given, gelu_from = calls["kernel 2"]
+    assert (codes, atok, dtype, gelu_from) == ("codes", "atok", torch.bfloat16, 16) and out_given is out
+    assert qweight is layer.qweight and bias is layer.bias
+    ref_base, ref_exps = numerics.pow2_weight_exponents(layer.wscales)
+    assert wexp.shape == (3, 80) and torch.equal(wexp[:, :72], ref_exps) and not wexp[:, 72:].any()
+    assert torch.equal(wbase, ref_base)
+    assert sm80.pow2_weight_operands(kernel)[0] is wexp  # kept by the kernel
+    padded = -rank % kernels.RANK_MULTIPLE
+    if rank > kernels.KERNEL1_MAX_RANK:
+        assert lora_t is None and torch.equal(lora_act, torch.nn.functional.pad(x @ layer.lora_down, (0, padded)))
+    else:
+        assert lora_act == ("fused lora_act" if rank else None)
+    if rank:
+        assert lora_up.shape == (72, rank + padded) and torch.equal(lora_up[:, :rank], layer.lora_up)
+    else:
+        assert lora_up is None

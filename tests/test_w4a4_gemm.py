@@ -275,6 +275,73 @@ def test_sm80_gemm_epilogue_gelu(gelu_from, dtype, mma):
     _check_gelu_tail(y, ref, gelu_from)
 
 
+def _sm80_whole_k_run(x: torch.Tensor, layer: SVDQLinear, gelu_from: int | None = None):
+    """Kernel 1 in pow2_s8 mode and the whole-K kernel 2 (as sm80.svdq_linear runs them on a
+    power-of-two layer) on a poisoned output; returns (y, float64 reference on kernel 1's outputs)."""
+    kernel = layer.w4a4_kernel()
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
+    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, s8=True)
+    if layer.rank > kernels.KERNEL1_MAX_RANK:
+        lora_act = torch.nn.functional.pad(x @ layer.lora_down, (0, -layer.rank % kernels.RANK_MULTIPLE)).contiguous()
+    wexp, wbase = sm80.pow2_weight_operands(kernel)
+    out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
+    y = sm80.w4a4_gemm_pow2(codes, atok, layer.qweight, wexp, wbase, x.dtype, lora_act, sm80.padded_lora_up(kernel),
+                            layer.bias, out, gelu_from)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
+    m, k = codes.shape
+    # the s8 operand is code * 2^(3 - e): times atok * 2^-3 it is code * ascale
+    a = sm80.s8_operands_to_natural(codes).double() * (atok[0, :m].double()[:, None] * 2.0 ** -3)
+    w = numerics.unpack_int4(layer.qweight, signed=True).double() * layer.wscales.double().t().repeat_interleave(G, 1)
+    ref = a @ w.t()
+    if lora_act is not None:
+        ref += lora_act[:, :layer.rank].double() @ layer.lora_up.double().t()
+    if layer.bias is not None:
+        ref += layer.bias.double()
+    if gelu_from is not None:
+        ref[:, gelu_from:] = gelu_tanh64(ref[:, gelu_from:])
+    return y, ref
+
+
+@needs_sm80
+@pytest.mark.parametrize("m", [1, 7, 255, 256, 4097, 4608])
+@pytest.mark.parametrize("rank", [32, 160])
+def test_sm80_whole_k_gemm_matches_float64(m, rank):
+    generator = gen(3000 + m + rank)
+    layer = w4a4_layer(384, 576, rank, torch.bfloat16, generator, unsigned=False, pow2_weights=True)
+    x = activations(m, 576, torch.bfloat16, generator, layer.unsigned_groups)
+    y, ref = _sm80_whole_k_run(x, layer)
+    assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
+
+
+@needs_sm80
+@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", [
+    (8, 64, 16, torch.bfloat16, False, True),       # one group, one 8-channel slice of a tile
+    (136, 192, 24, torch.float16, True, False),     # a second channel tile with 8 channels; rank padded
+    (1000, 640, 48, torch.bfloat16, True, True),    # partial last tile, rank above kernel 1's
+    (520, 1024, 0, torch.float16, False, True),     # no low-rank branch
+])
+def test_sm80_whole_k_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias):
+    generator = gen(3 * n + k + rank)
+    layer = w4a4_layer(n, k, rank, dtype, generator, unsigned, bias, pow2_weights=True)
+    x = activations(300, k, dtype, generator, layer.unsigned_groups)
+    y, ref = _sm80_whole_k_run(x, layer)
+    assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
+
+
+@needs_sm80
+@pytest.mark.parametrize("gelu_from", [0, 136, 384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm80_whole_k_gemm_epilogue_gelu(gelu_from, dtype):
+    generator = gen(6000 + gelu_from)
+    layer = w4a4_layer(384, 576, 32, dtype, generator, unsigned=True, pow2_weights=True)
+    x = activations(300, 576, dtype, generator, layer.unsigned_groups)
+    y, ref = _sm80_whole_k_run(x, layer, gelu_from=gelu_from)
+    assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
+    _check_gelu_tail(y, ref, gelu_from)
+
+
 @needs_sm80
 def test_sm80_bad_inputs_raise_named_errors():
     layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(9), unsigned=False)
@@ -291,3 +358,18 @@ def test_sm80_bad_inputs_raise_named_errors():
     with pytest.raises(sm80.Sm80InputError, match="output width 60 is not a multiple of 8"):
         sm80.w4a4_gemm(codes, ascales, group_shift, layer.qweight[:60].contiguous(),
                        layer.wscales[:, :60].contiguous(), None, None)
+    with pytest.raises(sm80.Sm80InputError, match="s8 operands need pow2 activation scales"):
+        sm80.act_quant(torch.ones(4, 128, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, group_shift, lora_t,
+                       s8=True)
+    with pytest.raises(sm80.Sm80InputError, match="not power-of-two fractions"):
+        sm80.pow2_weight_operands(layer.w4a4_kernel())
+    pow2_layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(10), unsigned=False, pow2_weights=True)
+    wexp, wbase = sm80.pow2_weight_operands(pow2_layer.w4a4_kernel())
+    codes8, atok, lora_act = sm80.act_quant(torch.ones(4, 128, device=DEV, dtype=torch.bfloat16), smooth,
+                                            inv_smooth, group_shift, lora_t, pow2=True, s8=True)
+    with pytest.raises(sm80.Sm80InputError, match=r"wexp must have shape \[2, 64\], got \[2, 48\]"):
+        sm80.w4a4_gemm_pow2(codes8, atok, pow2_layer.qweight, wexp[:, :48].contiguous(), wbase, torch.bfloat16,
+                            lora_act, pow2_layer.lora_up)
+    with pytest.raises(sm80.Sm80InputError, match=r"atok must have shape \[1, 4\]"):
+        sm80.w4a4_gemm_pow2(codes8, ascales, pow2_layer.qweight, wexp, wbase, torch.bfloat16, lora_act,
+                            pow2_layer.lora_up)

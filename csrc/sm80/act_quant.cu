@@ -21,6 +21,13 @@
 //          the scale written for the group is atok * 2^-e (exact in fp32), so kernel 2 takes both
 //          modes' scales alike;
 //   codes clamped to [-8, 7] or [0, 15]; 0 where the scale is 0.
+// Pow2 mode with s8 operands (act_quant_pow2_s8_*, for w4a4_gemm_pow2.cu, the whole-K INT8 kernel 2):
+//   the same codes, written as the s8 bytes code * 2^(3 - e) ([-64, 56] signed, [0, 120] unsigned)
+//   into codes [M, K], and one scale per token, atok, into ascales [1, m_al] (the 2^-e is in the
+//   bytes). Inside each 32-column half c of a group the bytes are in mma.sync k32 slot order:
+//   byte 32 c + 4 q + j holds column 32 c + 8 q + 2 j, byte 32 c + 16 + 4 q + j column 32 c + 8 q +
+//   2 j + 1 (q, j < 4): the even and odd codes of an octet, the order in which kernel 2 splits each
+//   packed weight word into two s8 words, so a plain ldmatrix of 32 bytes is an A fragment.
 // Divisions use a correctly rounded reciprocal and one Markstein correction step
 // (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
 // is a normal number (the sm90 family's kernel 1 documents the checks); quotients outside
@@ -41,12 +48,13 @@
 // ldmatrix from the ring (L2-resident: every CTA reads all of it).
 // Each output is summed by one warp in K order, so lora_act is deterministic.
 //
-// Entry points (one per dtype and mode): act_quant_{exact,pow2}_{bf16,fp16}(
+// Entry points (one per dtype and mode): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}(
 //   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
 //   const T* lora_t [rank, K] or null, uint8_t* codes, float* ascales, T* lora_act [M, rank] or
 //   null, int M, int K, int rank, int m_al); grid (ceil(M / 16)), block 128, no dynamic shared
-//   memory. Requires K % 64 == 0, rank % 16 == 0, rank <= 32.
+//   memory. Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
+//   ascales [1, m_al].
 #include "sm80.cuh"
 
 namespace svdq::sm80 {
@@ -164,7 +172,21 @@ __device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, fl
   }
 }
 
-template <typename T, bool kPow2>
+// Eight codes (integers in float) clamped to the group's range, as the s8 bytes code * 2^shift: the
+// even columns' bytes in lo, the odd ones' in hi (the file comment's slot order).
+__device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift, uint32_t& lo, uint32_t& hi) {
+  const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
+  lo = hi = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int even = static_cast<int>(fminf(fmaxf(c[2 * j], qlo), qhi));
+    const int odd = static_cast<int>(fminf(fmaxf(c[2 * j + 1], qlo), qhi));
+    lo |= ((static_cast<uint32_t>(even) << shift) & 0xFFu) << (8 * j);
+    hi |= ((static_cast<uint32_t>(odd) << shift) & 0xFFu) << (8 * j);
+  }
+}
+
+template <typename T, bool kPow2, bool kS8 = false>
 __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
                                           const T* __restrict__ lora_t, uint8_t* __restrict__ codes,
@@ -281,26 +303,36 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       float c[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) c[j] = rintf(__fmul_rn(v[j], mult));
-      if (tok_valid) {
+      if (!tok_valid) continue;
+      if constexpr (kS8) {
+        uint32_t lo, hi;
+        pack_s8(c, uns, kPow2MaxExp - e, lo, hi);
+        uint8_t* dst = codes + static_cast<size_t>(tok) * K + 64 * g + 32 * (t8 / 4) + 4 * (t8 % 4);
+        *reinterpret_cast<uint32_t*>(dst) = lo;
+        *reinterpret_cast<uint32_t*>(dst + 16) = hi;
+      } else {
         *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
         if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = atok * exp2i(-e);
       }
     }
+    if (kS8 && tok_valid && t8 == 0) ascales[tok] = atok;
   }
 }
 
 }  // namespace
 }  // namespace svdq::sm80
 
-#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2)                                                                         \
+#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8)                                                                     \
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
       NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift, const T* lora_t,    \
            uint8_t* codes, float* ascales, T* lora_act, int M, int K, int rank, int m_al) {                      \
-    svdq::sm80::act_quant<T, POW2>(x, smooth, inv_smooth, group_shift, lora_t, codes, ascales, lora_act, M, K,    \
-                                   rank, m_al);                                                                   \
+    svdq::sm80::act_quant<T, POW2, S8>(x, smooth, inv_smooth, group_shift, lora_t, codes, ascales, lora_act, M,  \
+                                       K, rank, m_al);                                                            \
   }
 
-SVDQ_ACT_QUANT_ENTRY(act_quant_exact_bf16, svdq::bfloat16, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_exact_fp16, svdq::float16, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_bf16, svdq::bfloat16, true)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_fp16, svdq::float16, true)
+SVDQ_ACT_QUANT_ENTRY(act_quant_exact_bf16, svdq::bfloat16, false, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_exact_fp16, svdq::float16, false, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_bf16, svdq::bfloat16, true, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_fp16, svdq::float16, true, false)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_s8_bf16, svdq::bfloat16, true, true)
+SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_s8_fp16, svdq::float16, true, true)

@@ -2,14 +2,18 @@
 activation quantization fused with the low-rank down projection) and kernel 2 (w4a4_gemm.cu, the
 W4A4 GEMM with per-group promotion, the low-rank up projection, bias and the GELU epilogue), with
 two tensor-core variants of kernel 2 on the same operands: "int4" (mma.sync m16n8k64 s4, native on
-sm_80/86/89) and "int8" (mma.sync m16n8k32 s8 on the INT4 codes, any sm_80+ GPU).
+sm_80/86/89) and "int8" (mma.sync m16n8k32 s8 on the INT4 codes, any sm_80+ GPU). The int8 variant
+runs layers with power-of-two weight scales and activations on w4a4_gemm_pow2.cu instead (the
+scales' powers of two folded into s8 operands, all of K summed in int32, no per-group promotion),
+after kernel 1 in its pow2_s8 mode.
 
-Both kernels read the layer's tensors in their natural layout (qweight [N, K/2], wscales [K/64, N],
+The kernels read the layer's tensors in their natural layout (qweight [N, K/2], wscales [K/64, N],
 lora_up [N, r], bias), so the weights stay one 4-bit copy. Derived tensors, kept by the layer's
 kernels.W4A4Kernel until their sources change: fp32 copies of smooth and its reciprocal (2 x 4 bytes
 per input channel), the shift's one fp32 value per 64-group, lora_down transposed for kernel 1
-([r, K], a second copy of it at ranks up to kernels.KERNEL1_MAX_RANK only) and, only where the rank is
-not a multiple of 16, lora_up with zero columns up to the next multiple.
+([r, K], a second copy of it at ranks up to kernels.KERNEL1_MAX_RANK only), only where the rank is
+not a multiple of 16, lora_up with zero columns up to the next multiple, and for the whole-K kernel
+the weight scales' exponents (1 byte per group scale) and row bases.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ _GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
 _GEMM_THREADS = 128
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-KERNELS = tuple(f"act_quant_{mode}_{d}" for mode in ("exact", "pow2") for d in ("bf16", "fp16")) + tuple(
-    f"w4a4_gemm_{mma}_{d}" for mma in MMA_VARIANTS for d in ("bf16", "fp16"))
+KERNELS = tuple(f"act_quant_{mode}_{d}" for mode in ("exact", "pow2", "pow2_s8") for d in ("bf16", "fp16")) + tuple(
+    f"w4a4_gemm_{mma}_{d}" for mma in MMA_VARIANTS + ("pow2_int8",) for d in ("bf16", "fp16"))
+# the whole-K kernel's int32 sums stay exact up to this K (|product| <= 120 * 128 of the s8 operands)
+POW2_MAX_K = 131072
 
 
 class Sm80InputError(ValueError):
@@ -53,17 +59,22 @@ def scales_rows(m: int) -> int:
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
-              lora_t: torch.Tensor | None, pow2: bool = False):
+              lora_t: torch.Tensor | None, pow2: bool = False, s8: bool = False):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
-    dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None.
+    dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. s8 (pow2 only): the whole-K
+    kernel 2's operands.
 
-    Returns (codes uint8 [M, K/2] packed as numerics.pack_int4, ascales fp32 [K/64, m_al] (pow2 mode:
-    each token's atok * 2^-e), lora_act [M, r] in x's dtype or None)."""
+    Returns (codes, ascales, lora_act [M, r] in x's dtype or None): codes uint8 [M, K/2] packed as
+    numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with s8,
+    codes [M, K] the s8 bytes code * 2^(3 - e) in act_quant.cu's slot order and ascales [1, m_al]
+    each token's atok."""
     if not (x.is_cuda and x.dim() == 2):
         raise Sm80InputError("x must be a 2-D CUDA tensor")
     if x.dtype not in _NAMES:
         raise Sm80InputError(f"x must be bfloat16 or float16, got {x.dtype}")
+    if s8 and not pow2:
+        raise Sm80InputError("s8 operands need pow2 activation scales")
     m, k = x.shape
     if k % numerics.GROUP_SIZE or k == 0:
         raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE}")
@@ -80,11 +91,12 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
                                  f"{kernels.KERNEL1_MAX_RANK}, got {rank}")
         _check(lora_t, x, "lora_t", x.dtype, (rank, k))
     m_al = scales_rows(m)
-    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
-    ascales = torch.empty(groups, m_al, dtype=torch.float32, device=x.device)
+    codes = torch.empty(m, k if s8 else k // 2, dtype=torch.uint8, device=x.device)
+    ascales = torch.empty(1 if s8 else groups, m_al, dtype=torch.float32, device=x.device)
     lora_act = torch.empty(m, rank, dtype=x.dtype, device=x.device) if rank else None
     if m:
-        fn = cuda.function(FAMILY, f"act_quant_{'pow2' if pow2 else 'exact'}_{_NAMES[x.dtype]}", x.device)
+        mode = "pow2_s8" if s8 else "pow2" if pow2 else "exact"
+        fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
                   (x, smooth, inv_smooth, group_shift, lora_t if rank else None, codes, ascales, lora_act,
                    m, k, rank, m_al))
@@ -145,6 +157,87 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     return out
 
 
+def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tensor, wexp: torch.Tensor,
+                   wbase: torch.Tensor, dtype: torch.dtype, lora_act: torch.Tensor | None,
+                   lora_up: torch.Tensor | None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   gelu_from: int | None = None) -> torch.Tensor:
+    """The whole-K kernel 2 (w4a4_gemm_pow2.cu): y [M, N] = atok[m] * wbase[n] * 2^-7 * (codes . the
+    weights' s8 operands over all of K) + lora_act @ lora_up^T + bias, GELU (tanh) on channels >=
+    gelu_from, in dtype (bf16/fp16, also that of lora_act, lora_up and bias).
+
+    codes uint8 [M, K], atok fp32 [1, m_al]: kernel 1's in pow2_s8 mode; qweight uint8 [N, K/2];
+    wexp uint8 [K/64, n_al] and wbase fp32 [N]: pow2_weight_operands; lora_act [M, r] and lora_up
+    [N, r] (r a multiple of 16) or both None; out: [M, N] to write into, or None."""
+    if not (codes.is_cuda and codes.dim() == 2 and qweight.dim() == 2 and wexp.dim() == 2):
+        raise Sm80InputError("codes must be a 2-D CUDA tensor, qweight and wexp 2-D")
+    if dtype not in _NAMES:
+        raise Sm80InputError(f"dtype must be bfloat16 or float16, got {dtype}")
+    m, k = codes.shape
+    n = qweight.shape[0]
+    if k % numerics.GROUP_SIZE or k == 0 or k > POW2_MAX_K:
+        raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE} "
+                             f"up to {POW2_MAX_K}")
+    if n % 8:
+        raise Sm80InputError(f"the output width {n} is not a multiple of 8")
+    groups, n_al = k // numerics.GROUP_SIZE, wexp.shape[1]
+    _check(codes, codes, "codes", torch.uint8, (m, k))
+    _check(atok, codes, "atok", torch.float32, (1, scales_rows(m)))
+    _check(qweight, codes, "qweight", torch.uint8, (n, k // 2))
+    _check(wexp, codes, "wexp", torch.uint8, (groups, (n + 15) // 16 * 16))
+    _check(wbase, codes, "wbase", torch.float32, (n,))
+    if (lora_act is None) != (lora_up is None):
+        raise Sm80InputError("lora_act and lora_up must be given together")
+    rank = 0 if lora_act is None else lora_act.shape[1]
+    if lora_act is not None:
+        if rank % kernels.RANK_MULTIPLE:
+            raise Sm80InputError(f"the rank {rank} is not a multiple of {kernels.RANK_MULTIPLE}")
+        _check(lora_act, codes, "lora_act", dtype, (m, rank))
+        _check(lora_up, codes, "lora_up", dtype, (n, rank))
+    if bias is not None:
+        _check(bias, codes, "bias", dtype, (n,))
+    if out is None:
+        out = torch.empty(m, n, dtype=dtype, device=codes.device)
+    else:
+        _check(out, codes, "out", dtype, (m, n))
+    if m and n:
+        fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
+        grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
+        fn.launch(grid, _GEMM_THREADS,
+                  (codes, atok, qweight, wexp, wbase, lora_act if rank else None, lora_up if rank else None, bias,
+                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from)))
+    return out
+
+
+def s8_operands_to_natural(codes: torch.Tensor) -> torch.Tensor:
+    """Kernel 1's s8 operands (pow2_s8 mode, [M, K] bytes in act_quant.cu's slot order) -> int8
+    [M, K] in natural column order: byte 32 c + s of a group holds column 32 c + 2 s (s < 16) or
+    32 c + 2 (s - 16) + 1."""
+    m, k = codes.shape
+    s = torch.arange(64, device=codes.device)
+    half, slot = s // 32, s % 32
+    column = 32 * half + torch.where(slot < 16, 2 * slot, 2 * (slot - 16) + 1)
+    natural = torch.empty(m, k // 64, 64, dtype=torch.int8, device=codes.device)
+    natural[..., column] = codes.view(torch.int8).reshape(m, k // 64, 64)
+    return natural.reshape(m, k)
+
+
+def pow2_weight_operands(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-K kernel's weight-scale exponents (uint8 [K/64, N rounded up to 16], zero padding:
+    16-byte copies) and row bases (fp32 [N]), kept by the kernel."""
+
+    def compute():
+        operands = numerics.pow2_weight_exponents(kernel.wscales)
+        if operands is None:
+            raise Sm80InputError("the weight scales are not power-of-two fractions of their rows' largest")
+        wbase, exps = operands
+        groups, n = exps.shape
+        padded = torch.zeros(groups, (n + 15) // 16 * 16, dtype=torch.uint8, device=exps.device)
+        padded[:, :n] = exps
+        return padded, wbase.contiguous()
+
+    return kernel.derived("sm80_pow2_weights", (kernel.wscales,), compute)
+
+
 def kernel1_inputs(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                           torch.Tensor | None]:
     """Kernel 1's per-layer inputs, kept by the kernel: fp32 smooth, 1/smooth (correctly rounded),
@@ -181,23 +274,35 @@ def padded_lora_up(kernel: kernels.W4A4Kernel) -> torch.Tensor | None:
                           lambda: torch.nn.functional.pad(up, (0, _padded_rank(rank) - rank)).contiguous())
 
 
+def runs_whole_k(kernel: kernels.W4A4Kernel, mma: str, pow2_activations: bool) -> bool:
+    """Whether svdq_linear runs the whole-K kernel 2: the int8 variant on a layer with power-of-two
+    weight scales and activations, K within POW2_MAX_K."""
+    return mma == "int8" and pow2_activations and kernel.pow2_weights and kernel.in_features <= POW2_MAX_K
+
+
 def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", pow2_activations: bool | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """W4A4Kernel.reference's function of x [M, K] on the two sm80 kernels (mma: "int4" or "int8" for
-    kernel 2). pow2_activations: quantize x with power-of-two restricted scales
-    (numerics.quantize_activations_pow2); None: as the kernel's activation mode says."""
+    kernel 2; int8 on power-of-two layers: the whole-K kernel 2). pow2_activations: quantize x with
+    power-of-two restricted scales (numerics.quantize_activations_pow2); None: as the kernel's
+    activation mode says."""
     if pow2_activations is None:
         pow2_activations = kernel.pow2_activations
     if x.dtype != kernel.wscales.dtype:
         raise Sm80InputError(f"input dtype {x.dtype} with {kernel.wscales.dtype} weights")
     x = x.contiguous()
+    whole_k = runs_whole_k(kernel, mma, pow2_activations)
     smooth, inv_smooth, group_shift, lora_t = kernel1_inputs(kernel)
-    codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations)
+    codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations, whole_k)
     rank = kernel.rank
     if rank > kernels.KERNEL1_MAX_RANK:
         lora_act = x @ kernel.lora_down
         if rank % kernels.RANK_MULTIPLE:
             lora_act = torch.nn.functional.pad(lora_act, (0, _padded_rank(rank) - rank))
         lora_act = lora_act.contiguous()
+    if whole_k:
+        wexp, wbase = pow2_weight_operands(kernel)
+        return w4a4_gemm_pow2(codes, ascales, kernel.qweight.contiguous(), wexp, wbase, x.dtype, lora_act,
+                              padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from)
     return w4a4_gemm(codes, ascales, group_shift, kernel.qweight.contiguous(), kernel.wscales.contiguous(), lora_act,
                      padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from, mma)

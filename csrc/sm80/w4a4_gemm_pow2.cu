@@ -1,0 +1,335 @@
+// Whole-K kernel 2 of the sm80 family for power-of-two scales: the W4A4 GEMM on INT8 mma.sync over
+// all of K in int32, fused with the low-rank up projection, bias and an optional GELU (any sm_80 or
+// newer GPU; the fast path of the INT8 variant, w4a4_gemm.cu's kInt8 instantiation on exact layers).
+//
+//   wscale[g, n] = wbase[n] * 2^-f[g, n]   f in [0, 4] (numerics.pow2_weight_exponents)
+//   ascale[m, g] = atok[m] * 2^-e[m, g]    e in [0, 3] (kernel 1 in pow2 mode, act_quant_pow2_s8_*)
+//   y[m, n] = act(atok[m] * wbase[n] * 2^-7 * sum_k (code_a 2^(3-e)) (code_w 2^(4-f))
+//                 + sum_r lora_act[m, r] * lora_up[n, r] + bias[n]),
+//   act = tanh-GELU on channels n >= gelu_from (none where gelu_from < 0), identity elsewhere,
+//
+// which is the per-group sum of w4a4_gemm.cu term by term. Both operands are integers that fit s8
+// (weights in [-128, 112], activations in [-64, 120]; |product| <= 15360), so mma.sync m16n8k32 s8
+// sums all of K exactly in int32 for K <= 131072: no per-group promotion (w4a4_gemm.cu's two FFMA
+// per accumulator and group, most of its issue slots) and int32 accumulators only, one float scale
+// per (token, channel) in the epilogue.
+//
+// Operands:
+//   codes [M, K] s8 bytes from kernel 1 (act_quant.cu, pow2_s8 mode: inside each 32-column half of
+//     a group, the even columns' bytes then the odd ones', mma k32 slot order), atok [m_al] fp32;
+//   qweight [N, K/2] packed INT4 in its natural layout (low nibble = even column), the one copy of
+//     the weights: expanded on chip, per packed word w of 8 codes of channel n, into the two s8 words
+//     lo = the even codes * 2^(4-f), hi = the odd codes * 2^(4-f): (w << 4) & 0xF0F0F0F0 and
+//     w & 0xF0F0F0F0 are 16 * code per byte; a logical shift right by f divides each byte by 2^f
+//     (the low 4 bits of every byte are zero, so no bit crosses a byte for f <= 4), and the top f
+//     bits of the negative bytes are set again from a sign-replicating prmt masked by fill(f). The
+//     k32 slots of lo / hi are those of kernel 1's byte order, so every product is summed once.
+//   wexp [K/64, n_al] uint8 (f per group and channel, rows padded to n_al = N rounded up to 16),
+//   wbase [N] fp32, lora_act [M, rank], lora_up [N, rank], bias [N] (16-bit, y's dtype), y [M, N].
+//
+// Work split: a CTA of 128 threads owns 128 tokens x 128 channels; its 4 warps each own kWarpsM = 1:
+// 128 tokens x 32 channels (8 x 4 mma tiles): each weight word is expanded by one warp of the CTA
+// only, and a warp's expansion (8 packed words per thread and group) is spread over 64 MMAs; the
+// A fragments (s8 from kernel 1, no expansion) come from ldmatrix as they are. 128 int32
+// accumulators per thread. Stages: K/64 main stages (codes [128][64 B], qweight [128][32 B],
+// wexp [128 B]), then rank/16 low-rank stages (lora_act [128][32 B] and lora_up [128][32 B] in the
+// codes and qweight slots), whose bf16/fp16 MMAs accumulate into the scaled fp32 accumulators.
+// Stages flow through a kStages-deep cp.async ring (static shared memory, 37 KB: two CTAs fit the
+// 100 KB of an sm_86/89/120 SM); codes rows are stored with chunk c of row r at c ^ ((r / 2) % 4),
+// the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix is conflict-free. Rows past M and N are
+// zero-filled and never stored.
+//
+// Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
+//   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
+//   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from);
+//   grid (ceil(M / 128), ceil(N / 128)), block 128, no dynamic shared memory. Requires K % 64 == 0,
+//   K <= 131072, N % 8 == 0, rank % 16 == 0.
+#include "sm80.cuh"
+
+namespace svdq::sm80 {
+namespace {
+
+constexpr int kTile = 128;  // tokens and channels per CTA
+constexpr int kThreads = 128;
+constexpr int kStages = 3;
+constexpr int kWarpsM = 1;  // warps along the tokens (the rest along the channels)
+// Stage layout (bytes): codes [128][64] (or lora_act [128][32]), qweight [128][32] (or lora_up), wexp [128].
+constexpr int kOffW = kTile * 64;
+constexpr int kOffExp = kOffW + kTile * 32;
+constexpr int kStageBytes = kOffExp + kTile;
+
+// Byte offset of 16-byte chunk `chunk` (0..3) of row `row` in a [rows][64-byte] tile.
+__device__ __forceinline__ int tile64_offset(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
+// Byte offset of 16-byte chunk `chunk` (0, 1) of row `row` in a [rows][32-byte] tile.
+__device__ __forceinline__ int tile32_offset(int row, int chunk) { return row * 32 + ((chunk ^ ((row >> 2) & 1)) << 4); }
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// GELU with the tanh approximation, w4a4_gemm.cu's formula.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kC1 = -2.f * 0.7978845608028654f * 1.4426950408889634f;  // -2 sqrt(2/pi) log2(e)
+  constexpr float kC3 = kC1 * 0.044715f;
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * fmaf(kC3, x * x, kC1)));
+  return __fdividef(x, 1.f + e);
+}
+
+// The byte mask of the top f bits of every byte (f in [0, 4]), which the sign fills after >> f.
+__device__ __forceinline__ uint32_t sign_fill(uint32_t f) { return prmt(0xE0C08000u, 0xF0u, f * 0x1111u); }
+
+// A packed weight word (8 codes of one channel) -> the s8 words of its even and odd codes times 2^(4-f).
+__device__ __forceinline__ void expand_pow2(uint32_t w, uint32_t f, uint32_t fill, uint32_t& lo, uint32_t& hi) {
+  const uint32_t w4 = w << 4;
+  lo = ((w4 & 0xF0F0F0F0u) >> f) | (prmt(w4, 0u, 0xBA98u) & fill);
+  hi = ((w & 0xF0F0F0F0u) >> f) | (prmt(w, 0u, 0xBA98u) & fill);
+}
+
+template <typename T>
+__device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes, const float* __restrict__ atok,
+                                               const uint8_t* __restrict__ qweight, const uint8_t* __restrict__ wexp,
+                                               const float* __restrict__ wbase, const T* __restrict__ lora_act,
+                                               const T* __restrict__ lora_up, const T* __restrict__ bias,
+                                               T* __restrict__ y, int M, int N, int K, int n_al, int rank,
+                                               int gelu_from) {
+  using H = Half<T>;
+  constexpr int kWarpsN = 4 / kWarpsM;
+  constexpr int kMT = kTile / 16 / kWarpsM, kNT = kTile / 8 / kWarpsN;  // mma tiles of a warp
+  __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tok0 = blockIdx.x * kTile, ch0 = blockIdx.y * kTile;
+  const int groups = K / 64, iters = groups + rank / 16;
+  const int wm = (warp % kWarpsM) * (kTile / kWarpsM), wn = (warp / kWarpsM) * (kTile / kWarpsN);
+
+  // Stage copies, sources computed once and advanced a stage at a time (w4a4_gemm.cu's scheme).
+  // Codes: thread t copies chunk t % 4 of rows t / 4 + 32 i (i < 4); qweight (and both low-rank
+  // operands): chunk t % 2 of rows t / 2 and t / 2 + 64; threads 0..7 copy 16 channels' wexp each.
+  const int cr = tid / 4, cc = tid % 4;
+  const int c_dst = tile64_offset(cr, cc);  // row cr + 32 i: + 32 * 64 * i (same swizzle)
+  const int r0 = tid / 2, hf = tid % 2;
+  const int w_dst = tile32_offset(r0, hf);  // row r0 + 64: + 64 * 32
+  bool cv[4], tv[2], nv[2];
+  const uint8_t* c_src[4];
+  const uint8_t* w_src[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int tok = tok0 + cr + 32 * i;
+    cv[i] = tok < M;
+    c_src[i] = codes + static_cast<size_t>(cv[i] ? tok : 0) * K + 16 * cc;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
+    tv[i] = tok < M, nv[i] = ch < N;
+    w_src[i] = qweight + static_cast<size_t>(nv[i] ? ch : 0) * (K / 2) + 16 * hf;
+  }
+  const bool copies_exp = tid < 8, exp_valid = ch0 + 16 * tid < n_al;
+  const uint8_t* e_src = wexp + (exp_valid ? ch0 + 16 * tid : 0);
+  int next = 0, next_slot = 0;  // the next stage to load and its ring slot
+
+  auto advance = [&]() {
+    cp_async_commit();
+    ++next;
+    next_slot = next_slot == kStages - 1 ? 0 : next_slot + 1;
+  };
+  auto load_group = [&]() {
+    uint8_t* st = ring + next_slot * kStageBytes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      cp_async16(st + c_dst + 32 * 64 * i, c_src[i], cv[i]);
+      c_src[i] += 64;
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      cp_async16(st + kOffW + w_dst + 64 * 32 * i, w_src[i], nv[i]);
+      w_src[i] += 32;
+    }
+    if (copies_exp) {
+      cp_async16(st + kOffExp + 16 * tid, e_src, exp_valid);
+      e_src += n_al;
+    }
+    advance();
+  };
+  // Low-rank stages read lora_act and lora_up through c_src[0..1] and w_src, set at the switch.
+  auto load_low_rank = [&]() {
+    if (next < iters) {
+      uint8_t* st = ring + next_slot * kStageBytes;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        cp_async16(st + w_dst + 64 * 32 * i, c_src[i], tv[i]);
+        cp_async16(st + kOffW + w_dst + 64 * 32 * i, w_src[i], nv[i]);
+        c_src[i] += 32;
+        w_src[i] += 32;
+      }
+    }
+    advance();
+  };
+  auto switch_to_low_rank = [&]() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
+      c_src[i] = reinterpret_cast<const uint8_t*>(lora_act + static_cast<size_t>(tv[i] ? tok : 0) * rank + 8 * hf);
+      w_src[i] = reinterpret_cast<const uint8_t*>(lora_up + static_cast<size_t>(nv[i] ? ch : 0) * rank + 8 * hf);
+    }
+  };
+
+  int acc[kMT][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (next < groups) {
+      load_group();
+    } else {
+      if (next == groups && rank) switch_to_low_rank();
+      load_low_rank();
+    }
+  }
+
+  // ldmatrix row addresses of this lane. Codes (m tile i, k32 half c): row wm + 16 i + lane % 8 +
+  // 8 ((lane / 8) % 2), chunk 2 c + lane / 16; qweight (n tiles 2 jj, 2 jj + 1: both halves of
+  // each): row wn + 16 jj + lane % 8 + 8 (lane / 16), chunk (lane / 8) % 2; lora_act (m tile i):
+  // row as the codes', chunk lane / 16 of the 32-byte rows. Offsets repeat every 16 rows.
+  const int a_row = wm + lane % 8 + 8 * ((lane / 8) % 2);
+  const int a_off0 = tile64_offset(a_row, lane / 16), a_off1 = tile64_offset(a_row, 2 + lane / 16);
+  const int l_off = tile32_offset(a_row, lane / 16);
+  const int b_off = kOffW + tile32_offset(wn + lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
+  const int gid = lane / 4, q = lane % 4;
+
+  // A group stage: the warp's weights expanded (kNT channels of this thread, 2 packed words each),
+  // then its kMT x kNT tiles' two k32 MMAs.
+  auto group = [&](const uint8_t* st) {
+    uint32_t be[kNT][2][2];  // n tile j, k32 half c: b0 (even codes), b1 (odd codes)
+#pragma unroll
+    for (int jj = 0; jj < kNT / 2; ++jj) {
+      uint32_t b[4];  // n tile 2 jj: halves 0, 1; n tile 2 jj + 1: halves 0, 1
+      ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * jj + h;
+        const uint32_t f = st[kOffExp + wn + 8 * j + gid], fill = sign_fill(f);
+        expand_pow2(b[2 * h], f, fill, be[j][0][0], be[j][0][1]);
+        expand_pow2(b[2 * h + 1], f, fill, be[j][1][0], be[j][1][1]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+      uint32_t a0[4], a1[4];
+      ldmatrix_x4(a0, st + a_off0 + 16 * 64 * i);
+      ldmatrix_x4(a1, st + a_off1 + 16 * 64 * i);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        mma_m16n8k32_s8(acc[i][j], a0, be[j][0][0], be[j][0][1], acc[i][j]);
+        mma_m16n8k32_s8(acc[i][j], a1, be[j][1][0], be[j][1][1], acc[i][j]);
+      }
+    }
+  };
+
+  int it = 0, slot = 0;  // the stage computed and its ring slot
+  // Steady state: the stage loaded and the stage computed are groups; then the last groups, while
+  // the low-rank stages (or none) load.
+  for (; next < groups; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_group();
+    group(ring + slot * kStageBytes);
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+  }
+  if (next == groups && rank) switch_to_low_rank();
+  for (; it < groups; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_low_rank();
+    group(ring + slot * kStageBytes);
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+  }
+
+  // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}:
+  // the integer sums times atok[token] * wbase[channel] * 2^-7, the scales left out of the operands.
+  float out[kMT][kNT][4];
+  {
+    float wb[kNT][2];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const int ch = ch0 + wn + 8 * j + 2 * q;
+      wb[j][0] = ch < N ? __ldg(wbase + ch) * 0x1p-7f : 0.f;
+      wb[j][1] = ch < N ? __ldg(wbase + ch + 1) * 0x1p-7f : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int hrow = 0; hrow < 2; ++hrow) {
+        const int tok = tok0 + wm + 16 * i + gid + 8 * hrow;
+        const float ta = tok < M ? __ldg(atok + tok) : 0.f;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          out[i][j][2 * hrow] = __int2float_rn(acc[i][j][2 * hrow]) * (ta * wb[j][0]);
+          out[i][j][2 * hrow + 1] = __int2float_rn(acc[i][j][2 * hrow + 1]) * (ta * wb[j][1]);
+        }
+      }
+    }
+  }
+
+  // Low-rank stages: out += lora_act . lora_up^T, 16 ranks a stage.
+  for (; it < iters; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_low_rank();
+    const uint8_t* st = ring + slot * kStageBytes;
+#pragma unroll
+    for (int jj = 0; jj < kNT / 2; ++jj) {
+      uint32_t b[4];
+      ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        uint32_t a[4];
+        ldmatrix_x4(a, st + l_off + 16 * 32 * i);
+        mma_m16n8k16<T>(out[i][2 * jj], a, b[0], b[1]);
+        mma_m16n8k16<T>(out[i][2 * jj + 1], a, b[2], b[3]);
+      }
+    }
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int ch = ch0 + wn + 8 * j + 2 * q;
+    if (ch >= N) continue;  // N % 8 == 0: both channels of the pair are valid or neither
+    float b0 = 0.f, b1 = 0.f;
+    if (bias) H::unpack2(*reinterpret_cast<const uint32_t*>(bias + ch), b0, b1);
+    const bool g0 = gelu_from >= 0 && ch >= gelu_from, g1 = gelu_from >= 0 && ch + 1 >= gelu_from;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int hrow = 0; hrow < 2; ++hrow) {
+        const int tok = tok0 + wm + 16 * i + gid + 8 * hrow;
+        float v0 = out[i][j][2 * hrow] + b0, v1 = out[i][j][2 * hrow + 1] + b1;
+        if (g0) v0 = gelu_tanh(v0);
+        if (g1) v1 = gelu_tanh(v1);
+        if (tok < M) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(tok) * N + ch) = pack2_rn<T>(v0, v1);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace svdq::sm80
+
+#define SVDQ_W4A4_GEMM_POW2_ENTRY(NAME, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, 2)                                       \
+      NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
+           const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
+           int n_al, int rank, int gelu_from) {                                                                \
+    svdq::sm80::w4a4_gemm_pow2<T>(codes, atok, qweight, wexp, wbase, lora_act, lora_up, bias, y, M, N, K, n_al, \
+                                  rank, gelu_from);                                                            \
+  }
+
+SVDQ_W4A4_GEMM_POW2_ENTRY(w4a4_gemm_pow2_int8_bf16, svdq::bfloat16)
+SVDQ_W4A4_GEMM_POW2_ENTRY(w4a4_gemm_pow2_int8_fp16, svdq::float16)
