@@ -321,10 +321,13 @@ def test_sm90_torch_compile_with_inductor_around_the_kernels():
 @needs_sm80
 @pytest.mark.parametrize("mma", sm80.MMA_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("unsigned,pow2,rank", [(False, False, 32), (True, True, 32), (True, False, 160)])
-def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank):
+@pytest.mark.parametrize("unsigned,pow2,rank,pow2_weights", [
+    (False, False, 32, False), (True, True, 32, False), (True, False, 160, False),
+    (True, True, 32, True), (False, True, 160, True),  # int8: the whole-K kernel 2
+])
+def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow2_weights):
     generator = gen(7 + unsigned + rank)
-    layer = w4a4_layer(256, 512, rank, dtype, generator, unsigned)
+    layer = w4a4_layer(256, 512, rank, dtype, generator, unsigned, pow2_weights=pow2_weights)
     layer.gelu_from = 128
     x = activations(154, 512, dtype, generator, layer.unsigned_groups)
     y = sm80.svdq_linear(x, layer.w4a4_kernel(), mma=mma, pow2_activations=pow2)
