@@ -189,6 +189,14 @@ def test_sm90_bad_kernel_inputs_raise_named_errors():
 
 # ---- sm80: w4a4_gemm.cu (int4 and int8 mma.sync) --------------------------------------------------
 
+SM80_AWKWARD_SHAPES = [
+    (8, 64, 16, torch.bfloat16, False, True),       # one group, one 8-channel slice of a tile
+    (136, 192, 24, torch.float16, True, False),     # a second channel tile with 8 channels; rank padded
+    (1000, 640, 48, torch.bfloat16, True, True),    # partial last tile, rank above kernel 1's
+    (520, 1024, 0, torch.float16, False, True),     # no low-rank branch
+]
+
+
 def _unpack_act(codes: torch.Tensor, unsigned_groups: torch.Tensor) -> torch.Tensor:
     """sm80 kernel 1's packed codes [M, K/2] -> int8 [M, K] (unsigned groups without sign extension)."""
     signed = numerics.unpack_int4(codes, signed=True)
@@ -246,12 +254,7 @@ def test_sm80_gemm_matches_float64(mma, m, rank, pow2):
 
 
 @needs_sm80
-@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", [
-    (8, 64, 16, torch.bfloat16, False, True),       # one group, one 8-channel slice of a tile
-    (136, 192, 24, torch.float16, True, False),     # a second channel tile with 8 channels; rank padded
-    (1000, 640, 48, torch.bfloat16, True, True),    # partial last tile, rank above kernel 1's
-    (520, 1024, 0, torch.float16, False, True),     # no low-rank branch
-])
+@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", SM80_AWKWARD_SHAPES)
 @pytest.mark.parametrize("mma", sm80.MMA_VARIANTS)
 def test_sm80_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias, mma):
     generator = gen(n + k + rank)
@@ -316,12 +319,7 @@ def test_sm80_whole_k_gemm_matches_float64(m, rank):
 
 
 @needs_sm80
-@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", [
-    (8, 64, 16, torch.bfloat16, False, True),       # one group, one 8-channel slice of a tile
-    (136, 192, 24, torch.float16, True, False),     # a second channel tile with 8 channels; rank padded
-    (1000, 640, 48, torch.bfloat16, True, True),    # partial last tile, rank above kernel 1's
-    (520, 1024, 0, torch.float16, False, True),     # no low-rank branch
-])
+@pytest.mark.parametrize("n,k,rank,dtype,unsigned,bias", SM80_AWKWARD_SHAPES)
 def test_sm80_whole_k_gemm_awkward_shapes(n, k, rank, dtype, unsigned, bias):
     generator = gen(3 * n + k + rank)
     layer = w4a4_layer(n, k, rank, dtype, generator, unsigned, bias, pow2_weights=True)

@@ -1,5 +1,6 @@
-// Device helpers of the sm80 family (act_quant.cu, w4a4_gemm.cu): cp.async, ldmatrix and the
-// mma.sync shapes the two kernels use (the 16-bit element types are csrc/common/device.cuh's).
+// Device helpers of the sm80 family (act_quant.cu, w4a4_gemm.cu, w4a4_gemm_pow2.cu): cp.async,
+// ldmatrix, the mma.sync shapes the kernels use and kernel 2's epilogue (the 16-bit element types
+// are csrc/common/device.cuh's).
 //
 // Self-contained device code for NVRTC (no CUDA or C++ standard headers; csrc/common/device.cuh has
 // the fixed-width integers). Every instruction here exists on sm_80 and later, so the family
@@ -82,6 +83,48 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// ---- kernel 2's epilogue -----------------------------------------------------------------------
+// GELU with the tanh approximation (torch.nn.functional.gelu(approximate="tanh")), the formula of
+// the sm90 family's epilogue: x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), one ex2.approx
+// and one fast reciprocal (relative errors ~2^-22); no cancellation for negative x.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kC1 = -2.f * 0.7978845608028654f * 1.4426950408889634f;  // -2 sqrt(2/pi) log2(e)
+  constexpr float kC3 = kC1 * 0.044715f;
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * fmaf(kC3, x * x, kC1)));
+  return __fdividef(x, 1.f + e);
+}
+
+// A warp's kMT x kNT fp32 mma tiles + bias, GELU on channels >= gelu_from (none where < 0), stored
+// into y [M, N] as T. out[i][j] holds tokens tok + 16 i + lane / 4 (+ 8 for elements 2, 3) and
+// channels ch + 8 j + 2 (lane % 4) + {0, 1}; tokens past M and channels past N (N % 8 == 0: both
+// channels of a pair are valid or neither) are not stored.
+template <typename T, int kMT, int kNT>
+__device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], const T* __restrict__ bias,
+                                            T* __restrict__ y, int tok, int ch, int M, int N, int gelu_from,
+                                            int lane) {
+  const int gid = lane / 4, q = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int c = ch + 8 * j + 2 * q;
+    if (c >= N) continue;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias) Half<T>::unpack2(*reinterpret_cast<const uint32_t*>(bias + c), b0, b1);
+    const bool g0 = gelu_from >= 0 && c >= gelu_from, g1 = gelu_from >= 0 && c + 1 >= gelu_from;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int hrow = 0; hrow < 2; ++hrow) {
+        const int t = tok + 16 * i + gid + 8 * hrow;
+        float v0 = out[i][j][2 * hrow] + b0, v1 = out[i][j][2 * hrow + 1] + b1;
+        if (g0) v0 = gelu_tanh(v0);
+        if (g1) v1 = gelu_tanh(v1);
+        if (t < M) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(t) * N + c) = pack2_rn<T>(v0, v1);
+      }
+    }
   }
 }
 

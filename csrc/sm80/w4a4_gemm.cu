@@ -66,17 +66,6 @@ constexpr int kMagicBits = 0x4B400000;
 // Byte offset of 16-byte chunk `chunk` (0, 1) of row `row` in a [rows][32-byte] tile.
 __device__ __forceinline__ int tile_offset(int row, int chunk) { return row * 32 + ((chunk ^ ((row >> 2) & 1)) << 4); }
 
-// GELU with the tanh approximation (torch.nn.functional.gelu(approximate="tanh")), the formula of
-// the sm90 family's epilogue: x / (1 + e^(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3), one ex2.approx
-// and one fast reciprocal (relative errors ~2^-22); no cancellation for negative x.
-__device__ __forceinline__ float gelu_tanh(float x) {
-  constexpr float kC1 = -2.f * 0.7978845608028654f * 1.4426950408889634f;  // -2 sqrt(2/pi) log2(e)
-  constexpr float kC3 = kC1 * 0.044715f;
-  float e;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * fmaf(kC3, x * x, kC1)));
-  return __fdividef(x, 1.f + e);
-}
-
 // Two s8 words (codes 0, 2, 4, 6 and 1, 3, 5, 7 of the packed word w): shift 4, mask 0xF0F0F0F0 for
 // signed codes (times 16), shift 0, mask 0x0F0F0F0F for unsigned ones.
 __device__ __forceinline__ void expand_s8(uint32_t w, int shift, uint32_t mask, uint32_t& lo, uint32_t& hi) {
@@ -151,7 +140,6 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
                                           const T* __restrict__ wscales, const T* __restrict__ lora_act,
                                           const T* __restrict__ lora_up, const T* __restrict__ bias, T* __restrict__ y,
                                           int M, int N, int K, int m_al, int rank, int gelu_from) {
-  using H = Half<T>;
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTile, ch0 = blockIdx.y * kTile;
@@ -230,7 +218,6 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   // (lane / 8) % 2. Offsets repeat every 16 rows, so one per operand.
   const int a_off = tile_offset(wm + lane % 8 + 8 * ((lane / 8) % 2), lane / 16);
   const int b_off = kOffW + tile_offset(wn + lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
-  const int gid = lane / 4, q = lane % 4;
 
   // A group stage's MMAs and promotion (group g in shared memory at st).
   auto group = [&](int g, const uint8_t* st) {
@@ -288,26 +275,8 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   }
   cp_async_wait<0>();
 
-  // Epilogue: out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}.
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int ch = ch0 + wn + 8 * j + 2 * q;
-    if (ch >= N) continue;  // N % 8 == 0: both channels of the pair are valid or neither
-    float b0 = 0.f, b1 = 0.f;
-    if (bias) H::unpack2(*reinterpret_cast<const uint32_t*>(bias + ch), b0, b1);
-    const bool g0 = gelu_from >= 0 && ch >= gelu_from, g1 = gelu_from >= 0 && ch + 1 >= gelu_from;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int hrow = 0; hrow < 2; ++hrow) {
-        const int tok = tok0 + wm + 16 * i + gid + 8 * hrow;
-        float v0 = out[i][j][2 * hrow] + b0, v1 = out[i][j][2 * hrow + 1] + b1;
-        if (g0) v0 = gelu_tanh(v0);
-        if (g1) v1 = gelu_tanh(v1);
-        if (tok < M) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(tok) * N + ch) = pack2_rn<T>(v0, v1);
-      }
-    }
-  }
+  // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}
+  store_tiles<T, 4, 8>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane);
 }
 
 }  // namespace

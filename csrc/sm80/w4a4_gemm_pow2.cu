@@ -69,15 +69,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// GELU with the tanh approximation, w4a4_gemm.cu's formula.
-__device__ __forceinline__ float gelu_tanh(float x) {
-  constexpr float kC1 = -2.f * 0.7978845608028654f * 1.4426950408889634f;  // -2 sqrt(2/pi) log2(e)
-  constexpr float kC3 = kC1 * 0.044715f;
-  float e;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * fmaf(kC3, x * x, kC1)));
-  return __fdividef(x, 1.f + e);
-}
-
 // The byte mask of the top f bits of every byte (f in [0, 4]), which the sign fills after >> f.
 __device__ __forceinline__ uint32_t sign_fill(uint32_t f) { return prmt(0xE0C08000u, 0xF0u, f * 0x1111u); }
 
@@ -95,7 +86,6 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
                                                T* __restrict__ y, int M, int N, int K, int n_al, int rank,
                                                int gelu_from) {
-  using H = Half<T>;
   constexpr int kWarpsN = 4 / kWarpsM;
   constexpr int kMT = kTile / 16 / kWarpsM, kNT = kTile / 8 / kWarpsN;  // mma tiles of a warp
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
@@ -297,26 +287,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     slot = slot == kStages - 1 ? 0 : slot + 1;
   }
   cp_async_wait<0>();
-
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) {
-    const int ch = ch0 + wn + 8 * j + 2 * q;
-    if (ch >= N) continue;  // N % 8 == 0: both channels of the pair are valid or neither
-    float b0 = 0.f, b1 = 0.f;
-    if (bias) H::unpack2(*reinterpret_cast<const uint32_t*>(bias + ch), b0, b1);
-    const bool g0 = gelu_from >= 0 && ch >= gelu_from, g1 = gelu_from >= 0 && ch + 1 >= gelu_from;
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-      for (int hrow = 0; hrow < 2; ++hrow) {
-        const int tok = tok0 + wm + 16 * i + gid + 8 * hrow;
-        float v0 = out[i][j][2 * hrow] + b0, v1 = out[i][j][2 * hrow + 1] + b1;
-        if (g0) v0 = gelu_tanh(v0);
-        if (g1) v1 = gelu_tanh(v1);
-        if (tok < M) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(tok) * N + ch) = pack2_rn<T>(v0, v1);
-      }
-    }
-  }
+  store_tiles<T, kMT, kNT>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane);
 }
 
 }  // namespace

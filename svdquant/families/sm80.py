@@ -103,6 +103,27 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     return codes, ascales, lora_act
 
 
+def _epilogue_operands(codes: torch.Tensor, m: int, n: int, dtype: torch.dtype, lora_act: torch.Tensor | None,
+                       lora_up: torch.Tensor | None, bias: torch.Tensor | None,
+                       out: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+    """Both kernel 2s' checks of the low-rank operands, bias and out; returns (rank, out), out made
+    where None."""
+    if (lora_act is None) != (lora_up is None):
+        raise Sm80InputError("lora_act and lora_up must be given together")
+    rank = 0 if lora_act is None else lora_act.shape[1]
+    if lora_act is not None:
+        if rank % kernels.RANK_MULTIPLE:
+            raise Sm80InputError(f"the rank {rank} is not a multiple of {kernels.RANK_MULTIPLE}")
+        _check(lora_act, codes, "lora_act", dtype, (m, rank))
+        _check(lora_up, codes, "lora_up", dtype, (n, rank))
+    if bias is not None:
+        _check(bias, codes, "bias", dtype, (n,))
+    if out is None:
+        return rank, torch.empty(m, n, dtype=dtype, device=codes.device)
+    _check(out, codes, "out", dtype, (m, n))
+    return rank, out
+
+
 def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Tensor | None, qweight: torch.Tensor,
               wscales: torch.Tensor, lora_act: torch.Tensor | None, lora_up: torch.Tensor | None,
               bias: torch.Tensor | None = None, out: torch.Tensor | None = None, gelu_from: int | None = None,
@@ -133,20 +154,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
         _check(group_shift, codes, "group_shift", torch.float32, (groups,))
     _check(qweight, codes, "qweight", torch.uint8, (n, half_k))
     _check(wscales, codes, "wscales", dtype, (groups, n))
-    if (lora_act is None) != (lora_up is None):
-        raise Sm80InputError("lora_act and lora_up must be given together")
-    rank = 0 if lora_act is None else lora_act.shape[1]
-    if lora_act is not None:
-        if rank % kernels.RANK_MULTIPLE:
-            raise Sm80InputError(f"the rank {rank} is not a multiple of {kernels.RANK_MULTIPLE}")
-        _check(lora_act, codes, "lora_act", dtype, (m, rank))
-        _check(lora_up, codes, "lora_up", dtype, (n, rank))
-    if bias is not None:
-        _check(bias, codes, "bias", dtype, (n,))
-    if out is None:
-        out = torch.empty(m, n, dtype=dtype, device=codes.device)
-    else:
-        _check(out, codes, "out", dtype, (m, n))
+    rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_{mma}_{_NAMES[dtype]}", codes.device)
         grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
@@ -185,20 +193,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     _check(qweight, codes, "qweight", torch.uint8, (n, k // 2))
     _check(wexp, codes, "wexp", torch.uint8, (groups, (n + 15) // 16 * 16))
     _check(wbase, codes, "wbase", torch.float32, (n,))
-    if (lora_act is None) != (lora_up is None):
-        raise Sm80InputError("lora_act and lora_up must be given together")
-    rank = 0 if lora_act is None else lora_act.shape[1]
-    if lora_act is not None:
-        if rank % kernels.RANK_MULTIPLE:
-            raise Sm80InputError(f"the rank {rank} is not a multiple of {kernels.RANK_MULTIPLE}")
-        _check(lora_act, codes, "lora_act", dtype, (m, rank))
-        _check(lora_up, codes, "lora_up", dtype, (n, rank))
-    if bias is not None:
-        _check(bias, codes, "bias", dtype, (n,))
-    if out is None:
-        out = torch.empty(m, n, dtype=dtype, device=codes.device)
-    else:
-        _check(out, codes, "out", dtype, (m, n))
+    rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
         grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
