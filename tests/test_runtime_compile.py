@@ -7,6 +7,7 @@ file. Skipped only where no NVRTC library is found (CI installs nvidia-cuda-nvrt
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import struct
@@ -14,6 +15,8 @@ import struct
 import pytest
 
 from svdquant import cuda
+
+_glob = glob.glob  # the real one, for the tests that filter it
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +169,34 @@ def test_launch_arguments_convert_as_the_contract_says():
         cuda._param(2**31)
     with pytest.raises(TypeError):
         cuda._param("x")
+
+
+def test_nvrtc_is_found_where_windows_torch_keeps_it(tmp_path, monkeypatch):
+    """ComfyUI portable on Windows: torch/lib holds nvrtc64_<major><minor>_0.dll and its builtins DLL,
+    a CUDA wheel may hold another. The library of torch's CUDA major comes first, builtins never."""
+    site = tmp_path / "site-packages"
+    for rel in ("torch/lib/nvrtc64_120_0.dll", "torch/lib/nvrtc64_130_0.dll", "torch/lib/nvrtc-builtins64_130.dll",
+                "nvidia/cu13/bin/x86_64/nvrtc64_130_0.dll", "torch/__init__.py"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(b"")
+    monkeypatch.delenv("SVDQUANT_NVRTC", raising=False)
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cuda.torch, "__file__", str(site / "torch" / "__init__.py"))
+    monkeypatch.setattr(cuda.torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cuda.sys, "path", [str(site)])
+    monkeypatch.setattr(cuda.glob, "glob", lambda pattern: [p for p in _glob(pattern) if p.startswith(str(site))])
+    found = [os.path.relpath(p, site).replace(os.sep, "/") for p in cuda.nvrtc_candidates()]
+    assert found == ["nvidia/cu13/bin/x86_64/nvrtc64_130_0.dll", "torch/lib/nvrtc64_130_0.dll",
+                     "torch/lib/nvrtc64_120_0.dll"]
+    assert [cuda._nvrtc_major(p) for p in found] == [13, 13, 12]
+
+
+def test_cache_lives_in_the_user_cache_folder_on_windows_and_linux(tmp_path, monkeypatch):
+    monkeypatch.delenv("SVDQUANT_CACHE_DIR", raising=False)
+    monkeypatch.setattr(cuda.sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    assert cuda.cache_dir() == os.path.join(str(tmp_path / "Local"), "svdquant", "kernels")
+    monkeypatch.setattr(cuda.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cuda.cache_dir() == os.path.join(str(tmp_path / "xdg"), "svdquant", "kernels")
