@@ -1,6 +1,6 @@
 """The sm80 W4A4 family on the GPU at the FLUX shapes, side by side with cuBLAS bf16 and torch._int_mm.
 
-    python bench/gemm_sm80.py [--json PATH] [--tokens M ...] [--int4]
+    python bench/gemm_sm80.py [--json PATH] [--tokens M ...] [--int4] [--whole-k-only]
 
 Columns (median time per call, CUDA-graph replays over rotating input sets, as bench/gemm.py):
   bf16     cuBLAS `a @ b.t()` in bf16
@@ -17,6 +17,7 @@ Columns (median time per call, CUDA-graph replays over rotating input sets, as b
     k1s8   kernel 1 in pow2_s8 mode (the whole-K kernel's s8 operands)
     wk k2  the whole-K kernel 2 alone (w4a4_gemm_pow2.cu)
     wk k1+k2  both through sm80.svdq_linear, x: bf16 time over it
+  --whole-k-only: bf16 and the whole-K rows only (versions of that kernel side by side).
   --int4: kernel 2 with the INT4 variant (mma.sync m16n8k64, emulated on the H100: correctness-only
   timing, meaningful only on sm_80/86/89).
 TOPS count 2*M*N*K.
@@ -39,10 +40,9 @@ from svdquant.families import sm80  # noqa: E402
 RANK = 32
 
 
-def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool) -> dict:
-    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
-    sets, flops = row["input_sets"], 2.0 * m * n * k
-    del b
+def _exact_rows(row: dict, gen, a: list, m: int, n: int, k: int, int4: bool) -> None:
+    """int_mm, and the INT8 variant on exact layers (k1, k1p, k2, k1 + k2; --int4: the INT4 k2)."""
+    sets = row["input_sets"]
     a8 = [torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     b8 = [torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     row["int_mm_ms"] = time_calls([lambda i=i: torch._int_mm(a8[i], b8[i].t()) for i in range(sets)])
@@ -65,22 +65,26 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool) -> dict:
                                       for i in range(sets)])
     if int4:
         row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
-    del ops, inputs, stage1
 
-    # power-of-two layers: today's per-group path against the whole-K kernel 2
+
+def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> None:
+    """Power-of-two layers: today's per-group path (unless whole_k_only), kernel 1 in pow2_s8 mode,
+    the whole-K kernel 2 alone and k1 + k2."""
+    sets = row["input_sets"]
     ops = [random_layer(n, k, RANK, gen, pow2=True).w4a4_kernel() for _ in range(sets)]
+    assert all(sm80.runs_whole_k(op, "int8", True) for op in ops)
     inputs = [sm80.kernel1_inputs(op) for op in ops]
     weights = [sm80.pow2_weight_operands(op) for op in ops]
+    if not whole_k_only:
+        def today(i):
+            codes, ascales, lora_act = sm80.act_quant(a[i], *inputs[i], pow2=True)
+            op = ops[i]
+            return sm80.w4a4_gemm(codes, ascales, inputs[i][2], op.qweight, op.wscales, lora_act, op.lora_up,
+                                  op.bias, mma="int8")
 
-    def today(i):
-        codes, ascales, lora_act = sm80.act_quant(a[i], *inputs[i], pow2=True)
-        op = ops[i]
-        return sm80.w4a4_gemm(codes, ascales, inputs[i][2], op.qweight, op.wscales, lora_act, op.lora_up, op.bias,
-                              mma="int8")
-
-    row["k1k2_pow2_today_ms"] = time_calls([lambda i=i: today(i) for i in range(sets)])
-    row["k1s8_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, s8=True)
-                                 for i in range(sets)])
+        row["k1k2_pow2_today_ms"] = time_calls([lambda i=i: today(i) for i in range(sets)])
+        row["k1s8_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, s8=True)
+                                     for i in range(sets)])
     stage1 = [sm80.act_quant(a[i], *inputs[i], pow2=True, s8=True) for i in range(sets)]
 
     def whole_k(i):
@@ -89,16 +93,39 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool) -> dict:
         return sm80.w4a4_gemm_pow2(codes, atok, op.qweight, *weights[i], a[i].dtype, lora_act, op.lora_up, op.bias)
 
     row["k2_whole_k_ms"] = time_calls([lambda i=i: whole_k(i) for i in range(sets)])
-    assert all(sm80.runs_whole_k(op, "int8", True) for op in ops)
     row["k1k2_whole_k_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8") for i in range(sets)])
-    for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8", "k1k2_pow2_today", "k2_whole_k", "k1k2_whole_k") + (
-            ("k2_int4",) if int4 else ()):
-        row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
+
+
+def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only: bool) -> dict:
+    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
+    flops = 2.0 * m * n * k
+    del b
+    if not whole_k_only:
+        _exact_rows(row, gen, a, m, n, k, int4)
+    _pow2_rows(row, gen, a, n, k, whole_k_only)
+    for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8", "k1k2_pow2_today", "k2_whole_k", "k1k2_whole_k",
+                "k2_int4"):
+        if key + "_ms" in row:
+            row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
     for key in ("k1k2_int8", "k1k2_pow2_today", "k1k2_whole_k"):
-        row[key + "_speedup_vs_bf16"] = row["bf16_ms"] / row[key + "_ms"]
-    del a, ops, inputs, weights, stage1
+        if key + "_ms" in row:
+            row[key + "_speedup_vs_bf16"] = row["bf16_ms"] / row[key + "_ms"]
+    del a
     torch.cuda.empty_cache()
     return row
+
+
+# (header, row key, scale, format): the printed table, each column shown where its key was measured
+COLUMNS = [("bf16 us", "bf16_ms", 1e3, "8.1f"), ("TOPS", "bf16_tops", 1, "5.0f"),
+           ("int_mm", "int_mm_ms", 1e3, "7.1f"), ("TOPS", "int_mm_tops", 1, "5.0f"),
+           ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1p us", "k1p_ms", 1e3, "6.1f"),
+           ("k2 us", "k2_int8_ms", 1e3, "7.1f"), ("TOPS", "k2_int8_tops", 1, "5.0f"),
+           ("k1+k2", "k1k2_int8_ms", 1e3, "7.1f"), ("x bf16", "k1k2_int8_speedup_vs_bf16", 1, "6.2f"),
+           ("| pow2: today", "k1k2_pow2_today_ms", 1e3, "13.1f"),
+           ("x bf16", "k1k2_pow2_today_speedup_vs_bf16", 1, "6.2f"), ("k1s8", "k1s8_ms", 1e3, "6.1f"),
+           ("wk k2", "k2_whole_k_ms", 1e3, "7.1f"), ("TOPS", "k2_whole_k_tops", 1, "5.0f"),
+           ("wk k1+k2", "k1k2_whole_k_ms", 1e3, "8.1f"), ("x bf16", "k1k2_whole_k_speedup_vs_bf16", 1, "6.2f"),
+           ("int4 k2", "k2_int4_ms", 1e3, "8.1f")]
 
 
 def main() -> None:
@@ -106,27 +133,23 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "gemm_sm80.json"))
     parser.add_argument("--tokens", type=int, nargs="*", default=[4608])
     parser.add_argument("--int4", action="store_true", help="also time the INT4 variant's kernel 2")
+    parser.add_argument("--whole-k-only", action="store_true",
+                        help="only bf16 and the whole-K rows (wk k2, wk k1+k2): comparing versions of that kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         sys.exit("bench/gemm_sm80.py needs an sm_80 or newer GPU")
     l2_bytes = l2_size()
-    rows = []
-    print(f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'TOPS':>5} | {'int_mm':>7} {'TOPS':>5} | {'k1 us':>6} "
-          f"{'k1p us':>6} {'k2 us':>7} {'TOPS':>5} {'k1+k2':>7} {'TOPS':>5} {'x bf16':>6} | pow2: {'today':>7} "
-          f"{'x bf16':>6} {'k1s8':>6} {'wk k2':>7} {'TOPS':>5} {'wk k1+k2':>8} {'x bf16':>6}"
-          + (f" | {'int4 k2':>8}" if args.int4 else ""), flush=True)
+    rows, columns = [], None
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
-            r = bench_shape(m, n, k, l2_bytes, args.int4)
+            r = bench_shape(m, n, k, l2_bytes, args.int4, args.whole_k_only)
             rows.append(r)
-            print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['bf16_tops']:>5.0f} | "
-                  f"{r['int_mm_ms'] * 1e3:>7.1f} {r['int_mm_tops']:>5.0f} | {r['k1_ms'] * 1e3:>6.1f} "
-                  f"{r['k1p_ms'] * 1e3:>6.1f} {r['k2_int8_ms'] * 1e3:>7.1f} {r['k2_int8_tops']:>5.0f} "
-                  f"{r['k1k2_int8_ms'] * 1e3:>7.1f} {r['k1k2_int8_tops']:>5.0f} {r['k1k2_int8_speedup_vs_bf16']:>6.2f} | "
-                  f"      {r['k1k2_pow2_today_ms'] * 1e3:>7.1f} {r['k1k2_pow2_today_speedup_vs_bf16']:>6.2f} "
-                  f"{r['k1s8_ms'] * 1e3:>6.1f} {r['k2_whole_k_ms'] * 1e3:>7.1f} {r['k2_whole_k_tops']:>5.0f} "
-                  f"{r['k1k2_whole_k_ms'] * 1e3:>8.1f} {r['k1k2_whole_k_speedup_vs_bf16']:>6.2f}"
-                  + (f" | {r['k2_int4_ms'] * 1e3:>8.1f}" if args.int4 else ""), flush=True)
+            if columns is None:
+                columns = [c for c in COLUMNS if c[1] in r]
+                print(f"{'M':>5} {'N':>6} {'K':>6} | " + " ".join(f"{h:>{f.split('.')[0]}}" for h, _, _, f in columns),
+                      flush=True)
+            print(f"{m:>5} {n:>6} {k:>6} | " + " ".join(f"{r[key] * scale:{f}}" for _, key, scale, f in columns),
+                  flush=True)
     write_result(args.json, rank=RANK, family="sm80",
                  method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
                  rows=rows)

@@ -27,36 +27,42 @@
 //   wexp [K/64, n_al] uint8 (f per group and channel, rows padded to n_al = N rounded up to 16),
 //   wbase [N] fp32, lora_act [M, rank], lora_up [N, rank], bias [N] (16-bit, y's dtype), y [M, N].
 //
-// Work split: a CTA of 128 threads owns 128 tokens x 128 channels; its 4 warps each own kWarpsM = 1:
-// 128 tokens x 32 channels (8 x 4 mma tiles): each weight word is expanded by one warp of the CTA
-// only, and a warp's expansion (8 packed words per thread and group) is spread over 64 MMAs; the
-// A fragments (s8 from kernel 1, no expansion) come from ldmatrix as they are. 128 int32
-// accumulators per thread. Stages: K/64 main stages (codes [128][64 B], qweight [128][32 B],
-// wexp [128 B]), then rank/16 low-rank stages (lora_act [128][32 B] and lora_up [128][32 B] in the
-// codes and qweight slots), whose bf16/fp16 MMAs accumulate into the scaled fp32 accumulators.
-// Stages flow through a kStages-deep cp.async ring (static shared memory, 37 KB: two CTAs fit the
-// 100 KB of an sm_86/89/120 SM); codes rows are stored with chunk c of row r at c ^ ((r / 2) % 4),
-// the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix is conflict-free. Rows past M and N are
-// zero-filled and never stored.
+// Work split: a CTA owns kTileM tokens x kTileN channels; its warps each own 128 tokens x 32
+// channels (8 x 4 mma tiles): each weight word is expanded by one warp of the CTA only, and a
+// warp's expansion (8 packed words per thread and group) is spread over 64 MMAs; the A fragments
+// (s8 from kernel 1, no expansion) come from ldmatrix as they are. 128 int32 accumulators per
+// thread. Stages: K/64 main stages (codes [kTileM][64 B], qweight [kTileN][32 B], wexp [kTileN B]),
+// then rank/16 low-rank stages (lora_act [kTileM][32 B] and lora_up [kTileN][32 B] in the codes and
+// qweight slots), whose bf16/fp16 MMAs accumulate into the scaled fp32 accumulators. Stages flow
+// through a kStages-deep cp.async ring in dynamic shared memory (128 x 128 x 3 stages: 37 KB, two
+// CTAs fit the 100 KB of an sm_86/89/120 SM); codes rows are stored with chunk c of row r at
+// c ^ ((r / 2) % 4), the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix is conflict-free. Rows
+// past M and N are zero-filled and never stored.
 //
 // Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
 //   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
 //   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from);
-//   grid (ceil(M / 128), ceil(N / 128)), block 128, no dynamic shared memory. Requires K % 64 == 0,
-//   K <= 131072, N % 8 == 0, rank % 16 == 0.
+//   grid (ceil(M / kTileM), ceil(N / kTileN)), block kThreads, kStages * kStageBytes of dynamic
+//   shared memory. Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0.
 #include "sm80.cuh"
 
 namespace svdq::sm80 {
 namespace {
 
-constexpr int kTile = 128;  // tokens and channels per CTA
-constexpr int kThreads = 128;
+// CTA tile and ring depth: host constants of the same values in svdquant/families/sm80.py
+// (_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES).
+constexpr int kTileM = 128;  // tokens per CTA: a multiple of 128
+constexpr int kTileN = 128;  // channels per CTA: 128 or 256
 constexpr int kStages = 3;
-constexpr int kWarpsM = 1;  // warps along the tokens (the rest along the channels)
-// Stage layout (bytes): codes [128][64] (or lora_act [128][32]), qweight [128][32] (or lora_up), wexp [128].
-constexpr int kOffW = kTile * 64;
-constexpr int kOffExp = kOffW + kTile * 32;
-constexpr int kStageBytes = kOffExp + kTile;
+constexpr int kWarpsM = kTileM / 128, kWarpsN = kTileN / 32;  // warps of 128 tokens x 32 channels
+constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+// Stage layout (bytes): codes [kTileM][64] (or lora_act [kTileM][32]), qweight [kTileN][32] (or
+// lora_up), wexp [kTileN].
+constexpr int kOffW = kTileM * 64;
+constexpr int kOffExp = kOffW + kTileN * 32;
+constexpr int kStageBytes = kOffExp + kTileN;
+// 16-byte copies per thread and stage: codes, qweight (and lora_up), lora_act
+constexpr int kCodeCopies = kTileM * 4 / kThreads, kWCopies = kTileN * 2 / kThreads, kActCopies = kTileM * 2 / kThreads;
 
 // Byte offset of 16-byte chunk `chunk` (0..3) of row `row` in a [rows][64-byte] tile.
 __device__ __forceinline__ int tile64_offset(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
@@ -86,37 +92,39 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
                                                T* __restrict__ y, int M, int N, int K, int n_al, int rank,
                                                int gelu_from) {
-  constexpr int kWarpsN = 4 / kWarpsM;
-  constexpr int kMT = kTile / 16 / kWarpsM, kNT = kTile / 8 / kWarpsN;  // mma tiles of a warp
-  __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
+  constexpr int kMT = 8, kNT = 4;  // mma tiles of a warp
+  extern __shared__ __align__(128) uint8_t ring[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int tok0 = blockIdx.x * kTile, ch0 = blockIdx.y * kTile;
+  const int tok0 = blockIdx.x * kTileM, ch0 = blockIdx.y * kTileN;
   const int groups = K / 64, iters = groups + rank / 16;
-  const int wm = (warp % kWarpsM) * (kTile / kWarpsM), wn = (warp / kWarpsM) * (kTile / kWarpsN);
+  const int wm = (warp % kWarpsM) * 128, wn = (warp / kWarpsM) * 32;
 
   // Stage copies, sources computed once and advanced a stage at a time (w4a4_gemm.cu's scheme).
-  // Codes: thread t copies chunk t % 4 of rows t / 4 + 32 i (i < 4); qweight (and both low-rank
-  // operands): chunk t % 2 of rows t / 2 and t / 2 + 64; threads 0..7 copy 16 channels' wexp each.
+  // Codes: thread t copies chunk t % 4 of rows t / 4 + (kThreads / 4) i; qweight, lora_up and
+  // lora_act: chunk t % 2 of rows t / 2 + (kThreads / 2) i; threads 0 .. kTileN / 16 - 1 copy 16
+  // channels' wexp each. Row steps keep the swizzles (multiples of 8 rows).
   const int cr = tid / 4, cc = tid % 4;
-  const int c_dst = tile64_offset(cr, cc);  // row cr + 32 i: + 32 * 64 * i (same swizzle)
+  const int c_dst = tile64_offset(cr, cc);  // row cr + (kThreads / 4) i: + kThreads / 4 * 64 * i
   const int r0 = tid / 2, hf = tid % 2;
-  const int w_dst = tile32_offset(r0, hf);  // row r0 + 64: + 64 * 32
-  bool cv[4], tv[2], nv[2];
-  const uint8_t* c_src[4];
-  const uint8_t* w_src[2];
+  const int w_dst = tile32_offset(r0, hf);  // row r0 + (kThreads / 2) i: + kThreads / 2 * 32 * i
+  bool cv[kCodeCopies], av[kActCopies], nv[kWCopies];
+  const uint8_t* c_src[kCodeCopies];  // codes, then lora_act (the first kActCopies)
+  const uint8_t* w_src[kWCopies];     // qweight, then lora_up
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int tok = tok0 + cr + 32 * i;
+  for (int i = 0; i < kCodeCopies; ++i) {
+    const int tok = tok0 + cr + kThreads / 4 * i;
     cv[i] = tok < M;
     c_src[i] = codes + static_cast<size_t>(cv[i] ? tok : 0) * K + 16 * cc;
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
-    tv[i] = tok < M, nv[i] = ch < N;
+  for (int i = 0; i < kActCopies; ++i) av[i] = tok0 + r0 + kThreads / 2 * i < M;
+#pragma unroll
+  for (int i = 0; i < kWCopies; ++i) {
+    const int ch = ch0 + r0 + kThreads / 2 * i;
+    nv[i] = ch < N;
     w_src[i] = qweight + static_cast<size_t>(nv[i] ? ch : 0) * (K / 2) + 16 * hf;
   }
-  const bool copies_exp = tid < 8, exp_valid = ch0 + 16 * tid < n_al;
+  const bool copies_exp = tid < kTileN / 16, exp_valid = ch0 + 16 * tid < n_al;
   const uint8_t* e_src = wexp + (exp_valid ? ch0 + 16 * tid : 0);
   int next = 0, next_slot = 0;  // the next stage to load and its ring slot
 
@@ -128,13 +136,13 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   auto load_group = [&]() {
     uint8_t* st = ring + next_slot * kStageBytes;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      cp_async16(st + c_dst + 32 * 64 * i, c_src[i], cv[i]);
+    for (int i = 0; i < kCodeCopies; ++i) {
+      cp_async16(st + c_dst + kThreads / 4 * 64 * i, c_src[i], cv[i]);
       c_src[i] += 64;
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      cp_async16(st + kOffW + w_dst + 64 * 32 * i, w_src[i], nv[i]);
+    for (int i = 0; i < kWCopies; ++i) {
+      cp_async16(st + kOffW + w_dst + kThreads / 2 * 32 * i, w_src[i], nv[i]);
       w_src[i] += 32;
     }
     if (copies_exp) {
@@ -143,15 +151,19 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     }
     advance();
   };
-  // Low-rank stages read lora_act and lora_up through c_src[0..1] and w_src, set at the switch.
+  // Low-rank stages read lora_act and lora_up through c_src[0 .. kActCopies - 1] and w_src, set at
+  // the switch.
   auto load_low_rank = [&]() {
     if (next < iters) {
       uint8_t* st = ring + next_slot * kStageBytes;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        cp_async16(st + w_dst + 64 * 32 * i, c_src[i], tv[i]);
-        cp_async16(st + kOffW + w_dst + 64 * 32 * i, w_src[i], nv[i]);
+      for (int i = 0; i < kActCopies; ++i) {
+        cp_async16(st + w_dst + kThreads / 2 * 32 * i, c_src[i], av[i]);
         c_src[i] += 32;
+      }
+#pragma unroll
+      for (int i = 0; i < kWCopies; ++i) {
+        cp_async16(st + kOffW + w_dst + kThreads / 2 * 32 * i, w_src[i], nv[i]);
         w_src[i] += 32;
       }
     }
@@ -159,9 +171,13 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   };
   auto switch_to_low_rank = [&]() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int tok = tok0 + r0 + 64 * i, ch = ch0 + r0 + 64 * i;
-      c_src[i] = reinterpret_cast<const uint8_t*>(lora_act + static_cast<size_t>(tv[i] ? tok : 0) * rank + 8 * hf);
+    for (int i = 0; i < kActCopies; ++i) {
+      const int tok = tok0 + r0 + kThreads / 2 * i;
+      c_src[i] = reinterpret_cast<const uint8_t*>(lora_act + static_cast<size_t>(av[i] ? tok : 0) * rank + 8 * hf);
+    }
+#pragma unroll
+    for (int i = 0; i < kWCopies; ++i) {
+      const int ch = ch0 + r0 + kThreads / 2 * i;
       w_src[i] = reinterpret_cast<const uint8_t*>(lora_up + static_cast<size_t>(nv[i] ? ch : 0) * rank + 8 * hf);
     }
   };
@@ -294,7 +310,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
 }  // namespace svdq::sm80
 
 #define SVDQ_W4A4_GEMM_POW2_ENTRY(NAME, T)                                                                      \
-  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, 2)                                       \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kThreads == 128 ? 2 : 1)    \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
            int n_al, int rank, int gelu_from) {                                                                \

@@ -33,6 +33,10 @@ _ACT_TOKENS = 16  # tokens per kernel 1 CTA
 _ACT_THREADS = 128
 _GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
 _GEMM_THREADS = 128
+# the whole-K kernel 2's CTA tile (tokens, channels) and ring depth: w4a4_gemm_pow2.cu's kTileM, kTileN, kStages
+_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES = 128, 128, 3
+_POW2_THREADS = _POW2_TILE_M // 128 * _POW2_TILE_N  # warps of 128 tokens x 32 channels
+_POW2_SMEM = _POW2_STAGES * (_POW2_TILE_M * 64 + _POW2_TILE_N * 33)  # kStages * kStageBytes
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 KERNELS = tuple(f"act_quant_{mode}_{d}" for mode in ("exact", "pow2", "pow2_s8") for d in ("bf16", "fp16")) + tuple(
@@ -196,10 +200,10 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
-        grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
-        fn.launch(grid, _GEMM_THREADS,
+        grid = ((m + _POW2_TILE_M - 1) // _POW2_TILE_M, (n + _POW2_TILE_N - 1) // _POW2_TILE_N)
+        fn.launch(grid, _POW2_THREADS,
                   (codes, atok, qweight, wexp, wbase, lora_act if rank else None, lora_up if rank else None, bias,
-                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from)))
+                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from)), smem=_POW2_SMEM)
     return out
 
 
