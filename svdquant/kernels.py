@@ -4,7 +4,8 @@ from its tensors, keeping what the kernels derive from them) and `w4a16_linear`;
 
 W4A4 linears run a kernel family chosen by the GPU's capability (the registry below; issue 13):
 sm_80/86/89 -> the sm80 family's INT4 variant, sm_90 -> the sm90 (Hopper) family, any other
-sm_80+ GPU -> the sm80 family's INT8 variant; W4A16 linears run the w4a16 family on any sm_80+ GPU.
+sm_80+ GPU -> the sm80 family's INT8 variant (each family picks its own kernel 2 for power-of-two
+layers: sm90.svdq_linear, sm80.svdq_linear); W4A16 linears run the w4a16 family on any sm_80+ GPU.
 The kernels come from svdquant.cuda (prebuilt cubins, the NVRTC cache, or NVRTC at first use).
 Where a family cannot run a call (CPU tensor, older GPU, no NVRTC, unsupported case) the op runs
 the PyTorch reference in `numerics`, announced with one log line per reason, never an error.
