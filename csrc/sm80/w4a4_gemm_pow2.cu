@@ -52,7 +52,7 @@ namespace {
 // CTA tile and ring depth: host constants of the same values in svdquant/families/sm80.py
 // (_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES).
 constexpr int kTileM = 128;  // tokens per CTA: a multiple of 128
-constexpr int kTileN = 128;  // channels per CTA: 128 or 256
+constexpr int kTileN = 128;  // channels per CTA: a multiple of 64
 constexpr int kStages = 3;
 constexpr int kWarpsM = kTileM / 128, kWarpsN = kTileN / 32;  // warps of 128 tokens x 32 channels
 constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -310,7 +310,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
 }  // namespace svdq::sm80
 
 #define SVDQ_W4A4_GEMM_POW2_ENTRY(NAME, T)                                                                      \
-  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kThreads == 128 ? 2 : 1)    \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, 256 / svdq::sm80::kThreads)         \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
            int n_al, int rank, int gelu_from) {                                                                \
