@@ -225,8 +225,9 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="all-MiniLM-L6-v2's real weights instead of the "
                                                             "synthetic layer")
     parser.add_argument("--recipes", help="with --real: which recipes, comma-separated (default all)")
-    parser.add_argument("--reorder", action="store_true", help="with --real: the W4A4 layers' input channels in "
-                                                               "the free orders of free_orders")
+    parser.add_argument("--reorder", action="store_true", help="with --real: the W4A4 layers' input channels "
+                                                               "reordered where the checkpoint could absorb it "
+                                                               "(free_orders)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.real:
