@@ -83,9 +83,9 @@ def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> N
                                   op.bias, mma="int8")
 
         row["k1k2_pow2_today_ms"] = time_calls([lambda i=i: today(i) for i in range(sets)])
-        row["k1s8_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, s8=True)
+        row["k1s8_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, int8_operands=True)
                                      for i in range(sets)])
-    stage1 = [sm80.act_quant(a[i], *inputs[i], pow2=True, s8=True) for i in range(sets)]
+    stage1 = [sm80.act_quant(a[i], *inputs[i], pow2=True, int8_operands=True) for i in range(sets)]
 
     def whole_k(i):
         codes, atok, lora_act = stage1[i]

@@ -393,8 +393,8 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, s8=False):
-        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, s8)
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False):
+        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
@@ -411,10 +411,10 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     kernel = layer.w4a4_kernel()
     assert sm80.svdq_linear(x, kernel, mma=mma) == "y"
 
-    smooth, inv_smooth, group_shift, lora_t, pow2, s8 = calls["kernel 1"]
+    smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands = calls["kernel 1"]
     assert torch.equal(smooth, layer.smooth.float()) and torch.equal(inv_smooth, torch.reciprocal(smooth))
     assert group_shift.tolist() == [0.0, numerics.GELU_SHIFT, 0.0] and pow2 == pow2_activations
-    assert not s8  # exact weight scales: the per-group kernel 2
+    assert not int8_operands  # exact weight scales: the per-group kernel 2
     padded = -rank % kernels.RANK_MULTIPLE
     if 0 < rank <= kernels.KERNEL1_MAX_RANK:
         assert lora_t.shape == (rank + padded, 192) and torch.equal(lora_t[:rank], layer.lora_down.t())
@@ -447,8 +447,8 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     # exact activations or the int4 variant: the per-group kernel 2
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, s8=False):
-        calls["kernel 1"] = (group_shift, lora_t, pow2, s8)
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False):
+        calls["kernel 1"] = (group_shift, lora_t, pow2, int8_operands)
         return "codes", "atok", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm_pow2(codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias=None, out=None,
@@ -475,8 +475,8 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
 
     whole_k = pow2_activations and mma == "int8"
     assert sm80.runs_whole_k(kernel, mma, pow2_activations) == whole_k
-    group_shift, lora_t, pow2, s8 = calls["kernel 1"]
-    assert (pow2, s8) == (pow2_activations, whole_k) and torch.equal(group_shift, kernel.group_shifts())
+    group_shift, lora_t, pow2, int8_operands = calls["kernel 1"]
+    assert (pow2, int8_operands) == (pow2_activations, whole_k) and torch.equal(group_shift, kernel.group_shifts())
     if not whole_k:
         assert calls["kernel 2"] == ("per group", mma)
         return

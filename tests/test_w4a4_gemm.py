@@ -283,7 +283,7 @@ def _sm80_whole_k_run(x: torch.Tensor, layer: SVDQLinear, gelu_from: int | None 
     power-of-two layer) on a poisoned output; returns (y, float64 reference on kernel 1's outputs)."""
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
-    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, s8=True)
+    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True)
     if layer.rank > kernels.KERNEL1_MAX_RANK:
         lora_act = torch.nn.functional.pad(x @ layer.lora_down, (0, -layer.rank % kernels.RANK_MULTIPLE)).contiguous()
     wexp, wbase = sm80.pow2_weight_operands(kernel)
@@ -295,7 +295,7 @@ def _sm80_whole_k_run(x: torch.Tensor, layer: SVDQLinear, gelu_from: int | None 
     assert bool(torch.isfinite(y).all()), f"{int((~torch.isfinite(y)).sum())} outputs unwritten or not finite"
     m, k = codes.shape
     # the s8 operand is code * 2^(3 - e): times atok * 2^-3 it is code * ascale
-    a = sm80.s8_operands_to_natural(codes).double() * (atok[0, :m].double()[:, None] * 2.0 ** -3)
+    a = sm80.int8_operands_to_natural(codes).double() * (atok[0, :m].double()[:, None] * 2.0 ** -3)
     w = numerics.unpack_int4(layer.qweight, signed=True).double() * layer.wscales.double().t().repeat_interleave(G, 1)
     ref = a @ w.t()
     if lora_act is not None:
@@ -356,15 +356,15 @@ def test_sm80_bad_inputs_raise_named_errors():
     with pytest.raises(sm80.Sm80InputError, match="output width 60 is not a multiple of 8"):
         sm80.w4a4_gemm(codes, ascales, group_shift, layer.qweight[:60].contiguous(),
                        layer.wscales[:, :60].contiguous(), None, None)
-    with pytest.raises(sm80.Sm80InputError, match="s8 operands need pow2 activation scales"):
+    with pytest.raises(sm80.Sm80InputError, match="int8_operands needs pow2 activation scales"):
         sm80.act_quant(torch.ones(4, 128, device=DEV, dtype=torch.bfloat16), smooth, inv_smooth, group_shift, lora_t,
-                       s8=True)
+                       int8_operands=True)
     with pytest.raises(sm80.Sm80InputError, match="not power-of-two fractions"):
         sm80.pow2_weight_operands(layer.w4a4_kernel())
     pow2_layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(10), unsigned=False, pow2_weights=True)
     wexp, wbase = sm80.pow2_weight_operands(pow2_layer.w4a4_kernel())
     codes8, atok, lora_act = sm80.act_quant(torch.ones(4, 128, device=DEV, dtype=torch.bfloat16), smooth,
-                                            inv_smooth, group_shift, lora_t, pow2=True, s8=True)
+                                            inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True)
     with pytest.raises(sm80.Sm80InputError, match=r"wexp must have shape \[2, 64\], got \[2, 48\]"):
         sm80.w4a4_gemm_pow2(codes8, atok, pow2_layer.qweight, wexp[:, :48].contiguous(), wbase, torch.bfloat16,
                             lora_act, pow2_layer.lora_up)

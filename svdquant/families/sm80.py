@@ -63,22 +63,22 @@ def scales_rows(m: int) -> int:
 
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
-              lora_t: torch.Tensor | None, pow2: bool = False, s8: bool = False):
+              lora_t: torch.Tensor | None, pow2: bool = False, int8_operands: bool = False):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
-    dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. s8 (pow2 only): the whole-K
-    kernel 2's operands.
+    dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. int8_operands (pow2 only):
+    the whole-K kernel 2's s8 operands (the pow2_s8 entry points).
 
     Returns (codes, ascales, lora_act [M, r] in x's dtype or None): codes uint8 [M, K/2] packed as
-    numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with s8,
-    codes [M, K] the s8 bytes code * 2^(3 - e) in act_quant.cu's slot order and ascales [1, m_al]
-    each token's atok."""
+    numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with
+    int8_operands, codes [M, K] the s8 bytes code * 2^(3 - e) in act_quant.cu's slot order and
+    ascales [1, m_al] each token's atok."""
     if not (x.is_cuda and x.dim() == 2):
         raise Sm80InputError("x must be a 2-D CUDA tensor")
     if x.dtype not in _NAMES:
         raise Sm80InputError(f"x must be bfloat16 or float16, got {x.dtype}")
-    if s8 and not pow2:
-        raise Sm80InputError("s8 operands need pow2 activation scales")
+    if int8_operands and not pow2:
+        raise Sm80InputError("int8_operands needs pow2 activation scales")
     m, k = x.shape
     if k % numerics.GROUP_SIZE or k == 0:
         raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE}")
@@ -95,11 +95,11 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
                                  f"{kernels.KERNEL1_MAX_RANK}, got {rank}")
         _check(lora_t, x, "lora_t", x.dtype, (rank, k))
     m_al = scales_rows(m)
-    codes = torch.empty(m, k if s8 else k // 2, dtype=torch.uint8, device=x.device)
-    ascales = torch.empty(1 if s8 else groups, m_al, dtype=torch.float32, device=x.device)
+    codes = torch.empty(m, k if int8_operands else k // 2, dtype=torch.uint8, device=x.device)
+    ascales = torch.empty(1 if int8_operands else groups, m_al, dtype=torch.float32, device=x.device)
     lora_act = torch.empty(m, rank, dtype=x.dtype, device=x.device) if rank else None
     if m:
-        mode = "pow2_s8" if s8 else "pow2" if pow2 else "exact"
+        mode = "pow2_s8" if int8_operands else "pow2" if pow2 else "exact"
         fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
                   (x, smooth, inv_smooth, group_shift, lora_t if rank else None, codes, ascales, lora_act,
@@ -207,7 +207,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     return out
 
 
-def s8_operands_to_natural(codes: torch.Tensor) -> torch.Tensor:
+def int8_operands_to_natural(codes: torch.Tensor) -> torch.Tensor:
     """Kernel 1's s8 operands (pow2_s8 mode, [M, K] bytes in act_quant.cu's slot order) -> int8
     [M, K] in natural column order: byte 32 c + s of a group holds column 32 c + 2 s (s < 16) or
     32 c + 2 (s - 16) + 1."""
