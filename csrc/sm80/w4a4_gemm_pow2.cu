@@ -133,6 +133,14 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     ++next;
     next_slot = next_slot == kStages - 1 ? 0 : next_slot + 1;
   };
+  // A stage's 32-byte rows of qweight (group stages) or lora_up (low-rank stages), from w_src.
+  auto copy_w_rows = [&](uint8_t* st) {
+#pragma unroll
+    for (int i = 0; i < kWCopies; ++i) {
+      cp_async16(st + kOffW + w_dst + kThreads / 2 * 32 * i, w_src[i], nv[i]);
+      w_src[i] += 32;
+    }
+  };
   auto load_group = [&]() {
     uint8_t* st = ring + next_slot * kStageBytes;
 #pragma unroll
@@ -140,11 +148,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
       cp_async16(st + c_dst + kThreads / 4 * 64 * i, c_src[i], cv[i]);
       c_src[i] += 64;
     }
-#pragma unroll
-    for (int i = 0; i < kWCopies; ++i) {
-      cp_async16(st + kOffW + w_dst + kThreads / 2 * 32 * i, w_src[i], nv[i]);
-      w_src[i] += 32;
-    }
+    copy_w_rows(st);
     if (copies_exp) {
       cp_async16(st + kOffExp + 16 * tid, e_src, exp_valid);
       e_src += n_al;
@@ -161,11 +165,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
         cp_async16(st + w_dst + kThreads / 2 * 32 * i, c_src[i], av[i]);
         c_src[i] += 32;
       }
-#pragma unroll
-      for (int i = 0; i < kWCopies; ++i) {
-        cp_async16(st + kOffW + w_dst + kThreads / 2 * 32 * i, w_src[i], nv[i]);
-        w_src[i] += 32;
-      }
+      copy_w_rows(st);
     }
     advance();
   };
