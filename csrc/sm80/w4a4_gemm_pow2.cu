@@ -50,12 +50,16 @@ namespace svdq::sm80 {
 namespace {
 
 // CTA tile and ring depth: host constants of the same values in svdquant/families/sm80.py
-// (_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES).
-constexpr int kTileM = 128;  // tokens per CTA: a multiple of 128
+// (_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES, _POW2_WARP_M).
+constexpr int kTileM = 128;  // tokens per CTA: a multiple of kWarpM
 constexpr int kTileN = 128;  // channels per CTA: a multiple of 64
 constexpr int kStages = 3;
-constexpr int kWarpsM = kTileM / 128, kWarpsN = kTileN / 32;  // warps of 128 tokens x 32 channels
+constexpr int kWarpM = 128;  // tokens per warp, 128 or 64 (_POW2_WARP_M)
+constexpr int kWarpsM = kTileM / kWarpM, kWarpsN = kTileN / 32;  // warps of kWarpM tokens x 32 channels
 constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+// CTAs per SM the registers allow: a 128-token warp holds 128 int32 accumulators per thread (255
+// registers: 8 warps per SM), a 64-token warp 64 (128 registers: 16 warps per SM).
+constexpr int kMinBlocks = (kWarpM == 128 ? 8 : 16) * 32 / kThreads;
 // Stage layout (bytes): codes [kTileM][64] (or lora_act [kTileM][32]), qweight [kTileN][32] (or
 // lora_up), wexp [kTileN].
 constexpr int kOffW = kTileM * 64;
@@ -92,12 +96,12 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
                                                T* __restrict__ y, int M, int N, int K, int n_al, int rank,
                                                int gelu_from) {
-  constexpr int kMT = 8, kNT = 4;  // mma tiles of a warp
+  constexpr int kMT = kWarpM / 16, kNT = 4;  // mma tiles of a warp
   extern __shared__ __align__(128) uint8_t ring[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTileM, ch0 = blockIdx.y * kTileN;
   const int groups = K / 64, iters = groups + rank / 16;
-  const int wm = (warp % kWarpsM) * 128, wn = (warp / kWarpsM) * 32;
+  const int wm = (warp % kWarpsM) * kWarpM, wn = (warp / kWarpsM) * 32;
 
   // Stage copies, sources computed once and advanced a stage at a time (w4a4_gemm.cu's scheme).
   // Codes: thread t copies chunk t % 4 of rows t / 4 + (kThreads / 4) i; qweight, lora_up and
@@ -310,7 +314,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
 }  // namespace svdq::sm80
 
 #define SVDQ_W4A4_GEMM_POW2_ENTRY(NAME, T)                                                                      \
-  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, 256 / svdq::sm80::kThreads)         \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)              \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
            int n_al, int rank, int gelu_from) {                                                                \

@@ -33,9 +33,10 @@ _ACT_TOKENS = 16  # tokens per kernel 1 CTA
 _ACT_THREADS = 128
 _GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
 _GEMM_THREADS = 128
-# the whole-K kernel 2's CTA tile (tokens, channels) and ring depth: w4a4_gemm_pow2.cu's kTileM, kTileN, kStages
-_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES = 128, 128, 3
-_POW2_THREADS = _POW2_TILE_M // 128 * _POW2_TILE_N  # warps of 128 tokens x 32 channels
+# the whole-K kernel 2's CTA tile (tokens, channels), ring depth and warp tile (tokens): w4a4_gemm_pow2.cu's kTileM,
+# kTileN, kStages, kWarpM
+_POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES, _POW2_WARP_M = 128, 128, 3, 128
+_POW2_THREADS = _POW2_TILE_M // _POW2_WARP_M * _POW2_TILE_N  # warps of _POW2_WARP_M tokens x 32 channels
 _POW2_SMEM = _POW2_STAGES * (_POW2_TILE_M * 64 + _POW2_TILE_N * 33)  # kStages * kStageBytes
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
