@@ -303,20 +303,14 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       float c[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) c[j] = rintf(__fmul_rn(v[j], mult));
+      if (!tok_valid) continue;
       if constexpr (kS8) {
         uint32_t lo, hi;
         pack_s8(c, uns, kPow2MaxExp - e, lo, hi);
-        // Lane q = t8 % 4 of a 32-column half stores its bytes 8 q .. 8 q + 7: the even-code words of
-        // lanes 2 q and 2 q + 1 of its quad (q < 2) or their odd-code words (q >= 2), so that each
-        // store instruction writes whole 32-byte sectors (lo at 4 q and hi at 16 + 4 q would not).
-        const int q = t8 % 4, src = (lane & ~3) + 2 * (q & 1);
-        const uint32_t lo0 = __shfl_sync(0xffffffffu, lo, src), lo1 = __shfl_sync(0xffffffffu, lo, src + 1);
-        const uint32_t hi0 = __shfl_sync(0xffffffffu, hi, src), hi1 = __shfl_sync(0xffffffffu, hi, src + 1);
-        if (!tok_valid) continue;
-        *reinterpret_cast<uint2*>(codes + static_cast<size_t>(tok) * K + 64 * g + 32 * (t8 / 4) + 8 * q) =
-            q < 2 ? make_uint2(lo0, lo1) : make_uint2(hi0, hi1);
+        uint8_t* dst = codes + static_cast<size_t>(tok) * K + 64 * g + 32 * (t8 / 4) + 4 * (t8 % 4);
+        *reinterpret_cast<uint32_t*>(dst) = lo;
+        *reinterpret_cast<uint32_t*>(dst + 16) = hi;
       } else {
-        if (!tok_valid) continue;
         *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
         if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = atok * exp2i(-e);
       }
