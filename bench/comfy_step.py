@@ -4,7 +4,8 @@ UNETLoader path), ComfyUI's fp8 ops (e4m3 weights, `_scaled_mm`: the UNETLoader'
 fp8_e4m3fn_fast choice, `fp8_optimizations`, whose operations ComfyUI's pick_operations chooses;
 the output names the class it chose), and ours (a natural-format file loaded by the pack's loader,
 nodes/loader.load_svdquant_flux): exact scales, fast (power-of-two weight and activation scales),
-and exact weights + power-of-two activations. Each model is loaded by ComfyUI's model management
+exact weights + power-of-two activations, and the exact file in FP8 execution (the loader's
+`execution` input). Each model is loaded by ComfyUI's model management
 (load_models_gpu) and timed eager and compiled (`torch.compile` of the diffusion model, as
 TorchCompileModel does; the first compiled call is timed on its own), with weight and peak memory.
 
@@ -45,12 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_step import random_tensors  # noqa: E402
 from record import write_result  # noqa: E402
 
-VARIANTS = {  # name -> (label, power-of-two weight scales, power-of-two activations); None: not ours
-    "bf16": ("bf16 (ComfyUI ops)", None, None),
-    "fp8": ("ComfyUI fp8 ops", None, None),
-    "exact": ("ours exact", False, False),
-    "fast": ("ours fast (pow2 w + act)", True, True),
-    "exact-pow2act": ("ours exact w + pow2 act", False, True),
+VARIANTS = {  # name -> (label, power-of-two weight scales, power-of-two activations, FP8 execution); None: not ours
+    "bf16": ("bf16 (ComfyUI ops)", None, None, None),
+    "fp8": ("ComfyUI fp8 ops", None, None, None),
+    "exact": ("ours exact", False, False, False),
+    "fast": ("ours fast (pow2 w + act)", True, True, False),
+    "exact-pow2act": ("ours exact w + pow2 act", False, True, False),
+    "exact-fp8": ("ours exact, FP8 execution", False, False, True),
 }
 FP8_SKIPPED = "skipped (needs a CUDA GPU with fp8)"
 
@@ -107,14 +109,14 @@ def load_variant(comfy, pack, cfg, variant: str, gen: torch.Generator, tmp: str)
     dict, ours from a natural-format file (written once per weight format into `tmp`) by the pack's
     loader."""
     loader, flux, fmt = pack
-    _, pow2_weights, pow2_activations = VARIANTS[variant]
+    _, pow2_weights, pow2_activations, fp8_execution = VARIANTS[variant]
     if pow2_weights is None:
         options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if variant == "fp8" else {"dtype": torch.bfloat16}
         return comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
     path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
     if not os.path.exists(path):
         write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
-    return loader.load_svdquant_flux(path, torch.bfloat16, "default", pow2_activations)
+    return loader.load_svdquant_flux(path, torch.bfloat16, "default", pow2_activations, fp8_execution)
 
 
 def layer_ops(patcher) -> str:

@@ -19,6 +19,8 @@ from .ops import SVDQuantOps
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # activation quantization choices -> file_options.apply_file_options(pow2_activations=...)
 ACTIVATION_SCALES = {"from file": None, "power-of-two": True, "exact": False}
+# execution choices -> file_options.apply_file_options(fp8_execution=...)
+EXECUTION = {"4-bit": False, "FP8 (H100/H200)": True}
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
@@ -78,7 +80,8 @@ def model_patcher_class() -> type:
 
 
 def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
-                       pow2_activations: bool | None = None) -> comfy.model_patcher.ModelPatcher:
+                       pow2_activations: bool | None = None, fp8_execution: bool = False
+                       ) -> comfy.model_patcher.ModelPatcher:
     """Build ComfyUI's FLUX model with the file's layers as custom operations, in ComfyUI's patcher.
 
     The path is ComfyUI's own for a diffusion model (its detection, model config, state-dict
@@ -106,7 +109,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
         base_model.diffusion_model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
-    file_options.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations)
+    file_options.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations, fp8_execution)
     flux.fusion.fuse_mlp_gelu(base_model.diffusion_model)
     patcher = model_patcher_class()(base_model, load_device=load_device, offload_device=offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
@@ -142,6 +145,13 @@ class SVDQuantFluxLoader(io.ComfyNode):
                                        "elsewhere. 'power-of-two': faster on H100/H200 for any model, nunchaku "
                                        "files included, with a slightly larger quantization error. "
                                        "'exact': nunchaku's scales everywhere."),
+                io.Combo.Input("execution", options=list(EXECUTION), default="4-bit", optional=True,
+                               tooltip="'FP8 (H100/H200)': the 4-bit layers run on FP8 tensor cores, each layer's "
+                                       "weights and low-rank branch merged into 8-bit weights at its first call: "
+                                       "faster than the exact 4-bit kernels (nunchaku files) and closer to the "
+                                       "16-bit model, for 1 more byte per weight of GPU memory (FLUX.1: +11 GiB) "
+                                       "that ComfyUI's memory estimate does not count. Other GPUs, float16 and "
+                                       "the CPU run the 4-bit layers."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
         )
@@ -157,6 +167,8 @@ class SVDQuantFluxLoader(io.ComfyNode):
         return True if problem is None else f"{model_name}: {problem}"
 
     @classmethod
-    def execute(cls, model_name: str, dtype: str, device: str, activation_scales: str = "from file") -> io.NodeOutput:
+    def execute(cls, model_name: str, dtype: str, device: str, activation_scales: str = "from file",
+                execution: str = "4-bit") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        return io.NodeOutput(load_svdquant_flux(path, DTYPES[dtype], device, ACTIVATION_SCALES[activation_scales]))
+        return io.NodeOutput(load_svdquant_flux(path, DTYPES[dtype], device, ACTIVATION_SCALES[activation_scales],
+                                                EXECUTION[execution]))

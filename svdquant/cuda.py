@@ -59,6 +59,9 @@ FAMILIES: dict[str, Family] = {
     "sm90": Family("sm90", arch_specific=True, capabilities=((9, 0),)),
     "sm80": Family("sm80"),
     "w4a16": Family("generic"),
+    # FP8 execution's input quantization; runs where cuBLAS has the FP8 GEMM with per-token scales it
+    # feeds (torch._scaled_mm's row-wise scaling: Hopper)
+    "fp8": Family("fp8", capabilities=((9, 0),)),
 }
 
 # The architectures CI compiles every family for (each family: those of them it supports).

@@ -10,6 +10,8 @@ The kernels come from svdquant.cuda (prebuilt cubins, the NVRTC cache, or NVRTC 
 Where a family cannot run a call (CPU tensor, older GPU, no NVRTC, unsupported case) the op runs
 the PyTorch reference in `numerics`, announced with one log line per reason, never an error.
 `SVDQUANT_W4A4_KERNELS` (sm90, sm80-int4, sm80-int8, reference) or `forced_family(name)` forces one.
+A layer in FP8 execution (docs/DESIGN.md#fp8-execution) runs the fp8 family where it can (Hopper,
+bfloat16), the W4A4 kernels above elsewhere, and the W4A4 reference on the CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def _announce_fallback(reason: str) -> None:
     if reason not in _announced:
         _announced.add(reason)
         log.warning("svdquant: using the PyTorch reference path (%s)", reason)
+
+
+def _announce_no_fp8(reason: str) -> None:
+    if "fp8: " + reason not in _announced:
+        _announced.add("fp8: " + reason)
+        log.warning("svdquant: FP8 execution does not run here (%s): the 4-bit layers run as stored", reason)
 
 
 def svdq_linear_reference(
@@ -190,8 +198,11 @@ class W4A4Kernel:
     shift as the file format has them (docs/DESIGN.md#format), the weight-scale format (pow2_weights:
     every group scale a power-of-two fraction of its row's largest), the activation mode
     (pow2_activations: power-of-two activation scales) and gelu_from (output channels from it on are
-    GELU of the product). The tensors a family derives from them (fp32 smooth and its reciprocal, the
-    shift per group, lora_down in kernel 1's layout, the weight scales' exponents) are kept here by
+    GELU of the product). fp8_execution: run the layer on FP8 tensor cores where the fp8 family can
+    (docs/DESIGN.md#fp8-execution), the model's own low-rank branch (its first base_rank columns; None:
+    all of them) merged into the FP8 weights. The tensors a family derives from them (fp32 smooth and its
+    reciprocal, the shift per group, lora_down in kernel 1's layout, the weight scales' exponents, the
+    FP8 weights) are kept here by
     `derived`, each until its sources' storage or version changes (an in-place edit bumps it). A new
     tensor (a device move, LoRA columns set, a load) needs a new W4A4Kernel:
     linear.SVDQLinear.w4a4_kernel makes one whenever its layer's tensors or modes are not this one's.
@@ -200,10 +211,13 @@ class W4A4Kernel:
     def __init__(self, qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
                  lora_up: torch.Tensor, bias: torch.Tensor | None = None, shift: torch.Tensor | None = None, *,
                  pow2_weights: bool = False, pow2_activations: bool = False, gelu_from: int | None = None,
-                 unsigned_groups: torch.Tensor | None = None):
+                 unsigned_groups: torch.Tensor | None = None, fp8_execution: bool = False,
+                 base_rank: int | None = None):
         self.qweight, self.wscales, self.smooth = qweight, wscales, smooth
         self.lora_down, self.lora_up, self.bias, self.shift = lora_down, lora_up, bias, shift
         self.pow2_weights, self.pow2_activations, self.gelu_from = pow2_weights, pow2_activations, gelu_from
+        self.fp8_execution = fp8_execution
+        self.base_rank = self.rank if base_rank is None else base_rank
         # per-group signed/unsigned mode of the reference path (the kernels read the shift itself)
         self.unsigned_groups = (numerics.unsigned_groups_from_shift(shift, self.in_features)
                                 if unsigned_groups is None else unsigned_groups)
@@ -249,6 +263,12 @@ class W4A4Kernel:
         name, forced_by = _forced_choice()
         if name == "reference":
             return None, {}, f"{forced_by} chose the reference path"
+        if self.fp8_execution:
+            module, reason = _family_on("fp8", x.device)
+            reason = reason or module.unsupported_reason(x, self)
+            if not reason:
+                return module, {}, ""
+            _announce_no_fp8(reason)
         if name is None:
             name = w4a4_kernels_for((major, minor))
             if name is None:

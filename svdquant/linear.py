@@ -166,6 +166,9 @@ class SVDQLinear(_QuantizedLinearBase):
     (numerics.quantize_activations_pow2); off by default, set at load by
     `file_options.apply_file_options`. On Hopper a layer with both runs the fast GEMM with no
     per-group rescaling.
+    fp8_execution: run on FP8 tensor cores where they can (docs/DESIGN.md#fp8-execution; off by
+    default, set at load by `file_options.apply_file_options`): the product and the model's own
+    branch merged into e4m3 weights kept beside the 4-bit ones (+1 byte per weight on the GPU).
     gelu_from: output channels from this one on are GELU (tanh approximation) of the above, fused
     into kernel 2's epilogue (set by `flux.fusion.fuse_mlp_gelu` on the double blocks' MLP input
     layers); None: no activation.
@@ -175,6 +178,7 @@ class SVDQLinear(_QuantizedLinearBase):
 
     kind = W4A4
     pow2_activations: bool = False
+    fp8_execution: bool = False
     gelu_from: int | None = None
     _kernel: kernels.W4A4Kernel | None = None
 
@@ -220,12 +224,14 @@ class SVDQLinear(_QuantizedLinearBase):
 
     def _kernel_modes(self) -> dict:
         return {"pow2_weights": self.pow2_weights, "pow2_activations": self.pow2_activations,
-                "gelu_from": self.gelu_from, "unsigned_groups": self.unsigned_groups}
+                "gelu_from": self.gelu_from, "unsigned_groups": self.unsigned_groups,
+                "fp8_execution": self.fp8_execution, "base_rank": self.base_rank}
 
     def _is_op_of(self, kernel: kernels.W4A4Kernel) -> bool:
         return (all(a is b for a, b in zip(kernel.tensors(), self._kernel_tensors()))
                 and kernel.pow2_activations == self.pow2_activations and kernel.gelu_from == self.gelu_from
-                and kernel.pow2_weights == self.pow2_weights)
+                and kernel.pow2_weights == self.pow2_weights and kernel.fp8_execution == self.fp8_execution
+                and kernel.base_rank == self.base_rank)
 
     def _apply(self, fn, recurse=True):
         # a move or cast replaces the tensors: the kept kernel would hold the old ones (and their device

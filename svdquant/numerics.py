@@ -24,6 +24,11 @@ with no per-group rescaling; the design (d) path takes code * 2^-j as an exact F
     1/atok): that keeps kernel 1's arithmetic at a few instructions per element;
   * weights (`pow2_weight_exponents`): a layer qualifies when every wscales[g, n] equals
     wbase[n] * 2^-f[g, n], wbase[n] the row's largest scale; the file format is unchanged.
+
+FP8 execution (an opt-in way to run any W4A4 layer on FP8 tensor cores, docs/DESIGN.md#fp8-execution):
+the layer's product, its own low-rank branch merged in, becomes one e4m3 weight matrix with a scale
+per output channel (`fp8_weights`), the input is quantized to e4m3 with a scale per token
+(`quantize_fp8_per_token`), and y = codes_x . codes_w^T * sx[m] * sw[n] + bias.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ POW2_ACT_MAX_EXP = 3
 # the 2^POW2_ACT_MAX_EXP factor).
 POW2_MIN_BASE = 2.0**-100
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+# The largest finite FP8 e4m3 value: fp8 execution scales each token and each weight row to it.
+E4M3_MAX = 448.0
 
 
 def _check_groups(k: int, group_size: int) -> int:
@@ -340,3 +347,53 @@ def quantize_w4a16(weight: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat
     codes = round_half_even(w / safe.unsqueeze(-1) + zero_point.unsqueeze(-1)).clamp(0, UNSIGNED_MAX)
     codes = torch.where(scale_f.unsqueeze(-1) > 0, codes, zero_point.unsqueeze(-1))
     return codes.to(torch.uint8).reshape(n, k), scale.t().contiguous(), zeros.t().contiguous()
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 execution's input quantization: per token (row of x [M, K]) amax = max |x| (exact in
+    float32), codes = e4m3(x * (448 / amax)) (float32 product, one rounding to nearest even,
+    saturating), scale = amax / 448 (float32 division); a token whose amax is 0 gets 0 codes and
+    scale. Returns codes float8_e4m3fn [M, K] and scales float32 [M, 1]."""
+    v = x.float()
+    amax = v.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
+    return (v * inv).to(torch.float8_e4m3fn), amax / E4M3_MAX
+
+
+def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
+                lora_up: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor | None,
+                rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A W4A4 layer as FP8 execution runs it: the dense weight its product approximates, in the input's
+    own basis, W = dequantize(Q(R)) / smooth + lora_up @ lora_down^T (float32; lora_down [K, r] and
+    lora_up [N, r] hold the branch to merge), as e4m3 codes with one scale per output channel
+    (quantize_fp8_per_token of W's rows), and the bias with the input shift's share,
+    bias + shift @ (dequantize(Q(R)) / smooth)^T (the quantized path reads x + shift; the branch reads x).
+    Returns codes float8_e4m3fn [N, K], scales float32 [N] and the bias float32 [N] (None without
+    bias or shift). Computed rows_per_chunk output channels at a time on qweight's device."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=qweight.device)
+    scales = torch.empty(n, dtype=torch.float32, device=qweight.device)
+    shifted = None if shift is None else torch.empty(n, dtype=torch.float32, device=qweight.device)
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(n, start + rows_per_chunk))
+        residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t()) / smooth.float()
+        if shift is not None:
+            shifted[rows] = residual @ shift.float()
+        w = residual + lora_up[rows].float() @ lora_down.float().t()
+        codes[rows], row_scales = quantize_fp8_per_token(w)
+        scales[rows] = row_scales.squeeze(1)
+    if bias is None and shifted is None:
+        return codes, scales, None
+    total = torch.zeros(n, dtype=torch.float32, device=qweight.device) if bias is None else bias.float().clone()
+    return codes, scales, total if shifted is None else total + shifted
+
+
+def fp8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                         gelu_from: int | None = None) -> torch.Tensor:
+    """FP8 execution of a layer from fp8_weights' (codes [N, K], scales [N], bias [N]) on x [M, K]:
+    y = (qx * sx) . (codes * scales)^T + bias in float32, GELU on channels from gelu_from on, in x's dtype."""
+    qx, sx = quantize_fp8_per_token(x)
+    y = (qx.float() * sx) @ (codes.float() * scales.unsqueeze(1)).t()
+    if bias is not None:
+        y += bias.float()
+    return gelu_channels(y, gelu_from).to(x.dtype)

@@ -388,6 +388,9 @@ def test_loader_node_in_object_info(server):
     scales = info["input"]["optional"]["activation_scales"]
     assert scales[1]["options"] == ["from file", "power-of-two", "exact"] and scales[1]["default"] == "from file"
     assert scales[1].get("tooltip")
+    execution = info["input"]["optional"]["execution"]
+    assert execution[1]["options"] == ["4-bit", "FP8 (H100/H200)"] and execution[1]["default"] == "4-bit"
+    assert execution[1].get("tooltip")
     assert "SVDQuantTestConditioning" in server.get("/object_info")
     # one start-up line says which kernels the 4-bit layers will use (here: none, a CPU-only run)
     lines = [line for line in (server.base / "comfyui.log").read_text().splitlines() if "svdquant: device: " in line]
@@ -451,7 +454,7 @@ def test_workflows_validate_in_comfyui_and_are_templates(server, name):
 
 
 def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype: str = "bfloat16",
-                    activation_scales: str | None = None) -> dict:
+                    activation_scales: str | None = None, execution: str | None = None) -> dict:
     prompt = {
         "1": {"class_type": "SVDQuantFluxLoader", "inputs": {"model_name": model_name, "dtype": dtype,
                                                               "device": "default"}},
@@ -467,6 +470,8 @@ def sampling_prompt(model_name: str, guidance: float | None, prefix: str, dtype:
     }
     if activation_scales is not None:
         prompt["1"]["inputs"]["activation_scales"] = activation_scales
+    if execution is not None:
+        prompt["1"]["inputs"]["execution"] = execution
     if guidance is not None:
         prompt["9"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["2", 0], "guidance": guidance}}
         prompt["5"]["inputs"]["positive"] = ["9", 0]
@@ -504,6 +509,12 @@ def test_torch_compile_model_node_samples_a_quantized_model(server):
 def test_the_loader_takes_an_activation_scale_choice(server, activation_scales):
     entry = server.run(sampling_prompt("tiny-schnell.safetensors", None, f"svdquant_scales_{activation_scales}",
                                        activation_scales=activation_scales))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_the_loader_takes_fp8_execution(server):
+    # without an H100 the layers run as stored (the CPU here): the choice loads and samples
+    entry = server.run(sampling_prompt("tiny-dev.safetensors", 3.5, "svdquant_fp8", execution="FP8 (H100/H200)"))
     assert entry["status"]["status_str"] == "success", entry["status"]
 
 

@@ -1,0 +1,129 @@
+"""FP8 execution (docs/DESIGN.md#fp8-execution): numerics' definition on the CPU, the fp8 family's
+activation quantization against it bit for bit, and whole layers against numerics.fp8_linear_reference
+on an H100 (the GPU tests skip elsewhere)."""
+
+import pytest
+import torch
+
+from random_layers import activations, gen, needs_sm90, rel, w4a4_layer
+from svdquant import file_options, kernels, numerics
+from svdquant.families import fp8
+
+
+def _ideal(layer, x):
+    """The layer's product with unquantized activations, in float64: (x + shift) / smooth . R^T +
+    x @ lora_down @ lora_up^T + bias, R the dequantized residual."""
+    r = numerics.dequantize_groups(numerics.unpack_int4(layer.qweight, signed=True), layer.wscales.t()).double()
+    v = x.double() + (0 if layer.shift is None else layer.shift.double())
+    y = (v / layer.smooth.double()) @ r.t() + (x.double() @ layer.lora_down.double()) @ layer.lora_up.double().t()
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+# ---- the definition, on the CPU ---------------------------------------------------------------------
+
+def test_fp8_per_token_quantization():
+    x = activations(9, 256, torch.bfloat16, gen(1, "cpu"), torch.zeros(4, dtype=torch.bool))
+    x[3] = 0
+    codes, scales = numerics.quantize_fp8_per_token(x)
+    assert codes.dtype == torch.float8_e4m3fn and scales.shape == (9, 1)
+    assert scales[3].item() == 0 and not codes[3].float().any()
+    big = x.float().abs().argmax(dim=1)
+    assert torch.equal(codes.float()[torch.arange(9), big].abs()[x.float().abs().amax(1) > 0],
+                       torch.full((8,), numerics.E4M3_MAX))
+    # e4m3 keeps 3 mantissa bits: each value within half a step (2^-4 relative) or under the smallest step
+    err = (codes.float() * scales - x.float()).abs()
+    assert bool((err <= x.float().abs() * 2.0**-4 + scales * 2.0**-9 + 1e-30).all())
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_weights_compute_the_layer(unsigned, bias):
+    # merged branch, smoothing and the shift's share in the bias: the FP8 layer computes what the W4A4
+    # layer's product stands for, to FP8's precision (a misplaced term would be off by O(1))
+    generator = gen(3 + unsigned + 2 * bias, "cpu")
+    layer = w4a4_layer(96, 256, 32, torch.bfloat16, generator, unsigned, bias=bias)
+    x = activations(40, 256, torch.bfloat16, generator, layer.unsigned_groups)
+    codes, scales, fbias = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
+                                                layer.lora_up, layer.bias, layer.shift)
+    assert codes.shape == (96, 256) and scales.shape == (96,)
+    assert (fbias is None) == (not bias and not unsigned)
+    y = numerics.fp8_linear_reference(x, codes, scales, fbias)
+    ideal = _ideal(layer, x)
+    assert y.dtype == torch.bfloat16 and rel(y, ideal) < 0.05, rel(y, ideal)
+    # the W4A4 layer itself (4-bit activations) is further from it
+    assert rel(y, ideal) < rel(kernels.W4A4Kernel(*layer._kernel_tensors()).reference(x), ideal)
+
+
+def test_fp8_execution_is_a_layer_mode_the_file_options_set():
+    layer = w4a4_layer(64, 128, 16, torch.bfloat16, gen(5, "cpu"), unsigned=False)
+    file_options.apply_file_options(layer, {}, fp8_execution=True)
+    kernel = layer.w4a4_kernel()
+    assert kernel.fp8_execution and kernel.base_rank == 16
+    file_options.apply_file_options(layer, {})
+    assert not layer.w4a4_kernel().fp8_execution and layer.w4a4_kernel() is not kernel
+    # on the CPU an FP8-execution layer computes the file's W4A4 function (the reference path)
+    x = activations(5, 128, torch.bfloat16, gen(6, "cpu"), layer.unsigned_groups)
+    y = layer(x)
+    layer.fp8_execution = True
+    assert torch.equal(layer(x), y)
+
+
+# ---- the GPU ------------------------------------------------------------------------------------------
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k", [(1, 64), (7, 3072), (255, 192), (256, 15360), (4097, 3072)])
+def test_fp8_act_quant_matches_numerics(dtype, m, k):
+    generator = gen(m + k)
+    x = activations(m, k, dtype, generator, torch.zeros(k // 64, dtype=torch.bool))
+    x[m // 2] = 0
+    codes, scales = fp8.act_quant(x)
+    ref_codes, ref_scales = numerics.quantize_fp8_per_token(x)
+    assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+    assert torch.equal(scales, ref_scales)
+
+
+@needs_sm90
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("m", [1, 77, 4608])
+@pytest.mark.parametrize("gelu_from", [None, 128])
+def test_fp8_layer_matches_reference(unsigned, m, gelu_from):
+    generator = gen(17 + m + unsigned)
+    layer = w4a4_layer(384, 512, 32, torch.bfloat16, generator, unsigned)
+    layer.fp8_execution, layer.gelu_from = True, gelu_from
+    x = activations(m, 512, torch.bfloat16, generator, layer.unsigned_groups)
+    kernel = layer.w4a4_kernel()
+    assert kernel.fallback_reason(x) == ""
+    y = layer(x)
+    codes, scales, bias = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
+                                               layer.lora_up, layer.bias, layer.shift)
+    ref = numerics.fp8_linear_reference(x, codes, scales, bias, gelu_from)
+    assert y.dtype == torch.bfloat16 and rel(y, ref) <= 5e-3, rel(y, ref)
+    # it ran FP8 (the 4-bit kernels differ from it by far more than cuBLAS's rounding)
+    layer.fp8_execution = False
+    assert rel(layer(x), ref) > 2 * rel(y, ref)
+
+
+@needs_sm90
+def test_fp8_layer_keeps_lora_columns_as_a_16_bit_branch():
+    generator = gen(23)
+    layer = w4a4_layer(256, 512, 48, torch.bfloat16, generator, unsigned=True)
+    layer.fp8_execution, layer.base_rank = True, 16  # columns 16..47: LoRAs joined to the branch
+    x = activations(300, 512, torch.bfloat16, generator, layer.unsigned_groups)
+    y = layer(x)
+    codes, scales, bias = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down[:, :16],
+                                               layer.lora_up[:, :16], layer.bias, layer.shift)
+    ref = (numerics.fp8_linear_reference(x, codes, scales, bias).float()
+           + numerics.lowrank_reference(x, layer.lora_down[:, 16:], layer.lora_up[:, 16:]))
+    assert rel(y, ref) <= 5e-3, rel(y, ref)
+
+
+@needs_sm90
+def test_fp8_execution_falls_back_to_the_4_bit_kernels_for_fp16():
+    generator = gen(29)
+    layer = w4a4_layer(128, 256, 32, torch.float16, generator, unsigned=False)
+    x = activations(50, 256, torch.float16, generator, layer.unsigned_groups)
+    y = layer(x)
+    layer.fp8_execution = True
+    assert fp8.unsupported_reason(x, layer.w4a4_kernel()).startswith("torch.float16")
+    assert torch.equal(layer(x), y)
