@@ -356,8 +356,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale. Returns codes float8_e4m3fn [M, K] and scales float32 [M, 1]."""
     v = x.float()
     amax = v.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, E4M3_MAX / amax, torch.zeros_like(amax))
-    return (v * inv).to(torch.float8_e4m3fn), amax / E4M3_MAX
+    # tensor by tensor: torch takes a Python scalar divisor or dividend through a reciprocal
+    e4m3_max = torch.full_like(amax, E4M3_MAX)
+    inv = torch.where(amax > 0, e4m3_max / amax, torch.zeros_like(amax))
+    return (v * inv).to(torch.float8_e4m3fn), amax / e4m3_max
 
 
 def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,

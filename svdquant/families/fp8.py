@@ -72,6 +72,5 @@ def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel) -> torch.Tensor:
     if kernel.rank > base:
         y.addmm_(x @ kernel.lora_down[:, base:], kernel.lora_up[:, base:].t())
     if kernel.gelu_from is not None:
-        tail = y[:, kernel.gelu_from:]
-        tail.copy_(torch.nn.functional.gelu(tail, approximate="tanh"))
+        torch.ops.aten.gelu_(y[:, kernel.gelu_from:], approximate="tanh")
     return y
