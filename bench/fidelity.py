@@ -18,7 +18,8 @@ its own held-out inputs (from the full-precision model), and the end-to-end cosi
 sentence embeddings of the 4-bit and the full-precision model, per recipe: naive W4A4, smooth-only
 W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0, residual rounded to nearest),
 with the refined split (quantize.REFINE_ROUNDS) alone, and with the refined split and the residual's
-error compensation (the default), r32 with the opt-in learned smoothing (smoothing_steps), W4A16.
+error compensation (the default), r32 with the opt-in learned smoothing (smoothing_steps), the default
+r32 file in FP8 execution (docs/DESIGN.md#fp8-execution), W4A16.
 Writes JSON with the machine, date and commit.
 
 --reorder (with --real; an experiment, bench/NOTES.md#fidelity-reorder): the W4A4 layers' input
@@ -171,6 +172,20 @@ def real_weights(args) -> None:
             return lambda x: layer((x if p is None else x[:, p]).bfloat16()).float()
         return make
 
+    def fp8_execution(**options):
+        """The default file's layers as FP8 execution runs them (numerics.fp8_weights and
+        fp8_linear_reference: docs/DESIGN.md#fp8-execution)."""
+        def make(name):
+            p, weight, x, h = order[name], w[f"{name}.weight"], calibration[name], shift[name]
+            if p is not None:
+                weight, x, h = weight[:, p], x[:, p], None if h is None else h[p]
+            t = quantize.quantize_linear(weight, w[f"{name}.bias"], x, shift=h, **options).as_dict()
+            tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in t.items()}
+            fp8 = numerics.fp8_weights(tensors["qweight"], tensors["wscales"], tensors["smooth"], tensors["lora_down"],
+                                       tensors["lora_up"], tensors.get("bias"), tensors.get("shift"))
+            return lambda x: numerics.fp8_linear_reference((x if p is None else x[:, p]).bfloat16(), *fp8).float()
+        return make
+
     def w4a16(name):
         codes, wscales, wzeros = numerics.quantize_w4a16(w[f"{name}.weight"])
         dense = numerics.dequantize_w4a16(codes, wscales, wzeros).bfloat16()
@@ -186,6 +201,7 @@ def real_weights(args) -> None:
                "svdquant_r16_refined": w4a4(rank=16, **plain), "svdquant_r32_refined": w4a4(rank=32, **plain),
                "svdquant_r16_compensated": w4a4(rank=16), "svdquant_r32_compensated": w4a4(rank=32),
                "svdquant_r32_learned": w4a4(rank=32, smoothing_steps=quantize.LEARNED_SMOOTHING_STEPS),
+               "svdquant_r32_fp8_execution": fp8_execution(rank=32),
                "w4a16": w4a16}
     if args.recipes:
         recipes = {name: recipes[name] for name in args.recipes.split(",")}
