@@ -39,7 +39,7 @@ def by_type(workflow):
 def test_schnell_defaults(name):
     nodes = by_type(load(name))
     assert nodes["SVDQuantFluxLoader"]["widgets_values"] == ["svdq-int4_r32-flux.1-schnell.safetensors",
-                                                             "bfloat16", "default", "from file"]
+                                                             "bfloat16", "default", "from file", "4-bit"]
     seed, control, steps, cfg, sampler, scheduler, denoise = nodes["KSampler"]["widgets_values"]
     assert (steps, cfg, sampler, scheduler, denoise) == (4, 1.0, "euler", "simple", 1.0)
     assert "FluxGuidance" not in nodes  # schnell has no guidance embedder
