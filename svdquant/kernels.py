@@ -32,16 +32,15 @@ log = logging.getLogger("svdquant")
 _announced: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    """A warning logged the first time it comes up (one line per reason, not one per call)."""
+    if message not in _announced:
+        _announced.add(message)
+        log.warning(message)
+
+
 def _announce_fallback(reason: str) -> None:
-    if reason not in _announced:
-        _announced.add(reason)
-        log.warning("svdquant: using the PyTorch reference path (%s)", reason)
-
-
-def _announce_no_fp8(reason: str) -> None:
-    if "fp8: " + reason not in _announced:
-        _announced.add("fp8: " + reason)
-        log.warning("svdquant: FP8 execution does not run here (%s): the 4-bit layers run as stored", reason)
+    _warn_once(f"svdquant: using the PyTorch reference path ({reason})")
 
 
 def svdq_linear_reference(
@@ -268,7 +267,7 @@ class W4A4Kernel:
             reason = reason or module.unsupported_reason(x, self)
             if not reason:
                 return module, {}, ""
-            _announce_no_fp8(reason)
+            _warn_once(f"svdquant: FP8 execution does not run here ({reason}): the 4-bit layers run as stored")
         if name is None:
             name = w4a4_kernels_for((major, minor))
             if name is None:

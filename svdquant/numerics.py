@@ -376,18 +376,19 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=qweight.device)
     scales = torch.empty(n, dtype=torch.float32, device=qweight.device)
     shifted = None if shift is None else torch.empty(n, dtype=torch.float32, device=qweight.device)
+    smooth, down_t = smooth.float(), lora_down.float().t()
+    shift = None if shift is None else shift.float()
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
-        residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t()) / smooth.float()
+        residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t()) / smooth
         if shift is not None:
-            shifted[rows] = residual @ shift.float()
-        w = residual + lora_up[rows].float() @ lora_down.float().t()
+            shifted[rows] = residual @ shift
+        w = residual + lora_up[rows].float() @ down_t
         codes[rows], row_scales = quantize_fp8_per_token(w)
         scales[rows] = row_scales.squeeze(1)
-    if bias is None and shifted is None:
-        return codes, scales, None
-    total = torch.zeros(n, dtype=torch.float32, device=qweight.device) if bias is None else bias.float().clone()
-    return codes, scales, total if shifted is None else total + shifted
+    if shifted is None:
+        return codes, scales, None if bias is None else bias.float()
+    return codes, scales, shifted if bias is None else bias.float() + shifted
 
 
 def fp8_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
