@@ -55,17 +55,19 @@ def svdq_linear_reference(
     unsigned_groups: torch.Tensor | None = None,
     pow2_activations: bool = False,
     gelu_from: int | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = Q((x + shift) / smooth) . Q(R)^T + (x @ lora_down) @ lora_up^T + bias, x [M, K].
 
-    pow2_activations: Q of the input is numerics.quantize_activations_pow2. gelu_from: output
+    pow2_activations: Q of the input is numerics.quantize_activations_pow2. rotation: the layer's
+    group rotation (numerics.rotate_groups) or None. gelu_from: output
     channels from this one on are GELU (tanh approximation) of the above, taken in float32 before
     the rounding to x's dtype, as kernel 2's epilogue does."""
     if pow2_activations:
-        act_codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift, unsigned_groups)
+        act_codes, atok, exps = numerics.quantize_activations_pow2(x, smooth, shift, unsigned_groups, rotation)
         act_scales = numerics.pow2_scales(atok, exps)
     else:
-        act_codes, act_scales = numerics.quantize_activations(x, smooth, shift, unsigned_groups)
+        act_codes, act_scales = numerics.quantize_activations(x, smooth, shift, unsigned_groups, rotation)
     weight_codes = numerics.unpack_int4(qweight, signed=True)
     y = numerics.w4a4_gemm_reference(act_codes, act_scales, weight_codes, wscales)
     if lora_down.shape[1]:
@@ -193,8 +195,8 @@ class W4A4Kernel:
     computed by the kernel family the registry above picks for x's GPU, or by the PyTorch reference
     path (svdq_linear_reference) with one log line saying why (`fallback_reason`).
 
-    Built from tensors, never from a layer: qweight, wscales, smooth, lora_down, lora_up, bias and
-    shift as the file format has them (docs/DESIGN.md#format), the weight-scale format (pow2_weights:
+    Built from tensors, never from a layer: qweight, wscales, smooth, lora_down, lora_up, bias, shift
+    and rotation as the file format has them (docs/DESIGN.md#format), the weight-scale format (pow2_weights:
     every group scale a power-of-two fraction of its row's largest), the activation mode
     (pow2_activations: power-of-two activation scales) and gelu_from (output channels from it on are
     GELU of the product). fp8_execution: run the layer on FP8 tensor cores where the fp8 family can
@@ -208,12 +210,14 @@ class W4A4Kernel:
     """
 
     def __init__(self, qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
-                 lora_up: torch.Tensor, bias: torch.Tensor | None = None, shift: torch.Tensor | None = None, *,
+                 lora_up: torch.Tensor, bias: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                 rotation: torch.Tensor | None = None, *,
                  pow2_weights: bool = False, pow2_activations: bool = False, gelu_from: int | None = None,
                  unsigned_groups: torch.Tensor | None = None, fp8_execution: bool = False,
                  base_rank: int | None = None):
         self.qweight, self.wscales, self.smooth = qweight, wscales, smooth
         self.lora_down, self.lora_up, self.bias, self.shift = lora_down, lora_up, bias, shift
+        self.rotation = rotation
         self.pow2_weights, self.pow2_activations, self.gelu_from = pow2_weights, pow2_activations, gelu_from
         self.fp8_execution = fp8_execution
         self.base_rank = self.rank if base_rank is None else base_rank
@@ -235,8 +239,9 @@ class W4A4Kernel:
         return self.lora_down.shape[1]
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
-        """(qweight, wscales, smooth, lora_down, lora_up, bias, shift): what it was built from."""
-        return self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift
+        """(qweight, wscales, smooth, lora_down, lora_up, bias, shift, rotation): what it was built from."""
+        return (self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift,
+                self.rotation)
 
     def derived(self, name: str, sources: tuple[torch.Tensor | None, ...], compute):
         """compute(), kept as `name` until a source tensor's storage, version or shape changes."""
@@ -252,6 +257,14 @@ class W4A4Kernel:
         if self.shift is None:
             return None
         return self.derived("group_shifts", (self.shift,), lambda: group_shifts(self.shift))
+
+    def rotation_f32(self) -> torch.Tensor | None:
+        """The rotation as kernel 1 takes it: contiguous float32 [6, 64, 2] on the weights' device, or
+        None for a layer without one."""
+        if self.rotation is None:
+            return None
+        return self.derived("rotation_f32", (self.rotation,),
+                            lambda: self.rotation.to(self.qweight.device, torch.float32).contiguous())
 
     def _route(self, x: torch.Tensor) -> tuple[object | None, dict, str]:
         """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else
@@ -292,7 +305,8 @@ class W4A4Kernel:
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The op by the PyTorch reference path (svdq_linear_reference), on any device."""
         return svdq_linear_reference(x, self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up,
-                                     self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from)
+                                     self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from,
+                                     self.rotation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """y [M, N] for x [M, K]."""

@@ -154,8 +154,9 @@ class SVDQLinear(_QuantizedLinearBase):
 
     Buffers (natural layout): qweight uint8 [N, K/2] (signed INT4 pairs), wscales [K/64, N],
     smooth [K], lora_down [K, r], lora_up [N, r], bias [N] (optional), shift [K] (optional:
-    groups with a positive shift are quantized unsigned), smooth_orig [K] (optional, unused by
-    the forward; see `format`).
+    groups with a positive shift are quantized unsigned), rotation float32 [6, 64, 2] (optional: the
+    group rotation of the signed groups, numerics.rotate_groups), smooth_orig [K] (optional, unused
+    by the forward; see `format`).
 
     LoRAs (`svdquant.lora`) are concatenated onto lora_down / lora_up after the model's own
     `base_rank` columns, which are never modified, so removing them is a slice of those columns.
@@ -183,7 +184,7 @@ class SVDQLinear(_QuantizedLinearBase):
     _kernel: kernels.W4A4Kernel | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 0,
-                 shift: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+                 shift: bool = False, rotation: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__(in_features, out_features)
         k, n, g = in_features, out_features, in_features // GROUP_SIZE
         self.register_buffer("qweight", _empty((n, k // 2), torch.uint8, device))
@@ -193,6 +194,8 @@ class SVDQLinear(_QuantizedLinearBase):
         self.register_buffer("lora_up", torch.zeros((n, rank), dtype=dtype, device=device))
         self.register_buffer("bias", _empty((n,), dtype, device) if bias else None)
         self.register_buffer("shift", torch.zeros(k, dtype=dtype, device=device) if shift else None)
+        self.register_buffer("rotation", _empty((numerics.ROTATION_STAGES, GROUP_SIZE, 2), torch.float32, device)
+                             if rotation else None)
         self.register_buffer("smooth_orig", None)
         self._after_load()
 
@@ -220,7 +223,8 @@ class SVDQLinear(_QuantizedLinearBase):
         return kernel
 
     def _kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift
+        return (self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift,
+                self.rotation)
 
     def _kernel_modes(self) -> dict:
         return {"pow2_weights": self.pow2_weights, "pow2_activations": self.pow2_activations,
@@ -243,7 +247,8 @@ class SVDQLinear(_QuantizedLinearBase):
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":
         n, half_k = tensors["qweight"].shape
         layer = cls(half_k * 2, n, bias="bias" in tensors, rank=tensors["lora_down"].shape[1],
-                    shift="shift" in tensors, device=tensors["qweight"].device, dtype=tensors["wscales"].dtype)
+                    shift="shift" in tensors, rotation="rotation" in tensors, device=tensors["qweight"].device,
+                    dtype=tensors["wscales"].dtype)
         layer.load_state_dict(tensors)
         return layer
 

@@ -25,6 +25,16 @@ with no per-group rescaling; the design (d) path takes code * 2^-j as an exact F
   * weights (`pow2_weight_exponents`): a layer qualifies when every wscales[g, n] equals
     wbase[n] * 2^-f[g, n], wbase[n] the row's largest scale; the file format is unchanged.
 
+Group rotation (optional per layer, docs/DESIGN.md#group-rotation): before quantization the
+activations of every signed group are rotated, v_rot = v @ M with M a 64 x 64 orthogonal matrix
+shared by the layer's signed groups, and the file stores the weight residual rotated the same way,
+so the 4-bit product approximates v . R^T = v_rot . (R M)^T while the low-rank branch reads the
+unrotated input. M is a butterfly (`rotate_groups`): six stages, strides 1, 2, 4, 8, 16, 32, each
+replacing column i by self[i] * v[i] + partner[i] * v[i ^ stride] with two products and one sum
+rounded in float32, so that kernel 1 reproduces it bit for bit (strides 1-4 inside a thread's
+octet, 8-32 across the 8 lanes of a (token, group)). Unsigned (post-GELU) groups stay unrotated: a
+rotation would turn their shift into one large coordinate.
+
 FP8 execution (an opt-in way to run any W4A4 layer on FP8 tensor cores, docs/DESIGN.md#fp8-execution):
 the layer's product, its own low-rank branch merged in, becomes one e4m3 weight matrix with a scale
 per output channel (`fp8_weights`), the input is quantized to e4m3 with a scale per token
@@ -52,6 +62,10 @@ POW2_ACT_MAX_EXP = 3
 # the 2^POW2_ACT_MAX_EXP factor).
 POW2_MIN_BASE = 2.0**-100
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+# The group rotation's butterfly: stage s pairs columns i and i ^ 2^s of a group. A layer's
+# rotation tensor is float32 [ROTATION_STAGES, GROUP_SIZE, 2]: per stage and column, the factor of
+# the column's own value and that of its partner's.
+ROTATION_STAGES = 6
 # The largest finite FP8 e4m3 value: fp8 execution scales each token and each weight row to it.
 E4M3_MAX = 448.0
 
@@ -111,6 +125,59 @@ def _shifted_smoothed(x: torch.Tensor, smooth: torch.Tensor, shift: torch.Tensor
     if shift is not None:
         v = v + shift.float()
     return v * torch.reciprocal(smooth.float()) if reciprocal else v / smooth.float()
+
+
+def rotate_groups(v: torch.Tensor, rotation: torch.Tensor, rotated_groups: torch.Tensor) -> torch.Tensor:
+    """The group rotation of v float32 [..., K] (see the module comment): in each group g with
+    rotated_groups[g] (bool [K / 64]), stage s = 0..5 in order sets
+    v[i] = fl(fl(rotation[s, i, 0] * v[i]) + fl(rotation[s, i, 1] * v[i ^ 2^s])) for every column
+    i of the group (float32, each operation rounded once: no fused multiply-add); the other groups
+    are returned as they are."""
+    k = v.shape[-1]
+    groups = _check_groups(k, GROUP_SIZE)
+    w = v.reshape(*v.shape[:-1], groups, GROUP_SIZE)
+    coef = rotation.to(device=v.device, dtype=torch.float32)
+    columns = torch.arange(GROUP_SIZE, device=v.device)
+    out = w
+    for stage in range(ROTATION_STAGES):
+        partner = out[..., columns ^ (1 << stage)]
+        out = out * coef[stage, :, 0] + partner * coef[stage, :, 1]
+    rotated = torch.as_tensor(rotated_groups, dtype=torch.bool, device=v.device).unsqueeze(-1)
+    return torch.where(rotated, out, w).reshape(v.shape)
+
+
+def rotation_matrix(rotation: torch.Tensor) -> torch.Tensor:
+    """The 64 x 64 matrix M of a rotation tensor, float64: rotate_groups(v) = v @ M up to rounding."""
+    m = torch.eye(GROUP_SIZE, dtype=torch.float64)
+    coef = rotation.to(device="cpu", dtype=torch.float64)
+    columns = torch.arange(GROUP_SIZE)
+    for stage in range(ROTATION_STAGES):
+        m = m * coef[stage, :, 0] + m[:, columns ^ (1 << stage)] * coef[stage, :, 1]
+    return m
+
+
+def butterfly_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """The rotation tensor (float32 [6, 64, 2]) of one 2 x 2 rotation per pair and stage: angles
+    [6, 32], pair p of stage s joining column i (bit s clear; p = i with bit s removed) and
+    j = i + 2^s as (v[i], v[j]) <- (cos t v[i] - sin t v[j], sin t v[i] + cos t v[j]). All angles pi/4
+    give a 64-point Walsh-Hadamard transform up to signs (`hadamard_rotation`)."""
+    angles = angles.to(torch.float64)
+    out = torch.empty(ROTATION_STAGES, GROUP_SIZE, 2, dtype=torch.float64)
+    for stage in range(ROTATION_STAGES):
+        low = torch.tensor([i for i in range(GROUP_SIZE) if not i >> stage & 1])
+        t = angles[stage]
+        out[stage, low, 0], out[stage, low, 1] = torch.cos(t), -torch.sin(t)
+        out[stage, low + (1 << stage), 0], out[stage, low + (1 << stage), 1] = torch.cos(t), torch.sin(t)
+    return out.float()
+
+
+def hadamard_rotation() -> torch.Tensor:
+    """The rotation tensor of butterfly_rotation with every angle pi/4."""
+    return butterfly_rotation(torch.full((ROTATION_STAGES, GROUP_SIZE // 2), torch.pi / 4))
+
+
+def _rotated(v: torch.Tensor, rotation: torch.Tensor | None, unsigned_groups: torch.Tensor) -> torch.Tensor:
+    return v if rotation is None else rotate_groups(v, rotation, ~unsigned_groups)
 
 
 def pow2_exponents(top: torch.Tensor, need: torch.Tensor, max_exp: int) -> torch.Tensor:
@@ -240,17 +307,19 @@ def quantize_activations(
     smooth: torch.Tensor,
     shift: torch.Tensor | None = None,
     unsigned_groups: torch.Tensor | None = None,
-    group_size: int = GROUP_SIZE,
+    rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel 1's quantization: v = (x + shift) / smooth in float32, then quantize_groups.
+    """Kernel 1's quantization: v = (x + shift) / smooth in float32, the signed groups rotated
+    (rotate_groups) where the layer has a rotation, then quantize_groups.
 
-    x [M, K] (bf16/fp16); smooth [K]; shift [K] or None.
-    Returns codes int8 [M, K] and scales [M, K / group_size] in x's dtype.
+    x [M, K] (bf16/fp16); smooth [K]; shift [K] or None; rotation [6, 64, 2] or None.
+    Returns codes int8 [M, K] and scales [M, K / 64] in x's dtype.
     """
     if unsigned_groups is None:
-        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
-    return quantize_groups(_shifted_smoothed(x, smooth, shift), unsigned_groups.to(x.device), scale_dtype=x.dtype,
-                           group_size=group_size)
+        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1])
+    unsigned_groups = unsigned_groups.to(x.device)
+    v = _rotated(_shifted_smoothed(x, smooth, shift), rotation, unsigned_groups)
+    return quantize_groups(v, unsigned_groups, scale_dtype=x.dtype)
 
 
 def quantize_activations_pow2(
@@ -258,18 +327,19 @@ def quantize_activations_pow2(
     smooth: torch.Tensor,
     shift: torch.Tensor | None = None,
     unsigned_groups: torch.Tensor | None = None,
-    group_size: int = GROUP_SIZE,
+    rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel 1's restricted (pow2) mode: v = (x + shift) * (1 / smooth) in float32, then
-    quantize_groups_pow2.
+    """Kernel 1's restricted (pow2) mode: v = (x + shift) * (1 / smooth) in float32, the signed
+    groups rotated where the layer has a rotation, then quantize_groups_pow2.
 
     Returns codes int8 [M, K], atok [M] in x's dtype (each token's largest group scale) and
-    exps uint8 [M, K / group_size]; the group scales are pow2_scales(atok, exps).
+    exps uint8 [M, K / 64]; the group scales are pow2_scales(atok, exps).
     """
     if unsigned_groups is None:
-        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1], group_size)
-    return quantize_groups_pow2(_shifted_smoothed(x, smooth, shift, reciprocal=True), unsigned_groups.to(x.device),
-                                scale_dtype=x.dtype, group_size=group_size)
+        unsigned_groups = unsigned_groups_from_shift(shift, x.shape[-1])
+    unsigned_groups = unsigned_groups.to(x.device)
+    v = _rotated(_shifted_smoothed(x, smooth, shift, reciprocal=True), rotation, unsigned_groups)
+    return quantize_groups_pow2(v, unsigned_groups, scale_dtype=x.dtype)
 
 
 def w4a4_gemm_reference(
@@ -364,9 +434,11 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
                 lora_up: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor | None,
+                rotation: torch.Tensor | None = None,
                 rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A W4A4 layer as FP8 execution runs it: the dense weight its product approximates, in the input's
-    own basis, W = dequantize(Q(R)) / smooth + lora_up @ lora_down^T (float32; lora_down [K, r] and
+    own basis, W = dequantize(Q(R)) / smooth + lora_up @ lora_down^T (float32; a rotated layer's signed
+    groups of dequantize(Q(R)) turned back by M^T, M = rotation_matrix(rotation); lora_down [K, r] and
     lora_up [N, r] hold the branch to merge), as e4m3 codes with one scale per output channel
     (quantize_fp8_per_token of W's rows), and the bias with the input shift's share,
     bias + shift @ (dequantize(Q(R)) / smooth)^T (the quantized path reads x + shift; the branch reads x).
@@ -378,9 +450,16 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     shifted = None if shift is None else torch.empty(n, dtype=torch.float32, device=qweight.device)
     smooth, down_t = smooth.float(), lora_down.float().t()
     shift = None if shift is None else shift.float()
+    if rotation is not None:
+        unrotate = rotation_matrix(rotation).t().float().to(qweight.device)
+        rotated = ~unsigned_groups_from_shift(shift, k).to(qweight.device)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
-        residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t()) / smooth
+        residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t())
+        if rotation is not None:
+            grouped = residual.reshape(residual.shape[0], k // GROUP_SIZE, GROUP_SIZE)
+            residual = torch.where(rotated.unsqueeze(-1), grouped @ unrotate, grouped).reshape(residual.shape)
+        residual = residual / smooth
         if shift is not None:
             shifted[rows] = residual @ shift
         w = residual + lora_up[rows].float() @ down_t

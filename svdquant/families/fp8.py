@@ -56,7 +56,7 @@ def weights(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor, tor
         base = kernel.base_rank
         codes, scales, bias = numerics.fp8_weights(kernel.qweight, kernel.wscales, kernel.smooth,
                                                    kernel.lora_down[:, :base], kernel.lora_up[:, :base],
-                                                   kernel.bias, kernel.shift)
+                                                   kernel.bias, kernel.shift, kernel.rotation)
         return codes, scales.view(1, -1), None if bias is None else bias.to(torch.bfloat16)
     return kernel.derived("fp8_weights", kernel.tensors(), compute)
 
