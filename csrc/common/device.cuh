@@ -104,6 +104,46 @@ __device__ __forceinline__ float round_to(float v) {
   return to_float(from_float<T>(v));
 }
 
+// The group rotation (numerics.rotate_groups) of one octet, the layout of both families' kernel 1:
+// 8 consecutive lanes own one (token, 64-group), lane t8 (= lane % 8) holding natural columns
+// 8 t8 .. 8 t8 + 7 in v[0..7]. Stage s (strides 1, 2, 4, 8, 16, 32) sets column i to
+// fl(fl(rot[s][i][0] * v[i]) + fl(rot[s][i][1] * v[i ^ 2^s])) with separately rounded products and
+// sum (never an FMA, which would round once and differ from the reference): strides 1, 2, 4 pair
+// registers of the octet, strides 8, 16, 32 pair this lane with lane ^ 1, 2, 4, which computes its
+// own columns from the same two values (fp addition commutes, so both sides match the reference).
+// Every lane of the warp must call it together (full-mask shuffles), with v's of signed groups
+// only; the caller keeps that warp-uniform (a warp covers one group).
+// coef: the rotation staged by stage_rotation, float4 (4 s + j) * 8 + t8 holding
+// rot[s][8 t8 + 2 j][0..1], rot[s][8 t8 + 2 j + 1][0..1]: for each (s, j) the 8 lanes of a token read
+// 128 consecutive bytes (all 32 banks once) and the other tokens of the warp the same addresses
+// (a broadcast), so every 16-byte load is conflict-free.
+constexpr int kRotationStages = 6;                        // numerics.ROTATION_STAGES
+constexpr int kRotationBytes = kRotationStages * 64 * 2 * 4;  // float32 [6][64][2]
+
+__device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, int t8) {
+#pragma unroll
+  for (int s = 0; s < kRotationStages; ++s) {
+    float p[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) p[e] = s < 3 ? v[e ^ (1 << s)] : __shfl_xor_sync(0xffffffffu, v[e], 1 << (s - 3));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float4 c = coef[(4 * s + j) * 8 + t8];
+      v[2 * j] = __fadd_rn(__fmul_rn(c.x, v[2 * j]), __fmul_rn(c.y, p[2 * j]));
+      v[2 * j + 1] = __fadd_rn(__fmul_rn(c.z, v[2 * j + 1]), __fmul_rn(c.w, p[2 * j + 1]));
+    }
+  }
+}
+
+// Copies rotation (float32 [6][64][2] in device memory, 16-byte aligned) into dst (kRotationBytes of
+// shared memory) in rotate_octet's layout; thread tid of n. The caller synchronizes before use.
+__device__ __forceinline__ void stage_rotation(float4* dst, const float* rotation, int tid, int n) {
+  for (int i = tid; i < kRotationBytes / 16; i += n) {
+    const int s = i / 32, j = i / 8 % 4, t8 = i % 8;
+    dst[i] = *reinterpret_cast<const float4*>(rotation + 128 * s + 2 * (8 * t8 + 2 * j));
+  }
+}
+
 // A CUtensorMap as a kernel parameter (`const __grid_constant__ svdq::TensorMap`), encoded on the
 // host by svdquant.cuda.tensor_map. Aligned to 128 bytes like CUDA 13's CUtensorMap, so that the
 // descriptors sit in parameter space where cuda.h puts them (bench/NOTES.md#sm90-nvrtc).

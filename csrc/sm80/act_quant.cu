@@ -14,7 +14,9 @@
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
-//   unsigned groups (shift > 0) clamp v at 0; need = amax / qmax (qmax = 7 or 15, IEEE division);
+//   unsigned groups (shift > 0) clamp v at 0; with a rotation, signed groups (shift <= 0) are
+//   rotated (numerics.rotate_groups, device.cuh's rotate_octet) before everything below reads v;
+//   need = amax / qmax (qmax = 7 or 15, IEEE division);
 //   exact: scale = dtype(need), code = rint(v / scale);
 //   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
 //          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
@@ -41,8 +43,10 @@
 // copied itself); the 8 threads of a token take the group's amax by three shuffles. Pow2 mode
 // keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
 // L2: a CTA's 16 rows were just read) and writes the codes and scales.
-// Low-rank: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host computes larger ranks
-// with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with A = the x tile
+// The rotation's coefficients (3 KiB) are staged once per CTA in dynamic shared memory, which only
+// launches with a rotation ask for, so that the launches without one keep their occupancy.
+// Low-rank, from the unrotated x tile: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host
+// computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with A = the x tile
 // (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K] (lora_down
 // transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also by
 // ldmatrix from the ring (L2-resident: every CTA reads all of it).
@@ -51,9 +55,10 @@
 // Entry points (one per dtype and mode): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}(
 //   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
-//   const T* lora_t [rank, K] or null, uint8_t* codes, float* ascales, T* lora_act [M, rank] or
-//   null, int M, int K, int rank, int m_al); grid (ceil(M / 16)), block 128, no dynamic shared
-//   memory. Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
+//   const float* rotation [6][64][2] or null (16-byte aligned), const T* lora_t [rank, K] or null,
+//   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
+//   grid (ceil(M / 16)), block 128, dynamic shared memory kRotationBytes with a rotation, else none.
+//   Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
 //   ascales [1, m_al].
 #include "sm80.cuh"
 
@@ -98,12 +103,14 @@ __device__ __forceinline__ float octet_max(float x) {
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 
-// v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes): exact mode
-// v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2 mode
-// v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0. Returns max |v|.
+// v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes; t8: the octet in its group):
+// exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2
+// mode v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0; signed ones are
+// rotated where rot (the staged rotation) is not null. Returns max |v|. Every lane of the warp calls
+// it together (the rotation's shuffles).
 template <typename T, bool kPow2>
 __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, int col,
-                                              float shift, float (&v)[8]) {
+                                              float shift, const float4* rot, int t8, float (&v)[8]) {
   float n[8], inv[8];
   Half<T>::unpack2(raw.x, n[0], n[1]);
   Half<T>::unpack2(raw.y, n[2], n[3]);
@@ -137,6 +144,8 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
   if (shift > 0.f) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = fmaxf(v[e], 0.f);
+  } else if (rot) {  // warp-uniform: a warp covers one group
+    rotate_octet(v, rot, t8);
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
@@ -189,11 +198,12 @@ __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift
 template <typename T, bool kPow2, bool kS8 = false>
 __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
-                                          const T* __restrict__ lora_t, uint8_t* __restrict__ codes,
+                                          const float* __restrict__ rotation, const T* __restrict__ lora_t, uint8_t* __restrict__ codes,
                                           float* __restrict__ ascales, T* __restrict__ lora_act, int M, int K, int rank,
                                           int m_al) {
   using H = Half<T>;
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
+  extern __shared__ float4 rotation_coef[];  // kRotationBytes with a rotation
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTokens;
   const int groups = K / 64;
@@ -230,6 +240,9 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_group(s);
+  // read after the loop's first barrier
+  if (rotation) stage_rotation(rotation_coef, rotation, tid, kThreads);
+  const float4* rot = rotation ? rotation_coef : nullptr;
 
   const bool lora_warp = 8 * warp < rank;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -248,7 +261,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     const bool uns = shift > 0.f;
     float v[8];
     const float amax = octet_max(octet_values<T, kPow2>(*reinterpret_cast<const uint4*>(tile + my_chunk), params + 64,
-                                                        params, 8 * t8, shift, v));
+                                                        params, 8 * t8, shift, rot, t8, v));
     const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
     if constexpr (kPow2) {
       tmax = fmaxf(tmax, need);
@@ -294,7 +307,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
       const bool uns = shift > 0.f;
       float v[8];
-      const float amax = octet_max(octet_values<T, true>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, v));
+      const float amax = octet_max(octet_values<T, true>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rot, t8, v));
       const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
       int e = 0;
 #pragma unroll
@@ -324,10 +337,11 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 
 #define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8)                                                                     \
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
-      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift, const T* lora_t,    \
-           uint8_t* codes, float* ascales, T* lora_act, int M, int K, int rank, int m_al) {                      \
-    svdq::sm80::act_quant<T, POW2, S8>(x, smooth, inv_smooth, group_shift, lora_t, codes, ascales, lora_act, M,  \
-                                       K, rank, m_al);                                                            \
+      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                     \
+           const float* rotation, const T* lora_t, uint8_t* codes, float* ascales, T* lora_act, int M, int K,     \
+           int rank, int m_al) {                                                                                  \
+    svdq::sm80::act_quant<T, POW2, S8>(x, smooth, inv_smooth, group_shift, rotation, lora_t, codes, ascales,     \
+                                       lora_act, M, K, rank, m_al);                                               \
   }
 
 SVDQ_ACT_QUANT_ENTRY(act_quant_exact_bf16, svdq::bfloat16, false, false)

@@ -12,7 +12,9 @@
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
-//   unsigned groups (shift > 0) clamp v at 0; need = amax / qmax (qmax = 7 or 15, IEEE division);
+//   unsigned groups (shift > 0) clamp v at 0; with a rotation, signed groups (shift <= 0) are
+//   rotated (numerics.rotate_groups, device.cuh's rotate_octet) before everything below reads v;
+//   need = amax / qmax (qmax = 7 or 15, IEEE division);
 //   exact: scale = dtype(need), code = rint(v / scale);
 //   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
 //          atok * 2^-e >= need (0 if none), code = rint(v * (2^e / atok)) (0 if atok < 2^-100);
@@ -45,7 +47,9 @@
 // per-token maxima and its low-rank partials straight into the shared memory of the CTA that owns
 // them (an inbox per rank block, two alternating), so one cluster barrier per rank block suffices
 // and every read after it is local.
-// Quantization: 8 threads per (token, group), 8 columns each. Low-rank: mma.m16n8k16, warp w takes
+// Quantization: 8 threads per (token, group), 8 columns each; a rotation's coefficients (3 KiB) are
+// staged once per CTA in shared memory, only by launches with a rotation (the others' shared memory
+// is unchanged), and pass 2 in pow2 mode rotates v again. Low-rank, from the unrotated x slice: mma.m16n8k16, warp w takes
 // the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
 // blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
 // from L2 (no shared-memory staging, no block-wide barrier per group), one group ahead, from
@@ -79,9 +83,10 @@ __device__ __forceinline__ int param_bytes(bool pow2) { return pow2 ? 256 : 512;
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base); _act_quant_smem_bytes in
 // sm90.py computes the same total for the launch.
 struct SmemLayout {
-  int params, inbox, inbox_pairs, need, tmax, bars, shift, total;
+  int params, inbox, inbox_pairs, need, tmax, bars, shift, rotation, total;
 };
-__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
+__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes,
+                                                  bool rotated) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
   s.inbox = s.params + gpc * pbytes;                             // [gpc][param_bytes]
@@ -90,7 +95,8 @@ __device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int b
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
   s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
   s.shift = s.bars + gpc * 8;                                    // the groups' shifts [gpc]
-  s.total = s.shift + gpc * 4;
+  s.rotation = (s.shift + gpc * 4 + 15) / 16 * 16;               // rotate_octet's coefficients
+  s.total = rotated ? s.rotation + kRotationBytes : s.shift + gpc * 4;
   return s;
 }
 
@@ -184,10 +190,12 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, float shift, 
 
 // v of an octet: exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero,
 // tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). prm: the group's parameters
-// (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs). Returns max |v|.
+// (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs); signed ones are rotated
+// where rot (the staged rotation) is not null. Returns max |v|. Every lane of the warp calls it
+// together (the rotation's shuffles).
 template <typename T, bool kPow2>
 __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, float shift, int t8,
-                                              float (&v)[8], bool& uns) {
+                                              const float4* rot, float (&v)[8], bool& uns) {
   float n[8], inv[8];
   octet_inputs<T>(chunk, shift, t8, n, uns);
   load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
@@ -224,6 +232,11 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_
       v[e] = fmaxf(v[e], 0.f);
       hi = fmaxf(hi, v[e]);
     }
+  } else if (rot) {
+    rotate_octet(v, rot, t8);
+    hi = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
   }
   return hi;
 }
@@ -280,6 +293,7 @@ struct ActQuantParams {
   const float* smooth;
   const float* inv_smooth;
   const float* shift;
+  const float* rotation;
   const void* lora_down;
   uint8_t* codes;
   float* ascales;
@@ -300,7 +314,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const int pbytes = param_bytes(kPow2);
-  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes, a.rotation != nullptr);
   const uint8_t* params = smem + lay.params;
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
@@ -331,6 +345,9 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   // loads are in flight
   float* shift_s = reinterpret_cast<float*>(smem + lay.shift);
   if (tid >= 32 && tid < 32 + ng) shift_s[tid - 32] = a.shift ? a.shift[g0 + tid - 32] : 0.f;
+  float4* const rotation_s = reinterpret_cast<float4*>(smem + lay.rotation);
+  if (a.rotation) stage_rotation(rotation_s, a.rotation, tid, kThreads);
+  const float4* const rot = a.rotation ? rotation_s : nullptr;
   __syncthreads();
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
@@ -366,7 +383,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, v, uns));
+        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, rot, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -431,7 +448,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
           const bool ok = t8 < kPow2MaxExp && atok * exp2i(-(t8 + 1)) >= need;
           const uint32_t votes = (__ballot_sync(0xffffffffu, ok) >> (lane & 24)) & 0xFFu;
           const int e = __popc(votes);
-          // code = rint(v * 2^e / atok), v = (x + shift) / smooth: the reference's clamp to [qlo, qhi]
+          // code = rint(v * 2^e / atok), v = (x + shift) * (1 / smooth), rotated: the reference's clamp to [qlo, qhi]
           // binds only at 0 for the negative v of unsigned groups (which it clamps at 0 first),
           // because atok >= need * (1 - 2^-9) and 2^e / atok <= 1 / need keep |v * mult| under
           // qmax * (1 + 2^-8)
@@ -440,9 +457,12 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
           const uint8_t* prm = params + g * pbytes;
           octet_inputs<T>(smem + g * kXBoxBytes + xoff, shift_s[g], t8, n, uns);
           load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) n[k] = __fmul_rn(n[k], inv[k]);  // v
+          if (rot && !uns) rotate_octet(n, rot, t8);                    // warp-uniform
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
-          for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(__fmul_rn(n[k], inv[k]), mult)), qlo);
+          for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(n[k], mult)), qlo);
           if (tok >= a.M) continue;
           if (a.int8_operands) {  // s8 bytes of code * 2^(3-e)
             const float step = exp2i(kPow2MaxExp - e), magic = 0x1.8p23f;
@@ -489,6 +509,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 //   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
+//   rotation    [6][64][2] fp32 the group rotation's coefficients (16-byte aligned), or null
 //   lora_down   [rank, K] lora_down repacked by sm90.kernel1_lora_down (above)
 //   codes       out [M, K] operand bytes (see above)
 //   ascales     out [K/64, m_al] (exact) or [1, m_al] (pow2) fp32
@@ -498,10 +519,10 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 #define SVDQ_ACT_QUANT(NAME, T, POW2, TILES)                                                                           \
   extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
-           const float* shift, const void* lora_down, uint8_t* codes, float* ascales, void* lora_act, int M,           \
-           int K, int rank, int m_al, int int8_operands, int gpc) {                                                    \
-    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, lora_down, codes, ascales,                      \
-                                            lora_act, M,      K,     rank,      m_al,  int8_operands != 0};            \
+           const float* shift, const float* rotation, const void* lora_down, uint8_t* codes, float* ascales,           \
+           void* lora_act, int M, int K, int rank, int m_al, int int8_operands, int gpc) {                             \
+    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotation, lora_down, codes, ascales,            \
+                                            lora_act, M, K, rank, m_al, int8_operands != 0};                           \
     svdq::sm90::act_quant<svdq::T, POW2, TILES>(tm_x, params, gpc);                                                    \
   }
 
