@@ -71,9 +71,22 @@ def _wscales(groups: int, n: int, dtype: torch.dtype, generator: torch.Generator
     return scales
 
 
+def group_rotation(kind: str, seed: int = 0) -> torch.Tensor | None:
+    """A layer's group rotation for the tests: "none" (None), "hadamard" (numerics.hadamard_rotation)
+    or "random" (numerics.butterfly_rotation of uniform random angles)."""
+    if kind == "none":
+        return None
+    if kind == "hadamard":
+        return numerics.hadamard_rotation()
+    assert kind == "random", kind
+    angles = torch.rand(numerics.ROTATION_STAGES, G // 2, generator=torch.Generator().manual_seed(seed))
+    return numerics.butterfly_rotation(angles * 2 * torch.pi)
+
+
 def w4a4_layer(n: int, k: int, rank: int, dtype: torch.dtype, generator: torch.Generator, unsigned: bool,
-               bias: bool = True, pow2_weights: bool = False) -> SVDQLinear:
-    """A random SVDQLinear on the generator's device; unsigned: every other input group shifted."""
+               bias: bool = True, pow2_weights: bool = False, rotation: torch.Tensor | None = None) -> SVDQLinear:
+    """A random SVDQLinear on the generator's device; unsigned: every other input group shifted;
+    rotation: its group rotation (group_rotation) or None."""
     dev, groups = generator.device, k // G
     tensors = {
         "qweight": torch.randint(0, 256, (n, k // 2), generator=generator, device=dev, dtype=torch.uint8),
@@ -87,6 +100,8 @@ def w4a4_layer(n: int, k: int, rank: int, dtype: torch.dtype, generator: torch.G
     if unsigned:  # every other group shifted (unsigned), the rest signed
         flags = torch.arange(groups, device=dev) % 2 == 1
         tensors["shift"] = (flags.repeat_interleave(G) * numerics.GELU_SHIFT).to(dtype)
+    if rotation is not None:
+        tensors["rotation"] = rotation.to(dev)
     layer = SVDQLinear.from_tensors(tensors)
     assert layer.pow2_weights == (pow2_weights or groups == 1)  # one scale per row is its own base
     return layer
@@ -112,13 +127,15 @@ def w4a16_layer(n: int, k: int, dtype: torch.dtype, generator: torch.Generator, 
 def sm90_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False):
     """sm90 kernel 1 with the layer's whole low-rank branch (sm90.svdq_linear leaves ranks above
     kernels.KERNEL1_MAX_RANK to cuBLAS; the kernel itself takes up to kernels.MAX_RANK)."""
-    smooth, inv_smooth, shift, _ = sm90.kernel1_inputs(layer.w4a4_kernel())
+    kernel = layer.w4a4_kernel()
+    smooth, inv_smooth, shift, _ = sm90.kernel1_inputs(kernel)
     down = sm90.kernel1_lora_down(layer.lora_down)
-    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands)
+    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands, kernel.rotation_f32())
 
 
 def sm80_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool):
     """sm80 kernel 1 with the layer's inputs (ranks above kernels.KERNEL1_MAX_RANK: none, as
     sm80.svdq_linear runs it)."""
-    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(layer.w4a4_kernel())
-    return sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2)
+    kernel = layer.w4a4_kernel()
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
+    return sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2, rotation=kernel.rotation_f32())

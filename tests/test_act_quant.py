@@ -4,7 +4,9 @@ family's kernel 1 against it.
 
 The kernels' codes and scales must equal numerics bit for bit: they perform the same IEEE divisions
 (reciprocal + Markstein correction, exact for normal quotients) and round half to even like
-torch.round, so there is no tie case where the two may differ. The low-rank down projection fused
+torch.round, so there is no tie case where the two may differ. Layers with a group rotation
+(numerics.rotate_groups: the Hadamard one and random butterflies) are among the cases, their
+shifted groups unrotated; the low-rank branch reads the unrotated x either way. The low-rank down projection fused
 into kernel 1 is compared with float64 (1e-3). The sm90 family's tests run on an sm_90 GPU, the
 sm80 family's on any sm_80+ GPU (the H100 emulates INT4 mma.sync, slowly but exactly); the kernels
 come through svdquant.cuda (prebuilt cubins where present, else NVRTC).
@@ -15,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from random_layers import activations, gen, needs_sm80, needs_sm90, rel, sm80_kernel1, sm90_kernel1, w4a4_layer
+from random_layers import (activations, gen, group_rotation, needs_sm80, needs_sm90, rel, sm80_kernel1, sm90_kernel1,
+                           w4a4_layer)
 from svdquant import numerics
 from svdquant.families import sm80, sm90
 
@@ -86,28 +89,32 @@ def test_pow2_activations_of_layer_input():
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("k,rank", [(128, 32), (320, 160), (1600, 32), (1600, 320), (320, 48), (128, 0)])
+@pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (320, 160, "none"), (1600, 32, "none"),
+                                             (1600, 320, "none"), (320, 48, "none"), (128, 0, "none"),
+                                             (128, 0, "hadamard"), (1600, 32, "hadamard"), (320, 48, "random")])
 @pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
-def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
+def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation, mode):
     # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
     # whose last CTA has fewer groups; ranks run in blocks of 64, each a sweep over the resident x
     # slice (32, 48: one partial block whose wgmma rows past the ranks are discarded; 160: the last
     # block half full, its missing rows zero-filled by TMA; 320: five blocks). pow2_int8: the same
-    # codes as the fast kernel 2's s8 operands
+    # codes as the fast kernel 2's s8 operands. rotation: in pass 1 and (pow2) in pass 2
     pow2, int8_operands = mode != "exact", mode == "pow2_int8"
-    generator = gen(m * 7 + rank + unsigned + k + 11 * pow2)
-    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    seed = m * 7 + rank + unsigned + k + 11 * pow2
+    generator = gen(seed)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, seed))
     x = activations(m, k, dtype, generator, layer.unsigned_groups)
     codes, ascales, lora_act = sm90_kernel1(x, layer, pow2, int8_operands)
     torch.cuda.synchronize()
 
     got = sm90.act_operands_to_natural(codes, int8_operands)
     if pow2:
-        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift,
+                                                                           rotation=layer.rotation)
         ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(G, dim=1)
         assert torch.equal(ascales[0, :m], ref_atok.float())
     else:
-        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift, rotation=layer.rotation)
         ref = ref_codes.float()
         assert torch.equal(ascales[:, :m].t(), ref_scales.float())
     mismatch = (got != ref).nonzero()
@@ -124,20 +131,23 @@ def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, mode):
 @pytest.mark.parametrize("m", [1, 7, 255, 256, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("k,rank", [(128, 32), (320, 16), (1600, 24), (576, 0)])
+@pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (320, 16, "none"), (1600, 24, "none"), (576, 0, "none"),
+                                             (1600, 24, "random"), (576, 0, "hadamard")])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
+def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation, pow2):
     # rank 24: lora_down padded to 32 ranks with zero rows (two warps, the second half empty)
-    generator = gen(m * 7 + rank + unsigned + k + 11 * pow2)
-    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    seed = m * 7 + rank + unsigned + k + 11 * pow2
+    generator = gen(seed)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, seed))
     x = activations(m, k, dtype, generator, layer.unsigned_groups)
     codes, ascales, lora_act = sm80_kernel1(x, layer, pow2)
     torch.cuda.synchronize()
     if pow2:
-        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift,
+                                                                           rotation=layer.rotation)
         ref_scales = numerics.pow2_scales(ref_atok, ref_exps)
     else:
-        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift)
+        ref_codes, ref_scales = numerics.quantize_activations(x, layer.smooth, layer.shift, rotation=layer.rotation)
     ref_packed = numerics.pack_int4(ref_codes)
     mismatch = (codes != ref_packed).nonzero()
     assert mismatch.numel() == 0, f"{mismatch.shape[0]} code bytes differ, first at {mismatch[:5].tolist()}"
@@ -155,17 +165,23 @@ def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, pow2):
 @pytest.mark.parametrize("m", [1, 7, 255, 4097])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("k,rank", [(128, 32), (1600, 24), (576, 0)])
-def test_sm80_act_quant_s8_operands(m, dtype, unsigned, k, rank):
+@pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (1600, 24, "none"), (576, 0, "none"),
+                                             (1600, 24, "random")])
+def test_sm80_act_quant_s8_operands(m, dtype, unsigned, k, rank, rotation):
     # the whole-K kernel 2's operands: code * 2^(3 - e) as s8 bytes in slot order, atok per token
-    generator = gen(m * 5 + rank + unsigned + k)
-    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned)
+    seed = m * 5 + rank + unsigned + k
+    generator = gen(seed)
+    layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, seed))
     x = activations(m, k, dtype, generator, layer.unsigned_groups)
-    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(layer.w4a4_kernel())
-    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True)
-    _, _, pow2_lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True)
+    kernel = layer.w4a4_kernel()
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
+    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True,
+                                           rotation=kernel.rotation_f32())
+    _, _, pow2_lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True,
+                                         rotation=kernel.rotation_f32())
     torch.cuda.synchronize()
-    ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift)
+    ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift,
+                                                                       rotation=layer.rotation)
     shift = (numerics.POW2_ACT_MAX_EXP - ref_exps.long()).repeat_interleave(numerics.GROUP_SIZE, dim=-1)
     ref_s8 = (ref_codes.long() * torch.exp2(shift.double()).long()).to(torch.int8)
     natural = sm80.int8_operands_to_natural(codes)
@@ -186,3 +202,37 @@ def test_sm80_kernel1_inputs_follow_the_tensors():
     assert sm80.kernel1_inputs(kernel) is first
     layer.lora_down.mul_(2)  # an in-place edit (a LoRA strength) bumps the version
     assert torch.equal(sm80.kernel1_inputs(layer.w4a4_kernel())[3][:16], layer.lora_down.t())
+
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+def test_act_quant_refuses_a_rotation_it_cannot_read(family):
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    layer = w4a4_layer(64, 128, 16, torch.bfloat16, gen(5), unsigned=False)
+    x = activations(4, 128, torch.bfloat16, gen(6), layer.unsigned_groups)
+    kernel = layer.w4a4_kernel()
+    if family == "sm80":
+        inputs, error = sm80.kernel1_inputs(kernel), sm80.Sm80InputError
+
+        def run(rotation):
+            return sm80.act_quant(x, *inputs, rotation=rotation)
+    else:
+        inputs, error = sm90.kernel1_inputs(kernel), RuntimeError
+
+        def run(rotation):
+            return sm90.act_quant(x, *inputs, rotation=rotation)
+    good = numerics.hadamard_rotation().to(x.device)
+    run(good)
+    with pytest.raises(error, match="rotation must be torch.float32"):
+        run(good.double())
+    with pytest.raises(error, match=r"rotation must have shape \[6, 64, 2\]"):
+        run(good[:5])
+    with pytest.raises(error, match="rotation must be contiguous"):
+        run(good.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(error, match="rotation must be on"):
+        run(good.cpu())
+    misaligned = torch.empty(good.numel() + 1, device=x.device)[1:].view(good.shape)
+    misaligned.copy_(good)
+    with pytest.raises(error, match="16-byte boundary"):
+        run(misaligned)

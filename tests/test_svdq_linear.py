@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from random_layers import DEV, activations, gen, needs_sm80, needs_sm90, rel, w4a4_layer
+from random_layers import DEV, activations, gen, group_rotation, needs_sm80, needs_sm90, rel, w4a4_layer
 from svdquant import kernels, lora, numerics
 from svdquant.families import sm80, sm90
 from svdquant.linear import SVDQLinear
@@ -210,17 +210,18 @@ def test_sm90_gelu_from_matches_reference_path():
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("pow2_weights,pow2_activations", [(False, False), (False, True), (True, False),
                                                            (True, True)])
-def test_sm90_layer_matches_reference_path(dtype, unsigned, pow2_weights, pow2_activations):
+@pytest.mark.parametrize("rotation", ["none", "hadamard", "random"])
+def test_sm90_layer_matches_reference_path(dtype, unsigned, pow2_weights, pow2_activations, rotation):
     # (True, True): our Hopper format with restricted activations, the fast kernel 2
     generator = gen(7 + unsigned)
-    layer = w4a4_layer(256, 512, 32, dtype, generator, unsigned, pow2_weights=pow2_weights)
+    layer = w4a4_layer(256, 512, 32, dtype, generator, unsigned, pow2_weights=pow2_weights,
+                       rotation=group_rotation(rotation, 7))
     layer.pow2_activations = pow2_activations
     x = activations(2 * 77, 512, dtype, generator, layer.unsigned_groups).reshape(2, 77, 512)
-    assert layer.w4a4_kernel().fallback_reason(x.reshape(-1, 512)) == ""
+    kernel = layer.w4a4_kernel()
+    assert kernel.fallback_reason(x.reshape(-1, 512)) == ""
     y = layer(x)
-    ref = kernels.svdq_linear_reference(
-        x.reshape(-1, 512), layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-        layer.bias, layer.shift, layer.unsigned_groups, layer.pow2_activations).reshape(2, 77, 256)
+    ref = kernel.reference(x.reshape(-1, 512)).reshape(2, 77, 256)
     assert y.shape == ref.shape and y.dtype == dtype
     # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
     assert rel(y, ref) <= 5e-3, rel(y, ref)
@@ -321,18 +322,20 @@ def test_sm90_torch_compile_with_inductor_around_the_kernels():
 @needs_sm80
 @pytest.mark.parametrize("mma", sm80.MMA_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("unsigned,pow2,rank,pow2_weights", [
-    (False, False, 32, False), (True, True, 32, False), (True, False, 160, False),
-    (True, True, 32, True), (False, True, 160, True),  # int8: the whole-K kernel 2
+@pytest.mark.parametrize("unsigned,pow2,rank,pow2_weights,rotation", [
+    (False, False, 32, False, "none"), (True, True, 32, False, "none"), (True, False, 160, False, "none"),
+    (True, True, 32, True, "none"), (False, True, 160, True, "none"),  # int8: the whole-K kernel 2
+    (True, False, 32, False, "hadamard"), (True, True, 32, True, "random"), (False, True, 160, False, "hadamard"),
 ])
-def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow2_weights):
+def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow2_weights, rotation):
     generator = gen(7 + unsigned + rank)
-    layer = w4a4_layer(256, 512, rank, dtype, generator, unsigned, pow2_weights=pow2_weights)
-    layer.gelu_from = 128
+    layer = w4a4_layer(256, 512, rank, dtype, generator, unsigned, pow2_weights=pow2_weights,
+                       rotation=group_rotation(rotation, 7))
+    layer.gelu_from, layer.pow2_activations = 128, pow2
+    kernel = layer.w4a4_kernel()
     x = activations(154, 512, dtype, generator, layer.unsigned_groups)
-    y = sm80.svdq_linear(x, layer.w4a4_kernel(), mma=mma, pow2_activations=pow2)
-    ref = kernels.svdq_linear_reference(x, layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-                                        layer.bias, layer.shift, layer.unsigned_groups, pow2, gelu_from=128)
+    y = sm80.svdq_linear(x, kernel, mma=mma)
+    ref = kernel.reference(x)
     assert y.shape == ref.shape and y.dtype == dtype
     # the kernels round lora_act to the 16-bit dtype before the up projection; the reference keeps fp32
     assert rel(y, ref) <= 5e-3, rel(y, ref)
@@ -340,13 +343,14 @@ def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow
 
 # ---- each family's layer path on the CPU: what it hands its kernels (launchers replaced by recorders) ----
 
-@pytest.mark.parametrize("rank,pow2_weights,pow2_activations", [(32, False, False), (32, True, False),
-                                                                (48, True, True), (224, False, True)])
-def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_weights, pow2_activations):
+@pytest.mark.parametrize("rank,pow2_weights,pow2_activations,rotation", [
+    (32, False, False, "none"), (32, True, False, "hadamard"), (48, True, True, "random"), (224, False, True, "none")])
+def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_weights, pow2_activations,
+                                                          rotation):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False):
-        calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands)
+    def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False, rotation=None):
+        calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
 
     def w4a4_gemm(codes, ascales, lora_act, qweight, wscales, lora_up, bias, out=None, gelu_from=-1):
@@ -361,14 +365,19 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     for name, fake in (("act_quant", act_quant), ("w4a4_gemm", w4a4_gemm), ("w4a4_gemm_pow2", w4a4_gemm_pow2)):
         monkeypatch.setattr(sm90, name, fake)
     generator = gen(41 + rank, "cpu")
-    layer = w4a4_layer(64, 256, rank, torch.bfloat16, generator, unsigned=True, pow2_weights=pow2_weights)
+    layer = w4a4_layer(64, 256, rank, torch.bfloat16, generator, unsigned=True, pow2_weights=pow2_weights,
+                       rotation=group_rotation(rotation, 41))
     layer.pow2_activations, layer.gelu_from = pow2_activations, 32
     x = activations(5, 256, torch.bfloat16, generator, layer.unsigned_groups)
     kernel = layer.w4a4_kernel()
     assert sm90.svdq_linear(x, kernel) == "y"
 
-    smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands = calls["kernel 1"]
+    smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation_given = calls["kernel 1"]
     assert smooth.dtype == torch.float32 and torch.equal(smooth, layer.smooth.float())
+    if rotation == "none":
+        assert rotation_given is None
+    else:  # float32 [6, 64, 2], kept by the kernel
+        assert rotation_given is kernel.rotation_f32() and torch.equal(rotation_given, group_rotation(rotation, 41))
     assert torch.equal(inv_smooth, torch.reciprocal(smooth))
     assert torch.equal(shift, kernel.group_shifts()) and shift.tolist() == [0.0, numerics.GELU_SHIFT] * 2
     fused = rank <= kernels.KERNEL1_MAX_RANK
@@ -388,13 +397,14 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     assert sm90.kernel1_inputs(kernel)[3] is lora_down_p  # kept by the kernel
 
 
-@pytest.mark.parametrize("rank,pow2_activations,mma", [(24, False, "int4"), (32, True, "int8"), (0, False, "int8"),
-                                                       (40, True, "int4")])
-def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma):
+@pytest.mark.parametrize("rank,pow2_activations,mma,rotation", [
+    (24, False, "int4", "hadamard"), (32, True, "int8", "none"), (0, False, "int8", "random"),
+    (40, True, "int4", "none")])
+def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma, rotation):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False):
-        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands)
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None):
+        calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
@@ -405,14 +415,18 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     monkeypatch.setattr(sm80, "act_quant", act_quant)
     monkeypatch.setattr(sm80, "w4a4_gemm", w4a4_gemm)
     generator = gen(43 + rank, "cpu")
-    layer = w4a4_layer(64, 192, rank, torch.bfloat16, generator, unsigned=True)
+    layer = w4a4_layer(64, 192, rank, torch.bfloat16, generator, unsigned=True, rotation=group_rotation(rotation, 43))
     layer.pow2_activations, layer.gelu_from = pow2_activations, 16
     x = activations(5, 192, torch.bfloat16, generator, layer.unsigned_groups)
     kernel = layer.w4a4_kernel()
     assert sm80.svdq_linear(x, kernel, mma=mma) == "y"
 
-    smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands = calls["kernel 1"]
+    smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation_given = calls["kernel 1"]
     assert torch.equal(smooth, layer.smooth.float()) and torch.equal(inv_smooth, torch.reciprocal(smooth))
+    if rotation == "none":
+        assert rotation_given is None
+    else:  # float32 [6, 64, 2], kept by the kernel
+        assert rotation_given is kernel.rotation_f32() and torch.equal(rotation_given, group_rotation(rotation, 43))
     assert group_shift.tolist() == [0.0, numerics.GELU_SHIFT, 0.0] and pow2 == pow2_activations
     assert not int8_operands  # exact weight scales: the per-group kernel 2
     padded = -rank % kernels.RANK_MULTIPLE
@@ -447,7 +461,7 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     # exact activations or the int4 variant: the per-group kernel 2
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False):
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None):
         calls["kernel 1"] = (group_shift, lora_t, pow2, int8_operands)
         return "codes", "atok", None if lora_t is None else "fused lora_act"
 

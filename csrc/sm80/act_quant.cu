@@ -46,10 +46,10 @@
 // The rotation's coefficients (3 KiB) are staged once per CTA in dynamic shared memory, which only
 // launches with a rotation ask for, so that the launches without one keep their occupancy.
 // Low-rank, from the unrotated x tile: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host
-// computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with A = the x tile
-// (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K] (lora_down
-// transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also by
-// ldmatrix from the ring (L2-resident: every CTA reads all of it).
+// computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with
+// A = the x tile (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K]
+// (lora_down transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also
+// by ldmatrix from the ring (L2-resident: every CTA reads all of it).
 // Each output is summed by one warp in K order, so lora_act is deterministic.
 //
 // Entry points (one per dtype and mode): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}(
@@ -198,9 +198,9 @@ __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift
 template <typename T, bool kPow2, bool kS8 = false>
 __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
-                                          const float* __restrict__ rotation, const T* __restrict__ lora_t, uint8_t* __restrict__ codes,
-                                          float* __restrict__ ascales, T* __restrict__ lora_act, int M, int K, int rank,
-                                          int m_al) {
+                                          const float* __restrict__ rotation, const T* __restrict__ lora_t,
+                                          uint8_t* __restrict__ codes, float* __restrict__ ascales,
+                                          T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
   using H = Half<T>;
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   extern __shared__ float4 rotation_coef[];  // kRotationBytes with a rotation

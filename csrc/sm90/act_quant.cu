@@ -49,12 +49,12 @@
 // and every read after it is local.
 // Quantization: 8 threads per (token, group), 8 columns each; a rotation's coefficients (3 KiB) are
 // staged once per CTA in shared memory, only by launches with a rotation (the others' shared memory
-// is unchanged), and pass 2 in pow2 mode rotates v again. Low-rank, from the unrotated x slice: mma.m16n8k16, warp w takes
-// the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in
-// blocks of 32 * kTiles, one sweep over the resident x slice each. The B fragments come straight
-// from L2 (no shared-memory staging, no block-wide barrier per group), one group ahead, from
-// lora_down repacked at load time (kernel1_lora_down in svdquant/families/sm90.py) so that a lane's
-// fragments of a group are 32 contiguous bytes:
+// is unchanged), and pass 2 in pow2 mode rotates v again. Low-rank, from the unrotated x slice:
+// mma.m16n8k16, warp w takes the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles;
+// ranks are processed in blocks of 32 * kTiles, one sweep over the resident x slice each. The B
+// fragments come straight from L2 (no shared-memory staging, no block-wide barrier per group), one
+// group ahead, from lora_down repacked at load time (kernel1_lora_down in svdquant/families/sm90.py)
+// so that a lane's fragments of a group are 32 contiguous bytes:
 //   lora_p[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]
 //   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
 //   and b1 = (h 1) registers of the four k16 steps s of group g in order.
@@ -383,7 +383,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
         mbar_wait(&xbar[g], 0);
         float v[8];
         bool uns;
-        const float amax = octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, rot, v, uns));
+        const float amax =
+            octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, rot, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
