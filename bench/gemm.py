@@ -1,6 +1,6 @@
 """W4A4 GEMM benchmark on the GPU: cuBLAS bf16, FP8 scaled_mm, and our sm_90a kernels, side by side.
 
-    python bench/gemm.py [--json PATH]
+    python bench/gemm.py [--json PATH] [--tokens M ...] [--shapes-only]
 
 Rows: the FLUX.1 linear shapes of shared/REFERENCE.md at M = 4608 (1024x1024 image + 512 text
 tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers have FLUX's shifted
@@ -18,11 +18,15 @@ tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers h
             half tiles chosen by M and N (t128 / t256: every tile of that size)
     k1p     kernel 1 in pow2 mode alone
     k1+k2f  both; lrf: low-rank share
+  group rotation (issue 15: kernel 1 rotates each signed 64-group by numerics.hadamard_rotation; the
+  same layers and inputs), each with its cost over the unrotated time in %:
+    k1r, k1+k2r     kernel 1 alone and the whole layer, exact path
+    k1pr, k1+k2fr   kernel 1 in pow2 mode alone and the whole layer, fast path
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128; a
 GELU row set times the fast kernel 2 of the layers that feed a GELU with it fused into the epilogue
 and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64;
 a host row gives the time Python takes to issue one layer call (svdquant/families/sm90.py through
-svdquant.cuda) at M = 256, against the GPU time of the call.
+svdquant.cuda) at M = 256, against the GPU time of the call (--shapes-only: the FLUX shape rows alone).
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
@@ -155,6 +159,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
                                for i in range(sets)])
     del a8, b8, b
 
+    rotation = numerics.hadamard_rotation().cuda()
     for tag, pow2 in (("", False), ("f", True)):
         layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
@@ -180,6 +185,8 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             for tile_t in (128, 256):  # every tile of one size (no half tiles)
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t, 0) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
+        row[f"{k1_key}_rot_ms"] = time_calls([lambda i=i: sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), pow2, pow2,
+                                                                         rotation) for i in range(sets)])
         if not pow2:  # design (d) alone on the same layers
             stage1_pow2 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True) for i in range(sets)]
             row["k2d_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm(
@@ -198,7 +205,13 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
         row[f"k1k2{tag}_r0_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops0[i])
                                               for i in range(sets)])
         row[f"lowrank{tag}_share"] = row[f"k1k2{tag}_ms"] / row[f"k1k2{tag}_r0_ms"] - 1.0
-        del layers, layers0, ops, ops0, stage1
+        for lay in layers:  # the same layers with a group rotation
+            lay.rotation = rotation
+        ops_rot = [lay.w4a4_kernel() for lay in layers]
+        row[f"k1k2{tag}_rot_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops_rot[i]) for i in range(sets)])
+        for key in (k1_key, f"k1k2{tag}"):
+            row[f"{key}_rotation_share"] = row[f"{key}_rot_ms"] / row[f"{key}_ms"] - 1.0
+        del layers, layers0, ops, ops0, ops_rot, stage1
 
     for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
         row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
@@ -292,6 +305,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "bench/results"), "gemm.json"))
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
+    parser.add_argument("--shapes-only", action="store_true",
+                        help="only the FLUX shape rows (no LoRA, GELU, accuracy and host rows)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("bench/gemm.py needs an sm_90 GPU")
@@ -300,7 +315,8 @@ def main() -> None:
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "
               f"{'t128':>6} {'t256':>6} "
-              f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5}")
+              f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5} | "
+              f"{'k1r us':>6} {'%':>5} {'k1+k2r':>7} {'%':>5} {'k1pr us':>7} {'%':>5} {'k1+k2fr':>7} {'%':>5}")
     print(header, flush=True)
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
@@ -313,7 +329,13 @@ def main() -> None:
                   f"{r['k2f_ms'] * 1e3:>7.1f} {r['k2f_tops']:>5.0f} "
                   f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t256_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
-                  f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f}", flush=True)
+                  f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f} | " +
+                  " ".join(f"{r[key + '_rot_ms'] * 1e3:>{w}.1f} {r[key + '_rotation_share'] * 100:>5.1f}"
+                           for key, w in (("k1", 6), ("k1k2", 7), ("k1p", 7), ("k1k2f", 7))), flush=True)
+    method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
+    if args.shapes_only:
+        write_result(args.json, rank=RANK, method=method, rows=rows)
+        return
     lora = bench_lora(4608, 3072, 3072, l2_bytes)
     print("LoRA, fast k1+k2 at M=4608 N=K=3072: " +
           ", ".join(f"rank {rank}: {lora[f'k1k2f_r{rank}_ms'] * 1e3:.1f} us" for rank in LORA_RANKS), flush=True)
@@ -329,9 +351,8 @@ def main() -> None:
     print(f"host time per layer call at M=256 N=K=3072: exact {host['k1k2_host_ms'] * 1e3:.1f} us "
           f"(GPU {host['k1k2_gpu_ms'] * 1e3:.1f} us), fast {host['k1k2f_host_ms'] * 1e3:.1f} us "
           f"(GPU {host['k1k2f_gpu_ms'] * 1e3:.1f} us)", flush=True)
-    write_result(args.json, rank=RANK,
-                 method="CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10",
-                 rows=rows, lora=lora, gelu=gelu, fast_path_accuracy=accuracy, host=host)
+    write_result(args.json, rank=RANK, method=method, rows=rows, lora=lora, gelu=gelu, fast_path_accuracy=accuracy,
+                 host=host)
 
 
 if __name__ == "__main__":

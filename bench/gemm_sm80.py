@@ -11,12 +11,15 @@ Columns (median time per call, CUDA-graph replays over rotating input sets, as b
     k2     kernel 2 alone (W4A4 GEMM + low-rank up + bias)
     k1+k2  both through sm80.svdq_linear (what a layer costs), x: bf16 time over it
     k1p    kernel 1 in pow2 mode
+    k1r, k1pr, k1+k2r: k1, k1p and k1+k2 of the same layers with a group rotation (issue 15:
+           kernel 1 rotates each signed 64-group by numerics.hadamard_rotation)
   INT8 variant on power-of-two layers (pow2 weight scales and activations), rank 32:
     today  kernel 1 in pow2 mode + the per-group kernel 2 (what these layers ran before the whole-K
            kernel), x: bf16 time over it
     k1s8   kernel 1 in pow2_s8 mode (the whole-K kernel's s8 operands)
     wk k2  the whole-K kernel 2 alone (w4a4_gemm_pow2.cu)
     wk k1+k2  both through sm80.svdq_linear, x: bf16 time over it
+    k1s8r, wk k1+k2r: k1s8 and wk k1+k2 of the same layers with the group rotation
   --whole-k-only: bf16 and the whole-K rows only (versions of that kernel side by side).
   --int4: kernel 2 with the INT4 variant (mma.sync m16n8k64, emulated on the H100: correctness-only
   timing, meaningful only on sm_80/86/89).
@@ -35,20 +38,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gemm import FLUX_SHAPES, l2_size, random_layer, shape_inputs, time_calls  # noqa: E402
 from record import write_result  # noqa: E402
+from svdquant import numerics  # noqa: E402
 from svdquant.families import sm80  # noqa: E402
 
 RANK = 32
 
 
+def _rotated_ops(layers: list) -> list:
+    """The kernels of the layers with numerics.hadamard_rotation as their group rotation (the layers keep it)."""
+    rotation = numerics.hadamard_rotation().cuda()
+    for layer in layers:
+        layer.rotation = rotation
+    return [layer.w4a4_kernel() for layer in layers]
+
+
 def _exact_rows(row: dict, gen, a: list, m: int, n: int, k: int, int4: bool) -> None:
-    """int_mm, and the INT8 variant on exact layers (k1, k1p, k2, k1 + k2; --int4: the INT4 k2)."""
+    """int_mm, and the INT8 variant on exact layers (k1, k1p, k2, k1 + k2, the first three rotated too;
+    --int4: the INT4 k2)."""
     sets = row["input_sets"]
     a8 = [torch.randint(-8, 8, (m, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     b8 = [torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8) for _ in range(sets)]
     row["int_mm_ms"] = time_calls([lambda i=i: torch._int_mm(a8[i], b8[i].t()) for i in range(sets)])
     del a8, b8
 
-    ops = [random_layer(n, k, RANK, gen).w4a4_kernel() for _ in range(sets)]
+    layers = [random_layer(n, k, RANK, gen) for _ in range(sets)]
+    ops = [layer.w4a4_kernel() for layer in layers]
     inputs = [sm80.kernel1_inputs(op) for op in ops]
     row["k1_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i]) for i in range(sets)])
     row["k1p_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True) for i in range(sets)])
@@ -63,15 +77,24 @@ def _exact_rows(row: dict, gen, a: list, m: int, n: int, k: int, int4: bool) -> 
     row["k2_int8_ms"] = time_calls([lambda i=i: k2(i, "int8") for i in range(sets)])
     row["k1k2_int8_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8", pow2_activations=False)
                                       for i in range(sets)])
+    ops_rot = _rotated_ops(layers)
+    rotation = ops_rot[0].rotation_f32()
+    row["k1_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], rotation=rotation)
+                                   for i in range(sets)])
+    row["k1p_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, rotation=rotation)
+                                    for i in range(sets)])
+    row["k1k2_int8_rot_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops_rot[i], mma="int8",
+                                                                       pow2_activations=False) for i in range(sets)])
     if int4:
         row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
 
 
 def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> None:
     """Power-of-two layers: today's per-group path (unless whole_k_only), kernel 1 in pow2_s8 mode,
-    the whole-K kernel 2 alone and k1 + k2."""
+    the whole-K kernel 2 alone and k1 + k2; kernel 1 and k1 + k2 rotated (unless whole_k_only)."""
     sets = row["input_sets"]
-    ops = [random_layer(n, k, RANK, gen, pow2=True).w4a4_kernel() for _ in range(sets)]
+    layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in range(sets)]
+    ops = [layer.w4a4_kernel() for layer in layers]
     assert all(sm80.runs_whole_k(op, "int8", True) for op in ops)
     inputs = [sm80.kernel1_inputs(op) for op in ops]
     weights = [sm80.pow2_weight_operands(op) for op in ops]
@@ -94,6 +117,13 @@ def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> N
 
     row["k2_whole_k_ms"] = time_calls([lambda i=i: whole_k(i) for i in range(sets)])
     row["k1k2_whole_k_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8") for i in range(sets)])
+    if not whole_k_only:
+        ops_rot = _rotated_ops(layers)
+        rotation = ops_rot[0].rotation_f32()
+        row["k1s8_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, int8_operands=True,
+                                                                    rotation=rotation) for i in range(sets)])
+        row["k1k2_whole_k_rot_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops_rot[i], mma="int8")
+                                                 for i in range(sets)])
 
 
 def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only: bool) -> dict:
@@ -118,13 +148,17 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only:
 # (header, row key, scale, format): the printed table, each column shown where its key was measured
 COLUMNS = [("bf16 us", "bf16_ms", 1e3, "8.1f"), ("TOPS", "bf16_tops", 1, "5.0f"),
            ("int_mm", "int_mm_ms", 1e3, "7.1f"), ("TOPS", "int_mm_tops", 1, "5.0f"),
-           ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1p us", "k1p_ms", 1e3, "6.1f"),
+           ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1r", "k1_rot_ms", 1e3, "6.1f"),
+           ("k1p us", "k1p_ms", 1e3, "6.1f"), ("k1pr", "k1p_rot_ms", 1e3, "6.1f"),
            ("k2 us", "k2_int8_ms", 1e3, "7.1f"), ("TOPS", "k2_int8_tops", 1, "5.0f"),
-           ("k1+k2", "k1k2_int8_ms", 1e3, "7.1f"), ("x bf16", "k1k2_int8_speedup_vs_bf16", 1, "6.2f"),
+           ("k1+k2", "k1k2_int8_ms", 1e3, "7.1f"), ("k1+k2r", "k1k2_int8_rot_ms", 1e3, "7.1f"),
+           ("x bf16", "k1k2_int8_speedup_vs_bf16", 1, "6.2f"),
            ("| pow2: today", "k1k2_pow2_today_ms", 1e3, "13.1f"),
            ("x bf16", "k1k2_pow2_today_speedup_vs_bf16", 1, "6.2f"), ("k1s8", "k1s8_ms", 1e3, "6.1f"),
+           ("k1s8r", "k1s8_rot_ms", 1e3, "6.1f"),
            ("wk k2", "k2_whole_k_ms", 1e3, "7.1f"), ("TOPS", "k2_whole_k_tops", 1, "5.0f"),
-           ("wk k1+k2", "k1k2_whole_k_ms", 1e3, "8.1f"), ("x bf16", "k1k2_whole_k_speedup_vs_bf16", 1, "6.2f"),
+           ("wk k1+k2", "k1k2_whole_k_ms", 1e3, "8.1f"), ("wk k1+k2r", "k1k2_whole_k_rot_ms", 1e3, "9.1f"),
+           ("x bf16", "k1k2_whole_k_speedup_vs_bf16", 1, "6.2f"),
            ("int4 k2", "k2_int4_ms", 1e3, "8.1f")]
 
 
