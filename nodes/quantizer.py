@@ -11,7 +11,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..svdquant import flux, kernels
+from ..svdquant import flux, kernels, quantize
 from ..svdquant.format import FormatError
 from .loader import safetensors_files
 
@@ -104,6 +104,12 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                                          "(100 optimizer steps per layer): a smaller quantization error (-5% per "
                                          "layer on a real transformer's weights) for about 2.8x the quantization "
                                          "time (FLUX.1-dev on an H100: about 9 instead of 4 minutes)."),
+                io.Combo.Input("rotation", options=list(quantize.ROTATIONS), default=quantize.DEFAULT_ROTATION,
+                               optional=True,
+                               tooltip="Rotate each 4-bit layer's inputs inside every group of 64 channels before "
+                                       "quantizing them (hadamard: -6% layer error on a real transformer's "
+                                       "weights, no extra time; the file needs this pack's format version 2). "
+                                       "none: a file older versions of the pack load."),
                 io.Conditioning.Input("calibration_prompts", optional=True,
                                       tooltip="Optional: prompts like the ones you will generate, encoded by the "
                                               "FLUX text encoders (CLIP Text Encode; several joined with "
@@ -119,7 +125,8 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name: str, output_name: str, rank: int, pow2_scales: bool,
-                calibration_calls: int, learned_smoothing: bool = False, calibration_prompts=None) -> io.NodeOutput:
+                calibration_calls: int, learned_smoothing: bool = False, calibration_prompts=None,
+                rotation: str = quantize.DEFAULT_ROTATION) -> io.NodeOutput:
         source = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         name = output_name.strip().removesuffix(SUFFIX) or default_output_name(model_name, rank, pow2_scales)
         if name.startswith(".") or any(sep in name for sep in ("/", "\\")):
@@ -139,7 +146,7 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
         prompts = None if calibration_prompts is None else prompts_from_conditioning(calibration_prompts)
         result = flux.quantizer.quantize_checkpoint(source, target, rank=rank, pow2_scales=pow2_scales,
                                                     calibration_calls=calibration_calls, prompts=prompts,
-                                                    learned_smoothing=learned_smoothing,
+                                                    learned_smoothing=learned_smoothing, rotation=rotation,
                                                     device=comfy.model_management.get_torch_device(),
                                                     on_layer=layer_done, report=log.info)
         message = result_text(result)

@@ -4,7 +4,9 @@ Tensors, per quantized layer `P` (N outputs, K inputs, rank r, G = K / 64):
   W4A4  (kind "w4a4"):  P.qweight uint8 [N, K/2] (signed INT4 pairs, low nibble = even column),
                         P.wscales [G, N], P.smooth [K], P.lora_down [K, r], P.lora_up [N, r],
                         P.bias [N] (optional), P.shift [K] (optional, unsigned groups where > 0),
-                        P.smooth_orig [K] (optional, see below)
+                        P.smooth_orig [K] (optional, see below), P.rotation float32 [6, 64, 2]
+                        (optional: the group rotation of the signed input groups,
+                        numerics.rotate_groups; qweight then holds the rotated residual)
   W4A16 (kind "w4a16"): P.qweight uint8 [N, K/2] (unsigned INT4 pairs), P.wscales [G, N],
                         P.wzeros [G, N], P.bias [N] (optional)
 Every other tensor is an unquantized tensor of the model, stored as is.
@@ -17,10 +19,10 @@ original model's terms (a LoRA) needs it. Absent means equal to `smooth`.
 
 Metadata (all strings, as safetensors requires):
   format          "svdquant"
-  format_version  FORMAT_VERSION
+  format_version  "2" where a layer has a rotation, else "1" (READ_VERSIONS)
   quantization    JSON {"method": "svdquant", "group_size": 64, "rank": r, "act_shift": 0.171875,
                   "pow2_scales": whether the W4A4 weights have power-of-two scales (docs/DESIGN.md#scales), ...}
-  layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift" (w4a4)}}
+  layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift", "smooth_orig", "rotation" (w4a4)}}
   model_type      e.g. "flux"
   model_config    JSON, the model's configuration (opaque here; the model builder reads it)
 
@@ -44,7 +46,11 @@ from safetensors.torch import save_file
 from . import numerics
 
 FORMAT_NAME = "svdquant"
-FORMAT_VERSION = 1
+# Version 2 adds the group rotation. A file without one is written as version 1, so that an engine
+# from before the rotation, which would ignore the tensor and compute another function, refuses only
+# the files it cannot run.
+FORMAT_VERSION = 2
+READ_VERSIONS = ("1", "2")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # quantization metadata keys of files written before a name was settled -> the name read now
 OLD_QUANTIZATION_KEYS = {"hopper_pow2": "pow2_scales"}
@@ -78,13 +84,14 @@ class QuantizedModel:
 
 # every field a quantized layer of each kind can have (expected_layer_tensors: which it must have)
 LAYER_FIELDS = {
-    "w4a4": ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift", "smooth_orig"),
+    "w4a4": ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "shift", "smooth_orig", "rotation"),
     "w4a16": ("qweight", "wscales", "wzeros", "bias"),
 }
 
 
 def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Field -> (shape, dtype class) for one layer description; dtype class 'u8' or 'float'."""
+    """Field -> (shape, dtype class) for one layer description; dtype class 'u8', 'float' (the layer's
+    float dtype) or 'f32' (float32 whatever the layer's dtype)."""
     kind, k, n = desc.get("kind"), int(desc["in"]), int(desc["out"])
     if k % numerics.GROUP_SIZE or k % 2:
         raise ValueError(f"input width {k} is not a multiple of {numerics.GROUP_SIZE}")
@@ -97,6 +104,8 @@ def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]
             out["shift"] = ((k,), "float")
         if desc.get("smooth_orig"):
             out["smooth_orig"] = ((k,), "float")
+        if desc.get("rotation"):
+            out["rotation"] = ((numerics.ROTATION_STAGES, numerics.GROUP_SIZE, 2), "f32")
     elif kind == "w4a16":
         out = {"qweight": ((n, k // 2), "u8"), "wscales": ((g, n), "float"), "wzeros": ((g, n), "float")}
     else:
@@ -109,7 +118,8 @@ def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]
 def describe_w4a4(tensors: dict[str, torch.Tensor]) -> dict:
     n, half_k = tensors["qweight"].shape
     return {"kind": "w4a4", "in": half_k * 2, "out": n, "rank": tensors["lora_down"].shape[1],
-            "bias": "bias" in tensors, "shift": "shift" in tensors, "smooth_orig": "smooth_orig" in tensors}
+            "bias": "bias" in tensors, "shift": "shift" in tensors, "smooth_orig": "smooth_orig" in tensors,
+            "rotation": "rotation" in tensors}
 
 
 def describe_w4a16(tensors: dict[str, torch.Tensor]) -> dict:
@@ -133,6 +143,8 @@ def validate(path, model: QuantizedModel) -> None:
             t = tensors[key]
             if dtype_class == "u8" and t.dtype != torch.uint8:
                 raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected torch.uint8")
+            if dtype_class == "f32" and t.dtype != torch.float32:
+                raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected torch.float32")
             if dtype_class == "float" and t.dtype not in FLOAT_DTYPES:
                 raise FormatError(path, f"tensor {key} has dtype {t.dtype}, expected bfloat16, float16 or float32")
             # writers store a layer's float tensors in one dtype (wscales' is checked first) and the
@@ -153,13 +165,18 @@ def validate(path, model: QuantizedModel) -> None:
             raise FormatError(path, f"tensor {key} contains NaN or Inf")
 
 
+def format_version(layers: dict[str, dict]) -> str:
+    """The format_version a file of these layer descriptions is written with (see FORMAT_VERSION)."""
+    return str(FORMAT_VERSION) if any(desc.get("rotation") for desc in layers.values()) else "1"
+
+
 def save_model(path, model: QuantizedModel) -> None:
     """Validate and write `model` to `path` atomically (temporary file, then rename)."""
     path = Path(path)
     validate(path, model)
     metadata = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": format_version(model.layers),
         "quantization": json.dumps(model.quantization),
         "layers": json.dumps(model.layers),
         "model_type": model.model_type,
@@ -311,8 +328,9 @@ def load_model(path, device: str | torch.device = "cpu") -> QuantizedModel:
     if not is_natural_file(metadata):
         raise FormatError(path, f"not an SVDQuant natural file (format={metadata.get('format')!r})")
     version = metadata.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise FormatError(path, f"unsupported format version {version!r} (this engine reads {FORMAT_VERSION})")
+    if version not in READ_VERSIONS:
+        raise FormatError(path, f"unsupported format version {version!r} (this engine reads "
+                                f"{' and '.join(READ_VERSIONS)})")
     try:
         layers = json.loads(metadata["layers"])
         quantization = json.loads(metadata["quantization"])

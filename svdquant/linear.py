@@ -45,14 +45,14 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
     """Field -> required shape for a quantized layer of `kind` (None: the field must be absent).
 
     state: the layer's entries present in the state dict (field -> tensor), which decide the
-    optional fields (rank, shift, smooth_orig). bias: whether the layer must have a bias
+    optional fields (rank, shift, smooth_orig, rotation). bias: whether the layer must have a bias
     (True), must not (False), or may have one (None). The shapes are the file format's.
     """
     if kind == W4A4 and "lora_down" in state and state["lora_down"].dim() == 2:
         rank = state["lora_down"].shape[1]
     desc = {"kind": kind, "in": in_features, "out": out_features, "rank": rank,
             "bias": "bias" in state if bias is None else bias,
-            "shift": "shift" in state, "smooth_orig": "smooth_orig" in state}
+            "shift": "shift" in state, "smooth_orig": "smooth_orig" in state, "rotation": "rotation" in state}
     required = {name: shape for name, (shape, _) in fmt.expected_layer_tensors(desc).items()}
     return {**{name: None for name in fmt.LAYER_FIELDS[kind]}, **required}
 
@@ -92,7 +92,7 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
 class _QuantizedLinearBase(nn.Module):
     """Shared shape bookkeeping: buffers whose shape is checked and may be resized at load.
 
-    Float tensors are converted at load to the dtype the layer was built with.
+    Float tensors are converted at load to the dtype the layer was built with (a rotation stays float32).
     """
 
     kind: str
@@ -135,7 +135,9 @@ class _QuantizedLinearBase(nn.Module):
         for name in shapes:
             tensor = accepted.get(name)
             if tensor is not None:
-                tensor = tensor.detach().to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                # the rotation's coefficients stay float32 (format.expected_layer_tensors)
+                wanted = torch.float32 if name == "rotation" else dtype if tensor.is_floating_point() else None
+                tensor = tensor.detach().to(device=device, dtype=wanted)
             self._buffers[name] = tensor
         self._after_load()
 

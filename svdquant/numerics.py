@@ -432,6 +432,19 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (v * inv).to(torch.float8_e4m3fn), amax / e4m3_max
 
 
+def unrotated_residual(residual: torch.Tensor, rotation: torch.Tensor | None,
+                       rotated_groups: torch.Tensor | None) -> torch.Tensor:
+    """A rotated layer's dequantized residual [N, K] (float32) in the input's own basis: each rotated
+    group's columns times M^T (M = rotation_matrix(rotation), orthogonal); residual itself without a
+    rotation."""
+    if rotation is None:
+        return residual
+    back = rotation_matrix(rotation).t().float().to(residual.device)
+    grouped = residual.reshape(residual.shape[0], -1, GROUP_SIZE)
+    rotated = rotated_groups.to(residual.device).view(1, -1, 1)
+    return torch.where(rotated, grouped @ back, grouped).reshape(residual.shape)
+
+
 def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
                 lora_up: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor | None,
                 rotation: torch.Tensor | None = None,
@@ -450,16 +463,11 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     shifted = None if shift is None else torch.empty(n, dtype=torch.float32, device=qweight.device)
     smooth, down_t = smooth.float(), lora_down.float().t()
     shift = None if shift is None else shift.float()
-    if rotation is not None:
-        unrotate = rotation_matrix(rotation).t().float().to(qweight.device)
-        rotated = ~unsigned_groups_from_shift(shift, k).to(qweight.device)
+    rotated = None if rotation is None else ~unsigned_groups_from_shift(shift, k).to(qweight.device)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
         residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t())
-        if rotation is not None:
-            grouped = residual.reshape(residual.shape[0], k // GROUP_SIZE, GROUP_SIZE)
-            residual = torch.where(rotated.unsqueeze(-1), grouped @ unrotate, grouped).reshape(residual.shape)
-        residual = residual / smooth
+        residual = unrotated_residual(residual, rotation, rotated) / smooth
         if shift is not None:
             shifted[rows] = residual @ shift
         w = residual + lora_up[rows].float() @ down_t

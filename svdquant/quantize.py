@@ -6,6 +6,10 @@
           the codes rounded column by column with error compensation on the calibration inputs
     y  = Q((x + h) / s) . Q(R)^T + (x @ (L_down / s)) @ L_up^T + bias'
 
+With a group rotation (numerics.rotate_groups, M its matrix) the signed groups of the quantized
+path work in the rotated frame: Q(rotate((x + h) / s)) . Q(R M)^T, with M orthogonal equal to the
+product above before rounding; every step that quantizes R or simulates the path does it there.
+
 The low-rank branch reads the unsmoothed, unshifted input, so lora_down is stored divided by s.
 For shifted inputs (h != 0, post-GELU layers) the quantized path sees x + h; bias' removes the
 extra term (R_q / s) @ h exactly for the quantized residual R_q.
@@ -42,6 +46,11 @@ COMPENSATION_DAMPING = 0.3
 # bench/NOTES.md#fidelity-learned-smoothing: 100 steps at 0.01 reach the plateau on all-MiniLM.
 LEARNED_SMOOTHING_RATE = 0.01
 LEARNED_SMOOTHING_STEPS = 100
+# Group rotations of the signed input groups (quantize_linear's rotation): "none", or the fixed 64-point
+# Walsh-Hadamard butterfly (bench/NOTES.md#fidelity-rotation: all-MiniLM's mean layer error -5.9% at
+# no quantization cost).
+ROTATIONS = ("none", "hadamard")
+DEFAULT_ROTATION = "hadamard"
 
 
 @dataclass
@@ -55,6 +64,7 @@ class W4A4Tensors:
     lora_up: torch.Tensor      # [N, r]
     bias: torch.Tensor | None  # [N]
     shift: torch.Tensor | None  # [K]
+    rotation: torch.Tensor | None = None  # float32 [6, 64, 2]
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -221,26 +231,63 @@ def _compensated_codes(residual: torch.Tensor, wscales: torch.Tensor, inputs: to
     return codes.t()
 
 
+@dataclass
+class _Rotation:
+    """A layer's group rotation as the quantizer applies it: the stored tensor, its matrix M (float32)
+    and the groups it turns (the signed ones)."""
+
+    tensor: torch.Tensor
+    matrix: torch.Tensor
+    groups: torch.Tensor
+
+    @classmethod
+    def of(cls, rotation: torch.Tensor | None, unsigned: torch.Tensor) -> "_Rotation | None":
+        if rotation is None:
+            return None
+        matrix = numerics.rotation_matrix(rotation).float().to(unsigned.device)
+        return cls(rotation.float().cpu(), matrix, ~unsigned)
+
+    def weights(self, r: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """r [N, K] with the columns of each turned group times M (inverse: times M^T)."""
+        g = r.reshape(r.shape[0], -1, GROUP_SIZE)
+        turned = g @ (self.matrix.t() if inverse else self.matrix)
+        return torch.where(self.groups.view(1, -1, 1), turned, g).reshape(r.shape)
+
+    def activations(self, v: torch.Tensor) -> torch.Tensor:
+        """v [tokens, K] rotated as kernel 1 rotates it (numerics.rotate_groups)."""
+        return numerics.rotate_groups(v, self.tensor, self.groups)
+
+
+def _turned(r: torch.Tensor, rotation: _Rotation | None, inverse: bool = False) -> torch.Tensor:
+    return r if rotation is None else rotation.weights(r, inverse)
+
+
 def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype,
-               pow2: bool = False, refine_rounds: int = 0, inputs: torch.Tensor | None = None):
+               pow2: bool = False, refine_rounds: int = 0, inputs: torch.Tensor | None = None,
+               rotation: _Rotation | None = None):
     """Split w * s into a rank-r branch and an INT4 residual; low-rank factors rounded to dtype.
 
     refine_rounds: after the first split, the branch is refitted that many times to what the
     quantized residual leaves (rank-r SVD of w * s - Q(R)) and the residual requantized.
     inputs: what the quantized path multiplies by the residual on the calibration tokens [tokens, K]
     (the dequantized activations less h / s, which the bias' removes); where given, the final
-    residual's codes are rounded with error compensation on them (_compensated_codes)."""
+    residual's codes are rounded with error compensation on them (_compensated_codes).
+    rotation: the residual is quantized in the rotated frame (codes and scales of R M)."""
     w_s = w * s
     up, down_s = _low_rank(w_s, rank, power_iters)
-    codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
+    codes, wscales = quantize_weight_int4(_turned(w_s - up @ down_s.t(), rotation), scale_dtype=dtype,
+                                          pow2_scales=pow2)
     for _ in range(refine_rounds if rank else 0):
-        up, down_s = _low_rank(w_s - numerics.dequantize_groups(codes, wscales.t()), rank, power_iters)
-        codes, wscales = quantize_weight_int4(w_s - up @ down_s.t(), scale_dtype=dtype, pow2_scales=pow2)
+        quantized = _turned(numerics.dequantize_groups(codes, wscales.t()), rotation, inverse=True)
+        up, down_s = _low_rank(w_s - quantized, rank, power_iters)
+        codes, wscales = quantize_weight_int4(_turned(w_s - up @ down_s.t(), rotation), scale_dtype=dtype,
+                                              pow2_scales=pow2)
     lora_down = (down_s / s.unsqueeze(1)).to(dtype).float()
     up = up.to(dtype).float()
     if inputs is not None:
         # the residual the 16-bit branch leaves as stored (its factors rounded to dtype)
-        codes = _compensated_codes(w_s - up @ (lora_down * s.unsqueeze(1)).t(), wscales, inputs).to(torch.int8)
+        residual = _turned(w_s - up @ (lora_down * s.unsqueeze(1)).t(), rotation)
+        codes = _compensated_codes(residual, wscales, inputs).to(torch.int8)
     return codes, wscales, lora_down, up
 
 
@@ -260,7 +307,8 @@ def _ste_quantize_groups(v: torch.Tensor, unsigned: torch.Tensor) -> torch.Tenso
     return (codes * scale).reshape(rows, k)
 
 
-def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) -> torch.Tensor:
+def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int,
+                       rotation: _Rotation | None = None) -> torch.Tensor:
     """s [K] refined per channel by `steps` Adam steps on the calibration tokens' output error of the
     quantized path, the branch (lora_down, lora_up, unsmoothed) held fixed: the residual W - L is
     split between (x + h) / s and (W - L) * s, rounding passed straight through (OmniQuant's
@@ -270,6 +318,8 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int)
     with torch.inference_mode(False), torch.enable_grad():
         w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
                                                         for t in (w, x, s, unsigned, lora_down, lora_up, shift))
+        if rotation is not None and rotation.matrix.is_inference():
+            rotation = _Rotation(rotation.tensor.clone(), rotation.matrix.clone(), rotation.groups.clone())
         residual = w - lora_up @ lora_down.t()
         target = x @ residual.t()
         v = x if shift is None else x + shift
@@ -279,10 +329,12 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int)
         best_err, best = None, s
         for step in range(steps + 1):
             trial = s * offset.exp()
-            act = _ste_quantize_groups(v / trial, unsigned)
+            # the rotation turns only unshifted groups, so the shift's share is never turned
+            act = _ste_quantize_groups(_turned(v / trial, rotation), unsigned)
             if shift is not None:
                 act = act - shift / trial
-            err = (act @ _ste_quantize_groups(residual * trial, no_groups).t() - target).square().mean()
+            err = (act @ _ste_quantize_groups(_turned(residual * trial, rotation), no_groups).t()
+                   - target).square().mean()
             if best_err is None or err.item() < best_err:
                 best_err, best = err.item(), trial.detach()
             if step == steps:
@@ -293,24 +345,31 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int)
     return best
 
 
-def _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2=False) -> torch.Tensor:
+def _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2=False, rotation=None) -> torch.Tensor:
     """The quantized path's activations as the engine quantizes them, dequantized to float32
-    [tokens, K]: INT4 codes of (x + h) / s times their scales.
+    [tokens, K]: INT4 codes of (x + h) / s (its signed groups rotated where rotation is given) times
+    their scales.
 
     pow2: with the restricted activation scales, which a file of power-of-two weight scales turns on
     for its layers at load (file_options.apply_file_options)."""
     v = x.float() if shift is None else x.float() + shift
     if pow2:
-        codes, top, exps = numerics.quantize_groups_pow2(v * torch.reciprocal(smooth), unsigned, scale_dtype=dtype)
+        v = v * torch.reciprocal(smooth)
+        v = v if rotation is None else rotation.activations(v)
+        codes, top, exps = numerics.quantize_groups_pow2(v, unsigned, scale_dtype=dtype)
         return numerics.dequantize_groups(codes, numerics.pow2_scales(top, exps))
-    codes, scales = numerics.quantize_groups(v / smooth, unsigned, scale_dtype=dtype)
+    v = v / smooth
+    v = v if rotation is None else rotation.activations(v)
+    codes, scales = numerics.quantize_groups(v, unsigned, scale_dtype=dtype)
     return numerics.dequantize_groups(codes, scales)
 
 
-def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False):
+def _simulate(x, weight_codes, wscales, lora_down, lora_up, smooth, shift, unsigned, dtype, pow2=False,
+              rotation=None):
     """Fake-quantized forward in float32 (dequantized operands): what the layer will compute, less
-    its bias' (for shifted inputs it still holds the (R_q / s) @ h that the bias' removes)."""
-    act = _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2)
+    its bias' (for shifted inputs it still holds the (R_q / s) @ h that the bias' removes). With a
+    rotation both operands of the product are in the rotated frame."""
+    act = _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2, rotation)
     w = numerics.dequantize_groups(weight_codes, wscales.t())
     return act @ w.t() + (x.float() @ lora_down) @ lora_up.t()
 
@@ -328,6 +387,7 @@ def quantize_linear(
     refine_rounds: int = REFINE_ROUNDS,
     compensate: bool = True,
     smoothing_steps: int = 0,
+    rotation: str = DEFAULT_ROTATION,
 ) -> W4A4Tensors:
     """Quantize one linear layer (weight [N, K], bias [N] or None) with SVDQuant.
 
@@ -343,12 +403,17 @@ def quantize_linear(
     smoothing_steps: after the search, s refined per channel by that many gradient steps on the
     calibration output error (_learned_smoothing; LEARNED_SMOOTHING_STEPS is the tested setting),
     then the final split made for it; 0 (the default) keeps the searched s.
+    rotation: one of ROTATIONS, the group rotation of the signed input groups (numerics.rotate_groups),
+    stored with the layer; every step above then works in the rotated frame. A layer with no signed
+    group gets none.
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
         raise ValueError(f"input width {k} is not a multiple of {GROUP_SIZE}")
     if not 0 <= rank <= min(n, k):
         raise ValueError(f"rank {rank} out of range for a {n}x{k} layer")
+    if rotation not in ROTATIONS:
+        raise ValueError(f"unknown rotation {rotation!r} (one of {', '.join(ROTATIONS)})")
     device = weight.device
     w = weight.float()
     x = calibration.reshape(-1, k).to(device=device, dtype=torch.float32)
@@ -356,6 +421,8 @@ def quantize_linear(
         x = x[torch.linspace(0, x.shape[0] - 1, MAX_CALIBRATION_TOKENS, device=device).long()]
     h = None if shift is None else shift.to(device=device, dtype=torch.float32)
     unsigned = numerics.unsigned_groups_from_shift(h, k).to(device)
+    turn = (_Rotation.of(numerics.hadamard_rotation(), unsigned)
+            if rotation == "hadamard" and not bool(unsigned.all()) else None)
     reference = x @ w.t()
 
     x_in = x if h is None else x + h
@@ -366,24 +433,26 @@ def quantize_linear(
     for alpha in candidates:
         s = torch.ones(k, device=device) if alpha is None else smoothing_factors(act_absmax, weight_absmax, alpha)
         s = s.to(dtype).float()  # the stored smooth is what the engine divides by
-        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype, pow2_scales)
-        err = (_simulate(x, *parts, s, h, unsigned, dtype, pow2_scales) - reference).square().sum()
+        parts = _decompose(w, s, rank, SEARCH_POWER_ITERS, dtype, pow2_scales, rotation=turn)
+        err = (_simulate(x, *parts, s, h, unsigned, dtype, pow2_scales, turn) - reference).square().sum()
         if best_err is None or err < best_err:
             best_err, best_s = err, s
     s = best_s
     if smoothing_steps and smooth:
-        _, _, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds)
-        s = _learned_smoothing(w, x, s, h, unsigned, lora_down, lora_up, smoothing_steps).to(dtype).float()
+        _, _, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds,
+                                              rotation=turn)
+        s = _learned_smoothing(w, x, s, h, unsigned, lora_down, lora_up, smoothing_steps,
+                               turn).to(dtype).float()
     inputs = None
     if compensate:
-        inputs = _dequantized_activations(x, s, h, unsigned, dtype, pow2_scales)
-        if h is not None:
+        inputs = _dequantized_activations(x, s, h, unsigned, dtype, pow2_scales, turn)
+        if h is not None:  # h is 0 in the rotated groups, so h / s needs no turning
             inputs -= h / s
     codes, wscales, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds,
-                                                    inputs)
+                                                    inputs, turn)
 
     b = torch.zeros(n, device=device) if bias is None else bias.float()
-    if h is not None:
+    if h is not None:  # h is 0 in the rotated groups: their (turned) residual columns add nothing
         residual_q = numerics.dequantize_groups(codes, wscales.t())
         b = b - (residual_q / s) @ h
     has_bias = bias is not None or h is not None
@@ -395,6 +464,7 @@ def quantize_linear(
         lora_up=lora_up.to(dtype),
         bias=b.to(dtype) if has_bias else None,
         shift=None if h is None else h.to(dtype),
+        rotation=None if turn is None else turn.tensor,
     )
 
 
@@ -409,7 +479,7 @@ def relative_output_error(layer: W4A4Tensors, weight: torch.Tensor, bias: torch.
     unsigned = numerics.unsigned_groups_from_shift(shift, x.shape[1]).to(device)
     codes = numerics.unpack_int4(layer.qweight, signed=True)
     out = _simulate(x, codes, layer.wscales, layer.lora_down.float(), layer.lora_up.float(), layer.smooth.float(),
-                    shift, unsigned, dtype, pow2_scales)
+                    shift, unsigned, dtype, pow2_scales, _Rotation.of(layer.rotation, unsigned))
     if layer.bias is not None:
         out += layer.bias.float()
     ref = x @ weight.float().t()

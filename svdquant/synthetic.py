@@ -34,8 +34,8 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
     the residual looks better than it is: it fits the calibration tokens).
 
     naive_w4a4: INT4 weights and activations, no smoothing, no low-rank, weights rounded to nearest;
-    smooth_w4a4: with the smoothing search; svdquant_r{rank}: smoothing + rank-r branch (the default
-    recipe: refined split, error-compensated residual);
+    smooth_w4a4: with the smoothing search (both without a group rotation); svdquant_r{rank}: smoothing
+    + rank-r branch (the default recipe: refined split, error-compensated residual, group rotation);
     w4a16: 4-bit weights only (asymmetric, group 64), 16-bit activations.
     pow2 adds the power-of-two scales (docs/DESIGN.md#scales) of svdquant_r{rank}: _pow2a,
     power-of-two activation scales per token (same weights); _pow2w, power-of-two weight scales per
@@ -56,8 +56,8 @@ def layer_fidelity(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ra
         return rel(layer(measured.float()))
 
     out = {}
-    for name, kwargs in (("naive_w4a4", dict(rank=0, smooth=False, compensate=False)),
-                         ("smooth_w4a4", dict(rank=0, compensate=False)),
+    for name, kwargs in (("naive_w4a4", dict(rank=0, smooth=False, compensate=False, rotation="none")),
+                         ("smooth_w4a4", dict(rank=0, compensate=False, rotation="none")),
                          (f"svdquant_r{rank}", dict(rank=rank))):
         tensors = quantize.quantize_linear(weight, bias, x, **kwargs)
         out[name] = run(tensors)

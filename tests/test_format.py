@@ -43,6 +43,22 @@ def test_round_trip(tmp_path):
     assert back.layers["b"]["shift"] and not back.layers["a"]["shift"]
     layer = SVDQLinear.from_tensors(back.layer_tensors("b"))
     assert layer.unsigned_groups.all()
+    # the default rotation turns the signed layer only; it makes the file version 2
+    assert back.layers["a"]["rotation"] and not back.layers["b"]["rotation"]
+    assert fmt.read_header(path)["format_version"] == "2"
+    rotated = SVDQLinear.from_tensors(back.layer_tensors("a"))
+    assert rotated.rotation.dtype == torch.float32 and torch.equal(rotated.rotation, model.tensors["a.rotation"])
+
+
+def test_a_file_without_rotation_is_version_1(tmp_path):
+    """Engines before the rotation read version 1 only: a file that needs none stays readable to them."""
+    model = _model()
+    del model.tensors["a.rotation"]
+    model.layers["a"]["rotation"] = False
+    path = tmp_path / "v1.safetensors"
+    fmt.save_model(path, model)
+    assert fmt.read_header(path)["format_version"] == "1"
+    assert not fmt.load_model(path).layers["a"]["rotation"]
 
 
 def _rewrite(path, tensors, metadata):
@@ -88,6 +104,7 @@ def test_corrupt_header_length(tmp_path):
     ("wrong_shape", r"tensor a.lora_down has shape \(128, 8\), expected \(128, 16\)"),
     ("nan", "tensor b.bias contains NaN or Inf"),
     ("undescribed", "tensor a.shift is not described"),
+    ("rotation_dtype", "tensor a.rotation has dtype torch.bfloat16, expected torch.float32"),
 ])
 def test_bad_tensors_are_named(tmp_path, case, message):
     path, tensors, header = _saved(tmp_path)
@@ -104,6 +121,8 @@ def test_bad_tensors_are_named(tmp_path, case, message):
         tensors["b.bias"][3] = float("nan")
     elif case == "undescribed":
         tensors["a.shift"] = torch.zeros(128, dtype=torch.bfloat16)
+    elif case == "rotation_dtype":
+        tensors["a.rotation"] = tensors["a.rotation"].bfloat16()
     bad = tmp_path / f"{case}.safetensors"
     _rewrite(bad, tensors, header)
     with pytest.raises(fmt.FormatError, match=f"{case}.safetensors: {message}"):
@@ -191,7 +210,7 @@ def test_a_truncated_file_names_the_tensor_cut_short(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"format_version": "2"}, "unsupported format version '2'"),
+    ({"format_version": "3"}, "unsupported format version '3'"),
     ({"format": "something-else"}, "not an SVDQuant natural file"),
     ({"layers": "{not json"}, "bad metadata"),
     ({"quantization": json.dumps({"method": "svdquant", "group_size": 128})}, "unsupported group size 128"),

@@ -12,8 +12,9 @@ from svdquant.families import fp8
 
 def _ideal(layer, x):
     """The layer's product with unquantized activations, in float64: (x + shift) / smooth . R^T +
-    x @ lora_down @ lora_up^T + bias, R the dequantized residual."""
-    r = numerics.dequantize_groups(numerics.unpack_int4(layer.qweight, signed=True), layer.wscales.t()).double()
+    x @ lora_down @ lora_up^T + bias, R the dequantized residual (turned back where the layer rotates)."""
+    r = numerics.dequantize_groups(numerics.unpack_int4(layer.qweight, signed=True), layer.wscales.t())
+    r = numerics.unrotated_residual(r, layer.rotation, ~layer.unsigned_groups).double()
     v = x.double() + (0 if layer.shift is None else layer.shift.double())
     y = (v / layer.smooth.double()) @ r.t() + (x.double() @ layer.lora_down.double()) @ layer.lora_up.double().t()
     return y if layer.bias is None else y + layer.bias.double()
@@ -37,14 +38,18 @@ def test_fp8_per_token_quantization():
 
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_weights_compute_the_layer(unsigned, bias):
-    # merged branch, smoothing and the shift's share in the bias: the FP8 layer computes what the W4A4
-    # layer's product stands for, to FP8's precision (a misplaced term would be off by O(1))
+@pytest.mark.parametrize("rotated", [False, True])
+def test_fp8_weights_compute_the_layer(unsigned, bias, rotated):
+    # merged branch, smoothing, the shift's share in the bias and the rotation turned back: the FP8
+    # layer computes what the W4A4 layer's product stands for, to FP8's precision (a misplaced term
+    # would be off by O(1))
     generator = gen(3 + unsigned + 2 * bias, "cpu")
     layer = w4a4_layer(96, 256, 32, torch.bfloat16, generator, unsigned, bias=bias)
+    if rotated:
+        layer.rotation = numerics.butterfly_rotation(torch.rand(numerics.ROTATION_STAGES, 32, generator=generator) * 6.3)
     x = activations(40, 256, torch.bfloat16, generator, layer.unsigned_groups)
     codes, scales, fbias = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
-                                                layer.lora_up, layer.bias, layer.shift)
+                                                layer.lora_up, layer.bias, layer.shift, layer.rotation)
     assert codes.shape == (96, 256) and scales.shape == (96,)
     assert (fbias is None) == (not bias and not unsigned)
     y = numerics.fp8_linear_reference(x, codes, scales, fbias)

@@ -99,3 +99,91 @@ def test_pow2_weight_exponents_detection():
     zero_group = wscales.clone()
     zero_group[0, 0] = 0.0
     assert numerics.pow2_weight_exponents(zero_group) is None
+
+
+# ---- the group rotation ---------------------------------------------------------------------------
+
+def test_hadamard_rotation_is_the_walsh_hadamard_transform_up_to_signs():
+    m = numerics.rotation_matrix(numerics.hadamard_rotation())
+    assert torch.allclose(m.abs(), torch.full((64, 64), 0.125, dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(m @ m.t(), torch.eye(64, dtype=torch.float64), atol=1e-6)
+
+
+def test_butterfly_rotation_is_orthogonal_and_angle_zero_is_the_identity():
+    angles = torch.rand(numerics.ROTATION_STAGES, 32, generator=torch.Generator().manual_seed(3)) * 6.3
+    m = numerics.rotation_matrix(numerics.butterfly_rotation(angles))
+    assert torch.allclose(m @ m.t(), torch.eye(64, dtype=torch.float64), atol=1e-6)
+    assert not torch.allclose(m.abs(), numerics.rotation_matrix(numerics.hadamard_rotation()).abs(), atol=1e-2)
+    identity = numerics.rotation_matrix(numerics.butterfly_rotation(torch.zeros(numerics.ROTATION_STAGES, 32)))
+    assert torch.equal(identity, torch.eye(64, dtype=torch.float64))
+
+
+def test_rotate_groups_turns_only_the_chosen_groups_by_the_matrix():
+    gen = torch.Generator().manual_seed(4)
+    v = torch.randn(7, 256, generator=gen) * torch.exp(torch.randn(256, generator=gen))
+    rotation = numerics.butterfly_rotation(torch.rand(numerics.ROTATION_STAGES, 32, generator=gen) * 6.3)
+    chosen = torch.tensor([True, False, True, False])
+    out = numerics.rotate_groups(v, rotation, chosen)
+    m = numerics.rotation_matrix(rotation)
+    for g in range(4):
+        cols = slice(64 * g, 64 * g + 64)
+        if chosen[g]:
+            ref = v[:, cols].double() @ m
+            assert torch.allclose(out[:, cols].double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+        else:
+            assert torch.equal(out[:, cols], v[:, cols])
+
+
+def test_rotate_groups_rounds_each_product_and_sum_once():
+    """Stage s: fl(fl(a * v[i]) + fl(b * v[i ^ 2^s])) in float32, what kernel 1 computes without FMA:
+    one column followed through the six stages in float64 with a rounding to float32 after each
+    operation."""
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(3, 64, generator=gen)
+    rotation = numerics.butterfly_rotation(torch.rand(numerics.ROTATION_STAGES, 32, generator=gen) * 6.3)
+    out = numerics.rotate_groups(v, rotation, torch.tensor([True]))
+
+    def f32(t):
+        return t.float().double()
+
+    w = v.double()
+    for s in range(numerics.ROTATION_STAGES):
+        partner = w[:, torch.arange(64) ^ (1 << s)]
+        coef = rotation[s].double()
+        w = f32(f32(coef[:, 0] * w) + f32(coef[:, 1] * partner))
+    assert torch.equal(out, w.float())
+
+
+def test_rotated_activation_quantizers_rotate_signed_groups_only():
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(9, 256, generator=gen) * 3).bfloat16()
+    smooth = (torch.rand(256, generator=gen) + 0.5).bfloat16()
+    shift = torch.zeros(256)
+    shift[128:] = numerics.GELU_SHIFT
+    shift = shift.bfloat16()
+    rotation = numerics.hadamard_rotation()
+    unsigned = torch.tensor([False, False, True, True])
+    codes, scales = numerics.quantize_activations(x, smooth, shift, rotation=rotation)
+    v = (x.float() + shift.float()) / smooth.float()
+    ref = numerics.quantize_groups(numerics.rotate_groups(v, rotation, ~unsigned), unsigned, torch.bfloat16)
+    assert torch.equal(codes, ref[0]) and torch.equal(scales, ref[1])
+    plain_codes, _ = numerics.quantize_activations(x, smooth, shift)
+    assert torch.equal(codes[:, 128:], plain_codes[:, 128:]) and not torch.equal(codes[:, :128], plain_codes[:, :128])
+    pow2 = numerics.quantize_activations_pow2(x, smooth, shift, rotation=rotation)
+    v = (x.float() + shift.float()) * torch.reciprocal(smooth.float())
+    ref = numerics.quantize_groups_pow2(numerics.rotate_groups(v, rotation, ~unsigned), unsigned, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(pow2, ref))
+
+
+def test_rotated_product_equals_the_unrotated_one_before_rounding():
+    """Q(v M) . Q(R M)^T approximates v . R^T because M is orthogonal: without the 4-bit rounding
+    the rotated operands give the same product (to float32 rounding)."""
+    gen = torch.Generator().manual_seed(7)
+    v, r = torch.randn(16, 192, generator=gen), torch.randn(24, 192, generator=gen)
+    rotation = numerics.butterfly_rotation(torch.rand(numerics.ROTATION_STAGES, 32, generator=gen) * 6.3)
+    every = torch.ones(3, dtype=torch.bool)
+    r_rot = (r.double().reshape(24, 3, 64) @ numerics.rotation_matrix(rotation)).reshape(24, 192)
+    got = numerics.rotate_groups(v, rotation, every).double() @ r_rot.t()
+    assert torch.allclose(got, v.double() @ r.double().t(), atol=1e-4)
+    back = numerics.unrotated_residual(r_rot.float(), rotation, every)
+    assert torch.allclose(back, r, atol=1e-5)

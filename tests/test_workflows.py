@@ -79,7 +79,8 @@ def test_4bit_t5_workflow_encodes_the_prompt_with_our_text_encoders():
 def test_quantize_workflow_calibrates_on_two_prompts():
     workflow = load("quantize-flux.1-dev.json")
     nodes = by_type(workflow)
-    assert nodes["SVDQuantFluxQuantizer"]["widgets_values"] == ["flux1-dev.safetensors", "", 32, False, 4, False]
+    assert nodes["SVDQuantFluxQuantizer"]["widgets_values"] == ["flux1-dev.safetensors", "", 32, False, 4, False,
+                                                                "hadamard"]
     encoders = [node["id"] for node in workflow["nodes"] if node["type"] == "CLIPTextEncode"]
     into = {(link[1], link[3]) for link in workflow["links"] if link[5] == "CONDITIONING"}
     combine, quantizer = nodes["ConditioningCombine"]["id"], nodes["SVDQuantFluxQuantizer"]["id"]

@@ -18,10 +18,12 @@ def bf16_model(guidance_embed: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, pow2_scales: bool = False):
+def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, pow2_scales: bool = False,
+                    rotation: str = "hadamard"):
     cfg, tensors = bf16_model(guidance_embed)
     return flux.quantizer.quantize_flux(tensors, cfg, flux.quantizer.calibration_inputs(cfg), rank=rank,
-                                        smooth=smooth, alphas=TEST_ALPHAS, progress=False, pow2_scales=pow2_scales)
+                                        smooth=smooth, alphas=TEST_ALPHAS, progress=False, pow2_scales=pow2_scales,
+                                        rotation=rotation)
 
 
 def eager_and_compiled(model, args, backend: str = "inductor"):

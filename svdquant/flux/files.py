@@ -50,8 +50,9 @@ def file_problem(path) -> str | None:
     metadata, names = header
     if fmt.is_natural_file(metadata):
         version = metadata.get("format_version")
-        if version != str(fmt.FORMAT_VERSION):
-            return f"unsupported format version {version!r} (this pack reads {fmt.FORMAT_VERSION}); update the pack"
+        if version not in fmt.READ_VERSIONS:
+            return (f"unsupported format version {version!r} (this pack reads {' and '.join(fmt.READ_VERSIONS)}); "
+                    "update the pack")
         if metadata.get("model_type") != "flux":
             return f"an SVDQuant {metadata.get('model_type') or 'unknown'} model, not a FLUX model"
         return None

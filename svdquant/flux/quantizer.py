@@ -183,7 +183,8 @@ class _Calls:
 
 def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: FluxConfig, calibration: list[tuple],
                      held_out: list[tuple], write: Callable[[str, torch.Tensor], None], *, rank: int, smooth: bool,
-                     alphas, dtype: torch.dtype, pow2_scales: bool, smoothing_steps: int, device: torch.device,
+                     alphas, dtype: torch.dtype, pow2_scales: bool, smoothing_steps: int, rotation: str,
+                     device: torch.device,
                      progress: bool, on_layer: Callable[[str], None] | None) -> tuple[dict[str, dict], dict[str, float]]:
     """The streaming quantizer: load(keys) gives those tensors of the 16-bit model (keys of one
     part: the stem, then each block in order), write(key, tensor) takes every tensor of the
@@ -231,7 +232,8 @@ def _quantize_blocks(load: Callable[[list[str]], dict[str, torch.Tensor]], cfg: 
                 if spec.kind == W4A4:
                     result = quantize.quantize_linear(module.weight, module.bias, calibrated.pop(name), rank=rank,
                                                       shift=gelu_shift(spec), smooth=smooth, alphas=alphas, dtype=dtype,
-                                                      pow2_scales=pow2_scales, smoothing_steps=smoothing_steps)
+                                                      pow2_scales=pow2_scales, smoothing_steps=smoothing_steps,
+                                                      rotation=rotation)
                     if held_out:
                         errors[name] = quantize.relative_output_error(result, module.weight, module.bias,
                                                                       held.pop(name), pow2_scales)
@@ -275,7 +277,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
                   dtype: torch.dtype = torch.bfloat16, pow2_scales: bool = False,
                   device: str | torch.device | None = None,
                   on_layer: Callable[[str], None] | None = None, calibration_prompts: int = 0,
-                  held_out: list[tuple] | None = None, smoothing_steps: int = 0) -> fmt.QuantizedModel:
+                  held_out: list[tuple] | None = None, smoothing_steps: int = 0,
+                  rotation: str = quantize.DEFAULT_ROTATION) -> fmt.QuantizedModel:
     """SVDQuant a FLUX state dict (ComfyUI names) into a natural-format model.
 
     calibration: model calls (noise, timestep, context, pooled, guidance) for `flux.model.Flux`.
@@ -290,7 +293,8 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     layer inputs measure each W4A4 layer's output error; the mean and the worst layers go into
     quantization["held_out_error"] (quantize_checkpoint also writes every layer's: quality_summary).
     smoothing_steps: the learned smoothing's steps per layer (quantize.quantize_linear; 0: the searched
-    smoothing only), recorded in the metadata.
+    smoothing only), recorded in the metadata. rotation: the group rotation of every W4A4 layer's signed
+    input groups (quantize.ROTATIONS), recorded in the metadata.
     """
     check_tensors(cfg, tensors, {})
     device = torch.device(device) if device is not None else tensors["img_in.weight"].device
@@ -298,18 +302,18 @@ def quantize_flux(tensors: dict[str, torch.Tensor], cfg: FluxConfig, calibration
     layers, errors = _quantize_blocks(
         lambda keys: {key: _require_finite(key, tensors[key], "state dict") for key in keys}, cfg, calibration,
         held_out or [], out.__setitem__, rank=rank, smooth=smooth, alphas=alphas, dtype=dtype, pow2_scales=pow2_scales,
-        smoothing_steps=smoothing_steps, device=device, progress=progress, on_layer=on_layer)
+        smoothing_steps=smoothing_steps, rotation=rotation, device=device, progress=progress, on_layer=on_layer)
     return fmt.QuantizedModel(out, layers, "flux", cfg.to_dict(),
                               _quantization(rank, smooth, len(calibration), calibration_prompts, pow2_scales,
-                                            smoothing_steps, errors))
+                                            smoothing_steps, rotation, errors))
 
 
-def _quantization(rank, smooth, calls, prompts, pow2_scales, smoothing_steps, errors) -> dict:
+def _quantization(rank, smooth, calls, prompts, pow2_scales, smoothing_steps, rotation, errors) -> dict:
     """The file's `quantization` metadata; with a quality report, its mean and worst layers (every
     layer's error is in the file's `quality` metadata and the JSON beside it)."""
     out = {"method": "svdquant", "group_size": numerics.GROUP_SIZE, "act_shift": numerics.GELU_SHIFT,
            "rank": rank, "smooth": smooth, "calibration_calls": calls, "calibration_prompts": prompts,
-           "pow2_scales": pow2_scales, "smoothing_steps": smoothing_steps}
+           "pow2_scales": pow2_scales, "smoothing_steps": smoothing_steps, "rotation": rotation}
     if errors:
         summary = quality_summary(errors)
         out["held_out_error"] = {"mean": summary["mean"], "worst": summary["worst"]}
@@ -449,13 +453,14 @@ def header_bytes_needed(cfg: FluxConfig) -> int:
 
 
 def output_bytes(cfg: FluxConfig, rank: int) -> int:
-    """The quantized file's size at most (bias and shift counted wherever a layer may have them),
-    from the tensor shapes: 4-bit codes, 16-bit scales, low-rank factors and unquantized tensors."""
+    """The quantized file's size at most (bias, shift and rotation counted wherever a layer may have
+    them), from the tensor shapes: 4-bit codes, 16-bit scales, low-rank factors and unquantized tensors."""
     total = header_bytes_needed(cfg)
     for name, spec in linear_layers(cfg).items():
         n, k = spec.out_features, spec.in_features
         if spec.kind == W4A4:
             total += n * k // 2 + 2 * (k // numerics.GROUP_SIZE * n + 2 * k + (n + k) * rank + n)
+            total += 4 * numerics.ROTATION_STAGES * numerics.GROUP_SIZE * 2
         elif spec.kind == W4A16:
             total += n * k // 2 + 2 * (2 * k // numerics.GROUP_SIZE * n + n)
         else:
@@ -580,7 +585,8 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
                         on_layer: Callable[[str], None] | None = None,
                         report: Callable[[str], None] = lambda message: None,
                         prompts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        learned_smoothing: bool = False) -> QuantizedCheckpoint:
+                        learned_smoothing: bool = False,
+                        rotation: str = quantize.DEFAULT_ROTATION) -> QuantizedCheckpoint:
     """Quantize the 16-bit FLUX.1 transformer file `source` into the SVDQuant file `target`.
 
     What the CLI's `quantize` and the Quantizer node run. The checkpoint is read one block at a
@@ -595,7 +601,7 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
     (calibration_inputs), else random stand-ins; the held-out calls take them too.
     learned_smoothing: each layer's smoothing also learned on its calibration inputs
     (quantize.LEARNED_SMOOTHING_STEPS steps; bench/NOTES.md#fidelity-learned-smoothing): a smaller
-    error for about 2.8x the time of the 4-bit layers' quantization.
+    error for about 2.8x the time of the 4-bit layers' quantization. rotation: as for quantize_flux.
     """
     target = Path(target)
     if target.suffix != ".safetensors":
@@ -635,12 +641,13 @@ def quantize_checkpoint(source, target, rank: int = 32, pow2_scales: bool = Fals
         layers, errors = _quantize_blocks(lambda keys: read_checkpoint(source, keys), cfg, calibration, held_out,
                                           writer.write, rank=rank, smooth=True, alphas=quantize.DEFAULT_ALPHAS,
                                           dtype=torch.bfloat16, pow2_scales=pow2_scales,
-                                          smoothing_steps=smoothing_steps, device=device, progress=progress,
+                                          smoothing_steps=smoothing_steps, rotation=rotation, device=device,
+                                          progress=progress,
                                           on_layer=on_layer)
         quantization = _quantization(rank, True, calibration_calls, len(prompts or ()), pow2_scales,
-                                     smoothing_steps, errors)
+                                     smoothing_steps, rotation, errors)
         quality = quality_summary(errors)
-        writer.finish({"format": fmt.FORMAT_NAME, "format_version": str(fmt.FORMAT_VERSION),
+        writer.finish({"format": fmt.FORMAT_NAME, "format_version": fmt.format_version(layers),
                        "quantization": json.dumps(quantization), "layers": json.dumps(layers), "model_type": "flux",
                        "model_config": json.dumps(cfg.to_dict()), "quality": json.dumps(quality)})
     except OSError as exc:
