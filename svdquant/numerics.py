@@ -160,7 +160,7 @@ def butterfly_rotation(angles: torch.Tensor) -> torch.Tensor:
     """The rotation tensor (float32 [6, 64, 2]) of one 2 x 2 rotation per pair and stage: angles
     [6, 32], pair p of stage s joining column i (bit s clear; p = i with bit s removed) and
     j = i + 2^s as (v[i], v[j]) <- (cos t v[i] - sin t v[j], sin t v[i] + cos t v[j]). All angles pi/4
-    give a 64-point Walsh-Hadamard transform up to signs (`hadamard_rotation`)."""
+    give the Walsh-Hadamard transform up to signs (`hadamard_rotation` is its exact form)."""
     angles = angles.to(torch.float64)
     out = torch.empty(ROTATION_STAGES, GROUP_SIZE, 2, dtype=torch.float64)
     for stage in range(ROTATION_STAGES):
@@ -172,8 +172,17 @@ def butterfly_rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def hadamard_rotation() -> torch.Tensor:
-    """The rotation tensor of butterfly_rotation with every angle pi/4."""
-    return butterfly_rotation(torch.full((ROTATION_STAGES, GROUP_SIZE // 2), torch.pi / 4))
+    """The 64-point Walsh-Hadamard transform as a rotation tensor: (v[i], v[j]) <- (v[i] + v[j],
+    v[i] - v[j]) in the first five stages and the same times 1/8 in the last, so that its matrix is
+    exactly orthogonal (entries +-1/8) and every stage but the last is one exact sum or difference
+    (kernel 1 computes those without the factors: the same numbers)."""
+    out = torch.empty(ROTATION_STAGES, GROUP_SIZE, 2)
+    for stage in range(ROTATION_STAGES):
+        factor = 0.125 if stage == ROTATION_STAGES - 1 else 1.0
+        high = torch.tensor([i >> stage & 1 for i in range(GROUP_SIZE)], dtype=torch.bool)
+        out[stage, :, 0] = torch.where(high, -factor, factor)  # own value: + for i, - for j = i + 2^s
+        out[stage, :, 1] = factor
+    return out
 
 
 def _rotated(v: torch.Tensor, rotation: torch.Tensor | None, unsigned_groups: torch.Tensor) -> torch.Tensor:

@@ -103,17 +103,19 @@ def test_pow2_weight_exponents_detection():
 
 # ---- the group rotation ---------------------------------------------------------------------------
 
-def test_hadamard_rotation_is_the_walsh_hadamard_transform_up_to_signs():
+def test_hadamard_rotation_is_the_orthonormal_walsh_hadamard_matrix_exactly():
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < 64:
+        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
     m = numerics.rotation_matrix(numerics.hadamard_rotation())
-    assert torch.allclose(m.abs(), torch.full((64, 64), 0.125, dtype=torch.float64), atol=1e-7)
-    assert torch.allclose(m @ m.t(), torch.eye(64, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(m, sylvester / 8) and torch.equal(m @ m.t(), torch.eye(64, dtype=torch.float64))
 
 
 def test_butterfly_rotation_is_orthogonal_and_angle_zero_is_the_identity():
     angles = torch.rand(numerics.ROTATION_STAGES, 32, generator=torch.Generator().manual_seed(3)) * 6.3
     m = numerics.rotation_matrix(numerics.butterfly_rotation(angles))
     assert torch.allclose(m @ m.t(), torch.eye(64, dtype=torch.float64), atol=1e-6)
-    assert not torch.allclose(m.abs(), numerics.rotation_matrix(numerics.hadamard_rotation()).abs(), atol=1e-2)
+    assert not torch.allclose(m.abs(), torch.full((64, 64), 0.125, dtype=torch.float64), atol=1e-2)
     identity = numerics.rotation_matrix(numerics.butterfly_rotation(torch.zeros(numerics.ROTATION_STAGES, 32)))
     assert torch.equal(identity, torch.eye(64, dtype=torch.float64))
 
