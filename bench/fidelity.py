@@ -196,7 +196,8 @@ def real_weights(args) -> None:
     # svdquant_r*: SVDQuant's own split (refine_rounds=0) rounded to nearest; *_refined: the refined split
     # (quantize.REFINE_ROUNDS) rounded to nearest; *_compensated: refined and error-compensated; *_learned:
     # with the opt-in learned smoothing; all of these without a group rotation. *_hadamard: the default
-    # (refined, compensated, Hadamard group rotation); *_hadamard_learned: with the learned smoothing
+    # (refined, compensated, Hadamard group rotation); *_hadamard_learned: with the learned smoothing;
+    # *_rotation_learned: the learned butterfly rotation, *_learned_learned also the learned smoothing
     plain = dict(compensate=False, rotation="none")
     steps = quantize.LEARNED_SMOOTHING_STEPS
     recipes = {"naive_w4a4": w4a4(rank=0, smooth=False, **plain), "smooth_w4a4": w4a4(rank=0, **plain),
@@ -209,6 +210,8 @@ def real_weights(args) -> None:
                "svdquant_r16_hadamard": w4a4(rank=16, rotation="hadamard"),
                "svdquant_r32_hadamard": w4a4(rank=32, rotation="hadamard"),
                "svdquant_r32_hadamard_learned": w4a4(rank=32, smoothing_steps=steps, rotation="hadamard"),
+               "svdquant_r32_rotation_learned": w4a4(rank=32, rotation="learned"),
+               "svdquant_r32_rotation_learned_learned": w4a4(rank=32, smoothing_steps=steps, rotation="learned"),
                "svdquant_r32_fp8_execution": fp8_execution(rank=32, rotation="none"),
                "svdquant_r32_hadamard_fp8_execution": fp8_execution(rank=32, rotation="hadamard"),
                "w4a16": w4a16}

@@ -107,9 +107,11 @@ class SVDQuantFluxQuantizer(io.ComfyNode):
                 io.Combo.Input("rotation", options=list(quantize.ROTATIONS), default=quantize.DEFAULT_ROTATION,
                                optional=True,
                                tooltip="Rotate each 4-bit layer's inputs inside every group of 64 channels before "
-                                       "quantizing them (hadamard: -6% layer error on a real transformer's "
-                                       "weights, no extra time; the file needs this pack's format version 2). "
-                                       "none: a file older versions of the pack load."),
+                                       "quantizing them. hadamard: -6% layer error on a real transformer's "
+                                       "weights at no extra time. learned: the rotation learned per layer "
+                                       "(slower to quantize and to run; with learned_smoothing the lowest "
+                                       "error). Both need this pack's format version 2; none: a file older "
+                                       "versions of the pack load."),
                 io.Conditioning.Input("calibration_prompts", optional=True,
                                       tooltip="Optional: prompts like the ones you will generate, encoded by the "
                                               "FLUX text encoders (CLIP Text Encode; several joined with "

@@ -175,7 +175,9 @@ def main(argv=None) -> int:
                                "for about 2.8x the quantization time")
     quantize.add_argument("--rotation", choices=quantize_recipe.ROTATIONS, default=quantize_recipe.DEFAULT_ROTATION,
                           help="group rotation of each 4-bit layer's inputs before quantization (hadamard: a "
-                               "smaller error at no cost; none: files that engines before format version 2 read)")
+                               "smaller error at no cost; learned: learned per layer, slower to quantize and to "
+                               "run, the lowest error with --learned-smoothing; none: files that engines before "
+                               "format version 2 read)")
     quantize.add_argument("--calibration-calls", type=int, default=4, choices=range(1, 17), metavar="N",
                           help="model calls on random stand-in inputs whose layer inputs calibrate the "
                                "quantization (1 to 16)")

@@ -46,11 +46,14 @@ COMPENSATION_DAMPING = 0.3
 # bench/NOTES.md#fidelity-learned-smoothing: 100 steps at 0.01 reach the plateau on all-MiniLM.
 LEARNED_SMOOTHING_RATE = 0.01
 LEARNED_SMOOTHING_STEPS = 100
-# Group rotations of the signed input groups (quantize_linear's rotation): "none", or the fixed 64-point
+# Group rotations of the signed input groups (quantize_linear's rotation): "none"; the fixed 64-point
 # Walsh-Hadamard butterfly (bench/NOTES.md#fidelity-rotation: all-MiniLM's mean layer error -5.9% at
-# no quantization cost).
-ROTATIONS = ("none", "hadamard")
+# no quantization cost); "learned": the butterfly's 192 angles learned per layer from the Hadamard's
+# by Adam on the calibration output error (LEARNED_ROTATION_STEPS at LEARNED_ROTATION_RATE).
+ROTATIONS = ("none", "hadamard", "learned")
 DEFAULT_ROTATION = "hadamard"
+LEARNED_ROTATION_STEPS = 100
+LEARNED_ROTATION_RATE = 0.01
 
 
 @dataclass
@@ -247,8 +250,10 @@ class _Rotation:
         matrix = numerics.rotation_matrix(rotation).float().to(unsigned.device)
         return cls(rotation.float().cpu(), matrix, ~unsigned)
 
-    def weights(self, r: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """r [N, K] with the columns of each turned group times M (inverse: times M^T)."""
+    def turned(self, r: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """r [rows, K] with the columns of each turned group times M (inverse: times M^T): the residual
+        in the rotated frame (M orthogonal), or activations rotated in float32 without the kernel's
+        rounding order (what the straight-through learning differentiates)."""
         g = r.reshape(r.shape[0], -1, GROUP_SIZE)
         turned = g @ (self.matrix.t() if inverse else self.matrix)
         return torch.where(self.groups.view(1, -1, 1), turned, g).reshape(r.shape)
@@ -259,7 +264,20 @@ class _Rotation:
 
 
 def _turned(r: torch.Tensor, rotation: _Rotation | None, inverse: bool = False) -> torch.Tensor:
-    return r if rotation is None else rotation.weights(r, inverse)
+    return r if rotation is None else rotation.turned(r, inverse)
+
+
+def _butterfly_matrix(angles: torch.Tensor) -> torch.Tensor:
+    """numerics.rotation_matrix(numerics.butterfly_rotation(angles)) in float32 on angles' device,
+    differentiable in the angles [6, 32]."""
+    columns = torch.arange(GROUP_SIZE, device=angles.device)
+    m = torch.eye(GROUP_SIZE, device=angles.device)
+    for stage in range(numerics.ROTATION_STAGES):
+        pair = (columns & ((1 << stage) - 1)) | ((columns >> (stage + 1)) << stage)
+        t = angles[stage, pair]
+        high = (columns >> stage & 1).bool()
+        m = m * torch.cos(t) + m[:, columns ^ (1 << stage)] * torch.where(high, torch.sin(t), -torch.sin(t))
+    return m
 
 
 def _decompose(w: torch.Tensor, s: torch.Tensor, rank: int, power_iters: int, dtype: torch.dtype,
@@ -345,6 +363,38 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int,
     return best
 
 
+def _learned_rotation(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) -> torch.Tensor:
+    """The rotation tensor (numerics.butterfly_rotation) of the butterfly angles learned by `steps` Adam
+    steps from pi/4 (the Hadamard's error) on the calibration tokens' output error of the quantized
+    path, s and the branch held fixed, rounding passed straight through. Returns the least error's."""
+    with torch.inference_mode(False), torch.enable_grad():
+        w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
+                                                        for t in (w, x, s, unsigned, lora_down, lora_up, shift))
+        residual = (w - lora_up @ lora_down.t()) * s
+        target = x @ (residual / s).t()
+        v = (x if shift is None else x + shift) / s
+        no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
+        angles = torch.full((numerics.ROTATION_STAGES, GROUP_SIZE // 2), torch.pi / 4, device=w.device,
+                            requires_grad=True)
+        optimizer = torch.optim.Adam([angles], lr=LEARNED_ROTATION_RATE)
+        best_err, best = None, angles.detach().clone()
+        for step in range(steps + 1):
+            trial = _Rotation(angles, _butterfly_matrix(angles), ~unsigned)
+            # the rotation turns only unshifted groups, so the shift's share is never turned
+            act = _ste_quantize_groups(trial.turned(v), unsigned)
+            if shift is not None:
+                act = act - shift / s
+            err = (act @ _ste_quantize_groups(trial.turned(residual), no_groups).t() - target).square().mean()
+            if best_err is None or err.item() < best_err:
+                best_err, best = err.item(), angles.detach().clone()
+            if step == steps:
+                break
+            optimizer.zero_grad()
+            err.backward()
+            optimizer.step()
+    return numerics.butterfly_rotation(best.cpu())
+
+
 def _dequantized_activations(x, smooth, shift, unsigned, dtype, pow2=False, rotation=None) -> torch.Tensor:
     """The quantized path's activations as the engine quantizes them, dequantized to float32
     [tokens, K]: INT4 codes of (x + h) / s (its signed groups rotated where rotation is given) times
@@ -404,8 +454,9 @@ def quantize_linear(
     calibration output error (_learned_smoothing; LEARNED_SMOOTHING_STEPS is the tested setting),
     then the final split made for it; 0 (the default) keeps the searched s.
     rotation: one of ROTATIONS, the group rotation of the signed input groups (numerics.rotate_groups),
-    stored with the layer; every step above then works in the rotated frame. A layer with no signed
-    group gets none.
+    stored with the layer; every step above then works in the rotated frame ("learned": the search and
+    the learned smoothing with the Hadamard, then the butterfly learned (_learned_rotation) before the
+    final split). A layer with no signed group gets none.
     """
     n, k = weight.shape
     if k % GROUP_SIZE:
@@ -421,8 +472,9 @@ def quantize_linear(
         x = x[torch.linspace(0, x.shape[0] - 1, MAX_CALIBRATION_TOKENS, device=device).long()]
     h = None if shift is None else shift.to(device=device, dtype=torch.float32)
     unsigned = numerics.unsigned_groups_from_shift(h, k).to(device)
+    # the learned rotation starts where the Hadamard is: the smoothing search and learning run with it
     turn = (_Rotation.of(numerics.hadamard_rotation(), unsigned)
-            if rotation == "hadamard" and not bool(unsigned.all()) else None)
+            if rotation != "none" and not bool(unsigned.all()) else None)
     reference = x @ w.t()
 
     x_in = x if h is None else x + h
@@ -443,6 +495,11 @@ def quantize_linear(
                                               rotation=turn)
         s = _learned_smoothing(w, x, s, h, unsigned, lora_down, lora_up, smoothing_steps,
                                turn).to(dtype).float()
+    if rotation == "learned" and turn is not None:
+        _, _, lora_down, lora_up = _decompose(w, s, rank, FINAL_POWER_ITERS, dtype, pow2_scales, refine_rounds,
+                                              rotation=turn)
+        turn = _Rotation.of(_learned_rotation(w, x, s, h, unsigned, lora_down, lora_up, LEARNED_ROTATION_STEPS),
+                            unsigned)
     inputs = None
     if compensate:
         inputs = _dequantized_activations(x, s, h, unsigned, dtype, pow2_scales, turn)

@@ -224,5 +224,23 @@ def test_hadamard_rotation_lowers_the_held_out_error_and_is_stored():
     layer = SVDQLinear.from_tensors(rotated.as_dict())
     ref = held_out.double() @ w.double().t() + b.double()
     assert abs(float((layer(held_out.bfloat16()).double() - ref).norm() / ref.norm()) - error) < 0.1 * error
-    with pytest.raises(ValueError, match="unknown rotation 'learned'"):
-        quantize.quantize_linear(w, b, calibration, rotation="learned")
+    with pytest.raises(ValueError, match="unknown rotation 'quarot'"):
+        quantize.quantize_linear(w, b, calibration, rotation="quarot")
+
+
+def test_learned_rotation_is_an_orthogonal_butterfly_the_layer_runs(monkeypatch):
+    """rotation="learned": a butterfly learned from the Hadamard's angles (the best of the steps, the start
+    included), stored as its coefficients; the quantized residual is in its frame (a residual left in
+    another frame would be off by O(1))."""
+    monkeypatch.setattr(quantize, "LEARNED_ROTATION_STEPS", 15)
+    x, w, b = synthetic.outlier_layer(128, 256, tokens=256, seed=6)
+    calibration, held_out = x[0::2], x[1::2]
+    learned = quantize.quantize_linear(w, b, calibration, rank=16, rotation="learned", alphas=(0.5,))
+    m = numerics.rotation_matrix(learned.rotation)
+    assert torch.allclose(m @ m.t(), torch.eye(64, dtype=torch.float64), atol=1e-5)
+    hadamard = quantize.quantize_linear(w, b, calibration, rank=16, alphas=(0.5,))
+    error = quantize.relative_output_error(learned, w, b, held_out)
+    assert error < 1.1 * quantize.relative_output_error(hadamard, w, b, held_out)
+    layer = SVDQLinear.from_tensors(learned.as_dict())
+    ref = held_out.double() @ w.double().t() + b.double()
+    assert abs(float((layer(held_out.bfloat16()).double() - ref).norm() / ref.norm()) - error) < 0.1 * error
