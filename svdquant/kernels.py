@@ -85,6 +85,32 @@ def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
     return grouped[:, 0].contiguous() if bool((grouped == grouped[:, :1]).all()) else None
 
 
+# How kernel 1 of the W4A4 families applies a layer's group rotation (csrc/common/device.cuh
+# rotate_octet): none, numerics.hadamard_rotation() by sums and differences, or any other rotation
+# by its coefficients
+ROTATION_NONE, ROTATION_HADAMARD, ROTATION_COEFFICIENTS = 0, 1, 2
+ROTATION_COEFFICIENTS_SHAPE = (numerics.ROTATION_STAGES * 32, 4)  # float4 (4 s + j) * 8 + t
+
+
+def rotation_coefficients(rotation: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A group rotation's coefficients (float32 [6, 64, 2]) in kernel 1's layout (device.cuh's
+    rotate_octet_coefficients): float32 [192, 4] on device, row (4 s + j) * 8 + t holding
+    rotation[s, 8 t + 2 j] and rotation[s, 8 t + 2 j + 1]."""
+    grouped = rotation.to(device=device, dtype=torch.float32).reshape(numerics.ROTATION_STAGES, 8, 4, 4)
+    return grouped.transpose(1, 2).reshape(ROTATION_COEFFICIENTS_SHAPE).contiguous()
+
+
+def kernel1_rotation(rotation: torch.Tensor | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """A group rotation (float32 [6, 64, 2] or None) as kernel 1 takes it: (ROTATION_NONE, None),
+    (ROTATION_HADAMARD, None) where it is exactly numerics.hadamard_rotation(), else
+    (ROTATION_COEFFICIENTS, rotation_coefficients(rotation, device))."""
+    if rotation is None:
+        return ROTATION_NONE, None
+    if torch.equal(rotation.to(device="cpu", dtype=torch.float32), numerics.hadamard_rotation()):
+        return ROTATION_HADAMARD, None
+    return ROTATION_COEFFICIENTS, rotation_coefficients(rotation, device)
+
+
 # ---- the kernels' limits --------------------------------------------------------------------------
 # The low-rank kernels take ranks in multiples of RANK_MULTIPLE, at most MAX_RANK in all (a model's
 # own branch plus the LoRAs joined to it: svdquant/lora.py pads to and checks against these).
@@ -258,13 +284,10 @@ class W4A4Kernel:
             return None
         return self.derived("group_shifts", (self.shift,), lambda: group_shifts(self.shift))
 
-    def rotation_f32(self) -> torch.Tensor | None:
-        """The rotation as kernel 1 takes it: contiguous float32 [6, 64, 2] on the weights' device, or
-        None for a layer without one."""
-        if self.rotation is None:
-            return None
-        return self.derived("rotation_f32", (self.rotation,),
-                            lambda: self.rotation.to(self.qweight.device, torch.float32).contiguous())
+    def kernel1_rotation(self) -> tuple[int, torch.Tensor | None]:
+        """The rotation as kernel 1 takes it (kernels.kernel1_rotation), on the weights' device."""
+        return self.derived("kernel1_rotation", (self.rotation,),
+                            lambda: kernel1_rotation(self.rotation, self.qweight.device))
 
     def _route(self, x: torch.Tensor) -> tuple[object | None, dict, str]:
         """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdquant import numerics
+from svdquant import kernels, numerics
 from svdquant.families import sm80, sm90
 from svdquant.linear import SVDQLinear, W4A16Linear
 
@@ -69,6 +69,12 @@ def _wscales(groups: int, n: int, dtype: torch.dtype, generator: torch.Generator
     scales = (base * torch.exp2(-exps.float())).to(dtype)
     assert torch.equal(scales.float(), base * torch.exp2(-exps.float()))
     return scales
+
+
+# the way kernel 1 applies each of group_rotation's kinds (kernels.kernel1_rotation): none, the
+# Hadamard rotation by sums and differences, a random butterfly by its coefficients
+KERNEL1_ROTATION = {"none": kernels.ROTATION_NONE, "hadamard": kernels.ROTATION_HADAMARD,
+                    "random": kernels.ROTATION_COEFFICIENTS}
 
 
 def group_rotation(kind: str, seed: int = 0) -> torch.Tensor | None:
@@ -130,7 +136,7 @@ def sm90_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_op
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, shift, _ = sm90.kernel1_inputs(kernel)
     down = sm90.kernel1_lora_down(layer.lora_down)
-    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands, kernel.rotation_f32())
+    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands, kernel.kernel1_rotation())
 
 
 def sm80_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool):
@@ -138,4 +144,4 @@ def sm80_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool):
     sm80.svdq_linear runs it)."""
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
-    return sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2, rotation=kernel.rotation_f32())
+    return sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2, rotation=kernel.kernel1_rotation())

@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from random_layers import (activations, gen, group_rotation, needs_sm80, needs_sm90, rel, sm80_kernel1, sm90_kernel1,
-                           w4a4_layer)
-from svdquant import numerics
+from random_layers import (KERNEL1_ROTATION, activations, gen, group_rotation, needs_sm80, needs_sm90, rel,
+                           sm80_kernel1, sm90_kernel1, w4a4_layer)
+from svdquant import kernels, numerics
 from svdquant.families import sm80, sm90
 
 G = numerics.GROUP_SIZE
@@ -103,6 +103,7 @@ def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation,
     seed = m * 7 + rank + unsigned + k + 11 * pow2
     generator = gen(seed)
     layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, seed))
+    assert layer.w4a4_kernel().kernel1_rotation()[0] == KERNEL1_ROTATION[rotation]  # the path under test
     x = activations(m, k, dtype, generator, layer.unsigned_groups)
     codes, ascales, lora_act = sm90_kernel1(x, layer, pow2, int8_operands)
     torch.cuda.synchronize()
@@ -139,6 +140,7 @@ def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation,
     seed = m * 7 + rank + unsigned + k + 11 * pow2
     generator = gen(seed)
     layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, seed))
+    assert layer.w4a4_kernel().kernel1_rotation()[0] == KERNEL1_ROTATION[rotation]  # the path under test
     x = activations(m, k, dtype, generator, layer.unsigned_groups)
     codes, ascales, lora_act = sm80_kernel1(x, layer, pow2)
     torch.cuda.synchronize()
@@ -176,9 +178,9 @@ def test_sm80_act_quant_s8_operands(m, dtype, unsigned, k, rank, rotation):
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
     codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True,
-                                           rotation=kernel.rotation_f32())
+                                           rotation=kernel.kernel1_rotation())
     _, _, pow2_lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True,
-                                         rotation=kernel.rotation_f32())
+                                         rotation=kernel.kernel1_rotation())
     torch.cuda.synchronize()
     ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(x, layer.smooth, layer.shift,
                                                                        rotation=layer.rotation)
@@ -222,17 +224,89 @@ def test_act_quant_refuses_a_rotation_it_cannot_read(family):
 
         def run(rotation):
             return sm90.act_quant(x, *inputs, rotation=rotation)
-    good = numerics.hadamard_rotation().to(x.device)
-    run(good)
-    with pytest.raises(error, match="rotation must be torch.float32"):
-        run(good.double())
-    with pytest.raises(error, match=r"rotation must have shape \[6, 64, 2\]"):
-        run(good[:5])
-    with pytest.raises(error, match="rotation must be contiguous"):
-        run(good.transpose(0, 1).contiguous().transpose(0, 1))
-    with pytest.raises(error, match="rotation must be on"):
-        run(good.cpu())
+    kind, good = kernels.kernel1_rotation(group_rotation("random", 5), x.device)
+    run((kind, good))
+    run(kernels.kernel1_rotation(numerics.hadamard_rotation(), x.device))
+    with pytest.raises(error, match="rotation coefficients must be torch.float32"):
+        run((kind, good.double()))
+    with pytest.raises(error, match=r"rotation coefficients must have shape \[192, 4\]"):
+        run((kind, good[:96]))
+    with pytest.raises(error, match="rotation coefficients must be contiguous"):
+        run((kind, good.t().contiguous().t()))
+    with pytest.raises(error, match="rotation coefficients must be on"):
+        run((kind, good.cpu()))
     misaligned = torch.empty(good.numel() + 1, device=x.device)[1:].view(good.shape)
     misaligned.copy_(good)
     with pytest.raises(error, match="16-byte boundary"):
-        run(misaligned)
+        run((kind, misaligned))
+    with pytest.raises(error, match="kernels.kernel1_rotation's, got kind 3"):
+        run((3, None))
+    with pytest.raises(error, match="kernels.kernel1_rotation's, got kind 1"):
+        run((kernels.ROTATION_HADAMARD, good))  # the Hadamard path reads no coefficients
+
+
+def test_kernel1_rotation_takes_the_hadamard_path_only_for_the_exact_hadamard_rotation():
+    hadamard = numerics.hadamard_rotation()
+    cpu = torch.device("cpu")
+    assert kernels.kernel1_rotation(None, cpu) == (kernels.ROTATION_NONE, None)
+    assert kernels.kernel1_rotation(hadamard, cpu) == (kernels.ROTATION_HADAMARD, None)
+    assert kernels.kernel1_rotation(hadamard.double(), cpu) == (kernels.ROTATION_HADAMARD, None)
+    # the butterfly of angles pi/4 is the Walsh-Hadamard transform up to signs and rounding: not it
+    near = numerics.butterfly_rotation(torch.full((numerics.ROTATION_STAGES, G // 2), torch.pi / 4))
+    one_off = hadamard.clone()
+    one_off[2, 17, 1] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
+    for rotation in (near, one_off, group_rotation("random", 3)):
+        kind, coef = kernels.kernel1_rotation(rotation, cpu)
+        assert kind == kernels.ROTATION_COEFFICIENTS and coef.shape == kernels.ROTATION_COEFFICIENTS_SHAPE
+        # rotate_octet_coefficients' layout: float4 (4 s + j) * 8 + t = columns 8 t + 2 j, 8 t + 2 j + 1 of stage s
+        for s_, j, t in ((0, 0, 0), (2, 3, 5), (5, 1, 7), (3, 2, 2)):
+            assert torch.equal(coef[(4 * s_ + j) * 8 + t], rotation[s_, 8 * t + 2 * j:8 * t + 2 * j + 2].flatten())
+        assert torch.equal(coef.reshape(-1).sort().values, rotation.reshape(-1).sort().values)
+
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm80", "sm90"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_both_rotation_paths_agree_on_the_hadamard_rotation(family, pow2):
+    # kernel 1's Hadamard path (sums and differences; stage 5 as two products by 1/8 and a sum) and
+    # its coefficient path on the same rotation, against numerics on the CPU, with groups scaled
+    # down so far that their values are subnormal in float32 (where 0.125 (a + b) would differ from
+    # 0.125 a + 0.125 b); exact mode's per-group scales see them, pow2 mode's token scale does not
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    m, k, dtype = 70, 1600, torch.bfloat16
+    layer = w4a4_layer(64, k, 32, dtype, gen(9), unsigned=True, rotation=numerics.hadamard_rotation())
+    x = activations(m, k, dtype, gen(10), layer.unsigned_groups).float()
+    x[:, 2 * G:3 * G] *= 2.0**-126
+    x[::3, 12 * G:13 * G] *= 2.0**-130
+    x = x.to(dtype)
+    kernel = layer.w4a4_kernel()
+    if family == "sm80":
+        family_module, (smooth, inv_smooth, shift, lora) = sm80, sm80.kernel1_inputs(kernel)
+    else:
+        family_module, (smooth, inv_smooth, shift, _) = sm90, sm90.kernel1_inputs(kernel)
+        lora = sm90.kernel1_lora_down(layer.lora_down)
+    assert kernel.kernel1_rotation() == (kernels.ROTATION_HADAMARD, None)
+    coefficients = (kernels.ROTATION_COEFFICIENTS, kernels.rotation_coefficients(layer.rotation, x.device))
+    fast, general = (family_module.act_quant(x, smooth, inv_smooth, shift, lora, pow2, rotation=rotation)
+                     for rotation in (kernel.kernel1_rotation(), coefficients))
+    torch.cuda.synchronize()
+    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    v = (x.float() + layer.shift.float()) / layer.smooth.float()
+    assert int(((v != 0) & (v.abs() < 2.0**-126)).sum()) > 1000  # subnormal inputs to the rotation
+    cpu = [t.cpu() for t in (x, layer.smooth, layer.shift, layer.rotation)]
+    codes, ascales = fast[0].cpu(), fast[1].cpu()
+    if pow2:
+        ref_codes, ref_atok, ref_exps = numerics.quantize_activations_pow2(*cpu[:3], rotation=cpu[3])
+        ref_scales = numerics.pow2_scales(ref_atok, ref_exps)
+    else:
+        ref_codes, ref_scales = numerics.quantize_activations(*cpu[:3], rotation=cpu[3])
+    if family == "sm80":
+        assert torch.equal(codes, numerics.pack_int4(ref_codes)) and torch.equal(ascales[:, :m].t(), ref_scales.float())
+    else:
+        got = sm90.act_operands_to_natural(codes)
+        if pow2:
+            ref = ref_codes.float() * torch.exp2(-ref_exps.float()).repeat_interleave(G, dim=1)
+            assert torch.equal(got, ref) and torch.equal(ascales[0, :m], ref_atok.float())
+        else:
+            assert torch.equal(got, ref_codes.float()) and torch.equal(ascales[:, :m].t(), ref_scales.float())

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from random_layers import DEV, activations, gen, group_rotation, needs_sm80, needs_sm90, rel, w4a4_layer
+from random_layers import (DEV, KERNEL1_ROTATION, activations, gen, group_rotation, needs_sm80, needs_sm90, rel,
+                           w4a4_layer)
 from svdquant import kernels, lora, numerics
 from svdquant.families import sm80, sm90
 from svdquant.linear import SVDQLinear
@@ -343,13 +344,24 @@ def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow
 
 # ---- each family's layer path on the CPU: what it hands its kernels (launchers replaced by recorders) ----
 
+def _check_kernel1_rotation(given, kernel: kernels.W4A4Kernel, kind: str, rotation: torch.Tensor | None) -> None:
+    """Kernel 1 was handed the layer's rotation as W4A4Kernel.kernel1_rotation keeps it: the path of
+    group_rotation's `kind`, a random butterfly's coefficients in kernel 1's layout."""
+    assert given is kernel.kernel1_rotation() and given[0] == KERNEL1_ROTATION[kind]
+    if kind == "random":
+        assert torch.equal(given[1], kernels.rotation_coefficients(rotation, kernel.qweight.device))
+    else:
+        assert given[1] is None
+
+
 @pytest.mark.parametrize("rank,pow2_weights,pow2_activations,rotation", [
     (32, False, False, "none"), (32, True, False, "hadamard"), (48, True, True, "random"), (224, False, True, "none")])
 def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_weights, pow2_activations,
                                                           rotation):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False, rotation=None):
+    def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False,
+                  rotation=(kernels.ROTATION_NONE, None)):
         calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
 
@@ -374,10 +386,7 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 
     smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation_given = calls["kernel 1"]
     assert smooth.dtype == torch.float32 and torch.equal(smooth, layer.smooth.float())
-    if rotation == "none":
-        assert rotation_given is None
-    else:  # float32 [6, 64, 2], kept by the kernel
-        assert rotation_given is kernel.rotation_f32() and torch.equal(rotation_given, group_rotation(rotation, 41))
+    _check_kernel1_rotation(rotation_given, kernel, rotation, group_rotation(rotation, 41))
     assert torch.equal(inv_smooth, torch.reciprocal(smooth))
     assert torch.equal(shift, kernel.group_shifts()) and shift.tolist() == [0.0, numerics.GELU_SHIFT] * 2
     fused = rank <= kernels.KERNEL1_MAX_RANK
@@ -403,7 +412,8 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma, rotation):
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None):
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False,
+                  rotation=(kernels.ROTATION_NONE, None)):
         calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
@@ -423,10 +433,7 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 
     smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation_given = calls["kernel 1"]
     assert torch.equal(smooth, layer.smooth.float()) and torch.equal(inv_smooth, torch.reciprocal(smooth))
-    if rotation == "none":
-        assert rotation_given is None
-    else:  # float32 [6, 64, 2], kept by the kernel
-        assert rotation_given is kernel.rotation_f32() and torch.equal(rotation_given, group_rotation(rotation, 43))
+    _check_kernel1_rotation(rotation_given, kernel, rotation, group_rotation(rotation, 43))
     assert group_shift.tolist() == [0.0, numerics.GELU_SHIFT, 0.0] and pow2 == pow2_activations
     assert not int8_operands  # exact weight scales: the per-group kernel 2
     padded = -rank % kernels.RANK_MULTIPLE

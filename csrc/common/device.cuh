@@ -108,19 +108,49 @@ __device__ __forceinline__ float round_to(float v) {
 // 8 consecutive lanes own one (token, 64-group), lane t8 (= lane % 8) holding natural columns
 // 8 t8 .. 8 t8 + 7 in v[0..7]. Stage s (strides 1, 2, 4, 8, 16, 32) sets column i to
 // fl(fl(rot[s][i][0] * v[i]) + fl(rot[s][i][1] * v[i ^ 2^s])) with separately rounded products and
-// sum (never an FMA, which would round once and differ from the reference): strides 1, 2, 4 pair
-// registers of the octet, strides 8, 16, 32 pair this lane with lane ^ 1, 2, 4, which computes its
-// own columns from the same two values (fp addition commutes, so both sides match the reference).
-// Every lane of the warp must call it together (full-mask shuffles), with v's of signed groups
-// only; the caller keeps that warp-uniform (a warp covers one group).
-// coef: the rotation staged by stage_rotation, float4 (4 s + j) * 8 + t8 holding
-// rot[s][8 t8 + 2 j][0..1], rot[s][8 t8 + 2 j + 1][0..1]: for each (s, j) the 8 lanes of a token read
-// 128 consecutive bytes (all 32 banks once) and the other tokens of the warp the same addresses
-// (a broadcast), so every 16-byte load is conflict-free.
-constexpr int kRotationStages = 6;                        // numerics.ROTATION_STAGES
-constexpr int kRotationBytes = kRotationStages * 64 * 2 * 4;  // float32 [6][64][2]
+// sum (never an FMA of two inexact terms, which would round once and differ from the reference):
+// strides 1, 2, 4 pair registers of the octet, strides 8, 16, 32 pair this lane with lane ^ 1, 2, 4,
+// which computes its own columns from the same two values (fp addition commutes, so both sides
+// match the reference). Every lane of the warp must call it together (full-mask shuffles), with
+// v's of signed groups only; the caller keeps that warp-uniform (a warp covers one group).
+// The host decides once per layer how kernel 1 rotates (kernels.kernel1_rotation): not at all, the
+// Hadamard rotation (rotate_octet_hadamard) or any other by its coefficients
+// (rotate_octet_coefficients, in separate entry points: see rotate_octet).
+constexpr int kRotationStages = 6;  // numerics.ROTATION_STAGES
 
-__device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, int t8) {
+// numerics.hadamard_rotation(), whose coefficients are +-1 in stages 0-4 (low side, bit s of i clear:
+// (+1, +1); high side: (-1, +1)) and +-1/8 in stage 5: the products by +-1 are exact, so stages 0-4
+// are one rounded sum or difference per value (the high side's fl(-v[i] + v[j]) as a fused
+// multiply-add by -1, exact in the product); stage 5 keeps both products by 1/8, which round for
+// subnormal results. Bit for bit rotate_octet_coefficients on the same rotation.
+__device__ __forceinline__ void rotate_octet_hadamard(float (&v)[8], int t8) {
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (e >> s & 1) continue;
+      const float lo = v[e], hi = v[e | 1 << s];
+      v[e] = __fadd_rn(lo, hi);
+      v[e | 1 << s] = __fsub_rn(lo, hi);
+    }
+  }
+#pragma unroll
+  for (int s = 3; s < kRotationStages - 1; ++s) {
+    const float own = t8 >> (s - 3) & 1 ? -1.f : 1.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = __fmaf_rn(own, v[e], __shfl_xor_sync(0xffffffffu, v[e], 1 << (s - 3)));
+  }
+  const float own = t8 & 4 ? -0.125f : 0.125f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+    v[e] = __fadd_rn(__fmul_rn(own, v[e]), __fmul_rn(0.125f, __shfl_xor_sync(0xffffffffu, v[e], 4)));
+}
+
+// Any rotation, by its coefficients coef (kernels.kernel1_rotation's layout, in device memory):
+// float4 (4 s + j) * 8 + t8 holds rot[s][8 t8 + 2 j][0..1], rot[s][8 t8 + 2 j + 1][0..1], so that for
+// each (s, j) the 8 lanes of a token read 128 consecutive bytes and the warp's other tokens the same
+// ones: 3 KiB that every CTA reads, L1-resident after the first group.
+__device__ __forceinline__ void rotate_octet_coefficients(float (&v)[8], const float4* __restrict__ coef, int t8) {
 #pragma unroll
   for (int s = 0; s < kRotationStages; ++s) {
     float p[8];
@@ -128,20 +158,23 @@ __device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, 
     for (int e = 0; e < 8; ++e) p[e] = s < 3 ? v[e ^ (1 << s)] : __shfl_xor_sync(0xffffffffu, v[e], 1 << (s - 3));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float4 c = coef[(4 * s + j) * 8 + t8];
+      const float4 c = __ldg(coef + (4 * s + j) * 8 + t8);
       v[2 * j] = __fadd_rn(__fmul_rn(c.x, v[2 * j]), __fmul_rn(c.y, p[2 * j]));
       v[2 * j + 1] = __fadd_rn(__fmul_rn(c.z, v[2 * j + 1]), __fmul_rn(c.w, p[2 * j + 1]));
     }
   }
 }
 
-// Copies rotation (float32 [6][64][2] in device memory, 16-byte aligned) into dst (kRotationBytes of
-// shared memory) in rotate_octet's layout; thread tid of n. The caller synchronizes before use.
-__device__ __forceinline__ void stage_rotation(float4* dst, const float* rotation, int tid, int n) {
-  for (int i = tid; i < kRotationBytes / 16; i += n) {
-    const int s = i / 32, j = i / 8 % 4, t8 = i % 8;
-    dst[i] = *reinterpret_cast<const float4*>(rotation + 128 * s + 2 * (8 * t8 + 2 * j));
-  }
+// The rotation of one octet of a signed group: by its coefficients coef in kernel 1's entry points
+// for kernels.ROTATION_COEFFICIENTS (kCoefficients), the Hadamard one in the others. Separate entry
+// points, because the coefficient path's registers (its loads in flight) would otherwise set every
+// launch's occupancy.
+template <bool kCoefficients>
+__device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, int t8) {
+  if constexpr (kCoefficients)
+    rotate_octet_coefficients(v, coef, t8);
+  else
+    rotate_octet_hadamard(v, t8);
 }
 
 // A CUtensorMap as a kernel parameter (`const __grid_constant__ svdq::TensorMap`), encoded on the

@@ -15,7 +15,8 @@
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
 //   unsigned groups (shift > 0) clamp v at 0; with a rotation, signed groups (shift <= 0) are
-//   rotated (numerics.rotate_groups, device.cuh's rotate_octet) before everything below reads v;
+//   rotated (numerics.rotate_groups, device.cuh's rotate_octet: the Hadamard rotation by sums and
+//   differences, any other by its coefficients) before everything below reads v;
 //   need = amax / qmax (qmax = 7 or 15, IEEE division);
 //   exact: scale = dtype(need), code = rint(v / scale);
 //   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
@@ -43,8 +44,9 @@
 // copied itself); the 8 threads of a token take the group's amax by three shuffles. Pow2 mode
 // keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
 // L2: a CTA's 16 rows were just read) and writes the codes and scales.
-// The rotation's coefficients (3 KiB) are staged once per CTA in dynamic shared memory, which only
-// launches with a rotation ask for, so that the launches without one keep their occupancy.
+// Rotation: the Hadamard one by sums and differences; any other (the *_coefficients entry points)
+// reads its coefficients (3 KiB) from device memory (L1-resident), so that shared memory and
+// occupancy are those of the unrotated kernel.
 // Low-rank, from the unrotated x tile: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host
 // computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with
 // A = the x tile (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K]
@@ -52,12 +54,15 @@
 // by ldmatrix from the ring (L2-resident: every CTA reads all of it).
 // Each output is summed by one warp in K order, so lora_act is deterministic.
 //
-// Entry points (one per dtype and mode): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}(
+// Entry points (one per dtype, mode and rotation path): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}
+// and the same names + _coefficients (
 //   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
-//   const float* rotation [6][64][2] or null (16-byte aligned), const T* lora_t [rank, K] or null,
+//   int rotated (0: no rotation), const float4* rotation_coef [192] (the *_coefficients entry points:
+//   the rotation's coefficients in kernels.kernel1_rotation's layout, 16-byte aligned; the others
+//   rotate by the Hadamard rotation and take null), const T* lora_t [rank, K] or null,
 //   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
-//   grid (ceil(M / 16)), block 128, dynamic shared memory kRotationBytes with a rotation, else none.
+//   grid (ceil(M / 16)), block 128, no dynamic shared memory.
 //   Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
 //   ascales [1, m_al].
 #include "sm80.cuh"
@@ -106,11 +111,12 @@ __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) 
 // v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes; t8: the octet in its group):
 // exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2
 // mode v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0; signed ones are
-// rotated where rot (the staged rotation) is not null. Returns max |v|. Every lane of the warp calls
-// it together (the rotation's shuffles).
-template <typename T, bool kPow2>
+// rotated where `rotated` (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|.
+// Every lane of the warp calls it together (the rotation's shuffles).
+template <typename T, bool kPow2, bool kCoefficients>
 __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, int col,
-                                              float shift, const float4* rot, int t8, float (&v)[8]) {
+                                              float shift, bool rotated, const float4* coef, int t8,
+                                              float (&v)[8]) {
   float n[8], inv[8];
   Half<T>::unpack2(raw.x, n[0], n[1]);
   Half<T>::unpack2(raw.y, n[2], n[3]);
@@ -144,8 +150,8 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
   if (shift > 0.f) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = fmaxf(v[e], 0.f);
-  } else if (rot) {  // warp-uniform: a warp covers one group
-    rotate_octet(v, rot, t8);
+  } else if (rotated) {  // warp-uniform: a warp covers one group
+    rotate_octet<kCoefficients>(v, coef, t8);
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
@@ -195,15 +201,15 @@ __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift
   }
 }
 
-template <typename T, bool kPow2, bool kS8 = false>
+template <typename T, bool kPow2, bool kS8, bool kCoefficients>
 __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
-                                          const float* __restrict__ rotation, const T* __restrict__ lora_t,
+                                          bool rotated, const float4* __restrict__ rotation_coef,
+                                          const T* __restrict__ lora_t,
                                           uint8_t* __restrict__ codes, float* __restrict__ ascales,
                                           T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
   using H = Half<T>;
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
-  extern __shared__ float4 rotation_coef[];  // kRotationBytes with a rotation
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTokens;
   const int groups = K / 64;
@@ -240,9 +246,6 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_group(s);
-  // read after the loop's first barrier
-  if (rotation) stage_rotation(rotation_coef, rotation, tid, kThreads);
-  const float4* rot = rotation ? rotation_coef : nullptr;
 
   const bool lora_warp = 8 * warp < rank;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -260,8 +263,9 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     const float shift = group_shift ? params[128] : 0.f;
     const bool uns = shift > 0.f;
     float v[8];
-    const float amax = octet_max(octet_values<T, kPow2>(*reinterpret_cast<const uint4*>(tile + my_chunk), params + 64,
-                                                        params, 8 * t8, shift, rot, t8, v));
+    const float amax = octet_max(octet_values<T, kPow2, kCoefficients>(
+        *reinterpret_cast<const uint4*>(tile + my_chunk), params + 64, params, 8 * t8, shift, rotated, rotation_coef,
+        t8, v));
     const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
     if constexpr (kPow2) {
       tmax = fmaxf(tmax, need);
@@ -307,7 +311,9 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
       const bool uns = shift > 0.f;
       float v[8];
-      const float amax = octet_max(octet_values<T, true>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rot, t8, v));
+      const float amax = octet_max(
+          octet_values<T, true, kCoefficients>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rotated, rotation_coef,
+                                               t8, v));
       const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
       int e = 0;
 #pragma unroll
@@ -335,18 +341,22 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 }  // namespace
 }  // namespace svdq::sm80
 
-#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8)                                                                     \
+#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                     \
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
-      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                     \
-           const float* rotation, const T* lora_t, uint8_t* codes, float* ascales, T* lora_act, int M, int K,     \
-           int rank, int m_al) {                                                                                  \
-    svdq::sm80::act_quant<T, POW2, S8>(x, smooth, inv_smooth, group_shift, rotation, lora_t, codes, ascales,     \
-                                       lora_act, M, K, rank, m_al);                                               \
+      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift, int rotated,        \
+           const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales, T* lora_act, int M,      \
+           int K, int rank, int m_al) {                                                                           \
+    svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(x, smooth, inv_smooth, group_shift, rotated != 0,           \
+                                                     rotation_coef, lora_t, codes, ascales, lora_act, M, K, rank, \
+                                                     m_al);                                                       \
   }
+#define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, S8)   \
+  SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, false) \
+  SVDQ_ACT_QUANT_ENTRY(NAME##_coefficients, T, POW2, S8, true)
 
-SVDQ_ACT_QUANT_ENTRY(act_quant_exact_bf16, svdq::bfloat16, false, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_exact_fp16, svdq::float16, false, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_bf16, svdq::bfloat16, true, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_fp16, svdq::float16, true, false)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_s8_bf16, svdq::bfloat16, true, true)
-SVDQ_ACT_QUANT_ENTRY(act_quant_pow2_s8_fp16, svdq::float16, true, true)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_bf16, svdq::bfloat16, false, false)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_fp16, svdq::float16, false, false)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_bf16, svdq::bfloat16, true, false)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_fp16, svdq::float16, true, false)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_s8_bf16, svdq::bfloat16, true, true)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_s8_fp16, svdq::float16, true, true)

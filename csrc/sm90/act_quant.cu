@@ -13,7 +13,8 @@
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
 //   unsigned groups (shift > 0) clamp v at 0; with a rotation, signed groups (shift <= 0) are
-//   rotated (numerics.rotate_groups, device.cuh's rotate_octet) before everything below reads v;
+//   rotated (numerics.rotate_groups, device.cuh's rotate_octet: the Hadamard rotation by sums and
+//   differences, any other by its coefficients) before everything below reads v;
 //   need = amax / qmax (qmax = 7 or 15, IEEE division);
 //   exact: scale = dtype(need), code = rint(v / scale);
 //   pow2:  atok = dtype(max over the token's groups of need), e the largest in [0, 3] such that
@@ -47,14 +48,16 @@
 // per-token maxima and its low-rank partials straight into the shared memory of the CTA that owns
 // them (an inbox per rank block, two alternating), so one cluster barrier per rank block suffices
 // and every read after it is local.
-// Quantization: 8 threads per (token, group), 8 columns each; a rotation's coefficients (3 KiB) are
-// staged once per CTA in shared memory, only by launches with a rotation (the others' shared memory
-// is unchanged), and pass 2 in pow2 mode rotates v again. Low-rank, from the unrotated x slice:
-// mma.m16n8k16, warp w takes the 16-token half w % 2 and the 8-rank tiles w / 2 + 4 i, i < kTiles;
-// ranks are processed in blocks of 32 * kTiles, one sweep over the resident x slice each. The B
-// fragments come straight from L2 (no shared-memory staging, no block-wide barrier per group), one
-// group ahead, from lora_down repacked at load time (kernel1_lora_down in svdquant/families/sm90.py)
-// so that a lane's fragments of a group are 32 contiguous bytes:
+// Quantization: 8 threads per (token, group), 8 columns each; the Hadamard rotation by sums and
+// differences, any other (the *_coefficients entry points) by its coefficients (3 KiB) read from
+// device memory (L1-resident), so that shared memory and occupancy are those of the unrotated
+// kernel; pass 2 in pow2 mode rotates v again.
+// Low-rank, from the unrotated x slice: mma.m16n8k16, warp w takes the 16-token half w % 2 and the
+// 8-rank tiles w / 2 + 4 i, i < kTiles; ranks are processed in blocks of 32 * kTiles, one sweep over
+// the resident x slice each. The B fragments come straight from L2 (no shared-memory staging, no
+// block-wide barrier per group), one group ahead, from lora_down repacked at load time
+// (kernel1_lora_down in svdquant/families/sm90.py) so that a lane's fragments of a group are 32
+// contiguous bytes:
 //   lora_p[n, 64 g + 16 q + 4 s + 2 h + e] = lora_down[64 g + 16 s + 8 h + 2 q + e, n]
 //   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
 //   and b1 = (h 1) registers of the four k16 steps s of group g in order.
@@ -83,10 +86,9 @@ __device__ __forceinline__ int param_bytes(bool pow2) { return pow2 ? 256 : 512;
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base); _act_quant_smem_bytes in
 // sm90.py computes the same total for the launch.
 struct SmemLayout {
-  int params, inbox, inbox_pairs, need, tmax, bars, shift, rotation, total;
+  int params, inbox, inbox_pairs, need, tmax, bars, shift, total;
 };
-__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes,
-                                                  bool rotated) {
+__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
   s.inbox = s.params + gpc * pbytes;                             // [gpc][param_bytes]
@@ -95,8 +97,7 @@ __device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int b
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
   s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
   s.shift = s.bars + gpc * 8;                                    // the groups' shifts [gpc]
-  s.rotation = (s.shift + gpc * 4 + 15) / 16 * 16;               // rotate_octet's coefficients
-  s.total = rotated ? s.rotation + kRotationBytes : s.shift + gpc * 4;
+  s.total = s.shift + gpc * 4;
   return s;
 }
 
@@ -191,11 +192,11 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, float shift, 
 // v of an octet: exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero,
 // tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). prm: the group's parameters
 // (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs); signed ones are rotated
-// where rot (the staged rotation) is not null. Returns max |v|. Every lane of the warp calls it
-// together (the rotation's shuffles).
-template <typename T, bool kPow2>
+// where `rotated` (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|. Every lane
+// of the warp calls it together (the rotation's shuffles).
+template <typename T, bool kPow2, bool kCoefficients>
 __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, float shift, int t8,
-                                              const float4* rot, float (&v)[8], bool& uns) {
+                                              bool rotated, const float4* coef, float (&v)[8], bool& uns) {
   float n[8], inv[8];
   octet_inputs<T>(chunk, shift, t8, n, uns);
   load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
@@ -232,8 +233,8 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_
       v[e] = fmaxf(v[e], 0.f);
       hi = fmaxf(hi, v[e]);
     }
-  } else if (rot) {
-    rotate_octet(v, rot, t8);
+  } else if (rotated) {
+    rotate_octet<kCoefficients>(v, coef, t8);
     hi = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
@@ -293,7 +294,8 @@ struct ActQuantParams {
   const float* smooth;
   const float* inv_smooth;
   const float* shift;
-  const float* rotation;
+  bool rotated;
+  const float4* rotation_coef;
   const void* lora_down;
   uint8_t* codes;
   float* ascales;
@@ -302,7 +304,7 @@ struct ActQuantParams {
   bool int8_operands;
 };
 
-template <typename T, bool kPow2, int kTiles>
+template <typename T, bool kPow2, int kTiles, bool kCoefficients>
 __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantParams& a, int gpc) {
   constexpr int kRankBlock = 32 * kTiles;
   const int crank = cluster_ctarank(), cs = cluster_nctarank();
@@ -314,7 +316,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const int pbytes = param_bytes(kPow2);
-  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes, a.rotation != nullptr);
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
   const uint8_t* params = smem + lay.params;
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
@@ -345,9 +347,6 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   // loads are in flight
   float* shift_s = reinterpret_cast<float*>(smem + lay.shift);
   if (tid >= 32 && tid < 32 + ng) shift_s[tid - 32] = a.shift ? a.shift[g0 + tid - 32] : 0.f;
-  float4* const rotation_s = reinterpret_cast<float4*>(smem + lay.rotation);
-  if (a.rotation) stage_rotation(rotation_s, a.rotation, tid, kThreads);
-  const float4* const rot = a.rotation ? rotation_s : nullptr;
   __syncthreads();
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
@@ -384,7 +383,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
         float v[8];
         bool uns;
         const float amax =
-            octet_max(octet_values<T, kPow2>(xbox + xoff, params + g * pbytes, shift_s[g], t8, rot, v, uns));
+            octet_max(octet_values<T, kPow2, kCoefficients>(xbox + xoff, params + g * pbytes, shift_s[g], t8,
+                                                            a.rotated, a.rotation_coef, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -460,7 +460,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
           load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
 #pragma unroll
           for (int k = 0; k < 8; ++k) n[k] = __fmul_rn(n[k], inv[k]);  // v
-          if (rot && !uns) rotate_octet(n, rot, t8);                    // warp-uniform
+          if (a.rotated && !uns) rotate_octet<kCoefficients>(n, a.rotation_coef, t8);  // warp-uniform
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
           for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(n[k], mult)), qlo);
@@ -501,37 +501,43 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 }  // namespace
 }  // namespace svdq::sm90
 
-// Entry points: act_quant_<exact|pow2>_<bf16|fp16>_tiles<1|2>, the mode, the dtype of x, lora_down
-// and lora_act, and the 8-rank tiles per warp (rank blocks of 32 or 64; 4 CTAs per SM with one
-// tile, 64 registers with a few bytes spilled, 3 with two). Launched as a grid of clusters
+// Entry points: act_quant_<exact|pow2>_<bf16|fp16>_tiles<1|2>[_coefficients], the mode, the dtype of
+// x, lora_down and lora_act, the 8-rank tiles per warp (rank blocks of 32 or 64; 4 CTAs per SM with
+// one tile, 64 registers with a few bytes spilled, 3 with two) and the rotation path (none or
+// Hadamard; _coefficients: any rotation by its coefficients). Launched as a grid of clusters
 // (cs, round_up(M, 4) / 32 rounded up) of cs CTAs along x, 256 threads, dynamic shared memory as
 // sm90.py computes it. Parameters:
 //   tm_x        tensor map of x [M, K] 16-bit, box 64 columns x 32 rows, 128-byte swizzle
 //   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
-//   rotation    [6][64][2] fp32 the group rotation's coefficients (16-byte aligned), or null
+//   rotated     0: no rotation; else the Hadamard one, or (_coefficients) rotation_coef's
+//   rotation_coef [192] float4 the _coefficients entry points' rotation in kernels.kernel1_rotation's
+//               layout (16-byte aligned); null for the others
 //   lora_down   [rank, K] lora_down repacked by sm90.kernel1_lora_down (above)
 //   codes       out [M, K] operand bytes (see above)
 //   ascales     out [K/64, m_al] (exact) or [1, m_al] (pow2) fp32
 //   lora_act    out [M, rank] 16-bit
 //   M, K, rank, m_al (= round_up(M, 4)), int8_operands (pow2: s8 operands for the fast kernel 2),
 //   gpc         groups of 64 columns per CTA
-#define SVDQ_ACT_QUANT(NAME, T, POW2, TILES)                                                                           \
+#define SVDQ_ACT_QUANT(NAME, T, POW2, TILES, COEFFICIENTS)                                                             \
   extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
-           const float* shift, const float* rotation, const void* lora_down, uint8_t* codes, float* ascales,           \
-           void* lora_act, int M, int K, int rank, int m_al, int int8_operands, int gpc) {                             \
-    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotation, lora_down, codes, ascales,            \
-                                            lora_act, M, K, rank, m_al, int8_operands != 0};                           \
-    svdq::sm90::act_quant<svdq::T, POW2, TILES>(tm_x, params, gpc);                                                    \
+           const float* shift, int rotated, const float4* rotation_coef, const void* lora_down, uint8_t* codes,        \
+           float* ascales, void* lora_act, int M, int K, int rank, int m_al, int int8_operands, int gpc) {             \
+    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotated != 0, rotation_coef, lora_down, codes,  \
+                                            ascales, lora_act, M, K, rank, m_al, int8_operands != 0};                  \
+    svdq::sm90::act_quant<svdq::T, POW2, TILES, COEFFICIENTS>(tm_x, params, gpc);                                      \
   }
+#define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, TILES) \
+  SVDQ_ACT_QUANT(NAME, T, POW2, TILES, false)        \
+  SVDQ_ACT_QUANT(NAME##_coefficients, T, POW2, TILES, true)
 
-SVDQ_ACT_QUANT(act_quant_exact_bf16_tiles1, bfloat16, false, 1)
-SVDQ_ACT_QUANT(act_quant_exact_bf16_tiles2, bfloat16, false, 2)
-SVDQ_ACT_QUANT(act_quant_pow2_bf16_tiles1, bfloat16, true, 1)
-SVDQ_ACT_QUANT(act_quant_pow2_bf16_tiles2, bfloat16, true, 2)
-SVDQ_ACT_QUANT(act_quant_exact_fp16_tiles1, float16, false, 1)
-SVDQ_ACT_QUANT(act_quant_exact_fp16_tiles2, float16, false, 2)
-SVDQ_ACT_QUANT(act_quant_pow2_fp16_tiles1, float16, true, 1)
-SVDQ_ACT_QUANT(act_quant_pow2_fp16_tiles2, float16, true, 2)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_bf16_tiles1, bfloat16, false, 1)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_bf16_tiles2, bfloat16, false, 2)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_bf16_tiles1, bfloat16, true, 1)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_bf16_tiles2, bfloat16, true, 2)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_fp16_tiles1, float16, false, 1)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_exact_fp16_tiles2, float16, false, 2)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_fp16_tiles1, float16, true, 1)
+SVDQ_ACT_QUANT_ENTRIES(act_quant_pow2_fp16_tiles2, float16, true, 2)

@@ -39,12 +39,10 @@ _POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES, _POW2_WARP_M = 128, 128, 3, 128
 _POW2_THREADS = _POW2_TILE_M // _POW2_WARP_M * _POW2_TILE_N  # warps of _POW2_WARP_M tokens x 32 channels
 _POW2_SMEM = _POW2_STAGES * (_POW2_TILE_M * 64 + _POW2_TILE_N * 33)  # kStages * kStageBytes
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-# the group rotation's coefficients (numerics.rotate_groups): kernel 1 stages them in dynamic shared
-# memory (device.cuh's kRotationBytes)
-_ROTATION_SHAPE = (numerics.ROTATION_STAGES, numerics.GROUP_SIZE, 2)
-_ROTATION_BYTES = 4 * numerics.ROTATION_STAGES * numerics.GROUP_SIZE * 2
 
-KERNELS = tuple(f"act_quant_{mode}_{d}" for mode in ("exact", "pow2", "pow2_s8") for d in ("bf16", "fp16")) + tuple(
+# kernel 1's entry points: none or the Hadamard rotation, and (_coefficients) any rotation by its coefficients
+KERNELS = tuple(f"act_quant_{mode}_{d}{path}" for mode in ("exact", "pow2", "pow2_s8") for d in ("bf16", "fp16")
+                for path in ("", "_coefficients")) + tuple(
     f"w4a4_gemm_{mma}_{d}" for mma in MMA_VARIANTS + ("pow2_int8",) for d in ("bf16", "fp16"))
 # the whole-K kernel's int32 sums stay exact up to this K (|product| <= 120 * 128 of the s8 operands)
 POW2_MAX_K = 131072
@@ -69,12 +67,13 @@ def scales_rows(m: int) -> int:
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
               lora_t: torch.Tensor | None, pow2: bool = False, int8_operands: bool = False,
-              rotation: torch.Tensor | None = None):
+              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None)):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
     dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. int8_operands (pow2 only):
     the whole-K kernel 2's s8 operands (the pow2_s8 entry points). rotation: the layer's group
-    rotation, fp32 [6, 64, 2] (W4A4Kernel.rotation_f32), or None.
+    rotation as kernels.kernel1_rotation gives it (W4A4Kernel.kernel1_rotation): (kind, coefficients
+    or None).
 
     Returns (codes, ascales, lora_act [M, r] in x's dtype or None): codes uint8 [M, K/2] packed as
     numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with
@@ -95,8 +94,11 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     _check(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if group_shift is not None:
         _check(group_shift, x, "group_shift", torch.float32, (groups,))
-    if rotation is not None:
-        _check(rotation, x, "rotation", torch.float32, _ROTATION_SHAPE)
+    rotation_kind, rotation_coef = rotation
+    if rotation_kind == kernels.ROTATION_COEFFICIENTS:
+        _check(rotation_coef, x, "rotation coefficients", torch.float32, kernels.ROTATION_COEFFICIENTS_SHAPE)
+    elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
+        raise Sm80InputError(f"the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
     rank = 0 if lora_t is None else lora_t.shape[0]
     if lora_t is not None:
         if rank % kernels.RANK_MULTIPLE or rank > kernels.KERNEL1_MAX_RANK:
@@ -109,10 +111,11 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     lora_act = torch.empty(m, rank, dtype=x.dtype, device=x.device) if rank else None
     if m:
         mode = "pow2_s8" if int8_operands else "pow2" if pow2 else "exact"
-        fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}", x.device)
+        path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
+        fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}{path}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
-                  (x, smooth, inv_smooth, group_shift, rotation, lora_t if rank else None, codes, ascales, lora_act,
-                   m, k, rank, m_al), smem=0 if rotation is None else _ROTATION_BYTES)
+                  (x, smooth, inv_smooth, group_shift, int(rotation_kind != kernels.ROTATION_NONE), rotation_coef,
+                   lora_t if rank else None, codes, ascales, lora_act, m, k, rank, m_al))
     return codes, ascales, lora_act
 
 
@@ -302,7 +305,7 @@ def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", 
     whole_k = runs_whole_k(kernel, mma, pow2_activations)
     smooth, inv_smooth, group_shift, lora_t = kernel1_inputs(kernel)
     codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations, whole_k,
-                                         kernel.rotation_f32())
+                                         kernel.kernel1_rotation())
     rank = kernel.rank
     if rank > kernels.KERNEL1_MAX_RANK:
         lora_act = x @ kernel.lora_down

@@ -31,7 +31,9 @@ FAMILY = "sm90"
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 KERNELS = (
-    tuple(f"act_quant_{mode}_{d}_tiles{t}" for mode in ("exact", "pow2") for d in ("bf16", "fp16") for t in (1, 2))
+    # kernel 1: none or the Hadamard rotation, and (_coefficients) any rotation by its coefficients
+    tuple(f"act_quant_{mode}_{d}_tiles{t}{path}" for mode in ("exact", "pow2") for d in ("bf16", "fp16") for t in (1, 2)
+          for path in ("", "_coefficients"))
     + tuple(f"w4a4_gemm_{s}_scales_{d}" for s in ("group", "token") for d in ("bf16", "fp16"))
     + tuple(f"w4a4_gemm_pow2_t{t}_{d}" for t in (128, 256) for d in ("bf16", "fp16"))
 )
@@ -74,9 +76,6 @@ _AQ_THREADS = 256
 _AQ_X_BOX_BYTES = _AQ_TOKENS * 128   # one group of a CTA's x slice
 _AQ_MAX_CLUSTER_CTAS = 16            # non-portable cluster size (H100: up to 16)
 _AQ_TARGET_GROUPS_PER_CTA = 8        # 32 KB of x per CTA (bench/NOTES.md#v14: best of 4..24 at M = 4608, K = 3072)
-# the group rotation's coefficients (numerics.rotate_groups), staged in shared memory by launches with one
-_AQ_ROTATION_SHAPE = (numerics.ROTATION_STAGES, numerics.GROUP_SIZE, 2)
-_AQ_ROTATION_BYTES = 4 * numerics.ROTATION_STAGES * numerics.GROUP_SIZE * 2  # device.cuh's kRotationBytes
 
 
 def _act_quant_param_bytes(pow2: bool) -> int:
@@ -84,7 +83,7 @@ def _act_quant_param_bytes(pow2: bool) -> int:
     return 256 if pow2 else 512
 
 
-def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param_bytes: int, rotated: bool) -> int:
+def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param_bytes: int) -> int:
     """act_quant.cu smem_layout(...).total + 1024 (slack to align the base to 1024 bytes)."""
     pair_share = (_AQ_TOKENS * rank_block // 2 + cs - 1) // cs
     inbox = gpc * _AQ_X_BOX_BYTES + gpc * param_bytes
@@ -92,17 +91,12 @@ def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param
     tmax = need + gpc * _AQ_TOKENS * 4
     bars = tmax + _AQ_MAX_CLUSTER_CTAS * _AQ_TOKENS * 4
     shift = bars + gpc * 8
-    end = shift + gpc * 4
-    if rotated:
-        end = (end + 15) // 16 * 16 + _AQ_ROTATION_BYTES
-    return end + 1024
+    return shift + gpc * 4 + 1024
 
 
 @functools.lru_cache(maxsize=4096)
-def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int,
-              rotated: bool = False) -> tuple[int, int, int, int]:
-    """(cluster size cs, groups per CTA, rank tiles per warp, shared memory) of a kernel-1 launch
-    (rotated: with a group rotation)."""
+def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int) -> tuple[int, int, int, int]:
+    """(cluster size cs, groups per CTA, rank tiles per warp, shared memory) of a kernel-1 launch."""
     groups = k // 64
     token_blocks = ((m + 3) // 4 * 4 + _AQ_TOKENS - 1) // _AQ_TOKENS
     cs = min(max_cs, max(1, (groups + _AQ_TARGET_GROUPS_PER_CTA - 1) // _AQ_TARGET_GROUPS_PER_CTA))
@@ -113,7 +107,7 @@ def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int
     tiles = 1 if rank <= 32 else 2  # more would not fit the register budget of 3-4 CTAs per SM
     rank_block = min(32 * tiles, rank) if rank else 0
     rank_blocks = (rank + 32 * tiles - 1) // (32 * tiles) if rank else 1
-    return cs, gpc, tiles, _act_quant_smem_bytes(gpc, rank_block, rank_blocks, cs, param_bytes, rotated)
+    return cs, gpc, tiles, _act_quant_smem_bytes(gpc, rank_block, rank_blocks, cs, param_bytes)
 
 
 # whether the GPU co-schedules a cluster of more than 8 CTAs of this kernel: (name, device, cs, smem) -> bool
@@ -122,13 +116,14 @@ _large_clusters_fit: dict[tuple[str, int, int, int], bool] = {}
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, shift: torch.Tensor | None,
               lora_down_p: torch.Tensor, pow2: bool = False, int8_operands: bool = False,
-              rotation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None)
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
     [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
     lora_down [K, rank] in kernel 1's layout (kernel1_lora_down): [rank, K]; shift: one fp32 value
     per 64-group (kernels.group_shifts). int8_operands (pow2 only): codes for the fast kernel 2 (s8 bytes)
-    instead of e4m3 bytes. rotation: the layer's group rotation, fp32 [6, 64, 2]
-    (W4A4Kernel.rotation_f32), or None."""
+    instead of e4m3 bytes. rotation: the layer's group rotation as kernels.kernel1_rotation gives it
+    (W4A4Kernel.kernel1_rotation): (kind, coefficients or None)."""
     if not (x.is_cuda and x.dim() == 2):
         raise RuntimeError("x must be a 2-D CUDA tensor")
     check_half(x, "x")
@@ -145,8 +140,11 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     check_tensor(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if shift is not None:
         check_tensor(shift, x, "shift", torch.float32, (k // 64,))
-    if rotation is not None:
-        check_tensor(rotation, x, "rotation", torch.float32, _AQ_ROTATION_SHAPE)
+    rotation_kind, rotation_coef = rotation
+    if rotation_kind == kernels.ROTATION_COEFFICIENTS:
+        check_tensor(rotation_coef, x, "rotation coefficients", torch.float32, kernels.ROTATION_COEFFICIENTS_SHAPE)
+    elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
+        raise RuntimeError(f"act_quant: the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
     check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
     m_al = (m + 3) // 4 * 4
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
@@ -156,7 +154,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         return codes, ascales, lora_act
     if rank % kernels.RANK_MULTIPLE or rank > kernels.MAX_RANK:
         raise RuntimeError(f"act_quant: rank must be a multiple of {kernels.RANK_MULTIPLE} in [0, {kernels.MAX_RANK}]")
-    if not aligned16(x, smooth, inv_smooth, shift, rotation, lora_down_p, codes, ascales, lora_act):
+    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
         tm_x = _map_2d(x, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B)
@@ -165,15 +163,15 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
 
     index, param_bytes = cuda.device_index(x.device), _act_quant_param_bytes(pow2)
     sms = _sm_count(index)
-    rotated = rotation is not None
-    tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms, rotated)[2]
-    name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}"
+    tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms)[2]
+    path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
+    name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}{path}"
     fn = cuda.function(FAMILY, name, x.device)
-    args = (tm_x, smooth, inv_smooth, shift, rotation, lora_down_p, codes, ascales, lora_act, m, k, rank, m_al,
-            int8_operands)
+    args = (tm_x, smooth, inv_smooth, shift, int(rotation_kind != kernels.ROTATION_NONE), rotation_coef, lora_down_p,
+            codes, ascales, lora_act, m, k, rank, m_al, int8_operands)
     # clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
     for max_cs in (_AQ_MAX_CLUSTER_CTAS, 8):
-        cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms, rotated)
+        cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms)
         if smem > _SMEM_LIMIT:
             raise RuntimeError("act_quant: K is too large for one cluster's shared memory")
         grid = (cs, (m_al + _AQ_TOKENS - 1) // _AQ_TOKENS)
@@ -460,7 +458,7 @@ def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, out: torch.Tensor |
     fast = pow2 and kernel.pow2_weights
     x = x.contiguous()
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast, kernel.rotation_f32())
+    codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast, kernel.kernel1_rotation())
     if kernel.rank > kernels.KERNEL1_MAX_RANK:
         lora_act = x @ kernel.lora_down
     gelu_from = -1 if kernel.gelu_from is None else kernel.gelu_from
