@@ -22,6 +22,8 @@ tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers h
   same layers and inputs), each with its cost over the unrotated time in %:
     k1r, k1+k2r     kernel 1 alone and the whole layer, exact path
     k1pr, k1+k2fr   kernel 1 in pow2 mode alone and the whole layer, fast path
+    k1g, k1pg       kernel 1 alone (exact, pow2 mode) with a random butterfly instead: the
+                    coefficient path that rotations other than the Hadamard one take
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128; a
 GELU row set times the fast kernel 2 of the layers that feed a GELU with it fused into the epilogue
 and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64;
@@ -45,7 +47,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from record import write_result  # noqa: E402
-from svdquant import numerics  # noqa: E402
+from svdquant import kernels, numerics  # noqa: E402
 from svdquant.families import sm90  # noqa: E402
 from svdquant.linear import SVDQLinear  # noqa: E402
 
@@ -160,6 +162,11 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
     del a8, b8, b
 
     rotation = numerics.hadamard_rotation().cuda()
+    angles = torch.rand(numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2, generator=torch.Generator().manual_seed(1))
+    general = numerics.butterfly_rotation(angles * 2 * math.pi)
+    # kernel 1 with the Hadamard rotation (its own path) and with a random butterfly (the coefficient path)
+    rotations = {"rot": kernels.kernel1_rotation(rotation, rotation.device),
+                 "general": kernels.kernel1_rotation(general, rotation.device)}
     for tag, pow2 in (("", False), ("f", True)):
         layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
@@ -185,8 +192,10 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             for tile_t in (128, 256):  # every tile of one size (no half tiles)
                 row[f"k2f_t{tile_t}_ms"] = time_calls([lambda i=i: k2(i, tile_t, 0) for i in range(sets)])
         row[f"{k1_key}_ms"] = time_calls([lambda i=i: k1(i) for i in range(sets)])
-        row[f"{k1_key}_rot_ms"] = time_calls([lambda i=i: sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), pow2, pow2,
-                                                                         rotation) for i in range(sets)])
+        for name, kernel1_rotation in rotations.items():
+            row[f"{k1_key}_{name}_ms"] = time_calls([lambda i=i: sm90.act_quant(
+                a[i], *sm90.kernel1_inputs(ops[i]), pow2, pow2, kernel1_rotation) for i in range(sets)])
+            row[f"{k1_key}_{name}_share"] = row[f"{k1_key}_{name}_ms"] / row[f"{k1_key}_ms"] - 1.0
         if not pow2:  # design (d) alone on the same layers
             stage1_pow2 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True) for i in range(sets)]
             row["k2d_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm(
@@ -209,8 +218,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
             lay.rotation = rotation
         ops_rot = [lay.w4a4_kernel() for lay in layers]
         row[f"k1k2{tag}_rot_ms"] = time_calls([lambda i=i: sm90.svdq_linear(a[i], ops_rot[i]) for i in range(sets)])
-        for key in (k1_key, f"k1k2{tag}"):
-            row[f"{key}_rotation_share"] = row[f"{key}_rot_ms"] / row[f"{key}_ms"] - 1.0
+        row[f"k1k2{tag}_rot_share"] = row[f"k1k2{tag}_rot_ms"] / row[f"k1k2{tag}_ms"] - 1.0
         del layers, layers0, ops, ops0, ops_rot, stage1
 
     for key in ("bf16", "fp8", "fp8_fast", "k2", "k1k2", "k2d", "k1k2d", "k2f", "k1k2f"):
@@ -316,7 +324,8 @@ def main() -> None:
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "
               f"{'t128':>6} {'t256':>6} "
               f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5} | "
-              f"{'k1r us':>6} {'%':>5} {'k1+k2r':>7} {'%':>5} {'k1pr us':>7} {'%':>5} {'k1+k2fr':>7} {'%':>5}")
+              f"{'k1r us':>6} {'%':>5} {'k1+k2r':>7} {'%':>5} {'k1pr us':>7} {'%':>5} {'k1+k2fr':>7} {'%':>5} "
+              f"{'k1g us':>6} {'%':>5} {'k1pg us':>7} {'%':>5}")
     print(header, flush=True)
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
@@ -330,8 +339,9 @@ def main() -> None:
                   f"{r['k2f_t128_ms'] * 1e3:>6.1f} {r['k2f_t256_ms'] * 1e3:>6.1f} "
                   f"{r['k1p_ms'] * 1e3:>6.1f} {r['k1k2f_ms'] * 1e3:>7.1f} {r['k1k2f_tops']:>5.0f} "
                   f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f} | " +
-                  " ".join(f"{r[key + '_rot_ms'] * 1e3:>{w}.1f} {r[key + '_rotation_share'] * 100:>5.1f}"
-                           for key, w in (("k1", 6), ("k1k2", 7), ("k1p", 7), ("k1k2f", 7))), flush=True)
+                  " ".join(f"{r[key + '_ms'] * 1e3:>{w}.1f} {r[key + '_share'] * 100:>5.1f}"
+                           for key, w in (("k1_rot", 6), ("k1k2_rot", 7), ("k1p_rot", 7), ("k1k2f_rot", 7),
+                                          ("k1_general", 6), ("k1p_general", 7))), flush=True)
     method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
     if args.shapes_only:
         write_result(args.json, rank=RANK, method=method, rows=rows)

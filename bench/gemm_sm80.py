@@ -13,6 +13,8 @@ Columns (median time per call, CUDA-graph replays over rotating input sets, as b
     k1p    kernel 1 in pow2 mode
     k1r, k1pr, k1+k2r: k1, k1p and k1+k2 of the same layers with a group rotation (issue 15:
            kernel 1 rotates each signed 64-group by numerics.hadamard_rotation)
+    k1g    k1 with a random butterfly instead: the coefficient path that rotations other than the
+           Hadamard one take
   INT8 variant on power-of-two layers (pow2 weight scales and activations), rank 32:
     today  kernel 1 in pow2 mode + the per-group kernel 2 (what these layers ran before the whole-K
            kernel), x: bf16 time over it
@@ -38,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gemm import FLUX_SHAPES, l2_size, random_layer, shape_inputs, time_calls  # noqa: E402
 from record import write_result  # noqa: E402
-from svdquant import numerics  # noqa: E402
+from svdquant import kernels, numerics  # noqa: E402
 from svdquant.families import sm80  # noqa: E402
 
 RANK = 32
@@ -78,13 +80,17 @@ def _exact_rows(row: dict, gen, a: list, m: int, n: int, k: int, int4: bool) -> 
     row["k1k2_int8_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8", pow2_activations=False)
                                       for i in range(sets)])
     ops_rot = _rotated_ops(layers)
-    rotation = ops_rot[0].rotation_f32()
+    rotation = ops_rot[0].kernel1_rotation()
     row["k1_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], rotation=rotation)
                                    for i in range(sets)])
     row["k1p_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, rotation=rotation)
                                     for i in range(sets)])
     row["k1k2_int8_rot_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops_rot[i], mma="int8",
                                                                        pow2_activations=False) for i in range(sets)])
+    angles = torch.rand(numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2, generator=torch.Generator().manual_seed(1))
+    general = kernels.kernel1_rotation(numerics.butterfly_rotation(angles * 2 * torch.pi), a[0].device)
+    row["k1_general_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], rotation=general)
+                                       for i in range(sets)])
     if int4:
         row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
 
@@ -119,7 +125,7 @@ def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> N
     row["k1k2_whole_k_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8") for i in range(sets)])
     if not whole_k_only:
         ops_rot = _rotated_ops(layers)
-        rotation = ops_rot[0].rotation_f32()
+        rotation = ops_rot[0].kernel1_rotation()
         row["k1s8_rot_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], pow2=True, int8_operands=True,
                                                                     rotation=rotation) for i in range(sets)])
         row["k1k2_whole_k_rot_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops_rot[i], mma="int8")
@@ -148,7 +154,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only:
 # (header, row key, scale, format): the printed table, each column shown where its key was measured
 COLUMNS = [("bf16 us", "bf16_ms", 1e3, "8.1f"), ("TOPS", "bf16_tops", 1, "5.0f"),
            ("int_mm", "int_mm_ms", 1e3, "7.1f"), ("TOPS", "int_mm_tops", 1, "5.0f"),
-           ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1r", "k1_rot_ms", 1e3, "6.1f"),
+           ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1r", "k1_rot_ms", 1e3, "6.1f"), ("k1g", "k1_general_ms", 1e3, "6.1f"),
            ("k1p us", "k1p_ms", 1e3, "6.1f"), ("k1pr", "k1p_rot_ms", 1e3, "6.1f"),
            ("k2 us", "k2_int8_ms", 1e3, "7.1f"), ("TOPS", "k2_int8_tops", 1, "5.0f"),
            ("k1+k2", "k1k2_int8_ms", 1e3, "7.1f"), ("k1+k2r", "k1k2_int8_rot_ms", 1e3, "7.1f"),
