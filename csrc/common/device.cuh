@@ -146,7 +146,7 @@ __device__ __forceinline__ void rotate_octet_hadamard(float (&v)[8], int t8) {
     v[e] = __fadd_rn(__fmul_rn(own, v[e]), __fmul_rn(0.125f, __shfl_xor_sync(0xffffffffu, v[e], 4)));
 }
 
-// Any rotation, by its coefficients coef (kernels.kernel1_rotation's layout, in device memory):
+// Any rotation, by its coefficients coef (kernels.rotation_coefficients' layout, in device memory):
 // float4 (4 s + j) * 8 + t8 holds rot[s][8 t8 + 2 j][0..1], rot[s][8 t8 + 2 j + 1][0..1], so that for
 // each (s, j) the 8 lanes of a token read 128 consecutive bytes and the warp's other tokens the same
 // ones: 3 KiB that every CTA reads, L1-resident after the first group.

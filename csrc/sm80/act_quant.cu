@@ -59,7 +59,7 @@
 //   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
 //   int rotated (0: no rotation), const float4* rotation_coef [192] (the *_coefficients entry points:
-//   the rotation's coefficients in kernels.kernel1_rotation's layout, 16-byte aligned; the others
+//   the rotation's coefficients in kernels.rotation_coefficients' layout, 16-byte aligned; the others
 //   rotate by the Hadamard rotation and take null), const T* lora_t [rank, K] or null,
 //   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
 //   grid (ceil(M / 16)), block 128, no dynamic shared memory.

@@ -512,8 +512,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
 //   rotated     0: no rotation; else the Hadamard one, or (_coefficients) rotation_coef's
-//   rotation_coef [192] float4 the _coefficients entry points' rotation in kernels.kernel1_rotation's
-//               layout (16-byte aligned); null for the others
+//   rotation_coef [192] float4 the _coefficients entry points' rotation in
+//               kernels.rotation_coefficients' layout (16-byte aligned); null for the others
 //   lora_down   [rank, K] lora_down repacked by sm90.kernel1_lora_down (above)
 //   codes       out [M, K] operand bytes (see above)
 //   ascales     out [K/64, m_al] (exact) or [1, m_al] (pow2) fp32
