@@ -8,9 +8,11 @@ Writes a random-weight bf16 FLUX.1-dev transformer (19 + 38 blocks, 11.9 billion
 then runs `python -m svdquant quantize`'s engine (flux.quantizer.quantize_checkpoint) on it, each
 configuration in a process of its own so that its peak RSS (ru_maxrss, which counts the pages of
 the block being read from the memory-mapped checkpoint) and peak GPU memory (torch's
-max_memory_reserved) are its own: random stand-in calibration inputs, and prompt-style text
-embeddings of 512 tokens (T5-like, a few massive channels) as the node's calibration_prompts
-give. The checkpoint is read from the page cache (it was just written).
+max_memory_reserved) are its own. Configurations (--configs): stand-ins (random stand-in calibration
+inputs, the default recipe), prompts (prompt-style text embeddings of 512 tokens, T5-like with a few
+massive channels, as the node's calibration_prompts give), learned (stand-ins with the learned
+rotation and the learned smoothing: the lowest-error recipe). The checkpoint is read from the page
+cache (it was just written).
 """
 
 import argparse
@@ -69,7 +71,7 @@ def prompt_style_embeddings(cfg: flux.arch.FluxConfig) -> list[tuple[torch.Tenso
     return prompts
 
 
-def quantize_once(source: str, target: str, device: str, prompts: bool, calls: int) -> dict:
+def quantize_once(source: str, target: str, device: str, prompts: bool, calls: int, learned: bool) -> dict:
     """One quantization in this process; its wall time, peak RSS, peak GPU memory and quality."""
     reports: list[str] = []
     cfg = flux.quantizer.checkpoint_config(source)
@@ -83,12 +85,15 @@ def quantize_once(source: str, target: str, device: str, prompts: bool, calls: i
     start = time.perf_counter()
     result = flux.quantizer.quantize_checkpoint(source, target, calibration_calls=calls, device=device,
                                                 progress=False, report=reports.append, on_layer=layer_done,
-                                                prompts=prompt_style_embeddings(cfg) if prompts else None)
+                                                prompts=prompt_style_embeddings(cfg) if prompts else None,
+                                                rotation="learned" if learned else "hadamard",
+                                                learned_smoothing=learned)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"calibration": f"{PROMPTS} prompt-style embeddings of {PROMPT_TOKENS} tokens" if prompts
-            else "random stand-ins", "calibration_calls": calls, "seconds": round(seconds, 1),
+            else "random stand-ins", "recipe": "learned rotation + learned smoothing" if learned else "default",
+            "calibration_calls": calls, "seconds": round(seconds, 1),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "peak_gpu_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if device.startswith("cuda") else None,
             "layers": len(result.layers), "output_gib": round(Path(target).stat().st_size / 2**30, 3),
@@ -103,13 +108,15 @@ def main() -> None:
     parser.add_argument("--blocks", nargs=2, type=int, metavar=("DOUBLE", "SINGLE"),
                         help="FLUX.1-dev's width with this many double and single blocks (default 19 38)")
     parser.add_argument("--calls", type=int, default=4, help="calibration calls")
-    parser.add_argument("--configs", default="stand-ins,prompts", help="which calibrations to run, in order")
+    parser.add_argument("--configs", default="stand-ins,prompts",
+                        help="which of stand-ins, prompts, learned to run, in order")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize_h100.json"))
     parser.add_argument("--one", nargs=2, metavar=("SOURCE", "TARGET"), help=argparse.SUPPRESS)
     parser.add_argument("--prompts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--learned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # a child: one quantization, its measurements as the last line
-        print(json.dumps(quantize_once(*args.one, args.device, args.prompts, args.calls)))
+        print(json.dumps(quantize_once(*args.one, args.device, args.prompts, args.calls, args.learned)))
         return
 
     cfg = flux.synthetic.tiny_flux_config(guidance_embed=True) if args.tiny else flux.arch.FluxConfig()
@@ -127,7 +134,7 @@ def main() -> None:
         for config in args.configs.split(","):
             target = folder / "out.safetensors"
             command = [sys.executable, __file__, "--one", str(source), str(target), "--device", args.device,
-                       "--calls", str(args.calls)] + (["--prompts"] if config == "prompts" else [])
+                       "--calls", str(args.calls)] + {"prompts": ["--prompts"], "learned": ["--learned"]}.get(config, [])
             print(f"{config}:", flush=True)
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True,
                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -139,11 +146,12 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
             record(args, cfg, size, written, runs)  # after each run, so that a stopped benchmark keeps what it measured
 
-    print(f"\n{'calibration':<44} {'wall s':>7} {'peak RSS GiB':>13} {'peak GPU GiB':>13} {'held-out err':>13}")
+    print(f"\n{'calibration':<44} {'recipe':<36} {'wall s':>7} {'peak RSS GiB':>13} {'peak GPU GiB':>13} "
+          f"{'held-out err':>13}")
     for run in runs:
         gpu = "-" if run["peak_gpu_gib"] is None else f"{run['peak_gpu_gib']:.2f}"
-        print(f"{run['calibration']:<44} {run['seconds']:>7.1f} {run['peak_rss_gib']:>13.2f} {gpu:>13} "
-              f"{run['held_out_error_mean']:>13.4f}")
+        print(f"{run['calibration']:<44} {run['recipe']:<36} {run['seconds']:>7.1f} {run['peak_rss_gib']:>13.2f} "
+              f"{gpu:>13} {run['held_out_error_mean']:>13.4f}")
 
 
 def record(args, cfg: flux.arch.FluxConfig, size: int, written: float, runs: list[dict]) -> None:

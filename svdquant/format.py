@@ -4,9 +4,9 @@ Tensors, per quantized layer `P` (N outputs, K inputs, rank r, G = K / 64):
   W4A4  (kind "w4a4"):  P.qweight uint8 [N, K/2] (signed INT4 pairs, low nibble = even column),
                         P.wscales [G, N], P.smooth [K], P.lora_down [K, r], P.lora_up [N, r],
                         P.bias [N] (optional), P.shift [K] (optional, unsigned groups where > 0),
-                        P.smooth_orig [K] (optional, see below), P.rotation float32 [6, 64, 2]
-                        (optional: the group rotation of the signed input groups,
-                        numerics.rotate_groups; qweight then holds the rotated residual)
+                        P.smooth_orig [K] (optional, see below), P.rotation float32 [S, 64, 2]
+                        (optional: the group rotation of the signed input groups in S stages, a
+                        multiple of 6, numerics.rotate_groups; qweight then holds the rotated residual)
   W4A16 (kind "w4a16"): P.qweight uint8 [N, K/2] (unsigned INT4 pairs), P.wscales [G, N],
                         P.wzeros [G, N], P.bias [N] (optional)
 Every other tensor is an unquantized tensor of the model, stored as is.
@@ -22,7 +22,8 @@ Metadata (all strings, as safetensors requires):
   format_version  "2" where a layer has a rotation, else "1" (READ_VERSIONS)
   quantization    JSON {"method": "svdquant", "group_size": 64, "rank": r, "act_shift": 0.171875,
                   "pow2_scales": whether the W4A4 weights have power-of-two scales (docs/DESIGN.md#scales), ...}
-  layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift", "smooth_orig", "rotation" (w4a4)}}
+  layers          JSON {P: {"kind", "in", "out", "rank" (w4a4), "bias", "shift", "smooth_orig", "rotation" (w4a4:
+                  the rotation's stages, 0 for none)}}
   model_type      e.g. "flux"
   model_config    JSON, the model's configuration (opaque here; the model builder reads it)
 
@@ -104,8 +105,11 @@ def expected_layer_tensors(desc: dict) -> dict[str, tuple[tuple[int, ...], str]]
             out["shift"] = ((k,), "float")
         if desc.get("smooth_orig"):
             out["smooth_orig"] = ((k,), "float")
-        if desc.get("rotation"):
-            out["rotation"] = ((numerics.ROTATION_STAGES, numerics.GROUP_SIZE, 2), "f32")
+        stages = int(desc.get("rotation") or 0)
+        if stages % numerics.ROTATION_STAGES or stages < 0:
+            raise ValueError(f"a rotation of {stages} stages (a multiple of {numerics.ROTATION_STAGES} is needed)")
+        if stages:
+            out["rotation"] = ((stages, numerics.GROUP_SIZE, 2), "f32")
     elif kind == "w4a16":
         out = {"qweight": ((n, k // 2), "u8"), "wscales": ((g, n), "float"), "wzeros": ((g, n), "float")}
     else:
@@ -119,7 +123,7 @@ def describe_w4a4(tensors: dict[str, torch.Tensor]) -> dict:
     n, half_k = tensors["qweight"].shape
     return {"kind": "w4a4", "in": half_k * 2, "out": n, "rank": tensors["lora_down"].shape[1],
             "bias": "bias" in tensors, "shift": "shift" in tensors, "smooth_orig": "smooth_orig" in tensors,
-            "rotation": "rotation" in tensors}
+            "rotation": tensors["rotation"].shape[0] if "rotation" in tensors else 0}
 
 
 def describe_w4a16(tensors: dict[str, torch.Tensor]) -> dict:

@@ -52,7 +52,8 @@ def expected_shapes(kind: str, in_features: int, out_features: int, state: dict,
         rank = state["lora_down"].shape[1]
     desc = {"kind": kind, "in": in_features, "out": out_features, "rank": rank,
             "bias": "bias" in state if bias is None else bias,
-            "shift": "shift" in state, "smooth_orig": "smooth_orig" in state, "rotation": "rotation" in state}
+            "shift": "shift" in state, "smooth_orig": "smooth_orig" in state,
+            "rotation": state["rotation"].shape[0] if "rotation" in state and state["rotation"].dim() == 3 else 0}
     required = {name: shape for name, (shape, _) in fmt.expected_layer_tensors(desc).items()}
     return {**{name: None for name in fmt.LAYER_FIELDS[kind]}, **required}
 
@@ -156,7 +157,7 @@ class SVDQLinear(_QuantizedLinearBase):
 
     Buffers (natural layout): qweight uint8 [N, K/2] (signed INT4 pairs), wscales [K/64, N],
     smooth [K], lora_down [K, r], lora_up [N, r], bias [N] (optional), shift [K] (optional:
-    groups with a positive shift are quantized unsigned), rotation float32 [6, 64, 2] (optional: the
+    groups with a positive shift are quantized unsigned), rotation float32 [S, 64, 2] (optional: the
     group rotation of the signed groups, numerics.rotate_groups), smooth_orig [K] (optional, unused
     by the forward; see `format`).
 

@@ -29,10 +29,10 @@ Group rotation (optional per layer, docs/DESIGN.md#group-rotation): before quant
 activations of every signed group are rotated, v_rot = v @ M with M a 64 x 64 orthogonal matrix
 shared by the layer's signed groups, and the file stores the weight residual rotated the same way,
 so the 4-bit product approximates v . R^T = v_rot . (R M)^T while the low-rank branch reads the
-unrotated input. M is a butterfly (`rotate_groups`): six stages, strides 1, 2, 4, 8, 16, 32, each
-replacing column i by self[i] * v[i] + partner[i] * v[i ^ stride] with two products and one sum
-rounded in float32, so that kernel 1 reproduces it bit for bit (strides 1-4 inside a thread's
-octet, 8-32 across the 8 lanes of a (token, group)). Unsigned (post-GELU) groups stay unrotated: a
+unrotated input. M is a butterfly (`rotate_groups`): one or more passes of six stages, strides 1, 2,
+4, 8, 16, 32, each stage replacing column i by self[i] * v[i] + partner[i] * v[i ^ stride] with two
+products and one sum rounded in float32, so that kernel 1 reproduces it bit for bit (strides 1-4
+inside a thread's octet, 8-32 across the 8 lanes of a (token, group)). Unsigned (post-GELU) groups stay unrotated: a
 rotation would turn their shift into one large coordinate.
 
 FP8 execution (an opt-in way to run any W4A4 layer on FP8 tensor cores, docs/DESIGN.md#fp8-execution):
@@ -62,9 +62,9 @@ POW2_ACT_MAX_EXP = 3
 # the 2^POW2_ACT_MAX_EXP factor).
 POW2_MIN_BASE = 2.0**-100
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-# The group rotation's butterfly: stage s pairs columns i and i ^ 2^s of a group. A layer's
-# rotation tensor is float32 [ROTATION_STAGES, GROUP_SIZE, 2]: per stage and column, the factor of
-# the column's own value and that of its partner's.
+# The group rotation's butterfly: a pass of ROTATION_STAGES stages, stage s pairing columns i and
+# i ^ 2^s of a group. A layer's rotation tensor is float32 [passes * ROTATION_STAGES, GROUP_SIZE, 2]:
+# per stage and column, the factor of the column's own value and that of its partner's.
 ROTATION_STAGES = 6
 # The largest finite FP8 e4m3 value: fp8 execution scales each token and each weight row to it.
 E4M3_MAX = 448.0
@@ -132,15 +132,16 @@ def rotate_groups(v: torch.Tensor, rotation: torch.Tensor, rotated_groups: torch
     rotated_groups[g] (bool [K / 64]), stage s = 0..5 in order sets
     v[i] = fl(fl(rotation[s, i, 0] * v[i]) + fl(rotation[s, i, 1] * v[i ^ 2^s])) for every column
     i of the group (float32, each operation rounded once: no fused multiply-add); the other groups
-    are returned as they are."""
+    are returned as they are. A rotation of several passes (rotation [6P, 64, 2]) runs stage n with
+    stride 2^(n mod 6)."""
     k = v.shape[-1]
     groups = _check_groups(k, GROUP_SIZE)
     w = v.reshape(*v.shape[:-1], groups, GROUP_SIZE)
     coef = rotation.to(device=v.device, dtype=torch.float32)
     columns = torch.arange(GROUP_SIZE, device=v.device)
     out = w
-    for stage in range(ROTATION_STAGES):
-        partner = out[..., columns ^ (1 << stage)]
+    for stage in range(coef.shape[0]):
+        partner = out[..., columns ^ (1 << stage % ROTATION_STAGES)]
         out = out * coef[stage, :, 0] + partner * coef[stage, :, 1]
     rotated = torch.as_tensor(rotated_groups, dtype=torch.bool, device=v.device).unsqueeze(-1)
     return torch.where(rotated, out, w).reshape(v.shape)
@@ -151,23 +152,24 @@ def rotation_matrix(rotation: torch.Tensor) -> torch.Tensor:
     m = torch.eye(GROUP_SIZE, dtype=torch.float64)
     coef = rotation.to(device="cpu", dtype=torch.float64)
     columns = torch.arange(GROUP_SIZE)
-    for stage in range(ROTATION_STAGES):
-        m = m * coef[stage, :, 0] + m[:, columns ^ (1 << stage)] * coef[stage, :, 1]
+    for stage in range(coef.shape[0]):
+        m = m * coef[stage, :, 0] + m[:, columns ^ (1 << stage % ROTATION_STAGES)] * coef[stage, :, 1]
     return m
 
 
 def butterfly_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """The rotation tensor (float32 [6, 64, 2]) of one 2 x 2 rotation per pair and stage: angles
-    [6, 32], pair p of stage s joining column i (bit s clear; p = i with bit s removed) and
-    j = i + 2^s as (v[i], v[j]) <- (cos t v[i] - sin t v[j], sin t v[i] + cos t v[j]). All angles pi/4
+    """The rotation tensor (float32 [6P, 64, 2]) of one 2 x 2 rotation per pair and stage: angles
+    [6P, 32], pair p of stage n (stride 2^s, s = n mod 6) joining column i (bit s clear; p = i with bit
+    s removed) and j = i + 2^s as (v[i], v[j]) <- (cos t v[i] - sin t v[j], sin t v[i] + cos t v[j]). All angles pi/4
     give the Walsh-Hadamard transform up to signs (`hadamard_rotation` is its exact form)."""
     angles = angles.to(torch.float64)
-    out = torch.empty(ROTATION_STAGES, GROUP_SIZE, 2, dtype=torch.float64)
-    for stage in range(ROTATION_STAGES):
-        low = torch.tensor([i for i in range(GROUP_SIZE) if not i >> stage & 1])
+    out = torch.empty(angles.shape[0], GROUP_SIZE, 2, dtype=torch.float64)
+    for stage in range(angles.shape[0]):
+        stride = 1 << stage % ROTATION_STAGES
+        low = torch.tensor([i for i in range(GROUP_SIZE) if not i & stride])
         t = angles[stage]
         out[stage, low, 0], out[stage, low, 1] = torch.cos(t), -torch.sin(t)
-        out[stage, low + (1 << stage), 0], out[stage, low + (1 << stage), 1] = torch.cos(t), torch.sin(t)
+        out[stage, low + stride, 0], out[stage, low + stride, 1] = torch.cos(t), torch.sin(t)
     return out.float()
 
 

@@ -48,10 +48,13 @@ LEARNED_SMOOTHING_RATE = 0.01
 LEARNED_SMOOTHING_STEPS = 100
 # Group rotations of the signed input groups (quantize_linear's rotation): "none"; the fixed 64-point
 # Walsh-Hadamard butterfly (bench/NOTES.md#fidelity-rotation: all-MiniLM's mean layer error -5.9% at
-# no quantization cost); "learned": the butterfly's 192 angles learned per layer from the Hadamard's
-# by Adam on the calibration output error (LEARNED_ROTATION_STEPS at LEARNED_ROTATION_RATE).
+# no quantization cost); "learned": a butterfly of LEARNED_ROTATION_PASSES passes (12 stages, 384
+# angles) learned per layer from the Hadamard (first pass) and the identity (second) by Adam on the
+# calibration output error (LEARNED_ROTATION_STEPS at LEARNED_ROTATION_RATE; bench/NOTES.md#fidelity-rotation:
+# two passes beat one by 0.8% of the error with the learned smoothing).
 ROTATIONS = ("none", "hadamard", "learned")
 DEFAULT_ROTATION = "hadamard"
+LEARNED_ROTATION_PASSES = 2
 LEARNED_ROTATION_STEPS = 100
 LEARNED_ROTATION_RATE = 0.01
 
@@ -269,14 +272,15 @@ def _turned(r: torch.Tensor, rotation: _Rotation | None, inverse: bool = False) 
 
 def _butterfly_matrix(angles: torch.Tensor) -> torch.Tensor:
     """numerics.rotation_matrix(numerics.butterfly_rotation(angles)) in float32 on angles' device,
-    differentiable in the angles [6, 32]."""
+    differentiable in the angles [6P, 32]."""
     columns = torch.arange(GROUP_SIZE, device=angles.device)
     m = torch.eye(GROUP_SIZE, device=angles.device)
-    for stage in range(numerics.ROTATION_STAGES):
-        pair = (columns & ((1 << stage) - 1)) | ((columns >> (stage + 1)) << stage)
+    for stage in range(angles.shape[0]):
+        s = stage % numerics.ROTATION_STAGES
+        pair = (columns & ((1 << s) - 1)) | ((columns >> (s + 1)) << s)
         t = angles[stage, pair]
-        high = (columns >> stage & 1).bool()
-        m = m * torch.cos(t) + m[:, columns ^ (1 << stage)] * torch.where(high, torch.sin(t), -torch.sin(t))
+        high = (columns >> s & 1).bool()
+        m = m * torch.cos(t) + m[:, columns ^ (1 << s)] * torch.where(high, torch.sin(t), -torch.sin(t))
     return m
 
 
@@ -364,9 +368,11 @@ def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int,
 
 
 def _learned_rotation(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) -> torch.Tensor:
-    """The rotation tensor (numerics.butterfly_rotation) of the butterfly angles learned by `steps` Adam
-    steps from pi/4 (the Hadamard's error) on the calibration tokens' output error of the quantized
-    path, s and the branch held fixed, rounding passed straight through. Returns the least error's."""
+    """The rotation tensor (numerics.butterfly_rotation) of the butterfly angles (LEARNED_ROTATION_PASSES
+    passes) learned by `steps` Adam steps from the first pass at pi/4 and the others at 0 (the
+    Hadamard's error: passes of pi/4 would be another matrix) on the calibration tokens' output error
+    of the quantized path, s and the branch held fixed, rounding passed straight through. Returns the
+    least error's."""
     with torch.inference_mode(False), torch.enable_grad():
         w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
                                                         for t in (w, x, s, unsigned, lora_down, lora_up, shift))
@@ -374,8 +380,9 @@ def _learned_rotation(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) 
         target = x @ (residual / s).t()
         v = (x if shift is None else x + shift) / s
         no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
-        angles = torch.full((numerics.ROTATION_STAGES, GROUP_SIZE // 2), torch.pi / 4, device=w.device,
-                            requires_grad=True)
+        angles = torch.zeros(LEARNED_ROTATION_PASSES * numerics.ROTATION_STAGES, GROUP_SIZE // 2, device=w.device)
+        angles[:numerics.ROTATION_STAGES] = torch.pi / 4
+        angles.requires_grad_(True)
         optimizer = torch.optim.Adam([angles], lr=LEARNED_ROTATION_RATE)
         best_err, best = None, angles.detach().clone()
         for step in range(steps + 1):

@@ -189,3 +189,16 @@ def test_rotated_product_equals_the_unrotated_one_before_rounding():
     assert torch.allclose(got, v.double() @ r.double().t(), atol=1e-4)
     back = numerics.unrotated_residual(r_rot.float(), rotation, every)
     assert torch.allclose(back, r, atol=1e-5)
+
+
+def test_a_rotation_of_two_passes_is_the_two_passes_in_turn():
+    gen = torch.Generator().manual_seed(8)
+    v = torch.randn(5, 128, generator=gen)
+    first, second = (numerics.butterfly_rotation(torch.rand(numerics.ROTATION_STAGES, 32, generator=gen) * 6.3)
+                     for _ in range(2))
+    both = torch.cat([first, second])
+    every = torch.ones(2, dtype=torch.bool)
+    assert torch.equal(numerics.rotate_groups(v, both, every),
+                       numerics.rotate_groups(numerics.rotate_groups(v, first, every), second, every))
+    assert torch.allclose(numerics.rotation_matrix(both),
+                          numerics.rotation_matrix(first) @ numerics.rotation_matrix(second), atol=1e-12)

@@ -460,7 +460,7 @@ def output_bytes(cfg: FluxConfig, rank: int) -> int:
         n, k = spec.out_features, spec.in_features
         if spec.kind == W4A4:
             total += n * k // 2 + 2 * (k // numerics.GROUP_SIZE * n + 2 * k + (n + k) * rank + n)
-            total += 4 * numerics.ROTATION_STAGES * numerics.GROUP_SIZE * 2
+            total += 4 * quantize.LEARNED_ROTATION_PASSES * numerics.ROTATION_STAGES * numerics.GROUP_SIZE * 2
         elif spec.kind == W4A16:
             total += n * k // 2 + 2 * (2 * k // numerics.GROUP_SIZE * n + n)
         else:
