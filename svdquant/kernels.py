@@ -87,22 +87,33 @@ def group_shifts(shift: torch.Tensor) -> torch.Tensor | None:
 
 # How kernel 1 of the W4A4 families applies a layer's group rotation (csrc/common/device.cuh
 # rotate_octet): none, numerics.hadamard_rotation() by sums and differences, or any other rotation
-# by its coefficients
+# (any number of passes) by its coefficients
 ROTATION_NONE, ROTATION_HADAMARD, ROTATION_COEFFICIENTS = 0, 1, 2
-ROTATION_COEFFICIENTS_SHAPE = (numerics.ROTATION_STAGES * 32, 4)  # float4 (4 s + j) * 8 + t
+# kernel 1's coefficient rows per pass: float4 (4 s + j) * 8 + t of the pass's 192
+ROTATION_COEFFICIENT_ROWS = numerics.ROTATION_STAGES * 32
+
+
+def rotation_passes(rotation: torch.Tensor) -> int:
+    """The passes P of a group rotation [6P, 64, 2] (P >= 1); ValueError for any other shape."""
+    stages = rotation.shape[0] if rotation.dim() == 3 else 0
+    if rotation.shape[1:] != (numerics.GROUP_SIZE, 2) or stages == 0 or stages % numerics.ROTATION_STAGES:
+        raise ValueError(f"a group rotation is [6 P, {numerics.GROUP_SIZE}, 2] with P >= 1 passes, "
+                         f"got {list(rotation.shape)}")
+    return stages // numerics.ROTATION_STAGES
 
 
 def rotation_coefficients(rotation: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A group rotation's coefficients (float32 [6, 64, 2]) in kernel 1's layout (device.cuh's
-    rotate_octet_coefficients): float32 [192, 4] on device, row (4 s + j) * 8 + t holding
-    rotation[s, 8 t + 2 j] and rotation[s, 8 t + 2 j + 1]."""
-    grouped = rotation.to(device=device, dtype=torch.float32).reshape(numerics.ROTATION_STAGES, 8, 4, 4)
-    return grouped.transpose(1, 2).reshape(ROTATION_COEFFICIENTS_SHAPE).contiguous()
+    """A group rotation's coefficients (float32 [6P, 64, 2]) in kernel 1's layout (device.cuh's
+    rotate_octet_coefficients): float32 [192 P, 4] on device, row 192 p + (4 s + j) * 8 + t holding
+    rotation[6 p + s, 8 t + 2 j] and rotation[6 p + s, 8 t + 2 j + 1]."""
+    passes = rotation_passes(rotation)
+    grouped = rotation.to(device=device, dtype=torch.float32).reshape(passes * numerics.ROTATION_STAGES, 8, 4, 4)
+    return grouped.transpose(1, 2).reshape(passes * ROTATION_COEFFICIENT_ROWS, 4).contiguous()
 
 
 def kernel1_rotation(rotation: torch.Tensor | None, device: torch.device) -> tuple[int, torch.Tensor | None]:
-    """A group rotation (float32 [6, 64, 2] or None) as kernel 1 takes it: (ROTATION_NONE, None),
-    (ROTATION_HADAMARD, None) where it is exactly numerics.hadamard_rotation(), else
+    """A group rotation (float32 [6P, 64, 2] or None) as kernel 1 takes it: (ROTATION_NONE, None),
+    (ROTATION_HADAMARD, None) where it is exactly numerics.hadamard_rotation() (6 stages), else
     (ROTATION_COEFFICIENTS, rotation_coefficients(rotation, device))."""
     if rotation is None:
         return ROTATION_NONE, None

@@ -72,20 +72,20 @@ def _wscales(groups: int, n: int, dtype: torch.dtype, generator: torch.Generator
 
 
 # the way kernel 1 applies each of group_rotation's kinds (kernels.kernel1_rotation): none, the
-# Hadamard rotation by sums and differences, a random butterfly by its coefficients
+# Hadamard rotation by sums and differences, a random butterfly of one or two passes by its coefficients
 KERNEL1_ROTATION = {"none": kernels.ROTATION_NONE, "hadamard": kernels.ROTATION_HADAMARD,
-                    "random": kernels.ROTATION_COEFFICIENTS}
+                    "random": kernels.ROTATION_COEFFICIENTS, "random2": kernels.ROTATION_COEFFICIENTS}
 
 
 def group_rotation(kind: str, seed: int = 0) -> torch.Tensor | None:
-    """A layer's group rotation for the tests: "none" (None), "hadamard" (numerics.hadamard_rotation)
-    or "random" (numerics.butterfly_rotation of uniform random angles)."""
+    """A layer's group rotation for the tests: "none" (None), "hadamard" (numerics.hadamard_rotation),
+    "random" or "random2" (numerics.butterfly_rotation of uniform random angles: one pass, two)."""
     if kind == "none":
         return None
     if kind == "hadamard":
         return numerics.hadamard_rotation()
-    assert kind == "random", kind
-    angles = torch.rand(numerics.ROTATION_STAGES, G // 2, generator=torch.Generator().manual_seed(seed))
+    passes = {"random": 1, "random2": 2}[kind]
+    angles = torch.rand(passes * numerics.ROTATION_STAGES, G // 2, generator=torch.Generator().manual_seed(seed))
     return numerics.butterfly_rotation(angles * 2 * torch.pi)
 
 

@@ -5,7 +5,7 @@ family's kernel 1 against it.
 The kernels' codes and scales must equal numerics bit for bit: they perform the same IEEE divisions
 (reciprocal + Markstein correction, exact for normal quotients) and round half to even like
 torch.round, so there is no tie case where the two may differ. Layers with a group rotation
-(numerics.rotate_groups: the Hadamard one and random butterflies) are among the cases, their
+(numerics.rotate_groups: the Hadamard one and random butterflies of one and two passes) are among the cases, their
 shifted groups unrotated; the low-rank branch reads the unrotated x either way. The low-rank down projection fused
 into kernel 1 is compared with float64 (1e-3). The sm90 family's tests run on an sm_90 GPU, the
 sm80 family's on any sm_80+ GPU (the H100 emulates INT4 mma.sync, slowly but exactly); the kernels
@@ -91,7 +91,8 @@ def test_pow2_activations_of_layer_input():
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (320, 160, "none"), (1600, 32, "none"),
                                              (1600, 320, "none"), (320, 48, "none"), (128, 0, "none"),
-                                             (128, 0, "hadamard"), (1600, 32, "hadamard"), (320, 48, "random")])
+                                             (128, 0, "hadamard"), (1600, 32, "hadamard"), (320, 48, "random"),
+                                             (320, 48, "random2")])
 @pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
 def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation, mode):
     # K = 128, 320: one or two groups per CTA of a small cluster; K = 1600 (25 groups): clusters
@@ -133,7 +134,7 @@ def test_sm90_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (320, 16, "none"), (1600, 24, "none"), (576, 0, "none"),
-                                             (1600, 24, "random"), (576, 0, "hadamard")])
+                                             (1600, 24, "random"), (1600, 24, "random2"), (576, 0, "hadamard")])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation, pow2):
     # rank 24: lora_down padded to 32 ranks with zero rows (two warps, the second half empty)
@@ -168,7 +169,7 @@ def test_sm80_act_quant_matches_reference(m, dtype, unsigned, k, rank, rotation,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("k,rank,rotation", [(128, 32, "none"), (1600, 24, "none"), (576, 0, "none"),
-                                             (1600, 24, "random")])
+                                             (1600, 24, "random"), (1600, 24, "random2")])
 def test_sm80_act_quant_s8_operands(m, dtype, unsigned, k, rank, rotation):
     # the whole-K kernel 2's operands: code * 2^(3 - e) as s8 bytes in slot order, atok per token
     seed = m * 5 + rank + unsigned + k
@@ -226,11 +227,14 @@ def test_act_quant_refuses_a_rotation_it_cannot_read(family):
             return sm90.act_quant(x, *inputs, rotation=rotation)
     kind, good = kernels.kernel1_rotation(group_rotation("random", 5), x.device)
     run((kind, good))
+    run(kernels.kernel1_rotation(group_rotation("random2", 5), x.device))
     run(kernels.kernel1_rotation(numerics.hadamard_rotation(), x.device))
     with pytest.raises(error, match="rotation coefficients must be torch.float32"):
         run((kind, good.double()))
     with pytest.raises(error, match=r"rotation coefficients must have shape \[192, 4\]"):
         run((kind, good[:96]))
+    with pytest.raises(error, match=r"rotation coefficients must have shape \[192, 4\]"):
+        run((kind, torch.cat((good, good[:96]))))  # not a whole number of passes
     with pytest.raises(error, match="rotation coefficients must be contiguous"):
         run((kind, good.t().contiguous().t()))
     with pytest.raises(error, match="rotation coefficients must be on"):
@@ -255,13 +259,23 @@ def test_kernel1_rotation_takes_the_hadamard_path_only_for_the_exact_hadamard_ro
     near = numerics.butterfly_rotation(torch.full((numerics.ROTATION_STAGES, G // 2), torch.pi / 4))
     one_off = hadamard.clone()
     one_off[2, 17, 1] = torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))
-    for rotation in (near, one_off, group_rotation("random", 3)):
+    # rotations of two passes (12 stages) take the coefficient path, the Hadamard rotation twice too
+    twice = torch.cat((hadamard, hadamard))
+    for rotation in (near, one_off, group_rotation("random", 3), group_rotation("random2", 3), twice):
         kind, coef = kernels.kernel1_rotation(rotation, cpu)
-        assert kind == kernels.ROTATION_COEFFICIENTS and coef.shape == kernels.ROTATION_COEFFICIENTS_SHAPE
-        # rotate_octet_coefficients' layout: float4 (4 s + j) * 8 + t = columns 8 t + 2 j, 8 t + 2 j + 1 of stage s
-        for s_, j, t in ((0, 0, 0), (2, 3, 5), (5, 1, 7), (3, 2, 2)):
-            assert torch.equal(coef[(4 * s_ + j) * 8 + t], rotation[s_, 8 * t + 2 * j:8 * t + 2 * j + 2].flatten())
+        passes = rotation.shape[0] // numerics.ROTATION_STAGES
+        assert kind == kernels.ROTATION_COEFFICIENTS and coef.shape == (passes * kernels.ROTATION_COEFFICIENT_ROWS, 4)
+        # rotate_octet_coefficients' layout: pass p's float4 (4 s + j) * 8 + t = columns 8 t + 2 j, 8 t + 2 j + 1
+        # of stage 6 p + s
+        for p in range(passes):
+            for s_, j, t in ((0, 0, 0), (2, 3, 5), (5, 1, 7), (3, 2, 2)):
+                assert torch.equal(coef[kernels.ROTATION_COEFFICIENT_ROWS * p + (4 * s_ + j) * 8 + t],
+                                   rotation[6 * p + s_, 8 * t + 2 * j:8 * t + 2 * j + 2].flatten())
         assert torch.equal(coef.reshape(-1).sort().values, rotation.reshape(-1).sort().values)
+    # a rotation is whole passes of six stages on 64 columns
+    for bad in (hadamard[:5], torch.cat((hadamard, hadamard[:1])), hadamard[:0], hadamard[:, :32], hadamard[..., :1]):
+        with pytest.raises(ValueError, match=r"a group rotation is \[6 P, 64, 2\] with P >= 1 passes"):
+            kernels.kernel1_rotation(bad, cpu)
 
 
 @needs_sm80

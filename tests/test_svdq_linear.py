@@ -7,6 +7,8 @@ against the reference path. The GPU tests skip without the GPU their family need
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -209,9 +211,9 @@ def test_sm90_gelu_from_matches_reference_path():
 @pytest.mark.usefixtures("sm90_family")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-@pytest.mark.parametrize("pow2_weights,pow2_activations", [(False, False), (False, True), (True, False),
-                                                           (True, True)])
-@pytest.mark.parametrize("rotation", ["none", "hadamard", "random"])
+@pytest.mark.parametrize("pow2_weights,pow2_activations,rotation", [
+    *itertools.product([False, True], [False, True], ["none", "hadamard", "random"]),
+    (False, False, "random2"), (True, True, "random2")])
 def test_sm90_layer_matches_reference_path(dtype, unsigned, pow2_weights, pow2_activations, rotation):
     # (True, True): our Hopper format with restricted activations, the fast kernel 2
     generator = gen(7 + unsigned)
@@ -327,6 +329,7 @@ def test_sm90_torch_compile_with_inductor_around_the_kernels():
     (False, False, 32, False, "none"), (True, True, 32, False, "none"), (True, False, 160, False, "none"),
     (True, True, 32, True, "none"), (False, True, 160, True, "none"),  # int8: the whole-K kernel 2
     (True, False, 32, False, "hadamard"), (True, True, 32, True, "random"), (False, True, 160, False, "hadamard"),
+    (True, False, 32, False, "random2"), (False, True, 160, True, "random2"),
 ])
 def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow2_weights, rotation):
     generator = gen(7 + unsigned + rank)
@@ -346,16 +349,17 @@ def test_sm80_layer_matches_reference_path(mma, dtype, unsigned, pow2, rank, pow
 
 def _check_kernel1_rotation(given, kernel: kernels.W4A4Kernel, kind: str, rotation: torch.Tensor | None) -> None:
     """Kernel 1 was handed the layer's rotation as W4A4Kernel.kernel1_rotation keeps it: the path of
-    group_rotation's `kind`, a random butterfly's coefficients in kernel 1's layout."""
+    group_rotation's `kind`, a random butterfly's coefficients (all its passes) in kernel 1's layout."""
     assert given is kernel.kernel1_rotation() and given[0] == KERNEL1_ROTATION[kind]
-    if kind == "random":
+    if given[0] == kernels.ROTATION_COEFFICIENTS:
         assert torch.equal(given[1], kernels.rotation_coefficients(rotation, kernel.qweight.device))
     else:
         assert given[1] is None
 
 
 @pytest.mark.parametrize("rank,pow2_weights,pow2_activations,rotation", [
-    (32, False, False, "none"), (32, True, False, "hadamard"), (48, True, True, "random"), (224, False, True, "none")])
+    (32, False, False, "none"), (32, True, False, "hadamard"), (48, True, True, "random"), (224, False, True, "none"),
+    (16, False, True, "random2")])
 def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_weights, pow2_activations,
                                                           rotation):
     calls = {}
@@ -408,7 +412,7 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
 
 @pytest.mark.parametrize("rank,pow2_activations,mma,rotation", [
     (24, False, "int4", "hadamard"), (32, True, "int8", "none"), (0, False, "int8", "random"),
-    (40, True, "int4", "none")])
+    (40, True, "int4", "none"), (16, True, "int8", "random2")])
 def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow2_activations, mma, rotation):
     calls = {}
 

@@ -113,9 +113,10 @@ __device__ __forceinline__ float round_to(float v) {
 // which computes its own columns from the same two values (fp addition commutes, so both sides
 // match the reference). Every lane of the warp must call it together (full-mask shuffles), with
 // v's of signed groups only; the caller keeps that warp-uniform (a warp covers one group).
+// A rotation of several passes runs stage n with stride 2^(n mod 6).
 // The host decides once per layer how kernel 1 rotates (kernels.kernel1_rotation): not at all, the
-// Hadamard rotation (rotate_octet_hadamard) or any other by its coefficients
-// (rotate_octet_coefficients, in separate entry points: see rotate_octet).
+// Hadamard rotation (rotate_octet_hadamard, one pass) or any other by its coefficients
+// (rotate_octet_coefficients, any number of passes, in separate entry points: see rotate_octet).
 constexpr int kRotationStages = 6;  // numerics.ROTATION_STAGES
 
 // numerics.hadamard_rotation(), whose coefficients are +-1 in stages 0-4 (low side, bit s of i clear:
@@ -147,32 +148,38 @@ __device__ __forceinline__ void rotate_octet_hadamard(float (&v)[8], int t8) {
 }
 
 // Any rotation, by its coefficients coef (kernels.rotation_coefficients' layout, in device memory):
-// float4 (4 s + j) * 8 + t8 holds rot[s][8 t8 + 2 j][0..1], rot[s][8 t8 + 2 j + 1][0..1], so that for
-// each (s, j) the 8 lanes of a token read 128 consecutive bytes and the warp's other tokens the same
-// ones: 3 KiB that every CTA reads, L1-resident after the first group.
-__device__ __forceinline__ void rotate_octet_coefficients(float (&v)[8], const float4* __restrict__ coef, int t8) {
+// 192 float4 per pass, pass p's float4 (4 s + j) * 8 + t8 holding rot[6 p + s][8 t8 + 2 j][0..1],
+// rot[6 p + s][8 t8 + 2 j + 1][0..1], so that for each (s, j) the 8 lanes of a token read 128
+// consecutive bytes and the warp's other tokens the same ones: 3 KiB per pass that every CTA reads,
+// L1-resident after the first group. The passes are a runtime loop around the unrolled stages
+// (registers indexed at compile time only).
+__device__ __forceinline__ void rotate_octet_coefficients(float (&v)[8], const float4* __restrict__ coef, int passes,
+                                                          int t8) {
+#pragma unroll 1
+  for (int pass = 0; pass < passes; ++pass, coef += kRotationStages * 32) {
 #pragma unroll
-  for (int s = 0; s < kRotationStages; ++s) {
-    float p[8];
+    for (int s = 0; s < kRotationStages; ++s) {
+      float p[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) p[e] = s < 3 ? v[e ^ (1 << s)] : __shfl_xor_sync(0xffffffffu, v[e], 1 << (s - 3));
+      for (int e = 0; e < 8; ++e) p[e] = s < 3 ? v[e ^ (1 << s)] : __shfl_xor_sync(0xffffffffu, v[e], 1 << (s - 3));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float4 c = __ldg(coef + (4 * s + j) * 8 + t8);
-      v[2 * j] = __fadd_rn(__fmul_rn(c.x, v[2 * j]), __fmul_rn(c.y, p[2 * j]));
-      v[2 * j + 1] = __fadd_rn(__fmul_rn(c.z, v[2 * j + 1]), __fmul_rn(c.w, p[2 * j + 1]));
+      for (int j = 0; j < 4; ++j) {
+        const float4 c = __ldg(coef + (4 * s + j) * 8 + t8);
+        v[2 * j] = __fadd_rn(__fmul_rn(c.x, v[2 * j]), __fmul_rn(c.y, p[2 * j]));
+        v[2 * j + 1] = __fadd_rn(__fmul_rn(c.z, v[2 * j + 1]), __fmul_rn(c.w, p[2 * j + 1]));
+      }
     }
   }
 }
 
-// The rotation of one octet of a signed group: by its coefficients coef in kernel 1's entry points
-// for kernels.ROTATION_COEFFICIENTS (kCoefficients), the Hadamard one in the others. Separate entry
-// points, because the coefficient path's registers (its loads in flight) would otherwise set every
-// launch's occupancy.
+// The rotation of one octet of a signed group: by its coefficients coef (passes >= 1 of them) in
+// kernel 1's entry points for kernels.ROTATION_COEFFICIENTS (kCoefficients), the Hadamard one (one
+// pass) in the others. Separate entry points, because the coefficient path's registers (its loads
+// in flight) would otherwise set every launch's occupancy.
 template <bool kCoefficients>
-__device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, int t8) {
+__device__ __forceinline__ void rotate_octet(float (&v)[8], const float4* coef, int passes, int t8) {
   if constexpr (kCoefficients)
-    rotate_octet_coefficients(v, coef, t8);
+    rotate_octet_coefficients(v, coef, passes, t8);
   else
     rotate_octet_hadamard(v, t8);
 }

@@ -45,8 +45,8 @@
 // keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
 // L2: a CTA's 16 rows were just read) and writes the codes and scales.
 // Rotation: the Hadamard one by sums and differences; any other (the *_coefficients entry points)
-// reads its coefficients (3 KiB) from device memory (L1-resident), so that shared memory and
-// occupancy are those of the unrotated kernel.
+// reads its coefficients (3 KiB per pass) from device memory (L1-resident), so that shared memory
+// and occupancy are those of the unrotated kernel.
 // Low-rank, from the unrotated x tile: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host
 // computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with
 // A = the x tile (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K]
@@ -58,9 +58,10 @@
 // and the same names + _coefficients (
 //   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
-//   int rotated (0: no rotation), const float4* rotation_coef [192] (the *_coefficients entry points:
-//   the rotation's coefficients in kernels.rotation_coefficients' layout, 16-byte aligned; the others
-//   rotate by the Hadamard rotation and take null), const T* lora_t [rank, K] or null,
+//   int rotation_passes (0: no rotation; the Hadamard rotation is one pass), const float4*
+//   rotation_coef [192 rotation_passes] (the *_coefficients entry points: the rotation's
+//   coefficients in kernels.rotation_coefficients' layout, 16-byte aligned; the others rotate by the
+//   Hadamard rotation and take null), const T* lora_t [rank, K] or null,
 //   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
 //   grid (ceil(M / 16)), block 128, no dynamic shared memory.
 //   Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
@@ -111,11 +112,11 @@ __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) 
 // v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes; t8: the octet in its group):
 // exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2
 // mode v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0; signed ones are
-// rotated where `rotated` (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|.
+// rotated where passes > 0 (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|.
 // Every lane of the warp calls it together (the rotation's shuffles).
 template <typename T, bool kPow2, bool kCoefficients>
 __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, int col,
-                                              float shift, bool rotated, const float4* coef, int t8,
+                                              float shift, int passes, const float4* coef, int t8,
                                               float (&v)[8]) {
   float n[8], inv[8];
   Half<T>::unpack2(raw.x, n[0], n[1]);
@@ -150,8 +151,8 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
   if (shift > 0.f) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = fmaxf(v[e], 0.f);
-  } else if (rotated) {  // warp-uniform: a warp covers one group
-    rotate_octet<kCoefficients>(v, coef, t8);
+  } else if (passes > 0) {  // warp-uniform: a warp covers one group
+    rotate_octet<kCoefficients>(v, coef, passes, t8);
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
@@ -204,7 +205,7 @@ __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift
 template <typename T, bool kPow2, bool kS8, bool kCoefficients>
 __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
-                                          bool rotated, const float4* __restrict__ rotation_coef,
+                                          int rotation_passes, const float4* __restrict__ rotation_coef,
                                           const T* __restrict__ lora_t,
                                           uint8_t* __restrict__ codes, float* __restrict__ ascales,
                                           T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
@@ -264,8 +265,8 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     const bool uns = shift > 0.f;
     float v[8];
     const float amax = octet_max(octet_values<T, kPow2, kCoefficients>(
-        *reinterpret_cast<const uint4*>(tile + my_chunk), params + 64, params, 8 * t8, shift, rotated, rotation_coef,
-        t8, v));
+        *reinterpret_cast<const uint4*>(tile + my_chunk), params + 64, params, 8 * t8, shift, rotation_passes,
+        rotation_coef, t8, v));
     const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
     if constexpr (kPow2) {
       tmax = fmaxf(tmax, need);
@@ -312,8 +313,8 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       const bool uns = shift > 0.f;
       float v[8];
       const float amax = octet_max(
-          octet_values<T, true, kCoefficients>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rotated, rotation_coef,
-                                               t8, v));
+          octet_values<T, true, kCoefficients>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rotation_passes,
+                                               rotation_coef, t8, v));
       const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
       int e = 0;
 #pragma unroll
@@ -343,10 +344,10 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 
 #define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                     \
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
-      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift, int rotated,        \
-           const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales, T* lora_act, int M,      \
-           int K, int rank, int m_al) {                                                                           \
-    svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(x, smooth, inv_smooth, group_shift, rotated != 0,           \
+      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                     \
+           int rotation_passes, const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales,     \
+           T* lora_act, int M, int K, int rank, int m_al) {                                                       \
+    svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(x, smooth, inv_smooth, group_shift, rotation_passes,        \
                                                      rotation_coef, lora_t, codes, ascales, lora_act, M, K, rank, \
                                                      m_al);                                                       \
   }

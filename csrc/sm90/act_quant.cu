@@ -49,7 +49,7 @@
 // them (an inbox per rank block, two alternating), so one cluster barrier per rank block suffices
 // and every read after it is local.
 // Quantization: 8 threads per (token, group), 8 columns each; the Hadamard rotation by sums and
-// differences, any other (the *_coefficients entry points) by its coefficients (3 KiB) read from
+// differences, any other (the *_coefficients entry points) by its coefficients (3 KiB per pass) read from
 // device memory (L1-resident), so that shared memory and occupancy are those of the unrotated
 // kernel; pass 2 in pow2 mode rotates v again.
 // Low-rank, from the unrotated x slice: mma.m16n8k16, warp w takes the 16-token half w % 2 and the
@@ -192,11 +192,11 @@ __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, float shift, 
 // v of an octet: exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero,
 // tiny or huge; pow2 mode v = (x + shift) * (1 / smooth). prm: the group's parameters
 // (param_bytes). Unsigned groups clamp v at 0 (`uns`, as octet_inputs); signed ones are rotated
-// where `rotated` (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|. Every lane
+// where passes > 0 (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|. Every lane
 // of the warp calls it together (the rotation's shuffles).
 template <typename T, bool kPow2, bool kCoefficients>
 __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_t* prm, float shift, int t8,
-                                              bool rotated, const float4* coef, float (&v)[8], bool& uns) {
+                                              int passes, const float4* coef, float (&v)[8], bool& uns) {
   float n[8], inv[8];
   octet_inputs<T>(chunk, shift, t8, n, uns);
   load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
@@ -233,8 +233,8 @@ __device__ __forceinline__ float octet_values(const uint8_t* chunk, const uint8_
       v[e] = fmaxf(v[e], 0.f);
       hi = fmaxf(hi, v[e]);
     }
-  } else if (rotated) {
-    rotate_octet<kCoefficients>(v, coef, t8);
+  } else if (passes > 0) {
+    rotate_octet<kCoefficients>(v, coef, passes, t8);
     hi = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
@@ -294,7 +294,7 @@ struct ActQuantParams {
   const float* smooth;
   const float* inv_smooth;
   const float* shift;
-  bool rotated;
+  int rotation_passes;
   const float4* rotation_coef;
   const void* lora_down;
   uint8_t* codes;
@@ -384,7 +384,7 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
         bool uns;
         const float amax =
             octet_max(octet_values<T, kPow2, kCoefficients>(xbox + xoff, params + g * pbytes, shift_s[g], t8,
-                                                            a.rotated, a.rotation_coef, v, uns));
+                                                            a.rotation_passes, a.rotation_coef, v, uns));
         const float need = uns ? div_rn(amax, 15.f, 1.f / 15.f) : div_rn(amax, 7.f, 1.f / 7.f);
         if constexpr (kPow2) {
           if (t8 == 0) need_s[g * kTokens + tl] = need;
@@ -460,7 +460,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
           load8(inv, reinterpret_cast<const float*>(prm) + 8 * t8);
 #pragma unroll
           for (int k = 0; k < 8; ++k) n[k] = __fmul_rn(n[k], inv[k]);  // v
-          if (a.rotated && !uns) rotate_octet<kCoefficients>(n, a.rotation_coef, t8);  // warp-uniform
+          if (a.rotation_passes > 0 && !uns)  // warp-uniform
+            rotate_octet<kCoefficients>(n, a.rotation_coef, a.rotation_passes, t8);
           const float mult = __fmul_rn(inv_atok, exp2i(e)), qlo = uns ? 0.f : -8.f;  // mult is exact
 #pragma unroll
           for (int k = 0; k < 8; ++k) c[k] = fmaxf(rintf(__fmul_rn(n[k], mult)), qlo);
@@ -511,8 +512,9 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 //   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
-//   rotated     0: no rotation; else the Hadamard one, or (_coefficients) rotation_coef's
-//   rotation_coef [192] float4 the _coefficients entry points' rotation in
+//   rotation_passes  0: no rotation; else the Hadamard one (one pass), or (_coefficients)
+//               rotation_coef's rotation of rotation_passes passes
+//   rotation_coef [192 rotation_passes] float4 the _coefficients entry points' rotation in
 //               kernels.rotation_coefficients' layout (16-byte aligned); null for the others
 //   lora_down   [rank, K] lora_down repacked by sm90.kernel1_lora_down (above)
 //   codes       out [M, K] operand bytes (see above)
@@ -523,10 +525,11 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 #define SVDQ_ACT_QUANT(NAME, T, POW2, TILES, COEFFICIENTS)                                                             \
   extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
-           const float* shift, int rotated, const float4* rotation_coef, const void* lora_down, uint8_t* codes,        \
-           float* ascales, void* lora_act, int M, int K, int rank, int m_al, int int8_operands, int gpc) {             \
-    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotated != 0, rotation_coef, lora_down, codes,  \
-                                            ascales, lora_act, M, K, rank, m_al, int8_operands != 0};                  \
+           const float* shift, int rotation_passes, const float4* rotation_coef, const void* lora_down,                \
+           uint8_t* codes, float* ascales, void* lora_act, int M, int K, int rank, int m_al, int int8_operands,        \
+           int gpc) {                                                                                                  \
+    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down,      \
+                                            codes, ascales, lora_act, M, K, rank, m_al, int8_operands != 0};           \
     svdq::sm90::act_quant<svdq::T, POW2, TILES, COEFFICIENTS>(tm_x, params, gpc);                                      \
   }
 #define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, TILES) \

@@ -95,8 +95,12 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     if group_shift is not None:
         _check(group_shift, x, "group_shift", torch.float32, (groups,))
     rotation_kind, rotation_coef = rotation
+    # 0 passes: none; the Hadamard rotation is one; coefficients [192 P, 4] are P passes
+    rotation_passes = int(rotation_kind == kernels.ROTATION_HADAMARD)
     if rotation_kind == kernels.ROTATION_COEFFICIENTS:
-        _check(rotation_coef, x, "rotation coefficients", torch.float32, kernels.ROTATION_COEFFICIENTS_SHAPE)
+        rotation_passes = max(1, rotation_coef.shape[0] // kernels.ROTATION_COEFFICIENT_ROWS)
+        _check(rotation_coef, x, "rotation coefficients", torch.float32,
+              (rotation_passes * kernels.ROTATION_COEFFICIENT_ROWS, 4))
     elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
         raise Sm80InputError(f"the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
     rank = 0 if lora_t is None else lora_t.shape[0]
@@ -114,8 +118,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
         fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}{path}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
-                  (x, smooth, inv_smooth, group_shift, int(rotation_kind != kernels.ROTATION_NONE), rotation_coef,
-                   lora_t if rank else None, codes, ascales, lora_act, m, k, rank, m_al))
+                  (x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t if rank else None, codes,
+                   ascales, lora_act, m, k, rank, m_al))
     return codes, ascales, lora_act
 
 

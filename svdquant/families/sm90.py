@@ -141,8 +141,12 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if shift is not None:
         check_tensor(shift, x, "shift", torch.float32, (k // 64,))
     rotation_kind, rotation_coef = rotation
+    # 0 passes: none; the Hadamard rotation is one; coefficients [192 P, 4] are P passes
+    rotation_passes = int(rotation_kind == kernels.ROTATION_HADAMARD)
     if rotation_kind == kernels.ROTATION_COEFFICIENTS:
-        check_tensor(rotation_coef, x, "rotation coefficients", torch.float32, kernels.ROTATION_COEFFICIENTS_SHAPE)
+        rotation_passes = max(1, rotation_coef.shape[0] // kernels.ROTATION_COEFFICIENT_ROWS)
+        check_tensor(rotation_coef, x, "rotation coefficients", torch.float32,
+                     (rotation_passes * kernels.ROTATION_COEFFICIENT_ROWS, 4))
     elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
         raise RuntimeError(f"act_quant: the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
     check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
@@ -167,8 +171,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
     name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}{path}"
     fn = cuda.function(FAMILY, name, x.device)
-    args = (tm_x, smooth, inv_smooth, shift, int(rotation_kind != kernels.ROTATION_NONE), rotation_coef, lora_down_p,
-            codes, ascales, lora_act, m, k, rank, m_al, int8_operands)
+    args = (tm_x, smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down_p, codes, ascales, lora_act,
+            m, k, rank, m_al, int8_operands)
     # clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
     for max_cs in (_AQ_MAX_CLUSTER_CTAS, 8):
         cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms)
