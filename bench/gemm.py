@@ -24,6 +24,8 @@ tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers h
     k1pr, k1+k2fr   kernel 1 in pow2 mode alone and the whole layer, fast path
     k1g, k1pg       kernel 1 alone (exact, pow2 mode) with a random butterfly instead: the
                     coefficient path that rotations other than the Hadamard one take
+    k1g2, k1pg2     the same with a random butterfly of two passes (12 stages, as the quantizer's
+                    learned rotation)
 A LoRA row set at M = 4608, N = K = 3072 times the fast k1+k2 at ranks 32, 32+64 and 32+64+128; a
 GELU row set times the fast kernel 2 of the layers that feed a GELU with it fused into the epilogue
 and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64;
@@ -162,11 +164,14 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
     del a8, b8, b
 
     rotation = numerics.hadamard_rotation().cuda()
-    angles = torch.rand(numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2, generator=torch.Generator().manual_seed(1))
-    general = numerics.butterfly_rotation(angles * 2 * math.pi)
-    # kernel 1 with the Hadamard rotation (its own path) and with a random butterfly (the coefficient path)
+    angles = torch.rand(2 * numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2,
+                        generator=torch.Generator().manual_seed(1)) * 2 * math.pi
+    # kernel 1 with the Hadamard rotation (its own path) and with random butterflies of one and two
+    # passes (the coefficient path)
     rotations = {"rot": kernels.kernel1_rotation(rotation, rotation.device),
-                 "general": kernels.kernel1_rotation(general, rotation.device)}
+                 "general": kernels.kernel1_rotation(numerics.butterfly_rotation(angles[:numerics.ROTATION_STAGES]),
+                                                     rotation.device),
+                 "general2": kernels.kernel1_rotation(numerics.butterfly_rotation(angles), rotation.device)}
     for tag, pow2 in (("", False), ("f", True)):
         layers = [random_layer(n, k, RANK, gen, pow2) for _ in range(sets)]
         layers0 = [random_layer(n, k, 0, gen, pow2) for _ in range(sets)]
@@ -325,7 +330,7 @@ def main() -> None:
               f"{'t128':>6} {'t256':>6} "
               f"{'k1p us':>6} {'k1+k2f':>7} {'TOPS':>5} {'x':>5} {'lrf%':>5} | "
               f"{'k1r us':>6} {'%':>5} {'k1+k2r':>7} {'%':>5} {'k1pr us':>7} {'%':>5} {'k1+k2fr':>7} {'%':>5} "
-              f"{'k1g us':>6} {'%':>5} {'k1pg us':>7} {'%':>5}")
+              f"{'k1g us':>6} {'%':>5} {'k1pg us':>7} {'%':>5} {'k1g2 us':>7} {'%':>5} {'k1pg2 us':>8} {'%':>5}")
     print(header, flush=True)
     for m in args.tokens:
         for n, k in FLUX_SHAPES:
@@ -341,7 +346,8 @@ def main() -> None:
                   f"{r['k1k2f_speedup_vs_bf16']:>5.2f} {r['lowrankf_share'] * 100:>5.1f} | " +
                   " ".join(f"{r[key + '_ms'] * 1e3:>{w}.1f} {r[key + '_share'] * 100:>5.1f}"
                            for key, w in (("k1_rot", 6), ("k1k2_rot", 7), ("k1p_rot", 7), ("k1k2f_rot", 7),
-                                          ("k1_general", 6), ("k1p_general", 7))), flush=True)
+                                          ("k1_general", 6), ("k1p_general", 7), ("k1_general2", 7),
+                                          ("k1p_general2", 8))), flush=True)
     method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
     if args.shapes_only:
         write_result(args.json, rank=RANK, method=method, rows=rows)

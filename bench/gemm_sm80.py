@@ -15,6 +15,7 @@ Columns (median time per call, CUDA-graph replays over rotating input sets, as b
            kernel 1 rotates each signed 64-group by numerics.hadamard_rotation)
     k1g    k1 with a random butterfly instead: the coefficient path that rotations other than the
            Hadamard one take
+    k1g2   k1 with a random butterfly of two passes (12 stages, as the quantizer's learned rotation)
   INT8 variant on power-of-two layers (pow2 weight scales and activations), rank 32:
     today  kernel 1 in pow2 mode + the per-group kernel 2 (what these layers ran before the whole-K
            kernel), x: bf16 time over it
@@ -87,9 +88,12 @@ def _exact_rows(row: dict, gen, a: list, m: int, n: int, k: int, int4: bool) -> 
                                     for i in range(sets)])
     row["k1k2_int8_rot_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops_rot[i], mma="int8",
                                                                        pow2_activations=False) for i in range(sets)])
-    angles = torch.rand(numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2, generator=torch.Generator().manual_seed(1))
-    general = kernels.kernel1_rotation(numerics.butterfly_rotation(angles * 2 * torch.pi), a[0].device)
-    row["k1_general_ms"] = time_calls([lambda i=i: sm80.act_quant(a[i], *inputs[i], rotation=general)
+    angles = torch.rand(2 * numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2,
+                        generator=torch.Generator().manual_seed(1)) * 2 * torch.pi
+    for key, passes in (("k1_general", 1), ("k1_general2", 2)):
+        general = kernels.kernel1_rotation(numerics.butterfly_rotation(angles[:passes * numerics.ROTATION_STAGES]),
+                                           a[0].device)
+        row[f"{key}_ms"] = time_calls([lambda i=i, general=general: sm80.act_quant(a[i], *inputs[i], rotation=general)
                                        for i in range(sets)])
     if int4:
         row["k2_int4_ms"] = time_calls([lambda i=i: k2(i, "int4") for i in range(sets)], target_ms=5.0, replays=3)
@@ -155,6 +159,7 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only:
 COLUMNS = [("bf16 us", "bf16_ms", 1e3, "8.1f"), ("TOPS", "bf16_tops", 1, "5.0f"),
            ("int_mm", "int_mm_ms", 1e3, "7.1f"), ("TOPS", "int_mm_tops", 1, "5.0f"),
            ("k1 us", "k1_ms", 1e3, "6.1f"), ("k1r", "k1_rot_ms", 1e3, "6.1f"), ("k1g", "k1_general_ms", 1e3, "6.1f"),
+           ("k1g2", "k1_general2_ms", 1e3, "6.1f"),
            ("k1p us", "k1p_ms", 1e3, "6.1f"), ("k1pr", "k1p_rot_ms", 1e3, "6.1f"),
            ("k2 us", "k2_int8_ms", 1e3, "7.1f"), ("TOPS", "k2_int8_tops", 1, "5.0f"),
            ("k1+k2", "k1k2_int8_ms", 1e3, "7.1f"), ("k1+k2r", "k1k2_int8_rot_ms", 1e3, "7.1f"),
