@@ -323,7 +323,7 @@ def quantize_activations(
     """Kernel 1's quantization: v = (x + shift) / smooth in float32, the signed groups rotated
     (rotate_groups) where the layer has a rotation, then quantize_groups.
 
-    x [M, K] (bf16/fp16); smooth [K]; shift [K] or None; rotation [6, 64, 2] or None.
+    x [M, K] (bf16/fp16); smooth [K]; shift [K] or None; rotation [6P, 64, 2] or None.
     Returns codes int8 [M, K] and scales [M, K / 64] in x's dtype.
     """
     if unsigned_groups is None:

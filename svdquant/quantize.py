@@ -70,7 +70,7 @@ class W4A4Tensors:
     lora_up: torch.Tensor      # [N, r]
     bias: torch.Tensor | None  # [N]
     shift: torch.Tensor | None  # [K]
-    rotation: torch.Tensor | None = None  # float32 [6, 64, 2]
+    rotation: torch.Tensor | None = None  # float32 [6P, 64, 2]
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if v is not None}
