@@ -50,13 +50,16 @@ def run_comfy_side(*args):
 def dequantized_state_dict(model: fmt.QuantizedModel) -> dict[str, torch.Tensor]:
     """The model's tensors with each 4-bit layer as the 16-bit weight and bias that compute what it
     computes up to its activation quantization: W4A4 y = Q((x + shift) / smooth) R^T + x D U^T + b
-    gives W = R / smooth + U D^T, b + (shift / smooth) R^T; W4A16 its dequantized weight."""
+    gives W = R / smooth + U D^T, b + (shift / smooth) R^T (R turned back where the layer rotates);
+    W4A16 its dequantized weight."""
     out = {key: t for key, t in model.tensors.items() if key.rpartition(".")[0] not in model.layers}
     for name, layer in model.layers.items():
         t = model.layer_tensors(name)
         assert "smooth_orig" not in t  # a folded smoothing changes the layer's input: not this model's case
         if layer["kind"] == flux.arch.W4A4:
             residual = numerics.dequantize_groups(numerics.unpack_int4(t["qweight"], signed=True), t["wscales"].t())
+            unsigned = numerics.unsigned_groups_from_shift(t.get("shift"), residual.shape[1])
+            residual = numerics.unrotated_residual(residual, t.get("rotation"), ~unsigned)
             smooth = t["smooth"].float()
             weight = residual / smooth + t["lora_up"].float() @ t["lora_down"].float().t()
             bias = t["bias"].float() if "bias" in t else torch.zeros(weight.shape[0])
@@ -631,7 +634,9 @@ def test_quantizer_node_in_object_info(server):
     assert required["learned_smoothing"][1]["default"] is False
     assert all(spec[1].get("tooltip") for spec in required.values())
     optional = info["input"]["optional"]
-    assert list(optional) == ["calibration_prompts"] and optional["calibration_prompts"][0] == "CONDITIONING"
+    assert list(optional) == ["rotation", "calibration_prompts"] and optional["calibration_prompts"][0] == "CONDITIONING"
+    assert optional["rotation"][1]["options"] == ["none", "hadamard", "learned"]
+    assert optional["rotation"][1]["default"] == "hadamard" and optional["rotation"][1].get("tooltip")
     assert optional["calibration_prompts"][1].get("tooltip")
 
 

@@ -76,7 +76,7 @@ def reference_forward(layer):
         if isinstance(layer, linear.SVDQLinear):
             y = kernels.svdq_linear_reference(flat, layer.qweight, layer.wscales, layer.smooth, layer.lora_down,
                                               layer.lora_up, layer.bias, layer.shift, layer.unsigned_groups,
-                                              layer.pow2_activations, layer.gelu_from)
+                                              layer.pow2_activations, layer.gelu_from, layer.rotation)
         else:
             y = kernels.w4a16_linear_reference(flat, layer.qweight, layer.wscales, layer.wzeros, layer.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
