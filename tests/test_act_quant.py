@@ -305,7 +305,8 @@ def test_both_rotation_paths_agree_on_the_hadamard_rotation(family, pow2):
     fast, general = (family_module.act_quant(x, smooth, inv_smooth, shift, lora, pow2, rotation=rotation)
                      for rotation in (kernel.kernel1_rotation(), coefficients))
     torch.cuda.synchronize()
-    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    # (sm80 leaves the scales of the padding tokens m..m_al-1 unwritten)
+    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1][:, :m], general[1][:, :m])
     v = (x.float() + layer.shift.float()) / layer.smooth.float()
     assert int(((v != 0) & (v.abs() < 2.0**-126)).sum()) > 1000  # subnormal inputs to the rotation
     cpu = [t.cpu() for t in (x, layer.smooth, layer.shift, layer.rotation)]
