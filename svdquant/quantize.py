@@ -242,7 +242,7 @@ class _Rotation:
     """A layer's group rotation as the quantizer applies it: the stored tensor, its matrix M (float32)
     and the groups it turns (the signed ones)."""
 
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None  # None while a rotation is being learned (only `turned` is used then)
     matrix: torch.Tensor
     groups: torch.Tensor
 
@@ -386,7 +386,7 @@ def _learned_rotation(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) 
         optimizer = torch.optim.Adam([angles], lr=LEARNED_ROTATION_RATE)
         best_err, best = None, angles.detach().clone()
         for step in range(steps + 1):
-            trial = _Rotation(angles, _butterfly_matrix(angles), ~unsigned)
+            trial = _Rotation(None, _butterfly_matrix(angles), ~unsigned)
             # the rotation turns only unshifted groups, so the shift's share is never turned
             act = _ste_quantize_groups(trial.turned(v), unsigned)
             if shift is not None:
