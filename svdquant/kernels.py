@@ -122,6 +122,21 @@ def kernel1_rotation(rotation: torch.Tensor | None, device: torch.device) -> tup
     return ROTATION_COEFFICIENTS, rotation_coefficients(rotation, device)
 
 
+def kernel1_rotation_passes(rotation: tuple[int, torch.Tensor | None],
+                            error: type[Exception]) -> tuple[int, tuple[int, int] | None]:
+    """What the kernel-1 launchers of both families pass for kernel1_rotation's (kind, coefficients):
+    the passes (0 none, 1 the Hadamard, P for coefficients [192 P, 4]) and the shape the coefficients
+    must have (None where there are none); `error` (the family's) for a pair kernel1_rotation does not
+    make."""
+    kind, coefficients = rotation
+    if kind == ROTATION_COEFFICIENTS:
+        passes = max(1, coefficients.shape[0] // ROTATION_COEFFICIENT_ROWS)
+        return passes, (passes * ROTATION_COEFFICIENT_ROWS, 4)
+    if kind not in (ROTATION_NONE, ROTATION_HADAMARD) or coefficients is not None:
+        raise error(f"the rotation must be kernels.kernel1_rotation's, got kind {kind}")
+    return int(kind == ROTATION_HADAMARD), None
+
+
 # ---- the kernels' limits --------------------------------------------------------------------------
 # The low-rank kernels take ranks in multiples of RANK_MULTIPLE, at most MAX_RANK in all (a model's
 # own branch plus the LoRAs joined to it: svdquant/lora.py pads to and checks against these).

@@ -94,15 +94,10 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     _check(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if group_shift is not None:
         _check(group_shift, x, "group_shift", torch.float32, (groups,))
+    rotation_passes, coef_shape = kernels.kernel1_rotation_passes(rotation, Sm80InputError)
     rotation_kind, rotation_coef = rotation
-    # 0 passes: none; the Hadamard rotation is one; coefficients [192 P, 4] are P passes
-    rotation_passes = int(rotation_kind == kernels.ROTATION_HADAMARD)
-    if rotation_kind == kernels.ROTATION_COEFFICIENTS:
-        rotation_passes = max(1, rotation_coef.shape[0] // kernels.ROTATION_COEFFICIENT_ROWS)
-        _check(rotation_coef, x, "rotation coefficients", torch.float32,
-              (rotation_passes * kernels.ROTATION_COEFFICIENT_ROWS, 4))
-    elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
-        raise Sm80InputError(f"the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
+    if coef_shape is not None:
+        _check(rotation_coef, x, "rotation coefficients", torch.float32, coef_shape)
     rank = 0 if lora_t is None else lora_t.shape[0]
     if lora_t is not None:
         if rank % kernels.RANK_MULTIPLE or rank > kernels.KERNEL1_MAX_RANK:

@@ -140,15 +140,10 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     check_tensor(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if shift is not None:
         check_tensor(shift, x, "shift", torch.float32, (k // 64,))
+    rotation_passes, coef_shape = kernels.kernel1_rotation_passes(rotation, RuntimeError)
     rotation_kind, rotation_coef = rotation
-    # 0 passes: none; the Hadamard rotation is one; coefficients [192 P, 4] are P passes
-    rotation_passes = int(rotation_kind == kernels.ROTATION_HADAMARD)
-    if rotation_kind == kernels.ROTATION_COEFFICIENTS:
-        rotation_passes = max(1, rotation_coef.shape[0] // kernels.ROTATION_COEFFICIENT_ROWS)
-        check_tensor(rotation_coef, x, "rotation coefficients", torch.float32,
-                     (rotation_passes * kernels.ROTATION_COEFFICIENT_ROWS, 4))
-    elif rotation_kind not in (kernels.ROTATION_NONE, kernels.ROTATION_HADAMARD) or rotation_coef is not None:
-        raise RuntimeError(f"act_quant: the rotation must be kernels.kernel1_rotation's, got kind {rotation_kind}")
+    if coef_shape is not None:
+        check_tensor(rotation_coef, x, "rotation coefficients", torch.float32, coef_shape)
     check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
     m_al = (m + 3) // 4 * 4
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
