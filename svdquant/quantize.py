@@ -329,76 +329,79 @@ def _ste_quantize_groups(v: torch.Tensor, unsigned: torch.Tensor) -> torch.Tenso
     return (codes * scale).reshape(rows, k)
 
 
+def _outside_inference(*tensors):
+    """The tensors, those made in inference mode copied: ComfyUI runs nodes in inference mode, whose
+    tensors autograd cannot record (the CLI's need no copy)."""
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
+def _ste_output_error(v, shift, unsigned, residual, target, s, rotation: _Rotation | None) -> torch.Tensor:
+    """The mean squared output error on the calibration tokens of the quantized path that splits the
+    residual W - L [N, K] between v / s (v = x + h) and (W - L) * s, both quantized (in the rotated
+    frame where a rotation is given) with the rounding passed straight through; target = x (W - L)^T.
+    The rotation turns only unshifted groups, so the shift's share is never turned."""
+    act = _ste_quantize_groups(_turned(v / s, rotation), unsigned)
+    if shift is not None:
+        act = act - shift / s
+    no_groups = torch.zeros(residual.shape[1] // GROUP_SIZE, dtype=torch.bool, device=residual.device)
+    return (act @ _ste_quantize_groups(_turned(residual * s, rotation), no_groups).t() - target).square().mean()
+
+
+def _least_error(parameter: torch.Tensor, rate: float, steps: int, error) -> torch.Tensor:
+    """`steps` Adam steps at `rate` on the leaf tensor `parameter` for the scalar error(parameter);
+    returns the parameter's value (detached) of the least error seen, the start included."""
+    optimizer = torch.optim.Adam([parameter], lr=rate)
+    best_err, best = None, parameter.detach().clone()
+    for step in range(steps + 1):
+        err = error(parameter)
+        if best_err is None or err.item() < best_err:
+            best_err, best = err.item(), parameter.detach().clone()
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        err.backward()
+        optimizer.step()
+    return best
+
+
 def _learned_smoothing(w, x, s, shift, unsigned, lora_down, lora_up, steps: int,
                        rotation: _Rotation | None = None) -> torch.Tensor:
     """s [K] refined per channel by `steps` Adam steps on the calibration tokens' output error of the
-    quantized path, the branch (lora_down, lora_up, unsmoothed) held fixed: the residual W - L is
-    split between (x + h) / s and (W - L) * s, rounding passed straight through (OmniQuant's
-    learnable equivalent transformation, scaling only). Returns the s of the least error seen."""
-    # ComfyUI runs nodes in inference mode, whose tensors autograd cannot record: out of it, on copies
-    # of the tensors made there (the CLI's need none)
+    quantized path (_ste_output_error), the branch (lora_down, lora_up, unsmoothed) held fixed
+    (OmniQuant's learnable equivalent transformation, scaling only). Returns the s of the least error
+    seen."""
     with torch.inference_mode(False), torch.enable_grad():
-        w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
-                                                        for t in (w, x, s, unsigned, lora_down, lora_up, shift))
-        if rotation is not None and rotation.matrix.is_inference():
-            rotation = _Rotation(rotation.tensor.clone(), rotation.matrix.clone(), rotation.groups.clone())
+        w, x, s, unsigned, lora_down, lora_up, shift = _outside_inference(w, x, s, unsigned, lora_down, lora_up,
+                                                                          shift)
+        if rotation is not None:
+            rotation = _Rotation(*_outside_inference(rotation.tensor, rotation.matrix, rotation.groups))
         residual = w - lora_up @ lora_down.t()
         target = x @ residual.t()
         v = x if shift is None else x + shift
-        no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
-        offset = torch.zeros_like(s, requires_grad=True)
-        optimizer = torch.optim.Adam([offset], lr=LEARNED_SMOOTHING_RATE)
-        best_err, best = None, s
-        for step in range(steps + 1):
-            trial = s * offset.exp()
-            # the rotation turns only unshifted groups, so the shift's share is never turned
-            act = _ste_quantize_groups(_turned(v / trial, rotation), unsigned)
-            if shift is not None:
-                act = act - shift / trial
-            err = (act @ _ste_quantize_groups(_turned(residual * trial, rotation), no_groups).t()
-                   - target).square().mean()
-            if best_err is None or err.item() < best_err:
-                best_err, best = err.item(), trial.detach()
-            if step == steps:
-                break
-            optimizer.zero_grad()
-            err.backward()
-            optimizer.step()
-    return best
+        offset = _least_error(torch.zeros_like(s, requires_grad=True), LEARNED_SMOOTHING_RATE, steps,
+                              lambda offset: _ste_output_error(v, shift, unsigned, residual, target,
+                                                               s * offset.exp(), rotation))
+    return s * offset.exp()
 
 
 def _learned_rotation(w, x, s, shift, unsigned, lora_down, lora_up, steps: int) -> torch.Tensor:
     """The rotation tensor (numerics.butterfly_rotation) of the butterfly angles (LEARNED_ROTATION_PASSES
     passes) learned by `steps` Adam steps from the first pass at pi/4 and the others at 0 (the
     Hadamard's error: passes of pi/4 would be another matrix) on the calibration tokens' output error
-    of the quantized path, s and the branch held fixed, rounding passed straight through. Returns the
-    least error's."""
+    of the quantized path (_ste_output_error), s and the branch held fixed. Returns the least error's."""
     with torch.inference_mode(False), torch.enable_grad():
-        w, x, s, unsigned, lora_down, lora_up, shift = (t.clone() if t is not None and t.is_inference() else t
-                                                        for t in (w, x, s, unsigned, lora_down, lora_up, shift))
-        residual = (w - lora_up @ lora_down.t()) * s
-        target = x @ (residual / s).t()
-        v = (x if shift is None else x + shift) / s
-        no_groups = torch.zeros(w.shape[1] // GROUP_SIZE, dtype=torch.bool, device=w.device)
+        w, x, s, unsigned, lora_down, lora_up, shift = _outside_inference(w, x, s, unsigned, lora_down, lora_up,
+                                                                          shift)
+        residual = w - lora_up @ lora_down.t()
+        # (W - L) * s / s, not W - L: the target the measured learned rotations were learned on
+        # (bench/NOTES.md#fidelity-rotation); the learning follows differences in the last bit
+        target = x @ (residual * s / s).t()
+        v = x if shift is None else x + shift
         angles = torch.zeros(LEARNED_ROTATION_PASSES * numerics.ROTATION_STAGES, GROUP_SIZE // 2, device=w.device)
         angles[:numerics.ROTATION_STAGES] = torch.pi / 4
-        angles.requires_grad_(True)
-        optimizer = torch.optim.Adam([angles], lr=LEARNED_ROTATION_RATE)
-        best_err, best = None, angles.detach().clone()
-        for step in range(steps + 1):
-            trial = _Rotation(None, _butterfly_matrix(angles), ~unsigned)
-            # the rotation turns only unshifted groups, so the shift's share is never turned
-            act = _ste_quantize_groups(trial.turned(v), unsigned)
-            if shift is not None:
-                act = act - shift / s
-            err = (act @ _ste_quantize_groups(trial.turned(residual), no_groups).t() - target).square().mean()
-            if best_err is None or err.item() < best_err:
-                best_err, best = err.item(), angles.detach().clone()
-            if step == steps:
-                break
-            optimizer.zero_grad()
-            err.backward()
-            optimizer.step()
+        best = _least_error(angles.requires_grad_(True), LEARNED_ROTATION_RATE, steps,
+                            lambda angles: _ste_output_error(v, shift, unsigned, residual, target, s,
+                                                             _Rotation(None, _butterfly_matrix(angles), ~unsigned)))
     return numerics.butterfly_rotation(best.cpu())
 
 
