@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo.utils
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -208,12 +209,17 @@ def main() -> None:
             with torch.no_grad():
                 row["eager_ms"] = round(timed(functools.partial(model, *inputs, **extra), sync, args.warmup, args.repeats), 2)
                 if not args.no_compile:
+                    torch._dynamo.utils.counters.clear()
                     compiled = torch.compile(model)  # what TorchCompileModel compiles (backend inductor)
                     sync()
                     start = time.perf_counter()
                     compiled(*inputs, **extra)
                     sync()
                     row["first_compiled_call_s"] = round(time.perf_counter() - start, 1)
+                    # how many graphs dynamo compiled and how often it broke them (ComfyUI's own
+                    # Python breaks some for every model)
+                    row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
                     row["compiled_ms"] = round(timed(lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats), 2)
                     del compiled
                     torch._dynamo.reset()

@@ -16,6 +16,10 @@ custom operation (nodes/ops.py) does the same with ComfyUI's layer classes.
 
 from __future__ import annotations
 
+import itertools
+import re
+import weakref
+
 import torch
 from torch import nn
 
@@ -62,12 +66,6 @@ def _copied(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
-# torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) runs the
-# quantized layers as they are, between the compiled stretches of 16-bit operations: their kernels
-# are driver launches it cannot trace, and the kernels' derived tensors key on data pointers it cannot
-# follow. Traced into, the compiled model broke its graphs and recompiled per block and ran slower
-# than eager; skipped, the glue fuses around them (bench/NOTES.md#torch-compile).
-@torch.compiler.disable
 def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape).
 
@@ -90,6 +88,40 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, layer.out_features)
 
 
+# torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) sees a quantized
+# layer as one opaque operator, `quantized_linear(x, layer, out_features)`: its kernels are driver
+# launches it cannot trace and their derived tensors key on data pointers it cannot follow, so it must
+# not trace into them, and as an operator (not a skipped function) the layer does not break the graph,
+# so the model compiles into one graph with no Python between the layers
+# (bench/NOTES.md#torch-compile). The operator finds its layer by a number (`_QuantizedLinearBase.handle`)
+# in this table. The namespace follows the module's import name: the pack imported as a ComfyUI custom
+# node and as `svdquant` in one process registers two operators, each with its own table.
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+OPERATOR = "svdquant_" + re.sub(r"\W", "_", __name__) + "::quantized_linear"
+
+
+def _quantized_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return quantized_forward(_LAYERS[layer], x)
+
+
+def _quantized_linear_shape(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+if not hasattr(torch.library, "custom_op"):
+    raise ImportError(f"the pack needs torch 2.4 or newer (this is torch {torch.__version__})")
+_operator = torch.library.custom_op(OPERATOR, _quantized_linear, mutates_args=(),
+                                    schema="(Tensor x, int layer, int out_features) -> Tensor")
+_operator.register_fake(_quantized_linear_shape)
+
+
+def _register(layer: nn.Module) -> None:
+    """Give the layer its own handle in the operator's table (a new one for a copy)."""
+    layer.handle = next(_HANDLES)
+    _LAYERS[layer.handle] = layer
+
+
 class _QuantizedLinearBase(nn.Module):
     """Shared shape bookkeeping: buffers whose shape is checked and may be resized at load.
 
@@ -104,6 +136,11 @@ class _QuantizedLinearBase(nn.Module):
             raise ValueError(f"in_features {in_features} is not a multiple of {GROUP_SIZE}")
         self.in_features = in_features
         self.out_features = out_features
+        _register(self)
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle: the copy is a layer of its own
+        super().__setstate__(state)
+        _register(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -146,6 +183,8 @@ class _QuantizedLinearBase(nn.Module):
         """Recompute what derives from the loaded tensors (subclasses: activation modes, LoRA state)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return _operator(x, self.handle, self.out_features)
         return quantized_forward(self, x)
 
     def extra_repr(self) -> str:
@@ -322,6 +361,8 @@ def become_stored_kind(module: nn.Module, classes: dict[str, type], state_dict: 
                           dtype=module.dtype or stored_dtype, **kwargs)
     module.__class__ = type(fresh)
     module.__dict__ = fresh.__dict__
+    if kind != DENSE:
+        _register(module)
     module._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                  error_msgs)
 

@@ -27,15 +27,24 @@ def quantized_model(guidance_embed: bool, rank: int = 32, smooth: bool = True, p
 
 
 def eager_and_compiled(model, args, backend: str = "inductor"):
-    """model(*args) run eagerly and through torch.compile (from a clean dynamo state), and the
-    reasons for which dynamo broke its graphs."""
+    """model(*args) run eagerly and through torch.compile (from a clean dynamo state), the reasons for
+    which dynamo broke its graphs, and how many quantized layers its graphs call (svdquant's operator)."""
     import torch
     import torch._dynamo.utils
+
+    from svdquant import linear
+
+    operator = getattr(torch.ops, linear.OPERATOR.split("::")[0]).quantized_linear.default
+    calls = []
+
+    def counting(graph, example_inputs):
+        calls.extend(node for node in graph.graph.nodes if node.target is operator)
+        return torch._dynamo.lookup_backend(backend)(graph, example_inputs)
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
         eager = model(*args)
-        compiled = torch.compile(model, backend=backend)(*args)
-    return eager, compiled, list(torch._dynamo.utils.counters["graph_break"])
+        compiled = torch.compile(model, backend=counting)(*args)
+    return eager, compiled, list(torch._dynamo.utils.counters["graph_break"]), len(calls)
 
