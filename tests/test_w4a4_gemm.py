@@ -340,6 +340,74 @@ def test_sm80_whole_k_gemm_epilogue_gelu(gelu_from, dtype):
     _check_gelu_tail(y, ref, gelu_from)
 
 
+# ---- sm80: the whole-K kernel 2's stream-K split (w4a4_gemm_pow2.cu's work split) ----------------
+
+@pytest.mark.parametrize("tiles,groups,slots,splits,plan", [
+    (864, 48, 264, None, (792, 3)),    # M = 4608, N = 3072 on an H100 (132 SMs x 2): 72 tiles after 3 waves
+    (3456, 48, 264, None, (3432, 4)),  # N = 12288: 24 tiles after 13 waves; 11 slices would fit, at most 4
+    (2592, 48, 264, None, (2592, 1)),  # N = 9216: the last wave 82% full
+    (792, 48, 264, None, (792, 1)),    # whole waves
+    (48, 48, 264, None, (0, 4)),       # one partial wave (M = 255): every tile
+    (864, 9, 264, None, (792, 2)),     # 9 groups: slices of at least 4
+    (864, 7, 264, None, (864, 1)),     # too few groups for two such slices
+    (792, 48, 264, 3, (528, 3)),       # forced: over the last whole wave
+    (864, 2, 264, 5, (792, 2)),        # forced: at most one slice per group
+    (864, 48, 264, 1, (864, 1)),       # forced off
+    (0, 48, 264, None, (0, 1)),
+])
+def test_sm80_stream_k_plan(tiles, groups, slots, splits, plan):
+    assert sm80.stream_k_plan(tiles, groups, slots, splits) == plan
+
+
+def _sm80_whole_k_stream_k_outputs(m: int, layer: SVDQLinear, generator: torch.Generator, splits: int | None,
+                                   gelu_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole-K kernel 2 on one kernel 1 output, with stream-K (splits: forced, or None: the host's
+    choice) and without, each into a poisoned output."""
+    kernel = layer.w4a4_kernel()
+    x = activations(m, layer.in_features, layer.wscales.dtype, generator, layer.unsigned_groups)
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
+    codes, atok, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=True, int8_operands=True)
+    if layer.rank > kernels.KERNEL1_MAX_RANK:
+        lora_act = torch.nn.functional.pad(x @ layer.lora_down, (0, -layer.rank % kernels.RANK_MULTIPLE)).contiguous()
+    wexp, wbase = sm80.pow2_weight_operands(kernel)
+    ys = []
+    for stream_k in (splits, 1):
+        out = torch.full((m, layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
+        ys.append(sm80.w4a4_gemm_pow2(codes, atok, layer.qweight, wexp, wbase, x.dtype, lora_act,
+                                      sm80.padded_lora_up(kernel), layer.bias, out, gelu_from, stream_k))
+    torch.cuda.synchronize()
+    assert bool(torch.isfinite(ys[1]).all()), f"{int((~torch.isfinite(ys[1])).sum())} outputs unwritten or not finite"
+    return ys[0], ys[1]
+
+
+@needs_sm80
+@pytest.mark.parametrize("m", [1, 255, 4097, 4608])
+@pytest.mark.parametrize("n,k", [(3072, 3072), (136, 3072), (3072, 12288)])
+@pytest.mark.parametrize("splits", [None, 2, 3, 5])
+def test_sm80_whole_k_stream_k_is_bit_exact(m, n, k, splits):
+    # 5 slices: 9-10 of K = 3072's 48 groups, 38-39 of 12288's 192; N = 136: the second channel tile holds
+    # 8 channels; M = 4097: its last token tile one token; splits=None: 4608 x 3072 takes 3
+    if sm80.whole_k_work_split(m, n, k, torch.device(DEV), splits)[2] == 1:
+        pytest.skip("no stream-K tiles at this size on this GPU (whole waves)")
+    generator = gen(7000 + m + n + k + (splits or 0))
+    layer = w4a4_layer(n, k, 32, torch.bfloat16, generator, unsigned=True, pow2_weights=True)
+    y_stream_k, y = _sm80_whole_k_stream_k_outputs(m, layer, generator, splits)
+    assert torch.equal(y_stream_k, y)
+
+
+@needs_sm80
+@pytest.mark.parametrize("rank", [0, 32, 160])
+@pytest.mark.parametrize("gelu_from", [None, 0, 136])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sm80_whole_k_stream_k_epilogue(rank, gelu_from, dtype):
+    # 3 x 3 tiles, all of them stream-K (fewer than a wave), 3 slices of 3 groups each; rank 160:
+    # lora_act from cuBLAS; GELU from inside the second channel tile
+    generator = gen(8000 + rank + (gelu_from or 0) + (dtype == torch.float16))
+    layer = w4a4_layer(384, 576, rank, dtype, generator, unsigned=False, pow2_weights=True)
+    y_stream_k, y = _sm80_whole_k_stream_k_outputs(300, layer, generator, 3, gelu_from)
+    assert torch.equal(y_stream_k, y)
+
+
 @needs_sm80
 def test_sm80_bad_inputs_raise_named_errors():
     layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(9), unsigned=False)

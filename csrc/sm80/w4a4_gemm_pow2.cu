@@ -27,23 +27,44 @@
 //   wexp [K/64, n_al] uint8 (f per group and channel, rows padded to n_al = N rounded up to 16),
 //   wbase [N] fp32, lora_act [M, rank], lora_up [N, rank], bias [N] (16-bit, y's dtype), y [M, N].
 //
-// Work split: a CTA owns kTileM tokens x kTileN channels; its warps each own 128 tokens x 32
-// channels (8 x 4 mma tiles): each weight word is expanded by one warp of the CTA only, and a
+// Work split: a tile is kTileM tokens x kTileN channels, tile t = token tile t % tiles_m, channel
+// tile t / tiles_m (tiles_m = ceil(M / kTileM)). A CTA's warps each own 128 tokens x 32 channels
+// of its tile (8 x 4 mma tiles): each weight word is expanded by one warp of the CTA only, and a
 // warp's expansion (8 packed words per thread and group) is spread over 64 MMAs; the A fragments
 // (s8 from kernel 1, no expansion) come from ldmatrix as they are. 128 int32 accumulators per
-// thread. Stages: K/64 main stages (codes [kTileM][64 B], qweight [kTileN][32 B], wexp [kTileN B]),
-// then rank/16 low-rank stages (lora_act [kTileM][32 B] and lora_up [kTileN][32 B] in the codes and
-// qweight slots), whose bf16/fp16 MMAs accumulate into the scaled fp32 accumulators. Stages flow
-// through a kStages-deep cp.async ring in dynamic shared memory (128 x 128 x 3 stages: 37 KB, two
-// CTAs fit the 100 KB of an sm_86/89/120 SM); codes rows are stored with chunk c of row r at
-// c ^ ((r / 2) % 4), the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix is conflict-free. Rows
-// past M and N are zero-filled and never stored.
+// thread.
+//
+// Data-parallel + stream-K: CTAs 0 .. dp_tiles - 1 each run tile b over all of K (the full waves);
+// the remaining tiles (those of the partial last wave, svdquant/families/sm80.py's stream_k_plan)
+// are each shared by `splits` consecutive CTAs, CTA dp_tiles + splits s + i taking tile dp_tiles + s
+// over groups [i G / splits, (i + 1) G / splits) (G = K/64), so that the last wave fills the GPU's
+// CTA slots. Each of a stream-K tile's CTAs takes a ticket from its tile's counter (sk_counters[s]:
+// arrivals in the low 16 bits); all but the last to arrive store their int32 accumulators to
+// sk_partials (slot `ticket` of the tile's splits - 1, 64 KB each, in fragment order: int4 v of
+// thread t at [v][t]), announce it (+1 << 16, release) and exit; the last waits for the splits - 1
+// announcements (acquire), adds the partial sums to its own, resets the counter to 0 for the next
+// launch and runs the epilogue. Integer sums: the result is bit for bit the data-parallel one in
+// any arrival order. Waiting is only on CTAs that already hold a ticket (past their main loop), so
+// no order of CTA dispatch can deadlock.
+//
+// Stages: K/64 main stages (a stream-K CTA: those of its slice; codes [kTileM][64 B], qweight
+// [kTileN][32 B], wexp [kTileN B]), then rank/16 low-rank stages (lora_act [kTileM][32 B] and
+// lora_up [kTileN][32 B] in the codes and qweight slots; a stream-K CTA that exits at the exchange
+// has loaded the first of them in vain), whose bf16/fp16 MMAs accumulate into the scaled fp32
+// accumulators. Stages flow through a kStages-deep cp.async ring in dynamic shared memory (128 x
+// 128 x 3 stages: 37 KB, two CTAs fit the 100 KB of an sm_86/89/120 SM); codes rows are stored
+// with chunk c of row r at c ^ ((r / 2) % 4), the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix
+// is conflict-free. Rows past M and N are zero-filled and never stored.
 //
 // Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
 //   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
-//   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from);
-//   grid (ceil(M / kTileM), ceil(N / kTileN)), block kThreads, kStages * kStageBytes of dynamic
-//   shared memory. Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0.
+//   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from,
+//   int dp_tiles, int splits, int* sk_counters, int* sk_partials);
+//   grid dp_tiles + splits * (stream-K tiles), block kThreads, kStages * kStageBytes of dynamic
+//   shared memory; sk_counters [stream-K tiles] zero at launch (and left zero), sk_partials
+//   [stream-K tiles][splits - 1][kTileM x kTileN] int32 (both unused without stream-K tiles).
+//   Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0, 2 <= splits <= K/64 where there
+//   are stream-K tiles.
 #include "sm80.cuh"
 
 namespace svdq::sm80 {
@@ -89,18 +110,51 @@ __device__ __forceinline__ void expand_pow2(uint32_t w, uint32_t f, uint32_t fil
   hi = ((w & 0xF0F0F0F0u) >> f) | (prmt(w, 0u, 0xBA98u) & fill);
 }
 
+// Stream-K exchange: the ticket (relaxed), the announcement of stored partial sums (release, as
+// seen by the waiting CTA's acquire) and the partial sums' loads from L2 (never a stale L1 line).
+__device__ __forceinline__ int atomic_add_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void red_add_release_gpu(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int load_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_v4(int* p, const int (&v)[4]) {
+  asm volatile("st.global.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+               : "memory");
+}
+__device__ __forceinline__ void load_l2_v4(const int* p, int& a, int& b, int& c, int& d) {
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "l"(p) : "memory");
+}
+
 template <typename T>
 __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes, const float* __restrict__ atok,
                                                const uint8_t* __restrict__ qweight, const uint8_t* __restrict__ wexp,
                                                const float* __restrict__ wbase, const T* __restrict__ lora_act,
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
                                                T* __restrict__ y, int M, int N, int K, int n_al, int rank,
-                                               int gelu_from) {
+                                               int gelu_from, int dp_tiles, int splits, int* __restrict__ sk_counters,
+                                               int* __restrict__ sk_partials) {
   constexpr int kMT = kWarpM / 16, kNT = 4;  // mma tiles of a warp
   extern __shared__ __align__(128) uint8_t ring[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int tok0 = blockIdx.x * kTileM, ch0 = blockIdx.y * kTileN;
-  const int groups = K / 64, iters = groups + rank / 16;
+  // This CTA's tile and its groups [first_group, first_group + groups) (the work split above).
+  int tile = blockIdx.x, first_group = 0, groups = K / 64;
+  if (tile >= dp_tiles) {
+    const int slice = (tile - dp_tiles) % splits;
+    tile = dp_tiles + (tile - dp_tiles) / splits;
+    first_group = slice * groups / splits;
+    groups = (slice + 1) * groups / splits - first_group;
+  }
+  const int tiles_m = (M + kTileM - 1) / kTileM;
+  const int tok0 = tile % tiles_m * kTileM, ch0 = tile / tiles_m * kTileN;
+  const int iters = groups + rank / 16;
   const int wm = (warp % kWarpsM) * kWarpM, wn = (warp / kWarpsM) * 32;
 
   // Stage copies, sources computed once and advanced a stage at a time (w4a4_gemm.cu's scheme).
@@ -118,7 +172,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   for (int i = 0; i < kCodeCopies; ++i) {
     const int tok = tok0 + cr + kThreads / 4 * i;
     cv[i] = tok < M;
-    c_src[i] = codes + static_cast<size_t>(cv[i] ? tok : 0) * K + 16 * cc;
+    c_src[i] = codes + static_cast<size_t>(cv[i] ? tok : 0) * K + 64 * first_group + 16 * cc;
   }
 #pragma unroll
   for (int i = 0; i < kActCopies; ++i) av[i] = tok0 + r0 + kThreads / 2 * i < M;
@@ -126,10 +180,10 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   for (int i = 0; i < kWCopies; ++i) {
     const int ch = ch0 + r0 + kThreads / 2 * i;
     nv[i] = ch < N;
-    w_src[i] = qweight + static_cast<size_t>(nv[i] ? ch : 0) * (K / 2) + 16 * hf;
+    w_src[i] = qweight + static_cast<size_t>(nv[i] ? ch : 0) * (K / 2) + 32 * first_group + 16 * hf;
   }
   const bool copies_exp = tid < kTileN / 16, exp_valid = ch0 + 16 * tid < n_al;
-  const uint8_t* e_src = wexp + (exp_valid ? ch0 + 16 * tid : 0);
+  const uint8_t* e_src = wexp + static_cast<size_t>(first_group) * n_al + (exp_valid ? ch0 + 16 * tid : 0);
   int next = 0, next_slot = 0;  // the next stage to load and its ring slot
 
   auto advance = [&]() {
@@ -260,6 +314,46 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     slot = slot == kStages - 1 ? 0 : slot + 1;
   }
 
+  if (static_cast<int>(blockIdx.x) >= dp_tiles) {  // a stream-K tile's exchange (opening comment)
+    const int sk_tile = (blockIdx.x - dp_tiles) / splits;
+    __shared__ int ticket;
+    int* counter = sk_counters + sk_tile;
+    int* partials = sk_partials + static_cast<size_t>(sk_tile) * (splits - 1) * (kTileM * kTileN);
+    if (tid == 0) ticket = atomic_add_gpu(counter, 1) & 0xFFFF;
+    __syncthreads();
+    const int my_ticket = ticket;
+    if (my_ticket < splits - 1) {
+      int* slot_sums = partials + static_cast<size_t>(my_ticket) * (kTileM * kTileN) + 4 * tid;
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+          store_v4(slot_sums + 4 * kThreads * (kNT * i + j), acc[i][j]);
+      __syncthreads();
+      if (tid == 0) red_add_release_gpu(counter, 1 << 16);
+      cp_async_wait<0>();
+      return;
+    }
+    if (tid == 0) {
+      while (load_acquire_gpu(counter) >> 16 != splits - 1) {
+      }
+      *counter = 0;
+    }
+    __syncthreads();
+    for (int s = 0; s < splits - 1; ++s) {
+      const int* slot_sums = partials + static_cast<size_t>(s) * (kTileM * kTileN) + 4 * tid;
+#pragma unroll
+      for (int i = 0; i < kMT; ++i)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          int p[4];
+          load_l2_v4(slot_sums + 4 * kThreads * (kNT * i + j), p[0], p[1], p[2], p[3]);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] += p[e];
+        }
+    }
+  }
+
   // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}:
   // the integer sums times atok[token] * wbase[channel] * 2^-7, the scales left out of the operands.
   float out[kMT][kNT][4];
@@ -317,9 +411,9 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)              \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
-           int n_al, int rank, int gelu_from) {                                                                \
+           int n_al, int rank, int gelu_from, int dp_tiles, int splits, int* sk_counters, int* sk_partials) {  \
     svdq::sm80::w4a4_gemm_pow2<T>(codes, atok, qweight, wexp, wbase, lora_act, lora_up, bias, y, M, N, K, n_al, \
-                                  rank, gelu_from);                                                            \
+                                  rank, gelu_from, dp_tiles, splits, sk_counters, sk_partials);                \
   }
 
 SVDQ_W4A4_GEMM_POW2_ENTRY(w4a4_gemm_pow2_int8_bf16, svdq::bfloat16)

@@ -38,6 +38,13 @@ _GEMM_THREADS = 128
 _POW2_TILE_M, _POW2_TILE_N, _POW2_STAGES, _POW2_WARP_M = 128, 128, 3, 128
 _POW2_THREADS = _POW2_TILE_M // _POW2_WARP_M * _POW2_TILE_N  # warps of _POW2_WARP_M tokens x 32 channels
 _POW2_SMEM = _POW2_STAGES * (_POW2_TILE_M * 64 + _POW2_TILE_N * 33)  # kStages * kStageBytes
+# CTAs per SM: the kernel's launch bounds (kMinBlocks: 8 warps of 128-token tiles at 255 registers, 16 of 64-token)
+_POW2_CTAS_PER_SM = (8 if _POW2_WARP_M == 128 else 16) * 32 // _POW2_THREADS
+# Stream-K for the last wave (w4a4_gemm_pow2.cu's work split): at most STREAM_K_MAX_SPLITS K-slices per tile (the
+# tile's last CTA reads the others' 64 KB of int32 sums one slice after another), at least
+# STREAM_K_MIN_SLICE_GROUPS groups per slice (each slice fills and drains the copy ring once)
+STREAM_K_MAX_SPLITS = 4
+STREAM_K_MIN_SLICE_GROUPS = 4
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # kernel 1's entry points: none or the Hadamard rotation, and (_coefficients) any rotation by its coefficients
@@ -180,17 +187,71 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def stream_k_plan(tiles: int, groups: int, slots: int, splits: int | None = None) -> tuple[int, int]:
+    """The whole-K kernel's work split (dp_tiles, splits): tiles 0 .. dp_tiles - 1 run whole, one CTA
+    each; each later tile is shared by `splits` CTAs along K (stream-K). The later tiles are those of
+    the last wave: tiles % slots of them (all where tiles < slots); slots = SMs x CTAs per SM.
+
+    splits None: as many as the last wave's tiles fill the slots with (slots // its tiles), at most
+    STREAM_K_MAX_SPLITS and groups // STREAM_K_MIN_SLICE_GROUPS: stream-K where that is 2 or more,
+    i.e. where the last wave is at most half full. An int forces that many (at most groups), over
+    the last whole wave where tiles % slots == 0; 1: no stream-K. Without stream-K: (tiles, 1)."""
+    if tiles == 0:
+        return 0, 1
+    tail = tiles % slots or min(tiles, slots)
+    if splits is None:
+        splits = min(slots // tail, STREAM_K_MAX_SPLITS, groups // STREAM_K_MIN_SLICE_GROUPS)
+    splits = min(splits, groups)
+    if splits < 2:
+        return tiles, 1
+    return tiles - tail, splits
+
+
+def whole_k_work_split(m: int, n: int, k: int, device: torch.device,
+                       stream_k: int | None = None) -> tuple[int, int, int]:
+    """The whole-K kernel's (tiles, dp_tiles, splits) at M x N x K on device's GPU (stream_k_plan)."""
+    tiles = (m + _POW2_TILE_M - 1) // _POW2_TILE_M * ((n + _POW2_TILE_N - 1) // _POW2_TILE_N)
+    slots = _sm_count(cuda.device_index(device)) * _POW2_CTAS_PER_SM
+    return (tiles, *stream_k_plan(tiles, k // numerics.GROUP_SIZE, slots, stream_k))
+
+
+# per (device, stream): the stream-K tiles' counters, zero between launches (each launch leaves them zero)
+_stream_k_counters_kept: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _stream_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for `tiles` stream-K tiles: kept per device and stream (launches on one
+    stream run one after another; two streams must not share them). While a CUDA graph is captured,
+    a new zeroed tensor, so that its zeroing is captured with the launch."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    index = cuda.device_index(device)
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    counters = _stream_k_counters_kept.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = _stream_k_counters_kept[key] = torch.zeros(tiles, dtype=torch.int32, device=device)
+    return counters
+
+
 def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tensor, wexp: torch.Tensor,
                    wbase: torch.Tensor, dtype: torch.dtype, lora_act: torch.Tensor | None,
                    lora_up: torch.Tensor | None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   gelu_from: int | None = None) -> torch.Tensor:
+                   gelu_from: int | None = None, stream_k: int | None = None) -> torch.Tensor:
     """The whole-K kernel 2 (w4a4_gemm_pow2.cu): y [M, N] = atok[m] * wbase[n] * 2^-7 * (codes . the
     weights' s8 operands over all of K) + lora_act @ lora_up^T + bias, GELU (tanh) on channels >=
     gelu_from, in dtype (bf16/fp16, also that of lora_act, lora_up and bias).
 
     codes uint8 [M, K], atok fp32 [1, m_al]: kernel 1's in pow2_s8 mode; qweight uint8 [N, K/2];
     wexp uint8 [K/64, n_al] and wbase fp32 [N]: pow2_weight_operands; lora_act [M, r] and lora_up
-    [N, r] (r a multiple of 16) or both None; out: [M, N] to write into, or None."""
+    [N, r] (r a multiple of 16) or both None; out: [M, N] to write into, or None. stream_k: K-slices
+    per tile of the last wave (stream_k_plan's splits: None chooses, 1 none, 2 or more forces them);
+    the result is bit for bit the same either way (int32 sums). Stream-K takes a workspace of 64 KB
+    per tile and slice but one (int32 partial sums, per call)."""
     if not (codes.is_cuda and codes.dim() == 2 and qweight.dim() == 2 and wexp.dim() == 2):
         raise Sm80InputError("codes must be a 2-D CUDA tensor, qweight and wexp 2-D")
     if dtype not in _NAMES:
@@ -208,13 +269,20 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     _check(qweight, codes, "qweight", torch.uint8, (n, k // 2))
     _check(wexp, codes, "wexp", torch.uint8, (groups, (n + 15) // 16 * 16))
     _check(wbase, codes, "wbase", torch.float32, (n,))
+    if stream_k is not None and (isinstance(stream_k, bool) or not isinstance(stream_k, int) or stream_k < 1):
+        raise Sm80InputError(f"stream_k must be None or a positive int, got {stream_k!r}")
     rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
-        grid = ((m + _POW2_TILE_M - 1) // _POW2_TILE_M, (n + _POW2_TILE_N - 1) // _POW2_TILE_N)
-        fn.launch(grid, _POW2_THREADS,
+        tiles, dp_tiles, splits = whole_k_work_split(m, n, k, codes.device, stream_k)
+        sk_tiles = tiles - dp_tiles
+        counters = _stream_k_counters(codes.device, sk_tiles) if sk_tiles else None
+        partials = torch.empty(sk_tiles * (splits - 1) * _POW2_TILE_M * _POW2_TILE_N, dtype=torch.int32,
+                               device=codes.device) if sk_tiles else None
+        fn.launch(dp_tiles + sk_tiles * splits, _POW2_THREADS,
                   (codes, atok, qweight, wexp, wbase, lora_act if rank else None, lora_up if rank else None, bias,
-                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from)), smem=_POW2_SMEM)
+                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from), dp_tiles, splits, counters,
+                   partials), smem=_POW2_SMEM)
     return out
 
 
