@@ -20,7 +20,9 @@ Columns (median time per call, CUDA-graph replays over rotating input sets, as b
     today  kernel 1 in pow2 mode + the per-group kernel 2 (what these layers ran before the whole-K
            kernel), x: bf16 time over it
     k1s8   kernel 1 in pow2_s8 mode (the whole-K kernel's s8 operands)
-    wk k2  the whole-K kernel 2 alone (w4a4_gemm_pow2.cu)
+    wk k2  the whole-K kernel 2 alone (w4a4_gemm_pow2.cu), with stream-K where the host chooses it
+    sk     its K-slices per tile of the last wave (sm80.stream_k_plan; 1: no stream-K)
+    wk dp  the whole-K kernel 2 with stream-K off (every tile whole); x dp: its time over wk k2
     wk k1+k2  both through sm80.svdq_linear, x: bf16 time over it
     k1s8r, wk k1+k2r: k1s8 and wk k1+k2 of the same layers with the group rotation
   --whole-k-only: bf16 and the whole-K rows only (versions of that kernel side by side).
@@ -120,12 +122,17 @@ def _pow2_rows(row: dict, gen, a: list, n: int, k: int, whole_k_only: bool) -> N
                                      for i in range(sets)])
     stage1 = [sm80.act_quant(a[i], *inputs[i], pow2=True, int8_operands=True) for i in range(sets)]
 
-    def whole_k(i):
+    def whole_k(i, stream_k=None):
         codes, atok, lora_act = stage1[i]
         op = ops[i]
-        return sm80.w4a4_gemm_pow2(codes, atok, op.qweight, *weights[i], a[i].dtype, lora_act, op.lora_up, op.bias)
+        return sm80.w4a4_gemm_pow2(codes, atok, op.qweight, *weights[i], a[i].dtype, lora_act, op.lora_up, op.bias,
+                                   stream_k=stream_k)
 
     row["k2_whole_k_ms"] = time_calls([lambda i=i: whole_k(i) for i in range(sets)])
+    codes = stage1[0][0]
+    row["k2_whole_k_splits"] = sm80.whole_k_work_split(codes.shape[0], n, k, codes.device)[2]
+    row["k2_whole_k_dp_ms"] = time_calls([lambda i=i: whole_k(i, stream_k=1) for i in range(sets)])
+    row["k2_whole_k_stream_k_gain"] = row["k2_whole_k_dp_ms"] / row["k2_whole_k_ms"]
     row["k1k2_whole_k_ms"] = time_calls([lambda i=i: sm80.svdq_linear(a[i], ops[i], mma="int8") for i in range(sets)])
     if not whole_k_only:
         ops_rot = _rotated_ops(layers)
@@ -143,8 +150,8 @@ def bench_shape(m: int, n: int, k: int, l2_bytes: int, int4: bool, whole_k_only:
     if not whole_k_only:
         _exact_rows(row, gen, a, m, n, k, int4)
     _pow2_rows(row, gen, a, n, k, whole_k_only)
-    for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8", "k1k2_pow2_today", "k2_whole_k", "k1k2_whole_k",
-                "k2_int4"):
+    for key in ("bf16", "int_mm", "k2_int8", "k1k2_int8", "k1k2_pow2_today", "k2_whole_k", "k2_whole_k_dp",
+                "k1k2_whole_k", "k2_int4"):
         if key + "_ms" in row:
             row[key + "_tops"] = flops / (row[key + "_ms"] * 1e-3) / 1e12
     for key in ("k1k2_int8", "k1k2_pow2_today", "k1k2_whole_k"):
@@ -168,6 +175,8 @@ COLUMNS = [("bf16 us", "bf16_ms", 1e3, "8.1f"), ("TOPS", "bf16_tops", 1, "5.0f")
            ("x bf16", "k1k2_pow2_today_speedup_vs_bf16", 1, "6.2f"), ("k1s8", "k1s8_ms", 1e3, "6.1f"),
            ("k1s8r", "k1s8_rot_ms", 1e3, "6.1f"),
            ("wk k2", "k2_whole_k_ms", 1e3, "7.1f"), ("TOPS", "k2_whole_k_tops", 1, "5.0f"),
+           ("sk", "k2_whole_k_splits", 1, "2.0f"), ("wk dp", "k2_whole_k_dp_ms", 1e3, "7.1f"),
+           ("x dp", "k2_whole_k_stream_k_gain", 1, "5.2f"),
            ("wk k1+k2", "k1k2_whole_k_ms", 1e3, "8.1f"), ("wk k1+k2r", "k1k2_whole_k_rot_ms", 1e3, "9.1f"),
            ("x bf16", "k1k2_whole_k_speedup_vs_bf16", 1, "6.2f"),
            ("int4 k2", "k2_int4_ms", 1e3, "8.1f")]

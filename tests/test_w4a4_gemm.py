@@ -354,6 +354,7 @@ def test_sm80_whole_k_gemm_epilogue_gelu(gelu_from, dtype):
     (864, 2, 264, 5, (792, 2)),        # forced: at most one slice per group
     (864, 48, 264, 1, (864, 1)),       # forced off
     (0, 48, 264, None, (0, 1)),
+    (5000, 48, 10000, None, (5000, 1)),  # more tiles in the last wave than the kernel has counters
 ])
 def test_sm80_stream_k_plan(tiles, groups, slots, splits, plan):
     assert sm80.stream_k_plan(tiles, groups, slots, splits) == plan

@@ -38,14 +38,17 @@
 // the remaining tiles (those of the partial last wave, svdquant/families/sm80.py's stream_k_plan)
 // are each shared by `splits` consecutive CTAs, CTA dp_tiles + splits s + i taking tile dp_tiles + s
 // over groups [i G / splits, (i + 1) G / splits) (G = K/64), so that the last wave fills the GPU's
-// CTA slots. Each of a stream-K tile's CTAs takes a ticket from its tile's counter (sk_counters[s]:
-// arrivals in the low 16 bits); all but the last to arrive store their int32 accumulators to
-// sk_partials (slot `ticket` of the tile's splits - 1, 64 KB each, in fragment order: int4 v of
-// thread t at [v][t]), announce it (+1 << 16, release) and exit; the last waits for the splits - 1
-// announcements (acquire), adds the partial sums to its own, resets the counter to 0 for the next
-// launch and runs the epilogue. Integer sums: the result is bit for bit the data-parallel one in
-// any arrival order. Waiting is only on CTAs that already hold a ticket (past their main loop), so
-// no order of CTA dispatch can deadlock.
+// CTA slots. Each of a stream-K tile's CTAs takes a ticket from the tile's counter
+// (stream_k_counters[s], arrivals in the low 16 bits); all but the last to arrive store their int32
+// accumulators to sk_partials (slot `ticket` of the tile's splits - 1, 64 KB each, in fragment
+// order: int4 v of thread t at [v][t]), announce it (+1 << 16, release) and exit; the last waits
+// for the splits - 1 announcements (acquire), adds the partial sums to its own, sets the counter
+// back to 0 and runs the epilogue. Integer sums: the result is bit for bit the data-parallel one
+// in any arrival order. Waiting is only on CTAs that already hold a ticket (past their main loop),
+// so no order of CTA dispatch can deadlock. The counters are a module variable: zero when the
+// module is loaded, zero after every launch, so no launch needs a memset (nor does a CUDA graph);
+// launches that overlap in time on one GPU (two streams at once) would share them: stream-K
+// launches on one GPU must run one after another.
 //
 // Stages: K/64 main stages (a stream-K CTA: those of its slice; codes [kTileM][64 B], qweight
 // [kTileN][32 B], wexp [kTileN B]), then rank/16 low-rank stages (lora_act [kTileM][32 B] and
@@ -59,12 +62,11 @@
 // Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
 //   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
 //   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from,
-//   int dp_tiles, int splits, int* sk_counters, int* sk_partials);
+//   int dp_tiles, int splits, int* sk_partials);
 //   grid dp_tiles + splits * (stream-K tiles), block kThreads, kStages * kStageBytes of dynamic
-//   shared memory; sk_counters [stream-K tiles] zero at launch (and left zero), sk_partials
-//   [stream-K tiles][splits - 1][kTileM x kTileN] int32 (both unused without stream-K tiles).
-//   Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0, 2 <= splits <= K/64 where there
-//   are stream-K tiles.
+//   shared memory; sk_partials [stream-K tiles][splits - 1][kTileM x kTileN] int32 (unused without
+//   stream-K tiles). Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0 and, where there
+//   are stream-K tiles, 2 <= splits <= K/64 and at most kMaxStreamKTiles of them.
 #include "sm80.cuh"
 
 namespace svdq::sm80 {
@@ -110,6 +112,10 @@ __device__ __forceinline__ void expand_pow2(uint32_t w, uint32_t f, uint32_t fil
   hi = ((w & 0xF0F0F0F0u) >> f) | (prmt(w, 0u, 0xBA98u) & fill);
 }
 
+// A counter per stream-K tile (the work split above); sm80.py's STREAM_K_MAX_TILES.
+constexpr int kMaxStreamKTiles = 4096;
+__device__ int stream_k_counters[kMaxStreamKTiles];
+
 // Stream-K exchange: the ticket (relaxed), the announcement of stored partial sums (release, as
 // seen by the waiting CTA's acquire) and the partial sums' loads from L2 (never a stale L1 line).
 __device__ __forceinline__ int atomic_add_gpu(int* p, int v) {
@@ -139,7 +145,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
                                                const float* __restrict__ wbase, const T* __restrict__ lora_act,
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
                                                T* __restrict__ y, int M, int N, int K, int n_al, int rank,
-                                               int gelu_from, int dp_tiles, int splits, int* __restrict__ sk_counters,
+                                               int gelu_from, int dp_tiles, int splits,
                                                int* __restrict__ sk_partials) {
   constexpr int kMT = kWarpM / 16, kNT = 4;  // mma tiles of a warp
   extern __shared__ __align__(128) uint8_t ring[];
@@ -317,7 +323,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   if (static_cast<int>(blockIdx.x) >= dp_tiles) {  // a stream-K tile's exchange (opening comment)
     const int sk_tile = (blockIdx.x - dp_tiles) / splits;
     __shared__ int ticket;
-    int* counter = sk_counters + sk_tile;
+    int* counter = stream_k_counters + sk_tile;
     int* partials = sk_partials + static_cast<size_t>(sk_tile) * (splits - 1) * (kTileM * kTileN);
     if (tid == 0) ticket = atomic_add_gpu(counter, 1) & 0xFFFF;
     __syncthreads();
@@ -411,9 +417,9 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)              \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
-           int n_al, int rank, int gelu_from, int dp_tiles, int splits, int* sk_counters, int* sk_partials) {  \
+           int n_al, int rank, int gelu_from, int dp_tiles, int splits, int* sk_partials) {                    \
     svdq::sm80::w4a4_gemm_pow2<T>(codes, atok, qweight, wexp, wbase, lora_act, lora_up, bias, y, M, N, K, n_al, \
-                                  rank, gelu_from, dp_tiles, splits, sk_counters, sk_partials);                \
+                                  rank, gelu_from, dp_tiles, splits, sk_partials);                             \
   }
 
 SVDQ_W4A4_GEMM_POW2_ENTRY(w4a4_gemm_pow2_int8_bf16, svdq::bfloat16)

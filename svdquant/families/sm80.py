@@ -45,6 +45,8 @@ _POW2_CTAS_PER_SM = (8 if _POW2_WARP_M == 128 else 16) * 32 // _POW2_THREADS
 # STREAM_K_MIN_SLICE_GROUPS groups per slice (each slice fills and drains the copy ring once)
 STREAM_K_MAX_SPLITS = 4
 STREAM_K_MIN_SLICE_GROUPS = 4
+# the kernel's counters (kMaxStreamKTiles): stream-K tiles of one launch at most
+STREAM_K_MAX_TILES = 4096
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # kernel 1's entry points: none or the Hadamard rotation, and (_coefficients) any rotation by its coefficients
@@ -200,14 +202,15 @@ def stream_k_plan(tiles: int, groups: int, slots: int, splits: int | None = None
     splits None: as many as the last wave's tiles fill the slots with (slots // its tiles), at most
     STREAM_K_MAX_SPLITS and groups // STREAM_K_MIN_SLICE_GROUPS: stream-K where that is 2 or more,
     i.e. where the last wave is at most half full. An int forces that many (at most groups), over
-    the last whole wave where tiles % slots == 0; 1: no stream-K. Without stream-K: (tiles, 1)."""
+    the last whole wave where tiles % slots == 0; 1: no stream-K. Without stream-K (also where the
+    last wave has more than STREAM_K_MAX_TILES tiles): (tiles, 1)."""
     if tiles == 0:
         return 0, 1
     tail = tiles % slots or min(tiles, slots)
     if splits is None:
         splits = min(slots // tail, STREAM_K_MAX_SPLITS, groups // STREAM_K_MIN_SLICE_GROUPS)
     splits = min(splits, groups)
-    if splits < 2:
+    if splits < 2 or tail > STREAM_K_MAX_TILES:
         return tiles, 1
     return tiles - tail, splits
 
@@ -218,24 +221,6 @@ def whole_k_work_split(m: int, n: int, k: int, device: torch.device,
     tiles = (m + _POW2_TILE_M - 1) // _POW2_TILE_M * ((n + _POW2_TILE_N - 1) // _POW2_TILE_N)
     slots = _sm_count(cuda.device_index(device)) * _POW2_CTAS_PER_SM
     return (tiles, *stream_k_plan(tiles, k // numerics.GROUP_SIZE, slots, stream_k))
-
-
-# per (device, stream): the stream-K tiles' counters, zero between launches (each launch leaves them zero)
-_stream_k_counters_kept: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _stream_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for `tiles` stream-K tiles: kept per device and stream (launches on one
-    stream run one after another; two streams must not share them). While a CUDA graph is captured,
-    a new zeroed tensor, so that its zeroing is captured with the launch."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
-    index = cuda.device_index(device)
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
-    counters = _stream_k_counters_kept.get(key)
-    if counters is None or counters.numel() < tiles:
-        counters = _stream_k_counters_kept[key] = torch.zeros(tiles, dtype=torch.int32, device=device)
-    return counters
 
 
 def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tensor, wexp: torch.Tensor,
@@ -251,7 +236,8 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     [N, r] (r a multiple of 16) or both None; out: [M, N] to write into, or None. stream_k: K-slices
     per tile of the last wave (stream_k_plan's splits: None chooses, 1 none, 2 or more forces them);
     the result is bit for bit the same either way (int32 sums). Stream-K takes a workspace of 64 KB
-    per tile and slice but one (int32 partial sums, per call)."""
+    per tile and slice but one (int32 partial sums, per call) and the kernel module's tile counters:
+    two stream-K launches must not run at once on one GPU (on two streams)."""
     if not (codes.is_cuda and codes.dim() == 2 and qweight.dim() == 2 and wexp.dim() == 2):
         raise Sm80InputError("codes must be a 2-D CUDA tensor, qweight and wexp 2-D")
     if dtype not in _NAMES:
@@ -276,13 +262,12 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
         tiles, dp_tiles, splits = whole_k_work_split(m, n, k, codes.device, stream_k)
         sk_tiles = tiles - dp_tiles
-        counters = _stream_k_counters(codes.device, sk_tiles) if sk_tiles else None
         partials = torch.empty(sk_tiles * (splits - 1) * _POW2_TILE_M * _POW2_TILE_N, dtype=torch.int32,
                                device=codes.device) if sk_tiles else None
         fn.launch(dp_tiles + sk_tiles * splits, _POW2_THREADS,
                   (codes, atok, qweight, wexp, wbase, lora_act if rank else None, lora_up if rank else None, bias,
-                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from), dp_tiles, splits, counters,
-                   partials), smem=_POW2_SMEM)
+                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from), dp_tiles, splits, partials),
+                  smem=_POW2_SMEM)
     return out
 
 
