@@ -112,6 +112,13 @@ __device__ __forceinline__ void expand_pow2(uint32_t w, uint32_t f, uint32_t fil
   hi = ((w & 0xF0F0F0F0u) >> f) | (prmt(w, 0u, 0xBA98u) & fill);
 }
 
+// blockIdx.x, read anew at each call (a value the compiler cannot reuse from an earlier read).
+__device__ __forceinline__ int cta_index() {
+  int cta;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+  return cta;
+}
+
 // A counter per stream-K tile (the work split above); sm80.py's STREAM_K_MAX_TILES.
 constexpr int kMaxStreamKTiles = 4096;
 __device__ int stream_k_counters[kMaxStreamKTiles];
@@ -150,16 +157,21 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   constexpr int kMT = kWarpM / 16, kNT = 4;  // mma tiles of a warp
   extern __shared__ __align__(128) uint8_t ring[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  // This CTA's tile and its groups [first_group, first_group + groups) (the work split above).
-  int tile = blockIdx.x, first_group = 0, groups = K / 64;
-  if (tile >= dp_tiles) {
-    const int slice = (tile - dp_tiles) % splits;
-    tile = dp_tiles + (tile - dp_tiles) / splits;
+  // This CTA's tile, its first token and channel, and its groups [first_group, first_group + groups)
+  // (the work split above).
+  const int tiles_m = (M + kTileM - 1) / kTileM;
+  auto tile_origin = [&](int cta, int& tok, int& ch) {
+    const int tile = cta < dp_tiles ? cta : dp_tiles + (cta - dp_tiles) / splits;
+    tok = tile % tiles_m * kTileM;
+    ch = tile / tiles_m * kTileN;
+  };
+  int tok0, ch0, first_group = 0, groups = K / 64;
+  tile_origin(blockIdx.x, tok0, ch0);
+  if (static_cast<int>(blockIdx.x) >= dp_tiles) {
+    const int slice = (blockIdx.x - dp_tiles) % splits;
     first_group = slice * groups / splits;
     groups = (slice + 1) * groups / splits - first_group;
   }
-  const int tiles_m = (M + kTileM - 1) / kTileM;
-  const int tok0 = tile % tiles_m * kTileM, ch0 = tile / tiles_m * kTileN;
   const int iters = groups + rank / 16;
   const int wm = (warp % kWarpsM) * kWarpM, wn = (warp / kWarpsM) * 32;
 
@@ -359,6 +371,10 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
         }
     }
   }
+
+  // The tile's origin computed again from a fresh read of the CTA index: kept live across the main
+  // loops, ptxas (at 255 registers) would spill it.
+  tile_origin(cta_index(), tok0, ch0);
 
   // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}:
   // the integer sums times atok[token] * wbase[channel] * 2^-7, the scales left out of the operands.
