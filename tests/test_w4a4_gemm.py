@@ -410,6 +410,18 @@ def test_sm80_whole_k_stream_k_epilogue(rank, gelu_from, dtype):
 
 
 @needs_sm80
+@pytest.mark.parametrize("stream_k", [0, -2, True, 2.0])
+def test_sm80_whole_k_stream_k_argument_is_checked(stream_k):
+    layer = w4a4_layer(64, 128, 0, torch.bfloat16, gen(11), unsigned=False, pow2_weights=True)
+    kernel = layer.w4a4_kernel()
+    codes, atok, _ = sm80.act_quant(torch.ones(4, 128, device=DEV, dtype=torch.bfloat16), *sm80.kernel1_inputs(kernel),
+                                    pow2=True, int8_operands=True)
+    wexp, wbase = sm80.pow2_weight_operands(kernel)
+    with pytest.raises(sm80.Sm80InputError, match="stream_k must be None or a positive int"):
+        sm80.w4a4_gemm_pow2(codes, atok, layer.qweight, wexp, wbase, torch.bfloat16, None, None, stream_k=stream_k)
+
+
+@needs_sm80
 def test_sm80_bad_inputs_raise_named_errors():
     layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(9), unsigned=False)
     smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(layer.w4a4_kernel())
