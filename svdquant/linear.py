@@ -98,7 +98,7 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
 # node and as `svdquant` in one process registers two operators, each with its own table.
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
-OPERATOR = "svdquant_" + re.sub(r"\W", "_", __name__) + "::quantized_linear"
+OPERATOR = "svdquant_" + re.sub(r"[^0-9A-Za-z_]", "_", __name__) + "::quantized_linear"
 
 
 def _quantized_linear(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
