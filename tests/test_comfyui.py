@@ -498,8 +498,8 @@ def test_a_prompt_samples_a_quantized_model_to_a_saved_image(server, model_name,
 
 
 def test_torch_compile_model_node_samples_a_quantized_model(server):
-    """ComfyUI's TorchCompileModel (Inductor) on the loader's model: the 4-bit layers stay as they are
-    (quantized_forward is skipped by torch.compile), the rest compiles, and the prompt saves an image."""
+    """ComfyUI's TorchCompileModel (Inductor) on the loader's model: each 4-bit layer is one call of the
+    pack's operator (svdquant.linear.OPERATOR), the model compiles around them, and the prompt saves an image."""
     prompt = sampling_prompt("tiny-schnell.safetensors", None, "svdquant_compiled")
     prompt["10"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["1", 0], "backend": "inductor"}}
     prompt["5"]["inputs"]["model"] = ["10", 0]
