@@ -189,6 +189,13 @@ def main() -> None:
     extra = {"y": torch.randn(1, cfg.vec_in_dim, generator=gen, device=device).to(bf16),
              "guidance": torch.full((1,), 3.5, device=device, dtype=bf16)}
     rows, notes = {}, {}
+
+    def record(rows):
+        write_result(args.json, what="ComfyUI's FLUX, one call, random weights, eager and torch.compile",
+                     comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
+                                                      "height": args.height, "width": args.width, "txt": args.txt},
+                     rows=rows, models=notes)
+
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             label = VARIANTS[variant][0]
@@ -225,7 +232,8 @@ def main() -> None:
                     torch._dynamo.reset()
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
             rows[label] = row
-            print("row", json.dumps({label: row, "model": notes[label]}), flush=True)  # kept if a later variant times out
+            print("row", json.dumps({label: row, "model": notes[label]}), flush=True)
+            record(rows)  # after each model: what is done survives a later one's timeout
             comfy.model_management.unload_all_models()
             del patcher, model, state
             if cuda:
@@ -254,10 +262,7 @@ def main() -> None:
               f"{first:>15} {row['weights_GiB']:>12.2f} {peak:>9}")
     for label, note in notes.items():
         print(f"  {label}: {note}")
-    write_result(args.json, what="ComfyUI's FLUX, one call, random weights, eager and torch.compile",
-                 comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
-                                                  "height": args.height, "width": args.width, "txt": args.txt},
-                 rows=rows, models=notes)
+    record(rows)
 
 
 if __name__ == "__main__":
