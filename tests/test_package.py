@@ -41,3 +41,18 @@ def test_forward_without_kernels():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("using the PyTorch reference path") == 1
+
+
+def test_a_torch_without_custom_operators_is_refused_with_the_version_it_needs():
+    """The quantized layers are a torch.library custom operator under torch.compile (svdquant.linear):
+    on a torch before 2.4 the pack's import fails with one line saying which torch it needs."""
+    code = (
+        "import torch\n"
+        "del torch.library.custom_op\n"
+        "try:\n"
+        "    import svdquant.linear\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.startswith("the pack needs torch 2.4 or newer (this is torch "), done.stdout + done.stderr
