@@ -88,14 +88,13 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, layer.out_features)
 
 
-# torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) sees a quantized
-# layer as one opaque operator, `quantized_linear(x, layer, out_features)`: its kernels are driver
-# launches it cannot trace and their derived tensors key on data pointers it cannot follow, so it must
-# not trace into them, and as an operator (not a skipped function) the layer does not break the graph,
-# so the model compiles into one graph with no Python between the layers
-# (bench/NOTES.md#torch-compile). The operator finds its layer by a number (`_QuantizedLinearBase.handle`)
-# in this table. The namespace follows the module's import name: the pack imported as a ComfyUI custom
-# node and as `svdquant` in one process registers two operators, each with its own table.
+# Under torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) a quantized
+# layer is one opaque operator, quantized_linear(x, layer handle, out_features): dynamo must not trace
+# into the kernels (driver launches, derived tensors keyed on data pointers), and an operator, unlike a
+# skipped function, does not break the graph, so the model stays one graph with no Python between the
+# layers (bench/NOTES.md#compile-operator). out_features gives the output's shape without running it.
+# The operator finds the layer by its handle in _LAYERS. The namespace follows the module's import
+# name: the pack imported as a ComfyUI custom node and as `svdquant` in one process has two operators.
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
 OPERATOR = "svdquant_" + re.sub(r"[^0-9A-Za-z_]", "_", __name__) + "::quantized_linear"
