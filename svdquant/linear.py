@@ -91,8 +91,8 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
 # Under torch.compile (ComfyUI's TorchCompileModel node compiles the whole diffusion model) a quantized
 # layer is one opaque operator, quantized_linear(x, layer handle, out_features): dynamo must not trace
 # into the kernels (driver launches, derived tensors keyed on data pointers), and an operator, unlike a
-# skipped function, does not break the graph, so the model stays one graph with no Python between the
-# layers (bench/NOTES.md#compile-operator). out_features gives the output's shape without running it.
+# skipped function, does not break the graph, so the model stays one graph (no resumption and guard checks
+# after each layer; bench/NOTES.md#compile-operator). out_features gives the output's shape without running it.
 # The operator finds the layer by its handle in _LAYERS. The namespace follows the module's import
 # name: the pack imported as a ComfyUI custom node and as `svdquant` in one process has two operators.
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
