@@ -4,7 +4,15 @@ svdquant.cuda): sm90.py for csrc/sm90, sm80.py for csrc/sm80, w4a16.py for csrc/
 Each module names every kernel entry point it launches in `KERNELS` (CI compiles every family and
 checks them against the cubins: tests/test_runtime_compile.py)."""
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """The streaming multiprocessors of CUDA device `index` (grid and work-split sizes)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def check_half(t: torch.Tensor, name: str, *, error: type[Exception] = RuntimeError) -> None:

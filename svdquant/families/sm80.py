@@ -23,7 +23,7 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import check_tensor
+from . import check_tensor, sm_count
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
@@ -189,11 +189,6 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def stream_k_plan(tiles: int, groups: int, slots: int, splits: int | None = None) -> tuple[int, int]:
     """The whole-K kernel's work split (dp_tiles, splits): tiles 0 .. dp_tiles - 1 run whole, one CTA
     each; each later tile is shared by `splits` CTAs along K (stream-K). The later tiles are those of
@@ -219,7 +214,7 @@ def whole_k_work_split(m: int, n: int, k: int, device: torch.device,
                        stream_k: int | None = None) -> tuple[int, int, int]:
     """The whole-K kernel's (tiles, dp_tiles, splits) at M x N x K on device's GPU (stream_k_plan)."""
     tiles = (m + _POW2_TILE_M - 1) // _POW2_TILE_M * ((n + _POW2_TILE_N - 1) // _POW2_TILE_N)
-    slots = _sm_count(cuda.device_index(device)) * _POW2_CTAS_PER_SM
+    slots = sm_count(cuda.device_index(device)) * _POW2_CTAS_PER_SM
     return (tiles, *stream_k_plan(tiles, k // numerics.GROUP_SIZE, slots, stream_k))
 
 

@@ -24,7 +24,7 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import aligned16, check_half, check_tensor
+from . import aligned16, check_half, check_tensor, sm_count
 
 FAMILY = "sm90"
 
@@ -39,11 +39,6 @@ KERNELS = (
 )
 
 _SMEM_LIMIT = 227 * 1024  # dynamic shared memory of one CTA on sm_90
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ---- TMA descriptors -------------------------------------------------------------------------------
@@ -161,7 +156,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         raise RuntimeError(f"act_quant: cuTensorMapEncodeTiled rejected x ({exc})") from exc
 
     index, param_bytes = cuda.device_index(x.device), _act_quant_param_bytes(pow2)
-    sms = _sm_count(index)
+    sms = sm_count(index)
     tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms)[2]
     path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
     name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}{path}"
@@ -369,7 +364,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError("w4a4_gemm_pow2: every tensor must start on a 16-byte boundary")
     if tile_t not in (0, 128, 256):
         raise RuntimeError("w4a4_gemm_pow2: tile_t must be 0, 128 or 256")
-    sms = _sm_count(cuda.device_index(codes.device))
+    sms = sm_count(cuda.device_index(codes.device))
     tile_t = tile_t or token_tile(m, n, sms)
     try:
         lact, lup = _lowrank_maps(lora_act, lora_up, tile_t)
