@@ -190,7 +190,7 @@ def main() -> None:
              "guidance": torch.full((1,), 3.5, device=device, dtype=bf16)}
     rows, notes = {}, {}
 
-    def record(rows):
+    def record():
         write_result(args.json, what="ComfyUI's FLUX, one call, random weights, eager and torch.compile",
                      comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
                                                       "height": args.height, "width": args.width, "txt": args.txt},
@@ -233,7 +233,7 @@ def main() -> None:
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
             rows[label] = row
             print("row", json.dumps({label: row, "model": notes[label]}), flush=True)
-            record(rows)  # after each model: what is done survives a later one's timeout
+            record()  # after each model: what is done survives a later one's timeout
             comfy.model_management.unload_all_models()
             del patcher, model, state
             if cuda:
@@ -262,7 +262,7 @@ def main() -> None:
               f"{first:>15} {row['weights_GiB']:>12.2f} {peak:>9}")
     for label, note in notes.items():
         print(f"  {label}: {note}")
-    record(rows)
+    record()
 
 
 if __name__ == "__main__":

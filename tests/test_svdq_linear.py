@@ -16,7 +16,7 @@ from random_layers import (DEV, KERNEL1_ROTATION, activations, gen, group_rotati
                            w4a4_layer)
 from svdquant import kernels, lora, numerics
 from svdquant.families import sm80, sm90
-from svdquant.linear import SVDQLinear, W4A16Linear
+from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
 
 
 @pytest.fixture
@@ -156,8 +156,6 @@ def test_compiled_layers_and_their_copies_each_run_their_own_tensors():
     # (linear.become_stored_kind) is found under its own
     import copy
     import pickle
-
-    from svdquant.linear import LoadedLinear
 
     _, tensors = _random_w4a4(64, 128, 16)
     layer = SVDQLinear.from_tensors(tensors)
