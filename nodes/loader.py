@@ -1,6 +1,7 @@
 """SVDQuant FLUX Loader: an SVDQuant FLUX file -> a ComfyUI MODEL built by ComfyUI's own FLUX code."""
 
 import dataclasses
+import functools
 
 import torch
 
@@ -14,7 +15,7 @@ from comfy_api.latest import io
 from ..svdquant import file_options, flux
 from ..svdquant.format import FormatError
 from .lora import apply_loras_on_load
-from .ops import SVDQuantOps
+from .ops import SVDQuantOps, sizing
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # activation quantization choices -> file_options.apply_file_options(pow2_activations=...)
@@ -79,6 +80,38 @@ def model_patcher_class() -> type:
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
+def inference_dtype(base_model) -> torch.dtype:
+    """The dtype ComfyUI runs the model's layers in (its manual cast dtype, else the weights')."""
+    return base_model.manual_cast_dtype or base_model.get_dtype()
+
+
+class CountsFP8Weights:
+    """A ComfyUI patcher whose per-module sizes count the FP8 weights of the W4A4 layers in FP8 execution
+    (nodes/ops.py SIZING): `_load_list` is where ComfyUI's patchers size each module
+    (comfy.model_management.module_size) for a partial load or unload, so a layer whose 4-bit and FP8
+    weights do not fit in the memory left stays in offload memory and runs from copies."""
+
+    def _load_list(self, *args, **kwargs):
+        with sizing(self.load_device, inference_dtype(self.model)):
+            return super()._load_list(*args, **kwargs)
+
+
+@functools.cache
+def counting_patcher_class(base: type) -> type:
+    """ComfyUI's patcher class `base` with CountsFP8Weights (one class per base, so clones keep it)."""
+    return type(f"SVDQuant{base.__name__}", (CountsFP8Weights, base), {})
+
+
+def quantized_model_patcher(base_model, load_device: torch.device, offload_device: torch.device):
+    """ComfyUI's patcher for the model, sized as ComfyUI sizes a model (comfy.model_management.module_size)
+    with the FP8 weights its W4A4 layers in FP8 execution will keep on load_device: the patcher's `size`
+    argument, its creator's statement of the model's size, which its clones keep."""
+    with sizing(load_device, inference_dtype(base_model)):
+        size = comfy.model_management.module_size(base_model)
+    return counting_patcher_class(model_patcher_class())(base_model, load_device=load_device,
+                                                         offload_device=offload_device, size=size)
+
+
 def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
                        pow2_activations: bool | None = None, fp8_execution: bool = False
                        ) -> comfy.model_patcher.ModelPatcher:
@@ -111,7 +144,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
         raise FormatError(path, f"does not fit ComfyUI's FLUX model: {exc}") from None
     file_options.apply_file_options(base_model.diffusion_model, model.quantization, pow2_activations, fp8_execution)
     flux.fusion.fuse_mlp_gelu(base_model.diffusion_model)
-    patcher = model_patcher_class()(base_model, load_device=load_device, offload_device=offload_device)
+    patcher = quantized_model_patcher(base_model, load_device, offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher
 

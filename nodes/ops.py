@@ -5,9 +5,13 @@ Linear here allocates nothing when built; when its tensors arrive it becomes, in
 file stores for it (`svdquant.linear.become_stored_kind`): ComfyUI's own `manual_cast.Linear`
 for 16-bit layers (so casting, LoRA weight patches and low-VRAM offload work as for any model),
 or an engine SVDQLinear / W4A16Linear whose 4-bit tensors are buffers, so ComfyUI's memory
-management counts their real size and moves them with the model. Those get an empty `weight`
-buffer for ComfyUI's LoRA keys (see `add_lora_key` and nodes/lora.py).
+management counts their real size and moves them with the model (in FP8 execution, with the FP8
+weights a layer keeps where it runs: `SIZING`). Those get an empty `weight` buffer for ComfyUI's
+LoRA keys (see `add_lora_key` and nodes/lora.py).
 """
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -15,6 +19,26 @@ import comfy.model_management
 import comfy.ops
 
 from ..svdquant import linear, quantize
+
+# ComfyUI sizes a model and each of its modules by their state dicts (comfy.model_management.module_size),
+# and a W4A4 layer in FP8 execution keeps FP8 weights beside its 4-bit ones where it runs. While a patcher
+# sizes modules for a load (nodes/loader.py), SIZING holds the load device and the inputs' dtype, and such a
+# layer's state dict also holds an empty meta tensor (FP8_WEIGHTS_KEY) of its FP8 weights' size, so that the
+# partial-load decisions count them; a state dict taken at any other time (saving, LoRA keys) does not.
+SIZING: contextvars.ContextVar[tuple[torch.device, torch.dtype] | None] = contextvars.ContextVar(
+    "svdquant_sizing", default=None)
+FP8_WEIGHTS_KEY = "fp8_weights"
+
+
+@contextlib.contextmanager
+def sizing(device: torch.device, dtype: torch.dtype):
+    """Within the block, state dicts of W4A4 layers count the FP8 weights they keep on `device` with `dtype`
+    inputs."""
+    token = SIZING.set((device, dtype))
+    try:
+        yield
+    finally:
+        SIZING.reset(token)
 
 
 def add_lora_key(layer: torch.nn.Module) -> None:
@@ -54,6 +78,13 @@ class SVDQuantOps(comfy.ops.manual_cast):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             add_lora_key(self)
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            sized_for = SIZING.get()
+            fp8_bytes = 0 if sized_for is None else self.fp8_weights_bytes(*sized_for)
+            if fp8_bytes:
+                destination[prefix + FP8_WEIGHTS_KEY] = torch.empty(fp8_bytes, dtype=torch.uint8, device="meta")
 
     class W4A16Linear(linear.W4A16Linear, comfy.ops.CastWeightBiasOp):
         def __init__(self, *args, **kwargs):

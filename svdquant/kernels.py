@@ -242,6 +242,16 @@ def w4a4_kernels_on(device: torch.device) -> str | None:
     return name if _family_on(W4A4_KERNELS[name][0], device)[0] is not None else None
 
 
+def fp8_execution_runs(device: torch.device, dtype: torch.dtype, out_features: int) -> bool:
+    """Whether a W4A4 layer in FP8 execution with out_features outputs and its tensors on `device` runs on FP8
+    tensor cores for `dtype` inputs, keeping FP8 weights there (W4A4Kernel's routing, told before any call so
+    that a model's memory manager can count them); elsewhere it runs as stored. Loads the fp8 kernels."""
+    if device.type != "cuda" or _forced_choice()[0] == "reference":
+        return False
+    module, _ = _family_on("fp8", device)
+    return module is not None and not module.layer_unsupported_reason(dtype, out_features)
+
+
 class W4A4Kernel:
     """One W4A4 layer's op on its tensors (docs/DESIGN.md#w4a4): `kernel(x)` is y [M, N] for x [M, K],
     computed by the kernel family the registry above picks for x's GPU, or by the PyTorch reference

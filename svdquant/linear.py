@@ -25,6 +25,7 @@ from torch import nn
 
 from . import format as fmt
 from . import kernels, numerics
+from .families import fp8
 
 GROUP_SIZE = numerics.GROUP_SIZE
 DENSE, W4A4, W4A16 = "dense", "w4a4", "w4a16"
@@ -243,6 +244,14 @@ class SVDQLinear(_QuantizedLinearBase):
     @property
     def rank(self) -> int:
         return self.lora_down.shape[1]
+
+    def fp8_weights_bytes(self, device: torch.device, dtype: torch.dtype) -> int:
+        """The memory this layer's FP8 weights take where it runs on `device` with `dtype` inputs: 0 in 4-bit
+        execution and where FP8 execution does not run (kernels.fp8_execution_runs)."""
+        if not (self.fp8_execution and kernels.fp8_execution_runs(device, dtype, self.out_features)):
+            return 0
+        return fp8.weights_bytes(self.in_features, self.out_features,
+                                 self.bias is not None or self.shift is not None)
 
     def _after_load(self) -> None:
         # per-group signed/unsigned mode follows the shift; computed once, on the CPU

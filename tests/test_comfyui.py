@@ -125,6 +125,48 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     assert facts["gelu_modules"] == [f"single_blocks.{i}.mlp_act" for i in range(cfg.depth_single_blocks)]
 
 
+def test_comfyui_counts_the_fp8_weights_of_layers_in_fp8_execution(tmp_path):
+    """ComfyUI's memory management counts the FP8 weights each W4A4 layer in FP8 execution keeps where it
+    runs (here the CPU stands in for such a GPU): the model's size, and each module's in a partial load, so
+    that under a budget that fits the 4-bit model but not the FP8 weights, layers stay in offload memory
+    (and compute the same) and what is loaded, FP8 weights included, fits. 4-bit execution, layers where
+    FP8 execution does not run and the saved checkpoint are as without it."""
+    path = tmp_path / "tiny-dev.safetensors"
+    model = quantized_model(True)
+    fmt.save_model(path, model)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=7, height=24, width=20)
+    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
+              "guidance": torch.tensor([3.5]).bfloat16()}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+
+    run_comfy_side("fp8_sizing", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
+    outputs = load_file(str(tmp_path / "out.safetensors"))
+    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+
+    w4a4 = {name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind == flux.arch.W4A4}
+    fp8_bytes = facts["fp8_bytes"]
+    assert set(fp8_bytes) == w4a4
+    # each layer's FP8 weights: 1 byte per weight, a float32 scale and a bfloat16 bias per output channel
+    assert fp8_bytes["double_blocks.0.img_attn.qkv"] == 3 * cfg.hidden_size * (cfg.hidden_size + 4 + 2)
+    size = facts["model_size"]
+    assert size["4bit"] == facts["size_where_fp8_does_not_run"]
+    assert size["fp8"] == size["4bit"] + sum(fp8_bytes.values()) == facts["clone_size"]
+    # the layers are asked where they run: on the load device, with the dtype ComfyUI then gives them
+    assert facts["asked"] == [["cpu", facts["input_dtype"]]]
+    # the budget fits the 4-bit model whole; in FP8 execution W4A4 layers stay in offload memory and
+    # what is loaded, with the FP8 weights of the loaded layers, fits it
+    partial = facts["partial"]
+    assert partial["4bit"]["lowvram"] is False and partial["4bit"]["offloaded"] == []
+    assert partial["fp8"]["lowvram"] is True and set(partial["fp8"]["offloaded"]) & w4a4
+    assert set(partial["fp8"]["offloaded"]) & w4a4 != w4a4
+    assert partial["fp8"]["loaded_size"] == partial["fp8"]["loaded_modules_size"] <= facts["budget"]
+    assert torch.equal(outputs["partial"], outputs["full"])
+    # a saved checkpoint holds the file's tensors only
+    assert facts["saved"]["fp8"] == facts["saved"]["4bit"]
+    assert not [key for key in facts["saved"]["fp8"] if "fp8" in key]
+
+
 # ---------------------------------------------------------------------------------------------
 # LoRAs at the tiny model's widths, written in several formats
 

@@ -73,6 +73,21 @@ def test_fp8_execution_is_a_layer_mode_the_file_options_set():
     assert torch.equal(layer(x), y)
 
 
+@pytest.mark.parametrize("bias, unsigned", [(False, False), (True, False), (False, True)])
+def test_fp8_weights_bytes_are_what_the_fp8_weights_take(bias, unsigned):
+    # what a memory manager is told before the first call: the bytes of the tensors fp8.weights keeps
+    # (a bias for a layer with a bias or an input shift), 0 where FP8 execution does not run
+    layer = w4a4_layer(48, 192, 16, torch.bfloat16, gen(7 + bias + 2 * unsigned, "cpu"), unsigned, bias=bias)
+    kept = sum(t.nbytes for t in fp8.weights(layer.w4a4_kernel()) if t is not None)
+    assert fp8.weights_bytes(192, 48, bias or unsigned) == kept
+    layer.fp8_execution = True
+    assert not kernels.fp8_execution_runs(torch.device("cpu"), torch.bfloat16, 48)
+    assert layer.fp8_weights_bytes(torch.device("cpu"), torch.bfloat16) == 0
+    assert fp8.layer_unsupported_reason(torch.bfloat16, 48) == ""
+    assert fp8.layer_unsupported_reason(torch.float16, 48).startswith("torch.float16")
+    assert fp8.layer_unsupported_reason(torch.bfloat16, 40) == "out_features 40 is not a multiple of 16"
+
+
 # ---- the GPU ------------------------------------------------------------------------------------------
 
 @needs_sm90
@@ -121,6 +136,20 @@ def test_fp8_layer_keeps_lora_columns_as_a_16_bit_branch():
     ref = (numerics.fp8_linear_reference(x, codes, scales, bias).float()
            + numerics.lowrank_reference(x, layer.lora_down[:, 16:], layer.lora_up[:, 16:]))
     assert rel(y, ref) <= 5e-3, rel(y, ref)
+
+
+@needs_sm90
+def test_fp8_weights_bytes_on_the_gpu_are_what_the_layer_keeps():
+    generator = gen(31)
+    layer = w4a4_layer(384, 512, 32, torch.bfloat16, generator, unsigned=True)
+    device = layer.qweight.device
+    assert layer.fp8_weights_bytes(device, torch.bfloat16) == 0  # 4-bit execution
+    layer.fp8_execution = True
+    expected = layer.fp8_weights_bytes(device, torch.bfloat16)
+    assert expected == fp8.weights_bytes(512, 384, True)
+    assert layer.fp8_weights_bytes(device, torch.float16) == 0
+    layer(activations(8, 512, torch.bfloat16, generator, layer.unsigned_groups))
+    assert sum(t.nbytes for t in fp8.weights(layer.w4a4_kernel()) if t is not None) == expected
 
 
 @needs_sm90

@@ -38,15 +38,27 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales
 
 
+def layer_unsupported_reason(dtype: torch.dtype, out_features: int) -> str:
+    """Why FP8 execution cannot run a layer with out_features outputs on dtype inputs ('' when it can)."""
+    if dtype != torch.bfloat16:
+        return f"{dtype} activations (cuBLAS's FP8 GEMM with per-token scales writes bfloat16 only)"
+    if out_features % 16:
+        return f"out_features {out_features} is not a multiple of 16"
+    return ""
+
+
 def unsupported_reason(x: torch.Tensor, kernel: kernels.W4A4Kernel) -> str:
     """Why FP8 execution cannot run this call ('' when it can)."""
-    if x.dtype != torch.bfloat16:
-        return f"{x.dtype} activations (cuBLAS's FP8 GEMM with per-token scales writes bfloat16 only)"
-    if kernel.out_features % 16:
-        return f"out_features {kernel.out_features} is not a multiple of 16"
-    if kernel.qweight.device != x.device:
-        return f"weights on {kernel.qweight.device}, input on {x.device}"
-    return ""
+    reason = layer_unsupported_reason(x.dtype, kernel.out_features)
+    if not reason and kernel.qweight.device != x.device:
+        reason = f"weights on {kernel.qweight.device}, input on {x.device}"
+    return reason
+
+
+def weights_bytes(in_features: int, out_features: int, bias: bool) -> int:
+    """The memory `weights` keeps for a layer: e4m3 codes [N, K], float32 scales [N] and, for a layer with a
+    bias or an input shift (bias: True), the bias in bfloat16 [N]."""
+    return out_features * (in_features + 4 + (2 if bias else 0))
 
 
 def weights(kernel: kernels.W4A4Kernel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -17,6 +17,12 @@ the ComfyUI checkout as working directory). Commands:
                                  partial unloads, detaches), and the same ComfyUI model with the
                                  LoRAs set by the engine (svdquant.lora); write the outputs of
                                  each step and facts about the layers to OUT
+  fp8_sizing PACK MODEL INPUTS OUT
+                                 MODEL loaded in 4-bit and in FP8 execution with the CPU standing in
+                                 for a GPU where FP8 execution runs: ComfyUI's model size, a partial
+                                 load under a budget that fits the 4-bit model but not the FP8
+                                 weights (which layers stay offloaded, the loaded size, the output),
+                                 the saved state dict; and the size where FP8 execution does not run
   t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
                                  encoder operations, from bf16 and from scaled fp8 weights, beside
                                  the dense model and the dense model with the dequantized weights
@@ -287,6 +293,74 @@ def lora(pack: str, model_file: str, inputs_file: str, lora_dir: str, out: str) 
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
+def fp8_sizing(pack: str, model_file: str, inputs_file: str, out: str) -> None:
+    from unittest import mock
+
+    import comfy.model_management
+
+    import_pack(pack)
+    from svdquant_pack.nodes import loader
+    from svdquant_pack.svdquant import kernels, linear
+    from svdquant_pack.svdquant.families import fp8
+
+    cpu = torch.device("cpu")
+    inputs = load_file(inputs_file)
+    facts, outputs, asked = {}, {}, set()
+    # on this CPU no layer runs FP8: FP8 execution is sized as stored
+    facts["size_where_fp8_does_not_run"] = loader.load_svdquant_flux(model_file, torch.bfloat16,
+                                                                     fp8_execution=True).model_size()
+
+    def fp8_runs_here(device, dtype, out_features):  # the CPU standing in for an H100, bfloat16 or not
+        asked.add((device.type, str(dtype)))
+        return True
+
+    with mock.patch.object(kernels, "fp8_execution_runs", fp8_runs_here):
+        patchers = {mode: loader.load_svdquant_flux(model_file, torch.bfloat16, fp8_execution=mode == "fp8")
+                    for mode in ("4bit", "fp8")}
+        facts["asked"] = sorted(asked)
+        diffusion_model = patchers["fp8"].model.diffusion_model
+        # what each W4A4 layer's FP8 weights take: the tensors the fp8 family keeps (computed here on the CPU)
+        facts["fp8_bytes"] = {name: sum(t.nbytes for t in fp8.weights(m.w4a4_kernel()) if t is not None)
+                              for name, m in diffusion_model.named_modules() if isinstance(m, linear.SVDQLinear)}
+        facts["model_size"] = {mode: patcher.model_size() for mode, patcher in patchers.items()}
+        facts["clone_size"] = patchers["fp8"].clone().model_size()
+        outputs["full"] = forward(diffusion_model, inputs)
+        # the dtype a layer's inputs have when ComfyUI runs the model (a sampler's call)
+        layer = diffusion_model.double_blocks[0].img_attn.qkv
+        hook = layer.register_forward_pre_hook(lambda m, args: facts.update(input_dtype=str(args[0].dtype)))
+        with torch.no_grad():
+            patchers["fp8"].model.apply_model(inputs["x"], inputs["timestep"], c_crossattn=inputs["context"],
+                                              y=inputs["y"], guidance=inputs["guidance"])
+        hook.remove()
+
+        budget = facts["model_size"]["4bit"] + sum(facts["fp8_bytes"].values()) // 2
+        facts["budget"], facts["partial"] = budget, {}
+        for mode, patcher in patchers.items():
+            patcher.patch_model(device_to=cpu, lowvram_model_memory=budget)
+            model = patcher.model.diffusion_model
+            # the modules ComfyUI sizes for a partial load (those with weights of their own, or castable)
+            sized = {name: m for name, m in model.named_modules()
+                     if (hasattr(m, "comfy_cast_weights") or list(m.parameters(recurse=False)))
+                     and len(list(m.parameters())) == len(list(m.parameters(recurse=False)))}
+            # the layers ComfyUI's low-VRAM mode left in offload memory (it marks them so)
+            offloaded = sorted(name for name, m in sized.items() if hasattr(m, "prev_comfy_cast_weights"))
+            fp8_bytes = facts["fp8_bytes"] if mode == "fp8" else {}
+            loaded = sum(comfy.model_management.module_size(m) + fp8_bytes.get(name, 0)
+                         for name, m in sized.items() if name not in offloaded)
+            facts["partial"][mode] = {"lowvram": patcher.model.model_lowvram, "offloaded": offloaded,
+                                      "loaded_size": patcher.loaded_size(), "loaded_modules_size": loaded}
+            if mode == "fp8":
+                outputs["partial"] = forward(model, inputs)
+            patcher.unpatch_model(cpu)
+
+    def saved(patcher):  # what ComfyUI's checkpoint saving writes for the diffusion model
+        owner = patcher if hasattr(patcher, "state_dict_for_saving") else patcher.model
+        return {key: int(t.nbytes) for key, t in owner.state_dict_for_saving().items()}
+
+    facts["saved"] = {mode: saved(patcher) for mode, patcher in patchers.items()}
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
+
+
 def t5(pack: str, out: str) -> None:
     import comfy.ops
     import comfy.text_encoders.t5
@@ -349,4 +423,4 @@ def t5(pack: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"taesd": taesd, "load": load, "lora": lora, "t5": t5}[sys.argv[1]](*sys.argv[2:])
+    {"taesd": taesd, "load": load, "lora": lora, "fp8_sizing": fp8_sizing, "t5": t5}[sys.argv[1]](*sys.argv[2:])
