@@ -293,6 +293,12 @@ class SVDQLinear(_QuantizedLinearBase):
         self._kernel = None
         return super()._apply(fn, recurse)
 
+    def register_buffer(self, name, tensor, persistent=True):
+        # the same for a tensor swapped in without a move (ComfyUI's DynamicVRAM loads and unloads a model's
+        # buffers so): unloading frees the kept kernel's tensors, FP8 weights included
+        self._kernel = None
+        super().register_buffer(name, tensor, persistent)
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SVDQLinear":
         n, half_k = tensors["qweight"].shape

@@ -129,6 +129,9 @@ def test_layer_keeps_its_kernel_until_a_tensor_or_mode_changes():
     assert layer._kernel is None
     moved = layer.w4a4_kernel()
     assert moved is not kept and moved.wscales is layer.wscales and moved.wscales.dtype == torch.float32
+    # and so does a tensor swapped in without a move (ComfyUI's DynamicVRAM loading and unloading)
+    layer.register_buffer("qweight", layer.qweight.clone())
+    assert layer._kernel is None and layer.w4a4_kernel().qweight is layer.qweight
     # a transient kernel on copies, for a layer whose tensors are on another device than x
     transient = layer.w4a4_kernel(torch.device("cpu"))
     assert transient is not layer.w4a4_kernel() and torch.equal(transient(x.float()), layer(x.float()))
