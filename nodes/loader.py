@@ -182,7 +182,7 @@ class SVDQuantFluxLoader(io.ComfyNode):
                                tooltip="'FP8 (H100/H200)': the 4-bit layers run on FP8 tensor cores, each layer's "
                                        "weights and low-rank branch merged into 8-bit weights at its first call: "
                                        "faster than the exact 4-bit kernels (nunchaku files) and closer to the "
-                                       "16-bit model, for 1 more byte per weight of GPU memory (FLUX.1: +11 GiB), "
+                                       "16-bit model, for 1 more byte per weight of GPU memory (FLUX.1: +8 GiB), "
                                        "which ComfyUI counts when it decides what fits on the GPU. Other GPUs, "
                                        "float16 and the CPU run the 4-bit layers."),
             ],
