@@ -34,16 +34,22 @@
 // Divisions use a correctly rounded reciprocal and one Markstein correction step
 // (q = n*r; q += (n - q*d)*r), which returns the correctly rounded quotient whenever the quotient
 // is a normal number (the sm90 family's kernel 1 documents the checks); quotients outside
-// [2^-100, 2^100] take __fdiv_rn.
+// [2^-100, 2^100] take __fdiv_rn, and so does need = amax / qmax where amax is outside that range.
+// Codes are rounded by adding 1.5 * 2^23 to the clamped value (half to even, as rintf), whose low
+// byte is then the code as a two's-complement byte.
 //
 // Work split: a CTA of 128 threads (4 warps) owns 16 tokens and walks all of K one 64-group at a
 // time; each group's x tile [16][64] (2 KB), lora_t tile [rank][64], 1/smooth, smooth and shift come
 // in through a kStages-deep cp.async ring (16-byte chunks, chunk c of row r stored at chunk
-// c ^ (r % 8), so that ldmatrix reads are conflict-free): no global load waits inside the loop.
+// c ^ (r % 8), so that ldmatrix reads are conflict-free): no global load waits inside the loops.
 // Quantization: thread t owns the octet of columns 8 (t % 8) .. +7 of token t / 8 (the chunk it
-// copied itself); the 8 threads of a token take the group's amax by three shuffles. Pow2 mode
-// keeps each token's largest need over the groups in a register, then pass 2 reads x again (from
-// L2: a CTA's 16 rows were just read) and writes the codes and scales.
+// copied itself); the 8 threads of a token take a group's amax by three shuffles. Pow2 mode runs
+// two passes over x through the same ring, without a gap between them (the ring's positions
+// 0 .. G-1 are pass 1's groups, G .. 2G-1 pass 2's): pass 1 keeps each thread's largest |v| of
+// signed and of unsigned groups in two registers, which give the token's largest need at its end
+// (a correctly rounded division is monotonic, so max_g amax_g / q = (max_g amax_g) / q for each q);
+// pass 2 stages x, 1/smooth and the shift again, in reverse group order (the groups pass 1 read
+// last are the likeliest still in L2), and writes the codes and scales.
 // Rotation: the Hadamard one by sums and differences; any other (the *_coefficients entry points)
 // reads its coefficients (3 KiB per pass) from device memory (L1-resident), so that shared memory
 // and occupancy are those of the unrotated kernel.
@@ -75,10 +81,12 @@ constexpr int kTokens = 16;
 constexpr int kThreads = 128;
 constexpr int kStages = 6;
 // Stage layout (bytes): x [16][128] | lora_t [32 ranks][128] | 1/smooth [64] fp32 | smooth [64] fp32 | shift
+// (pow2 pass 2 stages x, 1/smooth and the shift only, at the same offsets)
 constexpr int kOffLora = kTokens * 128;
 constexpr int kOffParams = kOffLora + 32 * 128;
 constexpr int kStageBytes = kOffParams + 512 + 128;
 constexpr int kPow2MaxExp = 3;  // numerics.POW2_ACT_MAX_EXP
+constexpr float kRoundingBias = 0x1.8p23f;  // v + 1.5 * 2^23 rounds v (|v| < 2^22) to an integer, half to even
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [16][128-byte] x tile (see the file comment).
 __device__ __forceinline__ int tile_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
@@ -93,6 +101,14 @@ __device__ __forceinline__ float div_fast(float n, float d, float inv) {
 // IEEE division for the rare cases div_fast does not cover; out of line so that the fast path
 // stays small.
 __device__ __noinline__ float div_exact(float n, float d) { return n == 0.f ? 0.f : __fdiv_rn(n, d); }
+
+// need = amax / qmax (amax >= 0, not NaN), correctly rounded: the quotient of an amax in
+// [2^-100, 2^100] by 7 or 15 is normal.
+__device__ __forceinline__ float group_need(float amax, bool uns) {
+  const float qmax = uns ? 15.f : 7.f;
+  return amax >= 0x1p-100f && amax <= 0x1p100f ? div_fast(amax, qmax, uns ? 1.f / 15.f : 1.f / 7.f)
+                                               : div_exact(amax, qmax);
+}
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
   const float4 a = *reinterpret_cast<const float4*>(p);
@@ -109,15 +125,15 @@ __device__ __forceinline__ float octet_max(float x) {
 
 __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) << 23); }  // 2^e, |e| < 127
 
-// v of an octet (columns col .. col + 7 of x's row, raw: its 16 bytes; t8: the octet in its group):
-// exact mode v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2
-// mode v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0; signed ones are
-// rotated where passes > 0 (rotate_octet<kCoefficients>, coef: its coefficients). Returns max |v|.
-// Every lane of the warp calls it together (the rotation's shuffles).
+// v of an octet (its 16 bytes of x; 1/smooth and smooth of its 8 columns): exact mode
+// v = (x + shift) / smooth, dividing exactly where a quotient is zero, tiny or huge; pow2 mode
+// v = (x + shift) * (1 / smooth). Unsigned groups (shift > 0) clamp v at 0; signed ones are rotated
+// where passes > 0 (rotate_octet<kCoefficients>, coef: its coefficients; t8: the octet in its group).
+// Returns max |v| (0 if every v is NaN). Every lane of the warp calls it together (the rotation's
+// shuffles).
 template <typename T, bool kPow2, bool kCoefficients>
-__device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, int col,
-                                              float shift, int passes, const float4* coef, int t8,
-                                              float (&v)[8]) {
+__device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, float shift,
+                                              int passes, const float4* coef, int t8, float (&v)[8]) {
   float n[8], inv[8];
   Half<T>::unpack2(raw.x, n[0], n[1]);
   Half<T>::unpack2(raw.y, n[2], n[3]);
@@ -127,14 +143,13 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], shift);
   }
-  load8(inv, inv_smooth + col);
-  float hi = 0.f;
+  load8(inv, inv_smooth);
   if constexpr (kPow2) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(n[e], inv[e]);
   } else {
-    float sm[8], lo = __int_as_float(0x7F800000);
-    load8(sm, smooth + col);
+    float sm[8], lo = __int_as_float(0x7F800000), hi = 0.f;
+    load8(sm, smooth);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       v[e] = div_fast(n[e], sm[e], inv[e]);
@@ -146,7 +161,6 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = div_exact(n[e], sm[e]);
     }
-    hi = 0.f;
   }
   if (shift > 0.f) {
 #pragma unroll
@@ -154,52 +168,62 @@ __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, co
   } else if (passes > 0) {  // warp-uniform: a warp covers one group
     rotate_octet<kCoefficients>(v, coef, passes, t8);
   }
-#pragma unroll
-  for (int e = 0; e < 8; ++e) hi = fmaxf(hi, fabsf(v[e]));
-  return hi;
+  // a tree, not a chain: fmaxf drops NaN operands either way
+  const float m01 = fmaxf(fabsf(v[0]), fabsf(v[1])), m23 = fmaxf(fabsf(v[2]), fabsf(v[3]));
+  const float m45 = fmaxf(fabsf(v[4]), fabsf(v[5])), m67 = fmaxf(fabsf(v[6]), fabsf(v[7]));
+  return fmaxf(fmaxf(fmaxf(m01, m23), fmaxf(m45, m67)), 0.f);
 }
 
-// Eight codes (already integers in float) clamped to the group's range, packed as numerics.pack_int4.
+// c clamped to the group's code range [qlo, qhi] and rounded to an integer k, half to even (as
+// rintf; rounding and clamping to integer bounds commute, NaN clamps to qlo): a float whose low byte
+// is k as a two's-complement byte.
+__device__ __forceinline__ uint32_t code_bits(float c, float qlo, float qhi) {
+  return __float_as_uint(__fadd_rn(fminf(fmaxf(c, qlo), qhi), kRoundingBias));
+}
+
+// The low bytes of the even (e = 0) or odd (e = 1) elements of b: b[e], b[e + 2], b[e + 4], b[e + 6].
+__device__ __forceinline__ uint32_t gather_bytes(const uint32_t (&b)[8], int e) {
+  return __byte_perm(__byte_perm(b[e], b[e + 2], 0x0040), __byte_perm(b[e + 4], b[e + 6], 0x0040), 0x5410);
+}
+
+// Eight values' codes (code_bits) packed as numerics.pack_int4.
 __device__ __forceinline__ uint32_t pack_codes(const float (&c)[8], bool uns) {
   const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
-  uint32_t w = 0;
+  uint32_t b[8];
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int code = static_cast<int>(fminf(fmaxf(c[e], qlo), qhi));
-    w |= (static_cast<uint32_t>(code) & 0xFu) << (4 * e);
-  }
-  return w;
+  for (int e = 0; e < 8; ++e) b[e] = code_bits(c[e], qlo, qhi);
+  // byte j: even element's low nibble | odd element's low nibble << 4
+  return (gather_bytes(b, 0) & 0x0F0F0F0Fu) | ((gather_bytes(b, 1) << 4) & 0xF0F0F0F0u);
 }
 
-// Exact mode: rint(v / scale) for an octet, as the reference computes it (0 for a zero scale).
-__device__ __forceinline__ void octet_codes(const float (&v)[8], float scale, float (&c)[8]) {
+// Exact mode: v / scale for an octet, as the reference computes it before rounding (0 for a zero scale).
+__device__ __forceinline__ void octet_quotients(const float (&v)[8], float scale, float (&c)[8]) {
   if (scale >= 0x1p-100f && scale <= 0x1p100f) {
     // |v| <= amax and scale ~ amax / qmax: the quotient is at most ~qmax * 2^10 (fp16 subnormal
     // scales), and one too small to be normal rounds to code 0 either way
     const float inv_scale = __frcp_rn(scale);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) c[e] = rintf(div_fast(v[e], scale, inv_scale));
+    for (int e = 0; e < 8; ++e) c[e] = div_fast(v[e], scale, inv_scale);
   } else if (scale > 0.f) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) c[e] = rintf(div_exact(v[e], scale));
+    for (int e = 0; e < 8; ++e) c[e] = div_exact(v[e], scale);
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) c[e] = 0.f;
   }
 }
 
-// Eight codes (integers in float) clamped to the group's range, as the s8 bytes code * 2^shift: the
-// even columns' bytes in lo, the odd ones' in hi (the file comment's slot order).
+// Eight values' codes (code_bits) as the s8 bytes code * 2^shift: the even columns' bytes in lo, the
+// odd ones' in hi (the file comment's slot order).
 __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift, uint32_t& lo, uint32_t& hi) {
   const float qlo = uns ? 0.f : -8.f, qhi = uns ? 15.f : 7.f;
-  lo = hi = 0;
+  uint32_t b[8];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int even = static_cast<int>(fminf(fmaxf(c[2 * j], qlo), qhi));
-    const int odd = static_cast<int>(fminf(fmaxf(c[2 * j + 1], qlo), qhi));
-    lo |= ((static_cast<uint32_t>(even) << shift) & 0xFFu) << (8 * j);
-    hi |= ((static_cast<uint32_t>(odd) << shift) & 0xFFu) << (8 * j);
-  }
+  for (int e = 0; e < 8; ++e) b[e] = code_bits(c[e], qlo, qhi);
+  // shifting the packed word moves each byte's top bits into the next byte's low `shift` bits: masked off
+  const uint32_t keep = ~(((1u << shift) - 1u) * 0x01010101u);
+  lo = (gather_bytes(b, 0) << shift) & keep;
+  hi = (gather_bytes(b, 1) << shift) & keep;
 }
 
 template <typename T, bool kPow2, bool kS8, bool kCoefficients>
@@ -209,7 +233,6 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
                                           const T* __restrict__ lora_t,
                                           uint8_t* __restrict__ codes, float* __restrict__ ascales,
                                           T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
-  using H = Half<T>;
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTokens;
@@ -219,21 +242,34 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   const bool tok_valid = tok < M;
   const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + static_cast<size_t>(tok_valid ? tok : 0) * K * 2;
   const int my_chunk = tile_offset(row, t8);
+  // pow2 mode: the ring's positions G .. 2G-1 are pass 2's groups, G-1 .. 0
+  const int positions = kPow2 ? 2 * groups : groups;
 
-  // Stage g: x tile (thread t: its own chunk), lora_t tile (threads: chunks t, t + 128 of [32][8]),
-  // 1/smooth and smooth (threads 0..15, 16..31), the group's shift (thread 32).
-  auto load_group = [&](int g) {
-    if (g < groups) {
-      uint8_t* st = ring + (g % kStages) * kStageBytes;
-      cp_async16(st + my_chunk, x_row + g * 128 + t8 * 16, tok_valid);
-      if (rank) {
+  const uint8_t* x_src = x_row + t8 * 16;  // this thread's chunk of group 0
+  // this thread's chunks of a lora_t tile: c = tid + 128 j (j = 0, 1) of [32 ranks][8], where the rank c / 8 < rank
+  const uint8_t* lora_src[2];
+  int lora_dst[2];
+  bool lora_copy[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int c = tid + kThreads * i, r = c / 8, ch = c % 8;
-          if (r < rank)
-            cp_async16(st + kOffLora + tile_offset(r, ch),
-                       reinterpret_cast<const uint8_t*>(lora_t + static_cast<size_t>(r) * K) + g * 128 + ch * 16, true);
-        }
+  for (int j = 0; j < 2; ++j) {
+    const int c = tid + kThreads * j, r = c / 8, ch = c % 8;
+    lora_copy[j] = r < rank;
+    lora_src[j] = lora_copy[j] ? reinterpret_cast<const uint8_t*>(lora_t + static_cast<size_t>(r) * K) + ch * 16 : nullptr;
+    lora_dst[j] = kOffLora + tile_offset(r, ch);
+  }
+
+  // Ring position i into stage `stage`: x tile (thread t: its own chunk), lora_t tile (pass 1),
+  // 1/smooth and smooth (threads 0..15, 16..31; smooth in exact mode only), the group's shift (thread 32).
+  auto load_position = [&](int i, int stage) {
+    if (i < positions) {
+      const bool pass1 = i < groups;
+      const int g = pass1 ? i : positions - 1 - i;
+      uint8_t* st = ring + stage * kStageBytes;
+      cp_async16(st + my_chunk, x_src + g * 128, tok_valid);
+      if (pass1) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          if (lora_copy[j]) cp_async16(st + lora_dst[j], lora_src[j] + g * 128, true);
       }
       if (tid < 16) {
         cp_async16(st + kOffParams + 16 * tid, inv_smooth + 64 * g + 4 * tid, true);
@@ -246,34 +282,44 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     cp_async_commit();
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_group(s);
+  for (int s = 0; s < kStages - 1; ++s) load_position(s, s);
+  // the stage of position i (read) and of position i + kStages - 1 (written: the stage read at i - 1)
+  int stage = 0, next_stage = kStages - 1;
+  auto advance = [&](int i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    load_position(i + kStages - 1, next_stage);
+    const uint8_t* tile = ring + stage * kStageBytes;
+    next_stage = stage;
+    stage = stage == kStages - 1 ? 0 : stage + 1;
+    return tile;
+  };
 
   const bool lora_warp = 8 * warp < rank;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  float tmax = 0.f;  // pow2 mode: this token's largest need so far
+  float amax_signed = 0.f, amax_unsigned = 0.f;  // pow2 mode: this thread's largest |v| so far
   // ldmatrix rows of the lane's B fragments: rank 8 warp + lane % 8, chunks 4 h + lane / 8 (h = 0, 1)
   const int b_off = kOffLora + tile_offset(8 * warp + lane % 8, lane / 8);
   const int b_off_hi = kOffLora + tile_offset(8 * warp + lane % 8, 4 + lane / 8);
 
   for (int g = 0; g < groups; ++g) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    load_group(g + kStages - 1);
-    const uint8_t* tile = ring + (g % kStages) * kStageBytes;
+    const uint8_t* tile = advance(g);
     const float* params = reinterpret_cast<const float*>(tile + kOffParams);
     const float shift = group_shift ? params[128] : 0.f;
     const bool uns = shift > 0.f;
     float v[8];
-    const float amax = octet_max(octet_values<T, kPow2, kCoefficients>(
-        *reinterpret_cast<const uint4*>(tile + my_chunk), params + 64, params, 8 * t8, shift, rotation_passes,
-        rotation_coef, t8, v));
-    const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
+    const float hi = octet_values<T, kPow2, kCoefficients>(*reinterpret_cast<const uint4*>(tile + my_chunk),
+                                                           params + 64 + 8 * t8, params + 8 * t8, shift,
+                                                           rotation_passes, rotation_coef, t8, v);
     if constexpr (kPow2) {
-      tmax = fmaxf(tmax, need);
+      if (uns)
+        amax_unsigned = fmaxf(amax_unsigned, hi);
+      else
+        amax_signed = fmaxf(amax_signed, hi);
     } else {
-      const float scale = round_to<T>(need);
+      const float scale = round_to<T>(group_need(octet_max(hi), uns));
       float c[8];
-      octet_codes(v, scale, c);
+      octet_quotients(v, scale, c);
       if (tok_valid) {
         *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
         if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = scale;
@@ -291,7 +337,6 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       }
     }
   }
-  cp_async_wait<0>();
 
   if (lora_warp) {  // acc: rows lane / 4 and lane / 4 + 8, ranks 8 warp + 2 (lane % 4) + {0, 1}
     const int r = 8 * warp + 2 * (lane % 4);
@@ -303,26 +348,29 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   }
 
   if constexpr (kPow2) {  // pass 2: codes and scales from the token's atok
-    const float atok = round_to<T>(tmax);
+    const float atok = round_to<T>(fmaxf(group_need(octet_max(amax_signed), false),
+                                         group_need(octet_max(amax_unsigned), true)));
     const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
-    // rows past M compute on row 0 and store nothing (the shuffles need every lane)
-#pragma unroll 4
-    for (int g = 0; g < groups; ++g) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x_row + g * 128 + t8 * 16));
-      const float shift = group_shift ? __ldg(group_shift + g) : 0.f;
+    // rows past M compute on zeros and store nothing (the shuffles need every lane)
+    for (int i = groups; i < positions; ++i) {
+      const uint8_t* tile = advance(i);
+      const int g = positions - 1 - i;
+      const float* params = reinterpret_cast<const float*>(tile + kOffParams);
+      const float shift = group_shift ? params[128] : 0.f;
       const bool uns = shift > 0.f;
       float v[8];
-      const float amax = octet_max(
-          octet_values<T, true, kCoefficients>(raw, smooth, inv_smooth, 64 * g + 8 * t8, shift, rotation_passes,
-                                               rotation_coef, t8, v));
-      const float need = __fdiv_rn(amax, uns ? 15.f : 7.f);
+      const float need = group_need(
+          octet_max(octet_values<T, true, kCoefficients>(*reinterpret_cast<const uint4*>(tile + my_chunk), nullptr,
+                                                         params + 8 * t8, shift, rotation_passes, rotation_coef, t8,
+                                                         v)),
+          uns);
       int e = 0;
 #pragma unroll
-      for (int i = 1; i <= kPow2MaxExp; ++i) e = atok * exp2i(-i) >= need ? i : e;
+      for (int j = 1; j <= kPow2MaxExp; ++j) e = atok * exp2i(-j) >= need ? j : e;
       const float mult = inv_atok * exp2i(e);
       float c[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) c[j] = rintf(__fmul_rn(v[j], mult));
+      for (int j = 0; j < 8; ++j) c[j] = __fmul_rn(v[j], mult);
       if (!tok_valid) continue;
       if constexpr (kS8) {
         uint32_t lo, hi;
@@ -337,6 +385,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     }
     if (kS8 && tok_valid && t8 == 0) ascales[tok] = atok;
   }
+  cp_async_wait<0>();
 }
 
 }  // namespace
