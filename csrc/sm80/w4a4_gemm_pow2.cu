@@ -334,9 +334,13 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
 
   if (static_cast<int>(blockIdx.x) >= dp_tiles) {  // a stream-K tile's exchange (opening comment)
     const int sk_tile = (blockIdx.x - dp_tiles) / splits;
-    __shared__ int ticket;
+    // The ticket is passed to the CTA's threads through the first stage's wexp bytes, which no
+    // low-rank stage loads into, once every warp is done with the last group stage: a static
+    // __shared__ variable instead made the data-parallel CTAs slower (bench/NOTES.md#sm80-dp-ab).
+    int& ticket = *reinterpret_cast<int*>(ring + kOffExp);
     int* counter = stream_k_counters + sk_tile;
     int* partials = sk_partials + static_cast<size_t>(sk_tile) * (splits - 1) * (kTileM * kTileN);
+    __syncthreads();
     if (tid == 0) ticket = atomic_add_gpu(counter, 1) & 0xFFFF;
     __syncthreads();
     const int my_ticket = ticket;
