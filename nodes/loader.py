@@ -183,7 +183,8 @@ class SVDQuantFluxLoader(io.ComfyNode):
                                        "weights and low-rank branch merged into 8-bit weights at its first call: "
                                        "faster than the exact 4-bit kernels (nunchaku files) and closer to the "
                                        "16-bit model, for 1 more byte per weight of GPU memory (FLUX.1: +8 GiB), "
-                                       "which ComfyUI counts when it decides what fits on the GPU. Other GPUs, "
+                                       "which ComfyUI counts when it decides what fits on the GPU; use it where the whole "
+                                       "model fits (FLUX.1: 14.3 GiB), 4-bit elsewhere. Other GPUs, "
                                        "float16 and the CPU run the 4-bit layers."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],
