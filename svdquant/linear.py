@@ -264,9 +264,13 @@ class SVDQLinear(_QuantizedLinearBase):
     def w4a4_kernel(self, device: torch.device | None = None) -> kernels.W4A4Kernel:
         """This layer's op on its tensors and modes (kernels.W4A4Kernel, with what the kernels derive
         from them), kept until a tensor is replaced (a load, a device move, LoRA columns set) or a
-        mode changes. device: a transient one on copies of the tensors made there, for one call."""
+        mode changes. device: a transient one on copies of the tensors made there, for one call (a layer
+        ComfyUI's partial load leaves in offload memory); it runs as stored even in FP8 execution, since FP8
+        weights made anew at each call take several times the layer's 4-bit bytes of transient memory that
+        the partial load did not leave (bench/NOTES.md#fp8-offloaded-layers)."""
         if device is not None:
-            return kernels.W4A4Kernel(*(_copied(t, device) for t in self._kernel_tensors()), **self._kernel_modes())
+            modes = {**self._kernel_modes(), "fp8_execution": False}
+            return kernels.W4A4Kernel(*(_copied(t, device) for t in self._kernel_tensors()), **modes)
         kernel = self._kernel
         if kernel is None or not self._is_op_of(kernel):
             kernel = self._kernel = kernels.W4A4Kernel(*self._kernel_tensors(), **self._kernel_modes())

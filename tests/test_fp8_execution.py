@@ -71,6 +71,8 @@ def test_fp8_execution_is_a_layer_mode_the_file_options_set():
     y = layer(x)
     layer.fp8_execution = True
     assert torch.equal(layer(x), y)
+    # a transient kernel (the layer's tensors copied to another device for one call) runs as stored
+    assert layer.w4a4_kernel().fp8_execution and not layer.w4a4_kernel(torch.device("cpu")).fp8_execution
 
 
 @pytest.mark.parametrize("bias, unsigned", [(False, False), (True, False), (False, True)])
@@ -161,3 +163,23 @@ def test_fp8_execution_falls_back_to_the_4_bit_kernels_for_fp16():
     layer.fp8_execution = True
     assert fp8.unsupported_reason(x, layer.w4a4_kernel()).startswith("torch.float16")
     assert torch.equal(layer(x), y)
+
+
+@needs_sm90
+def test_fp8_layer_left_in_offload_memory_runs_as_stored():
+    # ComfyUI's partial load leaves some layers in system memory and copies their tensors in for each call:
+    # such a call runs the 4-bit kernels on the copies, with no FP8 weights made for it (their conversion's
+    # float32 temporaries are several times the layer's 4-bit bytes, a budget the partial load does not leave)
+    generator = gen(37)
+    layer = w4a4_layer(3072, 3072, 32, torch.bfloat16, generator, unsigned=True)
+    x = activations(64, 3072, torch.bfloat16, generator, layer.unsigned_groups)
+    as_stored = layer(x)
+    layer.fp8_execution = True
+    offloaded = layer.to("cpu")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = offloaded(x)
+    torch.cuda.synchronize()
+    assert torch.equal(y, as_stored)
+    assert torch.cuda.max_memory_allocated() - before < fp8.weights_bytes(3072, 3072, True)
