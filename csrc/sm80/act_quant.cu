@@ -38,23 +38,28 @@
 // Codes are rounded by adding 1.5 * 2^23 to the clamped value (half to even, as rintf), whose low
 // byte is then the code as a two's-complement byte.
 //
-// Work split: a CTA of 128 threads (4 warps) owns 16 tokens and walks all of K one 64-group at a
-// time; each group's x tile [16][64] (2 KB), lora_t tile [rank][64], 1/smooth, smooth and shift come
-// in through a kStages-deep cp.async ring (16-byte chunks, chunk c of row r stored at chunk
-// c ^ (r % 8), so that ldmatrix reads are conflict-free): no global load waits inside the loops.
-// Quantization: thread t owns the octet of columns 8 (t % 8) .. +7 of token t / 8 (the chunk it
-// copied itself); the 8 threads of a token take a group's amax by three shuffles. Pow2 mode runs
-// two passes over x through the same ring, without a gap between them (the ring's positions
-// 0 .. G-1 are pass 1's groups, G .. 2G-1 pass 2's): pass 1 keeps each thread's largest |v| of
-// signed and of unsigned groups in two registers, which give the token's largest need at its end
-// (a correctly rounded division is monotonic, so max_g amax_g / q = (max_g amax_g) / q for each q);
-// pass 2 stages x, 1/smooth and the shift again, in reverse group order (the groups pass 1 read
-// last are the likeliest still in L2), and writes the codes and scales.
+// Work split: a CTA of 256 threads (8 warps, two halves of 4) owns 16 tokens and walks all of K two
+// 64-groups at a time, half h quantizing the pair's group h; each group's x tile
+// [16][64] (2 KB), lora_t tile [rank][64], 1/smooth, smooth and shift come in through a kStages-deep
+// cp.async ring (one group per stage, loaded by the half that quantizes it; 16-byte chunks, chunk c of
+// row r stored at chunk c ^ (r % 8), so that ldmatrix reads are conflict-free): no global load waits
+// inside the loops. Two groups per step halve the dependent instruction chain a 16-token block waits
+// on (bench/NOTES.md#sm80-k1-pass2-ring).
+// Quantization: thread t of a half owns the octet of columns 8 (t % 8) .. +7 of token t / 8 (the
+// chunk it copied itself); the 8 threads of a token take a group's amax by three shuffles. Pow2 mode
+// runs two passes over x through the same ring, without a gap between them (the ring's positions
+// 0 .. G-1 are pass 1's groups, pass 2's follow from the next even position): pass 1 keeps each
+// thread's largest |v| of signed and of unsigned groups in two registers, which the two halves
+// exchange once through shared memory and which give the token's largest need (a correctly rounded
+// division is monotonic, so max_g amax_g / q = (max_g amax_g) / q for each q); pass 2 stages x,
+// 1/smooth and the shift again, in reverse group order (the groups pass 1 read last are the likeliest
+// still in L2), and writes the codes and scales.
 // Rotation: the Hadamard one by sums and differences; any other (the *_coefficients entry points)
 // reads its coefficients (3 KiB per pass) from device memory (L1-resident), so that shared memory
 // and occupancy are those of the unrotated kernel.
-// Low-rank, from the unrotated x tile: warp w owns ranks 8 w .. 8 w + 7 (rank <= 32; the host
-// computes larger ranks with one cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with
+// Low-rank, from the unrotated x tile: ranks 8 c .. 8 c + 7 on one warp (c = 0, 1, 2, 3 on warps 0,
+// 4, 1, 5), both groups of each pair in K order (rank <= 32; the host computes larger ranks with one
+// cuBLAS GEMM and runs this kernel with rank 0), mma.m16n8k16 with
 // A = the x tile (ldmatrix.x4 from the ring) and B = lora_down in the layout lora_t [rank, K]
 // (lora_down transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also
 // by ldmatrix from the ring (L2-resident: every CTA reads all of it).
@@ -69,7 +74,7 @@
 //   coefficients in kernels.rotation_coefficients' layout, 16-byte aligned; the others rotate by the
 //   Hadamard rotation and take null), const T* lora_t [rank, K] or null,
 //   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
-//   grid (ceil(M / 16)), block 128, no dynamic shared memory.
+//   grid (ceil(M / 16)), block 256, no dynamic shared memory.
 //   Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
 //   ascales [1, m_al].
 #include "sm80.cuh"
@@ -78,8 +83,13 @@ namespace svdq::sm80 {
 namespace {
 
 constexpr int kTokens = 16;
-constexpr int kThreads = 128;
-constexpr int kStages = 6;
+constexpr int kHalfThreads = 128;  // a thread per octet of the CTA's 16 tokens x 64 columns
+constexpr int kThreads = 2 * kHalfThreads;
+constexpr int kStages = 6;  // even: a step reads a pair of positions
+constexpr int kAhead = kStages - 2;  // positions in flight beyond the pair a step reads
+// three CTAs per SM (M = 4608 on the H100's 132 SMs is 288 CTAs): 80 registers at most, where ptxas's own
+// choice for 256 threads spilled sm_90's coefficient path
+constexpr int kMinBlocks = 3;
 // Stage layout (bytes): x [16][128] | lora_t [32 ranks][128] | 1/smooth [64] fp32 | smooth [64] fp32 | shift
 // (pow2 pass 2 stages x, 1/smooth and the shift only, at the same offsets)
 constexpr int kOffLora = kTokens * 128;
@@ -234,36 +244,41 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
                                           uint8_t* __restrict__ codes, float* __restrict__ ascales,
                                           T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
+  __shared__ float2 half_amax[2][kHalfThreads];  // pow2: each thread's largest |v| (signed, unsigned groups) of pass 1
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int half = tid / kHalfThreads, t = tid % kHalfThreads;
   const int tok0 = blockIdx.x * kTokens;
   const int groups = K / 64;
-  const int row = tid / 8, t8 = tid % 8;  // this thread's octet: token row, columns 8 t8 .. +7 of a group
+  const int row = t / 8, t8 = t % 8;  // this thread's octet: token row, columns 8 t8 .. +7 of a group
   const int tok = tok0 + row;
   const bool tok_valid = tok < M;
   const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + static_cast<size_t>(tok_valid ? tok : 0) * K * 2;
   const int my_chunk = tile_offset(row, t8);
-  // pow2 mode: the ring's positions G .. 2G-1 are pass 2's groups, G-1 .. 0
-  const int positions = kPow2 ? 2 * groups : groups;
+  // Ring positions: 0 .. G-1 pass 1's groups; pow2 mode: pass 2 from the even position pass2_start on (a
+  // position between them, where G is odd, holds nothing), its groups in reverse order
+  const int pass2_start = kPow2 ? (groups + 1) / 2 * 2 : groups;
+  const int positions = kPow2 ? pass2_start + groups : groups;
 
   const uint8_t* x_src = x_row + t8 * 16;  // this thread's chunk of group 0
-  // this thread's chunks of a lora_t tile: c = tid + 128 j (j = 0, 1) of [32 ranks][8], where the rank c / 8 < rank
+  // this thread's chunks of a lora_t tile: c = t + 128 j (j = 0, 1) of [32 ranks][8], where the rank c / 8 < rank
   const uint8_t* lora_src[2];
   int lora_dst[2];
   bool lora_copy[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const int c = tid + kThreads * j, r = c / 8, ch = c % 8;
+    const int c = t + kHalfThreads * j, r = c / 8, ch = c % 8;
     lora_copy[j] = r < rank;
     lora_src[j] = lora_copy[j] ? reinterpret_cast<const uint8_t*>(lora_t + static_cast<size_t>(r) * K) + ch * 16 : nullptr;
     lora_dst[j] = kOffLora + tile_offset(r, ch);
   }
 
-  // Ring position i into stage `stage`: x tile (thread t: its own chunk), lora_t tile (pass 1),
-  // 1/smooth and smooth (threads 0..15, 16..31; smooth in exact mode only), the group's shift (thread 32).
-  auto load_position = [&](int i, int stage) {
-    if (i < positions) {
-      const bool pass1 = i < groups;
-      const int g = pass1 ? i : positions - 1 - i;
+  // Ring position q into stage `stage`, by the half that quantizes it: x tile (thread t: its own chunk),
+  // lora_t tile (pass 1), 1/smooth and smooth (threads t 0..15, 16..31; smooth in exact mode only), the
+  // group's shift (thread t 32).
+  auto load_position = [&](int q, int stage) {
+    if (q < groups || (q >= pass2_start && q < positions)) {
+      const bool pass1 = q < groups;
+      const int g = pass1 ? q : positions - 1 - q;
       uint8_t* st = ring + stage * kStageBytes;
       cp_async16(st + my_chunk, x_src + g * 128, tok_valid);
       if (pass1) {
@@ -271,75 +286,85 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
         for (int j = 0; j < 2; ++j)
           if (lora_copy[j]) cp_async16(st + lora_dst[j], lora_src[j] + g * 128, true);
       }
-      if (tid < 16) {
-        cp_async16(st + kOffParams + 16 * tid, inv_smooth + 64 * g + 4 * tid, true);
-      } else if (tid < 32) {
-        if (!kPow2) cp_async16(st + kOffParams + 256 + 16 * (tid - 16), smooth + 64 * g + 4 * (tid - 16), true);
-      } else if (tid == 32 && group_shift) {
+      if (t < 16) {
+        cp_async16(st + kOffParams + 16 * t, inv_smooth + 64 * g + 4 * t, true);
+      } else if (t < 32) {
+        if (!kPow2) cp_async16(st + kOffParams + 256 + 16 * (t - 16), smooth + 64 * g + 4 * (t - 16), true);
+      } else if (t == 32 && group_shift) {
         cp_async4(st + kOffParams + 512, group_shift + g);
       }
     }
     cp_async_commit();
   };
+  // a pair of positions p, p + 1 (p even) per step, half h quantizing p + h; position q in stage q % kStages
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_position(s, s);
-  // the stage of position i (read) and of position i + kStages - 1 (written: the stage read at i - 1)
-  int stage = 0, next_stage = kStages - 1;
-  auto advance = [&](int i) {
-    cp_async_wait<kStages - 2>();
+  for (int q = half; q < kAhead; q += 2) load_position(q, q);
+  int stage = 0;  // the stage of the pair's first position
+  auto advance = [&](int p) {
+    cp_async_wait<kAhead / 2 - 1>();  // this thread's copies of position p + half
     __syncthreads();
-    load_position(i + kStages - 1, next_stage);
+    // position p + kAhead + half into the stage of p - 2 + half, which the previous step read
+    load_position(p + kAhead + half, (stage == 0 ? kStages : stage) - 2 + half);
     const uint8_t* tile = ring + stage * kStageBytes;
-    next_stage = stage;
-    stage = stage == kStages - 1 ? 0 : stage + 1;
+    stage = stage + 2 == kStages ? 0 : stage + 2;
     return tile;
   };
 
-  const bool lora_warp = 8 * warp < rank;
+  // the low-rank chains (ranks 8 c .. 8 c + 7, c < rank / 8) on warps 0, 4, 1, 5: one per half in each pair
+  const int chain = 2 * (warp % 4) + warp / 4;
+  const bool lora_warp = 8 * chain < rank;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   float amax_signed = 0.f, amax_unsigned = 0.f;  // pow2 mode: this thread's largest |v| so far
-  // ldmatrix rows of the lane's B fragments: rank 8 warp + lane % 8, chunks 4 h + lane / 8 (h = 0, 1)
-  const int b_off = kOffLora + tile_offset(8 * warp + lane % 8, lane / 8);
-  const int b_off_hi = kOffLora + tile_offset(8 * warp + lane % 8, 4 + lane / 8);
+  // ldmatrix rows of the lane's B fragments: rank 8 chain + lane % 8, chunks 4 h + lane / 8 (h = 0, 1)
+  const int b_off = kOffLora + tile_offset(8 * chain + lane % 8, lane / 8);
+  const int b_off_hi = kOffLora + tile_offset(8 * chain + lane % 8, 4 + lane / 8);
+  auto lora_group = [&](const uint8_t* tile) {
+    uint32_t b[8];  // b0, b1 of the four k16 steps
+    ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b), tile + b_off);
+    ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b + 4), tile + b_off_hi);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // k16 steps of the group
+      uint32_t a[4];
+      ldmatrix_x4(a, tile + tile_offset(lane % 8 + 8 * ((lane / 8) % 2), 2 * kk + lane / 16));
+      mma_m16n8k16<T>(acc, a, b[2 * kk], b[2 * kk + 1]);
+    }
+  };
 
-  for (int g = 0; g < groups; ++g) {
-    const uint8_t* tile = advance(g);
-    const float* params = reinterpret_cast<const float*>(tile + kOffParams);
-    const float shift = group_shift ? params[128] : 0.f;
-    const bool uns = shift > 0.f;
-    float v[8];
-    const float hi = octet_values<T, kPow2, kCoefficients>(*reinterpret_cast<const uint4*>(tile + my_chunk),
-                                                           params + 64 + 8 * t8, params + 8 * t8, shift,
-                                                           rotation_passes, rotation_coef, t8, v);
-    if constexpr (kPow2) {
-      if (uns)
-        amax_unsigned = fmaxf(amax_unsigned, hi);
-      else
-        amax_signed = fmaxf(amax_signed, hi);
-    } else {
-      const float scale = round_to<T>(group_need(octet_max(hi), uns));
-      float c[8];
-      octet_quotients(v, scale, c);
-      if (tok_valid) {
-        *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
-        if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = scale;
+  for (int p = 0; p < pass2_start; p += 2) {
+    const uint8_t* tile = advance(p);
+    const int g = p + half;
+    if (g < groups) {  // this half's group
+      const uint8_t* own = tile + half * kStageBytes;
+      const float* params = reinterpret_cast<const float*>(own + kOffParams);
+      const float shift = group_shift ? params[128] : 0.f;
+      const bool uns = shift > 0.f;
+      float v[8];
+      const float hi = octet_values<T, kPow2, kCoefficients>(*reinterpret_cast<const uint4*>(own + my_chunk),
+                                                             params + 64 + 8 * t8, params + 8 * t8, shift,
+                                                             rotation_passes, rotation_coef, t8, v);
+      if constexpr (kPow2) {
+        if (uns)
+          amax_unsigned = fmaxf(amax_unsigned, hi);
+        else
+          amax_signed = fmaxf(amax_signed, hi);
+      } else {
+        const float scale = round_to<T>(group_need(octet_max(hi), uns));
+        float c[8];
+        octet_quotients(v, scale, c);
+        if (tok_valid) {
+          *reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(tok) * (K / 2) + 32 * g + 4 * t8) = pack_codes(c, uns);
+          if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = scale;
+        }
       }
     }
-    if (lora_warp) {
-      uint32_t b[8];  // b0, b1 of the four k16 steps
-      ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b), tile + b_off);
-      ldmatrix_x4(*reinterpret_cast<uint32_t(*)[4]>(b + 4), tile + b_off_hi);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {  // k16 steps of the group
-        uint32_t a[4];
-        ldmatrix_x4(a, tile + tile_offset(lane % 8 + 8 * ((lane / 8) % 2), 2 * kk + lane / 16));
-        mma_m16n8k16<T>(acc, a, b[2 * kk], b[2 * kk + 1]);
-      }
+    if (lora_warp) {  // both groups of the pair, in K order
+      lora_group(tile);
+      if (p + 1 < groups) lora_group(tile + kStageBytes);
     }
   }
 
-  if (lora_warp) {  // acc: rows lane / 4 and lane / 4 + 8, ranks 8 warp + 2 (lane % 4) + {0, 1}
-    const int r = 8 * warp + 2 * (lane % 4);
+  if (lora_warp) {  // acc: rows lane / 4 and lane / 4 + 8, ranks 8 chain + 2 (lane % 4) + {0, 1}
+    const int r = 8 * chain + 2 * (lane % 4);
     const int t_lo = tok0 + lane / 4, t_hi = t_lo + 8;
     if (t_lo < M)
       *reinterpret_cast<uint32_t*>(lora_act + static_cast<size_t>(t_lo) * rank + r) = pack2_rn<T>(acc[0], acc[1]);
@@ -348,13 +373,18 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   }
 
   if constexpr (kPow2) {  // pass 2: codes and scales from the token's atok
-    const float atok = round_to<T>(fmaxf(group_need(octet_max(amax_signed), false),
-                                         group_need(octet_max(amax_unsigned), true)));
+    half_amax[half][t] = make_float2(amax_signed, amax_unsigned);
+    __syncthreads();
+    const float2 other = half_amax[1 - half][t];  // both halves combine the same two values alike
+    const float atok = round_to<T>(fmaxf(group_need(octet_max(fmaxf(amax_signed, other.x)), false),
+                                         group_need(octet_max(fmaxf(amax_unsigned, other.y)), true)));
     const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
     // rows past M compute on zeros and store nothing (the shuffles need every lane)
-    for (int i = groups; i < positions; ++i) {
-      const uint8_t* tile = advance(i);
-      const int g = positions - 1 - i;
+    for (int p = pass2_start; p < positions; p += 2) {
+      const uint8_t* tile = advance(p) + half * kStageBytes;
+      const int q = p + half;
+      if (q >= positions) continue;
+      const int g = positions - 1 - q;
       const float* params = reinterpret_cast<const float*>(tile + kOffParams);
       const float shift = group_shift ? params[128] : 0.f;
       const bool uns = shift > 0.f;
@@ -383,7 +413,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
         if (t8 == 0) ascales[static_cast<size_t>(g) * m_al + tok] = atok * exp2i(-e);
       }
     }
-    if (kS8 && tok_valid && t8 == 0) ascales[tok] = atok;
+    if (kS8 && tok_valid && half == 0 && t8 == 0) ascales[tok] = atok;
   }
   cp_async_wait<0>();
 }
@@ -392,7 +422,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 }  // namespace svdq::sm80
 
 #define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                     \
-  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads)                                              \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)                    \
       NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                     \
            int rotation_passes, const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales,     \
            T* lora_act, int M, int K, int rank, int m_al) {                                                       \

@@ -30,7 +30,7 @@ MMA_VARIANTS = ("int4", "int8")
 # Kernel 1 computes x @ lora_down in its pass over x (one warp per 8 ranks) up to kernels.KERNEL1_MAX_RANK;
 # kernel 2's low-rank stages take kernels.RANK_MULTIPLE ranks each.
 _ACT_TOKENS = 16  # tokens per kernel 1 CTA
-_ACT_THREADS = 128
+_ACT_THREADS = 256  # act_quant.cu's kThreads: two halves of 128, each quantizing one group of a pair
 _GEMM_TILE = 128  # tokens and channels per kernel 2 CTA
 _GEMM_THREADS = 128
 # the whole-K kernel 2's CTA tile (tokens, channels), ring depth and warp tile (tokens): w4a4_gemm_pow2.cu's kTileM,
