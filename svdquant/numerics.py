@@ -459,7 +459,7 @@ def unrotated_residual(residual: torch.Tensor, rotation: torch.Tensor | None,
 def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor,
                 lora_up: torch.Tensor, bias: torch.Tensor | None, shift: torch.Tensor | None,
                 rotation: torch.Tensor | None = None,
-                rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                chunk_floats: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A W4A4 layer as FP8 execution runs it: the dense weight its product approximates, in the input's
     own basis, W = dequantize(Q(R)) / smooth + lora_up @ lora_down^T (float32; a rotated layer's signed
     groups of dequantize(Q(R)) turned back by M^T, M = rotation_matrix(rotation); lora_down [K, r] and
@@ -467,7 +467,9 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     (quantize_fp8_per_token of W's rows), and the bias with the input shift's share,
     bias + shift @ (dequantize(Q(R)) / smooth)^T (the quantized path reads x + shift; the branch reads x).
     Returns codes float8_e4m3fn [N, K], scales float32 [N] and the bias float32 [N] (None without
-    bias or shift). Computed rows_per_chunk output channels at a time on qweight's device."""
+    bias or shift). Computed on qweight's device a block of output channels at a time, each of its float32
+    temporaries at most chunk_floats values (16 MiB by default): made at a layer's first call, inside the
+    memory a model manager leaves for activations (bench/NOTES.md#fp8-offloaded-layers)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=qweight.device)
     scales = torch.empty(n, dtype=torch.float32, device=qweight.device)
@@ -475,6 +477,7 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     smooth, down_t = smooth.float(), lora_down.float().t()
     shift = None if shift is None else shift.float()
     rotated = None if rotation is None else ~unsigned_groups_from_shift(shift, k).to(qweight.device)
+    rows_per_chunk = max(1, chunk_floats // k)
     for start in range(0, n, rows_per_chunk):
         rows = slice(start, min(n, start + rows_per_chunk))
         residual = dequantize_groups(unpack_int4(qweight[rows], signed=True), wscales[:, rows].t())

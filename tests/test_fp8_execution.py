@@ -55,6 +55,12 @@ def test_fp8_weights_compute_the_layer(unsigned, bias, rotated):
     y = numerics.fp8_linear_reference(x, codes, scales, fbias)
     ideal = _ideal(layer, x)
     assert y.dtype == torch.bfloat16 and rel(y, ideal) < 0.05, rel(y, ideal)
+    # computed in blocks of output channels (here 1 to 96 rows at a time): each row is its own computation
+    for chunk_floats in (1, 256 * 40):
+        blocked = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                       layer.bias, layer.shift, layer.rotation, chunk_floats=chunk_floats)
+        assert torch.equal(blocked[0].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(blocked[1], scales)
+        assert (fbias is None and blocked[2] is None) or torch.allclose(blocked[2], fbias, rtol=1e-6, atol=1e-6)
     # the W4A4 layer itself (4-bit activations) is further from it
     assert rel(y, ideal) < rel(kernels.W4A4Kernel(*layer._kernel_tensors()).reference(x), ideal)
 
@@ -183,3 +189,19 @@ def test_fp8_layer_left_in_offload_memory_runs_as_stored():
     torch.cuda.synchronize()
     assert torch.equal(y, as_stored)
     assert torch.cuda.max_memory_allocated() - before < fp8.weights_bytes(3072, 3072, True)
+
+
+@needs_sm90
+def test_fp8_weights_take_little_memory_beyond_what_they_keep():
+    # made at a layer's first call inside the memory ComfyUI leaves for activations: FLUX's largest input width
+    # in float32 would be 180 MiB per temporary; the blocks keep each at 16 MiB
+    generator = gen(41)
+    layer = w4a4_layer(3072, 15360, 32, torch.bfloat16, generator, unsigned=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kept = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
+                                layer.bias, layer.shift)
+    torch.cuda.synchronize()
+    kept_bytes = sum(t.nbytes for t in kept if t is not None)
+    assert torch.cuda.max_memory_allocated() - before - kept_bytes < 8 * (16 << 20)  # one block at a time
