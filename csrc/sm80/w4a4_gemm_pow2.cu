@@ -57,7 +57,13 @@
 // accumulators. Stages flow through a kStages-deep cp.async ring in dynamic shared memory (128 x
 // 128 x 3 stages: 37 KB, two CTAs fit the 100 KB of an sm_86/89/120 SM); codes rows are stored
 // with chunk c of row r at c ^ ((r / 2) % 4), the 32-byte rows as w4a4_gemm.cu's, so that ldmatrix
-// is conflict-free. Rows past M and N are zero-filled and never stored.
+// is conflict-free. Rows past M and N are zero-filled and never stored. A group runs as its two k32
+// half-steps, pipelined by one in registers: a half-step's 32 MMAs per warp issue while the next
+// half-step's operands (8 A fragments, the 4 n tiles' weight words of that half expanded) load into
+// the registers the half-step before used. In the middle of group g, before group g + 1's first half
+// loads, the CTA waits for stage g + 1 and meets at a barrier: every warp then holds all of group g's
+// operands, so g's ring slot takes stage g + 3; stages g + 2 and g + 3 are in flight (kStages - 1)
+// while g's second half-step and g + 1's first compute.
 //
 // Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
 //   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
@@ -275,7 +281,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   }
 
   // ldmatrix row addresses of this lane. Codes (m tile i, k32 half c): row wm + 16 i + lane % 8 +
-  // 8 ((lane / 8) % 2), chunk 2 c + lane / 16; qweight (n tiles 2 jj, 2 jj + 1: both halves of
+  // 8 ((lane / 8) % 2), chunk 2 c + lane / 16; lora_up (n tiles 2 jj, 2 jj + 1: both halves of
   // each): row wn + 16 jj + lane % 8 + 8 (lane / 16), chunk (lane / 8) % 2; lora_act (m tile i):
   // row as the codes', chunk lane / 16 of the 32-byte rows. Offsets repeat every 16 rows.
   const int a_row = wm + lane % 8 + 8 * ((lane / 8) % 2);
@@ -284,53 +290,77 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   const int b_off = kOffW + tile32_offset(wn + lane % 8 + 8 * (lane / 16), (lane / 8) % 2);
   const int gid = lane / 4, q = lane % 4;
 
-  // A group stage: the warp's weights expanded (kNT channels of this thread, 2 packed words each),
-  // then its kMT x kNT tiles' two k32 MMAs.
-  auto group = [&](const uint8_t* st) {
-    uint32_t be[kNT][2][2];  // n tile j, k32 half c: b0 (even codes), b1 (odd codes)
+  // A group stage runs as its two k32 half-steps, pipelined by one: the operands of a half-step (the
+  // kMT A fragments, ldmatrix as they are, and the kNT n tiles' weights of that half, expanded) are
+  // loaded into registers while the MMAs of the half-step before issue. One half-step's B: one
+  // ldmatrix.x4 whose matrix j is n tile j's 32-byte rows at chunk `half` (lane l: row wn + l).
+  struct HalfStep {
+    uint32_t a[kMT][4];
+    uint32_t b[kNT][2];  // n tile j: b0 (even codes), b1 (odd codes)
+  };
+  // The exponents f of this thread's kNT channels and their sign fills: read with a group's first
+  // half-step, kept for its second.
+  uint32_t exps[kNT], fills[kNT];
+  auto load_half = [&](HalfStep& h, const uint8_t* st, int half) {
+    uint32_t w[kNT];
+    ldmatrix_x4(w, st + kOffW + tile32_offset(wn + lane, half));
 #pragma unroll
-    for (int jj = 0; jj < kNT / 2; ++jj) {
-      uint32_t b[4];  // n tile 2 jj: halves 0, 1; n tile 2 jj + 1: halves 0, 1
-      ldmatrix_x4(b, st + b_off + 16 * 32 * jj);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = 2 * jj + h;
-        const uint32_t f = st[kOffExp + wn + 8 * j + gid], fill = sign_fill(f);
-        expand_pow2(b[2 * h], f, fill, be[j][0][0], be[j][0][1]);
-        expand_pow2(b[2 * h + 1], f, fill, be[j][1][0], be[j][1][1]);
+    for (int j = 0; j < kNT; ++j) {
+      if (half == 0) {
+        exps[j] = st[kOffExp + wn + 8 * j + gid];
+        fills[j] = sign_fill(exps[j]);
       }
+      expand_pow2(w[j], exps[j], fills[j], h.b[j][0], h.b[j][1]);
     }
 #pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-      uint32_t a0[4], a1[4];
-      ldmatrix_x4(a0, st + a_off0 + 16 * 64 * i);
-      ldmatrix_x4(a1, st + a_off1 + 16 * 64 * i);
+    for (int i = 0; i < kMT; ++i) ldmatrix_x4(h.a[i], st + (half ? a_off1 : a_off0) + 16 * 64 * i);
+  };
+  auto mma_half = [&](const HalfStep& h) {
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        mma_m16n8k32_s8(acc[i][j], a0, be[j][0][0], be[j][0][1], acc[i][j]);
-        mma_m16n8k32_s8(acc[i][j], a1, be[j][1][0], be[j][1][1], acc[i][j]);
-      }
-    }
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) mma_m16n8k32_s8(acc[i][j], h.a[i], h.b[j][0], h.b[j][1], acc[i][j]);
   };
 
-  int it = 0, slot = 0;  // the stage computed and its ring slot
-  // Steady state: the stage loaded and the stage computed are groups; then the last groups, while
-  // the low-rank stages (or none) load.
-  for (; next < groups; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    load_group();
-    group(ring + slot * kStageBytes);
+  // Group `it` in ring slot `slot` but the last: its first half-step's MMAs while its second half's
+  // operands load; then, once stage it + 1 has landed and every warp holds all of group it's
+  // operands (the barrier), its slot takes stage it + 3 (`refill`), and its second half-step's MMAs
+  // issue while the first half of group it + 1 loads. The last group's second half loads nothing.
+  HalfStep first, second;  // operands of a group's k32 halves 0 and 1
+  int it = 0, slot = 0;    // the group computed and its ring slot
+  auto group = [&](auto refill) {
+    load_half(second, ring + slot * kStageBytes, 1);
+    mma_half(first);
     slot = slot == kStages - 1 ? 0 : slot + 1;
-  }
-  if (next == groups && rank) switch_to_low_rank();
-  for (; it < groups; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
+    refill();
+    load_half(first, ring + slot * kStageBytes, 0);
+    mma_half(second);
+  };
+  auto refill_low_rank = [&]() {
+    if (next == groups && rank) switch_to_low_rank();
     load_low_rank();
-    group(ring + slot * kStageBytes);
-    slot = slot == kStages - 1 ? 0 : slot + 1;
+  };
+  // Group 0's first half-step loads as a group's second half-step would load it: stage 0 landed,
+  // stage kStages - 1 into the free slot.
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
+  if (next < groups) {
+    load_group();
+  } else {
+    refill_low_rank();
   }
+  load_half(first, ring, 0);
+  // Steady state: the stage loaded is a group; then the groups but the last while the low-rank
+  // stages (or none) load; then the last group.
+  for (; next < groups; ++it) group(load_group);
+  for (; it < groups - 1; ++it) group(refill_low_rank);
+  load_half(second, ring + slot * kStageBytes, 1);
+  mma_half(first);
+  mma_half(second);
+  slot = slot == kStages - 1 ? 0 : slot + 1;
+  ++it;
 
   if (static_cast<int>(blockIdx.x) >= dp_tiles) {  // a stream-K tile's exchange (opening comment)
     const int sk_tile = (blockIdx.x - dp_tiles) / splits;
