@@ -295,7 +295,13 @@ class SVDQLinear(_QuantizedLinearBase):
         # a move or cast replaces the tensors: the kept kernel would hold the old ones (and their device
         # memory) until the next call
         self._kernel = None
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        if self.fp8_weights_bytes(self.qweight.device, self.wscales.dtype):
+            # made on arrival, while a loader has the room it counted for them; made at the first call they would
+            # be placed between the activations' allocations and fragment the allocator's cache
+            # (bench/NOTES.md#fp8-offloaded-layers)
+            fp8.weights(self.w4a4_kernel())
+        return module
 
     def register_buffer(self, name, tensor, persistent=True):
         # the same for a tensor swapped in without a move (ComfyUI's DynamicVRAM loads and unloads a model's

@@ -205,3 +205,24 @@ def test_fp8_weights_take_little_memory_beyond_what_they_keep():
     torch.cuda.synchronize()
     kept_bytes = sum(t.nbytes for t in kept if t is not None)
     assert torch.cuda.max_memory_allocated() - before - kept_bytes < 8 * (16 << 20)  # one block at a time
+
+
+@needs_sm90
+def test_fp8_weights_are_made_when_the_layer_moves_to_the_gpu():
+    # before any activation exists (a first call would place them between its allocations); the call keeps nothing
+    generator = gen(43)
+    layer = w4a4_layer(1024, 3072, 32, torch.bfloat16, generator, unsigned=True).to("cpu")
+    layer.fp8_execution = True
+    x = activations(64, 3072, torch.bfloat16, generator, layer.unsigned_groups)
+    warm = w4a4_layer(64, 3072, 32, torch.bfloat16, generator, unsigned=True)
+    warm.fp8_execution = True
+    warm(x)  # what the process keeps from a first FP8 call (cuBLAS's workspace)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    layer.to(x.device)
+    moved = torch.cuda.memory_allocated()
+    four_bit = sum(t.nbytes for t in layer.buffers())
+    assert moved - before >= four_bit + fp8.weights_bytes(3072, 1024, True)
+    y = layer(x)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - y.nbytes == moved
