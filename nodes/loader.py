@@ -180,11 +180,12 @@ class SVDQuantFluxLoader(io.ComfyNode):
                                        "'exact': nunchaku's scales everywhere."),
                 io.Combo.Input("execution", options=list(EXECUTION), default="4-bit", optional=True,
                                tooltip="'FP8 (H100/H200)': the 4-bit layers run on FP8 tensor cores, each layer's "
-                                       "weights and low-rank branch merged into 8-bit weights at its first call: "
+                                       "weights and low-rank branch merged into 8-bit weights when it is loaded onto the GPU: "
                                        "faster than the exact 4-bit kernels (nunchaku files) and closer to the "
                                        "16-bit model, for 1 more byte per weight of GPU memory (FLUX.1: +8 GiB), "
-                                       "which ComfyUI counts when it decides what fits on the GPU; use it where the whole "
-                                       "model fits (FLUX.1: 14.3 GiB), 4-bit elsewhere. Other GPUs, "
+                                       "which ComfyUI counts when it decides what fits on the GPU (layers left in system memory "
+                                       "run in 4 bits); use it where the whole model fits (FLUX.1: 14.3 GiB), "
+                                       "4-bit elsewhere: on less it is 2-3x slower than 4-bit. Other GPUs, "
                                        "float16 and the CPU run the 4-bit layers."),
             ],
             outputs=[io.Model.Output(tooltip="The quantized FLUX model, for KSampler and the other model nodes.")],

@@ -1,6 +1,6 @@
 """Host side of FP8 execution (csrc/fp8, Hopper; docs/DESIGN.md#fp8-execution): a W4A4 layer run on FP8
 tensor cores. Its product and its own low-rank branch merged into one e4m3 weight matrix with a scale
-per output channel (numerics.fp8_weights, made at the first call and kept by the layer's W4A4Kernel),
+per output channel (numerics.fp8_weights, made when the layer moves to the GPU or at its first call there, kept by its W4A4Kernel),
 the input quantized per token by fp8_act_quant.cu, the GEMM by cuBLAS (torch._scaled_mm with row-wise
 scales and the bias); LoRA columns joined to the branch after the model's own stay a 16-bit side branch."""
 
