@@ -468,8 +468,8 @@ def fp8_weights(qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tens
     bias + shift @ (dequantize(Q(R)) / smooth)^T (the quantized path reads x + shift; the branch reads x).
     Returns codes float8_e4m3fn [N, K], scales float32 [N] and the bias float32 [N] (None without
     bias or shift). Computed on qweight's device a block of output channels at a time, each of its float32
-    temporaries at most chunk_floats values (16 MiB by default): made at a layer's first call, inside the
-    memory a model manager leaves for activations (bench/NOTES.md#fp8-offloaded-layers)."""
+    temporaries at most chunk_floats values (16 MiB by default), so that making them fits the little memory a
+    model manager leaves beside the weights it loads (bench/NOTES.md#fp8-offloaded-layers)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     codes = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=qweight.device)
     scales = torch.empty(n, dtype=torch.float32, device=qweight.device)

@@ -193,8 +193,8 @@ def test_fp8_layer_left_in_offload_memory_runs_as_stored():
 
 @needs_sm90
 def test_fp8_weights_take_little_memory_beyond_what_they_keep():
-    # made at a layer's first call inside the memory ComfyUI leaves for activations: FLUX's largest input width
-    # in float32 would be 180 MiB per temporary; the blocks keep each at 16 MiB
+    # made in the little memory ComfyUI leaves beside the weights it loads: FLUX's largest input width in float32
+    # would be 180 MiB per temporary; the blocks keep each at 16 MiB
     generator = gen(41)
     layer = w4a4_layer(3072, 15360, 32, torch.bfloat16, generator, unsigned=True)
     torch.cuda.synchronize()
