@@ -171,6 +171,16 @@ def test_fp8_execution_falls_back_to_the_4_bit_kernels_for_fp16():
     assert torch.equal(layer(x), y)
 
 
+def peak_growth(run):
+    """(run()'s result, the most GPU memory allocated during it beyond what was allocated before)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = run()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - before
+
+
 @needs_sm90
 def test_fp8_layer_left_in_offload_memory_runs_as_stored():
     # ComfyUI's partial load leaves some layers in system memory and copies their tensors in for each call:
@@ -182,13 +192,9 @@ def test_fp8_layer_left_in_offload_memory_runs_as_stored():
     as_stored = layer(x)
     layer.fp8_execution = True
     offloaded = layer.to("cpu")
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    y = offloaded(x)
-    torch.cuda.synchronize()
+    y, peak = peak_growth(lambda: offloaded(x))
     assert torch.equal(y, as_stored)
-    assert torch.cuda.max_memory_allocated() - before < fp8.weights_bytes(3072, 3072, True)
+    assert peak < fp8.weights_bytes(3072, 3072, True)
 
 
 @needs_sm90
@@ -197,14 +203,10 @@ def test_fp8_weights_take_little_memory_beyond_what_they_keep():
     # would be 180 MiB per temporary; the blocks keep each at 16 MiB
     generator = gen(41)
     layer = w4a4_layer(3072, 15360, 32, torch.bfloat16, generator, unsigned=True)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    kept = numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth, layer.lora_down, layer.lora_up,
-                                layer.bias, layer.shift)
-    torch.cuda.synchronize()
+    kept, peak = peak_growth(lambda: numerics.fp8_weights(layer.qweight, layer.wscales, layer.smooth,
+                                                          layer.lora_down, layer.lora_up, layer.bias, layer.shift))
     kept_bytes = sum(t.nbytes for t in kept if t is not None)
-    assert torch.cuda.max_memory_allocated() - before - kept_bytes < 8 * (16 << 20)  # one block at a time
+    assert peak - kept_bytes < 8 * (16 << 20)  # one block at a time
 
 
 @needs_sm90
