@@ -127,6 +127,21 @@ def layer_ops(patcher) -> str:
     return f"{type(patcher).__name__}, qkv {type(qkv).__module__}.{type(qkv).__qualname__} ({qkv.weight.dtype})"
 
 
+class Fp8OpFailures(logging.Handler):
+    """Counts ComfyUI's "Exception during fp8 op" records: its fp8 operation catches a failed `_scaled_mm`
+    and runs the layer in 16 bits instead (comfy.ops.fp8_ops), so the fp8 row measures that fallback."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.count, self.first = 0, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Exception during fp8 op"):
+            self.count += 1
+            self.first = self.first or message
+
+
 def timed(fn, sync, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn() over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
@@ -213,6 +228,8 @@ def main() -> None:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             row = {"weights_GiB": round(weight_bytes / 2**30, 2)}
+            failures = Fp8OpFailures()
+            logging.getLogger().addHandler(failures)
             with torch.no_grad():
                 row["eager_ms"] = round(timed(functools.partial(model, *inputs, **extra), sync, args.warmup, args.repeats), 2)
                 if not args.no_compile:
@@ -231,6 +248,9 @@ def main() -> None:
                     del compiled
                     torch._dynamo.reset()
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+            logging.getLogger().removeHandler(failures)
+            if failures.count:
+                row["fp8_op_failures"] = {"count": failures.count, "first": failures.first}
             rows[label] = row
             print("row", json.dumps({label: row, "model": notes[label]}), flush=True)
             record()  # after each model: what is done survives a later one's timeout
