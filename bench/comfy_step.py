@@ -113,11 +113,16 @@ def load_variant(comfy, pack, cfg, variant: str, gen: torch.Generator, tmp: str)
     _, pow2_weights, pow2_activations, fp8_execution = VARIANTS[variant]
     if pow2_weights is None:
         options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True} if variant == "fp8" else {"dtype": torch.bfloat16}
-        return comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
-    path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
-    if not os.path.exists(path):
-        write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
-    return loader.load_svdquant_flux(path, torch.bfloat16, "default", pow2_activations, fp8_execution)
+        patcher = comfy.sd.load_diffusion_model_state_dict(random_tensors(cfg, False, False, gen), model_options=options)
+    else:
+        path = os.path.join(tmp, f"pow2w{int(pow2_weights)}.safetensors")
+        if not os.path.exists(path):
+            write_natural_file(path, random_tensors(cfg, True, pow2_weights, gen), cfg, flux, fmt, pow2_weights)
+        patcher = loader.load_svdquant_flux(path, torch.bfloat16, "default", pow2_activations, fp8_execution)
+    # later ComfyUI builds the diffusion model in eval mode (0.33.0 does); 0.3.64 leaves it in training mode, where
+    # its fp8 operation skips the FP8 GEMM and casts the weights to 16 bits at every call (bench/NOTES.md#comfy-fp8-eval)
+    patcher.model.diffusion_model.eval()
+    return patcher
 
 
 def layer_ops(patcher) -> str:
