@@ -21,6 +21,7 @@ import functools
 import importlib
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -252,6 +253,24 @@ def fp8_execution_runs(device: torch.device, dtype: torch.dtype, out_features: i
     return module is not None and not module.layer_unsupported_reason(dtype, out_features)
 
 
+class ModulatedNorm(NamedTuple):
+    """A W4A4 layer's input still to be produced from x by numerics.modulated_layer_norm (FLUX's LayerNorm +
+    modulation feeding qkv, the MLP and the single blocks' linear1, docs/DESIGN.md#producer-quantization):
+    mult and add [B, K] in x's dtype (None: the LayerNorm alone), x's M rows being B equal runs of tokens."""
+    mult: torch.Tensor | None
+    add: torch.Tensor | None
+    eps: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The input itself, x [M, K] -> [M, K]."""
+        batches = 1 if self.mult is None else self.mult.shape[0]
+        m, k = x.shape
+        if m % batches:
+            raise ValueError(f"{m} tokens do not split into {batches} equal batches")
+        return numerics.modulated_layer_norm(x.reshape(batches, m // batches, k), self.mult, self.add,
+                                             self.eps).reshape(m, k)
+
+
 class W4A4Kernel:
     """One W4A4 layer's op on its tensors (docs/DESIGN.md#w4a4): `kernel(x)` is y [M, N] for x [M, K],
     computed by the kernel family the registry above picks for x's GPU, or by the PyTorch reference
@@ -367,9 +386,14 @@ class W4A4Kernel:
                                      self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from,
                                      self.rotation)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y [M, N] for x [M, K]."""
+    def __call__(self, x: torch.Tensor, norm: ModulatedNorm | None = None) -> torch.Tensor:
+        """y [M, N] for x [M, K], or with `norm` for norm.apply(x): in kernel 1's prologue where the family
+        has one (its KERNEL1_NORM) and kernel 1 computes the whole low-rank input, else computed first."""
         module, variant, reason = self._route(x)
+        if norm is not None:
+            if module is not None and getattr(module, "KERNEL1_NORM", False) and self.rank <= KERNEL1_MAX_RANK:
+                return module.svdq_linear(x, self, norm=norm, **variant)
+            x = norm.apply(x)
         if module is not None:
             return module.svdq_linear(x, self, **variant)
         _announce_fallback(reason)
