@@ -18,7 +18,7 @@ import torch
 import comfy.model_management
 import comfy.ops
 
-from ..svdquant import linear, quantize
+from ..svdquant import linear, pending, quantize
 
 # ComfyUI sizes a model and each of its modules by their state dicts (comfy.model_management.module_size),
 # and a W4A4 layer in FP8 execution keeps FP8 weights beside its 4-bit ones where it runs. While a patcher
@@ -28,6 +28,9 @@ from ..svdquant import linear, quantize
 SIZING: contextvars.ContextVar[tuple[torch.device, torch.dtype] | None] = contextvars.ContextVar(
     "svdquant_sizing", default=None)
 FP8_WEIGHTS_KEY = "fp8_weights"
+# what later ComfyUI builds run at the top of each of their operations (0.33.0: the check for an interrupted
+# prompt); a LayerNorm of ours that leaves its output pending runs it too
+RUN_EVERY_OP = getattr(comfy.ops, "run_every_op", None)
 
 
 @contextlib.contextmanager
@@ -90,6 +93,20 @@ class SVDQuantOps(comfy.ops.manual_cast):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             add_lora_key(self)
+
+    class LayerNorm(comfy.ops.manual_cast.LayerNorm):
+        """ComfyUI's LayerNorm, whose output stays pending (svdquant.pending, docs/DESIGN.md#producer-quantization)
+        where the 4-bit layer it feeds can compute it in its kernel: no affine parameters, so nothing for ComfyUI to
+        cast, and no weight or bias functions added by ComfyUI's patches; an input pending.stays_pending accepts."""
+
+        def forward(self, *args, **kwargs):
+            if (len(args) == 1 and not kwargs and self.weight is None and self.bias is None
+                    and not self.weight_function and not self.bias_function
+                    and pending.stays_pending(args[0], self.normalized_shape)):
+                if RUN_EVERY_OP is not None:
+                    RUN_EVERY_OP()
+                return pending.pending_layer_norm(args[0], self.eps)
+            return super().forward(*args, **kwargs)
 
     class Linear(PlaceholderLinear):
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

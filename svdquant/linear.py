@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import format as fmt
-from . import kernels, numerics
+from . import kernels, numerics, pending
 from .families import fp8
 
 GROUP_SIZE = numerics.GROUP_SIZE
@@ -71,9 +71,18 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape).
 
     A layer whose tensors are not on x's device (ComfyUI's low-VRAM mode leaves some layers in
-    offload memory) runs on copies made for this call.
+    offload memory) runs on copies made for this call. x may be a pending LayerNorm (pending.PendingNorm):
+    a W4A4 layer whose tensors are on its device hands the LayerNorm's input and the norm to its kernel
+    (docs/DESIGN.md#producer-quantization); any other case computes x first.
     """
     lead = x.shape[:-1]
+    if isinstance(x, pending.PendingNorm):
+        waiting = x.pending()
+        if waiting is not None and layer.kind == W4A4 and layer.qweight.device == x.device:
+            source, norm = waiting
+            y = layer.w4a4_kernel()(source.reshape(-1, layer.in_features), norm=norm)
+            return y.reshape(*lead, layer.out_features)
+        x = x.value()
     flat = x.reshape(-1, layer.in_features)
     here = layer.qweight.device == x.device
     if layer.kind == W4A4:

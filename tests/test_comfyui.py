@@ -32,6 +32,10 @@ UI_ONLY_NODES = {"Note", "MarkdownNote"}  # frontend-only nodes, absent from /ob
 # relative output error of the tiny model against ComfyUI's FLUX with its dequantized weights: its
 # activation quantization (0.032 on 0.3.64 and 0.33); the same weights without the smoothing: 0.17
 DENSE_TOLERANCE = 0.05
+# relative output error of the tiny model with the pending LayerNorm against PyTorch's LayerNorm and addcmul
+# (with two CPU threads 1.3e-4 on 0.3.64, 4.8e-4 on 0.33; 0 on 0.33 with the tests' one thread): one bf16
+# rounding apart at most, amplified by the activation codes that flip
+PENDING_TOLERANCE = 0.003
 
 
 def comfy_python() -> str:
@@ -165,6 +169,35 @@ def test_comfyui_counts_the_fp8_weights_of_layers_in_fp8_execution(tmp_path):
     # a saved checkpoint holds the file's tensors only
     assert facts["saved"]["fp8"] == facts["saved"]["4bit"]
     assert not [key for key in facts["saved"]["fp8"] if "fp8" in key]
+
+
+def test_layer_norms_stay_pending_into_the_4bit_layers_they_feed(tmp_path):
+    """With the pack's pending LayerNorm forced on (the CPU standing in for a GPU), every 4-bit layer fed by
+    ComfyUI's LayerNorm + modulation (qkv, the double blocks' first MLP layers, the single blocks' linear1)
+    receives it pending and hands it to its kernel, once per call, and the model computes what it computes
+    with the fusion off, up to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm
+    against PyTorch's LayerNorm and addcmul). Under torch.compile nothing stays pending."""
+    path = tmp_path / "tiny-dev.safetensors"
+    model = quantized_model(True)
+    fmt.save_model(path, model)
+    cfg = flux.arch.FluxConfig.from_dict(model.model_config)
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=8, height=24, width=20)
+    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
+              "guidance": torch.tensor([3.5]).bfloat16()}
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+
+    run_comfy_side("pending_norm", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
+    outputs = load_file(str(tmp_path / "out.safetensors"))
+    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+
+    fed = [f"double_blocks.{i}.{stream}_{layer}" for i in range(cfg.depth) for stream in ("img", "txt")
+           for layer in ("attn.qkv", "mlp.0")] + [f"single_blocks.{i}.linear1" for i in range(cfg.depth_single_blocks)]
+    assert sorted(facts["on"]["received"]) == sorted(fed)
+    assert facts["on"]["handed"] == len(fed)
+    assert facts["off"] == {"received": [], "handed": 0}
+    assert facts["compiled_on"]["received"] == []
+    assert rel_error(outputs["on"], outputs["off"]) < PENDING_TOLERANCE
+    assert torch.equal(outputs["compiled_on"], outputs["off"])
 
 
 # ---------------------------------------------------------------------------------------------

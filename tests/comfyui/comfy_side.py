@@ -23,6 +23,11 @@ the ComfyUI checkout as working directory). Commands:
                                  load under a budget that fits the 4-bit model but not the FP8
                                  weights (which layers stay offloaded, the loaded size, the output),
                                  the saved state dict; and the size where FP8 execution does not run
+  pending_norm PACK MODEL INPUTS OUT
+                                 MODEL run with the pack's pending LayerNorm forced on (the CPU standing
+                                 in for a GPU), eagerly and through torch.compile, and with it off: the
+                                 outputs, and which layers received a pending LayerNorm and handed it to
+                                 their kernel
   t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
                                  encoder operations, from bf16 and from scaled fp8 weights, beside
                                  the dense model and the dense model with the dequantized weights
@@ -361,6 +366,51 @@ def fp8_sizing(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
+def pending_norm(pack: str, model_file: str, inputs_file: str, out: str) -> None:
+    from unittest import mock
+
+    import torch._dynamo
+
+    import_pack(pack)
+    from svdquant_pack.nodes import loader
+    from svdquant_pack.svdquant import kernels, linear, pending
+
+    diffusion_model = loader.load_svdquant_flux(model_file, torch.bfloat16).model.diffusion_model
+    inputs = load_file(inputs_file)
+    names = {id(m): name for name, m in diffusion_model.named_modules()}
+    received, handed = [], []
+    quantized_forward, kernel_call = linear.quantized_forward, kernels.W4A4Kernel.__call__
+
+    def recording_forward(layer, x):
+        if isinstance(x, pending.PendingNorm) and x.pending() is not None:
+            received.append(names[id(layer)])
+        return quantized_forward(layer, x)
+
+    def recording_call(kernel, x, norm=None):
+        handed.append(norm is not None)
+        return kernel_call(kernel, x, norm=norm)
+
+    outputs, facts = {}, {}
+    with mock.patch.object(linear, "quantized_forward", recording_forward), \
+            mock.patch.object(kernels.W4A4Kernel, "__call__", recording_call):
+        with pending.forced(False):
+            outputs["off"] = forward(diffusion_model, inputs)
+        facts["off"] = {"received": received[:], "handed": sum(handed)}
+        received.clear()
+        handed.clear()
+        with pending.forced(True):
+            outputs["on"] = forward(diffusion_model, inputs)
+        facts["on"] = {"received": received[:], "handed": sum(handed)}
+        received.clear()
+        torch._dynamo.reset()
+        with pending.forced(True), torch.no_grad():
+            compiled = torch.compile(diffusion_model, backend="eager")
+            outputs["compiled_on"] = compiled(inputs["x"], inputs["timestep"], inputs["context"], y=inputs["y"],
+                                              guidance=inputs.get("guidance"))
+        facts["compiled_on"] = {"received": received[:]}
+    save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
+
+
 def t5(pack: str, out: str) -> None:
     import comfy.ops
     import comfy.text_encoders.t5
@@ -423,4 +473,5 @@ def t5(pack: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"taesd": taesd, "load": load, "lora": lora, "fp8_sizing": fp8_sizing, "t5": t5}[sys.argv[1]](*sys.argv[2:])
+    {"taesd": taesd, "load": load, "lora": lora, "fp8_sizing": fp8_sizing,
+     "pending_norm": pending_norm, "t5": t5}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,241 @@
+"""A pending LayerNorm (+ FLUX's modulation) as the input of the 4-bit layers (svdquant.pending,
+docs/DESIGN.md#producer-quantization): what a W4A4 layer computes from it, what any other use sees, and
+when a LayerNorm leaves its output pending."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from random_layers import gen, w4a4_layer, w4a16_layer
+
+from svdquant import kernels, numerics, pending
+
+EPS = 1e-6
+B, L, K, N = 2, 9, 256, 192
+
+
+def source(seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:
+    """A block's hidden state [B, L, K]: per-token offsets and a few hot channels, as FLUX's residual stream."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, K, generator=g) + 3 * torch.randn(B, L, 1, generator=g)
+    x[..., 5] *= 40
+    return x.to(dtype)
+
+
+def modulation(seed: int = 1, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 + scale, shift) [B, 1, K] as FLUX's Modulation gives them: shift a strided chunk of one output."""
+    g = torch.Generator().manual_seed(seed)
+    out = (0.5 * torch.randn(B, 1, 3 * K, generator=g)).to(dtype)
+    shift, scale, _ = out.chunk(3, dim=-1)
+    return 1 + scale, shift
+
+
+@pytest.fixture
+def computations(monkeypatch):
+    """How many times numerics.modulated_layer_norm ran."""
+    calls = []
+    definition = numerics.modulated_layer_norm
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return definition(*args, **kwargs)
+
+    monkeypatch.setattr(numerics, "modulated_layer_norm", counted)
+    return calls
+
+
+@pytest.fixture
+def kernel_norms(monkeypatch):
+    """The `norm` argument of each W4A4Kernel call."""
+    norms = []
+    call = kernels.W4A4Kernel.__call__
+
+    def recorded(self, x, norm=None):
+        norms.append(norm)
+        return call(self, x, norm=norm)
+
+    monkeypatch.setattr(kernels.W4A4Kernel, "__call__", recorded)
+    return norms
+
+
+@pytest.mark.parametrize("rank", [0, 32, 64])
+@pytest.mark.parametrize("scales", ["exact", "pow2"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_w4a4_layer_on_a_pending_norm_computes_the_layer_on_the_definition(rank, scales, shift, computations,
+                                                                          kernel_norms):
+    layer = w4a4_layer(N, K, rank, torch.bfloat16, gen(rank, "cpu"), unsigned=shift, pow2_weights=scales == "pow2")
+    layer.pow2_activations = scales == "pow2"
+    x = source()
+    mult, add = modulation()
+    expected = layer(numerics.modulated_layer_norm(x, mult, add, EPS))
+    computations.clear()
+    kernel_norms.clear()
+
+    y = layer(torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult))
+
+    assert type(y) is torch.Tensor and torch.equal(y, expected)
+    assert len(kernel_norms) == 1 and kernel_norms[0].mult.shape == (B, K)  # the layer took the norm itself
+    assert len(computations) == 1  # once, by the kernel's fallback on the CPU
+
+
+def test_the_layer_norm_alone_and_modulations_of_every_batch_shape(kernel_norms):
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(3, "cpu"), unsigned=False)
+    x = source(4)
+    mult, add = modulation(5)
+    assert torch.equal(layer(pending.pending_layer_norm(x, EPS)), layer(numerics.modulated_layer_norm(x, None, None, EPS)))
+    # one row for every batch, as [1, 1, K], [1, K] or [K]; the factors in either order
+    for one_mult, one_add in ((mult[:1], add[:1]), (mult[0], add[0]), (mult[0, 0], add[0, 0])):
+        rows = one_mult.reshape(1, K).expand(B, K), one_add.reshape(1, K).expand(B, K)
+        expected = layer(numerics.modulated_layer_norm(x, *rows, EPS))
+        assert torch.equal(layer(torch.addcmul(one_add, pending.pending_layer_norm(x, EPS), one_mult)), expected)
+        assert torch.equal(layer(torch.addcmul(one_add, one_mult, pending.pending_layer_norm(x, EPS))), expected)
+    assert sum(norm is not None for norm in kernel_norms) == 7  # the pending ones reached the kernel as such
+
+
+def test_the_definition_matches_pytorchs_layer_norm_and_addcmul_within_bf16_rounding():
+    x = source(6)
+    mult, add = modulation(7)
+    fused = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult).value()
+    torchs = torch.addcmul(add, F.layer_norm(x, (K,), eps=EPS), mult)
+    # each side rounds its LayerNorm and its result to bf16 once: one bf16 step (2^-8 relative) of each apart
+    ln = F.layer_norm(x.float(), (K,), eps=EPS)
+    bound = 2 ** -8 * ((ln * mult.float()).abs() + torchs.float().abs())
+    assert ((fused.float() - torchs.float()).abs() <= bound).all()
+
+
+def test_metadata_queries_do_not_compute(computations):
+    p = torch.addcmul(modulation()[1], pending.pending_layer_norm(source(), EPS), modulation()[0])
+    assert p.shape == (B, L, K) and p.size() == (B, L, K) and p.size(-1) == K and len(p) == B
+    assert p.dtype == torch.bfloat16 and p.device.type == "cpu" and not p.is_cuda and p.get_device() == -1
+    assert p.dim() == p.ndim == 3 and p.numel() == B * L * K and p.element_size() == 2
+    assert not p.requires_grad and p.is_floating_point() and p.is_contiguous() and p.stride() == (L * K, K, 1)
+    assert p.layout == torch.strided and p.grad_fn is None
+    assert computations == [] and p.pending() is not None
+
+
+def test_any_other_use_computes_it_once_and_sees_the_same_tensor(computations):
+    x = source(8)
+    mult, add = modulation(9)
+    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
+    computations.clear()
+    p = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
+    assert torch.equal(p + 1, expected + 1)
+    assert torch.equal(F.gelu(p, approximate="tanh"), F.gelu(expected, approximate="tanh"))
+    assert torch.equal(p.sum(-1), expected.sum(-1)) and torch.equal(p.float(), expected.float())
+    assert torch.equal(p.reshape(-1, K), expected.reshape(-1, K))
+    assert len(computations) == 1 and p.pending() is None
+    # a computed one is used as itself, by a layer too, and modulating it again is a plain addcmul
+    assert torch.equal(torch.addcmul(add, p, mult), torch.addcmul(add, expected, mult))
+    layer = w4a4_layer(N, K, 16, torch.bfloat16, gen(8, "cpu"), unsigned=False)
+    assert torch.equal(layer(p), layer(expected)) and len(computations) == 1
+
+
+def modulate_token_ranges(t, mult, add, ranges):
+    """ComfyUI's apply_mod with modulation_dims: in-place edits of token slices, then the tensor itself."""
+    for start, end, index in ranges:
+        t[:, start:end] *= mult[:, index:index + 1]
+        t[:, start:end] += add[:, index:index + 1]
+    return t
+
+
+def test_in_place_edits_of_slices_persist_for_later_users(computations):
+    x = source(10)
+    g = torch.Generator().manual_seed(11)
+    mult, add = (1 + 0.3 * torch.randn(B, 2, K, generator=g)).bfloat16(), (0.3 * torch.randn(B, 2, K, generator=g)).bfloat16()
+    ranges = [(0, 4, 0), (4, L, 1)]
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(10, "cpu"), unsigned=True)
+    expected = modulate_token_ranges(numerics.modulated_layer_norm(x, None, None, EPS), mult, add, ranges)
+    computations.clear()
+    p = pending.pending_layer_norm(x, EPS)
+    edited = modulate_token_ranges(p, mult, add, ranges)
+    assert edited is p and p.pending() is None
+    assert torch.equal(layer(edited), layer(expected)) and torch.equal(p.value(), expected)
+    assert len(computations) == 1
+
+
+def test_modulations_that_are_not_per_batch_rows_compute_it_as_pytorch_does(kernel_norms):
+    x = source(12)
+    mult, add = modulation(13)
+    ln = numerics.modulated_layer_norm(x, None, None, EPS)
+    cases = [((add, mult), {"value": 2}),  # the product scaled
+             ((add.expand(B, L, K).clone(), mult), {}),  # a shift per token
+             ((add, mult.float()), {})]  # another dtype (PyTorch promotes)
+    for (one_add, one_mult), kwargs in cases:
+        result = torch.addcmul(one_add, pending.pending_layer_norm(x, EPS), one_mult, **kwargs)
+        assert type(result) is torch.Tensor
+        assert torch.equal(result, torch.addcmul(one_add, ln, one_mult, **kwargs))
+    with pytest.raises(RuntimeError, match="size"):  # PyTorch's own broadcasting error, as without a pending norm
+        torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult.expand(B, 2, K))
+    # modulated twice: the second is a plain addcmul on the first's value
+    once = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
+    twice = torch.addcmul(add, once, mult)
+    assert type(twice) is torch.Tensor
+    assert torch.equal(twice, torch.addcmul(add, numerics.modulated_layer_norm(x, mult, add, EPS), mult))
+    assert kernel_norms == []
+
+
+def test_modules_that_are_not_w4a4_layers_take_it_as_its_value():
+    x = source(14)
+    mult, add = modulation(15)
+    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
+
+    def fresh():
+        return torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
+
+    dense = torch.nn.Linear(K, N, dtype=torch.bfloat16)
+    mlp = torch.nn.Sequential(w4a4_layer(4 * K, K, 32, torch.bfloat16, gen(14, "cpu"), unsigned=False),
+                              torch.nn.GELU(approximate="tanh"),
+                              w4a4_layer(K, 4 * K, 32, torch.bfloat16, gen(15, "cpu"), unsigned=True))
+    w4a16 = w4a16_layer(N, K, torch.bfloat16, gen(16, "cpu"))
+    with torch.no_grad():
+        for module in (dense, mlp, w4a16):
+            assert torch.equal(module(fresh()), module(expected))
+
+
+def test_code_bypassing_torch_function_runs_on_the_value():
+    x = source(18)
+    p = pending.pending_layer_norm(x, EPS)
+    with torch._C.DisableTorchFunctionSubclass():
+        y = torch.mul(p, 3)
+    assert type(y) is torch.Tensor and torch.equal(y, numerics.modulated_layer_norm(x, None, None, EPS) * 3)
+
+
+def test_under_inference_mode():
+    x = source(19)
+    mult, add = modulation(20)
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(19, "cpu"), unsigned=False)
+    with torch.inference_mode():
+        y = layer(torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult))
+        p = modulate_token_ranges(pending.pending_layer_norm(x, EPS), mult, add, [(0, L, 0)])
+        edited = layer(p)
+    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
+    assert torch.equal(y, layer(expected))
+    assert torch.equal(edited, layer(modulate_token_ranges(numerics.modulated_layer_norm(x, None, None, EPS), mult,
+                                                           add, [(0, L, 0)])))
+
+
+def test_when_a_layer_norm_stays_pending(monkeypatch):
+    x = source()
+    monkeypatch.delenv(pending.FUSED_NORM_ENV, raising=False)
+    assert not pending.stays_pending(x, (K,))  # a CPU tensor: no kernel prologue to take it
+    with pending.forced(True):
+        assert pending.stays_pending(x, (K,)) and pending.stays_pending(x.half(), [K])
+        assert not pending.stays_pending(x.float(), (K,))
+        assert not pending.stays_pending(x[0], (K,)) and not pending.stays_pending(x, (L, K))
+        assert not pending.stays_pending(x.clone().requires_grad_(), (K,))
+        with torch.no_grad():
+            assert pending.stays_pending(x.clone().requires_grad_(), (K,))
+        with pending.forced(False):
+            assert not pending.stays_pending(x, (K,))
+        monkeypatch.setenv(pending.FUSED_NORM_ENV, "0")
+        assert pending.stays_pending(x, (K,))  # the test hook ranks above the switch
+    monkeypatch.setattr(pending, "PENDING_DEVICE_TYPES", ("cpu",))  # the CPU standing in for a GPU
+    assert not pending.stays_pending(x, (K,))
+    monkeypatch.setenv(pending.FUSED_NORM_ENV, "1")
+    assert pending.stays_pending(x, (K,))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not pending.stays_pending(x, (K,))
+
+
+def test_pending_layer_norm_takes_three_dimensions():
+    with pytest.raises(ValueError, match="B, L, K"):
+        pending.pending_layer_norm(source()[0], EPS)
