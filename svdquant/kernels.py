@@ -243,6 +243,13 @@ def w4a4_kernels_on(device: torch.device) -> str | None:
     return name if _family_on(W4A4_KERNELS[name][0], device)[0] is not None else None
 
 
+def norm_prologue_on(device: torch.device) -> bool:
+    """Whether W4A4 linears on this device run a kernel 1 that takes a ModulatedNorm as its prologue (the
+    family's KERNEL1_NORM), loading the kernels now."""
+    name = w4a4_kernels_on(device)
+    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], "KERNEL1_NORM", False)
+
+
 def fp8_execution_runs(device: torch.device, dtype: torch.dtype, out_features: int) -> bool:
     """Whether a W4A4 layer in FP8 execution with out_features outputs and its tensors on `device` runs on FP8
     tensor cores for `dtype` inputs, keeping FP8 weights there (W4A4Kernel's routing, told before any call so

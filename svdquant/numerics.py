@@ -403,25 +403,25 @@ def modulated_layer_norm(x: torch.Tensor, mult: torch.Tensor | None, add: torch.
     """LayerNorm without affine parameters over x's last dimension, then `ln * mult + add` (FLUX's
     modulated norm: `torch.addcmul(shift, norm(x), 1 + scale)`), bit for bit as kernel 1's prologue
     computes it, in x's dtype. x [B, L, K]; mult, add [B, K] or [B, 1, K] in x's dtype, or None (no
-    modulation). Per token, in float64 with each operation rounded: s1 = sum x, s2 = sum x^2 (exact,
-    so independent of the order, unless x's magnitudes span more than about 2^12),
+    modulation). Per token, in float64 with each operation rounded: s1 = sum x, s2 = sum float32(x^2)
+    (exact, so independent of the order, unless x's magnitudes span more than about 2^12),
     mean = s1 / K, var = max(s2 / K - mean^2, 0), rstd = 1 / sqrt(var + eps); then in float32
     ln = dtype((x - float32(mean)) * float32(rstd)) and out = dtype(fma(ln, mult, add)), the fma's
     one float32 rounding. PyTorch's own LayerNorm and addcmul differ from it only in rounding."""
     if x.dim() != 3:
         raise ValueError(f"modulated_layer_norm takes x [B, L, K], not {tuple(x.shape)}")
     b, _, k = x.shape
-    wide = x.double()
-    mean = wide.sum(-1, keepdim=True) / k
-    var = ((wide * wide).sum(-1, keepdim=True) / k - mean * mean).clamp_min(0)
+    # float64 only in the reductions, so that the GPU runs this at memory speed where the prologue
+    # does not run (a 16-bit value's square is exact in float32 but for overflow and underflow)
+    wide = x.float()
+    mean = x.sum(-1, keepdim=True, dtype=torch.float64) / k
+    var = ((wide * wide).sum(-1, keepdim=True, dtype=torch.float64) / k - mean * mean).clamp_min(0)
     rstd = 1 / torch.sqrt(var + eps)
-    ln = ((x.float() - mean.float()) * rstd.float()).to(x.dtype)
+    ln = ((wide - mean.float()) * rstd.float()).to(x.dtype)
     if mult is None:
         return ln
-    mult, add = mult.reshape(b, 1, k), add.reshape(b, 1, k)
-    # the product of two 16-bit values and its sum with a third are exact in float64 (but for sums
-    # of values 2^37 apart, where rounding twice still gives the fma's float32 result)
-    return (ln.double() * mult.double() + add.double()).float().to(x.dtype)
+    # the product of two 16-bit values is exact in float32, so product + add rounds once, as the fma
+    return (ln.float() * mult.reshape(b, 1, k).float() + add.reshape(b, 1, k).float()).to(x.dtype)
 
 
 def dequantize_w4a16(

@@ -24,8 +24,7 @@ from . import kernels, numerics
 
 # "0" turns the fusion off for the process (read at each LayerNorm call)
 FUSED_NORM_ENV = "SVDQUANT_FUSED_NORM"
-# where the fusion pays: kernel 1's prologue runs on CUDA only, and ComfyUI's FLUX runs in 16 bits
-PENDING_DEVICE_TYPES = ("cuda",)
+# ComfyUI's FLUX runs in 16 bits, the only dtypes kernel 1 takes
 PENDING_DTYPES = (torch.bfloat16, torch.float16)
 _forced: list[bool] = []
 
@@ -45,7 +44,9 @@ def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
     """Whether a LayerNorm without affine parameters of x over `normalized_shape` should return a
     PendingNorm: outside torch.compile (dynamo would have to trace the subclass; the compiled model
     fuses the LayerNorm itself), x a plain [B, L, K] tensor in bf16/fp16 normalized over K, not
-    requiring its gradient, on a CUDA device, and the fusion on (SVDQUANT_FUSED_NORM is not "0")."""
+    requiring its gradient, on a CUDA device whose W4A4 kernels have the norm prologue (where they do not, the
+    layer would compute it first, slower than PyTorch's LayerNorm), and the fusion on (SVDQUANT_FUSED_NORM is
+    not "0")."""
     if torch.compiler.is_compiling():
         return False
     if not (type(x) is torch.Tensor and x.dim() == 3 and x.dtype in PENDING_DTYPES
@@ -53,7 +54,7 @@ def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
         return False
     if _forced:
         return _forced[-1]
-    return x.device.type in PENDING_DEVICE_TYPES and os.environ.get(FUSED_NORM_ENV, "1") != "0"
+    return os.environ.get(FUSED_NORM_ENV, "1") != "0" and kernels.norm_prologue_on(x.device)
 
 
 def pending_layer_norm(x: torch.Tensor, eps: float) -> PendingNorm:

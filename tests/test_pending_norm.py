@@ -228,7 +228,8 @@ def test_when_a_layer_norm_stays_pending(monkeypatch):
             assert not pending.stays_pending(x, (K,))
         monkeypatch.setenv(pending.FUSED_NORM_ENV, "0")
         assert pending.stays_pending(x, (K,))  # the test hook ranks above the switch
-    monkeypatch.setattr(pending, "PENDING_DEVICE_TYPES", ("cpu",))  # the CPU standing in for a GPU
+    # the CPU standing in for a GPU whose kernels have the prologue
+    monkeypatch.setattr(kernels, "norm_prologue_on", lambda device: device.type == "cpu")
     assert not pending.stays_pending(x, (K,))
     monkeypatch.setenv(pending.FUSED_NORM_ENV, "1")
     assert pending.stays_pending(x, (K,))

@@ -392,7 +392,8 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None)):
+                  rotation=(kernels.ROTATION_NONE, None), norm=None):
+        assert norm is None
         calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
 
