@@ -395,10 +395,10 @@ class W4A4Kernel:
 
     def __call__(self, x: torch.Tensor, norm: ModulatedNorm | None = None) -> torch.Tensor:
         """y [M, N] for x [M, K], or with `norm` for norm.apply(x): in kernel 1's prologue where the family
-        has one (its KERNEL1_NORM) and kernel 1 computes the whole low-rank input, else computed first."""
+        has one (its KERNEL1_NORM), else computed first."""
         module, variant, reason = self._route(x)
         if norm is not None:
-            if module is not None and getattr(module, "KERNEL1_NORM", False) and self.rank <= KERNEL1_MAX_RANK:
+            if module is not None and getattr(module, "KERNEL1_NORM", False):
                 return module.svdq_linear(x, self, norm=norm, **variant)
             x = norm.apply(x)
         if module is not None:

@@ -130,13 +130,16 @@ def w4a16_layer(n: int, k: int, dtype: torch.dtype, generator: torch.Generator, 
 
 # ---- kernel 1 with a layer's inputs ----------------------------------------------------------------
 
-def sm90_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False):
+def sm90_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, int8_operands: bool = False,
+                 norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None):
     """sm90 kernel 1 with the layer's whole low-rank branch (sm90.svdq_linear leaves ranks above
-    kernels.KERNEL1_MAX_RANK to cuBLAS; the kernel itself takes up to kernels.MAX_RANK)."""
+    kernels.KERNEL1_MAX_RANK to cuBLAS; the kernel itself takes up to kernels.MAX_RANK); norm: its
+    norm prologue (x the LayerNorm's input), storing the layer's input into norm_out where given."""
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, shift, _ = sm90.kernel1_inputs(kernel)
     down = sm90.kernel1_lora_down(layer.lora_down)
-    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands, kernel.kernel1_rotation())
+    return sm90.act_quant(x, smooth, inv_smooth, shift, down, pow2, int8_operands, kernel.kernel1_rotation(), norm,
+                          norm_out)
 
 
 def sm80_kernel1(x: torch.Tensor, layer: SVDQLinear, pow2: bool):

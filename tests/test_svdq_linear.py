@@ -392,8 +392,8 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None), norm=None):
-        assert norm is None
+                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None):
+        assert norm is None and norm_out is None
         calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
 
@@ -445,7 +445,8 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None)):
+                  rotation=(kernels.ROTATION_NONE, None), norm=None):
+        assert norm is None
         calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
@@ -500,7 +501,9 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     # exact activations or the int4 variant: the per-group kernel 2
     calls = {}
 
-    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None):
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None,
+                  norm=None):
+        assert norm is None
         calls["kernel 1"] = (group_shift, lora_t, pow2, int8_operands)
         return "codes", "atok", None if lora_t is None else "fused lora_act"
 

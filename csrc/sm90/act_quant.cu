@@ -9,6 +9,12 @@
 //            rows M..m_al-1 are written as 0;
 //   lora_act [M, rank]   x @ lora_down, fp32 accumulation (tensor-core mma), stored in x's dtype.
 //
+// With `norm` (numerics.modulated_layer_norm, docs/DESIGN.md#producer-quantization) the tensor map
+// holds a LayerNorm's input h and kernel 1 quantizes x = dtype(fma(dtype((h - mean) * rstd), mult, add))
+// (mult, add [B, K] per batch of mod_rows tokens; none: x = the LayerNorm alone): the norm prologue
+// below computes each token's statistics over the cluster and rewrites the resident x slice in place,
+// so that everything after it reads x as if it had come from memory.
+//
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
@@ -62,6 +68,11 @@
 //   (q, s in [0, 4), h, e in {0, 1}): lane q of the 8-rank tile holding rank n reads its b0 = (h 0)
 //   and b1 = (h 1) registers of the four k16 steps s of group g in order.
 // Each CTA sums the partials of its share of the outputs in CTA order, so the result is deterministic.
+// Norm prologue: once the whole slice has landed, the 8 lanes of each (token, group) sum h and
+// float32(h^2) over the group in float32 (numerics._group_sums' order: each lane its octet, then
+// xor-shuffles), each thread totals its token's groups in float64 (exact), every CTA pushes its
+// per-token pair to every CTA of the cluster (a [cs][32] double2 inbox), one cluster barrier, and each
+// CTA derives mean and rstd as numerics does (float64, each operation rounded) and rewrites its slice.
 #include "common.cuh"
 
 namespace svdq::sm90 {
@@ -86,9 +97,10 @@ __device__ __forceinline__ int param_bytes(bool pow2) { return pow2 ? 256 : 512;
 // Shared-memory layout of a CTA (offsets from a 1024-byte aligned base); _act_quant_smem_bytes in
 // sm90.py computes the same total for the launch.
 struct SmemLayout {
-  int params, inbox, inbox_pairs, need, tmax, bars, shift, total;
+  int params, inbox, inbox_pairs, need, tmax, bars, shift, stats, total;
 };
-__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes) {
+__device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int blocks, int cs, int pbytes,
+                                                  bool norm) {
   SmemLayout s;
   s.params = gpc * kXBoxBytes;                                   // x slice at 0
   s.inbox = s.params + gpc * pbytes;                             // [gpc][param_bytes]
@@ -97,7 +109,8 @@ __device__ __forceinline__ SmemLayout smem_layout(int gpc, int rank_block, int b
   s.tmax = s.need + gpc * kTokens * 4;                           // pow2: need [gpc][32]
   s.bars = s.tmax + kMaxClusterCtas * kTokens * 4;               // pow2: largest need [cs][32]
   s.shift = s.bars + gpc * 8;                                    // the groups' shifts [gpc]
-  s.total = s.shift + gpc * 4;
+  s.stats = (s.shift + gpc * 4 + 15) / 16 * 16;                  // norm: (s1, s2) [cs][32] double2
+  s.total = norm ? s.stats + cs * kTokens * 16 : s.shift + gpc * 4;
   return s;
 }
 
@@ -291,6 +304,12 @@ __device__ __forceinline__ float exp2i(int e) { return __int_as_float((127 + e) 
 
 // The kernel's inputs besides the x tensor map (the entry points' parameters, documented there).
 struct ActQuantParams {
+  const void* mod_mult;  // norm: [B, K] (null: the LayerNorm alone)
+  const void* mod_add;
+  int mod_rows;          // norm: tokens per batch
+  bool norm;
+  void* norm_out;        // norm: where to store the layer's input x [M, K] too (null: nowhere)
+  double eps;
   const float* smooth;
   const float* inv_smooth;
   const float* shift;
@@ -304,6 +323,78 @@ struct ActQuantParams {
   bool int8_operands;
 };
 
+// The norm prologue (see the file comment): rewrites this CTA's x slice (ng groups at smem) in place from
+// h to x. Called by every thread after the slice's loads were issued, with the cluster's start arrival
+// pending; leaves a fresh arrival pending for the first exchange of act_quant.
+template <typename T>
+__device__ __forceinline__ void norm_prologue(uint8_t* smem, double2* stats, uint64_t* xbar,
+                                              const ActQuantParams& a, int ng, int g0, int tok, int tl, int t8,
+                                              int xoff, int crank, int cs) {
+  double s1 = 0.0, s2 = 0.0;
+  for (int g = 0; g < ng; ++g) {
+    mbar_wait(&xbar[g], 0);
+    float h[8];
+    bool uns;
+    octet_inputs<T>(smem + g * kXBoxBytes + xoff, 0.f, t8, h, uns);
+    float o1 = h[0], o2 = __fmul_rn(h[0], h[0]);
+#pragma unroll
+    for (int e = 1; e < 8; ++e) {
+      o1 = __fadd_rn(o1, h[e]);
+      o2 = __fadd_rn(o2, __fmul_rn(h[e], h[e]));
+    }
+#pragma unroll
+    for (int d = 1; d < 8; d <<= 1) {  // the group's sums: every lane of the octet holds them
+      o1 = __fadd_rn(o1, __shfl_xor_sync(0xffffffffu, o1, d));
+      o2 = __fadd_rn(o2, __shfl_xor_sync(0xffffffffu, o2, d));
+    }
+    s1 = __dadd_rn(s1, static_cast<double>(o1));
+    s2 = __dadd_rn(s2, static_cast<double>(o2));
+  }
+  cluster_wait();  // every CTA of the cluster has started
+  for (int j = t8; j < cs; j += 8) *map_shared_rank(stats + crank * kTokens + tl, j) = make_double2(s1, s2);
+  cluster_sync();
+  cluster_arrive_relaxed();  // re-armed for act_quant's first exchange
+  double t1 = 0.0, t2 = 0.0;
+  for (int j = 0; j < cs; ++j) {
+    const double2 p = stats[j * kTokens + tl];
+    t1 = __dadd_rn(t1, p.x);
+    t2 = __dadd_rn(t2, p.y);
+  }
+  const double mean = __ddiv_rn(t1, static_cast<double>(a.K));
+  const double var = fmax(__dadd_rn(__ddiv_rn(t2, static_cast<double>(a.K)), -__dmul_rn(mean, mean)), 0.0);
+  const float mean32 = __double2float_rn(mean);
+  const float rstd32 = __double2float_rn(__ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, a.eps))));
+  if (tok < a.M) {  // rows past M stay zero
+    const size_t row = a.mod_mult ? static_cast<size_t>(tok / a.mod_rows) * a.K : 0;
+    for (int g = 0; g < ng; ++g) {
+      uint8_t* chunk = smem + g * kXBoxBytes + xoff;
+      float h[8], mult[8], add[8];
+      bool uns;
+      octet_inputs<T>(chunk, 0.f, t8, h, uns);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) h[e] = round_to<T>(__fmul_rn(__fsub_rn(h[e], mean32), rstd32));
+      if (a.mod_mult) {
+        const size_t col = row + 64 * (g0 + g) + 8 * t8;
+        const uint4 m = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_mult) + col));
+        const uint4 b = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_add) + col));
+        Half<T>::unpack2(m.x, mult[0], mult[1]), Half<T>::unpack2(m.y, mult[2], mult[3]);
+        Half<T>::unpack2(m.z, mult[4], mult[5]), Half<T>::unpack2(m.w, mult[6], mult[7]);
+        Half<T>::unpack2(b.x, add[0], add[1]), Half<T>::unpack2(b.y, add[2], add[3]);
+        Half<T>::unpack2(b.z, add[4], add[5]), Half<T>::unpack2(b.w, add[6], add[7]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) h[e] = __fmaf_rn(h[e], mult[e], add[e]);
+      }
+      const uint4 x = make_uint4(pack2_rn<T>(h[0], h[1]), pack2_rn<T>(h[2], h[3]), pack2_rn<T>(h[4], h[5]),
+                                 pack2_rn<T>(h[6], h[7]));
+      *reinterpret_cast<uint4*>(chunk) = x;
+      if (a.norm_out)
+        *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + static_cast<size_t>(tok) * a.K + 64 * (g0 + g) +
+                                  8 * t8) = x;
+    }
+  }
+  __syncthreads();  // the slice is x for every warp (the low-rank mma reads other tokens' rows)
+}
+
 template <typename T, bool kPow2, int kTiles, bool kCoefficients>
 __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantParams& a, int gpc) {
   constexpr int kRankBlock = 32 * kTiles;
@@ -316,14 +407,14 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   const int rank_block = a.rank ? min(kRankBlock, a.rank) : 0;
   const int blocks = a.rank ? (a.rank + kRankBlock - 1) / kRankBlock : 1;  // one sweep of x per rank block
   const int pbytes = param_bytes(kPow2);
-  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes);
+  const SmemLayout lay = smem_layout(gpc, rank_block, blocks, cs, pbytes, a.norm);
   const uint8_t* params = smem + lay.params;
   float2* inbox = reinterpret_cast<float2*>(smem + lay.inbox);
   float* need_s = reinterpret_cast<float*>(smem + lay.need);
   float* tmax_s = reinterpret_cast<float*>(smem + lay.tmax);
   uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + lay.bars);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const bool exchange = a.rank || kPow2;  // anything to exchange within the cluster
+  const bool exchange = a.rank || kPow2 || a.norm;  // anything to exchange within the cluster
   // Stores into another CTA's shared memory need that CTA to have started: its arrival here is
   // waited for just before this CTA's first such store.
   if (exchange) cluster_arrive_relaxed();
@@ -351,6 +442,9 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 
   const int tl = tid / 8, t8 = tid % 8, tok = tok0 + tl;  // quantization: token row, column octet
   const int xoff = swz128(tl, t8);                         // the octet's chunk in a group's x box
+  if (a.norm)
+    norm_prologue<T>(smem, reinterpret_cast<double2*>(smem + lay.stats), xbar, a, ng, g0, tok, tl, t8, xoff, crank,
+                     cs);
   uint8_t* const codes_t8 = a.codes + static_cast<size_t>(tok) * a.K + 64 * g0 + 32 * (t8 & 1) + 4 * (t8 >> 1);
   const int mt = warp & 1, nbase = warp >> 1;             // low-rank: 16-token half, first 8-rank tile
   const int q = lane % 4, g8 = lane / 4;
@@ -508,7 +602,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 // Hadamard; _coefficients: any rotation by its coefficients). Launched as a grid of clusters
 // (cs, round_up(M, 4) / 32 rounded up) of cs CTAs along x, 256 threads, dynamic shared memory as
 // sm90.py computes it. Parameters:
-//   tm_x        tensor map of x [M, K] 16-bit, box 64 columns x 32 rows, 128-byte swizzle
+//   tm_x        tensor map of x [M, K] 16-bit (with norm: of the LayerNorm's input h), box 64 columns x
+//               32 rows, 128-byte swizzle
 //   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
@@ -522,14 +617,19 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 //   lora_act    out [M, rank] 16-bit
 //   M, K, rank, m_al (= round_up(M, 4)), int8_operands (pow2: s8 operands for the fast kernel 2),
 //   gpc         groups of 64 columns per CTA
+//   norm        nonzero: the norm prologue, with mod_mult, mod_add [B, K] 16-bit (null: no modulation),
+//               mod_rows tokens per batch (M = B mod_rows) and the LayerNorm's eps; norm_out [M, K] 16-bit or
+//               null: where to store x as well (for a low-rank GEMM of ranks kernel 1 does not take)
 #define SVDQ_ACT_QUANT(NAME, T, POW2, TILES, COEFFICIENTS)                                                             \
   extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
            const float* shift, int rotation_passes, const float4* rotation_coef, const void* lora_down,                \
            uint8_t* codes, float* ascales, void* lora_act, int M, int K, int rank, int m_al, int int8_operands,        \
-           int gpc) {                                                                                                  \
-    const svdq::sm90::ActQuantParams params{smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down,      \
-                                            codes, ascales, lora_act, M, K, rank, m_al, int8_operands != 0};           \
+           int gpc, int norm, const void* mod_mult, const void* mod_add, int mod_rows, double eps, void* norm_out) {    \
+    const svdq::sm90::ActQuantParams params{mod_mult,      mod_add,      mod_rows,   norm != 0, norm_out,            \
+                                            eps,           smooth,       inv_smooth, shift,     rotation_passes,     \
+                                            rotation_coef, lora_down,    codes,      ascales,   lora_act,            \
+                                            M,             K,            rank,       m_al,      int8_operands != 0}; \
     svdq::sm90::act_quant<svdq::T, POW2, TILES, COEFFICIENTS>(tm_x, params, gpc);                                      \
   }
 #define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, TILES) \

@@ -19,6 +19,7 @@ the .cu files' layouts) and the TMA descriptors.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -27,6 +28,8 @@ from .. import cuda, kernels, numerics
 from . import aligned16, check_half, check_tensor, sm_count
 
 FAMILY = "sm90"
+# kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
+KERNEL1_NORM = True
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -78,7 +81,7 @@ def _act_quant_param_bytes(pow2: bool) -> int:
     return 256 if pow2 else 512
 
 
-def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param_bytes: int) -> int:
+def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param_bytes: int, norm: bool) -> int:
     """act_quant.cu smem_layout(...).total + 1024 (slack to align the base to 1024 bytes)."""
     pair_share = (_AQ_TOKENS * rank_block // 2 + cs - 1) // cs
     inbox = gpc * _AQ_X_BOX_BYTES + gpc * param_bytes
@@ -86,11 +89,14 @@ def _act_quant_smem_bytes(gpc: int, rank_block: int, blocks: int, cs: int, param
     tmax = need + gpc * _AQ_TOKENS * 4
     bars = tmax + _AQ_MAX_CLUSTER_CTAS * _AQ_TOKENS * 4
     shift = bars + gpc * 8
+    if norm:  # the per-token statistics' inbox, [cs][32] pairs of doubles
+        return _round_up(shift + gpc * 4, 16) + cs * _AQ_TOKENS * 16 + 1024
     return shift + gpc * 4 + 1024
 
 
 @functools.lru_cache(maxsize=4096)
-def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int) -> tuple[int, int, int, int]:
+def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int,
+              norm: bool = False) -> tuple[int, int, int, int]:
     """(cluster size cs, groups per CTA, rank tiles per warp, shared memory) of a kernel-1 launch."""
     groups = k // 64
     token_blocks = ((m + 3) // 4 * 4 + _AQ_TOKENS - 1) // _AQ_TOKENS
@@ -102,7 +108,7 @@ def make_plan(m: int, k: int, rank: int, param_bytes: int, max_cs: int, sms: int
     tiles = 1 if rank <= 32 else 2  # more would not fit the register budget of 3-4 CTAs per SM
     rank_block = min(32 * tiles, rank) if rank else 0
     rank_blocks = (rank + 32 * tiles - 1) // (32 * tiles) if rank else 1
-    return cs, gpc, tiles, _act_quant_smem_bytes(gpc, rank_block, rank_blocks, cs, param_bytes)
+    return cs, gpc, tiles, _act_quant_smem_bytes(gpc, rank_block, rank_blocks, cs, param_bytes, norm)
 
 
 # whether the GPU co-schedules a cluster of more than 8 CTAs of this kernel: (name, device, cs, smem) -> bool
@@ -111,14 +117,17 @@ _large_clusters_fit: dict[tuple[str, int, int, int], bool] = {}
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, shift: torch.Tensor | None,
               lora_down_p: torch.Tensor, pow2: bool = False, int8_operands: bool = False,
-              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None)
+              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None),
+              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
     [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
     lora_down [K, rank] in kernel 1's layout (kernel1_lora_down): [rank, K]; shift: one fp32 value
     per 64-group (kernels.group_shifts). int8_operands (pow2 only): codes for the fast kernel 2 (s8 bytes)
     instead of e4m3 bytes. rotation: the layer's group rotation as kernels.kernel1_rotation gives it
-    (W4A4Kernel.kernel1_rotation): (kind, coefficients or None)."""
+    (W4A4Kernel.kernel1_rotation): (kind, coefficients or None). norm: x is a LayerNorm's input and kernel 1
+    quantizes norm.apply(x) (the norm prologue; mult and add [B, K] or [B, 1, K] in x's dtype), also storing it
+    into norm_out [M, K] where given."""
     if not (x.is_cuda and x.dim() == 2):
         raise RuntimeError("x must be a 2-D CUDA tensor")
     check_half(x, "x")
@@ -140,6 +149,24 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if coef_shape is not None:
         check_tensor(rotation_coef, x, "rotation coefficients", torch.float32, coef_shape)
     check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
+    mod_mult = mod_add = None
+    mod_rows = m
+    if norm is not None:
+        if norm.mult is not None:
+            batches = norm.mult.shape[0]
+            mod_mult = norm.mult.reshape(batches, -1).contiguous()
+            mod_add = norm.add.reshape(batches, -1).contiguous()
+            check_tensor(mod_mult, x, "norm.mult", x.dtype, (batches, k))
+            check_tensor(mod_add, x, "norm.add", x.dtype, (batches, k))
+            if m % batches:
+                raise RuntimeError(f"act_quant: {m} tokens do not split into {batches} equal batches")
+            mod_rows = max(1, m // batches)
+        if not norm.eps >= 0:
+            raise RuntimeError(f"act_quant: the LayerNorm's eps must be >= 0, not {norm.eps}")
+        if norm_out is not None:
+            check_tensor(norm_out, x, "norm_out", x.dtype, (m, k))
+    elif norm_out is not None:
+        raise RuntimeError("act_quant: norm_out needs norm")
     m_al = (m + 3) // 4 * 4
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
     ascales = torch.empty(1 if pow2 else k // 64, m_al, dtype=torch.float32, device=x.device)
@@ -148,7 +175,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         return codes, ascales, lora_act
     if rank % kernels.RANK_MULTIPLE or rank > kernels.MAX_RANK:
         raise RuntimeError(f"act_quant: rank must be a multiple of {kernels.RANK_MULTIPLE} in [0, {kernels.MAX_RANK}]")
-    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
+    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act, mod_mult,
+                     mod_add, norm_out):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
         tm_x = _map_2d(x, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B)
@@ -157,15 +185,17 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
 
     index, param_bytes = cuda.device_index(x.device), _act_quant_param_bytes(pow2)
     sms = sm_count(index)
-    tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms)[2]
+    tiles = make_plan(m, k, rank, param_bytes, _AQ_MAX_CLUSTER_CTAS, sms, norm is not None)[2]
     path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
     name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}{path}"
     fn = cuda.function(FAMILY, name, x.device)
     args = (tm_x, smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down_p, codes, ascales, lora_act,
             m, k, rank, m_al, int8_operands)
+    norm_args = (norm is not None, mod_mult, mod_add, mod_rows, ctypes.c_double(0.0 if norm is None else norm.eps),
+                 norm_out)
     # clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
     for max_cs in (_AQ_MAX_CLUSTER_CTAS, 8):
-        cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms)
+        cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms, norm is not None)
         if smem > _SMEM_LIMIT:
             raise RuntimeError("act_quant: K is too large for one cluster's shared memory")
         grid = (cs, (m_al + _AQ_TOKENS - 1) // _AQ_TOKENS)
@@ -175,7 +205,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
                 _large_clusters_fit[key] = fn.max_active_clusters(grid, _AQ_THREADS, (cs, 1, 1), smem=smem) > 0
             if not _large_clusters_fit[key]:
                 continue
-        fn.launch(grid, _AQ_THREADS, args + (gpc,), smem=smem, cluster=(cs, 1, 1))
+        fn.launch(grid, _AQ_THREADS, args + (gpc,) + norm_args, smem=smem, cluster=(cs, 1, 1))
         break
     return codes, ascales, lora_act
 
@@ -445,16 +475,21 @@ def act_operands_to_natural(codes: torch.Tensor, int8_operands: bool = False) ->
     return natural.reshape(m, k)
 
 
-def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None) -> torch.Tensor:
+def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None,
+                norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (a call W4A4Kernel routes here): W4A4Kernel.reference's
-    function of x; `out`: where to write y [M, N]."""
+    function of x, or of norm.apply(x) (kernel 1's norm prologue; above KERNEL1_MAX_RANK kernel 1 also stores
+    that input for the low-rank GEMM); `out`: where to write y [M, N]."""
     pow2 = kernel.pow2_activations
     fast = pow2 and kernel.pow2_weights
     x = x.contiguous()
     # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
-    codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast, kernel.kernel1_rotation())
-    if kernel.rank > kernels.KERNEL1_MAX_RANK:
-        lora_act = x @ kernel.lora_down
+    wide = kernel.rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
+    normalized = torch.empty_like(x) if wide and norm is not None else None
+    codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast, kernel.kernel1_rotation(), norm,
+                                         normalized)
+    if wide:
+        lora_act = (x if normalized is None else normalized) @ kernel.lora_down
     gelu_from = -1 if kernel.gelu_from is None else kernel.gelu_from
     if fast:
         wexp, wbase = pow2_weight_operands(kernel)
