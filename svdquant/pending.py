@@ -1,6 +1,6 @@
 """A LayerNorm output (and FLUX's modulation of it) not computed yet, so that the W4A4 layer it feeds
-computes it inside its own kernel 1 and the normalized tensor is never written
-(docs/DESIGN.md#producer-quantization).
+computes it inside its own kernel 1 and the normalized tensor is not written (but for ranks above
+kernels.KERNEL1_MAX_RANK, whose low-rank GEMM reads it; docs/DESIGN.md#producer-quantization).
 
 `pending_layer_norm(x, eps)` returns a PendingNorm: a tensor without storage of its own that stands for
 `numerics.modulated_layer_norm(x, None, None, eps)`. `torch.addcmul(add, pending, mult)` on it (FLUX's
