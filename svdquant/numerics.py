@@ -398,24 +398,37 @@ def lowrank_reference(x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.T
     return (x.float() @ lora_down.float()) @ lora_up.float().t()
 
 
+def _group_sums(v: torch.Tensor) -> torch.Tensor:
+    """Sums of v [..., K] (float32) over each 64-group in kernel 1's order, float32 [..., K/64]: each octet
+    of 8 columns summed in column order, then the 8 octets pairwise ((o0 + o1) + (o2 + o3)) + ((o4 + o5) +
+    (o6 + o7)), every addition rounded (the lanes of a (token, group) exchange by xor-shuffles 1, 2, 4)."""
+    octets = v.reshape(*v.shape[:-1], -1, 8, 8)
+    s = octets[..., 0]
+    for j in range(1, 8):
+        s = s + octets[..., j]
+    s = s[..., 0::2] + s[..., 1::2]
+    s = s[..., 0::2] + s[..., 1::2]
+    return s[..., 0] + s[..., 1]
+
+
 def modulated_layer_norm(x: torch.Tensor, mult: torch.Tensor | None, add: torch.Tensor | None,
                          eps: float) -> torch.Tensor:
     """LayerNorm without affine parameters over x's last dimension, then `ln * mult + add` (FLUX's
     modulated norm: `torch.addcmul(shift, norm(x), 1 + scale)`), bit for bit as kernel 1's prologue
     computes it, in x's dtype. x [B, L, K]; mult, add [B, K] or [B, 1, K] in x's dtype, or None (no
-    modulation). Per token, in float64 with each operation rounded: s1 = sum x, s2 = sum float32(x^2)
-    (exact, so independent of the order, unless x's magnitudes span more than about 2^12),
-    mean = s1 / K, var = max(s2 / K - mean^2, 0), rstd = 1 / sqrt(var + eps); then in float32
-    ln = dtype((x - float32(mean)) * float32(rstd)) and out = dtype(fma(ln, mult, add)), the fma's
-    one float32 rounding. PyTorch's own LayerNorm and addcmul differ from it only in rounding."""
+    modulation). Per token: float32 sums of x and of float32(x^2) over each 64-group (_group_sums' order),
+    their totals over the groups in float64 (exact, so in any order, unless the group sums span more
+    than about 2^20), then in float64 with each operation rounded mean = s1 / K, var = max(s2 / K -
+    mean^2, 0), rstd = 1 / sqrt(var + eps); then in float32 ln = dtype((x - float32(mean)) *
+    float32(rstd)) and out = dtype(fma(ln, mult, add)), the fma's one float32 rounding. PyTorch's own
+    LayerNorm and addcmul differ from it only in rounding. Float64 only where it is a few operations per
+    group: GPUs without fast float64 (consumer cards run it at 1/64 of float32) compute it at memory speed."""
     if x.dim() != 3:
         raise ValueError(f"modulated_layer_norm takes x [B, L, K], not {tuple(x.shape)}")
     b, _, k = x.shape
-    # float64 only in the reductions, so that the GPU runs this at memory speed where the prologue
-    # does not run (a 16-bit value's square is exact in float32 but for overflow and underflow)
     wide = x.float()
-    mean = x.sum(-1, keepdim=True, dtype=torch.float64) / k
-    var = ((wide * wide).sum(-1, keepdim=True, dtype=torch.float64) / k - mean * mean).clamp_min(0)
+    mean = _group_sums(wide).double().sum(-1, keepdim=True) / k
+    var = (_group_sums(wide * wide).double().sum(-1, keepdim=True) / k - mean * mean).clamp_min(0)
     rstd = 1 / torch.sqrt(var + eps)
     ln = ((wide - mean.float()) * rstd.float()).to(x.dtype)
     if mult is None:
