@@ -6,6 +6,8 @@ kernel 1 with the prologue on a LayerNorm's input against the same kernel 1 on t
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -113,13 +115,15 @@ def test_sm90_act_quant_checks_the_modulation():
 # ---- sm80: the prologue in act_quant.cu's cp.async ring -----------------------------------------------------------
 
 
-def sm80_kernel1_of(x: torch.Tensor, layer, mode: str, norm: kernels.ModulatedNorm | None = None):
+def sm80_kernel1_of(x: torch.Tensor, layer, mode: str, norm: kernels.ModulatedNorm | None = None,
+                    norm_out: torch.Tensor | None = None):
     """sm80 kernel 1 with the layer's inputs in `mode`: exact, pow2, or pow2_int8 (the whole-K kernel 2's s8
-    operands); norm: its norm prologue (x the LayerNorm's input)."""
+    operands); norm: its norm prologue (x the LayerNorm's input), storing the layer's input into norm_out where
+    given."""
     kernel = layer.w4a4_kernel()
     smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
     return sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, mode != "exact", mode == "pow2_int8",
-                          kernel.kernel1_rotation(), norm)
+                          kernel.kernel1_rotation(), norm, norm_out)
 
 
 @needs_sm80
@@ -135,21 +139,24 @@ def test_sm80_norm_prologue_is_kernel1_of_the_normalized_input(batches, tokens, 
                                                                mode, modulated):
     # kernel 1 with the prologue on h against kernel 1 on numerics.modulated_layer_norm(h): the same codes, scales
     # and low-rank outputs bit for bit (the prologue rewrites every staged x tile to exactly that input, in pass 1
-    # and in pow2 mode's pass 2). CTAs of 16 tokens inside one batch (2 x 2304), across two (3 x 100: the stage's
-    # second mult/add rows) and across six (6 x 3: the tokens of the middle batches read theirs from device
-    # memory); K = 64 leaves the CTA's second half without a group, 1600 gives it a half-empty last step; the
-    # Hadamard rotation and (random) the coefficient entry points; unsigned groups
+    # and in pow2 mode's pass 2), and that input stored into norm_out, every element (NaN where one is missed).
+    # CTAs of 16 tokens inside one batch (2 x 2304), across two (3 x 100: the stage's second mult/add rows) and
+    # across six (6 x 3: the tokens of the middle batches read theirs from device memory); K = 64 leaves the CTA's
+    # second half without a group, 1600 gives it a half-empty last step; the Hadamard rotation and (random) the
+    # coefficient entry points; unsigned groups
     generator = gen(batches * tokens + k + rank + 5 * (mode != "exact"))
     layer = w4a4_layer(64, k, rank, dtype, generator, unsigned, rotation=group_rotation(rotation, k))
     h, mult, add = layer_norm_inputs(batches, tokens, k, dtype, generator)
     norm = kernels.ModulatedNorm(mult, add, 1e-6) if modulated else kernels.ModulatedNorm(None, None, 1e-5)
     m = batches * tokens
-    fused = sm80_kernel1_of(h.reshape(m, k), layer, mode, norm)
-    plain = sm80_kernel1_of(norm.apply(h.reshape(m, k)), layer, mode)
+    normalized = torch.full((m, k), float("nan"), dtype=dtype, device="cuda")
+    fused = sm80_kernel1_of(h.reshape(m, k), layer, mode, norm, normalized)
+    x = norm.apply(h.reshape(m, k))
+    plain = sm80_kernel1_of(x, layer, mode)
     torch.cuda.synchronize()
     # ascales' rows m .. m_al - 1 are not written
     for name, a, b in (("codes", fused[0], plain[0]), ("ascales", fused[1][:, :m], plain[1][:, :m]),
-                       ("lora_act", fused[2], plain[2])):
+                       ("lora_act", fused[2], plain[2]), ("stored input", normalized, x)):
         if b is None:  # rank 0
             assert a is None, name
             continue
@@ -161,10 +168,19 @@ def test_sm80_norm_prologue_is_kernel1_of_the_normalized_input(batches, tokens, 
 @pytest.mark.parametrize("family", ["sm80-int8", "sm80-int4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fast", [False, True])
-def test_sm80_layer_with_a_norm_input(family, dtype, fast):
+def test_sm80_layer_with_a_norm_input(family, dtype, fast, monkeypatch):
     # W4A4Kernel(h, norm) on the sm80 family runs the prologue (KERNEL1_NORM) and gives the layer's output on the
     # normalized input bit for bit: both kernel 2 variants, exact and fast (pow2 weights and activations: the int8
-    # variant's whole-K kernel 2 after kernel 1's s8 operands); above KERNEL1_MAX_RANK it computes the input first
+    # variant's whole-K kernel 2 after kernel 1's s8 operands); above KERNEL1_MAX_RANK kernel 1 also stores that
+    # input (norm_out) for cuBLAS's low-rank GEMM
+    stored = []
+    act_quant = sm80.act_quant
+
+    def recording_act_quant(*args, **kwargs):
+        stored.append(inspect.signature(act_quant).bind(*args, **kwargs).arguments.get("norm_out"))
+        return act_quant(*args, **kwargs)
+
+    monkeypatch.setattr(sm80, "act_quant", recording_act_quant)
     generator = gen(29 + fast)
     h, mult, add = layer_norm_inputs(2, 300, 3072, dtype, generator)
     norm = kernels.ModulatedNorm(mult, add, 1e-6)
@@ -174,7 +190,9 @@ def test_sm80_layer_with_a_norm_input(family, dtype, fast):
             layer.pow2_activations = fast
             kernel = layer.w4a4_kernel()
             assert kernel.fallback_reason(h.reshape(600, 3072)) == ""
+            stored.clear()
             got = kernel(h.reshape(600, 3072), norm)
+            assert len(stored) == 1 and (stored[0] is not None) == (rank > kernels.KERNEL1_MAX_RANK), rank
             want = kernel(norm.apply(h.reshape(600, 3072)))
             assert torch.equal(got, want), rank
 
@@ -191,7 +209,12 @@ def test_sm80_act_quant_checks_the_modulation():
         sm80.act_quant(x, *inputs, norm=kernels.ModulatedNorm(wrong[:2].float(), wrong[:2], 1e-6))
     with pytest.raises(sm80.Sm80InputError, match="eps"):
         sm80.act_quant(x, *inputs, norm=kernels.ModulatedNorm(None, None, -1.0))
-    # svdq_linear computes ranks above KERNEL1_MAX_RANK with cuBLAS from x, which is not the layer's input here
-    kernel = w4a4_layer(64, 128, 48, torch.bfloat16, gen(5), False).w4a4_kernel()
-    with pytest.raises(sm80.Sm80InputError, match="ranks up to"):
-        sm80.svdq_linear(x, kernel, norm=kernels.ModulatedNorm(None, None, 1e-6))
+    # norm_out: only with a norm, [M, K] in x's dtype, contiguous, 16-byte aligned
+    alone = kernels.ModulatedNorm(None, None, 1e-6)
+    with pytest.raises(sm80.Sm80InputError, match="norm_out needs norm"):
+        sm80.act_quant(x, *inputs, norm_out=torch.empty_like(x))
+    for wrong_out in (torch.empty(6, 64, dtype=torch.bfloat16, device="cuda"), torch.empty_like(x, dtype=torch.float16),
+                      torch.empty(128, 6, dtype=torch.bfloat16, device="cuda").t(),
+                      torch.empty(6 * 128 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(6, 128)):
+        with pytest.raises(sm80.Sm80InputError, match="norm_out"):
+            sm80.act_quant(x, *inputs, norm=alone, norm_out=wrong_out)

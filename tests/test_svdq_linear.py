@@ -445,8 +445,8 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None), norm=None):
-        assert norm is None
+                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None):
+        assert norm is None and norm_out is None
         calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
@@ -502,8 +502,8 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None,
-                  norm=None):
-        assert norm is None
+                  norm=None, norm_out=None):
+        assert norm is None and norm_out is None
         calls["kernel 1"] = (group_shift, lora_t, pow2, int8_operands)
         return "codes", "atok", None if lora_t is None else "fused lora_act"
 
@@ -552,3 +552,43 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
         assert lora_up.shape == (72, rank + padded) and torch.equal(lora_up[:, :rank], layer.lora_up)
     else:
         assert lora_up is None
+
+
+@pytest.mark.parametrize("rank", [32, 40])
+def test_sm80_layer_with_a_norm_has_kernel1_store_the_input_of_wide_ranks(monkeypatch, rank):
+    # svdq_linear(h, kernel, norm=...) hands the norm to kernel 1 at every rank; above KERNEL1_MAX_RANK also a
+    # buffer [M, K] that kernel 1 stores the layer's input norm.apply(h) into, which the low-rank GEMM then reads
+    # (h itself is only the LayerNorm's input)
+    calls = {}
+
+    def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None,
+                  norm=None, norm_out=None):
+        calls["kernel 1"] = (x, norm, norm_out)
+        if norm_out is not None:
+            norm_out.copy_(norm.apply(x))  # as kernel 1's prologue stores it
+        return "codes", "ascales", None if lora_t is None else "fused lora_act"
+
+    def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
+                  gelu_from=None, mma="int8"):
+        calls["kernel 2"] = lora_act
+        return "y"
+
+    monkeypatch.setattr(sm80, "act_quant", act_quant)
+    monkeypatch.setattr(sm80, "w4a4_gemm", w4a4_gemm)
+    generator = gen(53 + rank, "cpu")
+    layer = w4a4_layer(64, 192, rank, torch.bfloat16, generator, unsigned=False)
+    h = activations(6, 192, torch.bfloat16, generator, layer.unsigned_groups)
+    mult = (1 + 0.3 * torch.randn(2, 192, generator=generator)).to(torch.bfloat16)
+    add = (0.5 * torch.randn(2, 192, generator=generator)).to(torch.bfloat16)
+    norm = kernels.ModulatedNorm(mult, add, 1e-6)
+    assert sm80.svdq_linear(h, layer.w4a4_kernel(), mma="int4", norm=norm) == "y"
+
+    x_given, norm_given, norm_out = calls["kernel 1"]
+    assert x_given is h and norm_given is norm
+    if rank <= kernels.KERNEL1_MAX_RANK:
+        assert norm_out is None and calls["kernel 2"] == "fused lora_act"
+    else:
+        assert norm_out.shape == h.shape and norm_out.dtype == h.dtype
+        padded = -rank % kernels.RANK_MULTIPLE
+        want = torch.nn.functional.pad(norm.apply(h) @ layer.lora_down, (0, padded))
+        assert torch.equal(calls["kernel 2"], want)

@@ -11,6 +11,13 @@
 //                         the outputs of those tokens);
 //   lora_act [M, rank]    x @ lora_down, fp32 accumulation (mma.sync m16n8k16), stored in x's dtype.
 //
+// With `norm` (numerics.modulated_layer_norm, docs/DESIGN.md#producer-quantization) x holds a LayerNorm's
+// input h and kernel 1 quantizes x = dtype(fma(dtype((h - mean) * rstd), mult, add)) (mult, add [B, K] per
+// batch of mod_rows tokens; none: x = the LayerNorm alone): the norm prologue below computes each token's
+// statistics before pass 1 and rewrites every x tile that lands in the ring in place, so that everything
+// after it reads x as if it had come from memory. With `norm_out` it also stores x [M, K] there (the low-rank
+// input of ranks above kernels.KERNEL1_MAX_RANK, which the host computes with cuBLAS).
+//
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
 //   exact: v = (x + shift) / smooth (fp32, IEEE division); pow2: v = (x + shift) * (1 / smooth);
@@ -64,6 +71,21 @@
 // (lora_down transposed, rank padded to a multiple of 16 with zero rows: kernel 2's rank step), also
 // by ldmatrix from the ring (L2-resident: every CTA reads all of it).
 // Each output is summed by one warp in K order, so lora_act is deterministic.
+// Norm prologue: before the ring's first positions are issued, each thread reads its octets of its token from
+// device memory (the groups its half quantizes, in reverse order, four loads in flight) and the statistics are
+// numerics.modulated_layer_norm's: per group, float32 sums of h and of h*h (each product rounded), each octet
+// summed in column order, then the 8 octets' sums by xor-shuffles 1, 2, 4 (((o0 + o1) + (o2 + o3)) + ((o4 + o5) +
+// (o6 + o7)), numerics._group_sums; done as a reduce-scatter, so that each lane ends with one of 4 groups' 8
+// sums); then the group sums totalled in float64 (exact, so in any order: each lane its share, shuffles over the
+// token's lanes, the two halves through shared memory), one conversion and one float64 addition per lane and 4
+// groups, so that GPUs with slow float64 (1/64 of fp32 on sm_86, sm_89, sm_120) run it at memory speed. Each
+// token's mean and rstd are derived as numerics does (float64, each operation rounded, then float32) into shared
+// memory. Every x tile is then rewritten where it lands, pass 1 and pass 2 alike: after advance's barrier each
+// thread rewrites its own chunk (the one it copied and quantizes), with mult and add from the stage (the rows of
+// the CTA's first and last batch, copied with the group; a token of any other batch, where mod_rows < 16, reads
+// its own from device memory); in pass 1 with a low-rank branch a second barrier follows, since the low-rank mma
+// reads every token's rows. Rows past M stay zero. norm_out: in pass 1 only (pow2 mode's pass 2 rewrites the same
+// values again), each thread stores the chunk it rewrote, 16 bytes, the 8 threads of a token 128 contiguous ones.
 //
 // Entry points (one per dtype, mode and rotation path): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}
 // and the same names + _coefficients (
@@ -73,7 +95,10 @@
 //   rotation_coef [192 rotation_passes] (the *_coefficients entry points: the rotation's
 //   coefficients in kernels.rotation_coefficients' layout, 16-byte aligned; the others rotate by the
 //   Hadamard rotation and take null), const T* lora_t [rank, K] or null,
-//   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al);
+//   uint8_t* codes, float* ascales, T* lora_act [M, rank] or null, int M, int K, int rank, int m_al,
+//   int norm (nonzero: the norm prologue, x being the LayerNorm's input), const T* mod_mult, const T* mod_add
+//   ([B, K], or null: no modulation), int mod_rows (tokens per batch, M = B mod_rows), double eps,
+//   T* norm_out ([M, K], 16-byte aligned, or null: with norm, where to store x as well));
 //   grid (ceil(M / 16)), block 256, no dynamic shared memory.
 //   Requires K % 64 == 0, rank % 16 == 0, rank <= 32. pow2_s8: codes is [M, K] bytes,
 //   ascales [1, m_al].
@@ -90,11 +115,13 @@ constexpr int kAhead = kStages - 2;  // positions in flight beyond the pair a st
 // three CTAs per SM (M = 4608 on the H100's 132 SMs is 288 CTAs): 80 registers at most, where ptxas's own
 // choice for 256 threads spilled sm_90's coefficient path
 constexpr int kMinBlocks = 3;
-// Stage layout (bytes): x [16][128] | lora_t [32 ranks][128] | 1/smooth [64] fp32 | smooth [64] fp32 | shift
-// (pow2 pass 2 stages x, 1/smooth and the shift only, at the same offsets)
+// Stage layout (bytes): x [16][128] | lora_t [32 ranks][128] | 1/smooth [64] fp32 | smooth [64] fp32 | shift |
+// norm: mult, add [2][64] 16-bit each (the CTA's first and last batch)
+// (pow2 pass 2 stages x, 1/smooth, the shift, mult and add only, at the same offsets)
 constexpr int kOffLora = kTokens * 128;
 constexpr int kOffParams = kOffLora + 32 * 128;
-constexpr int kStageBytes = kOffParams + 512 + 128;
+constexpr int kOffMod = kOffParams + 512 + 128;
+constexpr int kStageBytes = kOffMod + 512;
 constexpr int kPow2MaxExp = 3;  // numerics.POW2_ACT_MAX_EXP
 constexpr float kRoundingBias = 0x1.8p23f;  // v + 1.5 * 2^23 rounds v (|v| < 2^22) to an integer, half to even
 
@@ -118,6 +145,19 @@ __device__ __forceinline__ float group_need(float amax, bool uns) {
   const float qmax = uns ? 15.f : 7.f;
   return amax >= 0x1p-100f && amax <= 0x1p100f ? div_fast(amax, qmax, uns ? 1.f / 15.f : 1.f / 7.f)
                                                : div_exact(amax, qmax);
+}
+
+// The 8 values of 16 bytes of T (an octet of x) as floats, and back (rounded to nearest even).
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 raw, float (&v)[8]) {
+  Half<T>::unpack2(raw.x, v[0], v[1]);
+  Half<T>::unpack2(raw.y, v[2], v[3]);
+  Half<T>::unpack2(raw.z, v[4], v[5]);
+  Half<T>::unpack2(raw.w, v[6], v[7]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  return make_uint4(pack2_rn<T>(v[0], v[1]), pack2_rn<T>(v[2], v[3]), pack2_rn<T>(v[4], v[5]), pack2_rn<T>(v[6], v[7]));
 }
 
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
@@ -145,10 +185,7 @@ template <typename T, bool kPow2, bool kCoefficients>
 __device__ __forceinline__ float octet_values(uint4 raw, const float* smooth, const float* inv_smooth, float shift,
                                               int passes, const float4* coef, int t8, float (&v)[8]) {
   float n[8], inv[8];
-  Half<T>::unpack2(raw.x, n[0], n[1]);
-  Half<T>::unpack2(raw.y, n[2], n[3]);
-  Half<T>::unpack2(raw.z, n[4], n[5]);
-  Half<T>::unpack2(raw.w, n[6], n[7]);
+  unpack8<T>(raw, n);
   if (shift != 0.f) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) n[e] = __fadd_rn(n[e], shift);
@@ -242,9 +279,13 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
                                           int rotation_passes, const float4* __restrict__ rotation_coef,
                                           const T* __restrict__ lora_t,
                                           uint8_t* __restrict__ codes, float* __restrict__ ascales,
-                                          T* __restrict__ lora_act, int M, int K, int rank, int m_al) {
+                                          T* __restrict__ lora_act, int M, int K, int rank, int m_al, bool norm,
+                                          const T* __restrict__ mod_mult, const T* __restrict__ mod_add, int mod_rows,
+                                          double eps, T* __restrict__ norm_out) {
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   __shared__ float2 half_amax[2][kHalfThreads];  // pow2: each thread's largest |v| (signed, unsigned groups) of pass 1
+  __shared__ double2 half_stats[2][kTokens];     // norm: each half's (sum h, sum h^2) of each token
+  __shared__ float2 token_norm[kTokens];         // norm: each token's float32 mean and rstd
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int half = tid / kHalfThreads, t = tid % kHalfThreads;
   const int tok0 = blockIdx.x * kTokens;
@@ -271,10 +312,26 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     lora_src[j] = lora_copy[j] ? reinterpret_cast<const uint8_t*>(lora_t + static_cast<size_t>(r) * K) + ch * 16 : nullptr;
     lora_dst[j] = kOffLora + tile_offset(r, ch);
   }
+  // norm with modulation: threads t 64..95 copy the stage's mult and add rows, chunk t - 64 of [mult, add][first,
+  // last batch][8 chunks]; mod_src: the thread's chunk of group 0. A token of the first or last batch reads its
+  // octets at mod_at of a stage, any other (mod_rows < 16) from device memory (mod_at -1).
+  const T* mod_src = nullptr;
+  int mod_at = -1;
+  if (norm && mod_mult) {
+    const int first_batch = tok0 / mod_rows, last_batch = (min(tok0 + kTokens, M) - 1) / mod_rows;
+    if (t >= 64 && t < 96) {
+      const int c = t - 64;
+      mod_src = (c < 16 ? mod_mult : mod_add) + static_cast<size_t>(c / 8 % 2 ? last_batch : first_batch) * K +
+                8 * (c % 8);
+    }
+    const int batch = tok / mod_rows;
+    if (tok_valid && (batch == first_batch || batch == last_batch))
+      mod_at = kOffMod + (batch == first_batch ? 0 : 128) + 16 * t8;
+  }
 
   // Ring position q into stage `stage`, by the half that quantizes it: x tile (thread t: its own chunk),
   // lora_t tile (pass 1), 1/smooth and smooth (threads t 0..15, 16..31; smooth in exact mode only), the
-  // group's shift (thread t 32).
+  // group's shift (thread t 32), mult and add (threads t 64..95, norm with modulation).
   auto load_position = [&](int q, int stage) {
     if (q < groups || (q >= pass2_start && q < positions)) {
       const bool pass1 = q < groups;
@@ -293,9 +350,72 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       } else if (t == 32 && group_shift) {
         cp_async4(st + kOffParams + 512, group_shift + g);
       }
+      if (mod_src) cp_async16(st + kOffMod + 16 * (t - 64), mod_src + 64 * g, true);
     }
     cp_async_commit();
   };
+
+  // The norm prologue's statistics (see the file comment), before the ring's first positions are issued (issued
+  // first, they made ptxas spill the coefficient paths' main loop on sm_90)
+  if (norm) {
+    // this thread's share of its token's float64 totals: sum h (t8 even) or sum h^2 (t8 odd) over groups
+    double total = 0.0;
+    // this half's groups (those of its parity) from the last down, like pass 2: the ring's first positions then
+    // stage the groups read last, the likeliest still in L2. Every lane runs the loop (the shuffles); rows past M
+    // sum zeros.
+    const int last = groups - 1 - (groups - 1 + half) % 2;  // -1 where the half has none
+    for (int i = half; i < groups; i += 8) {  // 4 of the half's groups, the i-th last and the 3 before it
+      uint4 raw[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        raw[j] = tok_valid && i + 2 * j < groups
+                     ? __ldg(reinterpret_cast<const uint4*>(x_src + (last - (i - half + 2 * j)) * 128))
+                     : make_uint4(0u, 0u, 0u, 0u);
+      // Each group's sums of h and of h^2 over its 8 octets, numerics._group_sums' tree ((o0 + o1) + (o2 + o3)) +
+      // ((o4 + o5) + (o6 + o7)) as a reduce-scatter over the octet's lanes: at distance d a lane keeps half of
+      // its values (the half its bit d selects) and adds the partner's copy of that half, so that every addition
+      // is the tree's (commuted: the same bits) and each lane ends with one of the 8 finished sums, converted and
+      // added in float64 once. Distance 1 group by group: the sum of h to the even lane, of h^2 to the odd one
+      // (part[j]: the octet pair's sum for group j); then distances 2 and 4 across the 4 groups.
+      float part[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float h[8];
+        unpack8<T>(raw[j], h);
+        float sum = h[0], squares = __fmul_rn(h[0], h[0]);  // the octet's, in column order
+#pragma unroll
+        for (int e = 1; e < 8; ++e) {
+          sum = __fadd_rn(sum, h[e]);
+          squares = __fadd_rn(squares, __fmul_rn(h[e], h[e]));
+        }
+        const bool odd = t8 & 1;
+        part[j] = __fadd_rn(odd ? squares : sum, __shfl_xor_sync(0xffffffffu, odd ? sum : squares, 1));
+      }
+#pragma unroll
+      for (int d = 2, n = 2; d < 8; d <<= 1, n >>= 1) {
+        const bool upper = t8 & d;
+#pragma unroll
+        for (int v = 0; v < n; ++v) {
+          const float keep = upper ? part[v + n] : part[v], send = upper ? part[v] : part[v + n];
+          part[v] = __fadd_rn(keep, __shfl_xor_sync(0xffffffffu, send, d));
+        }
+      }
+      total = __dadd_rn(total, static_cast<double>(part[0]));  // exact
+    }
+    // the 4 lanes of each parity hold the 4 groups' shares: their totals (exact, so in any order)
+    total = __dadd_rn(total, __shfl_xor_sync(0xffffffffu, total, 2));
+    total = __dadd_rn(total, __shfl_xor_sync(0xffffffffu, total, 4));
+    if (t8 < 2) reinterpret_cast<double*>(&half_stats[half][row])[t8] = total;
+    __syncthreads();
+    const double2 a = half_stats[0][row], b = half_stats[1][row];
+    const double mean = __ddiv_rn(__dadd_rn(a.x, b.x), static_cast<double>(K));
+    const double var = fmax(__dadd_rn(__ddiv_rn(__dadd_rn(a.y, b.y), static_cast<double>(K)), -__dmul_rn(mean, mean)),
+                            0.0);
+    const double rstd = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
+    // in shared memory rather than registers, which the coefficient paths have none to spare of
+    if (half == 0 && t8 == 0) token_norm[row] = make_float2(__double2float_rn(mean), __double2float_rn(rstd));
+  }
+
   // a pair of positions p, p + 1 (p even) per step, half h quantizing p + h; position q in stage q % kStages
 #pragma unroll
   for (int q = half; q < kAhead; q += 2) load_position(q, q);
@@ -305,9 +425,38 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     __syncthreads();
     // position p + kAhead + half into the stage of p - 2 + half, which the previous step read
     load_position(p + kAhead + half, (stage == 0 ? kStages : stage) - 2 + half);
-    const uint8_t* tile = ring + stage * kStageBytes;
+    uint8_t* tile = ring + stage * kStageBytes;
     stage = stage + 2 == kStages ? 0 : stage + 2;
     return tile;
+  };
+
+  // norm: this thread's chunk of stage st (group g) rewritten from h to x; returns the chunk
+  auto normalize = [&](uint8_t* st, int g) {
+    uint4* chunk = reinterpret_cast<uint4*>(st + my_chunk);
+    float v[8];
+    unpack8<T>(*chunk, v);
+    const float2 stats = token_norm[row];  // mean, rstd
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = round_to<T>(__fmul_rn(__fsub_rn(v[e], stats.x), stats.y));
+    if (mod_mult) {
+      uint4 mult_raw, add_raw;
+      if (mod_at >= 0) {
+        mult_raw = *reinterpret_cast<const uint4*>(st + mod_at);
+        add_raw = *reinterpret_cast<const uint4*>(st + mod_at + 256);
+      } else {
+        const size_t col = static_cast<size_t>(tok / mod_rows) * K + 64 * g + 8 * t8;
+        mult_raw = __ldg(reinterpret_cast<const uint4*>(mod_mult + col));
+        add_raw = __ldg(reinterpret_cast<const uint4*>(mod_add + col));
+      }
+      float mult[8], add[8];
+      unpack8<T>(mult_raw, mult);
+      unpack8<T>(add_raw, add);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = __fmaf_rn(v[e], mult[e], add[e]);
+    }
+    const uint4 x_chunk = pack8<T>(v);
+    *chunk = x_chunk;
+    return x_chunk;
   };
 
   // the low-rank chains (ranks 8 c .. 8 c + 7, c < rank / 8) on warps 0, 4, 1, 5: one per half in each pair
@@ -331,8 +480,20 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   };
 
   for (int p = 0; p < pass2_start; p += 2) {
-    const uint8_t* tile = advance(p);
+    uint8_t* tile = advance(p);
     const int g = p + half;
+    if (norm) {
+      if (g < groups && tok_valid) {
+        const uint4 x_chunk = normalize(tile + half * kStageBytes, g);
+        // at x_src's offset from x (this thread's chunk of group 0 in an [M, K] tensor): from a pointer that is
+        // live anyway, where tok * K cost sm_90's coefficient paths a spill
+        if (norm_out) {
+          const ptrdiff_t at = x_src - reinterpret_cast<const uint8_t*>(x) + g * 128;
+          *reinterpret_cast<uint4*>(reinterpret_cast<uint8_t*>(norm_out) + at) = x_chunk;
+        }
+      }
+      if (rank) __syncthreads();  // the low-rank mma reads the rows other threads rewrote
+    }
     if (g < groups) {  // this half's group
       const uint8_t* own = tile + half * kStageBytes;
       const float* params = reinterpret_cast<const float*>(own + kOffParams);
@@ -381,10 +542,11 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     const float inv_atok = atok >= 0x1p-100f ? __frcp_rn(atok) : 0.f;
     // rows past M compute on zeros and store nothing (the shuffles need every lane)
     for (int p = pass2_start; p < positions; p += 2) {
-      const uint8_t* tile = advance(p) + half * kStageBytes;
+      uint8_t* tile = advance(p) + half * kStageBytes;
       const int q = p + half;
       if (q >= positions) continue;
       const int g = positions - 1 - q;
+      if (norm && tok_valid) normalize(tile, g);
       const float* params = reinterpret_cast<const float*>(tile + kOffParams);
       const float shift = group_shift ? params[128] : 0.f;
       const bool uns = shift > 0.f;
@@ -421,14 +583,16 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 }  // namespace
 }  // namespace svdq::sm80
 
-#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                     \
-  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)                    \
-      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                     \
-           int rotation_passes, const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales,     \
-           T* lora_act, int M, int K, int rank, int m_al) {                                                       \
-    svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(x, smooth, inv_smooth, group_shift, rotation_passes,        \
-                                                     rotation_coef, lora_t, codes, ascales, lora_act, M, K, rank, \
-                                                     m_al);                                                       \
+#define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                       \
+  extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)                        \
+      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                      \
+           int rotation_passes, const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales,       \
+           T* lora_act, int M, int K, int rank, int m_al, int norm, const void* mod_mult, const void* mod_add,      \
+           int mod_rows, double eps, void* norm_out) {                                                              \
+    svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(                                                               \
+        x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t, codes, ascales, lora_act, M, K, \
+        rank, m_al, norm != 0, static_cast<const T*>(mod_mult), static_cast<const T*>(mod_add), mod_rows, eps,      \
+        static_cast<T*>(norm_out));                                                                                 \
   }
 #define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, S8)   \
   SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, false) \

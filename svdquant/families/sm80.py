@@ -5,7 +5,9 @@ two tensor-core variants of kernel 2 on the same operands: "int4" (mma.sync m16n
 sm_80/86/89) and "int8" (mma.sync m16n8k32 s8 on the INT4 codes, any sm_80+ GPU). The int8 variant
 runs layers with power-of-two weight scales and activations on w4a4_gemm_pow2.cu instead (the
 scales' powers of two folded into s8 operands, all of K summed in int32, no per-group promotion),
-after kernel 1 in its pow2_s8 mode.
+after kernel 1 in its pow2_s8 mode. Kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm):
+x is then the LayerNorm's input and the layer computes on norm.apply(x), which kernel 1 also writes out only at
+ranks above kernels.KERNEL1_MAX_RANK (the low-rank input of cuBLAS's GEMM).
 
 The kernels read the layer's tensors in their natural layout (qweight [N, K/2], wscales [K/64, N],
 lora_up [N, r], bias), so the weights stay one 4-bit copy. Derived tensors, kept by the layer's
@@ -18,6 +20,7 @@ the weight scales' exponents (1 byte per group scale) and row bases.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -27,6 +30,8 @@ from . import check_tensor, sm_count
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
+# kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
+KERNEL1_NORM = True
 # Kernel 1 computes x @ lora_down in its pass over x (one warp per 8 ranks) up to kernels.KERNEL1_MAX_RANK;
 # kernel 2's low-rank stages take kernels.RANK_MULTIPLE ranks each.
 _ACT_TOKENS = 16  # tokens per kernel 1 CTA
@@ -76,13 +81,16 @@ def scales_rows(m: int) -> int:
 
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
               lora_t: torch.Tensor | None, pow2: bool = False, int8_operands: bool = False,
-              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None)):
+              rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None),
+              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
     dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. int8_operands (pow2 only):
     the whole-K kernel 2's s8 operands (the pow2_s8 entry points). rotation: the layer's group
     rotation as kernels.kernel1_rotation gives it (W4A4Kernel.kernel1_rotation): (kind, coefficients
-    or None).
+    or None). norm: x is a LayerNorm's input and kernel 1 quantizes norm.apply(x) (the norm prologue;
+    mult and add [B, K] or [B, 1, K] in x's dtype, M a multiple of B), also storing it into norm_out [M, K]
+    (x's dtype) where given.
 
     Returns (codes, ascales, lora_act [M, r] in x's dtype or None): codes uint8 [M, K/2] packed as
     numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with
@@ -113,6 +121,24 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
             raise Sm80InputError(f"kernel 1 takes ranks that are multiples of {kernels.RANK_MULTIPLE} up to "
                                  f"{kernels.KERNEL1_MAX_RANK}, got {rank}")
         _check(lora_t, x, "lora_t", x.dtype, (rank, k))
+    mod_mult = mod_add = None
+    mod_rows = m
+    if norm is not None:
+        if norm.mult is not None:
+            batches = norm.mult.shape[0]
+            mod_mult = norm.mult.reshape(batches, -1).contiguous()
+            mod_add = norm.add.reshape(batches, -1).contiguous()
+            _check(mod_mult, x, "norm.mult", x.dtype, (batches, k))
+            _check(mod_add, x, "norm.add", x.dtype, (batches, k))
+            if m % batches:
+                raise Sm80InputError(f"{m} tokens do not split into {batches} equal batches")
+            mod_rows = max(1, m // batches)
+        if not norm.eps >= 0:
+            raise Sm80InputError(f"the LayerNorm's eps must be >= 0, not {norm.eps}")
+        if norm_out is not None:
+            _check(norm_out, x, "norm_out", x.dtype, (m, k))
+    elif norm_out is not None:
+        raise Sm80InputError("norm_out needs norm")
     m_al = scales_rows(m)
     codes = torch.empty(m, k if int8_operands else k // 2, dtype=torch.uint8, device=x.device)
     ascales = torch.empty(1 if int8_operands else groups, m_al, dtype=torch.float32, device=x.device)
@@ -123,7 +149,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}{path}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
                   (x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t if rank else None, codes,
-                   ascales, lora_act, m, k, rank, m_al))
+                   ascales, lora_act, m, k, rank, m_al, norm is not None, mod_mult, mod_add, mod_rows,
+                   ctypes.c_double(0.0 if norm is None else norm.eps), norm_out))
     return codes, ascales, lora_act
 
 
@@ -339,23 +366,26 @@ def runs_whole_k(kernel: kernels.W4A4Kernel, mma: str, pow2_activations: bool) -
 
 
 def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", pow2_activations: bool | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
     """W4A4Kernel.reference's function of x [M, K] on the two sm80 kernels (mma: "int4" or "int8" for
-    kernel 2; int8 on power-of-two layers: the whole-K kernel 2). pow2_activations: quantize x with
-    power-of-two restricted scales (numerics.quantize_activations_pow2); None: as the kernel's
-    activation mode says."""
+    kernel 2; int8 on power-of-two layers: the whole-K kernel 2), or of norm.apply(x) (kernel 1's norm
+    prologue; above kernels.KERNEL1_MAX_RANK kernel 1 also stores that input for the low-rank GEMM).
+    pow2_activations: quantize x with power-of-two restricted scales (numerics.quantize_activations_pow2);
+    None: as the kernel's activation mode says."""
     if pow2_activations is None:
         pow2_activations = kernel.pow2_activations
     if x.dtype != kernel.wscales.dtype:
         raise Sm80InputError(f"input dtype {x.dtype} with {kernel.wscales.dtype} weights")
+    rank = kernel.rank
     x = x.contiguous()
     whole_k = runs_whole_k(kernel, mma, pow2_activations)
     smooth, inv_smooth, group_shift, lora_t = kernel1_inputs(kernel)
+    wide = rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
+    normalized = torch.empty_like(x) if wide and norm is not None else None
     codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations, whole_k,
-                                         kernel.kernel1_rotation())
-    rank = kernel.rank
-    if rank > kernels.KERNEL1_MAX_RANK:
-        lora_act = x @ kernel.lora_down
+                                         kernel.kernel1_rotation(), norm, normalized)
+    if wide:
+        lora_act = (x if normalized is None else normalized) @ kernel.lora_down
         if rank % kernels.RANK_MULTIPLE:
             lora_act = torch.nn.functional.pad(lora_act, (0, _padded_rank(rank) - rank))
         lora_act = lora_act.contiguous()
