@@ -75,14 +75,15 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     a W4A4 layer whose tensors are on its device hands the LayerNorm's input and the norm to its kernel
     (docs/DESIGN.md#producer-quantization); any other case computes x first.
     """
-    lead = x.shape[:-1]
     if isinstance(x, pending.PendingNorm):
         waiting = x.pending()
-        if waiting is not None and layer.kind == W4A4 and layer.qweight.device == x.device:
+        # the source's metadata, not the wrapper's (each query of the wrapper's runs its __torch_function__)
+        if waiting is not None and layer.kind == W4A4 and layer.qweight.device == waiting[0].device:
             source, norm = waiting
             y = layer.w4a4_kernel()(source.reshape(-1, layer.in_features), norm=norm)
-            return y.reshape(*lead, layer.out_features)
+            return y.reshape(*source.shape[:-1], layer.out_features)
         x = x.value()
+    lead = x.shape[:-1]
     flat = x.reshape(-1, layer.in_features)
     here = layer.qweight.device == x.device
     if layer.kind == W4A4:

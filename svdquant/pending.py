@@ -110,8 +110,9 @@ class PendingNorm(torch.Tensor):
         ([B, 1, K], or [1, 1, K], [1, K], [K] for every batch); else None."""
         if self._value is not None or self._norm.mult is not None:
             return None
-        rows = [_per_batch(t, self.shape, self.dtype, self.device) for t in (mult, add)]
-        if None in rows:
+        source = self._source  # its metadata, not the wrapper's: no __torch_function__ round trips
+        rows = [_per_batch(t, source.shape, source.dtype, source.device) for t in (mult, add)]
+        if rows[0] is None or rows[1] is None:  # not `None in rows`: that compares tensors with None
             return None
         return PendingNorm(self._source, kernels.ModulatedNorm(*rows, self._norm.eps))
 
