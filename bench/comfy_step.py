@@ -9,7 +9,12 @@ exact weights + power-of-two activations, and the exact file in FP8 execution (t
 (load_models_gpu) and timed eager and compiled (`torch.compile` of the diffusion model, as
 TorchCompileModel does; the first compiled call is timed on its own), with weight and peak memory.
 
-    COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile]
+    COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile] [--profile]
+        [--fused-norm-ab]
+--profile adds, per variant, the kernel time of one eager and one compiled call by kind (our kernels 1 and 2,
+W4A16, cuBLAS GEMMs, attention, Triton, other) and its largest kernels (torch.profiler, CUDA only).
+--fused-norm-ab times ours eager with the pending LayerNorm off and on (SVDQUANT_FUSED_NORM 0 / 1,
+docs/DESIGN.md#producer-quantization), alternating, three rounds each.
     CPU check: ... --depth 1 --single 1 --height 64 --width 64 --txt 16 --device cpu --no-compile --repeats 1
 
 On the GPU machine (`run`) ComfyUI and the wheels it needs that the device lacks travel in the
@@ -147,6 +152,33 @@ class Fp8OpFailures(logging.Handler):
             self.first = self.first or message
 
 
+# kernel name fragments -> kind, first match wins (--profile)
+KERNEL_KINDS = (("ours k1", ("act_quant",)), ("ours k2", ("w4a4_gemm",)), ("w4a16", ("w4a16",)),
+                ("attention", ("flash", "fmha", "sdpa", "attention")),
+                ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "scaled_mm")), ("triton", ("triton",)))
+
+
+def kernel_time(fn) -> dict:
+    """GPU kernel time of one fn() call (torch.profiler): total, by KERNEL_KINDS, and the 12 largest kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += event.device_time / 1e3
+            entry[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name.lower() for key in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:12]
+    return {"total_ms": round(sum(kinds.values()), 2),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda item: -item[1])},
+            "largest": [[name[:120], round(ms, 3), count] for name, (ms, count) in top]}
+
+
 def timed(fn, sync, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn() over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
@@ -189,6 +221,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="kernel time by kind of one eager and one compiled call")
+    parser.add_argument("--fused-norm-ab", action="store_true",
+                        help="ours eager with the pending LayerNorm off and on (SVDQUANT_FUSED_NORM), alternating")
     args = parser.parse_args()
     variants = chosen_variants(parser, args)
     logging.basicConfig(level=logging.INFO)  # ComfyUI's word on its loads and a failed fp8 op (it falls back)
@@ -196,6 +231,7 @@ def main() -> None:
     pack = import_pack()
     flux = pack[1]
     from comfyui_version import __version__ as comfyui_version
+    from svdquant_pack.svdquant import pending
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -235,8 +271,18 @@ def main() -> None:
             row = {"weights_GiB": round(weight_bytes / 2**30, 2)}
             failures = Fp8OpFailures()
             logging.getLogger().addHandler(failures)
+            call = functools.partial(model, *inputs, **extra)
             with torch.no_grad():
-                row["eager_ms"] = round(timed(functools.partial(model, *inputs, **extra), sync, args.warmup, args.repeats), 2)
+                row["eager_ms"] = round(timed(call, sync, args.warmup, args.repeats), 2)
+                if args.fused_norm_ab and VARIANTS[variant][1] is not None:
+                    for _ in range(3):
+                        for flag in ("0", "1"):
+                            os.environ[pending.FUSED_NORM_ENV] = flag
+                            row.setdefault(f"eager_ms_fused_norm_{flag}", []).append(
+                                round(timed(call, sync, args.warmup, args.repeats), 2))
+                    os.environ.pop(pending.FUSED_NORM_ENV)
+                if args.profile and cuda:
+                    row["eager_kernels"] = kernel_time(call)
                 if not args.no_compile:
                     torch._dynamo.utils.counters.clear()
                     compiled = torch.compile(model)  # what TorchCompileModel compiles (backend inductor)
@@ -250,6 +296,8 @@ def main() -> None:
                     row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
                     row["compiled_ms"] = round(timed(lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats), 2)
+                    if args.profile and cuda:
+                        row["compiled_kernels"] = kernel_time(lambda: compiled(*inputs, **extra))
                     del compiled
                     torch._dynamo.reset()
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
