@@ -13,7 +13,7 @@ import torch
 
 from random_layers import activations, gen, group_rotation, needs_sm80, needs_sm90, sm90_kernel1, w4a4_layer
 from svdquant import kernels, numerics
-from svdquant.families import sm80, sm90
+from svdquant.families import norm_arguments, sm80, sm90
 
 G = numerics.GROUP_SIZE
 
@@ -50,6 +50,25 @@ def test_modulated_layer_norm_is_pytorchs_up_to_rounding(dtype):
     assert bool((got[0, 0] == add[0, 0]).all())  # the constant token normalizes to 0
     with pytest.raises(ValueError, match="B, L, K"):
         numerics.modulated_layer_norm(h[0], None, None, 1e-6)
+
+
+def test_norm_arguments_check_the_modulation():
+    # the host-side checks both families' kernel 1 share (families.norm_arguments), and the arguments they pass
+    x = torch.zeros(6, 128, dtype=torch.bfloat16)
+    rows = torch.ones(4, 128, dtype=torch.bfloat16)
+    for norm, norm_out, problem in [
+            (kernels.ModulatedNorm(rows, rows, 1e-6), None, "equal batches"),
+            (kernels.ModulatedNorm(rows[:2].float(), rows[:2], 1e-6), None, "norm.mult"),
+            (kernels.ModulatedNorm(None, None, -1.0), None, "eps"),
+            (None, torch.zeros(6, 128, dtype=torch.bfloat16), "norm_out needs norm"),
+            (kernels.ModulatedNorm(None, None, 1e-6), torch.zeros(6, 64, dtype=torch.bfloat16), "norm_out")]:
+        with pytest.raises(RuntimeError, match=problem):
+            norm_arguments(norm, norm_out, x)
+    flag, mult, add, tokens_per_batch, eps, stored = norm_arguments(
+        kernels.ModulatedNorm(rows[:2].reshape(2, 1, 128), rows[:2].reshape(2, 1, 128) * 2, 1e-6), None, x)
+    assert flag and mult.shape == add.shape == (2, 128) and mult.is_contiguous() and bool((add == 2).all())
+    assert tokens_per_batch == 3 and eps.value == 1e-6 and stored is None
+    assert norm_arguments(None, None, x)[0] is False
 
 
 @needs_sm90

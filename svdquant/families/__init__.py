@@ -4,6 +4,7 @@ svdquant.cuda): sm90.py for csrc/sm90, sm80.py for csrc/sm80, w4a16.py for csrc/
 Each module names every kernel entry point it launches in `KERNELS` (CI compiles every family and
 checks them against the cubins: tests/test_runtime_compile.py)."""
 
+import ctypes
 import functools
 
 import torch
@@ -40,3 +41,31 @@ def check_tensor(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dt
         raise error(f"{name} must be contiguous")
     if align and t.data_ptr() % align:
         raise error(f"{name} must start on a {align}-byte boundary")
+
+
+def norm_arguments(norm, norm_out: torch.Tensor | None, x: torch.Tensor, *, error: type[Exception] = RuntimeError
+                   ) -> tuple:
+    """Kernel 1's last six arguments in both families: the norm flag, mult and add [B, K] (None without a
+    modulation), tokens per batch, eps as a C double and norm_out, after checking them against x [M, K]:
+    norm (a kernels.ModulatedNorm or None) with mult and add [B, K] or [B, 1, K] in x's dtype, M a multiple
+    of B, eps >= 0; norm_out [M, K] in x's dtype, only with a norm; all 16-byte aligned."""
+    m, k = x.shape
+    if norm is None:
+        if norm_out is not None:
+            raise error("norm_out needs norm")
+        return False, None, None, m, ctypes.c_double(0.0), None
+    mult = add = None
+    rows = m
+    if norm.mult is not None:
+        batches = norm.mult.shape[0]
+        mult, add = norm.mult.reshape(batches, -1).contiguous(), norm.add.reshape(batches, -1).contiguous()
+        check_tensor(mult, x, "norm.mult", x.dtype, (batches, k), error=error, align=16)
+        check_tensor(add, x, "norm.add", x.dtype, (batches, k), error=error, align=16)
+        if m % batches:
+            raise error(f"{m} tokens do not split into {batches} equal batches")
+        rows = max(1, m // batches)
+    if not norm.eps >= 0:
+        raise error(f"the LayerNorm's eps must be >= 0, not {norm.eps}")
+    if norm_out is not None:
+        check_tensor(norm_out, x, "norm_out", x.dtype, (m, k), error=error, align=16)
+    return True, mult, add, rows, ctypes.c_double(norm.eps), norm_out

@@ -20,13 +20,12 @@ the weight scales' exponents (1 byte per group scale) and row bases.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
 
 from .. import cuda, kernels, numerics
-from . import check_tensor, sm_count
+from . import check_tensor, norm_arguments, sm_count
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
@@ -121,24 +120,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
             raise Sm80InputError(f"kernel 1 takes ranks that are multiples of {kernels.RANK_MULTIPLE} up to "
                                  f"{kernels.KERNEL1_MAX_RANK}, got {rank}")
         _check(lora_t, x, "lora_t", x.dtype, (rank, k))
-    mod_mult = mod_add = None
-    mod_rows = m
-    if norm is not None:
-        if norm.mult is not None:
-            batches = norm.mult.shape[0]
-            mod_mult = norm.mult.reshape(batches, -1).contiguous()
-            mod_add = norm.add.reshape(batches, -1).contiguous()
-            _check(mod_mult, x, "norm.mult", x.dtype, (batches, k))
-            _check(mod_add, x, "norm.add", x.dtype, (batches, k))
-            if m % batches:
-                raise Sm80InputError(f"{m} tokens do not split into {batches} equal batches")
-            mod_rows = max(1, m // batches)
-        if not norm.eps >= 0:
-            raise Sm80InputError(f"the LayerNorm's eps must be >= 0, not {norm.eps}")
-        if norm_out is not None:
-            _check(norm_out, x, "norm_out", x.dtype, (m, k))
-    elif norm_out is not None:
-        raise Sm80InputError("norm_out needs norm")
+    norm_args = norm_arguments(norm, norm_out, x, error=Sm80InputError)
     m_al = scales_rows(m)
     codes = torch.empty(m, k if int8_operands else k // 2, dtype=torch.uint8, device=x.device)
     ascales = torch.empty(1 if int8_operands else groups, m_al, dtype=torch.float32, device=x.device)
@@ -149,8 +131,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}{path}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
                   (x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t if rank else None, codes,
-                   ascales, lora_act, m, k, rank, m_al, norm is not None, mod_mult, mod_add, mod_rows,
-                   ctypes.c_double(0.0 if norm is None else norm.eps), norm_out))
+                   ascales, lora_act, m, k, rank, m_al, *norm_args))
     return codes, ascales, lora_act
 
 

@@ -19,13 +19,12 @@ the .cu files' layouts) and the TMA descriptors.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import torch
 
 from .. import cuda, kernels, numerics
-from . import aligned16, check_half, check_tensor, sm_count
+from . import aligned16, check_half, check_tensor, norm_arguments, sm_count
 
 FAMILY = "sm90"
 # kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
@@ -149,24 +148,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if coef_shape is not None:
         check_tensor(rotation_coef, x, "rotation coefficients", torch.float32, coef_shape)
     check_tensor(lora_down_p, x, "lora_down_p", x.dtype, (rank, k))
-    mod_mult = mod_add = None
-    mod_rows = m
-    if norm is not None:
-        if norm.mult is not None:
-            batches = norm.mult.shape[0]
-            mod_mult = norm.mult.reshape(batches, -1).contiguous()
-            mod_add = norm.add.reshape(batches, -1).contiguous()
-            check_tensor(mod_mult, x, "norm.mult", x.dtype, (batches, k))
-            check_tensor(mod_add, x, "norm.add", x.dtype, (batches, k))
-            if m % batches:
-                raise RuntimeError(f"act_quant: {m} tokens do not split into {batches} equal batches")
-            mod_rows = max(1, m // batches)
-        if not norm.eps >= 0:
-            raise RuntimeError(f"act_quant: the LayerNorm's eps must be >= 0, not {norm.eps}")
-        if norm_out is not None:
-            check_tensor(norm_out, x, "norm_out", x.dtype, (m, k))
-    elif norm_out is not None:
-        raise RuntimeError("act_quant: norm_out needs norm")
+    norm_args = norm_arguments(norm, norm_out, x)
     m_al = (m + 3) // 4 * 4
     codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
     ascales = torch.empty(1 if pow2 else k // 64, m_al, dtype=torch.float32, device=x.device)
@@ -175,8 +157,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         return codes, ascales, lora_act
     if rank % kernels.RANK_MULTIPLE or rank > kernels.MAX_RANK:
         raise RuntimeError(f"act_quant: rank must be a multiple of {kernels.RANK_MULTIPLE} in [0, {kernels.MAX_RANK}]")
-    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act, mod_mult,
-                     mod_add, norm_out):
+    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
         tm_x = _map_2d(x, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B)
@@ -191,8 +172,6 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     fn = cuda.function(FAMILY, name, x.device)
     args = (tm_x, smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down_p, codes, ascales, lora_act,
             m, k, rank, m_al, int8_operands)
-    norm_args = (norm is not None, mod_mult, mod_add, mod_rows, ctypes.c_double(0.0 if norm is None else norm.eps),
-                 norm_out)
     # clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
     for max_cs in (_AQ_MAX_CLUSTER_CTAS, 8):
         cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms, norm is not None)
