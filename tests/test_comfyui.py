@@ -51,6 +51,19 @@ def run_comfy_side(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def write_call_inputs(path: Path, cfg, seed: int) -> None:
+    """One FLUX call's inputs (flux.synthetic's, the bfloat16 timestep 0.7 and guidance 3.5) as a file the
+    ComfyUI side reads."""
+    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=seed, height=24, width=20)
+    save_file({"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
+               "guidance": torch.tensor([3.5]).bfloat16()}, str(path))
+
+
+def comfy_side_result(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the facts (its header's JSON) of a file the ComfyUI side wrote."""
+    return load_file(str(path)), json.loads(fmt.read_header(path)["facts"])
+
+
 def dequantized_state_dict(model: fmt.QuantizedModel) -> dict[str, torch.Tensor]:
     """The model's tensors with each 4-bit layer as the 16-bit weight and bias that compute what it
     computes up to its activation quantization: W4A4 y = Q((x + shift) / smooth) R^T + x D U^T + b
@@ -98,15 +111,11 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     fmt.save_model(path, model)
     save_file(dequantized_state_dict(model), str(tmp_path / "dense.safetensors"))
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
-    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=5, height=24, width=20)
-    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
-              "guidance": torch.tensor([3.5]).bfloat16()}
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    write_call_inputs(tmp_path / "inputs.safetensors", cfg, seed=5)
 
     run_comfy_side("load", REPO, path, tmp_path / "dense.safetensors", tmp_path / "inputs.safetensors",
                    tmp_path / "out.safetensors")
-    outputs = load_file(str(tmp_path / "out.safetensors"))
-    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+    outputs, facts = comfy_side_result(tmp_path / "out.safetensors")
 
     assert torch.equal(outputs["full"], outputs["reference"])
     assert torch.equal(outputs["lowvram"], outputs["reference"])
@@ -139,14 +148,10 @@ def test_comfyui_counts_the_fp8_weights_of_layers_in_fp8_execution(tmp_path):
     model = quantized_model(True)
     fmt.save_model(path, model)
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
-    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=7, height=24, width=20)
-    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
-              "guidance": torch.tensor([3.5]).bfloat16()}
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    write_call_inputs(tmp_path / "inputs.safetensors", cfg, seed=7)
 
     run_comfy_side("fp8_sizing", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
-    outputs = load_file(str(tmp_path / "out.safetensors"))
-    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+    outputs, facts = comfy_side_result(tmp_path / "out.safetensors")
 
     w4a4 = {name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind == flux.arch.W4A4}
     fp8_bytes = facts["fp8_bytes"]
@@ -181,14 +186,10 @@ def test_layer_norms_stay_pending_into_the_4bit_layers_they_feed(tmp_path):
     model = quantized_model(True)
     fmt.save_model(path, model)
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
-    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=8, height=24, width=20)
-    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
-              "guidance": torch.tensor([3.5]).bfloat16()}
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    write_call_inputs(tmp_path / "inputs.safetensors", cfg, seed=8)
 
     run_comfy_side("pending_norm", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
-    outputs = load_file(str(tmp_path / "out.safetensors"))
-    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+    outputs, facts = comfy_side_result(tmp_path / "out.safetensors")
 
     fed = [f"double_blocks.{i}.{stream}_{layer}" for i in range(cfg.depth) for stream in ("img", "txt")
            for layer in ("attn.qkv", "mlp.0")] + [f"single_blocks.{i}.linear1" for i in range(cfg.depth_single_blocks)]
@@ -300,16 +301,12 @@ def test_stock_lora_loader_and_lora_stack_apply_loras_to_the_4bit_layers(tmp_pat
     else:
         path = reference_fixture("reference_flux_tiny.safetensors")
     cfg = flux.files.load_flux(path)[1]
-    noise, context, pooled = flux.synthetic.flux_inputs(cfg, seed=6, height=24, width=20)
-    inputs = {"x": noise, "timestep": torch.tensor([0.7]).bfloat16(), "context": context, "y": pooled,
-              "guidance": torch.tensor([3.5]).bfloat16()}
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    write_call_inputs(tmp_path / "inputs.safetensors", cfg, seed=6)
     write_loras(tmp_path / "loras", cfg)
 
     run_comfy_side("lora", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "loras",
                    tmp_path / "out.safetensors")
-    out = load_file(str(tmp_path / "out.safetensors"))
-    facts = json.loads(fmt.read_header(tmp_path / "out.safetensors")["facts"])
+    out, facts = comfy_side_result(tmp_path / "out.safetensors")
 
     quantized = {name for name, spec in flux.arch.linear_layers(cfg).items() if spec.kind != flux.arch.DENSE}
     assert facts["weight_keys"] == sorted(f"diffusion_model.{name}.weight" for name in quantized)
@@ -781,8 +778,7 @@ def test_t5_operations_load_the_t5_in_four_bits(tmp_path):
     computes, and the model takes under a third of its dense size."""
     out = tmp_path / "t5.safetensors"
     run_comfy_side("t5", REPO, out)
-    outputs = load_file(str(out))
-    facts = json.loads(fmt.read_header(out)["facts"])
+    outputs, facts = comfy_side_result(out)
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())
