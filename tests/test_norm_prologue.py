@@ -99,25 +99,6 @@ def test_sm90_norm_prologue_is_kernel1_of_the_normalized_input(batches, tokens, 
         assert differ.numel() == 0, f"{name}: {differ.shape[0]} differ, first at {differ[:5].tolist()}"
 
 
-@needs_sm90
-@pytest.mark.parametrize("fast", [False, True])
-def test_sm90_layer_with_a_norm_input(fast):
-    # W4A4Kernel(h, norm) runs the prologue and gives the layer's output on the normalized input bit for bit;
-    # above KERNEL1_MAX_RANK kernel 1 stores that input for cuBLAS's low-rank GEMM
-    generator = gen(17 + fast)
-    dtype = torch.bfloat16
-    h, mult, add = layer_norm_inputs(2, 300, 3072, dtype, generator)
-    norm = kernels.ModulatedNorm(mult, add, 1e-6)
-    for rank in (32, 96):
-        layer = w4a4_layer(384, 3072, rank, dtype, generator, False, pow2_weights=fast)
-        layer.pow2_activations = fast
-        kernel = layer.w4a4_kernel()
-        assert kernel.fallback_reason(h.reshape(600, 3072)) == ""
-        got = kernel(h.reshape(600, 3072), norm)
-        want = kernel(norm.apply(h.reshape(600, 3072)))
-        assert torch.equal(got, want), rank
-
-
 def test_sm90_act_quant_checks_the_modulation():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -183,39 +164,6 @@ def test_sm80_norm_prologue_is_kernel1_of_the_normalized_input(batches, tokens, 
         assert differ.numel() == 0, f"{name}: {differ.shape[0]} differ, first at {differ[:5].tolist()}"
 
 
-@needs_sm80
-@pytest.mark.parametrize("family", ["sm80-int8", "sm80-int4"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("fast", [False, True])
-def test_sm80_layer_with_a_norm_input(family, dtype, fast, monkeypatch):
-    # W4A4Kernel(h, norm) on the sm80 family runs the prologue (KERNEL1_NORM) and gives the layer's output on the
-    # normalized input bit for bit: both kernel 2 variants, exact and fast (pow2 weights and activations: the int8
-    # variant's whole-K kernel 2 after kernel 1's s8 operands); above KERNEL1_MAX_RANK kernel 1 also stores that
-    # input (norm_out) for cuBLAS's low-rank GEMM
-    stored = []
-    act_quant = sm80.act_quant
-
-    def recording_act_quant(*args, **kwargs):
-        stored.append(inspect.signature(act_quant).bind(*args, **kwargs).arguments.get("norm_out"))
-        return act_quant(*args, **kwargs)
-
-    monkeypatch.setattr(sm80, "act_quant", recording_act_quant)
-    generator = gen(29 + fast)
-    h, mult, add = layer_norm_inputs(2, 300, 3072, dtype, generator)
-    norm = kernels.ModulatedNorm(mult, add, 1e-6)
-    with kernels.forced_family(family):
-        for rank in (32, 96):
-            layer = w4a4_layer(384, 3072, rank, dtype, generator, False, pow2_weights=fast)
-            layer.pow2_activations = fast
-            kernel = layer.w4a4_kernel()
-            assert kernel.fallback_reason(h.reshape(600, 3072)) == ""
-            stored.clear()
-            got = kernel(h.reshape(600, 3072), norm)
-            assert len(stored) == 1 and (stored[0] is not None) == (rank > kernels.KERNEL1_MAX_RANK), rank
-            want = kernel(norm.apply(h.reshape(600, 3072)))
-            assert torch.equal(got, want), rank
-
-
 def test_sm80_act_quant_checks_the_modulation():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -237,3 +185,41 @@ def test_sm80_act_quant_checks_the_modulation():
                       torch.empty(6 * 128 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(6, 128)):
         with pytest.raises(sm80.Sm80InputError, match="norm_out"):
             sm80.act_quant(x, *inputs, norm=alone, norm_out=wrong_out)
+
+
+# ---- every family: the layer ------------------------------------------------------------------------------------
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm90", "sm80-int8", "sm80-int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [False, True])
+def test_layer_with_a_norm_input(family, dtype, fast, monkeypatch):
+    # W4A4Kernel(h, norm) on each family runs the prologue (KERNEL1_NORM) and gives the layer's output on the
+    # normalized input bit for bit: exact and fast (pow2 weights and activations: the fast kernel 2s after kernel 1's
+    # s8 operands), the sm80 family's two kernel 2 variants; above KERNEL1_MAX_RANK kernel 1 also stores that input
+    # (norm_out) for cuBLAS's low-rank GEMM
+    module = sm90 if family == "sm90" else sm80
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    stored = []
+    act_quant = module.act_quant
+
+    def recording_act_quant(*args, **kwargs):
+        stored.append(inspect.signature(act_quant).bind(*args, **kwargs).arguments.get("norm_out"))
+        return act_quant(*args, **kwargs)
+
+    monkeypatch.setattr(module, "act_quant", recording_act_quant)
+    generator = gen(29 + fast)
+    h, mult, add = layer_norm_inputs(2, 300, 3072, dtype, generator)
+    norm = kernels.ModulatedNorm(mult, add, 1e-6)
+    with kernels.forced_family(family):
+        for rank in (32, 96):
+            layer = w4a4_layer(384, 3072, rank, dtype, generator, False, pow2_weights=fast)
+            layer.pow2_activations = fast
+            kernel = layer.w4a4_kernel()
+            assert kernel.fallback_reason(h.reshape(600, 3072)) == ""
+            stored.clear()
+            got = kernel(h.reshape(600, 3072), norm)
+            assert len(stored) == 1 and (stored[0] is not None) == (rank > kernels.KERNEL1_MAX_RANK), rank
+            want = kernel(norm.apply(h.reshape(600, 3072)))
+            assert torch.equal(got, want), rank
