@@ -250,11 +250,19 @@ def norm_prologue_on(device: torch.device) -> bool:
     return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], "KERNEL1_NORM", False)
 
 
+def _no_kernels_reason(device: torch.device) -> str:
+    """Why no kernel family runs for tensors on `device` ('' where one may)."""
+    if device.type != "cuda":
+        return f"no CUDA kernels for {device.type} tensors"
+    name, forced_by = _forced_choice()
+    return f"{forced_by} chose the reference path" if name == "reference" else ""
+
+
 def fp8_execution_runs(device: torch.device, dtype: torch.dtype, out_features: int) -> bool:
     """Whether a W4A4 layer in FP8 execution with out_features outputs and its tensors on `device` runs on FP8
     tensor cores for `dtype` inputs, keeping FP8 weights there (W4A4Kernel's routing, told before any call so
     that a model's memory manager can count them); elsewhere it runs as stored. Loads the fp8 kernels."""
-    if device.type != "cuda" or _forced_choice()[0] == "reference":
+    if _no_kernels_reason(device):
         return False
     module, _ = _family_on("fp8", device)
     return module is not None and not module.layer_unsupported_reason(dtype, out_features)
@@ -354,19 +362,18 @@ class W4A4Kernel:
     def _route(self, x: torch.Tensor) -> tuple[object | None, dict, str]:
         """(family module, its svdq_linear variant arguments, '') for a call the kernels run, else
         (None, {}, why not)."""
-        if x.device.type != "cuda":
-            return None, {}, f"no CUDA kernels for {x.device.type} tensors"
-        major, minor = _capability(x.device)
-        name, forced_by = _forced_choice()
-        if name == "reference":
-            return None, {}, f"{forced_by} chose the reference path"
+        reason = _no_kernels_reason(x.device)
+        if reason:
+            return None, {}, reason
         if self.fp8_execution:
             module, reason = _family_on("fp8", x.device)
             reason = reason or module.unsupported_reason(x, self)
             if not reason:
                 return module, {}, ""
             _warn_once(f"svdquant: FP8 execution does not run here ({reason}): the 4-bit layers run as stored")
+        name = _forced_choice()[0]
         if name is None:
+            major, minor = _capability(x.device)
             name = w4a4_kernels_for((major, minor))
             if name is None:
                 return None, {}, f"no W4A4 kernels for sm_{major}{minor} GPUs (sm_80 or newer)"
