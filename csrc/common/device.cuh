@@ -104,6 +104,44 @@ __device__ __forceinline__ float round_to(float v) {
   return to_float(from_float<T>(v));
 }
 
+// The 8 values of 16 bytes of T (an octet: 8 consecutive columns) as floats, and back (rounded to
+// nearest even).
+template <typename T>
+__device__ __forceinline__ void unpack8(uint4 raw, float (&v)[8]) {
+  Half<T>::unpack2(raw.x, v[0], v[1]);
+  Half<T>::unpack2(raw.y, v[2], v[3]);
+  Half<T>::unpack2(raw.z, v[4], v[5]);
+  Half<T>::unpack2(raw.w, v[6], v[7]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  return make_uint4(pack2_rn<T>(v[0], v[1]), pack2_rn<T>(v[2], v[3]), pack2_rn<T>(v[4], v[5]), pack2_rn<T>(v[6], v[7]));
+}
+
+// numerics.modulated_layer_norm, the part every kernel-1 norm prologue shares (how each gathers a
+// token's sums is its own). A token's mean and 1 / sqrt(var + eps) from its float64 totals of h and
+// of h^2 over its K columns, each float64 operation rounded as the reference's, then rounded to float.
+__device__ __forceinline__ float2 layer_norm_stats(double sum, double squares, int K, double eps) {
+  const double mean = __ddiv_rn(sum, static_cast<double>(K));
+  const double var = fmax(__dadd_rn(__ddiv_rn(squares, static_cast<double>(K)), -__dmul_rn(mean, mean)), 0.0);
+  return make_float2(__double2float_rn(mean), __double2float_rn(__ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)))));
+}
+// One octet of h normalized with its token's (mean, rstd), each value rounded to T (the LayerNorm's
+// output dtype); then, modulated, fma(x, mult, add) with the octet's modulation rows, rounded once.
+template <typename T>
+__device__ __forceinline__ void layer_norm_octet(float (&v)[8], float2 stats) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = round_to<T>(__fmul_rn(__fsub_rn(v[e], stats.x), stats.y));
+}
+template <typename T>
+__device__ __forceinline__ void modulate_octet(float (&v)[8], uint4 mult_raw, uint4 add_raw) {
+  float mult[8], add[8];
+  unpack8<T>(mult_raw, mult);
+  unpack8<T>(add_raw, add);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = __fmaf_rn(v[e], mult[e], add[e]);
+}
+
 // The group rotation (numerics.rotate_groups) of one octet, the layout of both families' kernel 1:
 // 8 consecutive lanes own one (token, 64-group), lane t8 (= lane % 8) holding natural columns
 // 8 t8 .. 8 t8 + 7 in v[0..7]. Stage s (strides 1, 2, 4, 8, 16, 32) sets column i to

@@ -31,14 +31,6 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 }
 
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
-  Half<T>::unpack2(raw.x, v[0], v[1]);
-  Half<T>::unpack2(raw.y, v[2], v[3]);
-  Half<T>::unpack2(raw.z, v[4], v[5]);
-  Half<T>::unpack2(raw.w, v[6], v[7]);
-}
-
-template <typename T>
 __device__ __forceinline__ void fp8_act_quant(const T* __restrict__ x, uint8_t* __restrict__ codes,
                                               float* __restrict__ scales, int K) {
   __shared__ float warp_max[kThreads / 32];

@@ -147,19 +147,6 @@ __device__ __forceinline__ float group_need(float amax, bool uns) {
                                                : div_exact(amax, qmax);
 }
 
-// The 8 values of 16 bytes of T (an octet of x) as floats, and back (rounded to nearest even).
-template <typename T>
-__device__ __forceinline__ void unpack8(uint4 raw, float (&v)[8]) {
-  Half<T>::unpack2(raw.x, v[0], v[1]);
-  Half<T>::unpack2(raw.y, v[2], v[3]);
-  Half<T>::unpack2(raw.z, v[4], v[5]);
-  Half<T>::unpack2(raw.w, v[6], v[7]);
-}
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  return make_uint4(pack2_rn<T>(v[0], v[1]), pack2_rn<T>(v[2], v[3]), pack2_rn<T>(v[4], v[5]), pack2_rn<T>(v[6], v[7]));
-}
-
 __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
   const float4 a = *reinterpret_cast<const float4*>(p);
   const float4 b = *(reinterpret_cast<const float4*>(p) + 1);
@@ -408,12 +395,8 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     if (t8 < 2) reinterpret_cast<double*>(&half_stats[half][row])[t8] = total;
     __syncthreads();
     const double2 a = half_stats[0][row], b = half_stats[1][row];
-    const double mean = __ddiv_rn(__dadd_rn(a.x, b.x), static_cast<double>(K));
-    const double var = fmax(__dadd_rn(__ddiv_rn(__dadd_rn(a.y, b.y), static_cast<double>(K)), -__dmul_rn(mean, mean)),
-                            0.0);
-    const double rstd = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, eps)));
     // in shared memory rather than registers, which the coefficient paths have none to spare of
-    if (half == 0 && t8 == 0) token_norm[row] = make_float2(__double2float_rn(mean), __double2float_rn(rstd));
+    if (half == 0 && t8 == 0) token_norm[row] = layer_norm_stats(__dadd_rn(a.x, b.x), __dadd_rn(a.y, b.y), K, eps);
   }
 
   // a pair of positions p, p + 1 (p even) per step, half h quantizing p + h; position q in stage q % kStages
@@ -435,9 +418,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
     uint4* chunk = reinterpret_cast<uint4*>(st + my_chunk);
     float v[8];
     unpack8<T>(*chunk, v);
-    const float2 stats = token_norm[row];  // mean, rstd
-#pragma unroll
-    for (int e = 0; e < 8; ++e) v[e] = round_to<T>(__fmul_rn(__fsub_rn(v[e], stats.x), stats.y));
+    layer_norm_octet<T>(v, token_norm[row]);
     if (mod_mult) {
       uint4 mult_raw, add_raw;
       if (mod_at >= 0) {
@@ -448,11 +429,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
         mult_raw = __ldg(reinterpret_cast<const uint4*>(mod_mult + col));
         add_raw = __ldg(reinterpret_cast<const uint4*>(mod_add + col));
       }
-      float mult[8], add[8];
-      unpack8<T>(mult_raw, mult);
-      unpack8<T>(add_raw, add);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = __fmaf_rn(v[e], mult[e], add[e]);
+      modulate_octet<T>(v, mult_raw, add_raw);
     }
     const uint4 x_chunk = pack8<T>(v);
     *chunk = x_chunk;

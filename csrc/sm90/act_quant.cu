@@ -190,11 +190,7 @@ __device__ __forceinline__ void load8(float (&v)[8], const float* p) {
 // exactly where its shift is positive (numerics.unsigned_groups_from_shift), returned in `uns`.
 template <typename T>
 __device__ __forceinline__ void octet_inputs(const uint8_t* chunk, float shift, int t8, float (&n)[8], bool& uns) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(chunk);
-  Half<T>::unpack2(raw.x, n[0], n[1]);
-  Half<T>::unpack2(raw.y, n[2], n[3]);
-  Half<T>::unpack2(raw.z, n[4], n[5]);
-  Half<T>::unpack2(raw.w, n[6], n[7]);
+  unpack8<T>(*reinterpret_cast<const uint4*>(chunk), n);
   uns = shift > 0.f;
   if (shift != 0.f) {
 #pragma unroll
@@ -334,8 +330,7 @@ __device__ __forceinline__ void norm_prologue(uint8_t* smem, double2* stats, uin
   for (int g = 0; g < ng; ++g) {
     mbar_wait(&xbar[g], 0);
     float h[8];
-    bool uns;
-    octet_inputs<T>(smem + g * kXBoxBytes + xoff, 0.f, t8, h, uns);
+    unpack8<T>(*reinterpret_cast<const uint4*>(smem + g * kXBoxBytes + xoff), h);
     float o1 = h[0], o2 = __fmul_rn(h[0], h[0]);
 #pragma unroll
     for (int e = 1; e < 8; ++e) {
@@ -360,32 +355,20 @@ __device__ __forceinline__ void norm_prologue(uint8_t* smem, double2* stats, uin
     t1 = __dadd_rn(t1, p.x);
     t2 = __dadd_rn(t2, p.y);
   }
-  const double mean = __ddiv_rn(t1, static_cast<double>(a.K));
-  const double var = fmax(__dadd_rn(__ddiv_rn(t2, static_cast<double>(a.K)), -__dmul_rn(mean, mean)), 0.0);
-  const float mean32 = __double2float_rn(mean);
-  const float rstd32 = __double2float_rn(__ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, a.eps))));
+  const float2 token = layer_norm_stats(t1, t2, a.K, a.eps);  // mean, rstd
   if (tok < a.M) {  // rows past M stay zero
     const size_t row = a.mod_mult ? static_cast<size_t>(tok / a.mod_rows) * a.K : 0;
     for (int g = 0; g < ng; ++g) {
       uint8_t* chunk = smem + g * kXBoxBytes + xoff;
-      float h[8], mult[8], add[8];
-      bool uns;
-      octet_inputs<T>(chunk, 0.f, t8, h, uns);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) h[e] = round_to<T>(__fmul_rn(__fsub_rn(h[e], mean32), rstd32));
+      float h[8];
+      unpack8<T>(*reinterpret_cast<const uint4*>(chunk), h);
+      layer_norm_octet<T>(h, token);
       if (a.mod_mult) {
         const size_t col = row + 64 * (g0 + g) + 8 * t8;
-        const uint4 m = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_mult) + col));
-        const uint4 b = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_add) + col));
-        Half<T>::unpack2(m.x, mult[0], mult[1]), Half<T>::unpack2(m.y, mult[2], mult[3]);
-        Half<T>::unpack2(m.z, mult[4], mult[5]), Half<T>::unpack2(m.w, mult[6], mult[7]);
-        Half<T>::unpack2(b.x, add[0], add[1]), Half<T>::unpack2(b.y, add[2], add[3]);
-        Half<T>::unpack2(b.z, add[4], add[5]), Half<T>::unpack2(b.w, add[6], add[7]);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) h[e] = __fmaf_rn(h[e], mult[e], add[e]);
+        modulate_octet<T>(h, __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_mult) + col)),
+                          __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.mod_add) + col)));
       }
-      const uint4 x = make_uint4(pack2_rn<T>(h[0], h[1]), pack2_rn<T>(h[2], h[3]), pack2_rn<T>(h[4], h[5]),
-                                 pack2_rn<T>(h[6], h[7]));
+      const uint4 x = pack8<T>(h);
       *reinterpret_cast<uint4*>(chunk) = x;
       if (a.norm_out)
         *reinterpret_cast<uint4*>(static_cast<T*>(a.norm_out) + static_cast<size_t>(tok) * a.K + 64 * (g0 + g) +
