@@ -10,7 +10,7 @@ exact weights + power-of-two activations, and the exact file in FP8 execution (t
 TorchCompileModel does; the first compiled call is timed on its own), with weight and peak memory.
 
     COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile] [--profile]
-        [--fused-norm-ab]
+        [--fused-norm-ab] [--pack DIR]
 --profile adds, per variant, the kernel time of one eager and one compiled call by kind (our kernels 1 and 2,
 W4A16, cuBLAS GEMMs, attention, Triton, other) and its largest kernels (torch.profiler, CUDA only), taken
 after that variant's timings; a later variant's timings then follow a profiler session, so time the
@@ -77,10 +77,10 @@ def import_comfyui(path: str, device: str):
     return comfy
 
 
-def import_pack():
-    """The pack as ComfyUI imports a custom node folder (under the name svdquant_pack)."""
-    spec = importlib.util.spec_from_file_location("svdquant_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
+def import_pack(folder: Path = REPO):
+    """The pack in `folder` as ComfyUI imports a custom node folder (under the name svdquant_pack)."""
+    spec = importlib.util.spec_from_file_location("svdquant_pack", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -223,6 +223,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--pack", default=str(REPO),
+                        help="the pack's folder (default: this checkout), e.g. an older commit's `git archive`, so "
+                             "that one GPU session can time two commits, a process each")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind of one eager and one compiled call")
     parser.add_argument("--fused-norm-ab", action="store_true",
                         help="ours eager with the pending LayerNorm off and on (SVDQUANT_FUSED_NORM), alternating")
@@ -230,10 +233,11 @@ def main() -> None:
     variants = chosen_variants(parser, args)
     logging.basicConfig(level=logging.INFO)  # ComfyUI's word on its loads and a failed fp8 op (it falls back)
     comfy = import_comfyui(args.comfyui, args.device)
-    pack = import_pack()
+    pack = import_pack(Path(args.pack))
     flux = pack[1]
     from comfyui_version import __version__ as comfyui_version
-    from svdquant_pack.svdquant import pending
+    if args.fused_norm_ab:
+        from svdquant_pack.svdquant import pending
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -252,7 +256,7 @@ def main() -> None:
         write_result(args.json, what="ComfyUI's FLUX, one call, random weights, eager and torch.compile",
                      comfyui=comfyui_version, config={"depth": cfg.depth, "single": cfg.depth_single_blocks,
                                                       "height": args.height, "width": args.width, "txt": args.txt},
-                     rows=rows, models=notes)
+                     rows=rows, models=notes, pack=os.path.abspath(args.pack))
 
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
