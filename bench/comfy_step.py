@@ -10,7 +10,9 @@ exact weights + power-of-two activations, and the exact file in FP8 execution (t
 TorchCompileModel does; the first compiled call is timed on its own), with weight and peak memory.
 
     COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile] [--profile]
-        [--fused-norm-ab] [--pack DIR]
+        [--fused-norm-ab] [--pack DIR] [--host-profile]
+Each timing also records how long the calls took to return (`*_issue_ms`): the host's time to issue one call.
+--host-profile adds cProfile's largest own times of one eager and one compiled call (host side, any device).
 --profile adds, per variant, the kernel time of one eager and one compiled call by kind (our kernels 1 and 2,
 W4A16, cuBLAS GEMMs, attention, Triton, other) and its largest kernels (torch.profiler, CUDA only), taken
 after that variant's timings; a later variant's timings then follow a profiler session, so time the
@@ -181,18 +183,33 @@ def kernel_time(fn) -> dict:
             "largest": [[name[:120], round(ms, 3), count] for name, (ms, count) in top]}
 
 
-def timed(fn, sync, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn() over `repeats` calls after `warmup` calls."""
+def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float]:
+    """Medians over `repeats` calls after `warmup` calls, in milliseconds: of fn() until the device is done, and of
+    fn() until it returns (the host's time to issue the call: near the first, the GPU waited for the host)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, issued = [], []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
         fn()
+        issued.append((time.perf_counter() - start) * 1e3)
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return round(statistics.median(times), 2), round(statistics.median(issued), 2)
+
+
+def host_profile(fn, top: int = 25) -> list:
+    """cProfile of one fn() call: the `top` functions by their own time, as [place, own ms, calls]."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [[f"{Path(file).name}:{line}:{name}", round(own * 1e3, 3), calls]
+            for (file, line, name), (_, calls, own, _, _) in rows]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -227,6 +244,8 @@ def main() -> None:
                         help="the pack's folder (default: this checkout), e.g. an older commit's `git archive`, so "
                              "that one GPU session can time two commits, a process each")
     parser.add_argument("--profile", action="store_true", help="kernel time by kind of one eager and one compiled call")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="cProfile of one eager and one compiled call (the host's own time by function)")
     parser.add_argument("--fused-norm-ab", action="store_true",
                         help="ours eager with the pending LayerNorm off and on (SVDQUANT_FUSED_NORM), alternating")
     args = parser.parse_args()
@@ -279,13 +298,13 @@ def main() -> None:
             logging.getLogger().addHandler(failures)
             call = functools.partial(model, *inputs, **extra)
             with torch.no_grad():
-                row["eager_ms"] = round(timed(call, sync, args.warmup, args.repeats), 2)
+                row["eager_ms"], row["eager_issue_ms"] = timed(call, sync, args.warmup, args.repeats)
                 if args.fused_norm_ab and VARIANTS[variant][1] is not None:
                     for _ in range(3):
                         for flag in ("0", "1"):
                             os.environ[pending.FUSED_NORM_ENV] = flag
                             row.setdefault(f"eager_ms_fused_norm_{flag}", []).append(
-                                round(timed(call, sync, args.warmup, args.repeats), 2))
+                                timed(call, sync, args.warmup, args.repeats)[0])
                     os.environ.pop(pending.FUSED_NORM_ENV)
                 if not args.no_compile:
                     torch._dynamo.utils.counters.clear()
@@ -299,9 +318,14 @@ def main() -> None:
                     # Python breaks some for every model)
                     row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-                    row["compiled_ms"] = round(timed(lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats), 2)
+                    row["compiled_ms"], row["compiled_issue_ms"] = timed(
+                        lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats)
                 # profiles after this model's timings, so that none of them follows its profiler sessions (whether
                 # one leaves launches slower is open: bench/NOTES.md#compiled-gap)
+                if args.host_profile:
+                    row["eager_host_profile"] = host_profile(call)
+                    if not args.no_compile:
+                        row["compiled_host_profile"] = host_profile(lambda: compiled(*inputs, **extra))
                 if args.profile and cuda:
                     row["eager_kernels"] = kernel_time(call)
                     if not args.no_compile:
