@@ -183,9 +183,10 @@ def kernel_time(fn) -> dict:
             "largest": [[name[:120], round(ms, 3), count] for name, (ms, count) in top]}
 
 
-def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float]:
-    """Medians over `repeats` calls after `warmup` calls, in milliseconds: of fn() until the device is done, and of
-    fn() until it returns (the host's time to issue the call: near the first, the GPU waited for the host)."""
+def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float, list[float]]:
+    """Over `repeats` calls after `warmup` calls, in milliseconds: the median of fn() until the device is done, the
+    median of fn() until it returns (the host's time to issue the call: near the first, the GPU waited for the
+    host), and each call's time until the device is done, in order."""
     for _ in range(warmup):
         fn()
     times, issued = [], []
@@ -196,7 +197,7 @@ def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float]:
         issued.append((time.perf_counter() - start) * 1e3)
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 2), round(statistics.median(issued), 2)
+    return round(statistics.median(times), 2), round(statistics.median(issued), 2), [round(t, 2) for t in times]
 
 
 def host_profile(fn, top: int = 25) -> list:
@@ -298,7 +299,8 @@ def main() -> None:
             logging.getLogger().addHandler(failures)
             call = functools.partial(model, *inputs, **extra)
             with torch.no_grad():
-                row["eager_ms"], row["eager_issue_ms"] = timed(call, sync, args.warmup, args.repeats)
+                row["eager_ms"], row["eager_issue_ms"], row["eager_calls_ms"] = timed(
+                    call, sync, args.warmup, args.repeats)
                 if args.fused_norm_ab and VARIANTS[variant][1] is not None:
                     for _ in range(3):
                         for flag in ("0", "1"):
@@ -318,7 +320,7 @@ def main() -> None:
                     # Python breaks some for every model)
                     row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
-                    row["compiled_ms"], row["compiled_issue_ms"] = timed(
+                    row["compiled_ms"], row["compiled_issue_ms"], row["compiled_calls_ms"] = timed(
                         lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats)
                 # profiles after this model's timings, so that none of them follows its profiler sessions (whether
                 # one leaves launches slower is open: bench/NOTES.md#compiled-gap)
