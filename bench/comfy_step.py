@@ -183,10 +183,10 @@ def kernel_time(fn) -> dict:
             "largest": [[name[:120], round(ms, 3), count] for name, (ms, count) in top]}
 
 
-def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float, list[float]]:
+def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float, list[list[float]]]:
     """Over `repeats` calls after `warmup` calls, in milliseconds: the median of fn() until the device is done, the
     median of fn() until it returns (the host's time to issue the call: near the first, the GPU waited for the
-    host), and each call's time until the device is done, in order."""
+    host), and each call's [until done, until returned], in order."""
     for _ in range(warmup):
         fn()
     times, issued = [], []
@@ -197,7 +197,8 @@ def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float, list[float
         issued.append((time.perf_counter() - start) * 1e3)
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return round(statistics.median(times), 2), round(statistics.median(issued), 2), [round(t, 2) for t in times]
+    calls = [[round(t, 2), round(i, 2)] for t, i in zip(times, issued)]
+    return round(statistics.median(times), 2), round(statistics.median(issued), 2), calls
 
 
 def host_profile(fn, top: int = 25) -> list:
