@@ -359,18 +359,23 @@ def main() -> None:
         ratio = f"{base[key] / row[key]:.2f}x" if key in base else "-"
         return f"{row[key]:>{width}.2f} {ratio:>6}"
 
-    print(f"{'variant':<26} {'eager ms':>10} {'x bf16':>6} {'compiled ms':>11} {'x bf16':>6} {'1st compiled s':>15} "
-          f"{'weights GiB':>12} {'peak GiB':>9}")
+    def issued(row, key):
+        return f"{row[key]:>7.2f}" if key in row else f"{'':>7}"
+
+    print(f"{'variant':<26} {'eager ms':>10} {'x bf16':>6} {'issued':>7} {'compiled ms':>11} {'x bf16':>6} "
+          f"{'issued':>7} {'1st compiled s':>15} {'weights GiB':>12} {'peak GiB':>9}")
     for label, row in rows.items():
         if "skipped" in row:
             print(f"{label:<26} {row['skipped']}")
             continue
         peak = "n/a" if row["peak_GiB"] is None else f"{row['peak_GiB']:.2f}"
         first = f"{row['first_compiled_call_s']:.1f}" if "first_compiled_call_s" in row else ""
-        print(f"{label:<26} {cell(row, 'eager_ms', 10)} {cell(row, 'compiled_ms', 11)} "
-              f"{first:>15} {row['weights_GiB']:>12.2f} {peak:>9}")
+        print(f"{label:<26} {cell(row, 'eager_ms', 10)} {issued(row, 'eager_issue_ms')} {cell(row, 'compiled_ms', 11)} "
+              f"{issued(row, 'compiled_issue_ms')} {first:>15} {row['weights_GiB']:>12.2f} {peak:>9}")
     for label, note in notes.items():
         print(f"  {label}: {note}")
+    print("issued: the median call's time until it returned, before the device finished (near the call's own time, "
+          "the GPU waited for the host)")
     record()
 
 
