@@ -11,7 +11,8 @@ TorchCompileModel does; the first compiled call is timed on its own), with weigh
 
     COMFYUI_PATH=DIR python bench/comfy_step.py [--json PATH] [--variants bf16,fp8,...] [--no-compile] [--profile]
         [--fused-norm-ab] [--pack DIR] [--host-profile]
-Each timing also records how long the calls took to return (`*_issue_ms`): the host's time to issue one call.
+Each timing also records how long the calls took to return (`*_issue_ms`, the host's time to issue one call) and
+each timed call's [until done, until returned] (`*_calls_ms`).
 --host-profile adds cProfile's largest own times of one eager and one compiled call (host side, any device).
 --profile adds, per variant, the kernel time of one eager and one compiled call by kind (our kernels 1 and 2,
 W4A16, cuBLAS GEMMs, attention, Triton, other) and its largest kernels (torch.profiler, CUDA only), taken
@@ -312,9 +313,10 @@ def main() -> None:
                 if not args.no_compile:
                     torch._dynamo.utils.counters.clear()
                     compiled = torch.compile(model)  # what TorchCompileModel compiles (backend inductor)
+                    compiled_call = functools.partial(compiled, *inputs, **extra)
                     sync()
                     start = time.perf_counter()
-                    compiled(*inputs, **extra)
+                    compiled_call()
                     sync()
                     row["first_compiled_call_s"] = round(time.perf_counter() - start, 1)
                     # how many graphs dynamo compiled and how often it broke them (ComfyUI's own
@@ -322,19 +324,18 @@ def main() -> None:
                     row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     row["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
                     row["compiled_ms"], row["compiled_issue_ms"], row["compiled_calls_ms"] = timed(
-                        lambda: compiled(*inputs, **extra), sync, args.warmup, args.repeats)
-                # profiles after this model's timings, so that none of them follows its profiler sessions (whether
-                # one leaves launches slower is open: bench/NOTES.md#compiled-gap)
+                        compiled_call, sync, args.warmup, args.repeats)
+                # profiles after this model's timings, so that no timing follows a profiler session
                 if args.host_profile:
                     row["eager_host_profile"] = host_profile(call)
                     if not args.no_compile:
-                        row["compiled_host_profile"] = host_profile(lambda: compiled(*inputs, **extra))
+                        row["compiled_host_profile"] = host_profile(compiled_call)
                 if args.profile and cuda:
                     row["eager_kernels"] = kernel_time(call)
                     if not args.no_compile:
-                        row["compiled_kernels"] = kernel_time(lambda: compiled(*inputs, **extra))
+                        row["compiled_kernels"] = kernel_time(compiled_call)
                 if not args.no_compile:
-                    del compiled
+                    del compiled, compiled_call
                     torch._dynamo.reset()
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
             logging.getLogger().removeHandler(failures)
