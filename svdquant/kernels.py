@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import cuda, numerics
-from .families import w4a16
+from .families import rows_aligned, w4a16
 
 log = logging.getLogger("svdquant")
 
@@ -286,6 +286,46 @@ class ModulatedNorm(NamedTuple):
                                              self.eps).reshape(m, k)
 
 
+class Concat:
+    """A W4A4 layer's input that is the concatenation of two 16-bit tensors along K, first [M, K1] and second
+    [M, K2] (K1 a multiple of 64; FLUX's single blocks: the attention output and linear1's GELU columns,
+    docs/DESIGN.md#producer-quantization), which a kernel 1 with the family's KERNEL1_CONCAT reads where they
+    are; `value()` is the concatenated tensor, for everything else. Each part is kept as a 2-D view with unit
+    column stride and 16-byte aligned rows (a copy where it is not)."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor):
+        if not (first.dim() == second.dim() == 2 and first.shape[0] == second.shape[0]):
+            raise ValueError(f"a concatenation takes two 2-D tensors with the same rows, not {tuple(first.shape)} "
+                             f"and {tuple(second.shape)}")
+        if first.dtype != second.dtype or first.device != second.device:
+            raise ValueError("the concatenated tensors differ in dtype or device")
+        if first.shape[1] % numerics.GROUP_SIZE:
+            raise ValueError(f"the first tensor's width {first.shape[1]} is not a multiple of {numerics.GROUP_SIZE}")
+        self.parts = tuple(t if rows_aligned(t) else t.contiguous() for t in (first, second))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.parts[0].shape[0], self.parts[0].shape[1] + self.parts[1].shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def value(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=1)
+
+
+def concat_on(device: torch.device) -> bool:
+    """Whether W4A4 linears on this device run a kernel 1 that reads a Concat's two parts where they are (the
+    family's KERNEL1_CONCAT), loading the kernels now."""
+    name = w4a4_kernels_on(device)
+    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], "KERNEL1_CONCAT", False)
+
+
 class W4A4Kernel:
     """One W4A4 layer's op on its tensors (docs/DESIGN.md#w4a4): `kernel(x)` is y [M, N] for x [M, K],
     computed by the kernel family the registry above picks for x's GPU, or by the PyTorch reference
@@ -400,10 +440,17 @@ class W4A4Kernel:
                                      self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from,
                                      self.rotation)
 
-    def __call__(self, x: torch.Tensor, norm: ModulatedNorm | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | Concat, norm: ModulatedNorm | None = None) -> torch.Tensor:
         """y [M, N] for x [M, K], or with `norm` for norm.apply(x): in kernel 1's prologue where the family
-        has one (its KERNEL1_NORM), else computed first."""
+        has one (its KERNEL1_NORM), else computed first. x may be a Concat: read in place where the family's
+        kernel 1 can (KERNEL1_CONCAT), else concatenated first."""
         module, variant, reason = self._route(x)
+        if isinstance(x, Concat):
+            if norm is not None:
+                raise ValueError("a norm applies to one input tensor, not to a concatenation")
+            if module is not None and getattr(module, "KERNEL1_CONCAT", False):
+                return module.svdq_linear(x, self, **variant)
+            x = x.value()
         if norm is not None:
             if module is not None and getattr(module, "KERNEL1_NORM", False):
                 return module.svdq_linear(x, self, norm=norm, **variant)

@@ -71,17 +71,16 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape).
 
     A layer whose tensors are not on x's device (ComfyUI's low-VRAM mode leaves some layers in
-    offload memory) runs on copies made for this call. x may be a pending LayerNorm (pending.PendingNorm):
-    a W4A4 layer whose tensors are on its device hands the LayerNorm's input and the norm to its kernel
+    offload memory) runs on copies made for this call. x may be a pending tensor (pending.Pending: a LayerNorm
+    output, a concatenation): a W4A4 layer whose tensors are on its device hands what it stands for to its kernel
     (docs/DESIGN.md#producer-quantization); any other case computes x first.
     """
-    if isinstance(x, pending.PendingNorm):
-        waiting = x.pending()
-        # the source's metadata, not the wrapper's (each query of the wrapper's runs its __torch_function__)
-        if waiting is not None and layer.kind == W4A4 and layer.qweight.device == waiting[0].device:
-            source, norm = waiting
-            y = layer.w4a4_kernel()(source.reshape(-1, layer.in_features), norm=norm)
-            return y.reshape(*source.shape[:-1], layer.out_features)
+    if isinstance(x, pending.Pending):
+        waiting = x.kernel_input() if layer.kind == W4A4 else None
+        # the sources' metadata, not the wrapper's (each query of the wrapper's runs its __torch_function__)
+        if waiting is not None and layer.qweight.device == waiting[0].device:
+            operand, norm, lead = waiting
+            return layer.w4a4_kernel()(operand, norm=norm).reshape(*lead, layer.out_features)
         x = x.value()
     lead = x.shape[:-1]
     flat = x.reshape(-1, layer.in_features)

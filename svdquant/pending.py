@@ -1,15 +1,19 @@
-"""A LayerNorm output (and FLUX's modulation of it) not computed yet, so that the W4A4 layer it feeds
-computes it inside its own kernel 1 and the normalized tensor is not written (but for ranks above
-kernels.KERNEL1_MAX_RANK, whose low-rank GEMM reads it; docs/DESIGN.md#producer-quantization).
+"""Inputs of W4A4 layers not computed yet, so that the layer computes them inside its own kernel 1 and they are
+never written (docs/DESIGN.md#producer-quantization):
 
-`pending_layer_norm(x, eps)` returns a PendingNorm: a tensor without storage of its own that stands for
-`numerics.modulated_layer_norm(x, None, None, eps)`. `torch.addcmul(add, pending, mult)` on it (FLUX's
-`apply_mod`) returns a new PendingNorm that also carries the modulation. An SVDQLinear receiving one
-(`linear.quantized_forward`) hands its source and the norm to its kernel (`W4A4Kernel(x, norm=...)`).
-Shape, dtype, device and the other metadata queries answer from the wrapper; any other use computes the
-tensor once, keeps it, and runs on it, so in-place edits of it (ComfyUI's `modulation_dims` path) persist
-for its later users. The source is read when the tensor is computed or consumed: the code between the
-LayerNorm and its consumer must not write the source in place (FLUX's blocks do not).
+- a LayerNorm output and FLUX's modulation of it: `pending_layer_norm(x, eps)` returns a PendingNorm, a tensor
+  without storage of its own that stands for `numerics.modulated_layer_norm(x, None, None, eps)`;
+  `torch.addcmul(add, pending, mult)` on it (FLUX's `apply_mod`) returns a new PendingNorm that also carries the
+  modulation;
+- a concatenation along the last dimension: `concat_operand(t)` returns a PendingConcat standing for t itself,
+  and `torch.cat((a, pending), -1)` on it one standing for the concatenation (FLUX's single blocks concatenate the
+  attention output with linear1's GELU columns to feed linear2).
+
+An SVDQLinear receiving one (`linear.quantized_forward`) hands what it stands for to its kernel
+(`Pending.kernel_input`). Shape, dtype, device and the other metadata queries answer from the wrapper; any other use
+computes the tensor once, keeps it, and runs on it, so in-place edits of it (ComfyUI's `modulation_dims` path)
+persist for its later users. The sources are read when the tensor is computed or consumed: the code between the
+producer and the consumer must not write them in place (FLUX's blocks do not).
 """
 
 from __future__ import annotations
@@ -32,13 +36,22 @@ _forced: list[bool] = []
 
 @contextlib.contextmanager
 def forced(on: bool):
-    """Test hook: within the block `stays_pending` says `on` on every device (the CPU included) whatever
-    SVDQUANT_FUSED_NORM says; its conditions on the tensor itself still apply."""
+    """Test hook: within the block `stays_pending` and `concat_operand` make pending tensors (on) or not (off) on
+    every device (the CPU included) whatever SVDQUANT_FUSED_NORM and the kernels say; their conditions on the
+    tensor itself still apply."""
     _forced.append(on)
     try:
         yield
     finally:
         _forced.pop()
+
+
+def _may_stay_pending(x: torch.Tensor) -> bool:
+    """The conditions on the tensor both kinds share: outside torch.compile (dynamo would have to trace the
+    subclass; the compiled model fuses the producer itself), a plain [B, L, K] tensor in bf16/fp16, not requiring
+    its gradient."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.dim() == 3
+            and x.dtype in PENDING_DTYPES and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
@@ -48,10 +61,7 @@ def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
     requiring its gradient, on a CUDA device whose W4A4 kernels have the norm prologue (where they do not, the
     layer would compute it first, slower than PyTorch's LayerNorm), and the fusion on (SVDQUANT_FUSED_NORM is
     "1")."""
-    if torch.compiler.is_compiling():
-        return False
-    if not (type(x) is torch.Tensor and x.dim() == 3 and x.dtype in PENDING_DTYPES
-            and tuple(normalized_shape) == (x.shape[-1],) and not (torch.is_grad_enabled() and x.requires_grad)):
+    if not (_may_stay_pending(x) and tuple(normalized_shape) == (x.shape[-1],)):
         return False
     if _forced:
         return _forced[-1]
@@ -79,42 +89,38 @@ _METADATA = {
     torch.numel, torch.is_floating_point, torch.is_complex,
 }
 _ADDCMUL = {torch.addcmul, torch.Tensor.addcmul}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
-class PendingNorm(torch.Tensor):
-    """`numerics.modulated_layer_norm(source, norm.mult, norm.add, norm.eps)` ([B, L, K], source's dtype
-    and device), not computed until something other than a W4A4 layer or FLUX's modulation uses it."""
+class Pending(torch.Tensor):
+    """A tensor without storage of its own ([B, L, K]) that stands for a value computed at its first use other than
+    the ones its kind takes over (`_fused`) and a W4A4 layer's (`kernel_input`)."""
 
     @staticmethod
-    def __new__(cls, source: torch.Tensor, norm: kernels.ModulatedNorm):
-        wrapper = torch.Tensor._make_wrapper_subclass(cls, source.shape, dtype=source.dtype, device=source.device,
+    def __new__(cls, like: torch.Tensor, shape: tuple[int, ...]):
+        wrapper = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=like.dtype, device=like.device,
                                                       requires_grad=False)
-        wrapper._source, wrapper._norm, wrapper._value = source, norm, None
+        wrapper._value = None
         return wrapper
-
-    def pending(self) -> tuple[torch.Tensor, kernels.ModulatedNorm] | None:
-        """(source [B, L, K], the norm to apply to it) while not computed, else None."""
-        return None if self._value is not None else (self._source, self._norm)
 
     def value(self) -> torch.Tensor:
         """The tensor itself, computed at the first call and kept (later in-place edits included)."""
         if self._value is None:
-            norm = self._norm
-            self._value = numerics.modulated_layer_norm(self._source, norm.mult, norm.add, norm.eps)
-            self._source = self._norm = None
+            self._value = self._compute()
         return self._value
 
-    def modulated(self, mult: torch.Tensor, add: torch.Tensor) -> PendingNorm | None:
-        """`self * mult + add` pending, where the LayerNorm alone is still pending and mult and add are
-        plain tensors of its dtype and device, each one row per batch broadcast over the tokens
-        ([B, 1, K], or [1, 1, K], [1, K], [K] for every batch); else None."""
-        if self._value is not None or self._norm.mult is not None:
-            return None
-        source = self._source  # its metadata, not the wrapper's: no __torch_function__ round trips
-        rows = [_per_batch(t, source.shape, source.dtype, source.device) for t in (mult, add)]
-        if rows[0] is None or rows[1] is None:  # not `None in rows`: that compares tensors with None
-            return None
-        return PendingNorm(self._source, kernels.ModulatedNorm(*rows, self._norm.eps))
+    def kernel_input(self) -> tuple[torch.Tensor | kernels.Concat, kernels.ModulatedNorm | None, torch.Size] | None:
+        """(x, norm, lead) for `W4A4Kernel(x, norm)` computing a W4A4 layer's output on this tensor as [M, N]
+        (lead: the leading dimensions to restore), while it is not computed; else None."""
+        raise NotImplementedError
+
+    def _compute(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def _fused(cls, func, args: tuple, kwargs: dict) -> Pending | None:
+        """A new pending tensor for `func(*args, **kwargs)` where this kind takes that op over, else None."""
+        return None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -122,19 +128,90 @@ class PendingNorm(torch.Tensor):
         if func in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        if func in _ADDCMUL:
-            modulated = _modulation(args, kwargs)
-            if modulated is not None:
-                return modulated
-        args, kwargs = tree_map_only(PendingNorm, PendingNorm.value, (args, kwargs))
+        fused = cls._fused(func, args, kwargs)
+        if fused is not None:
+            return fused
+        args, kwargs = tree_map_only(Pending, Pending.value, (args, kwargs))
         return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # reached only by code that bypasses __torch_function__ (e.g. under DisableTorchFunctionSubclass):
         # the wrapper has no storage, so the op runs on the computed tensor
-        args, kwargs = tree_map_only(PendingNorm, PendingNorm.value, (args, kwargs or {}))
+        args, kwargs = tree_map_only(Pending, Pending.value, (args, kwargs or {}))
         return func(*args, **kwargs)
+
+
+class PendingNorm(Pending):
+    """`numerics.modulated_layer_norm(source, norm.mult, norm.add, norm.eps)` ([B, L, K], source's dtype
+    and device), not computed until something other than a W4A4 layer or FLUX's modulation uses it."""
+
+    @staticmethod
+    def __new__(cls, source: torch.Tensor, norm: kernels.ModulatedNorm):
+        wrapper = Pending.__new__(cls, source, source.shape)
+        wrapper._source, wrapper._norm = source, norm
+        return wrapper
+
+    def kernel_input(self) -> tuple[torch.Tensor, kernels.ModulatedNorm, torch.Size] | None:
+        if self._value is not None:
+            return None
+        source = self._source  # its metadata, not the wrapper's: no __torch_function__ round trips
+        return source.reshape(-1, source.shape[-1]), self._norm, source.shape[:-1]
+
+    def _compute(self) -> torch.Tensor:
+        norm = self._norm
+        value = numerics.modulated_layer_norm(self._source, norm.mult, norm.add, norm.eps)
+        self._source = self._norm = None
+        return value
+
+    def modulated(self, mult: torch.Tensor, add: torch.Tensor) -> PendingNorm | None:
+        """`self * mult + add` pending, where the LayerNorm alone is still pending and mult and add are
+        plain tensors of its dtype and device, each one row per batch broadcast over the tokens
+        ([B, 1, K], or [1, 1, K], [1, K], [K] for every batch); else None."""
+        if self._value is not None or self._norm.mult is not None:
+            return None
+        source = self._source
+        rows = [_per_batch(t, source.shape, source.dtype, source.device) for t in (mult, add)]
+        if rows[0] is None or rows[1] is None:  # not `None in rows`: that compares tensors with None
+            return None
+        return PendingNorm(self._source, kernels.ModulatedNorm(*rows, self._norm.eps))
+
+    @classmethod
+    def _fused(cls, func, args: tuple, kwargs: dict) -> PendingNorm | None:
+        return _modulation(args, kwargs) if func in _ADDCMUL else None
+
+
+class PendingConcat(Pending):
+    """`torch.cat(pieces, -1)` of plain [B, L, Ki] tensors (one piece: that tensor itself, no copy), not computed
+    until something other than a W4A4 layer or a concatenation along the last dimension uses it."""
+
+    @staticmethod
+    def __new__(cls, pieces: tuple[torch.Tensor, ...]):
+        first = pieces[0]
+        wrapper = Pending.__new__(cls, first, (*first.shape[:-1], sum(p.shape[-1] for p in pieces)))
+        wrapper._pieces = pieces
+        return wrapper
+
+    def pieces(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors it concatenates while not computed, else None."""
+        return None if self._value is not None else self._pieces
+
+    def kernel_input(self) -> tuple[kernels.Concat, None, torch.Size] | None:
+        pieces = self.pieces()
+        if pieces is None or len(pieces) != 2:
+            return None
+        first, second = pieces
+        return (kernels.Concat(first.reshape(-1, first.shape[-1]), second.reshape(-1, second.shape[-1])), None,
+                first.shape[:-1])
+
+    def _compute(self) -> torch.Tensor:
+        pieces, self._pieces = self._pieces, None
+        # contiguous, as the wrapper's strides say (one piece may be a strided slice of its producer's output)
+        return pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, -1)
+
+    @classmethod
+    def _fused(cls, func, args: tuple, kwargs: dict) -> PendingConcat | None:
+        return _concatenation(args, kwargs) if func in _CAT else None
 
 
 def _modulation(args: tuple, kwargs: dict) -> PendingNorm | None:
@@ -148,6 +225,43 @@ def _modulation(args: tuple, kwargs: dict) -> PendingNorm | None:
     if torch.is_grad_enabled() and (mult.requires_grad or add.requires_grad):
         return None
     return pending.modulated(mult, add)
+
+
+def concat_operand(t: torch.Tensor) -> torch.Tensor:
+    """t as a PendingConcat of one piece, where a concatenation with it along the last dimension may stay pending
+    (`_may_stay_pending`, on a device whose W4A4 kernels read a concatenation where its parts are:
+    kernels.concat_on); else t."""
+    if not _may_stay_pending(t):
+        return t
+    if (_forced[-1] if _forced else kernels.concat_on(t.device)):
+        return PendingConcat((t,))
+    return t
+
+
+def _concatenation(args: tuple, kwargs: dict) -> PendingConcat | None:
+    """The PendingConcat for `torch.cat(tensors, dim)` of a pending one and plain tensors along the last dimension,
+    where it has two pieces, the first a multiple of 64 wide (what kernel 1 reads), all [B, L, Ki] of one dtype and
+    device without gradients; else None."""
+    if len(args) > 2 or set(kwargs) - {"dim"} or (len(args) == 2 and "dim" in kwargs):
+        return None
+    tensors, dim = args[0], args[1] if len(args) == 2 else kwargs.get("dim", 0)
+    if not isinstance(tensors, (tuple, list)) or not tensors or not isinstance(dim, int):
+        return None
+    pieces = []
+    for t in tensors:
+        if isinstance(t, PendingConcat) and t.pieces() is not None:
+            pieces.extend(t.pieces())
+        elif type(t) is torch.Tensor:
+            pieces.append(t)
+        else:
+            return None
+    first = pieces[0]
+    if len(pieces) != 2 or dim not in (2, -1) or first.shape[-1] % numerics.GROUP_SIZE:
+        return None
+    if not all(_may_stay_pending(p) and p.shape[:-1] == first.shape[:-1] and p.dtype == first.dtype
+               and p.device == first.device for p in pieces):
+        return None
+    return PendingConcat(tuple(pieces))
 
 
 def _per_batch(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:

@@ -328,3 +328,70 @@ def test_both_rotation_paths_agree_on_the_hadamard_rotation(family, pow2):
             assert torch.equal(got, ref) and torch.equal(ascales[0, :m], ref_atok.float())
         else:
             assert torch.equal(got, ref_codes.float()) and torch.equal(ascales[:, :m].t(), ref_scales.float())
+
+
+# ---- a concatenated input, read where its parts lie (kernels.Concat) -------------------------------------------
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
+@pytest.mark.parametrize("m", [1, 7, 255, 4097])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k1,k2,rank,rotation", [(64, 64, 32, "none"), (3072, 12288, 32, "none"),
+                                                 (1600, 320, 16, "hadamard"), (128, 1472, 0, "none"),
+                                                 (960, 64, 32, "random")])
+@pytest.mark.parametrize("mode", ["exact", "pow2", "pow2_int8"])
+def test_kernel1_of_a_concatenation_is_kernel1_of_the_concatenated_input(family, m, dtype, k1, k2, rank, rotation,
+                                                                         mode):
+    # kernel 1 on x [M, K1] and x2 [M, K2], both strided views (x's columns of a contiguous tensor, x2 a slice of a
+    # wider one, as FLUX's single blocks give linear2 the attention output and linear1's GELU columns), against
+    # kernel 1 on their concatenation: codes, scales and low-rank outputs equal bit for bit. The split lands inside
+    # a CTA's groups and at its edges (sm90 clusters of 1 to 16 CTAs), unsigned groups on both sides, rotations
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    k = k1 + k2
+    generator = gen(m + k1 + 3 * k2 + rank)
+    layer = w4a4_layer(64, k, rank, dtype, generator, True, rotation=group_rotation(rotation, k))
+    x = activations(m, k, dtype, generator, layer.unsigned_groups)
+    wide = torch.randn(m, 3 * k1 + k2, generator=generator, device=x.device).to(dtype)
+    wide[:, 3 * k1:] = x[:, k1:]
+    first, second = x[:, :k1], wide[:, 3 * k1:]
+    kernel = layer.w4a4_kernel()
+    pow2, int8_operands = mode != "exact", mode == "pow2_int8"
+    if family == "sm90":
+        smooth, inv_smooth, shift, _ = sm90.kernel1_inputs(kernel)
+        inputs = (smooth, inv_smooth, shift, sm90.kernel1_lora_down(layer.lora_down))
+    else:
+        inputs = sm80.kernel1_inputs(kernel)
+    act_quant = sm90.act_quant if family == "sm90" else sm80.act_quant
+    parts = act_quant(first, *inputs, pow2, int8_operands, kernel.kernel1_rotation(), x2=second)
+    whole = act_quant(x, *inputs, pow2, int8_operands, kernel.kernel1_rotation())
+    torch.cuda.synchronize()
+    # ascales' rows m .. m_al - 1: written as 0 by sm90, not written by sm80
+    for name, a, b in (("codes", parts[0], whole[0]), ("ascales", parts[1][:, :m], whole[1][:, :m]),
+                       ("lora_act", parts[2], whole[2])):
+        if b is None:  # sm80 at rank 0
+            assert a is None, name
+            continue
+        differ = (a != b).nonzero()
+        assert differ.numel() == 0, f"{name}: {differ.shape[0]} differ, first at {differ[:5].tolist()}"
+
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
+def test_act_quant_checks_a_concatenation(family):
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    module, error = (sm90, RuntimeError) if family == "sm90" else (sm80, sm80.Sm80InputError)
+    layer = w4a4_layer(64, 256, 16, torch.bfloat16, gen(3), False)
+    kernel = layer.w4a4_kernel()
+    inputs = ((*sm90.kernel1_inputs(kernel)[:3], sm90.kernel1_lora_down(layer.lora_down)) if family == "sm90"
+              else sm80.kernel1_inputs(kernel))
+    x = torch.zeros(5, 256, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(error, match="multiple of 64"):
+        module.act_quant(x[:, :100], *inputs, x2=x[:, 100:])
+    with pytest.raises(error, match="x2 must be 2-D"):
+        module.act_quant(x[:, :128], *inputs, x2=x[:4, 128:])
+    with pytest.raises(error, match="x2 needs unit column stride"):
+        module.act_quant(x[:, :128], *inputs, x2=torch.zeros(5, 129, dtype=torch.bfloat16, device="cuda")[:, 1:])
+    with pytest.raises(error, match="a norm"):
+        module.act_quant(x[:, :128], *inputs, norm=kernels.ModulatedNorm(None, None, 1e-6), x2=x[:, 128:])

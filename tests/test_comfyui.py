@@ -131,11 +131,12 @@ def test_comfyui_builds_the_model_and_its_4bit_layers_compute_the_reference(tmp_
     assert facts["model_size"] == stored + facts["sampling_buffers"]
     kinds = {flux.arch.W4A4: "SVDQLinear", flux.arch.W4A16: "W4A16Linear", flux.arch.DENSE: "Linear"}
     assert facts["layers"] == {name: kinds[spec.kind] for name, spec in flux.arch.linear_layers(cfg).items()}
-    # the double blocks' MLP GELU runs inside their 4-bit input layers (flux.fusion.fuse_mlp_gelu); the
-    # single blocks keep theirs
-    assert facts["gelu_from"] == {f"{block}_blocks.{i}.{stream}_mlp.0": 0 for block, stream in
-                                  (("double", "img"), ("double", "txt")) for i in range(cfg.depth)}
-    assert facts["gelu_modules"] == [f"single_blocks.{i}.mlp_act" for i in range(cfg.depth_single_blocks)]
+    # every MLP's GELU runs inside its 4-bit input layer (flux.fusion.fuse_mlp_gelu, fuse_single_block_concat)
+    assert facts["gelu_from"] == {**{f"double_blocks.{i}.{stream}_mlp.0": 0 for stream in ("img", "txt")
+                                     for i in range(cfg.depth)},
+                                  **{f"single_blocks.{i}.linear1": 3 * cfg.hidden_size
+                                     for i in range(cfg.depth_single_blocks)}}
+    assert facts["gelu_modules"] == []
 
 
 def test_comfyui_counts_the_fp8_weights_of_layers_in_fp8_execution(tmp_path):
@@ -176,26 +177,30 @@ def test_comfyui_counts_the_fp8_weights_of_layers_in_fp8_execution(tmp_path):
     assert not [key for key in facts["saved"]["fp8"] if "fp8" in key]
 
 
-def test_layer_norms_stay_pending_into_the_4bit_layers_they_feed(tmp_path):
-    """With the pack's pending LayerNorm forced on (the CPU standing in for a GPU), every 4-bit layer fed by
+def test_pending_inputs_reach_the_4bit_layers_they_feed(tmp_path):
+    """With the pack's pending tensors forced on (the CPU standing in for a GPU), every 4-bit layer fed by
     ComfyUI's LayerNorm + modulation (qkv, the double blocks' first MLP layers, the single blocks' linear1)
-    receives it pending and hands it to its kernel, once per call, and the model computes what it computes
-    with the fusion off, up to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm
-    against PyTorch's LayerNorm and addcmul). Under torch.compile nothing stays pending."""
+    receives it pending, every single block's linear2 its concatenation of the attention output and linear1's
+    GELU columns, and each hands it to its kernel, once per call; the model computes what it computes with them
+    off, up to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm against PyTorch's
+    LayerNorm and addcmul). Under torch.compile nothing stays pending."""
     path = tmp_path / "tiny-dev.safetensors"
     model = quantized_model(True)
     fmt.save_model(path, model)
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
     write_call_inputs(tmp_path / "inputs.safetensors", cfg, seed=8)
 
-    run_comfy_side("pending_norm", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
+    run_comfy_side("pending_inputs", REPO, path, tmp_path / "inputs.safetensors", tmp_path / "out.safetensors")
     outputs, facts = comfy_side_result(tmp_path / "out.safetensors")
 
-    fed = [f"double_blocks.{i}.{stream}_{layer}" for i in range(cfg.depth) for stream in ("img", "txt")
-           for layer in ("attn.qkv", "mlp.0")] + [f"single_blocks.{i}.linear1" for i in range(cfg.depth_single_blocks)]
-    assert sorted(facts["on"]["received"]) == sorted(fed)
-    assert facts["on"]["handed"] == len(fed)
-    assert facts["off"] == {"received": [], "handed": 0}
+    singles = range(cfg.depth_single_blocks)
+    normed = [f"double_blocks.{i}.{stream}_{layer}" for i in range(cfg.depth) for stream in ("img", "txt")
+              for layer in ("attn.qkv", "mlp.0")] + [f"single_blocks.{i}.linear1" for i in singles]
+    concatenated = [f"single_blocks.{i}.linear2" for i in singles]
+    fed = sorted([[name, "norm"] for name in normed] + [[name, "concat"] for name in concatenated])
+    assert sorted(facts["on"]["received"]) == fed
+    assert sorted(facts["on"]["handed"]) == sorted(kind for _, kind in fed)
+    assert facts["off"] == {"received": [], "handed": []}
     assert facts["compiled_on"]["received"] == []
     assert rel_error(outputs["on"], outputs["off"]) < PENDING_TOLERANCE
     assert torch.equal(outputs["compiled_on"], outputs["off"])

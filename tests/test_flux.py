@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svdquant import file_options, flux, numerics
+from svdquant import file_options, flux, numerics, pending
 from svdquant import format as fmt
 from svdquant.format import FormatError
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
@@ -81,8 +81,8 @@ def test_loaded_layers_become_what_the_file_stores():
             engine.load_state_dict({"weight": model.tensors[f"{name}.weight"], "bias": model.tensors[f"{name}.bias"]})
         else:
             engine = classes[spec.kind].from_tensors(model.layer_tensors(name))
-        if spec.kind == flux.arch.W4A4:  # from_tensors moves the MLP's GELU into its input layers
-            expected = 0 if name.endswith("_mlp.0") else None
+        if spec.kind == flux.arch.W4A4:  # from_tensors moves the MLPs' GELU into their input layers
+            expected = 0 if name.endswith("_mlp.0") else 3 * cfg.hidden_size if name.endswith("linear1") else None
             assert layer.gelu_from == expected, name
             engine.gelu_from = expected
         assert set(layer.state_dict()) == set(engine.state_dict()), name
@@ -91,26 +91,32 @@ def test_loaded_layers_become_what_the_file_stores():
 
 
 def test_mlp_gelu_moves_into_the_quantized_input_layers():
-    """flux.fusion.fuse_mlp_gelu: the quantized model computes what it computed with separate GELU modules
-    in its double blocks' MLPs (the activation now taken before the rounding to bf16), and dense
-    MLPs keep their GELU."""
+    """flux.fusion.fuse_mlp_gelu and fuse_single_block_concat: the quantized model computes what it computed with
+    separate GELU modules in its double blocks' MLPs and its single blocks (the activation now taken before the
+    rounding to bf16), the same with the single blocks' concatenations pending, and dense models keep their
+    GELU."""
     model = quantized_model(True)
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
     separate = flux.model.Flux(cfg, flux.model.loaded_linear()).requires_grad_(False)
     separate.load_state_dict(model.tensors)
     fused = flux.model.from_tensors(cfg, model.tensors)
-    gelus = [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
-    assert not gelus and sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == 2 * cfg.depth
-    assert flux.fusion.fuse_mlp_gelu(fused) == 0  # nothing left to move
+    gelus = 2 * cfg.depth + cfg.depth_single_blocks
+    assert not [m for m in fused.modules() if isinstance(m, torch.nn.GELU)]
+    assert sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == gelus
+    assert sum(isinstance(m, flux.fusion.ConcatOperand) for m in fused.modules()) == cfg.depth_single_blocks
+    assert flux.fusion.fuse_mlp_gelu(fused) == flux.fusion.fuse_single_block_concat(fused) == 0  # nothing left
     inputs = flux.synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
     with torch.no_grad():
         ref = separate(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
         out = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
+        with pending.forced(True):  # the CPU standing in for a GPU whose kernel 1 reads the concatenation's parts
+            concatenated = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
+    assert torch.equal(concatenated, out)
 
     dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
-    assert flux.fusion.fuse_mlp_gelu(dense) == 0
-    assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == 2 * cfg.depth
+    assert flux.fusion.fuse_mlp_gelu(dense) == flux.fusion.fuse_single_block_concat(dense) == 0
+    assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == gelus
 
 
 def test_loaded_linear_checks_and_converts_what_it_loads():

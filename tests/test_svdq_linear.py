@@ -15,7 +15,7 @@ import torch
 from random_layers import (DEV, KERNEL1_ROTATION, activations, gen, group_rotation, needs_sm80, needs_sm90, rel,
                            w4a4_layer)
 from svdquant import kernels, lora, numerics
-from svdquant.families import sm80, sm90
+from svdquant.families import check_concat, sm80, sm90
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
 
 
@@ -392,7 +392,7 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, shift, lora_down_p, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None):
+                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None, x2=None):
         assert norm is None and norm_out is None
         calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
@@ -445,7 +445,7 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False,
-                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None):
+                  rotation=(kernels.ROTATION_NONE, None), norm=None, norm_out=None, x2=None):
         assert norm is None and norm_out is None
         calls["kernel 1"] = (smooth, inv_smooth, group_shift, lora_t, pow2, int8_operands, rotation)
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
@@ -502,7 +502,7 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None,
-                  norm=None, norm_out=None):
+                  norm=None, norm_out=None, x2=None):
         assert norm is None and norm_out is None
         calls["kernel 1"] = (group_shift, lora_t, pow2, int8_operands)
         return "codes", "atok", None if lora_t is None else "fused lora_act"
@@ -562,7 +562,7 @@ def test_sm80_layer_with_a_norm_has_kernel1_store_the_input_of_wide_ranks(monkey
     calls = {}
 
     def act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=False, int8_operands=False, rotation=None,
-                  norm=None, norm_out=None):
+                  norm=None, norm_out=None, x2=None):
         calls["kernel 1"] = (x, norm, norm_out)
         if norm_out is not None:
             norm_out.copy_(norm.apply(x))  # as kernel 1's prologue stores it
@@ -592,3 +592,88 @@ def test_sm80_layer_with_a_norm_has_kernel1_store_the_input_of_wide_ranks(monkey
         padded = -rank % kernels.RANK_MULTIPLE
         want = torch.nn.functional.pad(norm.apply(h) @ layer.lora_down, (0, padded))
         assert torch.equal(calls["kernel 2"], want)
+
+
+@pytest.mark.parametrize("family,rank", [("sm90", 32), ("sm90", 48), ("sm80", 16), ("sm80", 40)])
+def test_layer_hands_kernel1_a_concatenation_where_it_lies(monkeypatch, family, rank):
+    # svdq_linear(kernels.Concat(a, b), kernel): kernel 1 gets both parts as they are (b a strided slice of a wider
+    # tensor, as linear1's GELU columns are); above KERNEL1_MAX_RANK the layer's low-rank GEMM reads the whole input,
+    # so kernel 1 gets the concatenated tensor
+    module = sm90 if family == "sm90" else sm80
+    calls = {}
+
+    def act_quant(x, *args, norm=None, norm_out=None, x2=None, **kwargs):
+        if len(args) > 7:  # sm90 passes norm, norm_out and x2 by position
+            norm, norm_out, x2 = args[7:10]
+        calls["kernel 1"] = (x, x2, norm, norm_out)
+        fused = rank <= kernels.KERNEL1_MAX_RANK
+        return "codes", "ascales", "fused lora_act" if fused else None
+
+    def kernel2(*args, **kwargs):
+        calls["kernel 2"] = [a for a in args if isinstance(a, torch.Tensor) and a.shape[0] == 6]  # lora_act
+        return "y"
+
+    monkeypatch.setattr(module, "act_quant", act_quant)
+    for name in ("w4a4_gemm", "w4a4_gemm_pow2"):
+        monkeypatch.setattr(module, name, kernel2)
+    generator = gen(59 + rank, "cpu")
+    layer = w4a4_layer(64, 320, rank, torch.bfloat16, generator, unsigned=False)
+    x = activations(6, 320, torch.bfloat16, generator, layer.unsigned_groups)
+    wider = torch.randn(6, 504, generator=generator).to(torch.bfloat16)
+    wider[:, 312:] = x[:, 128:]
+    first, second = x[:, :128].clone(), wider[:, 312:]
+    assert not second.is_contiguous()
+    assert module.svdq_linear(kernels.Concat(first, second), layer.w4a4_kernel()) == "y"
+    x_given, x2_given, norm, norm_out = calls["kernel 1"]
+    assert norm is None and norm_out is None
+    if rank <= kernels.KERNEL1_MAX_RANK:
+        assert x_given is first and x2_given is second
+    else:
+        assert x2_given is None and torch.equal(x_given, x) and x_given.is_contiguous()
+        lora_act = calls["kernel 2"][0]
+        assert torch.equal(lora_act[:, :rank], x @ layer.lora_down)
+
+
+def test_a_concatenation_of_misaligned_parts_is_copied_and_checked():
+    # kernels.Concat keeps each part where it is when kernel 1 can read it so (unit column stride, 16-byte rows),
+    # else a contiguous copy; the launchers' own check (families.check_concat) names what does not fit
+    a = torch.zeros(4, 128, dtype=torch.bfloat16)
+    odd = torch.zeros(4, 201, dtype=torch.bfloat16)[:, 1:193]  # rows 402 bytes apart
+    concat = kernels.Concat(a, odd)
+    assert concat.parts[0] is a and concat.parts[1].is_contiguous() and torch.equal(concat.parts[1], odd)
+    assert concat.shape == (4, 320) and concat.dtype == torch.bfloat16
+    assert torch.equal(concat.value(), torch.cat((a, odd), 1))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.Concat(a[:, :100], a)
+    with pytest.raises(ValueError, match="same rows"):
+        kernels.Concat(a, a[:3])
+    with pytest.raises(RuntimeError, match="x2 needs unit column stride"):
+        check_concat(a, odd, None)
+    with pytest.raises(RuntimeError, match="a norm"):
+        check_concat(a, a, kernels.ModulatedNorm(None, None, 1e-6))
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        check_concat(a[:, :100], a, None)
+    assert check_concat(a, a[:, :64], None) == 192 and check_concat(a, None, None) == 128
+
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm90", "sm80-int8", "sm80-int4"])
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("rank", [32, 96])
+def test_layer_on_a_concatenation_is_the_layer_on_the_concatenated_input(family, fast, rank):
+    # W4A4Kernel(kernels.Concat(attention, GELU columns)) on each family equals the layer on their concatenation
+    # bit for bit: kernel 1 reads both parts where they lie at rank 32, the concatenation is made first at 96
+    # (cuBLAS's low-rank GEMM reads it); exact and fast layers (the fast kernel 2s after s8 operands)
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    generator = gen(61 + rank + fast)
+    layer = w4a4_layer(256, 3072 + 1024, rank, torch.bfloat16, generator, True, pow2_weights=fast)
+    layer.pow2_activations = fast
+    x = activations(300, 4096, torch.bfloat16, generator, layer.unsigned_groups)
+    linear1 = torch.randn(300, 3 * 3072 + 1024, generator=generator, device=x.device).to(torch.bfloat16)
+    linear1[:, 3 * 3072:] = x[:, 3072:]
+    concat = kernels.Concat(x[:, :3072].contiguous(), linear1[:, 3 * 3072:])
+    with kernels.forced_family(family):
+        kernel = layer.w4a4_kernel()
+        assert kernel.fallback_reason(x) == ""
+        assert torch.equal(kernel(concat), kernel(x))

@@ -17,6 +17,9 @@
 // statistics before pass 1 and rewrites every x tile that lands in the ring in place, so that everything
 // after it reads x as if it had come from memory. With `norm_out` it also stores x [M, K] there (the low-rank
 // input of ranks above kernels.KERNEL1_MAX_RANK, which the host computes with cuBLAS).
+// x may also be the concatenation of two 16-bit tensors along K (FLUX's single blocks: the attention output and
+// linear1's GELU columns, docs/DESIGN.md#producer-quantization): each group's tile is copied from the tensor that
+// holds its columns, where it lies (rows may be strided), so the concatenation is never written.
 //
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
@@ -89,7 +92,9 @@
 //
 // Entry points (one per dtype, mode and rotation path): act_quant_{exact,pow2,pow2_s8}_{bf16,fp16}
 // and the same names + _coefficients (
-//   const T* x [M, K], const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
+//   const T* x [M, K] (rows ldx elements apart; with x2 its first 64 x2_group columns), const T* x2, int ldx2,
+//   int x2_group (x's columns from 64 x2_group on: x2's from 0, rows ldx2 apart; one tensor: x2 = x, x2_group =
+//   K / 64; never with norm), const float* smooth [K], const float* inv_smooth [K] (1/smooth, correctly
 //   rounded), const float* group_shift [K/64] or null (one shift per group, kernels.group_shifts),
 //   int rotation_passes (0: no rotation; the Hadamard rotation is one pass), const float4*
 //   rotation_coef [192 rotation_passes] (the *_coefficients entry points: the rotation's
@@ -261,7 +266,8 @@ __device__ __forceinline__ void pack_s8(const float (&c)[8], bool uns, int shift
 }
 
 template <typename T, bool kPow2, bool kS8, bool kCoefficients>
-__device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* __restrict__ smooth,
+__device__ __forceinline__ void act_quant(const T* __restrict__ x, int ldx, const T* __restrict__ x2, int ldx2,
+                                          int x2_group, const float* __restrict__ smooth,
                                           const float* __restrict__ inv_smooth, const float* __restrict__ group_shift,
                                           int rotation_passes, const float4* __restrict__ rotation_coef,
                                           const T* __restrict__ lora_t,
@@ -280,7 +286,8 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   const int row = t / 8, t8 = t % 8;  // this thread's octet: token row, columns 8 t8 .. +7 of a group
   const int tok = tok0 + row;
   const bool tok_valid = tok < M;
-  const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + static_cast<size_t>(tok_valid ? tok : 0) * K * 2;
+  const size_t row_at = tok_valid ? tok : 0;
+  const uint8_t* x_row = reinterpret_cast<const uint8_t*>(x) + row_at * ldx * 2;
   const int my_chunk = tile_offset(row, t8);
   // Ring positions: 0 .. G-1 pass 1's groups; pow2 mode: pass 2 from the even position pass2_start on (a
   // position between them, where G is odd, holds nothing), its groups in reverse order
@@ -288,6 +295,8 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
   const int positions = kPow2 ? pass2_start + groups : groups;
 
   const uint8_t* x_src = x_row + t8 * 16;  // this thread's chunk of group 0
+  // groups x2_group .. G-1: this thread's chunk of group x2_group, in x2 (one piece: x2_group = G)
+  const uint8_t* x2_src = reinterpret_cast<const uint8_t*>(x2) + row_at * ldx2 * 2 + t8 * 16;
   // this thread's chunks of a lora_t tile: c = t + 128 j (j = 0, 1) of [32 ranks][8], where the rank c / 8 < rank
   const uint8_t* lora_src[2];
   int lora_dst[2];
@@ -324,7 +333,7 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
       const bool pass1 = q < groups;
       const int g = pass1 ? q : positions - 1 - q;
       uint8_t* st = ring + stage * kStageBytes;
-      cp_async16(st + my_chunk, x_src + g * 128, tok_valid);
+      cp_async16(st + my_chunk, g < x2_group ? x_src + g * 128 : x2_src + (g - x2_group) * 128, tok_valid);
       if (pass1) {
 #pragma unroll
         for (int j = 0; j < 2; ++j)
@@ -562,14 +571,14 @@ __device__ __forceinline__ void act_quant(const T* __restrict__ x, const float* 
 
 #define SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, COEFFICIENTS)                                                       \
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)                        \
-      NAME(const T* x, const float* smooth, const float* inv_smooth, const float* group_shift,                      \
-           int rotation_passes, const float4* rotation_coef, const T* lora_t, uint8_t* codes, float* ascales,       \
-           T* lora_act, int M, int K, int rank, int m_al, int norm, const void* mod_mult, const void* mod_add,      \
-           int mod_rows, double eps, void* norm_out) {                                                              \
+      NAME(const T* x, int ldx, const T* x2, int ldx2, int x2_group, const float* smooth, const float* inv_smooth,  \
+           const float* group_shift, int rotation_passes, const float4* rotation_coef, const T* lora_t,              \
+           uint8_t* codes, float* ascales, T* lora_act, int M, int K, int rank, int m_al, int norm,                 \
+           const void* mod_mult, const void* mod_add, int mod_rows, double eps, void* norm_out) {                   \
     svdq::sm80::act_quant<T, POW2, S8, COEFFICIENTS>(                                                               \
-        x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t, codes, ascales, lora_act, M, K, \
-        rank, m_al, norm != 0, static_cast<const T*>(mod_mult), static_cast<const T*>(mod_add), mod_rows, eps,      \
-        static_cast<T*>(norm_out));                                                                                 \
+        x, ldx, x2, ldx2, x2_group, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t, codes,  \
+        ascales, lora_act, M, K, rank, m_al, norm != 0, static_cast<const T*>(mod_mult),                            \
+        static_cast<const T*>(mod_add), mod_rows, eps, static_cast<T*>(norm_out));                                   \
   }
 #define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, S8)   \
   SVDQ_ACT_QUANT_ENTRY(NAME, T, POW2, S8, false) \

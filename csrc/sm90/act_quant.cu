@@ -14,6 +14,10 @@
 // (mult, add [B, K] per batch of mod_rows tokens; none: x = the LayerNorm alone): the norm prologue
 // below computes each token's statistics over the cluster and rewrites the resident x slice in place,
 // so that everything after it reads x as if it had come from memory.
+// x may also be the concatenation of two 16-bit tensors along K (FLUX's single blocks: the attention
+// output and linear1's GELU columns, docs/DESIGN.md#producer-quantization): each group's TMA load
+// reads its box from the piece that holds those columns, where it lies (rows may be strided), so the
+// concatenation is never written.
 //
 // Numerics are those of numerics.quantize_activations (exact mode) and
 // numerics.quantize_activations_pow2 (pow2 mode), bit for bit:
@@ -317,6 +321,7 @@ struct ActQuantParams {
   void* lora_act;
   int M, K, rank, m_al;
   bool int8_operands;
+  int x2_group;          // groups from this one on come from the second piece of x (K / 64: one piece)
 };
 
 // The norm prologue (see the file comment): rewrites this CTA's x slice (ng groups at smem) in place from
@@ -379,7 +384,8 @@ __device__ __forceinline__ void norm_prologue(uint8_t* smem, double2* stats, uin
 }
 
 template <typename T, bool kPow2, int kTiles, bool kCoefficients>
-__device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantParams& a, int gpc) {
+__device__ __forceinline__ void act_quant(const TensorMap& tm_x, const TensorMap& tm_x2, const ActQuantParams& a,
+                                          int gpc) {
   constexpr int kRankBlock = 32 * kTiles;
   const int crank = cluster_ctarank(), cs = cluster_nctarank();
   extern __shared__ uint8_t smem_raw[];
@@ -410,7 +416,11 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
   if (tid == 0) {
     for (int g = 0; g < ng; ++g) {
       mbar_expect_tx(&xbar[g], kXBoxBytes + pbytes);
-      tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * (g0 + g), tok0);
+      const int gk = g0 + g;
+      if (gk < a.x2_group)
+        tma_load_2d(smem + g * kXBoxBytes, &tm_x, &xbar[g], 64 * gk, tok0);
+      else
+        tma_load_2d(smem + g * kXBoxBytes, &tm_x2, &xbar[g], 64 * (gk - a.x2_group), tok0);
       uint8_t* dst = smem + lay.params + g * pbytes;
       const int col = 64 * (g0 + g);
       bulk_load(dst, a.inv_smooth + col, 256, &xbar[g]);
@@ -586,7 +596,10 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 // (cs, round_up(M, 4) / 32 rounded up) of cs CTAs along x, 256 threads, dynamic shared memory as
 // sm90.py computes it. Parameters:
 //   tm_x        tensor map of x [M, K] 16-bit (with norm: of the LayerNorm's input h), box 64 columns x
-//               32 rows, 128-byte swizzle
+//               32 rows, 128-byte swizzle; of its first piece [M, 64 x2_group] where x is a concatenation
+//   tm_x2, x2_group  x's columns from 64 x2_group on come from tm_x2 (its columns from 0, same box and swizzle):
+//               x is the concatenation of two tensors along K, each read where it is; x2_group = K / 64 and
+//               tm_x2 = tm_x for one tensor (never with norm)
 //   smooth      [K] fp32 copy of the layer's smooth (read in exact mode only)
 //   inv_smooth  [K] 1 / smooth in fp32, correctly rounded
 //   shift       [K/64] one shift per group, or null; > 0 marks an unsigned group
@@ -603,17 +616,18 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const ActQuantP
 //   norm        nonzero: the norm prologue, with mod_mult, mod_add [B, K] 16-bit (null: no modulation),
 //               mod_rows tokens per batch (M = B mod_rows) and the LayerNorm's eps; norm_out [M, K] 16-bit or
 //               null: where to store x as well (for a low-rank GEMM of ranks kernel 1 does not take)
-#define SVDQ_ACT_QUANT(NAME, T, POW2, TILES, COEFFICIENTS)                                                             \
-  extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                                \
-      NAME(const __grid_constant__ svdq::TensorMap tm_x, const float* smooth, const float* inv_smooth,                 \
-           const float* shift, int rotation_passes, const float4* rotation_coef, const void* lora_down,                \
-           uint8_t* codes, float* ascales, void* lora_act, int M, int K, int rank, int m_al, int int8_operands,        \
-           int gpc, int norm, const void* mod_mult, const void* mod_add, int mod_rows, double eps, void* norm_out) {    \
-    const svdq::sm90::ActQuantParams params{mod_mult,      mod_add,      mod_rows,   norm != 0, norm_out,            \
-                                            eps,           smooth,       inv_smooth, shift,     rotation_passes,     \
-                                            rotation_coef, lora_down,    codes,      ascales,   lora_act,            \
-                                            M,             K,            rank,       m_al,      int8_operands != 0}; \
-    svdq::sm90::act_quant<svdq::T, POW2, TILES, COEFFICIENTS>(tm_x, params, gpc);                                      \
+#define SVDQ_ACT_QUANT(NAME, T, POW2, TILES, COEFFICIENTS)                                                           \
+  extern "C" __global__ void __launch_bounds__(256, TILES == 1 ? 4 : 3)                                              \
+      NAME(const __grid_constant__ svdq::TensorMap tm_x, const __grid_constant__ svdq::TensorMap tm_x2,               \
+           int x2_group, const float* smooth, const float* inv_smooth, const float* shift, int rotation_passes,      \
+           const float4* rotation_coef, const void* lora_down, uint8_t* codes, float* ascales, void* lora_act,       \
+           int M, int K, int rank, int m_al, int int8_operands, int gpc, int norm, const void* mod_mult,             \
+           const void* mod_add, int mod_rows, double eps, void* norm_out) {                                          \
+    const svdq::sm90::ActQuantParams params{mod_mult,  mod_add,       mod_rows,   norm != 0,  norm_out, eps,         \
+                                            smooth,    inv_smooth,    shift,      rotation_passes, rotation_coef,    \
+                                            lora_down, codes,         ascales,    lora_act,   M,        K,           \
+                                            rank,      m_al,          int8_operands != 0, x2_group};                \
+    svdq::sm90::act_quant<svdq::T, POW2, TILES, COEFFICIENTS>(tm_x, tm_x2, params, gpc);                             \
   }
 #define SVDQ_ACT_QUANT_ENTRIES(NAME, T, POW2, TILES) \
   SVDQ_ACT_QUANT(NAME, T, POW2, TILES, false)        \

@@ -43,6 +43,40 @@ def check_tensor(t: torch.Tensor, like: torch.Tensor, name: str, dtype: torch.dt
         raise error(f"{name} must start on a {align}-byte boundary")
 
 
+def check_concat(x: torch.Tensor, x2: torch.Tensor | None, norm, *, error: type[Exception] = RuntimeError) -> int:
+    """Kernel 1's checks of its input in both families, x [M, K] alone (contiguous, 16-byte aligned) or, with x2,
+    the concatenation of x [M, K1] and x2 [M, K2] along K that it reads where they are (K1 a multiple of 64; both
+    with x's rows, dtype and device, unit column stride, 16-byte aligned rows; never with a norm). Returns K."""
+    if x2 is None:
+        check_tensor(x, x, "x", x.dtype, tuple(x.shape), error=error, align=16)
+        return x.shape[1]
+    if norm is not None:
+        raise error("kernel 1 takes a norm with one input tensor, not two")
+    if x.shape[1] % 64:
+        raise error(f"the first input's width {x.shape[1]} is not a multiple of 64")
+    if not (x2.dim() == 2 and x2.shape[0] == x.shape[0] and x2.dtype == x.dtype and x2.device == x.device):
+        raise error("x2 must be 2-D with x's rows, dtype and device")
+    for name, piece in (("x", x), ("x2", x2)):
+        if not rows_aligned(piece):
+            raise error(f"{name} needs unit column stride and 16-byte aligned rows")
+    return x.shape[1] + x2.shape[1]
+
+
+def kernel1_operands(x, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, x2) as both families' act_quant take them from a layer's input: a tensor made contiguous, or a
+    kernels.Concat's two parts read where they are; concatenated where the layer's low-rank GEMM reads the whole
+    input (wide: ranks above kernels.KERNEL1_MAX_RANK, which cuBLAS computes)."""
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(), None
+    return (x.value(), None) if wide else x.parts
+
+
+def rows_aligned(t: torch.Tensor) -> bool:
+    """Unit column stride, rows and start on 16-byte boundaries: what a kernel reading a 2-D tensor in place
+    (strided rows included) needs."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def norm_arguments(norm, norm_out: torch.Tensor | None, x: torch.Tensor, *, error: type[Exception] = RuntimeError
                    ) -> tuple:
     """Kernel 1's last six arguments in both families: the norm flag, mult and add [B, K] (None without a

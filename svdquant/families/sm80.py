@@ -25,12 +25,13 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import check_tensor, norm_arguments, sm_count
+from . import check_concat, check_tensor, kernel1_operands, norm_arguments, sm_count
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
 # kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
 KERNEL1_NORM = True
+KERNEL1_CONCAT = True  # kernel 1 reads a kernels.Concat's two parts where they are
 # Kernel 1 computes x @ lora_down in its pass over x (one warp per 8 ranks) up to kernels.KERNEL1_MAX_RANK;
 # kernel 2's low-rank stages take kernels.RANK_MULTIPLE ranks each.
 _ACT_TOKENS = 16  # tokens per kernel 1 CTA
@@ -81,7 +82,8 @@ def scales_rows(m: int) -> int:
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, group_shift: torch.Tensor | None,
               lora_t: torch.Tensor | None, pow2: bool = False, int8_operands: bool = False,
               rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None),
-              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None):
+              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None,
+              x2: torch.Tensor | None = None):
     """Kernel 1 on x [M, K] (bf16/fp16). smooth, inv_smooth: fp32 [K] (inv_smooth = 1/smooth correctly
     rounded); group_shift: fp32 [K/64] (kernels.group_shifts) or None; lora_t: lora_down^T [r, K] in x's
     dtype, r a multiple of 16 up to kernels.KERNEL1_MAX_RANK, or None. int8_operands (pow2 only):
@@ -89,7 +91,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
     rotation as kernels.kernel1_rotation gives it (W4A4Kernel.kernel1_rotation): (kind, coefficients
     or None). norm: x is a LayerNorm's input and kernel 1 quantizes norm.apply(x) (the norm prologue;
     mult and add [B, K] or [B, 1, K] in x's dtype, M a multiple of B), also storing it into norm_out [M, K]
-    (x's dtype) where given.
+    (x's dtype) where given. x2: kernel 1 quantizes the concatenation of x [M, K1] and x2 [M, K2] along K (K1 a
+    multiple of 64), reading each where it is (unit column stride, 16-byte aligned rows), never with a norm.
 
     Returns (codes, ascales, lora_act [M, r] in x's dtype or None): codes uint8 [M, K/2] packed as
     numerics.pack_int4 and ascales fp32 [K/64, m_al] (pow2 mode: each token's atok * 2^-e); with
@@ -101,11 +104,10 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         raise Sm80InputError(f"x must be bfloat16 or float16, got {x.dtype}")
     if int8_operands and not pow2:
         raise Sm80InputError("int8_operands needs pow2 activation scales")
-    m, k = x.shape
+    m, k = x.shape[0], check_concat(x, x2, norm, error=Sm80InputError)
     if k % numerics.GROUP_SIZE or k == 0:
         raise Sm80InputError(f"the input width {k} is not a positive multiple of {numerics.GROUP_SIZE}")
     groups = k // numerics.GROUP_SIZE
-    _check(x, x, "x", x.dtype, (m, k))
     _check(smooth, x, "smooth", torch.float32, (k,))
     _check(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if group_shift is not None:
@@ -130,8 +132,9 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
         path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
         fn = cuda.function(FAMILY, f"act_quant_{mode}_{_NAMES[x.dtype]}{path}", x.device)
         fn.launch((m + _ACT_TOKENS - 1) // _ACT_TOKENS, _ACT_THREADS,
-                  (x, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef, lora_t if rank else None, codes,
-                   ascales, lora_act, m, k, rank, m_al, *norm_args))
+                  (x, x.stride(0), *((x, x.stride(0)) if x2 is None else (x2, x2.stride(0))),
+                   x.shape[1] // numerics.GROUP_SIZE, smooth, inv_smooth, group_shift, rotation_passes, rotation_coef,
+                   lora_t if rank else None, codes, ascales, lora_act, m, k, rank, m_al, *norm_args))
     return codes, ascales, lora_act
 
 
@@ -346,11 +349,13 @@ def runs_whole_k(kernel: kernels.W4A4Kernel, mma: str, pow2_activations: bool) -
     return mma == "int8" and pow2_activations and kernel.pow2_weights and kernel.in_features <= POW2_MAX_K
 
 
-def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", pow2_activations: bool | None = None,
-                out: torch.Tensor | None = None, norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
+def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, mma: str = "int8",
+                pow2_activations: bool | None = None, out: torch.Tensor | None = None,
+                norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
     """W4A4Kernel.reference's function of x [M, K] on the two sm80 kernels (mma: "int4" or "int8" for
     kernel 2; int8 on power-of-two layers: the whole-K kernel 2), or of norm.apply(x) (kernel 1's norm
-    prologue; above kernels.KERNEL1_MAX_RANK kernel 1 also stores that input for the low-rank GEMM).
+    prologue; above kernels.KERNEL1_MAX_RANK kernel 1 also stores that input for the low-rank GEMM); x a
+    kernels.Concat: kernel 1 reads its parts where they are (KERNEL1_CONCAT).
     pow2_activations: quantize x with power-of-two restricted scales (numerics.quantize_activations_pow2);
     None: as the kernel's activation mode says."""
     if pow2_activations is None:
@@ -358,13 +363,13 @@ def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, mma: str = "int8", 
     if x.dtype != kernel.wscales.dtype:
         raise Sm80InputError(f"input dtype {x.dtype} with {kernel.wscales.dtype} weights")
     rank = kernel.rank
-    x = x.contiguous()
+    wide = rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
+    x, second = kernel1_operands(x, wide)
     whole_k = runs_whole_k(kernel, mma, pow2_activations)
     smooth, inv_smooth, group_shift, lora_t = kernel1_inputs(kernel)
-    wide = rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
     normalized = torch.empty_like(x) if wide and norm is not None else None
     codes, ascales, lora_act = act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2_activations, whole_k,
-                                         kernel.kernel1_rotation(), norm, normalized)
+                                         kernel.kernel1_rotation(), norm, normalized, second)
     if wide:
         lora_act = (x if normalized is None else normalized) @ kernel.lora_down
         if rank % kernels.RANK_MULTIPLE:

@@ -24,11 +24,12 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import aligned16, check_half, check_tensor, norm_arguments, sm_count
+from . import aligned16, check_concat, check_half, check_tensor, kernel1_operands, norm_arguments, sm_count
 
 FAMILY = "sm90"
 # kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
 KERNEL1_NORM = True
+KERNEL1_CONCAT = True  # kernel 1 reads a kernels.Concat's two parts where they are
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -60,10 +61,11 @@ def _encoded_map(data_type: int, address: int, cols: int, rows: int, row_bytes: 
 
 def _map_2d(t: torch.Tensor, box_cols: int, box_rows: int,
             swizzle: int = cuda.TENSOR_MAP_SWIZZLE_NONE) -> cuda.TensorMap:
-    """Map of a contiguous [rows, cols] tensor in tiles of [box_rows, box_cols]; out-of-bounds reads give 0."""
+    """Map of a [rows, cols] tensor with unit column stride (rows may be strided) in tiles of [box_rows,
+    box_cols]; out-of-bounds reads give 0."""
     rows, cols = t.shape
-    return _encoded_map(cuda.TENSOR_MAP_DTYPES[t.dtype], t.data_ptr(), cols, rows, cols * t.element_size(), box_cols,
-                        box_rows, swizzle)
+    return _encoded_map(cuda.TENSOR_MAP_DTYPES[t.dtype], t.data_ptr(), cols, rows, t.stride(0) * t.element_size(),
+                        box_cols, box_rows, swizzle)
 
 
 # ---- kernel 1: activation quantization + low-rank down (act_quant.cu) -------------------------------
@@ -117,8 +119,8 @@ _large_clusters_fit: dict[tuple[str, int, int, int], bool] = {}
 def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, shift: torch.Tensor | None,
               lora_down_p: torch.Tensor, pow2: bool = False, int8_operands: bool = False,
               rotation: tuple[int, torch.Tensor | None] = (kernels.ROTATION_NONE, None),
-              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              norm: kernels.ModulatedNorm | None = None, norm_out: torch.Tensor | None = None,
+              x2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Kernel 1: x [M, K] -> (codes uint8 [M, K], ascales fp32, lora_act [M, rank]); ascales is
     [K/64, round_up(M, 4)] (per group), or [1, round_up(M, 4)] (per token) when pow2. lora_down_p is
     lora_down [K, rank] in kernel 1's layout (kernel1_lora_down): [rank, K]; shift: one fp32 value
@@ -126,11 +128,12 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     instead of e4m3 bytes. rotation: the layer's group rotation as kernels.kernel1_rotation gives it
     (W4A4Kernel.kernel1_rotation): (kind, coefficients or None). norm: x is a LayerNorm's input and kernel 1
     quantizes norm.apply(x) (the norm prologue; mult and add [B, K] or [B, 1, K] in x's dtype), also storing it
-    into norm_out [M, K] where given."""
+    into norm_out [M, K] where given. x2: kernel 1 quantizes the concatenation of x [M, K1] and x2 [M, K2] along
+    K (K1 a multiple of 64), reading each where it is (unit column stride, rows 16-byte aligned), never with a norm."""
     if not (x.is_cuda and x.dim() == 2):
         raise RuntimeError("x must be a 2-D CUDA tensor")
     check_half(x, "x")
-    m, k = x.shape
+    m, k = x.shape[0], check_concat(x, x2, norm)
     if k % 64:
         raise RuntimeError(f"the input width {k} is not a multiple of 64")
     if lora_down_p.dim() != 2:
@@ -138,7 +141,6 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if int8_operands and not pow2:
         raise RuntimeError("int8_operands needs pow2")
     rank = lora_down_p.shape[0]
-    check_tensor(x, x, "x", x.dtype, (m, k))
     check_tensor(smooth, x, "smooth", torch.float32, (k,))
     check_tensor(inv_smooth, x, "inv_smooth", torch.float32, (k,))
     if shift is not None:
@@ -160,7 +162,7 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
-        tm_x = _map_2d(x, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B)
+        tm_x, tm_x2 = (_map_2d(t, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B) for t in (x, x if x2 is None else x2))
     except cuda.CudaError as exc:
         raise RuntimeError(f"act_quant: cuTensorMapEncodeTiled rejected x ({exc})") from exc
 
@@ -170,8 +172,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
     path = "_coefficients" if rotation_kind == kernels.ROTATION_COEFFICIENTS else ""
     name = f"act_quant_{'pow2' if pow2 else 'exact'}_{_DTYPE_NAMES[x.dtype]}_tiles{tiles}{path}"
     fn = cuda.function(FAMILY, name, x.device)
-    args = (tm_x, smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down_p, codes, ascales, lora_act,
-            m, k, rank, m_al, int8_operands)
+    args = (tm_x, tm_x2, x.shape[1] // 64, smooth, inv_smooth, shift, rotation_passes, rotation_coef, lora_down_p,
+            codes, ascales, lora_act, m, k, rank, m_al, int8_operands)
     # clusters of up to 16 CTAs where the GPU can co-schedule them, else the portable 8
     for max_cs in (_AQ_MAX_CLUSTER_CTAS, 8):
         cs, gpc, _, smem = make_plan(m, k, rank, param_bytes, max_cs, sms, norm is not None)
@@ -454,19 +456,20 @@ def act_operands_to_natural(codes: torch.Tensor, int8_operands: bool = False) ->
     return natural.reshape(m, k)
 
 
-def svdq_linear(x: torch.Tensor, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None,
+def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None,
                 norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (a call W4A4Kernel routes here): W4A4Kernel.reference's
     function of x, or of norm.apply(x) (kernel 1's norm prologue; above KERNEL1_MAX_RANK kernel 1 also stores
-    that input for the low-rank GEMM); `out`: where to write y [M, N]."""
+    that input for the low-rank GEMM); x a kernels.Concat: kernel 1 reads its parts where they are (KERNEL1_CONCAT);
+    `out`: where to write y [M, N]."""
     pow2 = kernel.pow2_activations
     fast = pow2 and kernel.pow2_weights
-    x = x.contiguous()
-    # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
     wide = kernel.rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
+    x, second = kernel1_operands(x, wide)
+    # pow2 mode: ascales is [1, m_al], each token's scale atok, the 2^-e being in the codes
     normalized = torch.empty_like(x) if wide and norm is not None else None
     codes, ascales, lora_act = act_quant(x, *kernel1_inputs(kernel), pow2, fast, kernel.kernel1_rotation(), norm,
-                                         normalized)
+                                         normalized, second)
     if wide:
         lora_act = (x if normalized is None else normalized) @ kernel.lora_down
     gelu_from = -1 if kernel.gelu_from is None else kernel.gelu_from

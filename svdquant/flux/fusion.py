@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import linear
+from .. import linear, pending
 
 
 def fuse_mlp_gelu(module: torch.nn.Module) -> int:
@@ -14,9 +14,7 @@ def fuse_mlp_gelu(module: torch.nn.Module) -> int:
     GELU's place, so the MLP's wide hidden activations are written once instead of being read and
     written again by a separate GELU. Returns how many layers took one.
 
-    The single blocks keep their GELU: it reads a strided slice of linear1's output, and its
-    contiguous result makes the concatenation that follows cheaper by about what the separate GELU
-    costs, so fusing it there measured no faster end to end (bench/NOTES.md#v22).
+    The single blocks' GELU: fuse_single_block_concat.
     """
     fused = 0
     for block in module.modules():
@@ -27,4 +25,35 @@ def fuse_mlp_gelu(module: torch.nn.Module) -> int:
                     and mlp[1].approximate == "tanh"):
                 mlp[0].gelu_from, mlp[1] = 0, torch.nn.Identity()
                 fused += 1
+    return fused
+
+
+class ConcatOperand(torch.nn.Module):
+    """Stands where a single block's GELU was (its linear1 applies it now): passes linear1's GELU columns on as a
+    pending piece of the concatenation that follows (pending.concat_operand), so that linear2's kernel 1 reads
+    the attention output and those columns where they are; under torch.compile, and where no kernel 1 reads a
+    concatenation, the columns themselves."""
+
+    def forward(self, mlp: torch.Tensor) -> torch.Tensor:
+        return pending.concat_operand(mlp)
+
+
+def fuse_single_block_concat(module: torch.nn.Module) -> int:
+    """Moves the tanh-GELU of each single block (linear1 = [qkv; mlp in], linear2 on cat(attention, GELU(mlp)),
+    in ComfyUI's FLUX model and `flux.model.Flux` alike) into linear1 when both layers are W4A4
+    (`gelu_from = 3 * hidden_size`: on the GPU kernel 2's epilogue), putting a ConcatOperand in the GELU's place,
+    so that neither the GELU's output nor the concatenation is written (bench/NOTES.md#single-block-concat).
+    Returns how many blocks took it."""
+    fused = 0
+    for block in module.modules():
+        linear1, linear2 = getattr(block, "linear1", None), getattr(block, "linear2", None)
+        act, hidden = getattr(block, "mlp_act", None), getattr(block, "hidden_size", None)
+        if not (isinstance(linear1, linear.SVDQLinear) and isinstance(linear2, linear.SVDQLinear)
+                and isinstance(act, torch.nn.GELU) and act.approximate == "tanh" and isinstance(hidden, int)
+                and linear1.gelu_from is None):
+            continue
+        mlp = linear2.in_features - hidden  # ComfyUI's variants with a wider linear1 (yak_mlp) do not match
+        if linear1.out_features == 3 * hidden + mlp and mlp > 0:
+            linear1.gelu_from, block.mlp_act = 3 * hidden, ConcatOperand()
+            fused += 1
     return fused

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..linear import LoadedLinear
 from .arch import TIMESTEP_DIM, FluxConfig
-from .fusion import fuse_mlp_gelu
+from .fusion import fuse_mlp_gelu, fuse_single_block_concat
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
 NORM_EPS = 1e-6
@@ -155,13 +155,14 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = make_linear(h + m, h, True)
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(h, False, make_linear)
+        self.mlp_act = nn.GELU(approximate="tanh")  # a module, as ComfyUI's (fusion.fuse_single_block_concat)
 
     def forward(self, x, vec, pe):
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = torch.split(self.linear1(modulate(x, shift, scale)), [3 * self.hidden_size, self.mlp_hidden], dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")), dim=2))
+        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
         return x + gate * out
 
 
@@ -257,11 +258,12 @@ class Flux(nn.Module):
 
 def from_tensors(cfg: FluxConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Flux:
     """The model holding a file's tensors as they are stored (quantized layers stay quantized),
-    the double blocks' W4A4 MLP input layers applying the GELU (fusion.fuse_mlp_gelu); float tensors
-    converted to dtype when given."""
+    the W4A4 MLP input layers applying the GELU (fusion.fuse_mlp_gelu, fusion.fuse_single_block_concat); float
+    tensors converted to dtype when given."""
     model = Flux(cfg, loaded_linear(dtype))
     model.load_state_dict(tensors, strict=True)
     fuse_mlp_gelu(model)
+    fuse_single_block_concat(model)
     return model.requires_grad_(False)
 
 

@@ -23,11 +23,11 @@ the ComfyUI checkout as working directory). Commands:
                                  load under a budget that fits the 4-bit model but not the FP8
                                  weights (which layers stay offloaded, the loaded size, the output),
                                  the saved state dict; and the size where FP8 execution does not run
-  pending_norm PACK MODEL INPUTS OUT
-                                 MODEL run with the pack's pending LayerNorm forced on (the CPU standing
-                                 in for a GPU), eagerly and through torch.compile, and with it off: the
-                                 outputs, and which layers received a pending LayerNorm and handed it to
-                                 their kernel
+  pending_inputs PACK MODEL INPUTS OUT
+                                 MODEL run with the pack's pending tensors (LayerNorm, concatenation)
+                                 forced on (the CPU standing in for a GPU), eagerly and through
+                                 torch.compile, and with them off: the outputs, and which layers received
+                                 a pending tensor and handed it to their kernel
   t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
                                  encoder operations, from bf16 and from scaled fp8 weights, beside
                                  the dense model and the dense model with the dequantized weights
@@ -366,7 +366,7 @@ def fp8_sizing(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
-def pending_norm(pack: str, model_file: str, inputs_file: str, out: str) -> None:
+def pending_inputs(pack: str, model_file: str, inputs_file: str, out: str) -> None:
     from unittest import mock
 
     import torch._dynamo
@@ -378,16 +378,17 @@ def pending_norm(pack: str, model_file: str, inputs_file: str, out: str) -> None
     diffusion_model = loader.load_svdquant_flux(model_file, torch.bfloat16).model.diffusion_model
     inputs = load_file(inputs_file)
     names = {id(m): name for name, m in diffusion_model.named_modules()}
-    received, handed = [], []
+    received, handed = [], []  # (layer, "norm" or "concat"), and the same kinds handed to a kernel
     quantized_forward, kernel_call = linear.quantized_forward, kernels.W4A4Kernel.__call__
 
     def recording_forward(layer, x):
-        if isinstance(x, pending.PendingNorm) and x.pending() is not None:
-            received.append(names[id(layer)])
+        if isinstance(x, pending.Pending) and x.kernel_input() is not None:
+            received.append([names[id(layer)], "norm" if isinstance(x, pending.PendingNorm) else "concat"])
         return quantized_forward(layer, x)
 
     def recording_call(kernel, x, norm=None):
-        handed.append(norm is not None)
+        if norm is not None or isinstance(x, kernels.Concat):
+            handed.append("norm" if norm is not None else "concat")
         return kernel_call(kernel, x, norm=norm)
 
     outputs, facts = {}, {}
@@ -395,12 +396,12 @@ def pending_norm(pack: str, model_file: str, inputs_file: str, out: str) -> None
             mock.patch.object(kernels.W4A4Kernel, "__call__", recording_call):
         with pending.forced(False):
             outputs["off"] = forward(diffusion_model, inputs)
-        facts["off"] = {"received": received[:], "handed": sum(handed)}
+        facts["off"] = {"received": received[:], "handed": handed[:]}
         received.clear()
         handed.clear()
         with pending.forced(True):
             outputs["on"] = forward(diffusion_model, inputs)
-        facts["on"] = {"received": received[:], "handed": sum(handed)}
+        facts["on"] = {"received": received[:], "handed": handed[:]}
         received.clear()
         torch._dynamo.reset()
         with pending.forced(True), torch.no_grad():
@@ -474,4 +475,4 @@ def t5(pack: str, out: str) -> None:
 
 if __name__ == "__main__":
     {"taesd": taesd, "load": load, "lora": lora, "fp8_sizing": fp8_sizing,
-     "pending_norm": pending_norm, "t5": t5}[sys.argv[1]](*sys.argv[2:])
+     "pending_inputs": pending_inputs, "t5": t5}[sys.argv[1]](*sys.argv[2:])

@@ -1,6 +1,6 @@
-"""A pending LayerNorm (+ FLUX's modulation) as the input of the 4-bit layers (svdquant.pending,
-docs/DESIGN.md#producer-quantization): what a W4A4 layer computes from it, what any other use sees, and
-when a LayerNorm leaves its output pending."""
+"""Pending inputs of the 4-bit layers (svdquant.pending, docs/DESIGN.md#producer-quantization), a LayerNorm
+(+ FLUX's modulation) and a concatenation: what a W4A4 layer computes from them, what any other use sees, and
+when a LayerNorm or a concatenation stays pending."""
 
 import pytest
 import torch
@@ -109,7 +109,7 @@ def test_metadata_queries_do_not_compute(computations):
     assert p.dim() == p.ndim == 3 and p.numel() == B * L * K and p.element_size() == 2
     assert not p.requires_grad and p.is_floating_point() and p.is_contiguous() and p.stride() == (L * K, K, 1)
     assert p.layout == torch.strided and p.grad_fn is None
-    assert computations == [] and p.pending() is not None
+    assert computations == [] and p.kernel_input() is not None
 
 
 def test_any_other_use_computes_it_once_and_sees_the_same_tensor(computations):
@@ -122,7 +122,7 @@ def test_any_other_use_computes_it_once_and_sees_the_same_tensor(computations):
     assert torch.equal(F.gelu(p, approximate="tanh"), F.gelu(expected, approximate="tanh"))
     assert torch.equal(p.sum(-1), expected.sum(-1)) and torch.equal(p.float(), expected.float())
     assert torch.equal(p.reshape(-1, K), expected.reshape(-1, K))
-    assert len(computations) == 1 and p.pending() is None
+    assert len(computations) == 1 and p.kernel_input() is None
     # a computed one is used as itself, by a layer too, and modulating it again is a plain addcmul
     assert torch.equal(torch.addcmul(add, p, mult), torch.addcmul(add, expected, mult))
     layer = w4a4_layer(N, K, 16, torch.bfloat16, gen(8, "cpu"), unsigned=False)
@@ -147,7 +147,7 @@ def test_in_place_edits_of_slices_persist_for_later_users(computations):
     computations.clear()
     p = pending.pending_layer_norm(x, EPS)
     edited = modulate_token_ranges(p, mult, add, ranges)
-    assert edited is p and p.pending() is None
+    assert edited is p and p.kernel_input() is None
     assert torch.equal(layer(edited), layer(expected)) and torch.equal(p.value(), expected)
     assert len(computations) == 1
 
@@ -242,3 +242,89 @@ def test_when_a_layer_norm_stays_pending(monkeypatch):
 def test_pending_layer_norm_takes_three_dimensions():
     with pytest.raises(ValueError, match="B, L, K"):
         pending.pending_layer_norm(source()[0], EPS)
+
+
+# ---- the concatenation ----------------------------------------------------------------------------------------
+
+
+def concat_inputs(seed: int = 2, width: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention output [B, L, width], linear1's GELU columns [B, L, K - width]: a strided slice of its
+    output)."""
+    g = torch.Generator().manual_seed(seed)
+    attention = torch.randn(B, L, width, generator=g).to(torch.bfloat16)
+    linear1 = torch.randn(B, L, 3 * width + K - width, generator=g).to(torch.bfloat16)
+    return attention, linear1[..., 3 * width:]
+
+
+def test_a_concatenation_with_the_operand_stays_pending_and_the_layer_computes_it():
+    attention, mlp = concat_inputs()
+    assert pending.concat_operand(mlp) is mlp  # a CPU tensor: no kernel 1 reads a concatenation here
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(10, "cpu"), unsigned=False)
+    expected = torch.cat((attention, mlp), dim=2)
+    with pending.forced(True):
+        for dim in (2, -1):
+            operand = pending.concat_operand(mlp)
+            assert type(operand) is pending.PendingConcat and operand.shape == mlp.shape
+            p = torch.cat((attention, operand), dim)
+            assert type(p) is pending.PendingConcat and p.pieces() == (attention, mlp)
+            assert p.shape == (B, L, K) and p.dtype == torch.bfloat16 and p.is_contiguous()
+            concats = []
+            call = kernels.W4A4Kernel.__call__
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(kernels.W4A4Kernel, "__call__",
+                              lambda self, x, norm=None: concats.append(x) or call(self, x, norm=norm))
+                y = layer(p)
+            assert p.pieces() is not None  # the layer read the pieces, nothing computed the concatenation
+            (concat,) = concats
+            assert isinstance(concat, kernels.Concat) and concat.shape == (B * L, K)
+            assert concat.parts[1].data_ptr() == mlp.data_ptr()  # the slice itself, read where it lies
+            assert torch.equal(y, layer(expected))
+            assert torch.equal(torch.cat((attention, operand), dim=dim).value(), expected)  # the kwarg form
+
+
+def test_other_uses_of_a_pending_concatenation_compute_it_once():
+    attention, mlp = concat_inputs(3)
+    with pending.forced(True):
+        operand = pending.concat_operand(mlp)
+        assert torch.equal(operand * 2, mlp * 2)
+        assert operand.pieces() is None and operand.value().is_contiguous() and torch.equal(operand.value(), mlp)
+        # once computed it is a plain piece of the next concatenation
+        assert type(torch.cat((attention, operand), 2)) is torch.Tensor
+        p = torch.cat((attention, pending.concat_operand(mlp)), 2)
+        value = p + 0
+        assert torch.equal(value, torch.cat((attention, mlp), 2)) and p.value() is p.value()
+        # a dense or W4A16 layer takes the value
+        dense = torch.nn.Linear(K, N, dtype=torch.bfloat16)
+        p = torch.cat((attention, pending.concat_operand(mlp)), 2)
+        assert torch.equal(dense(p), dense(torch.cat((attention, mlp), 2)))
+
+
+@pytest.mark.parametrize("case", ["other dim", "three pieces", "narrow first", "grad", "float32", "other rows"])
+def test_concatenations_the_kernel_does_not_take_are_computed_as_pytorch_does(case):
+    attention, mlp = concat_inputs(4)
+    with pending.forced(True):
+        operand = pending.concat_operand(mlp)
+        if case == "other dim":
+            args = ((attention, operand), 1)
+            expected = torch.cat((attention, mlp), 1)
+        elif case == "three pieces":
+            args = ((attention, operand, attention), 2)
+            expected = torch.cat((attention, mlp, attention), 2)
+        elif case == "narrow first":
+            args = ((attention[..., :100], operand), 2)
+            expected = torch.cat((attention[..., :100], mlp), 2)
+        elif case == "grad":
+            grad = attention.clone().requires_grad_()
+            args = ((grad, operand), 2)
+            expected = torch.cat((grad, mlp), 2)
+        elif case == "float32":
+            args = ((attention.float(), operand), 2)
+            expected = torch.cat((attention.float(), mlp), 2)
+        else:
+            args = ((attention[:1], pending.concat_operand(mlp[:1, :3])), 2)
+            with pytest.raises(RuntimeError):
+                torch.cat(*args)
+            return
+        got = torch.cat(*args)
+        assert type(got) is torch.Tensor and torch.equal(got, expected)
+        assert type(pending.concat_operand(mlp.float())) is torch.Tensor  # not a 16-bit input
