@@ -246,8 +246,13 @@ def w4a4_kernels_on(device: torch.device) -> str | None:
 def norm_prologue_on(device: torch.device) -> bool:
     """Whether W4A4 linears on this device run a kernel 1 that takes a ModulatedNorm as its prologue (the
     family's KERNEL1_NORM), loading the kernels now."""
+    return _family_flag(device, "KERNEL1_NORM")
+
+
+def _family_flag(device: torch.device, flag: str) -> bool:
+    """Whether the W4A4 family for this device has `flag` set (False where none runs)."""
     name = w4a4_kernels_on(device)
-    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], "KERNEL1_NORM", False)
+    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], flag, False)
 
 
 def _no_kernels_reason(device: torch.device) -> str:
@@ -286,6 +291,21 @@ class ModulatedNorm(NamedTuple):
                                              self.eps).reshape(m, k)
 
 
+class GatedResidual(NamedTuple):
+    """Where a W4A4 layer's output y goes: residual + gate * y (numerics.gated_residual; FLUX's gated residual
+    streams), residual [M, N] and gate [B, N] in y's dtype, the M rows being B equal runs of tokens. A family with
+    KERNEL2_RESIDUAL computes it in kernel 2's epilogue; `apply` is the same by PyTorch ops."""
+    residual: torch.Tensor
+    gate: torch.Tensor
+
+    def apply(self, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + gate * y for y [M, N], into out where given (the residual itself included)."""
+        batches = self.gate.shape[0]
+        rows = self.residual.reshape(batches, -1, y.shape[-1])
+        value = numerics.gated_residual(rows, self.gate.unsqueeze(1), y.reshape(rows.shape)).reshape(y.shape)
+        return value if out is None else out.copy_(value)
+
+
 class Concat:
     """A W4A4 layer's input that is the concatenation of two 16-bit tensors along K, first [M, K1] and second
     [M, K2] (K1 a multiple of 64; FLUX's single blocks: the attention output and linear1's GELU columns,
@@ -322,8 +342,13 @@ class Concat:
 def concat_on(device: torch.device) -> bool:
     """Whether W4A4 linears on this device run a kernel 1 that reads a Concat's two parts where they are (the
     family's KERNEL1_CONCAT), loading the kernels now."""
-    name = w4a4_kernels_on(device)
-    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], "KERNEL1_CONCAT", False)
+    return _family_flag(device, "KERNEL1_CONCAT")
+
+
+def residual_on(device: torch.device) -> bool:
+    """Whether W4A4 linears on this device run a kernel 2 that adds its output into a GatedResidual (the family's
+    KERNEL2_RESIDUAL), loading the kernels now."""
+    return _family_flag(device, "KERNEL2_RESIDUAL")
 
 
 class W4A4Kernel:
@@ -440,25 +465,31 @@ class W4A4Kernel:
                                      self.bias, self.shift, self.unsigned_groups, self.pow2_activations, self.gelu_from,
                                      self.rotation)
 
-    def __call__(self, x: torch.Tensor | Concat, norm: ModulatedNorm | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | Concat, norm: ModulatedNorm | None = None,
+                 residual: GatedResidual | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """y [M, N] for x [M, K], or with `norm` for norm.apply(x): in kernel 1's prologue where the family
         has one (its KERNEL1_NORM), else computed first. x may be a Concat: read in place where the family's
-        kernel 1 can (KERNEL1_CONCAT), else concatenated first."""
+        kernel 1 can (KERNEL1_CONCAT), else concatenated first. residual: the result is residual + gate * y
+        instead, in kernel 2's epilogue where the family has KERNEL2_RESIDUAL, else by PyTorch ops after it;
+        written into out where given (the residual's own tensor included: in place)."""
+        if isinstance(x, Concat) and norm is not None:
+            raise ValueError("a norm applies to one input tensor, not to a concatenation")
         module, variant, reason = self._route(x)
-        if isinstance(x, Concat):
-            if norm is not None:
-                raise ValueError("a norm applies to one input tensor, not to a concatenation")
-            if module is not None and getattr(module, "KERNEL1_CONCAT", False):
-                return module.svdq_linear(x, self, **variant)
+        if isinstance(x, Concat) and not (module is not None and getattr(module, "KERNEL1_CONCAT", False)):
             x = x.value()
-        if norm is not None:
-            if module is not None and getattr(module, "KERNEL1_NORM", False):
-                return module.svdq_linear(x, self, norm=norm, **variant)
-            x = norm.apply(x)
-        if module is not None:
-            return module.svdq_linear(x, self, **variant)
-        _announce_fallback(reason)
-        return self.reference(x)
+        if norm is not None and not (module is not None and getattr(module, "KERNEL1_NORM", False)):
+            x, norm = norm.apply(x), None
+        if module is None:
+            _announce_fallback(reason)
+            y = self.reference(x)
+        else:
+            options = {**variant, **({} if norm is None else {"norm": norm})}
+            if residual is not None and getattr(module, "KERNEL2_RESIDUAL", False):
+                return module.svdq_linear(x, self, residual=residual, out=out, **options)
+            y = module.svdq_linear(x, self, **options)
+        if residual is not None:
+            return residual.apply(y, out)
+        return y if out is None else out.copy_(y)
 
 
 # ---- W4A16 -----------------------------------------------------------------------------------------

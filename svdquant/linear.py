@@ -16,6 +16,7 @@ custom operation (nodes/ops.py) does the same with ComfyUI's layer classes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import weakref
@@ -67,8 +68,10 @@ def _copied(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor |
     return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
-def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape).
+def quantized_forward(layer, x: torch.Tensor, residual: kernels.GatedResidual | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward of a W4A4 or W4A16 layer on x [..., K] (any batch shape); with a residual ([M, N] and its gate, M the
+    tokens of x) residual + gate * y instead, written into out [M, N] where given (the residual's tensor: in place).
 
     A layer whose tensors are not on x's device (ComfyUI's low-VRAM mode leaves some layers in
     offload memory) runs on copies made for this call. x may be a pending tensor (pending.Pending: a LayerNorm
@@ -80,13 +83,15 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
         # the sources' metadata, not the wrapper's (each query of the wrapper's runs its __torch_function__)
         if waiting is not None and layer.qweight.device == waiting[0].device:
             operand, norm, lead = waiting
-            return layer.w4a4_kernel()(operand, norm=norm).reshape(*lead, layer.out_features)
+            y = layer.w4a4_kernel()(operand, norm=norm, residual=residual, out=out)
+            return y.reshape(*lead, layer.out_features)
         x = x.value()
     lead = x.shape[:-1]
     flat = x.reshape(-1, layer.in_features)
     here = layer.qweight.device == x.device
     if layer.kind == W4A4:
-        y = (layer.w4a4_kernel() if here else layer.w4a4_kernel(x.device))(flat)
+        kernel = layer.w4a4_kernel() if here else layer.w4a4_kernel(x.device)
+        return kernel(flat, residual=residual, out=out).reshape(*lead, layer.out_features)
     else:
         tensors = [layer.qweight, layer.wscales, layer.wzeros, layer.bias, layer.lora_down, layer.lora_up]
         if not here:
@@ -95,6 +100,8 @@ def quantized_forward(layer, x: torch.Tensor) -> torch.Tensor:
         y = kernels.w4a16_linear(flat, qweight, wscales, wzeros, bias)
         if lora_down is not None:  # LoRAs on a W4A16 layer: a 16-bit low-rank side branch
             y = (y.float() + numerics.lowrank_reference(flat, lora_down, lora_up)).to(y.dtype)
+        if residual is not None:
+            y = residual.apply(y, out)
     return y.reshape(*lead, layer.out_features)
 
 
@@ -135,9 +142,13 @@ class _QuantizedLinearBase(nn.Module):
     """Shared shape bookkeeping: buffers whose shape is checked and may be resized at load.
 
     Float tensors are converted at load to the dtype the layer was built with (a rotation stays float32).
+
+    feeds_gated_residual (set by `flux.fusion.fuse_gated_residuals`): the forward returns a pending.PendingOutput
+    where it may (`pending.defers_output`), so that FLUX's `residual + gate * y` runs in the layer's kernel 2.
     """
 
     kind: str
+    feeds_gated_residual: bool = False
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -194,6 +205,9 @@ class _QuantizedLinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return _operator(x, self.handle, self.out_features)
+        if self.feeds_gated_residual and pending.defers_output(x):
+            return pending.PendingOutput(functools.partial(quantized_forward, self, x), x,
+                                         (*x.shape[:-1], self.out_features))
         return quantized_forward(self, x)
 
     def extra_repr(self) -> str:

@@ -393,6 +393,14 @@ def gelu_channels(y: torch.Tensor, gelu_from: int | None) -> torch.Tensor:
     return y
 
 
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """FLUX's gated residual stream, residual + gate * y, as PyTorch's two 16-bit ops compute it (ComfyUI's
+    `img + apply_mod(y, gate)`): the product rounded to y's dtype, then the sum rounded, each in float32. gate
+    broadcasts against y (FLUX: [B, 1, N] against [B, L, N])."""
+    product = (y.float() * gate.float()).to(y.dtype)
+    return (residual.float() + product.float()).to(y.dtype)
+
+
 def lowrank_reference(x: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor) -> torch.Tensor:
     """(x @ lora_down) @ lora_up^T in float32: x [M, K], lora_down [K, r], lora_up [N, r]."""
     return (x.float() @ lora_down.float()) @ lora_up.float().t()

@@ -7,9 +7,12 @@ never written (docs/DESIGN.md#producer-quantization):
   modulation;
 - a concatenation along the last dimension: `concat_operand(t)` returns a PendingConcat standing for t itself,
   and `torch.cat((a, pending), -1)` on it one standing for the concatenation (FLUX's single blocks concatenate the
-  attention output with linear1's GELU columns to feed linear2).
+  attention output with linear1's GELU columns to feed linear2);
+- a W4A4 layer's output (a PendingOutput, `linear.SVDQLinear.feeds_gated_residual`): times a gate it stays pending,
+  and `residual + p` or `residual += p` has the layer's kernel 2 write residual + gate * y itself (FLUX's gated
+  residual streams).
 
-An SVDQLinear receiving one (`linear.quantized_forward`) hands what it stands for to its kernel
+An SVDQLinear receiving a pending input (`linear.quantized_forward`) hands what it stands for to its kernel
 (`Pending.kernel_input`). Shape, dtype, device and the other metadata queries answer from the wrapper; any other use
 computes the tensor once, keeps it, and runs on it, so in-place edits of it (ComfyUI's `modulation_dims` path)
 persist for its later users. The sources are read when the tensor is computed or consumed: the code between the
@@ -90,6 +93,9 @@ _METADATA = {
 }
 _ADDCMUL = {torch.addcmul, torch.Tensor.addcmul}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_IADD = {torch.Tensor.__iadd__, torch.Tensor.add_}
 
 
 class Pending(torch.Tensor):
@@ -118,8 +124,9 @@ class Pending(torch.Tensor):
         raise NotImplementedError
 
     @classmethod
-    def _fused(cls, func, args: tuple, kwargs: dict) -> Pending | None:
-        """A new pending tensor for `func(*args, **kwargs)` where this kind takes that op over, else None."""
+    def _fused(cls, func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The result of `func(*args, **kwargs)` (a new pending tensor, or one the op's fused form computed) where
+        this kind takes that op over, else None."""
         return None
 
     @classmethod
@@ -212,6 +219,79 @@ class PendingConcat(Pending):
     @classmethod
     def _fused(cls, func, args: tuple, kwargs: dict) -> PendingConcat | None:
         return _concatenation(args, kwargs) if func in _CAT else None
+
+
+class PendingOutput(Pending):
+    """A W4A4 layer's output y ([B, L, N], `forward(None, None)`), times a gate [B, N] once multiplied by one per
+    batch row (FLUX's `apply_mod(y, gate)`), not computed until added into a residual stream: `residual + p` and
+    `residual += p` then run `forward(kernels.GatedResidual(residual, gate), out)`, the layer's kernel 2 writing
+    residual + gate * y itself (numerics.gated_residual). Any other use computes y (times the gate) as PyTorch
+    would. forward(residual, out) is `linear.quantized_forward` of the layer on its input."""
+
+    @staticmethod
+    def __new__(cls, forward, like: torch.Tensor, shape: tuple[int, ...], gate: torch.Tensor | None = None):
+        wrapper = Pending.__new__(cls, like, shape)
+        wrapper._forward, wrapper._gate, wrapper._size = forward, gate, tuple(shape)
+        wrapper._like = (like.dtype, like.device)  # the output's, without __torch_function__ round trips
+        return wrapper
+
+    def kernel_input(self) -> None:
+        return None  # an output, never handed to a layer's kernel as its input
+
+    def _compute(self) -> torch.Tensor:
+        y = self._forward(None, None)
+        return y if self._gate is None else y * self._gate.unsqueeze(1)
+
+    @classmethod
+    def _fused(cls, func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if kwargs or len(args) != 2:
+            return None
+        if func in _MUL:
+            return _gated(*args)
+        if func in _ADD or func in _IADD:
+            return _added_into(*args, in_place=func in _IADD)
+        return None
+
+
+def defers_output(x: torch.Tensor) -> bool:
+    """Whether a layer marked `feeds_gated_residual` should return a PendingOutput for input x (plain or pending):
+    outside torch.compile, x [B, L, K] in bf16/fp16 without gradients, on a device whose W4A4 kernels add their
+    output into a residual (kernels.residual_on) or under `forced(True)`."""
+    if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+        return False
+    if not (x.dim() == 3 and x.dtype in PENDING_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)):
+        return False
+    return _forced[-1] if _forced else kernels.residual_on(x.device)
+
+
+def _gated(a, b) -> PendingOutput | None:
+    """The PendingOutput for `p * gate` (either order) of a pending ungated output and a plain gate with one row per
+    batch ([B, 1, N]: _per_batch), else None."""
+    p, gate = (a, b) if isinstance(a, PendingOutput) else (b, a)
+    if not (isinstance(p, PendingOutput) and p._value is None and p._gate is None and type(gate) is torch.Tensor):
+        return None
+    if len(p._size) != 3 or (torch.is_grad_enabled() and gate.requires_grad):
+        return None
+    rows = _per_batch(gate, p._size, *p._like)
+    return None if rows is None else PendingOutput(p._forward, gate, p._size, rows)
+
+
+def _added_into(a, b, in_place: bool) -> torch.Tensor | None:
+    """`residual + p` (either order) or `residual += p` for a pending gated output p and a plain contiguous residual
+    of its shape, dtype and device: the layer's kernel writes residual + gate * y (into the residual itself where
+    in place); else None."""
+    residual, p = (a, b) if isinstance(b, PendingOutput) else (b, a)
+    if in_place and residual is not a:
+        return None
+    if not (isinstance(p, PendingOutput) and p._value is None and p._gate is not None
+            and type(residual) is torch.Tensor):
+        return None
+    if (tuple(residual.shape) != p._size or (residual.dtype, residual.device) != p._like
+            or not residual.is_contiguous() or (torch.is_grad_enabled() and residual.requires_grad)):
+        return None
+    flat = residual.view(-1, p._size[-1])
+    y = p._forward(kernels.GatedResidual(flat, p._gate), flat if in_place else None)
+    return residual if in_place else y.reshape(p._size)
 
 
 def _modulation(args: tuple, kwargs: dict) -> PendingNorm | None:

@@ -181,9 +181,10 @@ def test_pending_inputs_reach_the_4bit_layers_they_feed(tmp_path):
     """With the pack's pending tensors forced on (the CPU standing in for a GPU), every 4-bit layer fed by
     ComfyUI's LayerNorm + modulation (qkv, the double blocks' first MLP layers, the single blocks' linear1)
     receives it pending, every single block's linear2 its concatenation of the attention output and linear1's
-    GELU columns, and each hands it to its kernel, once per call; the model computes what it computes with them
-    off, up to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm against PyTorch's
-    LayerNorm and addcmul). Under torch.compile nothing stays pending."""
+    GELU columns, and each hands it to its kernel, once per call; every layer whose output ComfyUI adds into a
+    gated residual stream hands its kernel that residual; the model computes what it computes with them off, up
+    to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm against PyTorch's LayerNorm
+    and addcmul). Under torch.compile nothing stays pending."""
     path = tmp_path / "tiny-dev.safetensors"
     model = quantized_model(True)
     fmt.save_model(path, model)
@@ -198,8 +199,9 @@ def test_pending_inputs_reach_the_4bit_layers_they_feed(tmp_path):
               for layer in ("attn.qkv", "mlp.0")] + [f"single_blocks.{i}.linear1" for i in singles]
     concatenated = [f"single_blocks.{i}.linear2" for i in singles]
     fed = sorted([[name, "norm"] for name in normed] + [[name, "concat"] for name in concatenated])
+    gated = 4 * cfg.depth + cfg.depth_single_blocks  # attention projections, MLP outputs, linear2
     assert sorted(facts["on"]["received"]) == fed
-    assert sorted(facts["on"]["handed"]) == sorted(kind for _, kind in fed)
+    assert sorted(facts["on"]["handed"]) == sorted([kind for _, kind in fed] + ["residual"] * gated)
     assert facts["off"] == {"received": [], "handed": []}
     assert facts["compiled_on"]["received"] == []
     assert rel_error(outputs["on"], outputs["off"]) < PENDING_TOLERANCE

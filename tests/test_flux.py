@@ -91,10 +91,10 @@ def test_loaded_layers_become_what_the_file_stores():
 
 
 def test_mlp_gelu_moves_into_the_quantized_input_layers():
-    """flux.fusion.fuse_mlp_gelu and fuse_single_block_concat: the quantized model computes what it computed with
-    separate GELU modules in its double blocks' MLPs and its single blocks (the activation now taken before the
-    rounding to bf16), the same with the single blocks' concatenations pending, and dense models keep their
-    GELU."""
+    """flux.fusion.fuse_mlp_gelu, fuse_single_block_concat and fuse_gated_residuals: the quantized model computes
+    what it computed with separate GELU modules in its double blocks' MLPs and its single blocks (the activation
+    now taken before the rounding to bf16), the same bits with the single blocks' concatenations and the layers'
+    gated residuals pending, and dense models keep their GELU."""
     model = quantized_model(True)
     cfg = flux.arch.FluxConfig.from_dict(model.model_config)
     separate = flux.model.Flux(cfg, flux.model.loaded_linear()).requires_grad_(False)
@@ -105,17 +105,23 @@ def test_mlp_gelu_moves_into_the_quantized_input_layers():
     assert sum(isinstance(m, torch.nn.GELU) for m in separate.modules()) == gelus
     assert sum(isinstance(m, flux.fusion.ConcatOperand) for m in fused.modules()) == cfg.depth_single_blocks
     assert flux.fusion.fuse_mlp_gelu(fused) == flux.fusion.fuse_single_block_concat(fused) == 0  # nothing left
+    gated = [name for name, m in fused.named_modules() if getattr(m, "feeds_gated_residual", False)]
+    assert sorted(gated) == sorted([f"double_blocks.{i}.{s}_{layer}" for i in range(cfg.depth) for s in ("img", "txt")
+                                    for layer in ("attn.proj", "mlp.2")]
+                                   + [f"single_blocks.{i}.linear2" for i in range(cfg.depth_single_blocks)])
+    assert flux.fusion.fuse_gated_residuals(fused) == 0
     inputs = flux.synthetic.flux_inputs(cfg, seed=3, height=16, width=16)
     with torch.no_grad():
         ref = separate(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
         out = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
-        with pending.forced(True):  # the CPU standing in for a GPU whose kernel 1 reads the concatenation's parts
+        with pending.forced(True):  # the CPU standing in for a GPU with the kernels' concatenation and residual
             concatenated = fused(inputs[0], torch.full((1,), 0.7), *inputs[1:], torch.full((1,), 3.5))
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 2e-2
     assert torch.equal(concatenated, out)
 
     dense = flux.model.Flux(cfg, flux.model.dense_linear()).requires_grad_(False)
     assert flux.fusion.fuse_mlp_gelu(dense) == flux.fusion.fuse_single_block_concat(dense) == 0
+    assert flux.fusion.fuse_gated_residuals(dense) == 0
     assert sum(isinstance(m, torch.nn.GELU) for m in dense.modules()) == gelus
 
 

@@ -49,9 +49,9 @@ def kernel_norms(monkeypatch):
     norms = []
     call = kernels.W4A4Kernel.__call__
 
-    def recorded(self, x, norm=None):
+    def recorded(self, x, norm=None, **kwargs):
         norms.append(norm)
-        return call(self, x, norm=norm)
+        return call(self, x, norm=norm, **kwargs)
 
     monkeypatch.setattr(kernels.W4A4Kernel, "__call__", recorded)
     return norms
@@ -272,7 +272,7 @@ def test_a_concatenation_with_the_operand_stays_pending_and_the_layer_computes_i
             call = kernels.W4A4Kernel.__call__
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(kernels.W4A4Kernel, "__call__",
-                              lambda self, x, norm=None: concats.append(x) or call(self, x, norm=norm))
+                              lambda self, x, **kwargs: concats.append(x) or call(self, x, **kwargs))
                 y = layer(p)
             assert p.pieces() is not None  # the layer read the pieces, nothing computed the concatenation
             (concat,) = concats
@@ -328,3 +328,75 @@ def test_concatenations_the_kernel_does_not_take_are_computed_as_pytorch_does(ca
         got = torch.cat(*args)
         assert type(got) is torch.Tensor and torch.equal(got, expected)
         assert type(pending.concat_operand(mlp.float())) is torch.Tensor  # not a 16-bit input
+
+
+# ---- a layer's output added into a gated residual stream ------------------------------------------------------
+
+
+def gated_layer(seed: int = 12):
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(seed, "cpu"), unsigned=False)
+    layer.feeds_gated_residual = True
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, K, generator=g).bfloat16()
+    residual = (4 * torch.randn(B, L, N, generator=g)).bfloat16()
+    gate = torch.randn(B, 1, 3 * N, generator=g).bfloat16().chunk(3, dim=-1)[1]  # a strided chunk, as FLUX's
+    return layer, x, residual, gate
+
+
+@pytest.mark.parametrize("form", ["residual + gate * y", "residual + y * gate", "y * gate + residual", "+="])
+def test_a_gated_output_is_added_into_the_residual_by_the_layer(form):
+    layer, x, residual, gate = gated_layer()
+    with pending.forced(False):
+        plain = layer(x)
+    assert type(plain) is torch.Tensor
+    expected = residual + gate * plain  # ComfyUI's ops, as numerics.gated_residual defines them
+    assert torch.equal(expected, numerics.gated_residual(residual, gate, plain))
+    residuals = []
+    call = kernels.W4A4Kernel.__call__
+
+    def recorded(self, x, **kwargs):
+        residuals.append(kwargs.get("residual"))
+        return call(self, x, **kwargs)
+
+    with pending.forced(True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.W4A4Kernel, "__call__", recorded)
+        y = layer(x)
+        assert type(y) is pending.PendingOutput and y.shape == (B, L, N) and residuals == []
+        if form == "residual + gate * y":
+            got = residual + gate * y
+        elif form == "residual + y * gate":
+            got = residual + y * gate
+        elif form == "y * gate + residual":
+            got = y * gate + residual
+        else:
+            got = residual.clone()
+            target = got
+            got += y * gate
+            assert got is target
+    assert type(got) is torch.Tensor and torch.equal(got, expected)
+    (given,) = residuals
+    assert isinstance(given, kernels.GatedResidual) and given.gate.shape == (B, N) and given.gate.is_contiguous()
+
+
+def test_other_uses_of_a_pending_output_compute_it_as_pytorch_does():
+    layer, x, residual, gate = gated_layer(13)
+    with pending.forced(False):
+        plain = layer(x)
+    with pending.forced(True):
+        assert torch.equal(layer(x) + 1, plain + 1)
+        gated = layer(x) * gate
+        assert type(gated) is pending.PendingOutput
+        assert torch.equal(gated.float(), (plain * gate).float())
+        assert torch.equal(residual - gate * layer(x), residual - gate * plain)  # not an addition: computed first
+        per_token = torch.randn(B, L, N).bfloat16()  # not one row per batch: a plain product
+        assert type(layer(x) * per_token) is torch.Tensor
+        assert torch.equal(layer(x) * per_token, plain * per_token)
+        assert torch.equal(residual + layer(x), residual + plain)  # no gate: a plain sum
+        assert torch.equal(residual.float() + gate * layer(x), residual.float() + gate * plain)  # another dtype
+        dense = torch.nn.Linear(N, 8, dtype=torch.bfloat16)
+        assert torch.equal(dense(layer(x) * gate), dense(plain * gate))
+    with pending.forced(True), torch.inference_mode():
+        assert type(layer(x)) is pending.PendingOutput
+    layer.feeds_gated_residual = False
+    with pending.forced(True):
+        assert type(layer(x)) is torch.Tensor

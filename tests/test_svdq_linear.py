@@ -15,7 +15,7 @@ import torch
 from random_layers import (DEV, KERNEL1_ROTATION, activations, gen, group_rotation, needs_sm80, needs_sm90, rel,
                            w4a4_layer)
 from svdquant import kernels, lora, numerics
-from svdquant.families import check_concat, sm80, sm90
+from svdquant.families import check_concat, residual_arguments, sm80, sm90
 from svdquant.linear import LoadedLinear, SVDQLinear, W4A16Linear
 
 
@@ -397,12 +397,12 @@ def test_sm90_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
         calls["kernel 1"] = (smooth, inv_smooth, shift, lora_down_p, pow2, int8_operands, rotation)
         return "codes", "ascales", "fused lora_act"
 
-    def w4a4_gemm(codes, ascales, lora_act, qweight, wscales, lora_up, bias, out=None, gelu_from=-1):
+    def w4a4_gemm(codes, ascales, lora_act, qweight, wscales, lora_up, bias, out=None, gelu_from=-1, residual=None):
         calls["kernel 2"] = ("exact", lora_act, qweight, (wscales,), lora_up, bias, gelu_from)
         return "y"
 
     def w4a4_gemm_pow2(codes, atok, lora_act, qweight, wexp, wbase, lora_up, bias, out=None, tile_t=0, half_rows=-1,
-                       gelu_from=-1):
+                       gelu_from=-1, residual=None):
         calls["kernel 2"] = ("fast", lora_act, qweight, (wexp, wbase), lora_up, bias, gelu_from)
         return "y"
 
@@ -677,3 +677,24 @@ def test_layer_on_a_concatenation_is_the_layer_on_the_concatenated_input(family,
         kernel = layer.w4a4_kernel()
         assert kernel.fallback_reason(x) == ""
         assert torch.equal(kernel(concat), kernel(x))
+
+
+def test_kernel2_checks_a_gated_residual():
+    # families.residual_arguments, the check both families' kernel 2 make of a kernels.GatedResidual against y
+    y = torch.zeros(6, 64, dtype=torch.bfloat16)
+    residual, gate = torch.zeros(6, 64, dtype=torch.bfloat16), torch.ones(2, 64, dtype=torch.bfloat16)
+    assert residual_arguments(None, y) == (None, None, 1)
+    got = residual_arguments(kernels.GatedResidual(residual, gate), y)
+    assert got[0] is residual and got[1] is gate and got[2] == 3
+    for wrong, problem in [((residual[:, :32], gate), "residual must have shape"), ((residual, gate[:, :32]), "gate"),
+                           ((residual, torch.ones(4, 64, dtype=torch.bfloat16)), "equal batches"),
+                           ((residual.float(), gate), "residual must be"), ((residual.t().contiguous().t(), gate),
+                                                                            "contiguous")]:
+        with pytest.raises(RuntimeError, match=problem):
+            residual_arguments(kernels.GatedResidual(*wrong), y)
+    # the PyTorch form every family falls back to: numerics.gated_residual, into out where given
+    y = torch.randn(6, 64).bfloat16()
+    out = torch.empty_like(y)
+    assert kernels.GatedResidual(residual, gate).apply(y, out) is out
+    assert torch.equal(out, numerics.gated_residual(residual.reshape(2, 3, 64), gate.unsqueeze(1),
+                                                    y.reshape(2, 3, 64)).reshape(6, 64))

@@ -172,6 +172,44 @@ def test_sm90_gemm_epilogue_gelu(gelu_from, dtype, path):
 
 
 @needs_sm90
+@pytest.mark.parametrize("m,batches", [(1, 1), (255, 1), (4097, 1), (600, 2), (4608, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["exact", "fast", "fast256"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_sm90_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
+    # kernel 2 with a kernels.GatedResidual writes residual + gate * y, numerics.gated_residual of its own output y
+    # bit for bit (the product rounded to the dtype, then the sum), the gate row of each token's batch; in place
+    # into the residual or into a fresh output; with a GELU on part of the channels as well
+    generator = gen(5100 + m + batches)
+    fast = path.startswith("fast")
+    layer = w4a4_layer(392, 576, 32, dtype, generator, unsigned=False, pow2_weights=fast)
+    x = activations(m, 576, dtype, generator, layer.unsigned_groups)
+    residual = (torch.randn(m, 392, generator=generator, device=DEV) * 4).to(dtype)
+    gate = (torch.randn(batches, 392, generator=generator, device=DEV)).to(dtype)
+    codes, ascales, lora_act = sm90_kernel1(x, layer, fast, fast)
+    tile_t = int(path[4:] or 128) if fast else 0
+
+    def kernel2(out, gated):
+        if fast:
+            wexp, wbase = sm90.pow2_weight_operands(layer.w4a4_kernel())
+            return sm90.w4a4_gemm_pow2(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up,
+                                       layer.bias, out, tile_t, gelu_from=136, residual=gated)
+        return sm90.w4a4_gemm(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up, layer.bias,
+                              out, 136, gated)
+
+    y = kernel2(None, None)
+    expected = numerics.gated_residual(residual.reshape(batches, m // batches, 392), gate.unsqueeze(1),
+                                       y.reshape(batches, m // batches, 392)).reshape(m, 392)
+    target = residual.clone() if in_place else None
+    got = kernel2(target, kernels.GatedResidual(residual.clone() if not in_place else target, gate))
+    torch.cuda.synchronize()
+    if in_place:
+        assert got.data_ptr() == target.data_ptr()
+    differ = (got != expected).nonzero()
+    assert differ.numel() == 0, f"{differ.shape[0]} differ, first at {differ[:5].tolist()}"
+
+
+@needs_sm90
 def test_sm90_bad_kernel_inputs_raise_named_errors():
     # the host side's checks must raise (with the numbers in the message), never crash the process
     layer = w4a4_layer(64, 128, 32, torch.bfloat16, gen(9), unsigned=False)

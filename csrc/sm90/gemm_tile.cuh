@@ -83,12 +83,15 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 // Epilogue of a consumer warpgroup's tile (accumulator layout above): + bias, GELU on channels from
 // gelu_from on (none where gelu_from < 0; FLUX's MLP input layers, whose next layer takes
 // GELU(y)), round to T, transpose through the staging tile epi, 16-byte row stores of y [M, N];
-// rows past M and channels past N are not stored. Ends with the staging tile fully read (both
-// consumer warpgroups synchronised). Further element-wise steps belong here, in fp32, before the
-// rounding.
+// rows past M and channels past N are not stored. With a residual [M, N] (FLUX's gated residual
+// streams, numerics.gated_residual) each stored value is residual + T(gate * y), rounded to T, gate
+// [B, N] the row of token m's batch m / gate_rows; y may be the residual itself (each element is read
+// and written by one thread). Ends with the staging tile fully read (both consumer warpgroups
+// synchronised). Further element-wise steps belong here, in fp32, before the rounding.
 template <typename T, int kTileT>
 __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* epi, const T* __restrict__ bias,
-                                           T* __restrict__ y, int ch0, int tok0, int M, int N, int gelu_from) {
+                                           T* y, int ch0, int tok0, int M, int N, int gelu_from, const T* residual,
+                                           const T* __restrict__ gate, int gate_rows) {
   const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int row = 64 * wg + 16 * wi + lane / 4;
   float b0 = 0.f, b1 = 0.f;
@@ -120,9 +123,20 @@ __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* ep
   for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
     const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
     const int tok = tok0 + t, ch = ch0 + 8 * c8;
-    if (tok < M && ch < N)
-      *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
-          *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
+    if (tok < M && ch < N) {
+      const size_t at = static_cast<size_t>(tok) * N + ch;
+      uint4 out = *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
+      if (residual) {
+        float v[8], r[8], g[8];
+        unpack8<T>(out, v);
+        unpack8<T>(*reinterpret_cast<const uint4*>(residual + at), r);
+        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(gate + static_cast<size_t>(tok / gate_rows) * N + ch)), g);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = __fadd_rn(r[e], round_to<T>(__fmul_rn(v[e], g[e])));
+        out = pack8<T>(v);
+      }
+      *reinterpret_cast<uint4*>(y + at) = out;
+    }
   }
   consumers_sync();
 }

@@ -60,8 +60,9 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA");
 template <typename T, bool kTokenScales>
 __device__ __forceinline__ void w4a4_gemm(const TensorMap& tm_act, const TensorMap& tm_w, const TensorMap& tm_as,
                                           const TensorMap& tm_ws, const TensorMap& tm_lact, const TensorMap& tm_lup,
-                                          const float* __restrict__ atok, const T* __restrict__ bias,
-                                          T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from) {
+                                          const float* __restrict__ atok, const T* __restrict__ bias, T* y, int M,
+                                          int m_al, int N, int K, int rank, int gelu_from, const T* residual,
+                                          const T* gate, int gate_rows) {
   extern __shared__ uint8_t smem_raw[];
   // offset (not an integer round trip) so that the compiler keeps shared-memory loads
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -246,7 +247,8 @@ __device__ __forceinline__ void w4a4_gemm(const TensorMap& tm_act, const TensorM
     if (lane == 0) mbar_arrive(&empty[it % kStages]);
   }
 
-  store_tile<T, kTileT>(out, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from);
+  store_tile<T, kTileT>(out, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from, residual, gate,
+                        gate_rows);
 }
 
 }  // namespace
@@ -265,15 +267,17 @@ __device__ __forceinline__ void w4a4_gemm(const TensorMap& tm_act, const TensorM
 //   atok     ascales as a pointer (token scales: [1, m_al])
 //   bias     [N] or null;  y  out [M, N] row-major
 //   M, m_al (= round_up(M, 4)), N, K, rank, gelu_from (< 0: no GELU)
+//   residual [M, N] or null, gate [B, N], gate_rows  y = residual + gate * y (gemm_tile.cuh store_tile; y may be
+//            residual)
 #define SVDQ_W4A4_GEMM(NAME, T, TOKEN_SCALES)                                                                          \
   extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_act, const __grid_constant__ svdq::TensorMap tm_w,               \
            const __grid_constant__ svdq::TensorMap tm_as, const __grid_constant__ svdq::TensorMap tm_ws,               \
            const __grid_constant__ svdq::TensorMap tm_lact, const __grid_constant__ svdq::TensorMap tm_lup,            \
-           const float* __restrict__ atok, const svdq::T* __restrict__ bias,                                           \
-           svdq::T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from) {                          \
+           const float* __restrict__ atok, const svdq::T* __restrict__ bias, svdq::T* y, int M, int m_al, int N,       \
+           int K, int rank, int gelu_from, const svdq::T* residual, const svdq::T* gate, int gate_rows) {              \
     svdq::sm90::w4a4_gemm<svdq::T, TOKEN_SCALES>(tm_act, tm_w, tm_as, tm_ws, tm_lact, tm_lup, atok, bias, y,           \
-                                                       M, m_al, N, K, rank, gelu_from);                                \
+                                                       M, m_al, N, K, rank, gelu_from, residual, gate, gate_rows);     \
   }
 
 SVDQ_W4A4_GEMM(w4a4_gemm_group_scales_bf16, bfloat16, false)

@@ -90,9 +90,9 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
                                                const TensorMap& tm_lact, const TensorMap& tm_lup,
                                                const TensorMap& tm_act_half, const TensorMap& tm_lact_half,
                                                const float* __restrict__ atok, const float* __restrict__ wbase,
-                                               const T* __restrict__ bias, T* __restrict__ y, int M, int m_al, int N,
-                                               int K, int rank, int gelu_from, int tiles_n, int big_tiles,
-                                               int tiles) {
+                                               const T* __restrict__ bias, T* y, int M, int m_al, int N, int K,
+                                               int rank, int gelu_from, const T* residual, const T* gate,
+                                               int gate_rows, int tiles_n, int big_tiles, int tiles) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
   constexpr int kOffExp = L::kOffExp;
@@ -236,7 +236,8 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
     release(it);
   }
 
-  store_tile<T, kT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from);
+  store_tile<T, kT>(sum, smem + kStages * kStageBytes, bias, y, ch0, tok0, M, N, gelu_from, residual, gate,
+                    gate_rows);
   };
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
@@ -265,7 +266,9 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
 //                          swizzle (rank 0: any map)
 //   tm_lup                 lora_up [N, rank] 16-bit, box 32 x 128 rows, 64-byte swizzle (rank 0: any map)
 //   atok [m_al], wbase [N] fp32;  bias [N] or null;  y  out [M, N] row-major
-//   M, m_al, N, K, rank, gelu_from (< 0: no GELU), and the schedule (sm90.py make_schedule): tiles_n
+//   M, m_al, N, K, rank, gelu_from (< 0: no GELU), residual [M, N] or null, gate [B, N], gate_rows
+//   (y = residual + gate * y, gemm_tile.cuh store_tile; y may be residual), and the schedule (sm90.py
+//   make_schedule): tiles_n
 //   channel tiles, the first big_tiles of the tiles whole kTileT-token tiles, the rest half tiles
 #define SVDQ_W4A4_GEMM_POW2(NAME, T, TILE_T)                                                                           \
   extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
@@ -273,12 +276,13 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
            const __grid_constant__ svdq::TensorMap tm_exp, const __grid_constant__ svdq::TensorMap tm_lact,            \
            const __grid_constant__ svdq::TensorMap tm_lup, const __grid_constant__ svdq::TensorMap tm_act_half,        \
            const __grid_constant__ svdq::TensorMap tm_lact_half, const float* __restrict__ atok,                       \
-           const float* __restrict__ wbase, const svdq::T* __restrict__ bias,                                          \
-           svdq::T* __restrict__ y, int M, int m_al, int N, int K, int rank, int gelu_from, int tiles_n,               \
-           int big_tiles, int tiles) {                                                                                 \
+           const float* __restrict__ wbase, const svdq::T* __restrict__ bias, svdq::T* y, int M, int m_al,         \
+           int N, int K, int rank, int gelu_from, const svdq::T* residual, const svdq::T* gate, int gate_rows,         \
+           int tiles_n, int big_tiles, int tiles) {                                                                    \
     svdq::sm90::w4a4_gemm_pow2<svdq::T, TILE_T>(tm_act, tm_w, tm_exp, tm_lact, tm_lup, tm_act_half,                    \
                                                       tm_lact_half, atok, wbase, bias, y, M, m_al, N, K, rank,         \
-                                                      gelu_from, tiles_n, big_tiles, tiles);                           \
+                                                      gelu_from, residual, gate, gate_rows, tiles_n, big_tiles,        \
+                                                      tiles);                                                          \
   }
 
 SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t128_bf16, bfloat16, 128)

@@ -62,6 +62,21 @@ def check_concat(x: torch.Tensor, x2: torch.Tensor | None, norm, *, error: type[
     return x.shape[1] + x2.shape[1]
 
 
+def residual_arguments(residual, y: torch.Tensor, *, error: type[Exception] = RuntimeError) -> tuple:
+    """Kernel 2's gated-residual arguments (residual [M, N], gate [B, N], tokens per batch) for a
+    kernels.GatedResidual or None ((None, None, 1)), after checking them against its output y [M, N]: y's dtype
+    and device, contiguous, 16-byte aligned, M a multiple of B."""
+    if residual is None:
+        return None, None, 1
+    m, n = y.shape
+    batches = residual.gate.shape[0]
+    check_tensor(residual.residual, y, "residual", y.dtype, (m, n), error=error, align=16)
+    check_tensor(residual.gate, y, "gate", y.dtype, (batches, n), error=error, align=16)
+    if batches == 0 or m % batches:
+        raise error(f"{m} tokens do not split into {batches} equal batches of the gate")
+    return residual.residual, residual.gate, max(1, m // batches)
+
+
 def kernel1_operands(x, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(x, x2) as both families' act_quant take them from a layer's input: a tensor made contiguous, or a
     kernels.Concat's two parts read where they are; concatenated where the layer's low-rank GEMM reads the whole

@@ -24,12 +24,14 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import aligned16, check_concat, check_half, check_tensor, kernel1_operands, norm_arguments, sm_count
+from . import (aligned16, check_concat, check_half, check_tensor, kernel1_operands, norm_arguments, residual_arguments,
+               sm_count)
 
 FAMILY = "sm90"
 # kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
 KERNEL1_NORM = True
 KERNEL1_CONCAT = True  # kernel 1 reads a kernels.Concat's two parts where they are
+KERNEL2_RESIDUAL = True  # kernel 2 adds its output into a kernels.GatedResidual in its epilogue
 
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -256,9 +258,11 @@ def _lowrank_maps(lora_act: torch.Tensor, lora_up: torch.Tensor, token_box: int)
 
 def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor, qweight: torch.Tensor,
               wscales: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor | None = None, gelu_from: int = -1) -> torch.Tensor:
+              out: torch.Tensor | None = None, gelu_from: int = -1,
+              residual: kernels.GatedResidual | None = None) -> torch.Tensor:
     """Kernel 2, exact path: y [M, N] = W4A4 product of kernel 1's outputs with the natural-layout
-    weights + low rank + bias, then GELU on the channels from gelu_from on (none where negative)."""
+    weights + low rank + bias, then GELU on the channels from gelu_from on (none where negative); with a
+    residual, residual + gate * y instead (out may be the residual's tensor: in place)."""
     if not (codes.is_cuda and codes.dim() == 2):
         raise RuntimeError("codes must be a 2-D CUDA tensor")
     if not (qweight.dim() == 2 and lora_up.dim() == 2 and ascales.dim() == 2):
@@ -268,6 +272,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
     (m, k), n, rank = codes.shape, qweight.shape[0], lora_up.shape[1]
     m_al = (m + 3) // 4 * 4
     y = _checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, dtype)
+    gated = residual_arguments(residual, y)
     ascale_rows = ascales.shape[0]
     if ascale_rows not in (k // 64, 1):
         raise RuntimeError("ascales must have K/64 rows (per group) or 1 (per token)")
@@ -287,7 +292,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.Tensor
     scales = "token" if ascale_rows == 1 else "group"
     fn = cuda.function(FAMILY, f"w4a4_gemm_{scales}_scales_{_DTYPE_NAMES[dtype]}", codes.device)
     fn.launch(((n + _TILE_N - 1) // _TILE_N, (m + 127) // 128), _GEMM_THREADS,
-              (*maps, ascales, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n)),
+              (*maps, ascales, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n), *gated),
               smem=EXACT_GEMM_SMEM_BYTES)
     return y
 
@@ -349,10 +354,10 @@ def token_tile(m: int, n: int, sms: int) -> int:
 def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tensor, qweight: torch.Tensor,
                    wexp: torch.Tensor, wbase: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None,
                    out: torch.Tensor | None = None, tile_t: int = 0, half_rows: int = -1,
-                   gelu_from: int = -1) -> torch.Tensor:
+                   gelu_from: int = -1, residual: kernels.GatedResidual | None = None) -> torch.Tensor:
     """Fast kernel 2 (power-of-two weight scales wbase * 2^-wexp, pow2-mode kernel 1 outputs with int8
     operands): y [M, N]. tile_t, half_rows: the token tile and the count of trailing 256-token rows
-    run as 128-token tiles (0 / -1: chosen); gelu_from as in w4a4_gemm."""
+    run as 128-token tiles (0 / -1: chosen); gelu_from and residual as in w4a4_gemm."""
     if not (codes.is_cuda and codes.dim() == 2):
         raise RuntimeError("codes must be a 2-D CUDA tensor")
     if not (qweight.dim() == 2 and lora_up.dim() == 2 and wexp.dim() == 2):
@@ -362,6 +367,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
     (m, k), n, rank = codes.shape, qweight.shape[0], lora_up.shape[1]
     m_al, n_al = (m + 3) // 4 * 4, (n + 15) // 16 * 16
     y = _checked_gemm_output(codes, lora_act, qweight, lora_up, bias, out, dtype)
+    gated = residual_arguments(residual, y)
     check_tensor(atok, codes, "atok", torch.float32, (1, m_al))
     check_tensor(wexp, codes, "wexp", torch.uint8, (k // 64, n_al))
     check_tensor(wbase, codes, "wbase", torch.float32, (n,))
@@ -389,7 +395,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
     big_tiles, tiles, ctas = make_schedule(m, tiles_n, tile_t, max(-1, min(half_rows, 1 << 20)), sms)
     fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_t{tile_t}_{_DTYPE_NAMES[dtype]}", codes.device)
     fn.launch(ctas, _GEMM_THREADS, (*maps, atok, wbase, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n),
-                                    tiles_n, big_tiles, tiles), smem=_pow2_gemm_smem_bytes(tile_t))
+                                    *gated, tiles_n, big_tiles, tiles), smem=_pow2_gemm_smem_bytes(tile_t))
     return y
 
 
@@ -457,11 +463,12 @@ def act_operands_to_natural(codes: torch.Tensor, int8_operands: bool = False) ->
 
 
 def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, out: torch.Tensor | None = None,
-                norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
+                norm: kernels.ModulatedNorm | None = None, residual: kernels.GatedResidual | None = None
+                ) -> torch.Tensor:
     """The two Hopper kernels on x [M, K] (a call W4A4Kernel routes here): W4A4Kernel.reference's
     function of x, or of norm.apply(x) (kernel 1's norm prologue; above KERNEL1_MAX_RANK kernel 1 also stores
     that input for the low-rank GEMM); x a kernels.Concat: kernel 1 reads its parts where they are (KERNEL1_CONCAT);
-    `out`: where to write y [M, N]."""
+    residual: residual + gate * y in kernel 2's epilogue (KERNEL2_RESIDUAL); `out`: where to write y [M, N]."""
     pow2 = kernel.pow2_activations
     fast = pow2 and kernel.pow2_weights
     wide = kernel.rank > kernels.KERNEL1_MAX_RANK  # cuBLAS computes the low-rank input, from the layer's input
@@ -476,6 +483,6 @@ def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, ou
     if fast:
         wexp, wbase = pow2_weight_operands(kernel)
         return w4a4_gemm_pow2(codes, ascales, lora_act, kernel.qweight.contiguous(), wexp, wbase,
-                              kernel.lora_up.contiguous(), kernel.bias, out, gelu_from=gelu_from)
+                              kernel.lora_up.contiguous(), kernel.bias, out, gelu_from=gelu_from, residual=residual)
     return w4a4_gemm(codes, ascales, lora_act, kernel.qweight.contiguous(), kernel.wscales.contiguous(),
-                     kernel.lora_up.contiguous(), kernel.bias, out, gelu_from)
+                     kernel.lora_up.contiguous(), kernel.bias, out, gelu_from, residual)

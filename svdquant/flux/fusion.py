@@ -57,3 +57,22 @@ def fuse_single_block_concat(module: torch.nn.Module) -> int:
             linear1.gelu_from, block.mlp_act = 3 * hidden, ConcatOperand()
             fused += 1
     return fused
+
+
+def fuse_gated_residuals(module: torch.nn.Module) -> int:
+    """Marks the W4A4 layers whose output FLUX multiplies by a gate and adds into a residual stream (the double
+    blocks' attention projections and MLP output layers, the single blocks' linear2, in ComfyUI's FLUX model and
+    `flux.model.Flux` alike) `feeds_gated_residual`, so that kernel 2 writes residual + gate * y itself
+    (bench/NOTES.md#gated-residual). Returns how many layers took it."""
+    marked = 0
+    for block in module.modules():
+        outputs = [getattr(getattr(block, f"{stream}_attn", None), "proj", None) for stream in ("img", "txt")]
+        outputs += [mlp[-1] for mlp in (getattr(block, "img_mlp", None), getattr(block, "txt_mlp", None))
+                    if isinstance(mlp, torch.nn.Sequential) and len(mlp)]
+        if hasattr(block, "linear1"):  # a single block
+            outputs.append(getattr(block, "linear2", None))
+        for layer in outputs:
+            if isinstance(layer, linear.SVDQLinear) and not layer.feeds_gated_residual:
+                layer.feeds_gated_residual = True
+                marked += 1
+    return marked

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..linear import LoadedLinear
 from .arch import TIMESTEP_DIM, FluxConfig
-from .fusion import fuse_mlp_gelu, fuse_single_block_concat
+from .fusion import fuse_gated_residuals, fuse_mlp_gelu, fuse_single_block_concat
 
 LinearFactory = Callable[[int, int, bool], nn.Module]
 NORM_EPS = 1e-6
@@ -258,12 +258,14 @@ class Flux(nn.Module):
 
 def from_tensors(cfg: FluxConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> Flux:
     """The model holding a file's tensors as they are stored (quantized layers stay quantized),
-    the W4A4 MLP input layers applying the GELU (fusion.fuse_mlp_gelu, fusion.fuse_single_block_concat); float
-    tensors converted to dtype when given."""
+    the W4A4 MLP input layers applying the GELU (fusion.fuse_mlp_gelu, fusion.fuse_single_block_concat) and the
+    layers feeding the gated residual streams adding into them (fusion.fuse_gated_residuals); float tensors
+    converted to dtype when given."""
     model = Flux(cfg, loaded_linear(dtype))
     model.load_state_dict(tensors, strict=True)
     fuse_mlp_gelu(model)
     fuse_single_block_concat(model)
+    fuse_gated_residuals(model)
     return model.requires_grad_(False)
 
 

@@ -381,15 +381,17 @@ def pending_inputs(pack: str, model_file: str, inputs_file: str, out: str) -> No
     received, handed = [], []  # (layer, "norm" or "concat"), and the same kinds handed to a kernel
     quantized_forward, kernel_call = linear.quantized_forward, kernels.W4A4Kernel.__call__
 
-    def recording_forward(layer, x):
+    def recording_forward(layer, x, *args):
         if isinstance(x, pending.Pending) and x.kernel_input() is not None:
             received.append([names[id(layer)], "norm" if isinstance(x, pending.PendingNorm) else "concat"])
-        return quantized_forward(layer, x)
+        return quantized_forward(layer, x, *args)
 
-    def recording_call(kernel, x, norm=None):
+    def recording_call(kernel, x, norm=None, residual=None, out=None):
         if norm is not None or isinstance(x, kernels.Concat):
             handed.append("norm" if norm is not None else "concat")
-        return kernel_call(kernel, x, norm=norm)
+        if residual is not None:
+            handed.append("residual")
+        return kernel_call(kernel, x, norm=norm, residual=residual, out=out)
 
     outputs, facts = {}, {}
     with mock.patch.object(linear, "quantized_forward", recording_forward), \
