@@ -120,22 +120,42 @@ __device__ __forceinline__ void store_tile(float (&acc)[kTileT / 2], uint8_t* ep
     stmatrix_x4_trans(epi + tok * kEpiStride + ch * 2, r);
   }
   consumers_sync();
-  for (int i = threadIdx.x; i < kTileT * (kTileN / 8); i += 256) {
-    const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
-    const int tok = tok0 + t, ch = ch0 + 8 * c8;
-    if (tok < M && ch < N) {
-      const size_t at = static_cast<size_t>(tok) * N + ch;
-      uint4 out = *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
-      if (residual) {
-        float v[8], r[8], g[8];
-        unpack8<T>(out, v);
-        unpack8<T>(*reinterpret_cast<const uint4*>(residual + at), r);
-        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(gate + static_cast<size_t>(tok / gate_rows) * N + ch)), g);
+  constexpr int kChunks = kTileT * (kTileN / 8);  // 16-byte chunks of the tile, 256 threads storing them
+  if (!residual) {
+    for (int i = threadIdx.x; i < kChunks; i += 256) {
+      const int t = i / (kTileN / 8), c8 = i % (kTileN / 8);
+      const int tok = tok0 + t, ch = ch0 + 8 * c8;
+      if (tok < M && ch < N)
+        *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) =
+            *reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16);
+    }
+  } else {
+    // kBatch chunks' residual and gate loads in flight at once: y may be the residual, so the compiler keeps
+    // each store after every load before it, and one chunk at a time would wait for each load in turn
+    constexpr int kBatch = 8;
+    for (int i0 = threadIdx.x; i0 < kChunks; i0 += 256 * kBatch) {
+      uint4 r[kBatch], g[kBatch];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = __fadd_rn(r[e], round_to<T>(__fmul_rn(v[e], g[e])));
-        out = pack8<T>(v);
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = i0 + 256 * u, t = i / (kTileN / 8), ch = ch0 + 8 * (i % (kTileN / 8)), tok = tok0 + t;
+        if (i < kChunks && tok < M && ch < N) {
+          r[u] = *reinterpret_cast<const uint4*>(residual + static_cast<size_t>(tok) * N + ch);
+          g[u] = __ldg(reinterpret_cast<const uint4*>(gate + static_cast<size_t>(tok / gate_rows) * N + ch));
+        }
       }
-      *reinterpret_cast<uint4*>(y + at) = out;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = i0 + 256 * u, t = i / (kTileN / 8), c8 = i % (kTileN / 8), tok = tok0 + t, ch = ch0 + 8 * c8;
+        if (i < kChunks && tok < M && ch < N) {
+          float v[8], rv[8], gv[8];
+          unpack8<T>(*reinterpret_cast<const uint4*>(epi + t * kEpiStride + c8 * 16), v);
+          unpack8<T>(r[u], rv);
+          unpack8<T>(g[u], gv);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[e] = __fadd_rn(rv[e], round_to<T>(__fmul_rn(v[e], gv[e])));
+          *reinterpret_cast<uint4*>(y + static_cast<size_t>(tok) * N + ch) = pack8<T>(v);
+        }
+      }
     }
   }
   consumers_sync();
