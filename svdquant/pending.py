@@ -1,5 +1,5 @@
-"""Inputs of W4A4 layers not computed yet, so that the layer computes them inside its own kernel 1 and they are
-never written (docs/DESIGN.md#producer-quantization):
+"""Tensors around the W4A4 layers not computed yet, so that the layer's own kernels compute them and they are never
+written (docs/DESIGN.md#producer-quantization):
 
 - a LayerNorm output and FLUX's modulation of it: `pending_layer_norm(x, eps)` returns a PendingNorm, a tensor
   without storage of its own that stands for `numerics.modulated_layer_norm(x, None, None, eps)`;
@@ -39,9 +39,9 @@ _forced: list[bool] = []
 
 @contextlib.contextmanager
 def forced(on: bool):
-    """Test hook: within the block `stays_pending` and `concat_operand` make pending tensors (on) or not (off) on
-    every device (the CPU included) whatever SVDQUANT_FUSED_NORM and the kernels say; their conditions on the
-    tensor itself still apply."""
+    """Test hook: within the block `stays_pending`, `concat_operand` and `defers_output` make pending tensors (on)
+    or not (off) on every device (the CPU included) whatever SVDQUANT_FUSED_NORM and the kernels say; their
+    conditions on the tensor itself still apply."""
     _forced.append(on)
     try:
         yield
@@ -50,9 +50,9 @@ def forced(on: bool):
 
 
 def _may_stay_pending(x: torch.Tensor) -> bool:
-    """The conditions on the tensor both kinds share: outside torch.compile (dynamo would have to trace the
-    subclass; the compiled model fuses the producer itself), a plain [B, L, K] tensor in bf16/fp16, not requiring
-    its gradient."""
+    """The conditions on a producer's tensor the LayerNorm and the concatenation share: outside torch.compile
+    (dynamo would have to trace the subclass; the compiled model fuses the producer itself), a plain [B, L, K]
+    tensor in bf16/fp16, not requiring its gradient."""
     return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.dim() == 3
             and x.dtype in PENDING_DTYPES and not (torch.is_grad_enabled() and x.requires_grad))
 
