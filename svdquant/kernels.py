@@ -252,7 +252,12 @@ def norm_prologue_on(device: torch.device) -> bool:
 def _family_flag(device: torch.device, flag: str) -> bool:
     """Whether the W4A4 family for this device has `flag` set (False where none runs)."""
     name = w4a4_kernels_on(device)
-    return name is not None and getattr(_family_on(W4A4_KERNELS[name][0], device)[0], flag, False)
+    return name is not None and _has(_family_on(W4A4_KERNELS[name][0], device)[0], flag)
+
+
+def _has(module, flag: str) -> bool:
+    """Whether a family's host module (None: none) sets `flag` (KERNEL1_NORM, KERNEL1_CONCAT, KERNEL2_RESIDUAL)."""
+    return module is not None and getattr(module, flag, False)
 
 
 def _no_kernels_reason(device: torch.device) -> str:
@@ -475,16 +480,16 @@ class W4A4Kernel:
         if isinstance(x, Concat) and norm is not None:
             raise ValueError("a norm applies to one input tensor, not to a concatenation")
         module, variant, reason = self._route(x)
-        if isinstance(x, Concat) and not (module is not None and getattr(module, "KERNEL1_CONCAT", False)):
+        if isinstance(x, Concat) and not _has(module, "KERNEL1_CONCAT"):
             x = x.value()
-        if norm is not None and not (module is not None and getattr(module, "KERNEL1_NORM", False)):
+        if norm is not None and not _has(module, "KERNEL1_NORM"):
             x, norm = norm.apply(x), None
         if module is None:
             _announce_fallback(reason)
             y = self.reference(x)
         else:
             options = {**variant, **({} if norm is None else {"norm": norm})}
-            if residual is not None and getattr(module, "KERNEL2_RESIDUAL", False):
+            if residual is not None and _has(module, "KERNEL2_RESIDUAL"):
                 return module.svdq_linear(x, self, residual=residual, out=out, **options)
             y = module.svdq_linear(x, self, **options)
         if residual is not None:

@@ -49,12 +49,22 @@ def forced(on: bool):
         _forced.pop()
 
 
+def _pending_form(x: torch.Tensor) -> bool:
+    """What every pending kind needs of the tensor it stands on: outside torch.compile (dynamo would have to trace
+    the subclass; the compiled model fuses the producer itself), [B, L, K] in bf16/fp16, not requiring its
+    gradient."""
+    return (not torch.compiler.is_compiling() and x.dim() == 3 and x.dtype in PENDING_DTYPES
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def _may_stay_pending(x: torch.Tensor) -> bool:
-    """The conditions on a producer's tensor the LayerNorm and the concatenation share: outside torch.compile
-    (dynamo would have to trace the subclass; the compiled model fuses the producer itself), a plain [B, L, K]
-    tensor in bf16/fp16, not requiring its gradient."""
-    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.dim() == 3
-            and x.dtype in PENDING_DTYPES and not (torch.is_grad_enabled() and x.requires_grad))
+    """A producer's tensor the LayerNorm and the concatenation may leave pending: a plain tensor of _pending_form."""
+    return type(x) is torch.Tensor and _pending_form(x)
+
+
+def _kernels_take(device: torch.device, family_has) -> bool:
+    """`forced`'s answer where a test set one, else family_has(device) (kernels.concat_on, kernels.residual_on)."""
+    return _forced[-1] if _forced else family_has(device)
 
 
 def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
@@ -257,11 +267,7 @@ def defers_output(x: torch.Tensor) -> bool:
     """Whether a layer marked `feeds_gated_residual` should return a PendingOutput for input x (plain or pending):
     outside torch.compile, x [B, L, K] in bf16/fp16 without gradients, on a device whose W4A4 kernels add their
     output into a residual (kernels.residual_on) or under `forced(True)`."""
-    if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
-        return False
-    if not (x.dim() == 3 and x.dtype in PENDING_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)):
-        return False
-    return _forced[-1] if _forced else kernels.residual_on(x.device)
+    return isinstance(x, torch.Tensor) and _pending_form(x) and _kernels_take(x.device, kernels.residual_on)
 
 
 def _gated(a, b) -> PendingOutput | None:
@@ -311,9 +317,7 @@ def concat_operand(t: torch.Tensor) -> torch.Tensor:
     """t as a PendingConcat of one piece, where a concatenation with it along the last dimension may stay pending
     (`_may_stay_pending`, on a device whose W4A4 kernels read a concatenation where its parts are:
     kernels.concat_on); else t."""
-    if not _may_stay_pending(t):
-        return t
-    if (_forced[-1] if _forced else kernels.concat_on(t.device)):
+    if _may_stay_pending(t) and _kernels_take(t.device, kernels.concat_on):
         return PendingConcat((t,))
     return t
 

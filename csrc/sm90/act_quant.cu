@@ -422,9 +422,8 @@ __device__ __forceinline__ void act_quant(const TensorMap& tm_x, const TensorMap
       else
         tma_load_2d(smem + g * kXBoxBytes, &tm_x2, &xbar[g], 64 * (gk - a.x2_group), tok0);
       uint8_t* dst = smem + lay.params + g * pbytes;
-      const int col = 64 * (g0 + g);
-      bulk_load(dst, a.inv_smooth + col, 256, &xbar[g]);
-      if (!kPow2) bulk_load(dst + 256, a.smooth + col, 256, &xbar[g]);
+      bulk_load(dst, a.inv_smooth + 64 * gk, 256, &xbar[g]);
+      if (!kPow2) bulk_load(dst + 256, a.smooth + 64 * gk, 256, &xbar[g]);
     }
   }
   // the groups' shifts (one per group: kernels.group_shifts; 0 without one), read while the TMA

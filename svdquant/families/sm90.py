@@ -161,7 +161,8 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, s
         return codes, ascales, lora_act
     if rank % kernels.RANK_MULTIPLE or rank > kernels.MAX_RANK:
         raise RuntimeError(f"act_quant: rank must be a multiple of {kernels.RANK_MULTIPLE} in [0, {kernels.MAX_RANK}]")
-    if not aligned16(x, smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
+    # x and x2: check_concat
+    if not aligned16(smooth, inv_smooth, shift, rotation_coef, lora_down_p, codes, ascales, lora_act):
         raise RuntimeError("act_quant: every tensor must start on a 16-byte boundary")
     try:
         tm_x, tm_x2 = (_map_2d(t, 64, _AQ_TOKENS, cuda.TENSOR_MAP_SWIZZLE_128B) for t in (x, x if x2 is None else x2))
