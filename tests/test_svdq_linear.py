@@ -451,7 +451,7 @@ def test_sm80_layer_hands_its_kernels_the_derived_tensors(monkeypatch, rank, pow
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
-                  gelu_from=None, mma="int8"):
+                  gelu_from=None, mma="int8", residual=None):
         calls["kernel 2"] = (group_shift, qweight, wscales, lora_act, lora_up, bias, gelu_from, mma)
         return "y"
 
@@ -508,13 +508,13 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
         return "codes", "atok", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm_pow2(codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias=None, out=None,
-                       gelu_from=None):
+                       gelu_from=None, residual=None):
         calls["kernel 2"] = ("whole K", codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias, out,
                              gelu_from)
         return "y"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
-                  gelu_from=None, mma="int8"):
+                  gelu_from=None, mma="int8", residual=None):
         calls["kernel 2"] = ("per group", mma)
         return "y"
 
@@ -569,7 +569,7 @@ def test_sm80_layer_with_a_norm_has_kernel1_store_the_input_of_wide_ranks(monkey
         return "codes", "ascales", None if lora_t is None else "fused lora_act"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
-                  gelu_from=None, mma="int8"):
+                  gelu_from=None, mma="int8", residual=None):
         calls["kernel 2"] = lora_act
         return "y"
 
@@ -677,6 +677,33 @@ def test_layer_on_a_concatenation_is_the_layer_on_the_concatenated_input(family,
         kernel = layer.w4a4_kernel()
         assert kernel.fallback_reason(x) == ""
         assert torch.equal(kernel(concat), kernel(x))
+
+
+@needs_sm80
+@pytest.mark.parametrize("family", ["sm90", "sm80-int8", "sm80-int4"])
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_layer_with_a_gated_residual_is_the_layer_then_the_residual(family, fast, in_place):
+    # W4A4Kernel(x, residual=GatedResidual(r, gate)) on each family (kernel 2's epilogue: KERNEL2_RESIDUAL) equals
+    # numerics.gated_residual of the layer's own output bit for bit, into the residual where it is `out`
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    generator = gen(67 + fast + 2 * in_place)
+    layer = w4a4_layer(392, 576, 32, torch.bfloat16, generator, True, pow2_weights=fast)
+    layer.pow2_activations = fast
+    x = activations(600, 576, torch.bfloat16, generator, layer.unsigned_groups)
+    residual = (4 * torch.randn(600, 392, generator=generator, device=x.device)).bfloat16()
+    gate = torch.randn(2, 392, generator=generator, device=x.device).bfloat16()
+    with kernels.forced_family(family):
+        kernel = layer.w4a4_kernel()
+        assert kernel.fallback_reason(x) == "" and kernels.residual_on(x.device)
+        y = kernel(x)
+        expected = numerics.gated_residual(residual.reshape(2, 300, 392), gate.unsqueeze(1),
+                                           y.reshape(2, 300, 392)).reshape(600, 392)
+        target = residual.clone()
+        got = kernel(x, residual=kernels.GatedResidual(target, gate), out=target if in_place else None)
+    assert (got.data_ptr() == target.data_ptr()) == in_place
+    assert torch.equal(got, expected)
 
 
 def test_kernel2_checks_a_gated_residual():

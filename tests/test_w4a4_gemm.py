@@ -378,6 +378,47 @@ def test_sm80_whole_k_gemm_epilogue_gelu(gelu_from, dtype):
     _check_gelu_tail(y, ref, gelu_from)
 
 
+@needs_sm80
+@pytest.mark.parametrize("m,batches", [(1, 1), (255, 1), (4097, 1), (600, 2), (4608, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["int4", "int8", "whole-k", "whole-k stream-k"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_sm80_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
+    # both kernel 2s with a kernels.GatedResidual write residual + gate * y, numerics.gated_residual of their own
+    # output y bit for bit, the gate row of each token's batch; in place into the residual or into a fresh output,
+    # with a GELU on part of the channels; stream-K: 3 slices (the tile's last CTA runs the epilogue)
+    generator = gen(5200 + m + batches)
+    whole_k = path.startswith("whole-k")
+    layer = w4a4_layer(392, 576, 32, dtype, generator, unsigned=False, pow2_weights=whole_k)
+    kernel = layer.w4a4_kernel()
+    x = activations(m, 576, dtype, generator, layer.unsigned_groups)
+    residual = (torch.randn(m, 392, generator=generator, device=DEV) * 4).to(dtype)
+    gate = (torch.randn(batches, 392, generator=generator, device=DEV)).to(dtype)
+    smooth, inv_smooth, group_shift, lora_t = sm80.kernel1_inputs(kernel)
+    codes, ascales, lora_act = sm80.act_quant(x, smooth, inv_smooth, group_shift, lora_t, pow2=whole_k,
+                                              int8_operands=whole_k)
+
+    def kernel2(out, gated):
+        if whole_k:
+            wexp, wbase = sm80.pow2_weight_operands(kernel)
+            return sm80.w4a4_gemm_pow2(codes, ascales, layer.qweight, wexp, wbase, dtype, lora_act,
+                                       sm80.padded_lora_up(kernel), layer.bias, out, 136,
+                                       3 if path.endswith("stream-k") else None, residual=gated)
+        return sm80.w4a4_gemm(codes, ascales, group_shift, layer.qweight, layer.wscales, lora_act,
+                              sm80.padded_lora_up(kernel), layer.bias, out, 136, path, gated)
+
+    y = kernel2(None, None)
+    expected = numerics.gated_residual(residual.reshape(batches, m // batches, 392), gate.unsqueeze(1),
+                                       y.reshape(batches, m // batches, 392)).reshape(m, 392)
+    target = residual.clone() if in_place else None
+    got = kernel2(target, kernels.GatedResidual(residual.clone() if not in_place else target, gate))
+    torch.cuda.synchronize()
+    if in_place:
+        assert got.data_ptr() == target.data_ptr()
+    differ = (got != expected).nonzero()
+    assert differ.numel() == 0, f"{differ.shape[0]} differ, first at {differ[:5].tolist()}"
+
+
 # ---- sm80: the whole-K kernel 2's stream-K split (w4a4_gemm_pow2.cu's work split) ----------------
 
 @pytest.mark.parametrize("tiles,groups,slots,splits,plan", [

@@ -101,31 +101,79 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 // A warp's kMT x kNT fp32 mma tiles + bias, GELU on channels >= gelu_from (none where < 0), stored
 // into y [M, N] as T. out[i][j] holds tokens tok + 16 i + lane / 4 (+ 8 for elements 2, 3) and
 // channels ch + 8 j + 2 (lane % 4) + {0, 1}; tokens past M and channels past N (N % 8 == 0: both
-// channels of a pair are valid or neither) are not stored.
+// channels of a pair are valid or neither) are not stored. With a residual [M, N] (FLUX's gated
+// residual streams, numerics.gated_residual) each stored value is residual + T(gate * T(v)), rounded
+// to T, gate [B, N] the row of token t's batch t / gate_rows. y may be the residual itself: each
+// element is read and then written by one thread. The values are packed to T first (half the
+// registers of the fp32 tiles), so that all of the thread's residual words load at once, before
+// any store (the compiler cannot move a load of the residual above a store to y).
 template <typename T, int kMT, int kNT>
-__device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], const T* __restrict__ bias,
-                                            T* __restrict__ y, int tok, int ch, int M, int N, int gelu_from,
-                                            int lane) {
+__device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], const T* __restrict__ bias, T* y,
+                                            int tok, int ch, int M, int N, int gelu_from, int lane,
+                                            const T* residual, const T* __restrict__ gate, int gate_rows) {
   const int gid = lane / 4, q = lane % 4;
+  uint32_t yv[kMT][2][kNT];  // T pairs: tokens tok + 16 i + gid + 8 hrow, channels ch + 8 j + 2 q + {0, 1}
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     const int c = ch + 8 * j + 2 * q;
-    if (c >= N) continue;
     float b0 = 0.f, b1 = 0.f;
-    if (bias) Half<T>::unpack2(*reinterpret_cast<const uint32_t*>(bias + c), b0, b1);
+    if (bias && c < N) Half<T>::unpack2(__ldg(reinterpret_cast<const uint32_t*>(bias + c)), b0, b1);
     const bool g0 = gelu_from >= 0 && c >= gelu_from, g1 = gelu_from >= 0 && c + 1 >= gelu_from;
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
 #pragma unroll
       for (int hrow = 0; hrow < 2; ++hrow) {
-        const int t = tok + 16 * i + gid + 8 * hrow;
         float v0 = out[i][j][2 * hrow] + b0, v1 = out[i][j][2 * hrow + 1] + b1;
         if (g0) v0 = gelu_tanh(v0);
         if (g1) v1 = gelu_tanh(v1);
-        if (t < M) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(t) * N + c) = pack2_rn<T>(v0, v1);
+        yv[i][hrow][j] = pack2_rn<T>(v0, v1);
       }
     }
   }
+  if (residual) {
+    uint32_t rw[kMT][2][kNT];
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int hrow = 0; hrow < 2; ++hrow) {
+        const int t = tok + 16 * i + gid + 8 * hrow;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const int c = ch + 8 * j + 2 * q;
+          rw[i][hrow][j] = t < M && c < N ? *reinterpret_cast<const uint32_t*>(residual + static_cast<size_t>(t) * N + c)
+                                          : 0u;
+        }
+      }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i)
+#pragma unroll
+      for (int hrow = 0; hrow < 2; ++hrow) {
+        const int t = tok + 16 * i + gid + 8 * hrow;
+        const T* gate_row = gate + static_cast<size_t>(gate_rows >= M ? 0 : t / gate_rows) * N;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const int c = ch + 8 * j + 2 * q;
+          if (t >= M || c >= N) continue;
+          float y0, y1, r0, r1, g0, g1;
+          Half<T>::unpack2(yv[i][hrow][j], y0, y1);
+          Half<T>::unpack2(rw[i][hrow][j], r0, r1);
+          Half<T>::unpack2(__ldg(reinterpret_cast<const uint32_t*>(gate_row + c)), g0, g1);
+          yv[i][hrow][j] = pack2_rn<T>(__fadd_rn(r0, round_to<T>(__fmul_rn(y0, g0))),
+                                       __fadd_rn(r1, round_to<T>(__fmul_rn(y1, g1))));
+        }
+      }
+  }
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int hrow = 0; hrow < 2; ++hrow) {
+      const int t = tok + 16 * i + gid + 8 * hrow;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int c = ch + 8 * j + 2 * q;
+        if (t < M && c < N) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(t) * N + c) = yv[i][hrow][j];
+      }
+    }
 }
 
 }  // namespace svdq::sm80

@@ -3,7 +3,9 @@
 //
 //   y[m, n] = act(sum_g ascale[g, m] * wscale[g, n] * sum_{k in g} code[m, k] * w[n, k]
 //                 + sum_r lora_act[m, r] * lora_up[n, r] + bias[n]),
-//   act = tanh-GELU on channels n >= gelu_from (none where gelu_from < 0), identity elsewhere.
+//   act = tanh-GELU on channels n >= gelu_from (none where gelu_from < 0), identity elsewhere; with a
+//   residual, the stored value is residual[m, n] + gate[m / gate_rows, n] * y[m, n] (FLUX's gated
+//   residual streams, each product and sum rounded to 16 bits as PyTorch's ops do: numerics.gated_residual).
 //
 // One source, two tensor-core instantiations (template parameter kInt8) on the same operands:
 //  * INT4: mma.sync m16n8k64 s4.s4 (u4.s4 for unsigned activation groups): one MMA per 64-group
@@ -43,7 +45,9 @@
 //
 // Entry points: w4a4_gemm_{int4,int8}_{bf16,fp16}(const uint8_t* codes, const float* ascales,
 //   const float* group_shift, const uint8_t* qweight, const T* wscales, const T* lora_act,
-//   const T* lora_up, const T* bias, T* y, int M, int N, int K, int m_al, int rank, int gelu_from);
+//   const T* lora_up, const T* bias, T* y, int M, int N, int K, int m_al, int rank, int gelu_from,
+//   const T* residual, const T* gate, int gate_rows); residual [M, N] or null, gate [B, N], gate_rows:
+//   y = residual + gate * y (sm80.cuh store_tiles; y may be the residual).
 //   grid (ceil(M / 128), ceil(N / 128)), block 128, no dynamic shared memory. Requires K % 64 == 0,
 //   N % 8 == 0, rank % 16 == 0, m_al = M rounded up to a multiple of 4.
 #include "sm80.cuh"
@@ -138,8 +142,9 @@ template <typename T, bool kInt8>
 __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ ascales,
                                           const float* __restrict__ group_shift, const uint8_t* __restrict__ qweight,
                                           const T* __restrict__ wscales, const T* __restrict__ lora_act,
-                                          const T* __restrict__ lora_up, const T* __restrict__ bias, T* __restrict__ y,
-                                          int M, int N, int K, int m_al, int rank, int gelu_from) {
+                                          const T* __restrict__ lora_up, const T* __restrict__ bias, T* y, int M,
+                                          int N, int K, int m_al, int rank, int gelu_from, const T* residual,
+                                          const T* __restrict__ gate, int gate_rows) {
   __shared__ __align__(128) uint8_t ring[kStages * kStageBytes];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int tok0 = blockIdx.x * kTile, ch0 = blockIdx.y * kTile;
@@ -276,7 +281,7 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   cp_async_wait<0>();
 
   // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}
-  store_tiles<T, 4, 8>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane);
+  store_tiles<T, 4, 8>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane, residual, gate, gate_rows);
 }
 
 }  // namespace
@@ -286,9 +291,9 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, 2)                                       \
       NAME(const uint8_t* codes, const float* ascales, const float* group_shift, const uint8_t* qweight,        \
            const T* wscales, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,     \
-           int m_al, int rank, int gelu_from) {                                                                 \
+           int m_al, int rank, int gelu_from, const T* residual, const T* gate, int gate_rows) {                \
     svdq::sm80::w4a4_gemm<T, INT8>(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias, y, M, \
-                                   N, K, m_al, rank, gelu_from);                                                \
+                                   N, K, m_al, rank, gelu_from, residual, gate, gate_rows);                     \
   }
 
 SVDQ_W4A4_GEMM_ENTRY(w4a4_gemm_int4_bf16, svdq::bfloat16, false)

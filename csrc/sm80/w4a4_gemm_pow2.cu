@@ -6,7 +6,9 @@
 //   ascale[m, g] = atok[m] * 2^-e[m, g]    e in [0, 3] (kernel 1 in pow2 mode, act_quant_pow2_s8_*)
 //   y[m, n] = act(atok[m] * wbase[n] * 2^-7 * sum_k (code_a 2^(3-e)) (code_w 2^(4-f))
 //                 + sum_r lora_act[m, r] * lora_up[n, r] + bias[n]),
-//   act = tanh-GELU on channels n >= gelu_from (none where gelu_from < 0), identity elsewhere,
+//   act = tanh-GELU on channels n >= gelu_from (none where gelu_from < 0), identity elsewhere; with a
+//   residual, the stored value is residual[m, n] + gate[m / gate_rows, n] * y[m, n] (FLUX's gated
+//   residual streams, each product and sum rounded to 16 bits as PyTorch's ops do: numerics.gated_residual),
 //
 // which is the per-group sum of w4a4_gemm.cu term by term. Both operands are integers that fit s8
 // (weights in [-128, 112], activations in [-64, 120]; |product| <= 15360), so mma.sync m16n8k32 s8
@@ -68,7 +70,9 @@
 // Entry points: w4a4_gemm_pow2_int8_{bf16,fp16}(const uint8_t* codes, const float* atok,
 //   const uint8_t* qweight, const uint8_t* wexp, const float* wbase, const T* lora_act,
 //   const T* lora_up, const T* bias, T* y, int M, int N, int K, int n_al, int rank, int gelu_from,
-//   int dp_tiles, int splits, int* sk_partials);
+//   const T* residual, const T* gate, int gate_rows, int dp_tiles, int splits, int* sk_partials);
+//   residual [M, N] or null, gate [B, N], gate_rows: y = residual + gate * y (sm80.cuh store_tiles;
+//   y may be the residual).
 //   grid dp_tiles + splits * (stream-K tiles), block kThreads, kStages * kStageBytes of dynamic
 //   shared memory; sk_partials [stream-K tiles][splits - 1][kTileM x kTileN] int32 (unused without
 //   stream-K tiles). Requires K % 64 == 0, K <= 131072, N % 8 == 0, rank % 16 == 0 and, where there
@@ -157,9 +161,9 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
                                                const uint8_t* __restrict__ qweight, const uint8_t* __restrict__ wexp,
                                                const float* __restrict__ wbase, const T* __restrict__ lora_act,
                                                const T* __restrict__ lora_up, const T* __restrict__ bias,
-                                               T* __restrict__ y, int M, int N, int K, int n_al, int rank,
-                                               int gelu_from, int dp_tiles, int splits,
-                                               int* __restrict__ sk_partials) {
+                                               T* y, int M, int N, int K, int n_al, int rank, int gelu_from,
+                                               const T* residual, const T* __restrict__ gate, int gate_rows,
+                                               int dp_tiles, int splits, int* __restrict__ sk_partials) {
   constexpr int kMT = kWarpM / 16, kNT = 4;  // mma tiles of a warp
   extern __shared__ __align__(128) uint8_t ring[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -457,7 +461,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     slot = slot == kStages - 1 ? 0 : slot + 1;
   }
   cp_async_wait<0>();
-  store_tiles<T, kMT, kNT>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane);
+  store_tiles<T, kMT, kNT>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane, residual, gate, gate_rows);
 }
 
 }  // namespace
@@ -467,9 +471,10 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
   extern "C" __global__ void __launch_bounds__(svdq::sm80::kThreads, svdq::sm80::kMinBlocks)              \
       NAME(const uint8_t* codes, const float* atok, const uint8_t* qweight, const uint8_t* wexp,               \
            const float* wbase, const T* lora_act, const T* lora_up, const T* bias, T* y, int M, int N, int K,  \
-           int n_al, int rank, int gelu_from, int dp_tiles, int splits, int* sk_partials) {                    \
+           int n_al, int rank, int gelu_from, const T* residual, const T* gate, int gate_rows, int dp_tiles,      \
+           int splits, int* sk_partials) {                                                                      \
     svdq::sm80::w4a4_gemm_pow2<T>(codes, atok, qweight, wexp, wbase, lora_act, lora_up, bias, y, M, N, K, n_al, \
-                                  rank, gelu_from, dp_tiles, splits, sk_partials);                             \
+                                  rank, gelu_from, residual, gate, gate_rows, dp_tiles, splits, sk_partials);  \
   }
 
 SVDQ_W4A4_GEMM_POW2_ENTRY(w4a4_gemm_pow2_int8_bf16, svdq::bfloat16)

@@ -25,13 +25,14 @@ import functools
 import torch
 
 from .. import cuda, kernels, numerics
-from . import check_concat, check_tensor, kernel1_operands, norm_arguments, sm_count
+from . import check_concat, check_tensor, kernel1_operands, norm_arguments, residual_arguments, sm_count
 
 FAMILY = "sm80"
 MMA_VARIANTS = ("int4", "int8")
 # kernel 1 takes a LayerNorm + modulation prologue (kernels.ModulatedNorm, act_quant's `norm`)
 KERNEL1_NORM = True
 KERNEL1_CONCAT = True  # kernel 1 reads a kernels.Concat's two parts where they are
+KERNEL2_RESIDUAL = True  # both kernel 2s add their output into a kernels.GatedResidual in the epilogue
 # Kernel 1 computes x @ lora_down in its pass over x (one warp per 8 ranks) up to kernels.KERNEL1_MAX_RANK;
 # kernel 2's low-rank stages take kernels.RANK_MULTIPLE ranks each.
 _ACT_TOKENS = 16  # tokens per kernel 1 CTA
@@ -162,9 +163,10 @@ def _epilogue_operands(codes: torch.Tensor, m: int, n: int, dtype: torch.dtype, 
 def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Tensor | None, qweight: torch.Tensor,
               wscales: torch.Tensor, lora_act: torch.Tensor | None, lora_up: torch.Tensor | None,
               bias: torch.Tensor | None = None, out: torch.Tensor | None = None, gelu_from: int | None = None,
-              mma: str = "int8") -> torch.Tensor:
+              mma: str = "int8", residual: kernels.GatedResidual | None = None) -> torch.Tensor:
     """Kernel 2: y [M, N] = sum_g ascales[g, m] * wscales[g, n] * (codes . qweight over group g)
-    + lora_act @ lora_up^T + bias, GELU (tanh) on channels >= gelu_from, in wscales' dtype.
+    + lora_act @ lora_up^T + bias, GELU (tanh) on channels >= gelu_from, in wscales' dtype; with a
+    residual, residual + gate * y instead (out may be the residual's tensor: in place).
 
     codes, ascales: kernel 1's; group_shift: as given to kernel 1 (its positive groups hold unsigned
     codes); qweight uint8 [N, K/2]; wscales [K/64, N] bf16/fp16; lora_act [M, r] and lora_up [N, r]
@@ -190,13 +192,14 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
     _check(qweight, codes, "qweight", torch.uint8, (n, half_k))
     _check(wscales, codes, "wscales", dtype, (groups, n))
     rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
+    gated = residual_arguments(residual, out, error=Sm80InputError)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_{mma}_{_NAMES[dtype]}", codes.device)
         grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
         fn.launch(grid, _GEMM_THREADS,
                   (codes, ascales, group_shift, qweight, wscales, lora_act if rank else None,
                    lora_up if rank else None, bias, out, m, n, k, m_al, rank,
-                   -1 if gelu_from is None else int(gelu_from)))
+                   -1 if gelu_from is None else int(gelu_from), *gated))
     return out
 
 
@@ -232,10 +235,12 @@ def whole_k_work_split(m: int, n: int, k: int, device: torch.device,
 def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tensor, wexp: torch.Tensor,
                    wbase: torch.Tensor, dtype: torch.dtype, lora_act: torch.Tensor | None,
                    lora_up: torch.Tensor | None, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   gelu_from: int | None = None, stream_k: int | None = None) -> torch.Tensor:
+                   gelu_from: int | None = None, stream_k: int | None = None,
+                   residual: kernels.GatedResidual | None = None) -> torch.Tensor:
     """The whole-K kernel 2 (w4a4_gemm_pow2.cu): y [M, N] = atok[m] * wbase[n] * 2^-7 * (codes . the
     weights' s8 operands over all of K) + lora_act @ lora_up^T + bias, GELU (tanh) on channels >=
-    gelu_from, in dtype (bf16/fp16, also that of lora_act, lora_up and bias).
+    gelu_from, in dtype (bf16/fp16, also that of lora_act, lora_up and bias); with a residual,
+    residual + gate * y instead (out may be the residual's tensor: in place).
 
     codes uint8 [M, K], atok fp32 [1, m_al]: kernel 1's in pow2_s8 mode; qweight uint8 [N, K/2];
     wexp uint8 [K/64, n_al] and wbase fp32 [N]: pow2_weight_operands; lora_act [M, r] and lora_up
@@ -264,6 +269,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     if stream_k is not None and (isinstance(stream_k, bool) or not isinstance(stream_k, int) or stream_k < 1):
         raise Sm80InputError(f"stream_k must be None or a positive int, got {stream_k!r}")
     rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
+    gated = residual_arguments(residual, out, error=Sm80InputError)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
         tiles, dp_tiles, splits = whole_k_work_split(m, n, k, codes.device, stream_k)
@@ -272,7 +278,8 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
                                device=codes.device) if sk_tiles else None
         fn.launch(dp_tiles + sk_tiles * splits, _POW2_THREADS,
                   (codes, atok, qweight, wexp, wbase, lora_act if rank else None, lora_up if rank else None, bias,
-                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from), dp_tiles, splits, partials),
+                   out, m, n, k, n_al, rank, -1 if gelu_from is None else int(gelu_from), *gated, dp_tiles, splits,
+                   partials),
                   smem=_POW2_SMEM)
     return out
 
@@ -351,11 +358,13 @@ def runs_whole_k(kernel: kernels.W4A4Kernel, mma: str, pow2_activations: bool) -
 
 def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, mma: str = "int8",
                 pow2_activations: bool | None = None, out: torch.Tensor | None = None,
-                norm: kernels.ModulatedNorm | None = None) -> torch.Tensor:
+                norm: kernels.ModulatedNorm | None = None, residual: kernels.GatedResidual | None = None
+                ) -> torch.Tensor:
     """W4A4Kernel.reference's function of x [M, K] on the two sm80 kernels (mma: "int4" or "int8" for
     kernel 2; int8 on power-of-two layers: the whole-K kernel 2), or of norm.apply(x) (kernel 1's norm
     prologue; above kernels.KERNEL1_MAX_RANK kernel 1 also stores that input for the low-rank GEMM); x a
-    kernels.Concat: kernel 1 reads its parts where they are (KERNEL1_CONCAT).
+    kernels.Concat: kernel 1 reads its parts where they are (KERNEL1_CONCAT); residual: residual + gate * y in
+    kernel 2's epilogue (KERNEL2_RESIDUAL), into out where given (the residual's own tensor included).
     pow2_activations: quantize x with power-of-two restricted scales (numerics.quantize_activations_pow2);
     None: as the kernel's activation mode says."""
     if pow2_activations is None:
@@ -378,6 +387,6 @@ def svdq_linear(x: torch.Tensor | kernels.Concat, kernel: kernels.W4A4Kernel, mm
     if whole_k:
         wexp, wbase = pow2_weight_operands(kernel)
         return w4a4_gemm_pow2(codes, ascales, kernel.qweight.contiguous(), wexp, wbase, x.dtype, lora_act,
-                              padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from)
+                              padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from, residual=residual)
     return w4a4_gemm(codes, ascales, group_shift, kernel.qweight.contiguous(), kernel.wscales.contiguous(), lora_act,
-                     padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from, mma)
+                     padded_lora_up(kernel), kernel.bias, out, kernel.gelu_from, mma, residual)
