@@ -98,21 +98,22 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return __fdividef(x, 1.f + e);
 }
 
-// A warp's kMT x kNT fp32 mma tiles + bias, GELU on channels >= gelu_from (none where < 0), stored
-// into y [M, N] as T. out[i][j] holds tokens tok + 16 i + lane / 4 (+ 8 for elements 2, 3) and
-// channels ch + 8 j + 2 (lane % 4) + {0, 1}; tokens past M and channels past N (N % 8 == 0: both
-// channels of a pair are valid or neither) are not stored. With a residual [M, N] (FLUX's gated
-// residual streams, numerics.gated_residual) each stored value is residual + T(gate * T(v)), rounded
-// to T, gate [B, N] the row of token t's batch t / gate_rows. y may be the residual itself: each
-// element is read and then written by one thread. The values are packed to T first (half the
-// registers of the fp32 tiles), so that all of the thread's residual words load at once, before
-// any store (the compiler cannot move a load of the residual above a store to y).
+// Kernel 2's epilogue in two steps: pack_tiles rounds a warp's fp32 mma tiles (+ bias, GELU) to T
+// pairs, half their registers; store_tiles (from the registers) or store_tiles_staged (through shared
+// memory, in 16-byte chunks) writes them into y [M, N], or with a residual [M, N] (FLUX's gated residual
+// streams, numerics.gated_residual) residual + T(gate * y), rounded to T, gate [B, N] the row of token
+// t's batch t / gate_rows. y may be the residual itself: each element is read and then written by one
+// thread, and since the compiler keeps every store after the loads before it, the residual is loaded in
+// batches ahead of their stores. Tokens past M and channels past N (N % 8 == 0) are not stored.
+// The whole-K kernel stages (bench/NOTES.md#sm80-staged-epilogue); in the per-group kernel ptxas then
+// allocates its main loop worse (more spills for sm_89), so it stores from registers.
+//
+// out[i][j] and yv[i][hrow][j] hold tokens tok + 16 i + lane / 4 + 8 hrow (out: hrow = element / 2) and
+// channels ch + 8 j + 2 (lane % 4) + {0, 1}, (tok, ch) the warp's first token and channel.
 template <typename T, int kMT, int kNT>
-__device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], const T* __restrict__ bias, T* y,
-                                            int tok, int ch, int M, int N, int gelu_from, int lane,
-                                            const T* residual, const T* __restrict__ gate, int gate_rows) {
-  const int gid = lane / 4, q = lane % 4;
-  uint32_t yv[kMT][2][kNT];  // T pairs: tokens tok + 16 i + gid + 8 hrow, channels ch + 8 j + 2 q + {0, 1}
+__device__ __forceinline__ void pack_tiles(const float (&out)[kMT][kNT][4], const T* __restrict__ bias, int ch, int N,
+                                           int gelu_from, int lane, uint32_t (&yv)[kMT][2][kNT]) {
+  const int q = lane % 4;
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
     const int c = ch + 8 * j + 2 * q;
@@ -130,6 +131,23 @@ __device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], con
       }
     }
   }
+}
+
+// residual + T(gate * y) for 2 values of T packed in each word
+template <typename T>
+__device__ __forceinline__ uint32_t gated2(uint32_t y, uint32_t residual, uint32_t gate) {
+  float y0, y1, r0, r1, g0, g1;
+  Half<T>::unpack2(y, y0, y1);
+  Half<T>::unpack2(residual, r0, r1);
+  Half<T>::unpack2(gate, g0, g1);
+  return pack2_rn<T>(__fadd_rn(r0, round_to<T>(__fmul_rn(y0, g0))), __fadd_rn(r1, round_to<T>(__fmul_rn(y1, g1))));
+}
+
+// From the registers: all of the thread's residual words load before its first store.
+template <typename T, int kMT, int kNT>
+__device__ __forceinline__ void store_tiles(uint32_t (&yv)[kMT][2][kNT], T* y, int tok, int ch, int M, int N,
+                                            const T* residual, const T* __restrict__ gate, int gate_rows, int lane) {
+  const int gid = lane / 4, q = lane % 4;
   if (residual) {
     uint32_t rw[kMT][2][kNT];
 #pragma unroll
@@ -153,13 +171,9 @@ __device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], con
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
           const int c = ch + 8 * j + 2 * q;
-          if (t >= M || c >= N) continue;
-          float y0, y1, r0, r1, g0, g1;
-          Half<T>::unpack2(yv[i][hrow][j], y0, y1);
-          Half<T>::unpack2(rw[i][hrow][j], r0, r1);
-          Half<T>::unpack2(__ldg(reinterpret_cast<const uint32_t*>(gate_row + c)), g0, g1);
-          yv[i][hrow][j] = pack2_rn<T>(__fadd_rn(r0, round_to<T>(__fmul_rn(y0, g0))),
-                                       __fadd_rn(r1, round_to<T>(__fmul_rn(y1, g1))));
+          if (t < M && c < N)
+            yv[i][hrow][j] = gated2<T>(yv[i][hrow][j], rw[i][hrow][j],
+                                       __ldg(reinterpret_cast<const uint32_t*>(gate_row + c)));
         }
       }
   }
@@ -174,6 +188,65 @@ __device__ __forceinline__ void store_tiles(const float (&out)[kMT][kNT][4], con
         if (t < M && c < N) *reinterpret_cast<uint32_t*>(y + static_cast<size_t>(t) * N + c) = yv[i][hrow][j];
       }
     }
+}
+
+// Bytes of shared memory store_tiles_staged stages a kTileM x kTileN tile of T in (rows padded by 16
+// bytes: conflict-free 4-byte writes of 8 rows x 16 bytes, 16-byte reads along a row).
+template <int kTileM, int kTileN>
+constexpr int kStagingBytes = kTileM * (2 * kTileN + 16);
+
+// Through shared memory, called by every thread of the CTA (kThreads): each warp's values go into
+// staging (kStagingBytes, the caller's ring once every warp is done with it), then the CTA's
+// kTileM x kTileN tile (the one holding the warp's; tiles start at multiples of their size) is stored
+// in 16-byte chunks, with a residual kBatch chunks' loads ahead of their stores.
+template <typename T, int kMT, int kNT, int kTileM, int kTileN, int kThreads>
+__device__ __forceinline__ void store_tiles_staged(const uint32_t (&yv)[kMT][2][kNT], T* y, int tok, int ch, int M,
+                                                   int N, const T* residual, const T* __restrict__ gate,
+                                                   int gate_rows, uint8_t* staging) {
+  constexpr int kRowBytes = 2 * kTileN + 16, kChunksN = kTileN / 8, kChunks = kTileM * kChunksN;
+  const int gid = threadIdx.x % 32 / 4, q = threadIdx.x % 4;
+  const int tok0 = tok / kTileM * kTileM, ch0 = ch / kTileN * kTileN, wm = tok - tok0, wn = ch - ch0;
+  __syncthreads();  // every warp is done with the ring
+#pragma unroll
+  for (int i = 0; i < kMT; ++i)
+#pragma unroll
+    for (int hrow = 0; hrow < 2; ++hrow)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+        *reinterpret_cast<uint32_t*>(staging + (wm + 16 * i + gid + 8 * hrow) * kRowBytes + 2 * (wn + 8 * j + 2 * q)) =
+            yv[i][hrow][j];
+  __syncthreads();
+  auto chunk = [&](int i) { return *reinterpret_cast<const uint4*>(staging + i / kChunksN * kRowBytes + 16 * (i % kChunksN)); };
+  if (!residual) {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < kChunks; i += kThreads) {
+      const int t = tok0 + i / kChunksN, c = ch0 + 8 * (i % kChunksN);
+      if (t < M && c < N) *reinterpret_cast<uint4*>(y + static_cast<size_t>(t) * N + c) = chunk(i);
+    }
+    return;
+  }
+  constexpr int kBatch = 8;
+  for (int i0 = threadIdx.x; i0 < kChunks; i0 += kThreads * kBatch) {
+    uint4 r[kBatch], g[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + kThreads * u, t = tok0 + i / kChunksN, c = ch0 + 8 * (i % kChunksN);
+      if (i < kChunks && t < M && c < N) {
+        r[u] = *reinterpret_cast<const uint4*>(residual + static_cast<size_t>(t) * N + c);
+        g[u] = __ldg(reinterpret_cast<const uint4*>(gate + static_cast<size_t>(t / gate_rows) * N + c));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + kThreads * u, t = tok0 + i / kChunksN, c = ch0 + 8 * (i % kChunksN);
+      if (i < kChunks && t < M && c < N) {
+        const uint4 v = chunk(i);
+        *reinterpret_cast<uint4*>(y + static_cast<size_t>(t) * N + c) =
+            make_uint4(gated2<T>(v.x, r[u].x, g[u].x), gated2<T>(v.y, r[u].y, g[u].y),
+                       gated2<T>(v.z, r[u].z, g[u].z), gated2<T>(v.w, r[u].w, g[u].w));
+      }
+    }
+  }
 }
 
 }  // namespace svdq::sm80

@@ -281,7 +281,9 @@ __device__ __forceinline__ void w4a4_gemm(const uint8_t* __restrict__ codes, con
   cp_async_wait<0>();
 
   // out[i][j] holds tokens wm + 16 i + gid (+ 8 for elements 2, 3), channels wn + 8 j + 2 q + {0, 1}
-  store_tiles<T, 4, 8>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane, residual, gate, gate_rows);
+  uint32_t yv[4][2][8];
+  pack_tiles<T>(out, bias, ch0 + wn, N, gelu_from, lane, yv);
+  store_tiles<T>(yv, y, tok0 + wm, ch0 + wn, M, N, residual, gate, gate_rows, lane);
 }
 
 }  // namespace

@@ -98,6 +98,7 @@ constexpr int kMinBlocks = (kWarpM == 128 ? 8 : 16) * 32 / kThreads;
 constexpr int kOffW = kTileM * 64;
 constexpr int kOffExp = kOffW + kTileN * 32;
 constexpr int kStageBytes = kOffExp + kTileN;
+static_assert(kStages * kStageBytes >= kStagingBytes<kTileM, kTileN>, "the epilogue stages its tile in the ring");
 // 16-byte copies per thread and stage: codes, qweight (and lora_up), lora_act
 constexpr int kCodeCopies = kTileM * 4 / kThreads, kWCopies = kTileN * 2 / kThreads, kActCopies = kTileM * 2 / kThreads;
 
@@ -461,7 +462,10 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const uint8_t* __restrict__ codes
     slot = slot == kStages - 1 ? 0 : slot + 1;
   }
   cp_async_wait<0>();
-  store_tiles<T, kMT, kNT>(out, bias, y, tok0 + wm, ch0 + wn, M, N, gelu_from, lane, residual, gate, gate_rows);
+  uint32_t yv[kMT][2][kNT];
+  pack_tiles<T>(out, bias, ch0 + wn, N, gelu_from, lane, yv);
+  store_tiles_staged<T, kMT, kNT, kTileM, kTileN, kThreads>(yv, y, tok0 + wm, ch0 + wn, M, N, residual, gate,
+                                                           gate_rows, ring);
 }
 
 }  // namespace
