@@ -511,11 +511,13 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
                        gelu_from=None, residual=None):
         calls["kernel 2"] = ("whole K", codes, atok, qweight, wexp, wbase, dtype, lora_act, lora_up, bias, out,
                              gelu_from)
+        calls["residual"] = residual
         return "y"
 
     def w4a4_gemm(codes, ascales, group_shift, qweight, wscales, lora_act, lora_up, bias=None, out=None,
                   gelu_from=None, mma="int8", residual=None):
         calls["kernel 2"] = ("per group", mma)
+        calls["residual"] = residual
         return "y"
 
     monkeypatch.setattr(sm80, "act_quant", act_quant)
@@ -527,7 +529,9 @@ def test_sm80_power_of_two_layer_runs_the_whole_k_kernel(monkeypatch, rank, pow2
     x = activations(5, 192, torch.bfloat16, generator, layer.unsigned_groups)
     kernel = layer.w4a4_kernel()
     out = torch.empty(5, 72, dtype=torch.bfloat16)
-    assert sm80.svdq_linear(x, kernel, mma=mma, out=out) == "y"
+    gated = kernels.GatedResidual(torch.zeros(5, 72, dtype=torch.bfloat16), torch.ones(1, 72, dtype=torch.bfloat16))
+    assert sm80.svdq_linear(x, kernel, mma=mma, out=out, residual=gated) == "y"
+    assert calls["residual"] is gated  # either kernel 2 adds the output into the residual (KERNEL2_RESIDUAL)
 
     whole_k = pow2_activations and mma == "int8"
     assert sm80.runs_whole_k(kernel, mma, pow2_activations) == whole_k
