@@ -216,7 +216,9 @@ __device__ __forceinline__ void store_tiles_staged(const uint32_t (&yv)[kMT][2][
         *reinterpret_cast<uint32_t*>(staging + (wm + 16 * i + gid + 8 * hrow) * kRowBytes + 2 * (wn + 8 * j + 2 * q)) =
             yv[i][hrow][j];
   __syncthreads();
-  auto chunk = [&](int i) { return *reinterpret_cast<const uint4*>(staging + i / kChunksN * kRowBytes + 16 * (i % kChunksN)); };
+  auto chunk = [&](int i) {
+    return *reinterpret_cast<const uint4*>(staging + i / kChunksN * kRowBytes + 16 * (i % kChunksN));
+  };
   if (!residual) {
 #pragma unroll 4
     for (int i = threadIdx.x; i < kChunks; i += kThreads) {
