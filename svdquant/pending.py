@@ -29,8 +29,10 @@ from torch.utils._pytree import tree_map_only
 
 from . import kernels, numerics
 
-# "0" turns the fusion off for the process (read at each LayerNorm call); on by default since an A/B on the H100 found
-# the eager FLUX.1-dev call ~2 ms faster with it on both kernel families (bench/NOTES.md#fused-norm-default)
+# "1" turns the fusion on for the process (read at each LayerNorm call). Off by default: it makes the eager
+# FLUX.1-dev call ~2 ms faster on the H100 (bench/NOTES.md#fused-norm-default), but a layer that cannot take the
+# prologue (FP8 execution, weights offloaded by ComfyUI) then computes the LayerNorm in PyTorch ops by
+# numerics.modulated_layer_norm, several times slower than PyTorch's own LayerNorm
 FUSED_NORM_ENV = "SVDQUANT_FUSED_NORM"
 # ComfyUI's FLUX runs in 16 bits, the only dtypes kernel 1 takes
 PENDING_DTYPES = (torch.bfloat16, torch.float16)
@@ -72,13 +74,13 @@ def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
     PendingNorm: outside torch.compile (dynamo would have to trace the subclass; the compiled model
     fuses the LayerNorm itself), x a plain [B, L, K] tensor in bf16/fp16 normalized over K, not
     requiring its gradient, on a CUDA device whose W4A4 kernels have the norm prologue (where they do not, the
-    layer would compute it first, slower than PyTorch's LayerNorm), and the fusion on (the default;
-    SVDQUANT_FUSED_NORM="0" turns it off)."""
+    layer would compute it first, slower than PyTorch's LayerNorm), and the fusion on (SVDQUANT_FUSED_NORM is
+    "1")."""
     if not (_may_stay_pending(x) and tuple(normalized_shape) == (x.shape[-1],)):
         return False
     if _forced:
         return _forced[-1]
-    return os.environ.get(FUSED_NORM_ENV) != "0" and kernels.norm_prologue_on(x.device)
+    return os.environ.get(FUSED_NORM_ENV) == "1" and kernels.norm_prologue_on(x.device)
 
 
 def pending_layer_norm(x: torch.Tensor, eps: float) -> PendingNorm:
