@@ -171,15 +171,30 @@ def test_sm90_gemm_epilogue_gelu(gelu_from, dtype, path):
     _check_gelu_tail(y, ref, gelu_from)
 
 
+def _check_gated_residual(kernel2, residual: torch.Tensor, gate: torch.Tensor, in_place: bool) -> None:
+    """kernel2(out, gated) handed a kernels.GatedResidual must write numerics.gated_residual of its own output
+    y = kernel2(None, None) bit for bit (the product rounded to the dtype, then the sum), the gate row of each
+    token's batch: into the residual's own tensor where in_place, else into a fresh output."""
+    (m, n), batches = residual.shape, gate.shape[0]
+    y = kernel2(None, None)
+    expected = numerics.gated_residual(residual.reshape(batches, m // batches, n), gate.unsqueeze(1),
+                                       y.reshape(batches, m // batches, n)).reshape(m, n)
+    target = residual.clone() if in_place else None
+    got = kernel2(target, kernels.GatedResidual(residual.clone() if not in_place else target, gate))
+    torch.cuda.synchronize()
+    if in_place:
+        assert got.data_ptr() == target.data_ptr()
+    differ = (got != expected).nonzero()
+    assert differ.numel() == 0, f"{differ.shape[0]} differ, first at {differ[:5].tolist()}"
+
+
 @needs_sm90
 @pytest.mark.parametrize("m,batches", [(1, 1), (255, 1), (4097, 1), (600, 2), (4608, 3)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["exact", "fast", "fast256"])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_sm90_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
-    # kernel 2 with a kernels.GatedResidual writes residual + gate * y, numerics.gated_residual of its own output y
-    # bit for bit (the product rounded to the dtype, then the sum), the gate row of each token's batch; in place
-    # into the residual or into a fresh output; with a GELU on part of the channels as well
+    # both kernel 2s with a kernels.GatedResidual (_check_gated_residual), with a GELU on part of the channels as well
     generator = gen(5100 + m + batches)
     fast = path.startswith("fast")
     layer = w4a4_layer(392, 576, 32, dtype, generator, unsigned=False, pow2_weights=fast)
@@ -197,16 +212,7 @@ def test_sm90_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
         return sm90.w4a4_gemm(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up, layer.bias,
                               out, 136, gated)
 
-    y = kernel2(None, None)
-    expected = numerics.gated_residual(residual.reshape(batches, m // batches, 392), gate.unsqueeze(1),
-                                       y.reshape(batches, m // batches, 392)).reshape(m, 392)
-    target = residual.clone() if in_place else None
-    got = kernel2(target, kernels.GatedResidual(residual.clone() if not in_place else target, gate))
-    torch.cuda.synchronize()
-    if in_place:
-        assert got.data_ptr() == target.data_ptr()
-    differ = (got != expected).nonzero()
-    assert differ.numel() == 0, f"{differ.shape[0]} differ, first at {differ[:5].tolist()}"
+    _check_gated_residual(kernel2, residual, gate, in_place)
 
 
 @needs_sm90
@@ -384,9 +390,8 @@ def test_sm80_whole_k_gemm_epilogue_gelu(gelu_from, dtype):
 @pytest.mark.parametrize("path", ["int4", "int8", "whole-k", "whole-k stream-k"])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_sm80_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
-    # both kernel 2s with a kernels.GatedResidual write residual + gate * y, numerics.gated_residual of their own
-    # output y bit for bit, the gate row of each token's batch; in place into the residual or into a fresh output,
-    # with a GELU on part of the channels; stream-K: 3 slices (the tile's last CTA runs the epilogue)
+    # both kernel 2s with a kernels.GatedResidual (_check_gated_residual), with a GELU on part of the channels;
+    # stream-K: 3 slices (the tile's last CTA runs the epilogue)
     generator = gen(5200 + m + batches)
     whole_k = path.startswith("whole-k")
     layer = w4a4_layer(392, 576, 32, dtype, generator, unsigned=False, pow2_weights=whole_k)
@@ -407,16 +412,7 @@ def test_sm80_gemm_epilogue_gated_residual(m, batches, dtype, path, in_place):
         return sm80.w4a4_gemm(codes, ascales, group_shift, layer.qweight, layer.wscales, lora_act,
                               sm80.padded_lora_up(kernel), layer.bias, out, 136, path, gated)
 
-    y = kernel2(None, None)
-    expected = numerics.gated_residual(residual.reshape(batches, m // batches, 392), gate.unsqueeze(1),
-                                       y.reshape(batches, m // batches, 392)).reshape(m, 392)
-    target = residual.clone() if in_place else None
-    got = kernel2(target, kernels.GatedResidual(residual.clone() if not in_place else target, gate))
-    torch.cuda.synchronize()
-    if in_place:
-        assert got.data_ptr() == target.data_ptr()
-    differ = (got != expected).nonzero()
-    assert differ.numel() == 0, f"{differ.shape[0]} differ, first at {differ[:5].tolist()}"
+    _check_gated_residual(kernel2, residual, gate, in_place)
 
 
 # ---- sm80: the whole-K kernel 2's stream-K split (w4a4_gemm_pow2.cu's work split) ----------------
