@@ -140,10 +140,10 @@ def act_quant(x: torch.Tensor, smooth: torch.Tensor, inv_smooth: torch.Tensor, g
 
 
 def _epilogue_operands(codes: torch.Tensor, m: int, n: int, dtype: torch.dtype, lora_act: torch.Tensor | None,
-                       lora_up: torch.Tensor | None, bias: torch.Tensor | None,
-                       out: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-    """Both kernel 2s' checks of the low-rank operands, bias and out; returns (rank, out), out made
-    where None."""
+                       lora_up: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor | None,
+                       residual: kernels.GatedResidual | None) -> tuple[int, torch.Tensor, tuple]:
+    """Both kernel 2s' checks of the low-rank operands, bias, out and the gated residual; returns (rank, out, the
+    residual's kernel arguments: families.residual_arguments), out made where None."""
     if (lora_act is None) != (lora_up is None):
         raise Sm80InputError("lora_act and lora_up must be given together")
     rank = 0 if lora_act is None else lora_act.shape[1]
@@ -155,9 +155,10 @@ def _epilogue_operands(codes: torch.Tensor, m: int, n: int, dtype: torch.dtype, 
     if bias is not None:
         _check(bias, codes, "bias", dtype, (n,))
     if out is None:
-        return rank, torch.empty(m, n, dtype=dtype, device=codes.device)
-    _check(out, codes, "out", dtype, (m, n))
-    return rank, out
+        out = torch.empty(m, n, dtype=dtype, device=codes.device)
+    else:
+        _check(out, codes, "out", dtype, (m, n))
+    return rank, out, residual_arguments(residual, out, error=Sm80InputError)
 
 
 def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Tensor | None, qweight: torch.Tensor,
@@ -191,8 +192,7 @@ def w4a4_gemm(codes: torch.Tensor, ascales: torch.Tensor, group_shift: torch.Ten
         _check(group_shift, codes, "group_shift", torch.float32, (groups,))
     _check(qweight, codes, "qweight", torch.uint8, (n, half_k))
     _check(wscales, codes, "wscales", dtype, (groups, n))
-    rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
-    gated = residual_arguments(residual, out, error=Sm80InputError)
+    rank, out, gated = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out, residual)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_{mma}_{_NAMES[dtype]}", codes.device)
         grid = ((m + _GEMM_TILE - 1) // _GEMM_TILE, (n + _GEMM_TILE - 1) // _GEMM_TILE)
@@ -268,8 +268,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, qweight: torch.Tenso
     _check(wbase, codes, "wbase", torch.float32, (n,))
     if stream_k is not None and (isinstance(stream_k, bool) or not isinstance(stream_k, int) or stream_k < 1):
         raise Sm80InputError(f"stream_k must be None or a positive int, got {stream_k!r}")
-    rank, out = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out)
-    gated = residual_arguments(residual, out, error=Sm80InputError)
+    rank, out, gated = _epilogue_operands(codes, m, n, dtype, lora_act, lora_up, bias, out, residual)
     if m and n:
         fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_int8_{_NAMES[dtype]}", codes.device)
         tiles, dp_tiles, splits = whole_k_work_split(m, n, k, codes.device, stream_k)
