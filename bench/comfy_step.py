@@ -19,7 +19,8 @@ W4A16, cuBLAS GEMMs, attention, Triton, other) and its largest kernels (torch.pr
 after that variant's timings; a later variant's timings then follow a profiler session, so time the
 variants without --profile where the host's launch cost matters (compiled calls).
 --fused-norm-ab times ours eager with the pending LayerNorm off and on (SVDQUANT_FUSED_NORM 0 / 1,
-docs/DESIGN.md#producer-quantization), alternating, three rounds each.
+docs/DESIGN.md#producer-quantization), alternating, three rounds each, and counts the LayerNorms left pending in
+one call of each.
     CPU check: ... --depth 1 --single 1 --height 64 --width 64 --txt 16 --device cpu --no-compile --repeats 1
 
 On the GPU machine (`run`) ComfyUI and the wheels it needs that the device lacks travel in the
@@ -184,6 +185,22 @@ def kernel_time(fn) -> dict:
             "largest": [[name[:120], round(ms, 3), count] for name, (ms, count) in top]}
 
 
+def pending_norms_in(call, pending) -> int:
+    """How many LayerNorms stay pending (pending.pending_layer_norm) in one call."""
+    made, make = [], pending.pending_layer_norm
+
+    def counted(*args):
+        made.append(args)
+        return make(*args)
+
+    pending.pending_layer_norm = counted
+    try:
+        call()
+    finally:
+        pending.pending_layer_norm = make
+    return len(made)
+
+
 def timed(fn, sync, warmup: int, repeats: int) -> tuple[float, float, list[list[float]]]:
     """Over `repeats` calls after `warmup` calls, in milliseconds: the median of fn() until the device is done, the
     median of fn() until it returns (the host's time to issue the call: near the first, the GPU waited for the
@@ -309,6 +326,7 @@ def main() -> None:
                             os.environ[pending.FUSED_NORM_ENV] = flag
                             row.setdefault(f"eager_ms_fused_norm_{flag}", []).append(
                                 timed(call, sync, args.warmup, args.repeats)[0])
+                            row[f"pending_norms_per_call_{flag}"] = pending_norms_in(call, pending)
                     os.environ.pop(pending.FUSED_NORM_ENV)
                 if not args.no_compile:
                     torch._dynamo.utils.counters.clear()

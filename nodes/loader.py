@@ -146,6 +146,7 @@ def load_svdquant_flux(path: str, dtype: torch.dtype, device: str = "default",
     flux.fusion.fuse_mlp_gelu(base_model.diffusion_model)
     flux.fusion.fuse_single_block_concat(base_model.diffusion_model)
     flux.fusion.fuse_gated_residuals(base_model.diffusion_model)
+    flux.fusion.mark_norm_consumers(base_model.diffusion_model)
     patcher = quantized_model_patcher(base_model, load_device, offload_device)
     apply_loras_on_load(patcher)  # ComfyUI's LoRA patches reach the 4-bit layers (nodes/lora.py)
     return patcher

@@ -96,13 +96,17 @@ class SVDQuantOps(comfy.ops.manual_cast):
 
     class LayerNorm(comfy.ops.manual_cast.LayerNorm):
         """ComfyUI's LayerNorm, whose output stays pending (svdquant.pending, docs/DESIGN.md#producer-quantization)
-        where the 4-bit layer it feeds can compute it in its kernel: no affine parameters, so nothing for ComfyUI to
-        cast, and no weight or bias functions added by ComfyUI's patches; an input pending.stays_pending accepts."""
+        where the 4-bit layer it feeds (`prologue_consumer`, given by the loader: flux.fusion.mark_norm_consumers)
+        computes it in its kernel: no affine parameters, so nothing for ComfyUI to cast, and no weight or bias
+        functions added by ComfyUI's patches; an input pending.stays_pending accepts."""
+
+        prologue_consumer = None  # weakref.ref of the W4A4 layer fed, or None
 
         def forward(self, *args, **kwargs):
+            consumer = self.prologue_consumer() if self.prologue_consumer is not None else None
             if (len(args) == 1 and not kwargs and self.weight is None and self.bias is None
                     and not self.weight_function and not self.bias_function
-                    and pending.stays_pending(args[0], self.normalized_shape)):
+                    and pending.stays_pending(args[0], self.normalized_shape, consumer)):
                 if RUN_EVERY_OP is not None:
                     RUN_EVERY_OP()
                 return pending.pending_layer_norm(args[0], self.eps)

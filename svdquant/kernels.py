@@ -243,12 +243,6 @@ def w4a4_kernels_on(device: torch.device) -> str | None:
     return name if _family_on(W4A4_KERNELS[name][0], device)[0] is not None else None
 
 
-def norm_prologue_on(device: torch.device) -> bool:
-    """Whether W4A4 linears on this device run a kernel 1 that takes a ModulatedNorm as its prologue (the
-    family's KERNEL1_NORM), loading the kernels now."""
-    return _family_flag(device, "KERNEL1_NORM")
-
-
 def _family_flag(device: torch.device, flag: str) -> bool:
     """Whether the W4A4 family for this device has `flag` set (False where none runs)."""
     name = w4a4_kernels_on(device)
@@ -459,6 +453,11 @@ class W4A4Kernel:
             return None, {}, "the input shift varies inside a 64-channel group (the kernels take one shift per group)"
         module, reason = _family_on(family, x.device)
         return (module, variant, "") if module is not None else (None, {}, reason)
+
+    def takes_norm(self, x: torch.Tensor) -> bool:
+        """Whether a call on x (or on a LayerNorm's input like x) with a `norm` runs it in kernel 1's prologue:
+        the family that runs the call has one (its KERNEL1_NORM)."""
+        return _has(self._route(x)[0], "KERNEL1_NORM")
 
     def fallback_reason(self, x: torch.Tensor) -> str:
         """Why the kernels cannot run this call ('' when they can)."""

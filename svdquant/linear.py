@@ -299,6 +299,12 @@ class SVDQLinear(_QuantizedLinearBase):
             kernel = self._kernel = kernels.W4A4Kernel(*self._kernel_tensors(), **self._kernel_modes())
         return kernel
 
+    def takes_norm_prologue(self, x: torch.Tensor) -> bool:
+        """Whether this layer, called on a pending LayerNorm of x (pending.PendingNorm), computes that LayerNorm in
+        its kernel 1's prologue: its tensors are on x's device (not left in offload memory) and the kernels that
+        run the call have the prologue (not FP8 execution, not the reference path)."""
+        return self.qweight.device == x.device and self.w4a4_kernel().takes_norm(x)
+
     def _kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.qweight, self.wscales, self.smooth, self.lora_down, self.lora_up, self.bias, self.shift,
                 self.rotation)

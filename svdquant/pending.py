@@ -29,10 +29,9 @@ from torch.utils._pytree import tree_map_only
 
 from . import kernels, numerics
 
-# "1" turns the fusion on for the process (read at each LayerNorm call). Off by default: it makes the eager
-# FLUX.1-dev call ~2 ms faster on the H100 (bench/NOTES.md#fused-norm-default), but a layer that cannot take the
-# prologue (FP8 execution, weights offloaded by ComfyUI) then computes the LayerNorm in PyTorch ops by
-# numerics.modulated_layer_norm, several times slower than PyTorch's own LayerNorm
+# "0" turns the pending LayerNorm off for the process (read at each LayerNorm call). On by default: it makes the eager
+# FLUX.1-dev call ~2 ms faster on the H100 (bench/NOTES.md#fused-norm-default), and a LayerNorm stays pending only
+# where the layer it feeds computes it in its kernel 1 (`stays_pending`)
 FUSED_NORM_ENV = "SVDQUANT_FUSED_NORM"
 # ComfyUI's FLUX runs in 16 bits, the only dtypes kernel 1 takes
 PENDING_DTYPES = (torch.bfloat16, torch.float16)
@@ -42,8 +41,8 @@ _forced: list[bool] = []
 @contextlib.contextmanager
 def forced(on: bool):
     """Test hook: within the block `stays_pending`, `concat_operand` and `defers_output` make pending tensors (on)
-    or not (off) on every device (the CPU included) whatever SVDQUANT_FUSED_NORM and the kernels say; their
-    conditions on the tensor itself still apply."""
+    or not (off) on every device (the CPU included) whatever SVDQUANT_FUSED_NORM, the kernels and the LayerNorm's
+    consumer say; their conditions on the tensor itself still apply."""
     _forced.append(on)
     try:
         yield
@@ -69,18 +68,20 @@ def _kernels_take(device: torch.device, family_has) -> bool:
     return _forced[-1] if _forced else family_has(device)
 
 
-def stays_pending(x: torch.Tensor, normalized_shape) -> bool:
+def stays_pending(x: torch.Tensor, normalized_shape, consumer=None) -> bool:
     """Whether a LayerNorm without affine parameters of x over `normalized_shape` should return a
     PendingNorm: outside torch.compile (dynamo would have to trace the subclass; the compiled model
     fuses the LayerNorm itself), x a plain [B, L, K] tensor in bf16/fp16 normalized over K, not
-    requiring its gradient, on a CUDA device whose W4A4 kernels have the norm prologue (where they do not, the
-    layer would compute it first, slower than PyTorch's LayerNorm), and the fusion on (SVDQUANT_FUSED_NORM is
-    "1")."""
+    requiring its gradient; `consumer`, the W4A4 layer the LayerNorm feeds (flux.fusion.mark_norm_consumers),
+    runs its norm prologue on x (`consumer.takes_norm_prologue(x)`: where it does not, FP8 execution or weights
+    ComfyUI left in host memory, the layer would compute the LayerNorm first, in PyTorch ops slower than PyTorch's
+    own LayerNorm); and SVDQUANT_FUSED_NORM is not "0"."""
     if not (_may_stay_pending(x) and tuple(normalized_shape) == (x.shape[-1],)):
         return False
     if _forced:
         return _forced[-1]
-    return os.environ.get(FUSED_NORM_ENV) == "1" and kernels.norm_prologue_on(x.device)
+    return (os.environ.get(FUSED_NORM_ENV) != "0" and consumer is not None
+            and consumer.takes_norm_prologue(x))
 
 
 def pending_layer_norm(x: torch.Tensor, eps: float) -> PendingNorm:

@@ -184,7 +184,8 @@ def test_pending_inputs_reach_the_4bit_layers_they_feed(tmp_path):
     GELU columns, and each hands it to its kernel, once per call; every layer whose output ComfyUI adds into a
     gated residual stream hands its kernel that residual; the model computes what it computes with them off, up
     to the rounding of the LayerNorm and the modulation (numerics.modulated_layer_norm against PyTorch's LayerNorm
-    and addcmul). Under torch.compile nothing stays pending."""
+    and addcmul). Under torch.compile nothing stays pending. Not forced, a LayerNorm stays pending where the layer the
+    loader gave it as its consumer takes it."""
     path = tmp_path / "tiny-dev.safetensors"
     model = quantized_model(True)
     fmt.save_model(path, model)
@@ -205,6 +206,16 @@ def test_pending_inputs_reach_the_4bit_layers_they_feed(tmp_path):
     assert facts["off"] == {"received": [], "handed": []}
     assert facts["compiled_on"]["received"] == []
     assert rel_error(outputs["on"], outputs["off"]) < PENDING_TOLERANCE
+    # the loader gives each LayerNorm the layer it feeds; by default it stays pending where that layer takes it
+    norm_of = {"img_attn.qkv": "img_norm1", "img_mlp.0": "img_norm2", "txt_attn.qkv": "txt_norm1",
+               "txt_mlp.0": "txt_norm2", "linear1": "pre_norm"}
+    blocks = [name.split(".", 2) for name in normed]  # double_blocks.3.img_mlp.0 -> double_blocks.3.img_norm2
+    assert facts["consumers"] == {f"{kind}.{index}.{norm_of[rest]}": f"{kind}.{index}.{rest}"
+                                  for kind, index, rest in blocks}
+    taking = [[name, "norm"] for name in normed if not name.startswith("double_blocks.0.")]
+    assert sorted(facts["by_consumer"]["received"]) == sorted(taking)
+    assert facts["by_consumer"]["handed"] == ["norm"] * len(taking)
+    assert rel_error(outputs["by_consumer"], outputs["off"]) < PENDING_TOLERANCE
     assert torch.equal(outputs["compiled_on"], outputs["off"])
 
 

@@ -213,30 +213,65 @@ def test_under_inference_mode():
                                                            add, [(0, L, 0)])))
 
 
+class Consumer:
+    """A W4A4 layer's answer to whether it computes a LayerNorm of x in its kernel (takes_norm_prologue)."""
+
+    def __init__(self, takes: bool):
+        self.takes, self.asked = takes, []
+
+    def takes_norm_prologue(self, x):
+        self.asked.append(x)
+        return self.takes
+
+
 def test_when_a_layer_norm_stays_pending(monkeypatch):
     x = source()
     monkeypatch.delenv(pending.FUSED_NORM_ENV, raising=False)
-    assert not pending.stays_pending(x, (K,))  # a CPU tensor: no kernel prologue to take it
-    with pending.forced(True):
-        assert pending.stays_pending(x, (K,)) and pending.stays_pending(x.half(), [K])
-        assert not pending.stays_pending(x.float(), (K,))
-        assert not pending.stays_pending(x[0], (K,)) and not pending.stays_pending(x, (L, K))
-        assert not pending.stays_pending(x.clone().requires_grad_(), (K,))
-        with torch.no_grad():
-            assert pending.stays_pending(x.clone().requires_grad_(), (K,))
-        with pending.forced(False):
-            assert not pending.stays_pending(x, (K,))
-        monkeypatch.setenv(pending.FUSED_NORM_ENV, "0")
-        assert pending.stays_pending(x, (K,))  # the test hook ranks above the switch
-    # the CPU standing in for a GPU whose kernels have the prologue: off unless SVDQUANT_FUSED_NORM is "1"
-    monkeypatch.setattr(kernels, "norm_prologue_on", lambda device: device.type == "cpu")
-    assert not pending.stays_pending(x, (K,))
-    monkeypatch.delenv(pending.FUSED_NORM_ENV)
-    assert not pending.stays_pending(x, (K,))
+    taking, refusing = Consumer(True), Consumer(False)
+    # on by default, where the layer it feeds computes it in its kernel
+    assert pending.stays_pending(x, (K,), taking) and taking.asked == [x]
+    assert not pending.stays_pending(x, (K,), refusing)  # FP8 execution, offloaded weights, no kernels
+    assert not pending.stays_pending(x, (K,))  # a LayerNorm the loader gave no consumer
+    monkeypatch.setenv(pending.FUSED_NORM_ENV, "0")
+    assert not pending.stays_pending(x, (K,), taking)
     monkeypatch.setenv(pending.FUSED_NORM_ENV, "1")
-    assert pending.stays_pending(x, (K,))
+    assert pending.stays_pending(x, (K,), taking) and not pending.stays_pending(x, (K,), refusing)
+    # what the tensor itself must be, whatever the consumer says
+    assert pending.stays_pending(x.half(), [K], taking)
+    assert not pending.stays_pending(x.float(), (K,), taking)
+    assert not pending.stays_pending(x[0], (K,), taking) and not pending.stays_pending(x, (L, K), taking)
+    assert not pending.stays_pending(x.clone().requires_grad_(), (K,), taking)
+    with torch.no_grad():
+        assert pending.stays_pending(x.clone().requires_grad_(), (K,), taking)
+    with pending.forced(True):  # the test hook ranks above the switch and the consumer
+        monkeypatch.setenv(pending.FUSED_NORM_ENV, "0")
+        assert pending.stays_pending(x, (K,)) and pending.stays_pending(x, (K,), refusing)
+        assert not pending.stays_pending(x.float(), (K,))
+        with pending.forced(False):
+            assert not pending.stays_pending(x, (K,), taking)
+    monkeypatch.delenv(pending.FUSED_NORM_ENV)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not pending.stays_pending(x, (K,))
+    assert not pending.stays_pending(x, (K,), taking)
+
+
+def test_a_w4a4_layer_takes_the_prologue_where_its_kernels_have_one_and_its_weights_are(monkeypatch):
+    layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(21, "cpu"), unsigned=False)
+    x = source()
+    assert not layer.takes_norm_prologue(x)  # the CPU: the reference path
+    # the CPU standing in for a GPU whose kernels have the prologue, then for one whose kernels (FP8 execution's) do not
+    with_prologue, without = type("Family", (), {"KERNEL1_NORM": True}), type("Family", (), {})
+    family, asked = [with_prologue], []
+
+    def route(kernel, x):
+        asked.append(x)
+        return family[0], {}, ""
+
+    monkeypatch.setattr(kernels.W4A4Kernel, "_route", route)
+    assert layer.takes_norm_prologue(x) and asked == [x]
+    family[0] = without
+    assert not layer.takes_norm_prologue(x)
+    family[0] = with_prologue
+    assert not layer.takes_norm_prologue(x.to("meta"))  # the input where the weights are not (offload memory)
 
 
 def test_pending_layer_norm_takes_three_dimensions():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import linear, pending
@@ -74,5 +76,27 @@ def fuse_gated_residuals(module: torch.nn.Module) -> int:
         for layer in outputs:
             if isinstance(layer, linear.SVDQLinear) and not layer.feeds_gated_residual:
                 layer.feeds_gated_residual = True
+                marked += 1
+    return marked
+
+
+# (LayerNorm, the W4A4 layer it feeds through FLUX's modulation) attribute paths in ComfyUI's double and single blocks
+_NORM_CONSUMERS = (("img_norm1", "img_attn.qkv"), ("img_norm2", "img_mlp.0"), ("txt_norm1", "txt_attn.qkv"),
+                   ("txt_norm2", "txt_mlp.0"), ("pre_norm", "linear1"))
+
+
+def mark_norm_consumers(module: torch.nn.Module) -> int:
+    """Gives each LayerNorm module of ComfyUI's FLUX model that feeds a W4A4 layer (the double blocks' norm1 -> qkv
+    and norm2 -> the MLP's first layer, the single blocks' pre_norm -> linear1) that layer as `prologue_consumer`
+    (a weak reference: the layer belongs to its block), so that the LayerNorm stays pending only where the layer
+    computes it in its kernel 1 (pending.stays_pending). Returns how many LayerNorms took one."""
+    marked = 0
+    for block in module.modules():
+        for norm_name, layer_path in _NORM_CONSUMERS:
+            norm, layer = getattr(block, norm_name, None), block
+            for name in layer_path.split("."):
+                layer = getattr(layer, name, None)
+            if isinstance(norm, torch.nn.LayerNorm) and isinstance(layer, linear.SVDQLinear):
+                norm.prologue_consumer = weakref.ref(layer)
                 marked += 1
     return marked

@@ -26,8 +26,9 @@ the ComfyUI checkout as working directory). Commands:
   pending_inputs PACK MODEL INPUTS OUT
                                  MODEL run with the pack's pending tensors (LayerNorm, concatenation)
                                  forced on (the CPU standing in for a GPU), eagerly and through
-                                 torch.compile, and with them off: the outputs, and which layers received
-                                 a pending tensor and handed it to their kernel
+                                 torch.compile, with them off, and with the LayerNorms' consumers deciding:
+                                 the outputs, which layers received a pending tensor and handed it to their
+                                 kernel, and each LayerNorm's consumer
   t5 PACK OUT                    ComfyUI's T5 encoder at a small width with the pack's 4-bit text
                                  encoder operations, from bf16 and from scaled fp8 weights, beside
                                  the dense model and the dense model with the dequantized weights
@@ -405,12 +406,22 @@ def pending_inputs(pack: str, model_file: str, inputs_file: str, out: str) -> No
             outputs["on"] = forward(diffusion_model, inputs)
         facts["on"] = {"received": received[:], "handed": handed[:]}
         received.clear()
+        handed.clear()
+        # not forced: a LayerNorm stays pending where the layer the loader marked as its consumer takes the prologue
+        # (the CPU standing in for a GPU where every 4-bit layer does but the first double block's, offloaded)
+        with mock.patch.object(linear.SVDQLinear, "takes_norm_prologue",
+                               lambda layer, x: not names[id(layer)].startswith("double_blocks.0.")):
+            outputs["by_consumer"] = forward(diffusion_model, inputs)
+        facts["by_consumer"] = {"received": received[:], "handed": handed[:]}
+        received.clear()
         torch._dynamo.reset()
         with pending.forced(True), torch.no_grad():
             compiled = torch.compile(diffusion_model, backend="eager")
             outputs["compiled_on"] = compiled(inputs["x"], inputs["timestep"], inputs["context"], y=inputs["y"],
                                               guidance=inputs.get("guidance"))
         facts["compiled_on"] = {"received": received[:]}
+    facts["consumers"] = {name: names[id(norm.prologue_consumer())] for name, norm in diffusion_model.named_modules()
+                          if getattr(norm, "prologue_consumer", None) is not None}
     save_file({k: v.contiguous() for k, v in outputs.items()}, out, metadata={"facts": json.dumps(facts)})
 
 
