@@ -2,9 +2,10 @@
 written (docs/DESIGN.md#producer-quantization):
 
 - a LayerNorm output and FLUX's modulation of it: `pending_layer_norm(x, eps)` returns a PendingNorm, a tensor
-  without storage of its own that stands for `numerics.modulated_layer_norm(x, None, None, eps)`;
-  `torch.addcmul(add, pending, mult)` on it (FLUX's `apply_mod`) returns a new PendingNorm that also carries the
-  modulation;
+  without storage of its own that stands for the LayerNorm of x; `torch.addcmul(add, pending, mult)` on it (FLUX's
+  `apply_mod`) returns a new PendingNorm that also carries the modulation. A W4A4 layer's kernel computes it as
+  `numerics.modulated_layer_norm` defines; any other use as PyTorch's own LayerNorm and addcmul (what ComfyUI
+  computes without the pack; the two differ only in rounding);
 - a concatenation along the last dimension: `concat_operand(t)` returns a PendingConcat standing for t itself,
   and `torch.cat((a, pending), -1)` on it one standing for the concatenation (FLUX's single blocks concatenate the
   attention output with linear1's GELU columns to feed linear2);
@@ -25,6 +26,7 @@ import contextlib
 import os
 
 import torch
+import torch.nn.functional as F
 from torch.utils._pytree import tree_map_only
 
 from . import kernels, numerics
@@ -163,8 +165,10 @@ class Pending(torch.Tensor):
 
 
 class PendingNorm(Pending):
-    """`numerics.modulated_layer_norm(source, norm.mult, norm.add, norm.eps)` ([B, L, K], source's dtype
-    and device), not computed until something other than a W4A4 layer or FLUX's modulation uses it."""
+    """The LayerNorm of source ([B, L, K], without affine parameters, eps norm.eps), times norm.mult plus norm.add
+    where those are given, in source's dtype and device: handed to a W4A4 layer's kernel as source and norm
+    (`numerics.modulated_layer_norm` there), else computed at the first other use as PyTorch's `layer_norm` and
+    `addcmul`, as ComfyUI's FLUX computes it without the pack."""
 
     @staticmethod
     def __new__(cls, source: torch.Tensor, norm: kernels.ModulatedNorm):
@@ -179,8 +183,11 @@ class PendingNorm(Pending):
         return source.reshape(-1, source.shape[-1]), self._norm, source.shape[:-1]
 
     def _compute(self) -> torch.Tensor:
-        norm = self._norm
-        value = numerics.modulated_layer_norm(self._source, norm.mult, norm.add, norm.eps)
+        source, norm = self._source, self._norm
+        value = F.layer_norm(source, source.shape[-1:], eps=norm.eps)
+        if norm.mult is not None:
+            rows = source.shape[0], 1, source.shape[-1]
+            value = torch.addcmul(norm.add.view(rows), value, norm.mult.view(rows))
         self._source = self._norm = None
         return value
 

@@ -29,9 +29,15 @@ def modulation(seed: int = 1, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch
     return 1 + scale, shift
 
 
+def torchs(x, mult=None, add=None):
+    """What ComfyUI's FLUX computes without the pack: PyTorch's LayerNorm, then addcmul where modulated."""
+    ln = F.layer_norm(x, x.shape[-1:], eps=EPS)
+    return ln if mult is None else torch.addcmul(add, ln, mult)
+
+
 @pytest.fixture
-def computations(monkeypatch):
-    """How many times numerics.modulated_layer_norm ran."""
+def definitions(monkeypatch):
+    """How many times numerics.modulated_layer_norm ran (the kernels' definition)."""
     calls = []
     definition = numerics.modulated_layer_norm
 
@@ -40,6 +46,20 @@ def computations(monkeypatch):
         return definition(*args, **kwargs)
 
     monkeypatch.setattr(numerics, "modulated_layer_norm", counted)
+    return calls
+
+
+@pytest.fixture
+def computations(monkeypatch):
+    """How many times a pending LayerNorm was computed for a use other than a W4A4 layer's kernel."""
+    calls = []
+    compute = pending.PendingNorm._compute
+
+    def counted(self):
+        calls.append(self.shape)
+        return compute(self)
+
+    monkeypatch.setattr(pending.PendingNorm, "_compute", counted)
     return calls
 
 
@@ -60,21 +80,21 @@ def kernel_norms(monkeypatch):
 @pytest.mark.parametrize("rank", [0, 32, 64])
 @pytest.mark.parametrize("scales", ["exact", "pow2"])
 @pytest.mark.parametrize("shift", [False, True])
-def test_w4a4_layer_on_a_pending_norm_computes_the_layer_on_the_definition(rank, scales, shift, computations,
-                                                                          kernel_norms):
+def test_w4a4_layer_on_a_pending_norm_computes_the_layer_on_the_definition(rank, scales, shift, definitions,
+                                                                          computations, kernel_norms):
     layer = w4a4_layer(N, K, rank, torch.bfloat16, gen(rank, "cpu"), unsigned=shift, pow2_weights=scales == "pow2")
     layer.pow2_activations = scales == "pow2"
     x = source()
     mult, add = modulation()
     expected = layer(numerics.modulated_layer_norm(x, mult, add, EPS))
-    computations.clear()
+    definitions.clear()
     kernel_norms.clear()
 
     y = layer(torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult))
 
     assert type(y) is torch.Tensor and torch.equal(y, expected)
     assert len(kernel_norms) == 1 and kernel_norms[0].mult.shape == (B, K)  # the layer took the norm itself
-    assert len(computations) == 1  # once, by the kernel's fallback on the CPU
+    assert len(definitions) == 1 and computations == []  # once, by the kernel's fallback on the CPU
 
 
 def test_the_layer_norm_alone_and_modulations_of_every_batch_shape(kernel_norms):
@@ -91,15 +111,15 @@ def test_the_layer_norm_alone_and_modulations_of_every_batch_shape(kernel_norms)
     assert sum(norm is not None for norm in kernel_norms) == 7  # the pending ones reached the kernel as such
 
 
-def test_the_definition_matches_pytorchs_layer_norm_and_addcmul_within_bf16_rounding():
+def test_the_kernels_definition_matches_pytorchs_layer_norm_and_addcmul_within_bf16_rounding():
     x = source(6)
     mult, add = modulation(7)
-    fused = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult).value()
-    torchs = torch.addcmul(add, F.layer_norm(x, (K,), eps=EPS), mult)
+    fused = numerics.modulated_layer_norm(x, mult, add, EPS)
+    stock = torchs(x, mult, add)
     # each side rounds its LayerNorm and its result to bf16 once: one bf16 step (2^-8 relative) of each apart
     ln = F.layer_norm(x.float(), (K,), eps=EPS)
-    bound = 2 ** -8 * ((ln * mult.float()).abs() + torchs.float().abs())
-    assert ((fused.float() - torchs.float()).abs() <= bound).all()
+    bound = 2 ** -8 * ((ln * mult.float()).abs() + stock.float().abs())
+    assert ((fused.float() - stock.float()).abs() <= bound).all()
 
 
 def test_metadata_queries_do_not_compute(computations):
@@ -112,17 +132,16 @@ def test_metadata_queries_do_not_compute(computations):
     assert computations == [] and p.kernel_input() is not None
 
 
-def test_any_other_use_computes_it_once_and_sees_the_same_tensor(computations):
+def test_any_other_use_computes_it_once_as_pytorch_does_and_sees_the_same_tensor(computations, definitions):
     x = source(8)
     mult, add = modulation(9)
-    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
-    computations.clear()
+    expected = torchs(x, mult, add)
     p = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
     assert torch.equal(p + 1, expected + 1)
     assert torch.equal(F.gelu(p, approximate="tanh"), F.gelu(expected, approximate="tanh"))
     assert torch.equal(p.sum(-1), expected.sum(-1)) and torch.equal(p.float(), expected.float())
     assert torch.equal(p.reshape(-1, K), expected.reshape(-1, K))
-    assert len(computations) == 1 and p.kernel_input() is None
+    assert len(computations) == 1 and p.kernel_input() is None and definitions == []  # not the kernels' definition
     # a computed one is used as itself, by a layer too, and modulating it again is a plain addcmul
     assert torch.equal(torch.addcmul(add, p, mult), torch.addcmul(add, expected, mult))
     layer = w4a4_layer(N, K, 16, torch.bfloat16, gen(8, "cpu"), unsigned=False)
@@ -137,25 +156,24 @@ def modulate_token_ranges(t, mult, add, ranges):
     return t
 
 
-def test_in_place_edits_of_slices_persist_for_later_users(computations):
+def test_in_place_edits_of_slices_persist_for_later_users(computations, definitions):
     x = source(10)
     g = torch.Generator().manual_seed(11)
     mult, add = (1 + 0.3 * torch.randn(B, 2, K, generator=g)).bfloat16(), (0.3 * torch.randn(B, 2, K, generator=g)).bfloat16()
     ranges = [(0, 4, 0), (4, L, 1)]
     layer = w4a4_layer(N, K, 32, torch.bfloat16, gen(10, "cpu"), unsigned=True)
-    expected = modulate_token_ranges(numerics.modulated_layer_norm(x, None, None, EPS), mult, add, ranges)
-    computations.clear()
+    expected = modulate_token_ranges(torchs(x), mult, add, ranges)
     p = pending.pending_layer_norm(x, EPS)
     edited = modulate_token_ranges(p, mult, add, ranges)
     assert edited is p and p.kernel_input() is None
     assert torch.equal(layer(edited), layer(expected)) and torch.equal(p.value(), expected)
-    assert len(computations) == 1
+    assert len(computations) == 1 and definitions == []
 
 
 def test_modulations_that_are_not_per_batch_rows_compute_it_as_pytorch_does(kernel_norms):
     x = source(12)
     mult, add = modulation(13)
-    ln = numerics.modulated_layer_norm(x, None, None, EPS)
+    ln = torchs(x)
     cases = [((add, mult), {"value": 2}),  # the product scaled
              ((add.expand(B, L, K).clone(), mult), {}),  # a shift per token
              ((add, mult.float()), {})]  # another dtype (PyTorch promotes)
@@ -169,14 +187,13 @@ def test_modulations_that_are_not_per_batch_rows_compute_it_as_pytorch_does(kern
     once = torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
     twice = torch.addcmul(add, once, mult)
     assert type(twice) is torch.Tensor
-    assert torch.equal(twice, torch.addcmul(add, numerics.modulated_layer_norm(x, mult, add, EPS), mult))
+    assert torch.equal(twice, torch.addcmul(add, torchs(x, mult, add), mult))
     assert kernel_norms == []
 
 
 def test_modules_that_are_not_w4a4_layers_take_it_as_its_value():
     x = source(14)
     mult, add = modulation(15)
-    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
 
     def fresh():
         return torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult)
@@ -187,8 +204,10 @@ def test_modules_that_are_not_w4a4_layers_take_it_as_its_value():
                               w4a4_layer(K, 4 * K, 32, torch.bfloat16, gen(15, "cpu"), unsigned=True))
     w4a16 = w4a16_layer(N, K, torch.bfloat16, gen(16, "cpu"))
     with torch.no_grad():
-        for module in (dense, mlp, w4a16):
-            assert torch.equal(module(fresh()), module(expected))
+        for module in (dense, w4a16):
+            assert torch.equal(module(fresh()), module(torchs(x, mult, add)))
+        # a module that starts with a W4A4 layer hands it to that layer's kernel
+        assert torch.equal(mlp(fresh()), mlp(numerics.modulated_layer_norm(x, mult, add, EPS)))
 
 
 def test_code_bypassing_torch_function_runs_on_the_value():
@@ -196,7 +215,7 @@ def test_code_bypassing_torch_function_runs_on_the_value():
     p = pending.pending_layer_norm(x, EPS)
     with torch._C.DisableTorchFunctionSubclass():
         y = torch.mul(p, 3)
-    assert type(y) is torch.Tensor and torch.equal(y, numerics.modulated_layer_norm(x, None, None, EPS) * 3)
+    assert type(y) is torch.Tensor and torch.equal(y, torchs(x) * 3)
 
 
 def test_under_inference_mode():
@@ -207,10 +226,8 @@ def test_under_inference_mode():
         y = layer(torch.addcmul(add, pending.pending_layer_norm(x, EPS), mult))
         p = modulate_token_ranges(pending.pending_layer_norm(x, EPS), mult, add, [(0, L, 0)])
         edited = layer(p)
-    expected = numerics.modulated_layer_norm(x, mult, add, EPS)
-    assert torch.equal(y, layer(expected))
-    assert torch.equal(edited, layer(modulate_token_ranges(numerics.modulated_layer_norm(x, None, None, EPS), mult,
-                                                           add, [(0, L, 0)])))
+    assert torch.equal(y, layer(numerics.modulated_layer_norm(x, mult, add, EPS)))
+    assert torch.equal(edited, layer(modulate_token_ranges(torchs(x), mult, add, [(0, L, 0)])))
 
 
 class Consumer:
