@@ -303,6 +303,8 @@ class SVDQLinear(_QuantizedLinearBase):
         """Whether this layer, called on a pending LayerNorm of x (pending.PendingNorm), computes that LayerNorm in
         its kernel 1's prologue: its tensors are on x's device (not left in offload memory) and the kernels that
         run the call have the prologue (not FP8 execution, not the reference path)."""
+        # the device test first, as quantized_forward decides: an offloaded layer runs on copies as stored, so its own
+        # routing (which would warn that FP8 execution does not run with weights elsewhere) is not the call's
         return self.qweight.device == x.device and self.w4a4_kernel().takes_norm(x)
 
     def _kernel_tensors(self) -> tuple[torch.Tensor | None, ...]:
