@@ -1,6 +1,6 @@
 """W4A4 GEMM benchmark on the GPU: cuBLAS bf16, FP8 scaled_mm, and our sm_90a kernels, side by side.
 
-    python bench/gemm.py [--json PATH] [--tokens M ...] [--shapes-only]
+    python bench/gemm.py [--json PATH] [--tokens M ...] [--shapes-only | --bands]
 
 Rows: the FLUX.1 linear shapes of shared/REFERENCE.md at M = 4608 (1024x1024 image + 512 text
 tokens), and M = 256 and 1024 for small images; the K = 12288 and 15360 layers have FLUX's shifted
@@ -296,6 +296,36 @@ def fast_path_error(m: int, n: int, k: int) -> dict:
     return row
 
 
+BANDS = [1, 2, 3, 4, 6, 9, 1000]  # token rows per band of the fast kernel 2's schedule (1000: one band)
+
+
+def bench_bands(m: int, n: int, k: int, l2_bytes: int) -> dict:
+    """The fast kernel 2 alone with its whole tiles in bands of token rows (BANDS; token tile and half
+    tiles as chosen), next to cuBLAS bf16 and FP8 with fast accumulation."""
+    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
+    sets = row["input_sets"]
+    a8 = [t.to(torch.float8_e4m3fn) for t in a]
+    b8 = [t.to(torch.float8_e4m3fn) for t in b]
+    one = torch.ones(1, device="cuda")
+    row["fp8_fast_ms"] = time_calls([lambda i=i: torch._scaled_mm(a8[i], b8[i].t(), scale_a=one, scale_b=one,
+                                                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+                                     for i in range(sets)])
+    del a8, b8, b
+    layers = [random_layer(n, k, RANK, gen, True) for _ in range(sets)]
+    ops = [lay.w4a4_kernel() for lay in layers]
+    stage1 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True, True) for i in range(sets)]
+    weights = [sm90.pow2_weight_operands(op) for op in ops]
+    for bands in BANDS:
+        row[f"k2f_b{bands}_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
+            *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias, bands=bands)
+            for i in range(sets)])
+    row["k2f_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
+        *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias) for i in range(sets)])
+    del a, layers, ops, stage1, weights
+    torch.cuda.empty_cache()
+    return row
+
+
 def host_time(m: int, n: int, k: int, calls: int = 200) -> dict:
     """Host time to issue one layer call (fast and exact path: kernel 1 + kernel 2 launches, checks,
     tensor maps) with the GPU idle ahead of it, against the call's GPU time (CUDA-graph replay)."""
@@ -320,11 +350,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     parser.add_argument("--shapes-only", action="store_true",
                         help="only the FLUX shape rows (no LoRA, GELU, accuracy and host rows)")
+    parser.add_argument("--bands", action="store_true",
+                        help="only the fast kernel 2 with its tiles in bands of token rows (BANDS), per FLUX shape")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("bench/gemm.py needs an sm_90 GPU")
     l2_bytes = l2_size()
     rows = []
+    method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
+    if args.bands:
+        print(f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'fp8f us':>8} | k2f us, bands of "
+              + " ".join(f"{b:>7}" for b in BANDS) + f" | {'chosen':>7}", flush=True)
+        for m in args.tokens:
+            for n, k in FLUX_SHAPES:
+                r = bench_bands(m, n, k, l2_bytes)
+                rows.append(r)
+                print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['fp8_fast_ms'] * 1e3:>8.1f} | "
+                      + " " * 16 + " ".join(f"{r[f'k2f_b{b}_ms'] * 1e3:>7.1f}" for b in BANDS)
+                      + f" | {r['k2f_ms'] * 1e3:>7.1f}", flush=True)
+        write_result(args.json, rank=RANK, method=method, bands=BANDS, rows=rows)
+        return
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "
               f"{'t128':>6} {'t256':>6} "
@@ -348,7 +393,6 @@ def main() -> None:
                            for key, w in (("k1_rot", 6), ("k1k2_rot", 7), ("k1p_rot", 7), ("k1k2f_rot", 7),
                                           ("k1_general", 6), ("k1p_general", 7), ("k1_general2", 7),
                                           ("k1p_general2", 8))), flush=True)
-    method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
     if args.shapes_only:
         write_result(args.json, rank=RANK, method=method, rows=rows)
         return

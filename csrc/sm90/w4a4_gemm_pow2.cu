@@ -70,17 +70,23 @@ __device__ __forceinline__ void wgmma_s8_rs(int (&d)[kN / 2], const uint32_t (&a
     wgmma_m64n256k32_s8_rs(d, a, desc_b, scale_d);
 }
 
-// The schedule's tile `tile`: the first big_tiles are kTileT-token tiles (token row tile / tiles_n,
-// channel tile tile % tiles_n); the rest are half tiles of kTileT / 2 tokens over the token rows
-// after them, in the same order. Half tiles even out the last round of a persistent schedule whose
-// tile count is just over a multiple of the CTA count (sm90.py: half_rows).
+// The schedule's tile `tile`: the first big_tiles are kTileT-token tiles over the first big_tiles / tiles_n
+// token rows, taken in bands of band_rows rows: within a band the channel tile changes slowest, so that
+// the CTAs of one round share both the band's activation rows and their weight tiles in L2 (band_rows 1:
+// each weight tile is read again for every token row). The rest are half tiles of kTileT / 2 tokens over
+// the token rows after them, channel tile fastest. Half tiles even out the last round of a persistent
+// schedule whose tile count is just over a multiple of the CTA count (sm90.py: half_rows).
 struct TileCoords {
   int ch0, tok0;
   bool half;
 };
 template <int kTileT>
-__device__ __forceinline__ TileCoords tile_coords(int tile, int tiles_n, int big_tiles) {
-  if (tile < big_tiles) return {tile % tiles_n * kTileN, tile / tiles_n * kTileT, false};
+__device__ __forceinline__ TileCoords tile_coords(int tile, int tiles_n, int big_tiles, int band_rows) {
+  if (tile < big_tiles) {
+    const int band = tile / (band_rows * tiles_n), row0 = band * band_rows;
+    const int rows = min(band_rows, big_tiles / tiles_n - row0), t = tile - row0 * tiles_n;
+    return {t / rows * kTileN, (row0 + t % rows) * kTileT, false};
+  }
   const int t = tile - big_tiles;
   return {t % tiles_n * kTileN, big_tiles / tiles_n * kTileT + t / tiles_n * (kTileT / 2), true};
 }
@@ -92,7 +98,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
                                                const float* __restrict__ atok, const float* __restrict__ wbase,
                                                const T* __restrict__ bias, T* y, int M, int m_al, int N, int K,
                                                int rank, int gelu_from, const T* residual, const T* gate,
-                                               int gate_rows, int tiles_n, int big_tiles, int tiles) {
+                                               int gate_rows, int tiles_n, int big_tiles, int tiles, int band_rows) {
   using L = Layout<kTileT>;
   constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kOffAct = L::kOffAct, kOffW = L::kOffW;
   constexpr int kOffExp = L::kOffExp;
@@ -120,7 +126,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
       int s = 0;
       uint32_t ph = 0;
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles);
+        const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles, band_rows);
         const int unloaded = tc.half ? kTileT / 2 : 0;  // token rows of the stage a half tile leaves out
         for (int it = 0; it < iters; ++it) {
           mbar_wait(&empty[s], ph ^ 1);
@@ -241,7 +247,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
   };
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x, base += iters) {
-    const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles);
+    const TileCoords tc = tile_coords<kTileT>(tile, tiles_n, big_tiles, band_rows);
     if constexpr (kTileT == 256) {
       if (tc.half) {
         run_tile(IntConstant<kTileT / 2>{}, tc.ch0, tc.tok0);
@@ -268,8 +274,8 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
 //   atok [m_al], wbase [N] fp32;  bias [N] or null;  y  out [M, N] row-major
 //   M, m_al, N, K, rank, gelu_from (< 0: no GELU), residual [M, N] or null, gate [B, N], gate_rows
 //   (y = residual + gate * y, gemm_tile.cuh store_tile; y may be residual), and the schedule (sm90.py
-//   make_schedule): tiles_n
-//   channel tiles, the first big_tiles of the tiles whole kTileT-token tiles, the rest half tiles
+//   make_schedule): tiles_n channel tiles, the first big_tiles of the tiles whole kTileT-token tiles in
+//   bands of band_rows token rows (>= 1; sm90.py band_rows), the rest half tiles
 #define SVDQ_W4A4_GEMM_POW2(NAME, T, TILE_T)                                                                           \
   extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_act, const __grid_constant__ svdq::TensorMap tm_w,               \
@@ -278,11 +284,11 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
            const __grid_constant__ svdq::TensorMap tm_lact_half, const float* __restrict__ atok,                       \
            const float* __restrict__ wbase, const svdq::T* __restrict__ bias, svdq::T* y, int M, int m_al,         \
            int N, int K, int rank, int gelu_from, const svdq::T* residual, const svdq::T* gate, int gate_rows,         \
-           int tiles_n, int big_tiles, int tiles) {                                                                    \
+           int tiles_n, int big_tiles, int tiles, int band_rows) {                                                     \
     svdq::sm90::w4a4_gemm_pow2<svdq::T, TILE_T>(tm_act, tm_w, tm_exp, tm_lact, tm_lup, tm_act_half,                    \
                                                       tm_lact_half, atok, wbase, bias, y, M, m_al, N, K, rank,         \
                                                       gelu_from, residual, gate, gate_rows, tiles_n, big_tiles,        \
-                                                      tiles);                                                          \
+                                                      tiles, band_rows);                                               \
   }
 
 SVDQ_W4A4_GEMM_POW2(w4a4_gemm_pow2_t128_bf16, bfloat16, 128)
