@@ -343,10 +343,13 @@ def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -
     return best if best_time <= longest(whole) * (1 - MIN_HALF_TILE_GAIN) else whole
 
 
-def band_rows(rows: int, tiles_n: int, sms: int) -> int:
-    """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords): 1, each
-    weight tile read again for every token row, until measured otherwise."""
-    return 1
+def band_rows(tiles_n: int, sms: int) -> int:
+    """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords). Where a
+    round of CTAs spans fewer channel tiles than half the SMs, the weights stay in L2 anyway and more
+    rows per round only re-read activations: 1. Else 6, about the rows that minimize what one round
+    reads (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter their size):
+    4-10% faster at N = 12288 / 21504 on the H100, 1-3% at 9216 (bench/NOTES.md#k2-bands)."""
+    return 1 if 2 * tiles_n < sms else 6
 
 
 def token_tile(m: int, n: int, sms: int) -> int:
@@ -404,7 +407,7 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError(f"w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor ({exc})") from exc
     tiles_n = (n + _TILE_N - 1) // _TILE_N
     big_tiles, tiles, ctas = make_schedule(m, tiles_n, tile_t, max(-1, min(half_rows, 1 << 20)), sms)
-    bands = min(bands or band_rows(big_tiles // tiles_n, tiles_n, sms), max(1, big_tiles // tiles_n))
+    bands = min(bands or band_rows(tiles_n, sms), max(1, big_tiles // tiles_n))
     fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_t{tile_t}_{_DTYPE_NAMES[dtype]}", codes.device)
     fn.launch(ctas, _GEMM_THREADS, (*maps, atok, wbase, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n),
                                     *gated, tiles_n, big_tiles, tiles, bands), smem=_pow2_gemm_smem_bytes(tile_t))
