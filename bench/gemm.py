@@ -31,6 +31,9 @@ GELU row set times the fast kernel 2 of the layers that feed a GELU with it fuse
 and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative error against float64;
 a host row gives the time Python takes to issue one layer call (svdquant/families/sm90.py through
 svdquant.cuda) at M = 256, against the GPU time of the call (--shapes-only: the FLUX shape rows alone).
+--bands instead times the fast kernel 2 alone per FLUX shape with its whole tiles in bands of 1, 2, 3, 4, 6,
+9 and all token rows (sm90.band_rows; "chosen": the band the host picks), beside cuBLAS bf16 and FP8 with
+fast accumulation.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
 """
