@@ -348,7 +348,7 @@ def band_rows(tiles_n: int, sms: int) -> int:
     round of CTAs spans fewer channel tiles than half the SMs, the weights stay in L2 anyway and more
     rows per round only re-read activations: 1. Else 6, about the rows that minimize what one round
     reads (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter their size):
-    4-10% faster at N = 12288 / 21504 on the H100, 1-3% at 9216 (bench/NOTES.md#k2-bands)."""
+    on the H100 8-9% faster at N = 21504, 1-3% at N = 9216 / 12288 (bench/NOTES.md#k2-bands)."""
     return 1 if 2 * tiles_n < sms else 6
 
 
