@@ -344,11 +344,11 @@ def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -
 
 
 def band_rows(tiles_n: int, sms: int) -> int:
-    """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords). Where a
-    round of CTAs spans fewer channel tiles than half the SMs, the weights stay in L2 anyway and more
-    rows per round only re-read activations: 1. Else 6, about the rows that minimize what one round
-    reads (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter their size):
-    on the H100 8-9% faster at N = 21504, 1-3% at N = 9216 / 12288 (bench/NOTES.md#k2-bands)."""
+    """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords). A layer with
+    fewer channel tiles than half the SMs: 1, a round of CTAs already spans several token rows and its
+    weights stay in L2, so wider bands only re-read activations. Else 6, about the rows that minimize
+    what one round reads (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter
+    their size); measured in bench/NOTES.md#k2-bands."""
     return 1 if 2 * tiles_n < sms else 6
 
 
