@@ -32,7 +32,7 @@ and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative er
 a host row gives the time Python takes to issue one layer call (svdquant/families/sm90.py through
 svdquant.cuda) at M = 256, against the GPU time of the call (--shapes-only: the FLUX shape rows alone).
 --bands instead times the fast kernel 2 alone per FLUX shape with its whole tiles in bands of 1, 2, 3, 4, 6,
-9 and all token rows (sm90.band_rows; "chosen": the band the host picks), beside cuBLAS bf16 and FP8 with
+9 and all token rows (sm90.schedule_band_rows; "chosen": the band the host picks), beside cuBLAS bf16 and FP8 with
 fast accumulation.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
@@ -299,11 +299,11 @@ def fast_path_error(m: int, n: int, k: int) -> dict:
     return row
 
 
-BANDS = [1, 2, 3, 4, 6, 9, 1000]  # token rows per band of the fast kernel 2's schedule (1000: one band)
+BAND_ROWS = [1, 2, 3, 4, 6, 9, 1000]  # token rows per band of the fast kernel 2's schedule (1000: one band)
 
 
 def bench_bands(m: int, n: int, k: int, l2_bytes: int) -> dict:
-    """The fast kernel 2 alone with its whole tiles in bands of token rows (BANDS; token tile and half
+    """The fast kernel 2 alone with its whole tiles in bands of token rows (BAND_ROWS; token tile and half
     tiles as chosen), next to cuBLAS bf16 and FP8 with fast accumulation."""
     gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
     sets = row["input_sets"]
@@ -318,9 +318,9 @@ def bench_bands(m: int, n: int, k: int, l2_bytes: int) -> dict:
     ops = [lay.w4a4_kernel() for lay in layers]
     stage1 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True, True) for i in range(sets)]
     weights = [sm90.pow2_weight_operands(op) for op in ops]
-    for bands in BANDS:
-        row[f"k2f_b{bands}_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
-            *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias, bands=bands)
+    for rows in BAND_ROWS:
+        row[f"k2f_b{rows}_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
+            *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias, band_rows=rows)
             for i in range(sets)])
     row["k2f_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
         *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias) for i in range(sets)])
@@ -354,7 +354,7 @@ def main() -> None:
     parser.add_argument("--shapes-only", action="store_true",
                         help="only the FLUX shape rows (no LoRA, GELU, accuracy and host rows)")
     parser.add_argument("--bands", action="store_true",
-                        help="only the fast kernel 2 with its tiles in bands of token rows (BANDS), per FLUX shape")
+                        help="only the fast kernel 2 with its tiles in bands of token rows (BAND_ROWS), per FLUX shape")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("bench/gemm.py needs an sm_90 GPU")
@@ -363,15 +363,15 @@ def main() -> None:
     method = "CUDA-graph replay of back-to-back calls over rotating input sets (>= 3x L2), median of 10"
     if args.bands:
         print(f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} {'fp8f us':>8} | k2f us, bands of "
-              + " ".join(f"{b:>7}" for b in BANDS) + f" | {'chosen':>7}", flush=True)
+              + " ".join(f"{b:>7}" for b in BAND_ROWS) + f" | {'chosen':>7}", flush=True)
         for m in args.tokens:
             for n, k in FLUX_SHAPES:
                 r = bench_bands(m, n, k, l2_bytes)
                 rows.append(r)
                 print(f"{m:>5} {n:>6} {k:>6} | {r['bf16_ms'] * 1e3:>8.1f} {r['fp8_fast_ms'] * 1e3:>8.1f} | "
-                      + " " * 16 + " ".join(f"{r[f'k2f_b{b}_ms'] * 1e3:>7.1f}" for b in BANDS)
+                      + " " * 16 + " ".join(f"{r[f'k2f_b{b}_ms'] * 1e3:>7.1f}" for b in BAND_ROWS)
                       + f" | {r['k2f_ms'] * 1e3:>7.1f}", flush=True)
-        write_result(args.json, rank=RANK, method=method, bands=BANDS, rows=rows)
+        write_result(args.json, rank=RANK, method=method, band_rows=BAND_ROWS, rows=rows)
         return
     header = (f"{'M':>5} {'N':>6} {'K':>6} | {'bf16 us':>8} | {'fp8 x':>5} {'fp8f x':>6} | {'k2 us':>7} {'k1 us':>6} "
               f"{'k1+k2':>7} {'x':>5} {'lr%':>5} | {'k2d':>7} {'k1+k2d':>7} | {'k2f us':>7} {'TOPS':>5} "

@@ -66,14 +66,14 @@ def _sm90_reference(codes: torch.Tensor, ascales: torch.Tensor, lora_act: torch.
 
 
 def _sm90_run(x: torch.Tensor, layer: SVDQLinear, pow2: bool = False, fast: bool = False, tile_t: int = 0,
-              half_rows: int = -1, gelu_from: int = -1, bands: int = 0):
+              half_rows: int = -1, gelu_from: int = -1, band_rows: int = 0):
     """sm90 kernels 1 and 2 on poisoned outputs; returns (y, float64 reference on kernel 1's outputs)."""
     codes, ascales, lora_act = sm90_kernel1(x, layer, pow2 or fast, fast)
     out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=DEV)
     if fast:
         wexp, wbase = sm90.pow2_weight_operands(layer.w4a4_kernel())
         y = sm90.w4a4_gemm_pow2(codes, ascales, lora_act, layer.qweight, wexp, wbase, layer.lora_up, layer.bias, out,
-                                tile_t, half_rows, gelu_from, bands=bands)
+                                tile_t, half_rows, gelu_from, band_rows=band_rows)
     else:
         y = sm90.w4a4_gemm(codes, ascales, lora_act, layer.qweight, layer.wscales, layer.lora_up, layer.bias, out,
                            gelu_from)
@@ -127,14 +127,14 @@ def test_sm90_fast_gemm_half_tiles(m, half_rows):
 @needs_sm90
 @pytest.mark.parametrize("m,tile_t,half_rows", [(4608, 256, 0), (4608, 256, 3), (4097, 256, 2), (4097, 128, -1),
                                                  (300, 256, 1)])
-@pytest.mark.parametrize("bands", [2, 3, 7, 1000])
-def test_sm90_fast_gemm_bands(m, tile_t, half_rows, bands):
+@pytest.mark.parametrize("band_rows", [2, 3, 7, 1000])
+def test_sm90_fast_gemm_bands(m, tile_t, half_rows, band_rows):
     # the whole tiles in bands of token rows, the last band shorter (3, 7 rows) or the only one (1000),
     # with and without half tiles after them
-    generator = gen(5000 + m + tile_t + half_rows + bands)
+    generator = gen(5000 + m + tile_t + half_rows + band_rows)
     layer = w4a4_layer(3072, 256, 32, torch.bfloat16, generator, unsigned=True, pow2_weights=True)
     x = activations(m, 256, torch.bfloat16, generator, layer.unsigned_groups)
-    y, ref = _sm90_run(x, layer, fast=True, tile_t=tile_t, half_rows=half_rows, bands=bands)
+    y, ref = _sm90_run(x, layer, fast=True, tile_t=tile_t, half_rows=half_rows, band_rows=band_rows)
     assert rel(y, ref.to(y.dtype)) <= 1e-3, rel(y, ref)
 
 

@@ -343,7 +343,7 @@ def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -
     return best if best_time <= longest(whole) * (1 - MIN_HALF_TILE_GAIN) else whole
 
 
-def band_rows(tiles_n: int, sms: int) -> int:
+def schedule_band_rows(tiles_n: int, sms: int) -> int:
     """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords). A layer with
     fewer channel tiles than half the SMs: 1, a round of CTAs already spans several token rows and its
     weights stay in L2, so wider bands only re-read activations. Else 6, about the rows that minimize
@@ -365,9 +365,9 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
                    wexp: torch.Tensor, wbase: torch.Tensor, lora_up: torch.Tensor, bias: torch.Tensor | None,
                    out: torch.Tensor | None = None, tile_t: int = 0, half_rows: int = -1,
                    gelu_from: int = -1, residual: kernels.GatedResidual | None = None,
-                   bands: int = 0) -> torch.Tensor:
+                   band_rows: int = 0) -> torch.Tensor:
     """Fast kernel 2 (power-of-two weight scales wbase * 2^-wexp, pow2-mode kernel 1 outputs with int8
-    operands): y [M, N]. tile_t, half_rows, bands: the token tile, the count of trailing 256-token rows
+    operands): y [M, N]. tile_t, half_rows, band_rows: the token tile, the count of trailing 256-token rows
     run as 128-token tiles and the token rows per band of the schedule (0 / -1 / 0: chosen); gelu_from
     and residual as in w4a4_gemm."""
     if not (codes.is_cuda and codes.dim() == 2):
@@ -393,8 +393,8 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError("w4a4_gemm_pow2: every tensor must start on a 16-byte boundary")
     if tile_t not in (0, 128, 256):
         raise RuntimeError("w4a4_gemm_pow2: tile_t must be 0, 128 or 256")
-    if bands < 0:
-        raise RuntimeError("w4a4_gemm_pow2: bands must be 0 (chosen) or a count of token rows")
+    if band_rows < 0:
+        raise RuntimeError("w4a4_gemm_pow2: band_rows must be 0 (chosen) or a count of token rows")
     sms = sm_count(cuda.device_index(codes.device))
     tile_t = tile_t or token_tile(m, n, sms)
     try:
@@ -407,10 +407,10 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
         raise RuntimeError(f"w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor ({exc})") from exc
     tiles_n = (n + _TILE_N - 1) // _TILE_N
     big_tiles, tiles, ctas = make_schedule(m, tiles_n, tile_t, max(-1, min(half_rows, 1 << 20)), sms)
-    bands = min(bands or band_rows(tiles_n, sms), max(1, big_tiles // tiles_n))
+    band_rows = min(band_rows or schedule_band_rows(tiles_n, sms), max(1, big_tiles // tiles_n))
     fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_t{tile_t}_{_DTYPE_NAMES[dtype]}", codes.device)
     fn.launch(ctas, _GEMM_THREADS, (*maps, atok, wbase, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n),
-                                    *gated, tiles_n, big_tiles, tiles, bands), smem=_pow2_gemm_smem_bytes(tile_t))
+                                    *gated, tiles_n, big_tiles, tiles, band_rows), smem=_pow2_gemm_smem_bytes(tile_t))
     return y
 
 
