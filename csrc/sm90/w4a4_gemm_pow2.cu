@@ -275,7 +275,7 @@ __device__ __forceinline__ void w4a4_gemm_pow2(const TensorMap& tm_act, const Te
 //   M, m_al, N, K, rank, gelu_from (< 0: no GELU), residual [M, N] or null, gate [B, N], gate_rows
 //   (y = residual + gate * y, gemm_tile.cuh store_tile; y may be residual), and the schedule (sm90.py
 //   make_schedule): tiles_n channel tiles, the first big_tiles of the tiles whole kTileT-token tiles in
-//   bands of band_rows token rows (>= 1; sm90.py schedule_band_rows), the rest half tiles
+//   bands of band_rows token rows (>= 1), the rest half tiles
 #define SVDQ_W4A4_GEMM_POW2(NAME, T, TILE_T)                                                                           \
   extern "C" __global__ void __launch_bounds__(svdq::sm90::kThreads, 1)                                                \
       NAME(const __grid_constant__ svdq::TensorMap tm_act, const __grid_constant__ svdq::TensorMap tm_w,               \

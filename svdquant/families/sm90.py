@@ -306,12 +306,22 @@ HALF_TILE_COST = 0.75
 MIN_HALF_TILE_GAIN = 0.05
 
 
+# Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords) for a layer with at
+# least half the SMs' worth of channel tiles: about the rows that minimize what one round of CTAs reads
+# (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter their size). With fewer channel
+# tiles a round already spans several token rows and the weights stay in L2, so wider bands only re-read
+# activations: 1 (bench/NOTES.md#k2-bands).
+WIDE_BAND_ROWS = 6
+
+
 @functools.lru_cache(maxsize=4096)
-def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -> tuple[int, int, int]:
-    """The fast kernel 2's persistent schedule (big_tiles, tiles, ctas): CTA b runs tiles b, b + ctas,
-    ... With 256-token tiles, the last half_rows token rows run as 128-token half tiles after the
+def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, band_rows: int,
+                  sms: int) -> tuple[int, int, int, int]:
+    """The fast kernel 2's persistent schedule (big_tiles, tiles, ctas, band_rows): CTA b runs tiles b,
+    b + ctas, ... With 256-token tiles, the last half_rows token rows run as 128-token half tiles after the
     big ones; half_rows < 0 takes the count (up to 4) that gives the shortest longest CTA by the
-    cost above, e.g. 3.75 instead of 4 tile times for 432 tiles on 132 SMs."""
+    cost above, e.g. 3.75 instead of 4 tile times for 432 tiles on 132 SMs. The big tiles run in bands
+    of band_rows token rows (0: WIDE_BAND_ROWS or 1, as above), at most all of their rows."""
     rows = (m + tile_t - 1) // tile_t
 
     def plan(h: int) -> tuple[int, int, int]:
@@ -329,27 +339,22 @@ def make_schedule(m: int, tiles_n: int, tile_t: int, half_rows: int, sms: int) -
             worst = max(worst, whole + (every - whole) * HALF_TILE_COST)
         return worst
 
-    if tile_t != 256:
-        return plan(0)
-    if half_rows >= 0:
-        return plan(min(half_rows, rows))
-    whole = plan(0)
-    best, best_time = whole, longest(whole)
-    for h in range(1, min(rows, 4) + 1):
-        s = plan(h)
-        t = longest(s)
-        if t < best_time - 1e-9:
-            best, best_time = s, t
-    return best if best_time <= longest(whole) * (1 - MIN_HALF_TILE_GAIN) else whole
+    def chosen_half_rows() -> int:
+        if tile_t != 256:
+            return 0
+        if half_rows >= 0:
+            return min(half_rows, rows)
+        whole_time = longest(plan(0))
+        best, best_time = 0, whole_time
+        for h in range(1, min(rows, 4) + 1):
+            t = longest(plan(h))
+            if t < best_time - 1e-9:
+                best, best_time = h, t
+        return best if best_time <= whole_time * (1 - MIN_HALF_TILE_GAIN) else 0
 
-
-def schedule_band_rows(tiles_n: int, sms: int) -> int:
-    """Token rows per band of the fast kernel 2's schedule (w4a4_gemm_pow2.cu tile_coords). A layer with
-    fewer channel tiles than half the SMs: 1, a round of CTAs already spans several token rows and its
-    weights stay in L2, so wider bands only re-read activations. Else 6, about the rows that minimize
-    what one round reads (rows x 256-token activation tiles + SMs / rows weight tiles of a quarter
-    their size); measured in bench/NOTES.md#k2-bands."""
-    return 1 if 2 * tiles_n < sms else 6
+    big, tiles, ctas = plan(chosen_half_rows())
+    band_rows = band_rows or (1 if 2 * tiles_n < sms else WIDE_BAND_ROWS)
+    return big, tiles, ctas, min(band_rows, max(1, big // tiles_n))
 
 
 def token_tile(m: int, n: int, sms: int) -> int:
@@ -406,8 +411,8 @@ def w4a4_gemm_pow2(codes: torch.Tensor, atok: torch.Tensor, lora_act: torch.Tens
     except cuda.CudaError as exc:
         raise RuntimeError(f"w4a4_gemm_pow2: cuTensorMapEncodeTiled rejected a tensor ({exc})") from exc
     tiles_n = (n + _TILE_N - 1) // _TILE_N
-    big_tiles, tiles, ctas = make_schedule(m, tiles_n, tile_t, max(-1, min(half_rows, 1 << 20)), sms)
-    band_rows = min(band_rows or schedule_band_rows(tiles_n, sms), max(1, big_tiles // tiles_n))
+    big_tiles, tiles, ctas, band_rows = make_schedule(m, tiles_n, tile_t, max(-1, min(half_rows, 1 << 20)),
+                                                      min(band_rows, 1 << 20), sms)
     fn = cuda.function(FAMILY, f"w4a4_gemm_pow2_t{tile_t}_{_DTYPE_NAMES[dtype]}", codes.device)
     fn.launch(ctas, _GEMM_THREADS, (*maps, atok, wbase, bias, y, m, m_al, n, k, rank, _gelu_channel(gelu_from, n),
                                     *gated, tiles_n, big_tiles, tiles, band_rows), smem=_pow2_gemm_smem_bytes(tile_t))
