@@ -32,7 +32,7 @@ and followed by PyTorch's; an accuracy row gives the fast kernel 2's relative er
 a host row gives the time Python takes to issue one layer call (svdquant/families/sm90.py through
 svdquant.cuda) at M = 256, against the GPU time of the call (--shapes-only: the FLUX shape rows alone).
 --bands instead times the fast kernel 2 alone per FLUX shape with its whole tiles in bands of 1, 2, 3, 4, 6,
-9 and all token rows (sm90.schedule_band_rows; "chosen": the band the host picks), beside cuBLAS bf16 and FP8 with
+9 and all token rows ("chosen": the band sm90.make_schedule picks), beside cuBLAS bf16 and FP8 with
 fast accumulation.
 Every variant is timed as CUDA-graph replays of back-to-back calls cycling through enough input
 sets (>= 3x the L2 size) that no operand stays in L2; TOPS count 2*M*N*K.
@@ -152,19 +152,41 @@ def shape_inputs(m: int, n: int, k: int, l2_bytes: int):
     return gen, row, a, b
 
 
-def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
-    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
-    sets, flops = row["input_sets"], 2.0 * m * n * k
-
+def fp8_times(a: list, b: list, modes=(("fp8_ms", False), ("fp8_fast_ms", True))) -> dict:
+    """cuBLAS FP8 (torch._scaled_mm, e4m3 operands, rowwise scales) over the input sets a [M, K] and
+    b [N, K]: {key: ms} for each (key, fast accumulation) of modes."""
+    (m, _), n = a[0].shape, b[0].shape[0]
     a8 = [t.to(torch.float8_e4m3fn) for t in a]
     b8 = [t.to(torch.float8_e4m3fn) for t in b]
     sa = torch.rand(m, 1, device="cuda") + 0.5
     sb = torch.rand(1, n, device="cuda") + 0.5
-    for key, fast in (("fp8_ms", False), ("fp8_fast_ms", True)):
-        row[key] = time_calls([lambda i=i: torch._scaled_mm(a8[i], b8[i].t(), scale_a=sa, scale_b=sb,
-                                                             out_dtype=torch.bfloat16, use_fast_accum=fast)
-                               for i in range(sets)])
-    del a8, b8, b
+    return {key: time_calls([lambda i=i: torch._scaled_mm(a8[i], b8[i].t(), scale_a=sa, scale_b=sb,
+                                                           out_dtype=torch.bfloat16, use_fast_accum=fast)
+                             for i in range(len(a))])
+            for key, fast in modes}
+
+
+def fast_kernel2(a: list, n: int, k: int, gen: torch.Generator):
+    """The fast kernel 2 over the input sets a: a random rank-RANK power-of-two layer per set, kernel 1
+    run once on each; returns k2(i, **options), sm90.w4a4_gemm_pow2 on set i's operands."""
+    layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in a]
+    ops = [lay.w4a4_kernel() for lay in layers]
+    stage1 = [sm90.act_quant(x, *sm90.kernel1_inputs(op), True, True) for x, op in zip(a, ops)]
+    weights = [sm90.pow2_weight_operands(op) for op in ops]
+
+    def k2(i: int, **options):
+        lay = layers[i]
+        return sm90.w4a4_gemm_pow2(*stage1[i], lay.qweight, *weights[i], lay.lora_up, lay.bias, **options)
+
+    return k2
+
+
+def bench_shape(m: int, n: int, k: int, l2_bytes: int) -> dict:
+    gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
+    sets, flops = row["input_sets"], 2.0 * m * n * k
+
+    row.update(fp8_times(a, b))
+    del b
 
     rotation = numerics.hadamard_rotation().cuda()
     angles = torch.rand(2 * numerics.ROTATION_STAGES, numerics.GROUP_SIZE // 2,
@@ -259,22 +281,13 @@ def bench_gelu(m: int, n: int, k: int, gelu_from: int, l2_bytes: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(13)
     sets = input_sets(m, n, k, l2_bytes)
     a = [torch.randn(m, k, generator=gen, device="cuda").bfloat16() for _ in range(sets)]
-    layers = [random_layer(n, k, RANK, gen, pow2=True) for _ in range(sets)]
-    ops = [lay.w4a4_kernel() for lay in layers]
-    stage1 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True, True) for i in range(sets)]
-    pow2_weights = [sm90.pow2_weight_operands(op) for op in ops]
-
-    def k2(i, fused_from=-1):
-        lay = layers[i]
-        return sm90.w4a4_gemm_pow2(*stage1[i], lay.qweight, *pow2_weights[i], lay.lora_up, lay.bias, None,
-                                   gelu_from=fused_from)
-
+    k2 = fast_kernel2(a, n, k, gen)
     row = {"M": m, "N": n, "K": k, "gelu_from": gelu_from, "input_sets": sets}
     row["k2f_ms"] = time_calls([lambda i=i: k2(i) for i in range(sets)])
-    row["k2f_gelu_fused_ms"] = time_calls([lambda i=i: k2(i, gelu_from) for i in range(sets)])
+    row["k2f_gelu_fused_ms"] = time_calls([lambda i=i: k2(i, gelu_from=gelu_from) for i in range(sets)])
     row["k2f_then_torch_gelu_ms"] = time_calls([
         lambda i=i: torch.nn.functional.gelu(k2(i)[:, gelu_from:], approximate="tanh") for i in range(sets)])
-    del a, layers, ops, stage1
+    del a, k2
     torch.cuda.empty_cache()
     return row
 
@@ -303,28 +316,16 @@ BAND_ROWS = [1, 2, 3, 4, 6, 9, 1000]  # token rows per band of the fast kernel 2
 
 
 def bench_bands(m: int, n: int, k: int, l2_bytes: int) -> dict:
-    """The fast kernel 2 alone with its whole tiles in bands of token rows (BAND_ROWS; token tile and half
-    tiles as chosen), next to cuBLAS bf16 and FP8 with fast accumulation."""
+    """The fast kernel 2 alone with its whole tiles in bands of token rows (BAND_ROWS, then as chosen: 0;
+    token tile and half tiles as chosen), next to cuBLAS bf16 and FP8 with fast accumulation."""
     gen, row, a, b = shape_inputs(m, n, k, l2_bytes)
-    sets = row["input_sets"]
-    a8 = [t.to(torch.float8_e4m3fn) for t in a]
-    b8 = [t.to(torch.float8_e4m3fn) for t in b]
-    one = torch.ones(1, device="cuda")
-    row["fp8_fast_ms"] = time_calls([lambda i=i: torch._scaled_mm(a8[i], b8[i].t(), scale_a=one, scale_b=one,
-                                                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-                                     for i in range(sets)])
-    del a8, b8, b
-    layers = [random_layer(n, k, RANK, gen, True) for _ in range(sets)]
-    ops = [lay.w4a4_kernel() for lay in layers]
-    stage1 = [sm90.act_quant(a[i], *sm90.kernel1_inputs(ops[i]), True, True) for i in range(sets)]
-    weights = [sm90.pow2_weight_operands(op) for op in ops]
-    for rows in BAND_ROWS:
-        row[f"k2f_b{rows}_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
-            *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias, band_rows=rows)
-            for i in range(sets)])
-    row["k2f_ms"] = time_calls([lambda i=i: sm90.w4a4_gemm_pow2(
-        *stage1[i], layers[i].qweight, *weights[i], layers[i].lora_up, layers[i].bias) for i in range(sets)])
-    del a, layers, ops, stage1, weights
+    row.update(fp8_times(a, b, (("fp8_fast_ms", True),)))
+    del b
+    k2 = fast_kernel2(a, n, k, gen)
+    for rows in (*BAND_ROWS, 0):
+        row[f"k2f_b{rows}_ms" if rows else "k2f_ms"] = time_calls([lambda i=i, rows=rows: k2(i, band_rows=rows)
+                                                                    for i in range(len(a))])
+    del a, k2
     torch.cuda.empty_cache()
     return row
 
